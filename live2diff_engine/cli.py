@@ -1,0 +1,206 @@
+"""``live2diff-engine``: the command line.
+
+Every user mistake ends as one line on stderr (what is wrong, how to fix it) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import ConfigError, UserError
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}[name]
+
+
+def resolve_device(name: str | None):
+    """``None`` means CUDA when present, else the CPU. An unavailable device is a user error."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} requested but CUDA is not available here; use --device cpu, or install a CUDA build of torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device mps requested but Metal is not available here; use --device cpu")
+    return device
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="live2diff-engine", description="Live video-to-video diffusion (Live2Diff) for webcams and OBS.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"live2diff-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    check = sub.add_parser(
+        "check-reference",
+        help="replay a golden fixture of the original Live2Diff and compare every frame",
+        description="Build the model from a fixture's files, replay its recorded noise, and compare each finished "
+        "frame with the original implementation's. Exit 0 when all match, 1 when not, 2 when the fixture cannot be read.",
+    )
+    check.add_argument("fixture", metavar="DIR", help="fixture folder (format: shared/golden/README.md)")
+    check.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps")
+    check.add_argument("--dtype", default="float32", choices=DTYPES, help="compute precision (default float32)")
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure per-frame stream cost for short and long streams in one run",
+        description="Stream the model for each frame count (default 32 and 512) and report ms per frame and the "
+        "ratio of the longest to the shortest: with a fixed-size KV-cache it stays near 1.",
+    )
+    _add_model_options(bench)
+    bench.add_argument("--frames", type=_int_list, default=[32, 512], help="comma-separated frame counts (default 32,512)")
+    bench.add_argument("--t-index-list", type=_int_list, default=[32, 45], help="denoising steps as schedule indices (default 32,45)")
+    bench.add_argument("--num-inference-steps", type=int, default=50)
+    bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    return parser
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=["tiny"], help="tiny: a random-weight miniature for checks (its output is noise, not a style)")
+    p.add_argument("--base", metavar="DIR", help="diffusers SD1.5 folder (with unet/) or a UNet folder")
+    p.add_argument("--motion", metavar="FILE", help="Live2Diff motion checkpoint (live2diff.ckpt or .safetensors)")
+    p.add_argument("--latent-size", metavar="HxW", help="latent height x width (image size / 8); default 8x8 for tiny, 64x64 otherwise")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="default float16 on CUDA, float32 elsewhere")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _cmd_check_reference(args) -> int:
+    from .reference import run_check
+
+    device = resolve_device(args.device)
+    return run_check(args.fixture, device=str(device), dtype=_torch_dtype(args.dtype))
+
+
+def _load_model(args):
+    """(unet, prompt_embeds, latent size, label) for --model tiny or --base/--motion."""
+    import torch
+
+    device = resolve_device(args.device)
+    dtype = _torch_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    if args.model == "tiny":
+        from .models.tiny import TINY_LABEL, TINY_LATENT_SIZE, build_tiny_unet, tiny_prompt_embeds
+
+        unet = build_tiny_unet(args.seed, device=device, dtype=dtype)
+        prompt = tiny_prompt_embeds(args.seed, device=device, dtype=dtype)
+        size, label = TINY_LATENT_SIZE, TINY_LABEL
+    elif args.base and args.motion:
+        from .models.loading import load_streaming_unet
+
+        unet = load_streaming_unet(args.base, args.motion, device=device, dtype=dtype)
+        g = torch.Generator().manual_seed(args.seed)
+        prompt = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g).to(device=device, dtype=dtype)
+        size, label = (64, 64), f"{args.base} + {args.motion}"
+    else:
+        raise ConfigError("choose a model: --model tiny, or --base DIR and --motion FILE")
+    if args.latent_size:
+        try:
+            h, w = (int(v) for v in args.latent_size.lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"--latent-size must look like 64x64, got {args.latent_size!r}") from None
+        if h < 1 or w < 1:
+            raise ConfigError(f"--latent-size must be positive, got {args.latent_size!r}")
+        size = (h, w)
+    return unet, prompt, size, label, device, dtype
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    from .bench import BenchResult, bench_stream, machine_name
+    from .pipeline.schedule import make_schedule
+    from .pipeline.stream import StreamPipeline
+
+    if not args.frames or min(args.frames) < 1:
+        raise ConfigError("--frames needs positive counts, e.g. 32,512")
+    print("loading model ...", file=sys.stderr, flush=True)
+    unet, prompt, (h, w), label, device, dtype = _load_model(args)
+    schedule = make_schedule(args.num_inference_steps, t_index_list=args.t_index_list)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    pipe = StreamPipeline(unet, schedule, (h, w), generator=gen)
+    pipe.set_prompt_embeds(prompt)
+    sink = unet.motion_config.sink_size
+    warm = torch.randn(sink, 4, h, w, generator=torch.Generator().manual_seed(args.seed)).to(device=device, dtype=dtype)
+
+    def progress(count, done):
+        print(f"\r  {count}-frame stream: {done}/{count}", end="", file=sys.stderr, flush=True)
+
+    print(f"benchmarking {label} ...", file=sys.stderr, flush=True)
+    per_frame = bench_stream(pipe, warm, warm, sorted(set(args.frames)), progress=progress)
+    print("", file=sys.stderr)
+    counts = sorted(per_frame, key=int)
+    result = BenchResult(
+        machine=machine_name(device),
+        device=str(device),
+        dtype=str(dtype).replace("torch.", ""),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        model=label,
+        latent=f"{h}x{w}",
+        steps=schedule.steps,
+        per_frame_ms={c: round(per_frame[c], 4) for c in counts},
+        ratio_long_to_short=round(per_frame[counts[-1]] / per_frame[counts[0]], 4),
+    )
+    print(result.table())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(result.json() + "\n")
+    return 0
+
+
+COMMANDS = {"check-reference": _cmd_check_reference, "bench": _cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"live2diff-engine: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("live2diff-engine: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,179 @@
+"""Loading the streaming UNet from real files.
+
+* the base UNet from a diffusers folder (``.../unet`` or an SD folder that contains ``unet/``);
+* the Live2Diff motion checkpoint in its original layout: a torch pickle (``live2diff.ckpt``),
+  with or without a ``state_dict`` wrapper, ``module.`` prefixes stripped and ``grid`` entries
+  ignored; or a safetensors file with the same names.
+
+Pickles are read with ``torch.load(weights_only=True)``: a checkpoint cannot run code. Every
+failure becomes one :class:`ModelLoadError` line that names the file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from .motion import MotionConfig
+from .unet import StreamingUNet, build_streaming_unet
+
+_SHOW = 5  # how many offending keys an error message names
+
+
+def _first(names, n: int = _SHOW) -> str:
+    names = sorted(names)
+    more = f" (and {len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def resolve_unet_folder(path: str | os.PathLike) -> Path:
+    """Accept a diffusers UNet folder or an SD pipeline folder that contains ``unet/``."""
+    p = Path(path)
+    if (p / "unet" / "config.json").is_file():
+        return p / "unet"
+    if (p / "config.json").is_file():
+        return p
+    if not p.exists():
+        raise ModelLoadError(f"base model folder not found: {p}; pass a diffusers SD1.5 folder (with unet/) or its unet/ folder")
+    raise ModelLoadError(f"{p} has no config.json (nor unet/config.json); pass a diffusers SD1.5 folder or its unet/ folder")
+
+
+def read_unet_config(folder: Path) -> dict:
+    try:
+        with open(folder / "config.json", encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {folder / 'config.json'}: {exc}; re-download the base model") from None
+    if not isinstance(config, dict) or "block_out_channels" not in config:
+        raise ModelLoadError(f"{folder / 'config.json'} is not a diffusers UNet config (no block_out_channels)")
+    return config
+
+
+def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, or a pickle that wants to run code
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot read checkpoint {path}: {reason[:200]}; the file is damaged or not a checkpoint, download it again") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise ModelLoadError(f"checkpoint {path} holds no state dict; expected a mapping of tensor names to tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelLoadError(f"checkpoint {path} has entries that are not tensors: {_first(map(str, bad))}")
+    return obj
+
+
+def read_motion_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a motion checkpoint into the streaming UNet's naming (prefixes stripped, grids dropped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelLoadError(f"motion checkpoint not found: {p}; pass the path of live2diff.ckpt (or its .safetensors)")
+    raw = _read_weight_file(p)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        while key.startswith("module."):
+            key = key[len("module.") :]
+        if "grid" in key:
+            continue
+        out[key] = value
+    return out
+
+
+def load_motion_weights(unet: StreamingUNet, state: dict[str, torch.Tensor], source: str = "motion checkpoint") -> None:
+    """Load the Live2Diff extras into ``unet``; any unexpected, missing or mis-shaped key is an error."""
+    own = unet.state_dict()
+    base = unet.base_state_keys()
+    extra = {k: v for k, v in own.items() if k not in base}
+    unexpected = [k for k in state if k not in extra]
+    if unexpected:
+        raise ModelLoadError(
+            f"{source} has {len(unexpected)} unexpected keys: {_first(unexpected)}; "
+            "it does not fit this model (wrong checkpoint, or a motion config that differs from the checkpoint's)"
+        )
+    # Positional tables are deterministic; everything else must come from the checkpoint.
+    missing = [k for k in extra if k not in state and not k.endswith("pos_encoder.pe")]
+    if missing:
+        raise ModelLoadError(f"{source} is missing {len(missing)} keys: {_first(missing)}; use a complete Live2Diff motion checkpoint")
+    wrong = [f"{k} {tuple(v.shape)} (model wants {tuple(extra[k].shape)})" for k, v in state.items() if v.shape != extra[k].shape]
+    if wrong:
+        raise ModelLoadError(f"{source} has {len(wrong)} tensors of the wrong shape: {_first(wrong, 3)}; it was made for another model size")
+    unet.load_state_dict(state, strict=False, assign=True)
+    if any(layer.pos_qkv is not None for layer in unet.temporal_layers):
+        unet.refresh_positions()
+
+
+def load_base_weights(unet: StreamingUNet, folder: Path) -> None:
+    """Load a diffusers UNet folder's weights (safetensors first, then the .bin pickle)."""
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        path = folder / name
+        if path.is_file():
+            break
+    else:
+        raise ModelLoadError(f"no UNet weights in {folder}: expected diffusion_pytorch_model.safetensors; re-download the base model")
+    state = _read_weight_file(path)
+    base = unet.base_state_keys()
+    unexpected = [k for k in state if k not in base]
+    missing = [k for k in base if k not in state]
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_first(unexpected)}")
+        raise ModelLoadError(f"UNet weights {path} do not match its config.json ({'; '.join(parts)})")
+    own = unet.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (config wants {tuple(own[k].shape)})" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ModelLoadError(f"UNet weights {path} do not match its config.json: {_first(wrong, 3)}")
+    unet.load_state_dict(state, strict=False, assign=True)
+
+
+def _materialise_positions(unet: StreamingUNet) -> None:
+    """Rebuild positional tables a checkpoint did not carry; nothing else may be left unloaded."""
+    from .motion import PositionalTable
+
+    for module in unet.modules():
+        if isinstance(module, PositionalTable) and module.pe.is_meta:
+            _, max_len, dim = module.pe.shape
+            module.pe = PositionalTable(dim, max_len).pe
+    left = [name for name, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
+    if left:
+        raise ModelLoadError(f"these weights were not loaded: {_first(left)}; the checkpoints are incomplete")
+
+
+def load_streaming_unet(
+    base: str | os.PathLike,
+    motion_checkpoint: str | os.PathLike,
+    motion: MotionConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> StreamingUNet:
+    """Build the streaming UNet from a diffusers UNet folder and a Live2Diff motion checkpoint."""
+    folder = resolve_unet_folder(base)
+    config = read_unet_config(folder)
+    motion = motion or MotionConfig()
+    try:
+        # Built on the meta device: no time or memory spent on a random init that is overwritten.
+        with torch.device("meta"):
+            unet = build_streaming_unet(config, motion)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"cannot build a UNet from {folder / 'config.json'}: {exc}") from None
+    load_base_weights(unet, folder)
+    load_motion_weights(unet, read_motion_state_dict(motion_checkpoint), source=f"motion checkpoint {motion_checkpoint}")
+    _materialise_positions(unet)
+    unet.eval().requires_grad_(False)
+    if device is not None or dtype is not None:
+        unet.to(device=device, dtype=dtype)
+    return unet

@@ -1,0 +1,179 @@
+"""The latent-level stream: warmup, then one batched UNet call per incoming frame.
+
+With ``T`` denoising steps, each call carries ``T`` frames: the newest at the noisiest step (row
+0), and the frame that arrived ``k`` calls earlier at step ``k`` (row ``k``). Every call finishes
+the frame in row ``T - 1``, so an output lags its input by ``T - 1`` calls; the first ``T - 1``
+outputs are placeholders that come from the zero buffers the stream starts with (exactly as in the
+original).
+
+Everything a call touches is allocated in :meth:`StreamPipeline.prepare`: the latent and depth
+batches, the prompt batch, the scalars, the KV-cache of every temporal layer and the bookkeeping
+table. A call writes into those buffers; its cost does not depend on how long the stream has run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from ..models.motion import SequenceContext
+from ..models.unet import StreamingUNet
+from .bookkeeping import Bookkeeping
+from .schedule import StreamSchedule
+
+
+def warmup_causal_mask(num_frames: int, sink: int, device=None) -> torch.Tensor:
+    """Additive mask for a clip of ``sink`` warmup frames followed by streamed frames: the warmup
+    frames see each other; every later frame sees the warmup frames, its predecessors and itself."""
+    i = torch.arange(num_frames, device=device)
+    allowed = (i[None, :] < sink) | ((i[:, None] >= sink) & (i[None, :] <= i[:, None]))
+    return torch.zeros(num_frames, num_frames, device=device).masked_fill(~allowed, float("-inf"))
+
+
+class StreamPipeline:
+    """Streaming Live2Diff denoiser at latent level.
+
+    ``prepare`` runs the warmup; ``step`` takes one noisy frame latent (``[1, 4, h, w]``) and its
+    depth latent and returns the latent it finishes. Noise can be injected everywhere it is drawn,
+    which is how the golden fixtures are replayed; otherwise it comes from ``generator``.
+    """
+
+    def __init__(
+        self,
+        unet: StreamingUNet,
+        schedule: StreamSchedule,
+        latent_size: tuple[int, int],
+        *,
+        generator: torch.Generator | None = None,
+    ):
+        self.unet = unet
+        self.schedule = schedule
+        self.device = unet.device
+        self.dtype = unet.dtype
+        self.height, self.width = latent_size
+        cfg = unet.motion_config
+        self.window, self.sink = cfg.window_size, cfg.sink_size
+        self.steps = schedule.steps
+        if self.steps > self.window - self.sink:
+            raise ConfigError(f"{self.steps} denoising steps do not fit a cache window of {self.window} with {self.sink} sink frames")
+        self.generator = generator
+        self.calls = 0
+        self._prepared = False
+
+        dev, dt, T = self.device, self.dtype, self.steps
+
+        def col(v: torch.Tensor) -> torch.Tensor:
+            return v.to(device=dev, dtype=dt).view(T, 1, 1, 1)
+
+        self.timesteps = schedule.timesteps.to(dev)
+        self.alpha, self.beta = col(schedule.alpha), col(schedule.beta)
+        self.c_skip, self.c_out = col(schedule.c_skip), col(schedule.c_out)
+        self.bookkeeping = Bookkeeping(T, self.window, self.sink, device=dev)
+        self._latents = torch.zeros(T, 4, self.height, self.width, device=dev, dtype=dt)
+        self._depth = torch.zeros_like(self._latents)
+        self._prompt: torch.Tensor | None = None
+        self.last_model_pred: torch.Tensor | None = None
+        self.last_x0_batch: torch.Tensor | None = None
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    @property
+    def lag(self) -> int:
+        """How many calls an output trails its input."""
+        return self.steps - 1
+
+    def output_is_placeholder(self, call: int) -> bool:
+        return call < self.lag
+
+    def randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
+    def add_noise(self, clean: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Noise clean latents to the first (noisiest) step: ``alpha_0 * x + beta_0 * noise``."""
+        clean = clean.to(device=self.device, dtype=self.dtype)
+        noise = self.randn(clean.shape) if noise is None else noise.to(device=self.device, dtype=self.dtype)
+        return self.alpha[0] * clean + self.beta[0] * noise
+
+    def _x0(self, eps: torch.Tensor, x_t: torch.Tensor, alpha, beta, c_skip, c_out) -> torch.Tensor:
+        return c_out * ((x_t - beta * eps) / alpha) + c_skip * x_t
+
+    def _check(self, name: str, t: torch.Tensor, frames: int | None) -> torch.Tensor:
+        want = (frames, 4, self.height, self.width)
+        if t.dim() != 4 or t.shape[1:] != want[1:] or (frames is not None and t.shape[0] != frames):
+            raise ConfigError(f"{name} has shape {tuple(t.shape)}, expected {tuple(s if s is not None else 'F' for s in want)}")
+        return t.to(device=self.device, dtype=self.dtype)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def set_prompt_embeds(self, prompt_embeds: torch.Tensor) -> None:
+        """Swap the text conditioning (``[1, tokens, dim]``) between frames; no re-warmup."""
+        emb = prompt_embeds.to(device=self.device, dtype=self.dtype)
+        if emb.dim() == 2:
+            emb = emb.unsqueeze(0)
+        if emb.shape[0] != 1:
+            raise ConfigError(f"prompt embeddings must have batch 1, got shape {tuple(emb.shape)}")
+        if self._prompt is None or self._prompt.shape[1:] != emb.shape[1:]:
+            self._prompt = emb.expand(self.steps, -1, -1).clone()
+        else:
+            self._prompt.copy_(emb.expand(self.steps, -1, -1))
+
+    update_prompt = set_prompt_embeds
+
+    @torch.no_grad()
+    def prepare(
+        self,
+        warmup_latents: torch.Tensor,
+        warmup_depth: torch.Tensor,
+        prompt_embeds: torch.Tensor | None = None,
+        noise: list[torch.Tensor] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Warm up on ``sink`` frames (noisy latents ``[8, 4, h, w]`` at the first step, and their
+        depth latents): denoise them together with full attention among themselves, filling cache
+        row ``s`` during step ``s``. ``noise[s]`` re-noises step ``s``'s estimate for step ``s+1``.
+        Returns the warmup frames' finished latents. Any earlier stream state is discarded."""
+        if prompt_embeds is not None:
+            self.set_prompt_embeds(prompt_embeds)
+        if self._prompt is None:
+            raise ConfigError("no prompt embeddings: pass prompt_embeds to prepare() or call set_prompt_embeds() first")
+        x = self._check("warmup latents", warmup_latents, self.sink)
+        depth = self._check("warmup depth", warmup_depth, self.sink)
+        T = self.steps
+        self.unet.allocate_cache(T, self.height, self.width)
+        self._latents.zero_()
+        self._depth.zero_()
+        self.calls = 0
+        ctx_of = [SequenceContext(num_frames=self.sink, mask=None, cache_row=s) for s in range(T)]
+        x0 = x
+        for s in range(T):
+            eps = self.unet(x, self.timesteps[s : s + 1], self._prompt[:1], depth, ctx_of[s])
+            x0 = self._x0(eps, x, self.alpha[s], self.beta[s], self.c_skip[s], self.c_out[s])
+            if s < T - 1:
+                n = self.randn(x0.shape) if noise is None else noise[s].to(device=self.device, dtype=self.dtype)
+                x = self.alpha[s + 1] * x0 + self.beta[s + 1] * n
+        self._prepared = True
+        return x0
+
+    reset = prepare
+
+    @torch.no_grad()
+    def step(self, x_t: torch.Tensor, depth: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One stream call: ``x_t`` ``[1, 4, h, w]`` (a frame latent noised to the first step) and its
+        depth latent in; the latent finished by this call out (``[1, 4, h, w]``, a view into an
+        internal buffer that stays valid until the next call). ``noise`` ``[T-1, 4, h, w]`` moves the
+        unfinished rows on to their next step."""
+        if not self._prepared:
+            raise ConfigError("the stream is not warmed up: call prepare() with the warmup frames first")
+        T = self.steps
+        self._latents[0:1].copy_(x_t)
+        self._depth[0:1].copy_(depth)
+        ctx = self.bookkeeping.context(self.calls)
+        eps = self.unet(self._latents, self.timesteps, self._prompt, self._depth, ctx)
+        x0 = self._x0(eps, self._latents, self.alpha, self.beta, self.c_skip, self.c_out)
+        self.last_model_pred, self.last_x0_batch = eps, x0
+        out = x0[T - 1 : T]
+        if T > 1:
+            n = self.randn((T - 1, 4, self.height, self.width)) if noise is None else noise
+            self._latents[1:] = self.alpha[1:] * x0[:-1] + self.beta[1:] * n.to(device=self.device, dtype=self.dtype)
+            self._depth[1:] = self._depth[:-1].clone()
+        self.calls += 1
+        return out
