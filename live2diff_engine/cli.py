@@ -139,9 +139,11 @@ def _cmd_bench(args) -> int:
 
     if not args.frames or min(args.frames) < 1:
         raise ConfigError("--frames needs positive counts, e.g. 32,512")
+    schedule = make_schedule(args.num_inference_steps, t_index_list=args.t_index_list)
+    if args.model is None and not (args.base and args.motion):
+        raise ConfigError("choose a model: --model tiny, or --base DIR and --motion FILE")
     print("loading model ...", file=sys.stderr, flush=True)
     unet, prompt, (h, w), label, device, dtype = _load_model(args)
-    schedule = make_schedule(args.num_inference_steps, t_index_list=args.t_index_list)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     pipe = StreamPipeline(unet, schedule, (h, w), generator=gen)
     pipe.set_prompt_embeds(prompt)

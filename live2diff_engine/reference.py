@@ -70,12 +70,13 @@ def read_fixture(path: str | Path) -> Fixture:
     root = Path(path)
     if not root.is_dir():
         raise FixtureError(f"fixture folder not found: {root}")
+    for name in ("manifest.json", "config.yaml", "stream.safetensors"):
+        if not (root / name).is_file():
+            raise FixtureError(f"fixture {root} is incomplete: {name} is missing")
     try:
         manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
         config = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
         tensors = load_file(str(root / "stream.safetensors"))
-    except FileNotFoundError as exc:
-        raise FixtureError(f"fixture {root} is incomplete: {Path(exc.filename).name} is missing") from None
     except Exception as exc:  # malformed JSON/YAML/safetensors
         raise FixtureError(f"cannot read fixture {root}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
     if not isinstance(config, dict) or "t_index_list" not in config:

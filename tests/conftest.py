@@ -1,0 +1,39 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "golden"
+FIXTURE_A = GOLDEN / "live2diff_tiny_a"  # the shared golden fixture (its .ckpt copy is rebuilt by tests)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_cli(*args, timeout=300):
+    """Run the installed command line in a subprocess; returns CompletedProcess (text)."""
+    return subprocess.run(
+        [sys.executable, "-m", "live2diff_engine", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def fixture_copy(tmp_path):
+    """A writable copy of the golden fixture."""
+    dst = tmp_path / "fixture"
+    shutil.copytree(FIXTURE_A, dst)
+    return dst

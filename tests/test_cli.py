@@ -1,0 +1,70 @@
+"""The command line: help, the benchmark, and one-line errors."""
+
+import json
+import re
+from pathlib import Path
+
+from conftest import ROOT, run_cli
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "check-reference" in result.stdout and "bench" in result.stdout
+
+
+def test_bench_reports_per_frame_cost_for_short_and_long_streams(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--model", "tiny", "--frames", "8,40", "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert "tiny random-weight model" in result.stdout and "noise, not a style" in result.stdout
+    assert re.search(r"8 frames: +[0-9.]+ ms/frame", result.stdout)
+    assert re.search(r"40 frames: +[0-9.]+ ms/frame", result.stdout)
+    data = json.loads(out.read_text())
+    assert set(data["per_frame_ms"]) == {"8", "40"}
+    assert data["ratio_long_to_short"] > 0 and data["machine"]
+
+
+def _one_line(result):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [l for l in lines if "error" in l]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr  # progress lines may come first
+    return errors[0]
+
+
+def test_bench_without_a_model_says_how_to_choose_one():
+    assert "--model tiny" in _one_line(run_cli("bench"))
+
+
+def test_bench_with_bad_t_index_list():
+    line = _one_line(run_cli("bench", "--model", "tiny", "--t-index-list", "10,60"))
+    assert "out of range" in line
+
+
+def test_bench_with_missing_checkpoint(tmp_path):
+    line = _one_line(run_cli("bench", "--base", ROOT / "tests/golden/live2diff_tiny_a/base_unet", "--motion", tmp_path / "x.ckpt"))
+    assert "motion checkpoint not found" in line
+
+
+def test_unknown_option_is_one_line():
+    _one_line(run_cli("check-reference"))
+    _one_line(run_cli("bench", "--frames", "a,b"))
+
+
+def test_unavailable_device_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    line = _one_line(run_cli("check-reference", ROOT / "tests/golden/live2diff_tiny_a", "--device", "cuda"))
+    assert "CUDA is not available" in line
+
+
+def test_ci_runs_exactly_the_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    commands = [line for block in blocks[:2] for line in block.strip().splitlines()]
+    ci = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
+    assert commands == ci

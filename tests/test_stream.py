@@ -1,0 +1,227 @@
+"""The stream itself: one direction only, equal to the offline computation, constant state."""
+
+import pytest
+import torch
+
+from live2diff_engine.errors import ConfigError
+from live2diff_engine.models.motion import SequenceContext
+from live2diff_engine.models.tiny import TINY_LATENT_SIZE, build_tiny_unet, tiny_prompt_embeds
+from live2diff_engine.pipeline import Bookkeeping, StreamPipeline, make_schedule, warmup_causal_mask
+
+H, W = TINY_LATENT_SIZE
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_tiny_unet(seed=3)
+
+
+def make_pipe(unet, t_index_list=(32, 45), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return StreamPipeline(unet, make_schedule(50, t_index_list=list(t_index_list)), (H, W), generator=gen)
+
+
+def inputs(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 4, H, W, generator=g), torch.randn(n, 1, 4, H, W, generator=g)
+
+
+def run_stream(unet, frames, depths, t_index_list=(32, 45), prompt_seed=0):
+    pipe = make_pipe(unet, t_index_list)
+    g = torch.Generator().manual_seed(99)
+    warm = torch.randn(8, 4, H, W, generator=g)
+    pipe.prepare(pipe.add_noise(warm), warm.flip(0), tiny_prompt_embeds(prompt_seed))
+    outs = []
+    for x, d in zip(frames, depths):
+        outs.append(pipe.step(pipe.add_noise(x), d).clone())
+    return outs, pipe
+
+
+@pytest.mark.parametrize("t_index_list", [(32, 45), (20, 32, 45)])
+def test_stream_is_uni_directional(unet, t_index_list):
+    n, k = 44, 23
+    frames, depths = inputs(n, seed=1)
+    changed_frames, changed_depths = frames.clone(), depths.clone()
+    other_frames, other_depths = inputs(n, seed=2)
+    changed_frames[k + 1 :] = other_frames[k + 1 :]
+    changed_depths[k + 1 :] = other_depths[k + 1 :]
+
+    a, pipe = run_stream(unet, frames, depths, t_index_list)
+    b, _ = run_stream(unet, changed_frames, changed_depths, t_index_list)
+    lag = pipe.lag
+    # Call i finishes input frame i - lag: every output of frames 0..k is bit-identical.
+    for call in range(k + lag + 1):
+        assert torch.equal(a[call], b[call]), f"call {call} (input frame {call - lag}) changed"
+    # and the changed frames do change what follows.
+    for call in range(k + lag + 1, n):
+        assert not torch.equal(a[call], b[call]), f"call {call} did not change"
+
+
+def test_a_past_frame_influences_later_frames_only_through_the_cache(unet):
+    frames, depths = inputs(30, seed=4)
+    nudged = frames.clone()
+    nudged[5] += 0.5
+    a, pipe = run_stream(unet, frames, depths)
+    b, _ = run_stream(unet, nudged, depths)
+    lag = pipe.lag
+    assert all(torch.equal(a[i], b[i]) for i in range(5 + lag))
+    later = [float((a[i] - b[i]).abs().max()) for i in range(5 + lag + 1, 30)]
+    assert min(later) > 0  # the temporal layers carry frame 5 into every later frame
+
+
+def test_stream_equals_offline_batched_computation(unet):
+    """Two steps: the stream's frames equal the same frames denoised together, step by step, in
+    whole-clip UNet calls under the warmup+causal mask, at the same noise."""
+    torch.manual_seed(0)
+    n = 8  # 8 warmup + 8 frames fill the 16-slot window exactly
+    pipe = make_pipe(unet, (32, 45))
+    prompt = tiny_prompt_embeds(0)
+    g = torch.Generator().manual_seed(5)
+    warm_x = torch.randn(8, 4, H, W, generator=g)
+    warm_d = torch.randn(8, 4, H, W, generator=g)
+    warm_noise = torch.randn(8, 4, H, W, generator=g)
+    xs = torch.randn(n, 4, H, W, generator=g)
+    ds = torch.randn(n, 4, H, W, generator=g)
+    step_noise = torch.randn(n + 1, 1, 4, H, W, generator=g)  # per call, moves row 0 on to step 1
+
+    warm_out = pipe.prepare(warm_x, warm_d, prompt, [warm_noise])
+    streamed = []
+    for i in range(n + 1):  # one extra call finishes the last frame
+        x = xs[i : i + 1] if i < n else torch.zeros(1, 4, H, W)
+        d = ds[i : i + 1] if i < n else torch.zeros(1, 4, H, W)
+        streamed.append(pipe.step(x, d, step_noise[i]).clone())
+    streamed = torch.cat(streamed[1:])  # call i + 1 finishes frame i
+
+    s = pipe.schedule
+    mask = warmup_causal_mask(8 + n, 8)
+    ctx = SequenceContext(num_frames=8 + n, mask=mask)
+    x = torch.cat([warm_x, xs])
+    d = torch.cat([warm_d, ds])
+    a, b, cs, co = s.alpha, s.beta, s.c_skip, s.c_out
+    eps = unet(x, s.timesteps[:1], prompt, d, ctx)
+    x0 = co[0] * ((x - b[0] * eps) / a[0]) + cs[0] * x
+    x = a[1] * x0 + b[1] * torch.cat([warm_noise, step_noise[:n, 0]])
+    eps = unet(x, s.timesteps[1:2], prompt, d, ctx)
+    offline = co[1] * ((x - b[1] * eps) / a[1]) + cs[1] * x
+
+    torch.testing.assert_close(offline[:8], warm_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(offline[8:], streamed, rtol=1e-4, atol=1e-5)
+    assert float(streamed.std()) > 0.1  # a real signal, not a degenerate one
+
+
+def test_cache_is_preallocated_and_never_grows(unet):
+    frames, depths = inputs(16, seed=6)
+    pipe = make_pipe(unet, (20, 32, 45))
+    warm = torch.randn(8, 4, H, W)
+    pipe.prepare(warm, warm, tiny_prompt_embeds(0))
+    caches = unet.cache_tensors()
+    before = [(c.data_ptr(), tuple(c.shape)) for c in caches]
+    assert all(c.shape[0] == 3 and c.shape[3] == 16 for c in caches)
+    table_len = len(pipe.bookkeeping)
+    for i in range(300):
+        pipe.step(frames[i % 16], depths[i % 16])
+    assert [(c.data_ptr(), tuple(c.shape)) for c in unet.cache_tensors()] == before
+    assert len(pipe.bookkeeping) == table_len
+    assert pipe.calls == 300
+
+
+def test_bookkeeping_follows_the_original_rules():
+    bk = Bookkeeping(steps=2, window=16, sink=8)
+
+    def row(call, r):
+        ctx = bk.context(call)
+        bias = "".join("0" if v == 0 else "-" for v in ctx.bias[r].tolist())
+        return bias, ctx.pe_idx[r, 8:].tolist(), int(ctx.update_idx[r])
+
+    r8 = list(range(8, 16))
+    assert row(0, 0) == ("000000000-------", r8, 8)
+    assert row(0, 1) == ("00000000--------", r8, 9)
+    assert row(1, 1) == ("000000000-------", r8, 8)
+    assert row(7, 0) == ("0" * 16, r8, 15)
+    assert row(8, 0) == ("0" * 16, [15, 8, 9, 10, 11, 12, 13, 14], 8)
+    assert row(8, 1) == ("0" * 16, r8, 15)
+    assert row(9, 1) == ("0" * 16, [15, 8, 9, 10, 11, 12, 13, 14], 8)
+    assert row(15, 1) == ("0" * 16, [9, 10, 11, 12, 13, 14, 15, 8], 14)
+    assert row(16, 0) == row(8, 0)
+    # An endless stream cycles through one window's worth of states.
+    for call in range(16, 200):
+        assert row(call, 0) == row(call - 8, 0) and row(call, 1) == row(call - 8, 1)
+    # The newest frame always carries the largest position once the window is full.
+    for call in range(9, 40):
+        ctx = bk.context(call)
+        assert ctx.q_idx.tolist() == [15, 15]
+
+
+def test_rows_beyond_one_keep_their_placeholders_like_the_original():
+    bk = Bookkeeping(steps=4, window=16, sink=8)
+    ctx = bk.context(0)
+    assert ctx.update_idx.tolist() == [8, 9, 8, 8]
+    # From call 1 on, rows 1..3 share one state, one call behind row 0.
+    for call in range(1, 40):
+        c = bk.context(call)
+        for r in (2, 3):
+            assert torch.equal(c.bias[r], c.bias[1]) and torch.equal(c.pe_idx[r], c.pe_idx[1])
+            assert c.update_idx[r] == c.update_idx[1]
+
+
+def test_prompt_swap_between_frames_needs_no_rewarmup(unet):
+    frames, depths = inputs(20, seed=7)
+    base, _ = run_stream(unet, frames, depths)
+    pipe = make_pipe(unet)
+    g = torch.Generator().manual_seed(99)
+    warm = torch.randn(8, 4, H, W, generator=g)
+    pipe.prepare(pipe.add_noise(warm), warm.flip(0), tiny_prompt_embeds(0))
+    outs = []
+    for i, (x, d) in enumerate(zip(frames, depths)):
+        if i == 10:
+            pipe.update_prompt(tiny_prompt_embeds(123))
+        outs.append(pipe.step(pipe.add_noise(x), d).clone())
+    assert all(torch.equal(outs[i], base[i]) for i in range(10))
+    assert all(not torch.equal(outs[i], base[i]) for i in range(10, 20))
+    assert pipe.calls == 20
+
+
+def test_reset_rewarms_and_reproduces_the_stream(unet):
+    frames, depths = inputs(12, seed=8)
+    pipe = make_pipe(unet)
+    warm = torch.randn(8, 4, H, W)
+    noise = [torch.randn(8, 4, H, W)]
+    step_noise = torch.randn(12, 1, 4, H, W)
+
+    def once():
+        pipe.reset(warm, warm, tiny_prompt_embeds(0), noise)
+        return [pipe.step(x, d, step_noise[i]).clone() for i, (x, d) in enumerate(zip(frames, depths))]
+
+    first = once()
+    assert pipe.calls == 12
+    second = once()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_step_before_warmup_is_a_clear_error(unet):
+    pipe = make_pipe(unet)
+    with pytest.raises(ConfigError, match="warmed up"):
+        pipe.step(torch.zeros(1, 4, H, W), torch.zeros(1, 4, H, W))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"t_index_list": [32, 50]}, "out of range"),
+        ({"t_index_list": [-1, 45]}, "out of range"),
+        ({"t_index_list": [45, 32]}, "increasing"),
+        ({"t_index_list": []}, "empty"),
+        ({"strength": 1.5}, "strength"),
+        ({}, "exactly one"),
+    ],
+)
+def test_bad_schedules_are_rejected(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        make_schedule(50, **kwargs)
+
+
+def test_strength_picks_the_last_steps():
+    s = make_schedule(4, strength=0.5)
+    assert s.t_index_list == (2, 3)
+    full = make_schedule(4, t_index_list=[0, 1, 2, 3])
+    assert torch.equal(s.timesteps, full.timesteps[2:])
