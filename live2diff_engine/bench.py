@@ -29,14 +29,15 @@ class BenchResult:
     latent: str
     steps: int
     per_frame_ms: dict[str, float]
+    mean_ms: dict[str, float]
     ratio_long_to_short: float
 
     def table(self) -> str:
         rows = [f"machine: {self.machine}", f"device: {self.device}  dtype: {self.dtype}  torch {self.torch}  threads {self.threads}",
                 f"model: {self.model}  latent {self.latent}  denoising steps {self.steps}"]
         for n, ms in self.per_frame_ms.items():
-            rows.append(f"  {n:>5} frames: {ms:8.3f} ms/frame")
-        rows.append(f"  ratio (longest / shortest): {self.ratio_long_to_short:.3f}")
+            rows.append(f"  {n:>5} frames: {ms:8.3f} ms/frame (median; mean {self.mean_ms[n]:.3f})")
+        rows.append(f"  ratio of medians (longest / shortest): {self.ratio_long_to_short:.3f}")
         return "\n".join(rows)
 
     def json(self) -> str:
@@ -58,32 +59,89 @@ def machine_name(device: torch.device) -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _Timer:
+    """Per-call wall time: CUDA events on a GPU (no sync inside the loop), perf_counter elsewhere."""
+
+    def __init__(self, device: torch.device, n: int):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        if self.cuda:
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        else:
+            self.stamps = [0.0] * (n + 1)
+
+    def mark(self, i: int) -> None:
+        if self.cuda:
+            self.events[i].record()
+        else:
+            self.stamps[i] = time.perf_counter()
+
+    def durations_ms(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            return [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]
+        return [(b - a) * 1000.0 for a, b in zip(self.stamps, self.stamps[1:])]
 
 
-def bench_stream(pipe: StreamPipeline, warmup_latents, warmup_depth, frame_counts=(32, 512), progress=None) -> dict[str, float]:
-    """Run one stream per count (after a fresh warmup each) and return ms per frame for each."""
+def _snapshot(pipe: StreamPipeline):
+    return [c.clone() for c in pipe.unet.cache_tensors()], pipe._latents.clone(), pipe._depth.clone(), pipe.calls
+
+
+def _restore(pipe: StreamPipeline, snap) -> None:
+    caches, latents, depth, calls = snap
+    for live, saved in zip(pipe.unet.cache_tensors(), caches):
+        live.copy_(saved)
+    pipe._latents.copy_(latents)
+    pipe._depth.copy_(depth)
+    pipe.calls = calls
+
+
+def bench_stream(pipe: StreamPipeline, warmup_latents, warmup_depth, frame_counts=(32, 512), progress=None, segments: int = 8) -> dict[str, dict[str, float]]:
+    """Median and mean ms per frame for streams of each length, measured interleaved in time.
+
+    The longest stream runs in ``segments`` parts; before each part its state is set aside, every
+    shorter stream runs once from a fresh warmup, and the long stream resumes where it was. Drift
+    in the machine's speed (other tenants, clocks) then lands on all lengths alike, and the median
+    keeps bursts out of the figures."""
     device = pipe.device
     h, w = pipe.height, pipe.width
     g = torch.Generator(device="cpu").manual_seed(1234)
     latents = torch.randn(16, 1, 4, h, w, generator=g).to(device=device, dtype=pipe.dtype)
-    results: dict[str, float] = {}
-    for count in frame_counts:
-        # Short streams are repeated (median taken) so that both figures rest on enough frames.
-        timings = []
-        for _ in range(max(1, 128 // count)):
+    counts = sorted(set(frame_counts))
+    longest, shorter = counts[-1], counts[:-1]
+    segments = max(1, min(segments, longest))
+    durations: dict[int, list[float]] = {c: [] for c in counts}
+
+    def run(n: int, first: int, label: int) -> None:
+        timer = _Timer(device, n)
+        timer.mark(0)
+        for i in range(n):
+            k = first + i
+            pipe.step(latents[k % 16], latents[(k + 3) % 16])
+            timer.mark(i + 1)
+        durations[label] += timer.durations_ms()
+
+    def settle() -> None:  # allocator and kernels; not timed
+        for i in range(4):
+            pipe.step(latents[i % 16], latents[(i + 3) % 16])
+
+    pipe.prepare(warmup_latents, warmup_depth)
+    settle()
+    done = 0
+    for seg in range(segments):
+        snap = _snapshot(pipe)
+        for n in shorter:
             pipe.prepare(warmup_latents, warmup_depth)
-            for i in range(4):  # settle allocator and kernels; not timed
-                pipe.step(latents[i % 16], latents[(i + 3) % 16])
-            _sync(device)
-            start = time.perf_counter()
-            for i in range(count):
-                pipe.step(latents[i % 16], latents[(i + 3) % 16])
-                if progress is not None and (i + 1) % 64 == 0:
-                    progress(count, i + 1)
-            _sync(device)
-            timings.append((time.perf_counter() - start) * 1000.0 / count)
-        results[str(count)] = sorted(timings)[len(timings) // 2]
+            settle()
+            run(n, 0, n)
+        _restore(pipe, snap)
+        part = (longest - done) // (segments - seg)
+        run(part, done, longest)
+        done += part
+        if progress is not None:
+            progress(longest, done)
+    results: dict[str, dict[str, float]] = {}
+    for n in counts:
+        ordered = sorted(durations[n])
+        results[str(n)] = {"median": ordered[len(ordered) // 2], "mean": sum(ordered) / len(ordered)}
     return results

@@ -166,8 +166,9 @@ def _cmd_bench(args) -> int:
         model=label,
         latent=f"{h}x{w}",
         steps=schedule.steps,
-        per_frame_ms={c: round(per_frame[c], 4) for c in counts},
-        ratio_long_to_short=round(per_frame[counts[-1]] / per_frame[counts[0]], 4),
+        per_frame_ms={c: round(per_frame[c]["median"], 4) for c in counts},
+        mean_ms={c: round(per_frame[c]["mean"], 4) for c in counts},
+        ratio_long_to_short=round(per_frame[counts[-1]]["median"] / per_frame[counts[0]]["median"], 4),
     )
     print(result.table())
     if args.json:
