@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_options(bench)
     bench.add_argument("--frames", type=_int_list, default=[32, 512], help="comma-separated frame counts (default 32,512)")
-    bench.add_argument("--t-index-list", type=_int_list, default=[32, 45], help="denoising steps as schedule indices (default 32,45)")
+    steps = bench.add_mutually_exclusive_group()
+    steps.add_argument("--t-index-list", type=_int_list, help="denoising steps as schedule indices (default 32,45)")
+    steps.add_argument("--strength", type=float, help="instead of --t-index-list: denoise the last int(steps*strength) steps")
     bench.add_argument("--num-inference-steps", type=int, default=50)
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return parser
@@ -139,7 +141,8 @@ def _cmd_bench(args) -> int:
 
     if not args.frames or min(args.frames) < 1:
         raise ConfigError("--frames needs positive counts, e.g. 32,512")
-    schedule = make_schedule(args.num_inference_steps, t_index_list=args.t_index_list)
+    t_index_list = args.t_index_list if args.t_index_list is not None or args.strength is not None else [32, 45]
+    schedule = make_schedule(args.num_inference_steps, t_index_list=t_index_list, strength=args.strength)
     if args.model is None and not (args.base and args.motion):
         raise ConfigError("choose a model: --model tiny, or --base DIR and --motion FILE")
     print("loading model ...", file=sys.stderr, flush=True)

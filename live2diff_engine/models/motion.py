@@ -49,13 +49,14 @@ class StreamContext:
 
     ``bias`` ``[T, window]`` is added to the attention scores, ``pe_idx`` ``[T, window]`` is the
     positional index of each slot, ``update_idx`` ``[T]`` the slot the new frame is written to and
-    ``q_idx`` ``[T]`` its positional index (``pe_idx[r, update_idx[r]]``).
+    ``q_idx`` ``[T]`` its positional index (``pe_idx[r, update_idx[r]]``); ``rows`` is ``0..T-1``.
     """
 
     bias: torch.Tensor
     pe_idx: torch.Tensor
     update_idx: torch.Tensor
     q_idx: torch.Tensor
+    rows: torch.Tensor
 
     num_frames = 1
 
@@ -160,9 +161,8 @@ class TemporalAttention(nn.Module):
             raise RuntimeError("temporal KV-cache is not allocated; call allocate_cache first")
         rows, tokens, dim = x.shape
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)  # [T, d, c]
-        row_ids = torch.arange(rows, device=x.device)
         # Write the new frame of row r into slot update_idx[r] of cache row r, then attend to the row.
-        cache[row_ids, :, :, ctx.update_idx] = torch.stack((k, v), dim=1)
+        cache[ctx.rows, :, :, ctx.update_idx] = torch.stack((k, v), dim=1)
         pos_q, pos_k, pos_v = self.pos_qkv[0], self.pos_qkv[1], self.pos_qkv[2]
         q = q + pos_q[ctx.q_idx].unsqueeze(1)  # [T, d, c]
         keys = cache[:, 0] + pos_k[ctx.pe_idx].unsqueeze(1)  # [T, d, window, c]

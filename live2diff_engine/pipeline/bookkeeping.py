@@ -83,7 +83,7 @@ class Bookkeeping:
         pe_idx = torch.tensor([s.pe for s in states], dtype=torch.long)
         update = torch.tensor([s.update for s in states], dtype=torch.long)
         q_idx = pe_idx.gather(2, update.unsqueeze(2)).squeeze(2)
-        self._tables = {"bias": bias, "pe_idx": pe_idx, "update_idx": update, "q_idx": q_idx}
+        self._tables = {"bias": bias, "pe_idx": pe_idx, "update_idx": update, "q_idx": q_idx, "rows": torch.arange(steps)}
         self.to(device)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Bookkeeping":
@@ -102,7 +102,9 @@ class Bookkeeping:
     def context(self, call: int) -> StreamContext:
         i = self.index(call)
         t = self._tables
-        return StreamContext(bias=t["bias"][i], pe_idx=t["pe_idx"][i], update_idx=t["update_idx"][i], q_idx=t["q_idx"][i])
+        return StreamContext(
+            bias=t["bias"][i], pe_idx=t["pe_idx"][i], update_idx=t["update_idx"][i], q_idx=t["q_idx"][i], rows=t["rows"]
+        )
 
     def __len__(self) -> int:
         return self.prefix + self.period
