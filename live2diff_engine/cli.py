@@ -80,6 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--strength", type=float, help="instead of --t-index-list: denoise the last int(steps*strength) steps")
     bench.add_argument("--num-inference-steps", type=int, default=50)
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+
+    from .assemble import add_model_args
+
+    tr = sub.add_parser(
+        "translate",
+        help="stylise a video file (or image folder) into a video file",
+        description="Run every frame of INPUT through the streaming model and write OUTPUT with exactly as many "
+        "frames. The first 8 (the warmup) are the input as it is.",
+    )
+    tr.add_argument("input", metavar="INPUT", help="video file or folder of images")
+    tr.add_argument("output", metavar="OUTPUT", help="video file to write (.mp4, .avi, .mkv)")
+    tr.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's, 30 for images)")
+    add_model_args(tr)
+
+    models = sub.add_parser("models", help="list, download and verify the models", description="Manage the models the engine uses.")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", parser_class=_Parser)
+    msub.add_parser("list", help="which models are known and whether they are here")
+    dl = msub.add_parser("download", help="download models (default: all the engine needs) or a style's weights")
+    dl.add_argument("names", nargs="*", metavar="NAME", help="model names (see `models list`) or hub ids")
+    dl.add_argument("--style", action="append", default=[], help="download this style's DreamBooth/LoRA files (repeatable)")
+    dl.add_argument("--styles", metavar="FILE", default=None, help="your styles file")
+    dl.add_argument("--token", default=None, help="civitai API token (or set CIVITAI_TOKEN); never printed")
+    vf = msub.add_parser("verify", help="load each downloaded model and say OK or what is wrong")
+    vf.add_argument("names", nargs="*", metavar="NAME")
+
+    st = sub.add_parser("styles", help="list the styles, or print where your styles file is")
+    st.add_argument("action", choices=["list", "path"], nargs="?", default="list")
+    st.add_argument("--styles", metavar="FILE", default=None)
     return parser
 
 
@@ -180,7 +208,168 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"check-reference": _cmd_check_reference, "bench": _cmd_bench}
+def _cmd_translate(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .assemble import build_frame_pipeline
+    from .io.video import FrameSource, VideoWriter
+
+    source = FrameSource(args.input, fps=args.fps)
+    if not args.output.lower().endswith((".mp4", ".m4v", ".mov", ".avi", ".mkv")):
+        raise ConfigError(f"output {args.output} must be a video file ending in .mp4, .avi or .mkv")
+    comps, frames, manager, style = build_frame_pipeline(args)
+    print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps", file=sys.stderr, flush=True)
+    writer = None
+    expected = 0
+    try:
+        with tqdm(total=source.length, unit="frame", desc="translate") as bar:
+            for frame in source:
+                if writer is None:
+                    size = args.output_size or (frame.shape[1], frame.shape[0])
+                    frames.output_size = size
+                    writer = VideoWriter(args.output, source.fps, size)
+                for index, image in frames.push(frame):
+                    if index != expected:
+                        raise RuntimeError(f"frame order broken: got {index}, expected {expected}")
+                    writer.write(image)
+                    expected += 1
+                bar.update(1)
+            for index, image in frames.flush():
+                writer.write(image)
+                expected += 1
+    finally:
+        source.close()
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ConfigError(f"{args.input} holds no frames")
+    print(f"wrote {writer.count} frames to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _cmd_models(args) -> int:
+    import os
+
+    from .models import hub
+
+    action = args.models_command or "list"
+    if action == "list":
+        for spec in hub.MODELS.values():
+            present, where = hub.status(spec)
+            tag = "default" if not spec.optional else "optional"
+            print(f"{spec.name:15} {'OK ' if present else '-- '} {tag:8} {spec.repo_id:45} {spec.what}")
+            print(f"{'':15}     {where}")
+        print(f"hub cache: {hub.cache_dir()}")
+        return 0
+    if action == "download":
+        from .styles import download_style, load_styles
+
+        names = args.names or ([] if args.style else hub.DEFAULT_MODELS)
+        for name in names:
+            print(f"downloading {name} ...", file=sys.stderr, flush=True)
+            path = hub.resolve(name, name=name if name in hub.MODELS else None)
+            print(f"{name}: {path}")
+        if args.style:
+            styles = load_styles(args.styles)
+            token = args.token or os.environ.get("CIVITAI_TOKEN")
+            for name in args.style:
+                if name not in styles:
+                    raise ConfigError(f"unknown style {name!r}; known styles: {', '.join(sorted(styles))}")
+                for path in download_style(styles[name], token):
+                    print(f"{name}: {path}")
+        return 0
+    if action == "verify":
+        return _verify(args.names or list(hub.MODELS))
+    raise ConfigError(f"unknown models action {action!r}")
+
+
+def _verify(names: list[str]) -> int:
+    from .models import hub
+
+    failed = 0
+    for name in names:
+        spec = hub.MODELS.get(name)
+        if spec is None:
+            raise ConfigError(f"unknown model {name!r}; known: {', '.join(hub.MODELS)}")
+        try:
+            path = hub.resolve(name, download=False)
+            _verify_one(name, path)
+            print(f"{name:15} OK   {path}")
+        except UserError as exc:
+            failed += 1
+            print(f"{name:15} FAIL {exc}")
+    return 1 if failed else 0
+
+
+def _verify_one(name: str, path) -> None:
+    from pathlib import Path
+
+    from .models.components import _from_pretrained, read_lora
+
+    path = Path(path)
+    if name == "sd15":
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        from .models.loading import load_base_weights, read_unet_config, resolve_unet_folder
+        from .models.motion import MotionConfig
+        from .models.unet import build_streaming_unet
+
+        import torch
+
+        folder = resolve_unet_folder(path)
+        with torch.device("meta"):
+            unet = build_streaming_unet(read_unet_config(folder), MotionConfig())
+        load_base_weights(unet, folder)
+        _from_pretrained(AutoencoderKL, path / "vae", "VAE")
+        _from_pretrained(CLIPTextModel, path / "text_encoder", "text encoder")
+        _from_pretrained(CLIPTokenizer, path / "tokenizer", "tokenizer")
+    elif name == "live2diff":
+        from .models.loading import load_motion_weights, read_motion_state_dict
+        from .models.motion import MotionConfig
+        from .models.unet import build_streaming_unet
+
+        import torch
+
+        config = {"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "sample_size": 64}
+        with torch.device("meta"):
+            unet = build_streaming_unet(config, MotionConfig())
+        load_motion_weights(unet, read_motion_state_dict(path), source=str(path))
+    elif name in ("midas", "depth-anything"):
+        from .depth import load_depth_estimator
+
+        load_depth_estimator(name, path)
+    elif name == "lcm-lora":
+        read_lora(path)
+    elif name == "taesd":
+        from diffusers import AutoencoderTiny
+
+        _from_pretrained(AutoencoderTiny, path, "TAESD")
+
+
+def _cmd_styles(args) -> int:
+    from .styles import load_styles, user_styles_file
+
+    if args.action == "path":
+        print(user_styles_file())
+        return 0
+    for style in load_styles(args.styles).values():
+        extras = []
+        if style.dreambooth:
+            extras.append(f"dreambooth {style.dreambooth}")
+        extras += [f"lora {l.file}@{l.scale:g}" for l in style.loras]
+        steps = f"t_index_list {list(style.t_index_list)}" if style.t_index_list else f"strength {style.strength}" if style.strength else "t_index_list [32, 45]"
+        print(f"{style.name:12} {style.description}  [{'; '.join(extras + [steps, f'clip_skip {style.clip_skip}'])}]")
+    return 0
+
+
+COMMANDS = {
+    "check-reference": _cmd_check_reference,
+    "bench": _cmd_bench,
+    "translate": _cmd_translate,
+    "models": _cmd_models,
+    "styles": _cmd_styles,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

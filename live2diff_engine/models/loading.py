@@ -53,7 +53,7 @@ def read_unet_config(folder: Path) -> dict:
     return config
 
 
-def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
+def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
@@ -79,7 +79,7 @@ def read_motion_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise ModelLoadError(f"motion checkpoint not found: {p}; pass the path of live2diff.ckpt (or its .safetensors)")
-    raw = _read_weight_file(p)
+    raw = read_weight_file(p)
     out: dict[str, torch.Tensor] = {}
     for key, value in raw.items():
         while key.startswith("module."):
@@ -121,7 +121,7 @@ def load_base_weights(unet: StreamingUNet, folder: Path) -> None:
             break
     else:
         raise ModelLoadError(f"no UNet weights in {folder}: expected diffusion_pytorch_model.safetensors; re-download the base model")
-    state = _read_weight_file(path)
+    state = read_weight_file(path)
     base = unet.base_state_keys()
     unexpected = [k for k in state if k not in base]
     missing = [k for k in base if k not in state]

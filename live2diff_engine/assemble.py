@@ -1,0 +1,149 @@
+"""From command-line options to a ready frame pipeline: models, style, schedule.
+
+Shared by every command that turns frames into stylised frames (``translate``, and the live
+engine), so they accept the same model and style options and mean the same by them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from .errors import ConfigError
+
+# t_index_list per number of denoising steps for --steps (the Live2Diff configs' choices).
+STEPS_TO_T_INDEX = {1: [45], 2: [32, 45], 3: [30, 36, 42], 4: [25, 31, 37, 43]}
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 512x512, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return w, h
+
+
+def _lora(text: str) -> tuple[str, float]:
+    path, sep, scale = text.rpartition(":")
+    if sep and path and not scale.startswith(("/", "\\")):
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=["tiny"], help="tiny: a random-weight miniature for checks (its output is noise, not a style)")
+    g.add_argument("--base", default="sd15", help="Stable Diffusion 1.5: diffusers folder or hub id (default: sd15 = stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    g.add_argument("--motion", default="live2diff", help="Live2Diff motion checkpoint: file or hub id (default: live2diff = Leoxing/Live2Diff)")
+    g.add_argument("--depth", default="midas", help="depth estimator: midas (default), depth-anything, or KIND=PATH")
+    g.add_argument("--vae", default="full", help="full (SD's VAE, default) or taesd (fast) or a TAESD folder")
+    g.add_argument("--no-lcm-lora", action="store_true", help="do not apply the LCM-LoRA few-step adapter")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when present)")
+    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default float16 on CUDA, float32 elsewhere")
+    s = p.add_argument_group("style")
+    s.add_argument("--style", default=None, help="a style name from the styles file (default: default)")
+    s.add_argument("--styles", metavar="FILE", default=None, help="your styles file (default: see `live2diff-engine styles path`)")
+    s.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:SCALE]", help="an extra LoRA (repeatable)")
+    s.add_argument("--prompt", default="", help="what the picture shows, e.g. 'a man with glasses'")
+    steps = s.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, help="number of denoising steps (1-4) with the configs' usual timesteps")
+    steps.add_argument("--t-index-list", type=_int_list, help="denoising steps as schedule indices, e.g. 32,45")
+    steps.add_argument("--strength", type=float, help="denoise the last int(num_inference_steps * strength) steps")
+    s.add_argument("--num-inference-steps", type=int, default=None, help="length of the LCM schedule (default 50)")
+    s.add_argument("--seed", type=int, default=0)
+    f = p.add_argument_group("frames")
+    f.add_argument("--width", type=int, default=None, help="model width, a multiple of 8 (default 512; 64 for tiny)")
+    f.add_argument("--height", type=int, default=None, help="model height, a multiple of 8 (default 512; 64 for tiny)")
+    f.add_argument("--fit", choices=["crop", "letterbox"], default="crop", help="how frames of another shape fit the model size")
+    f.add_argument("--output-size", type=_size, default=None, metavar="WxH", help="output frame size (default: the input's)")
+    f.add_argument("--similarity-threshold", type=float, default=None, help="skip diffusion for frames this similar to the last (e.g. 0.98)")
+
+
+def _dtype(args, device):
+    import torch
+
+    if args.dtype:
+        return getattr(torch, args.dtype)
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def build_frame_pipeline(args, say=None):
+    """(components, frame pipeline, style manager, style) from parsed options."""
+    from .cli import resolve_device
+    from .models.components import build_tiny_components, load_components
+    from .pipeline.frames import FramePipeline
+    from .styles import LoraRef, StyleManager, load_styles
+
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    device = resolve_device(args.device)
+    if device.type == "cpu" and args.model != "tiny":
+        say("warning: running on the CPU: fine for checks, far too slow for live video")
+    dtype = _dtype(args, device)
+    styles = load_styles(args.styles)
+    style_name = args.style or "default"
+    if style_name not in styles:
+        raise ConfigError(f"unknown style {style_name!r}; known styles: {', '.join(sorted(styles))}")
+    style = styles[style_name]
+    if args.lora:
+        style = replace(style, loras=style.loras + tuple(LoraRef(path, scale) for path, scale in args.lora))
+    if args.steps is not None:
+        if args.steps not in STEPS_TO_T_INDEX:
+            raise ConfigError(f"--steps must be 1 to 4, got {args.steps}; use --t-index-list for other choices")
+        style = replace(style, t_index_list=tuple(STEPS_TO_T_INDEX[args.steps]), strength=None, num_inference_steps=50)
+    elif args.t_index_list is not None:
+        style = replace(style, t_index_list=tuple(args.t_index_list), strength=None)
+    elif args.strength is not None:
+        style = replace(style, strength=args.strength, t_index_list=None)
+    if args.num_inference_steps is not None:
+        style = replace(style, num_inference_steps=args.num_inference_steps)
+
+    if args.model == "tiny":
+        from .models.tiny import TINY_LABEL
+
+        say(f"building the {TINY_LABEL}")
+        depth_kind = args.depth if args.depth in ("midas", "depth-anything") else "midas"
+        comps = build_tiny_components(args.seed, device=device, dtype=dtype, depth=depth_kind)
+        default_size = 64
+    else:
+        kind, _, source = args.depth.partition("=")
+        comps = load_components(
+            base=args.base, motion=args.motion, depth=kind, depth_source=source or None, vae=args.vae,
+            lcm_lora=None if args.no_lcm_lora else "lcm-lora", device=device, dtype=dtype, progress=say,
+        )
+        default_size = 512
+    steps, t_index_list, strength = style.schedule_args()
+    frames = FramePipeline(
+        comps,
+        width=args.width or default_size,
+        height=args.height or default_size,
+        fit=args.fit,
+        num_inference_steps=steps,
+        t_index_list=t_index_list,
+        strength=strength,
+        prompt=args.prompt,
+        template=style.template,
+        clip_skip=style.clip_skip,
+        seed=args.seed,
+        output_size=args.output_size,
+        similarity_threshold=args.similarity_threshold,
+    )
+    manager = StyleManager(comps, styles)
+    if style.dreambooth or style.loras or comps.lcm_lora is not None:
+        say(f"applying style {style.name}")
+        manager.apply(style, frames)
+    else:
+        manager.current = style
+    return comps, frames, manager, style
