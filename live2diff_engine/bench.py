@@ -145,3 +145,16 @@ def bench_stream(pipe: StreamPipeline, warmup_latents, warmup_depth, frame_count
         ordered = sorted(durations[n])
         results[str(n)] = {"median": ordered[len(ordered) // 2], "mean": sum(ordered) / len(ordered)}
     return results
+
+
+def bench_style_switch(manager, frames, names: list[str], rounds: int, feed) -> dict[str, float]:
+    """Median seconds to switch to each style (weights swapped, text re-encoded), alternating
+    through ``names`` ``rounds`` times with a frame pushed after every switch."""
+    timings: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds):
+        for name in names:
+            start = time.perf_counter()
+            manager.apply(name, frames)
+            timings[name].append(time.perf_counter() - start)
+            frames.push(feed())
+    return {n: sorted(t)[len(t) // 2] for n, t in timings.items()}

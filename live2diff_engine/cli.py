@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     vf = msub.add_parser("verify", help="load each downloaded model and say OK or what is wrong")
     vf.add_argument("names", nargs="*", metavar="NAME")
 
+    bs = sub.add_parser(
+        "bench-style",
+        help="measure how long a style switch takes",
+        description="Load the model, stream a few frames, then switch between the given styles several times "
+        "(a frame after each switch) and report the median switch time per style.",
+    )
+    bs.add_argument("--switch", required=True, help="comma-separated style names to alternate between, e.g. default,toonyou")
+    bs.add_argument("--rounds", type=int, default=5)
+    add_model_args(bs)
+
     st = sub.add_parser("styles", help="list the styles, or print where your styles file is")
     st.add_argument("action", choices=["list", "path"], nargs="?", default="list")
     st.add_argument("--styles", metavar="FILE", default=None)
@@ -363,7 +373,35 @@ def _cmd_styles(args) -> int:
     return 0
 
 
+def _cmd_bench_style(args) -> int:
+    import numpy as np
+
+    from .assemble import build_frame_pipeline
+    from .bench import bench_style_switch, machine_name
+
+    names = [n for n in args.switch.split(",") if n]
+    if len(names) < 2:
+        raise ConfigError("--switch needs at least two style names, e.g. default,toonyou")
+    comps, frames, manager, _ = build_frame_pipeline(args)
+    for name in names:
+        manager.get(name)
+    rng = np.random.default_rng(args.seed)
+    size = (frames.height, frames.width, 3)
+
+    def feed():
+        return rng.integers(0, 255, size, dtype=np.uint8)
+
+    for _ in range(frames.sink + 2):
+        frames.push(feed())
+    result = bench_style_switch(manager, frames, names, max(1, args.rounds), feed)
+    print(f"machine: {machine_name(comps.device)}; model: {comps.label}; {frames.width}x{frames.height}")
+    for name, seconds in result.items():
+        print(f"  switch to {name:15} {seconds * 1000:9.1f} ms (median of {max(1, args.rounds)})")
+    return 0
+
+
 COMMANDS = {
+    "bench-style": _cmd_bench_style,
     "check-reference": _cmd_check_reference,
     "bench": _cmd_bench,
     "translate": _cmd_translate,
@@ -372,12 +410,32 @@ COMMANDS = {
 }
 
 
+def _quiet_libraries() -> None:
+    """The libraries' own warnings (e.g. transformers on torchvision's absence) are noise to a
+    user; LIVE2DIFF_VERBOSE=1 brings them back."""
+    import os
+
+    if os.environ.get("LIVE2DIFF_VERBOSE"):
+        return
+    import logging
+
+    for name in ("transformers", "diffusers", "peft", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+    except Exception:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
+    _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:

@@ -195,10 +195,14 @@ def download_style(style: Style, token: str | None, progress=True) -> list[Path]
 
 
 def _lora_error(path: str, exc: Exception) -> ModelLoadError:
-    text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-    if "size mismatch" in text or "shape" in text:
-        return ModelLoadError(f"LoRA {path} does not fit this model (made for another architecture or size): {text}")
-    return ModelLoadError(f"cannot load LoRA {path}: {text}")
+    lines = [l.strip() for l in str(exc).strip().splitlines() if l.strip()] or [type(exc).__name__]
+    mismatch = next((l for l in lines if "size mismatch" in l), None)
+    if mismatch is not None:
+        module = mismatch.split("size mismatch for ", 1)[-1].split(":", 1)[0]
+        return ModelLoadError(
+            f"LoRA {path} does not fit this model (made for another architecture or size; first mismatch at {module})"
+        )
+    return ModelLoadError(f"cannot load LoRA {path}: {lines[0][:200]}")
 
 
 class StyleManager:
@@ -214,19 +218,19 @@ class StyleManager:
         self.comps = comps
         self.styles = styles
         self.current: Style | None = None
-        self._dreambooth: str | None = None
-        self._adapters: list[str] = []
         self._holder = None
         self.last_switch_s = 0.0
 
     def _pipe(self):
         if self._holder is None:
-            from diffusers import LCMScheduler, StableDiffusionPipeline
+            from diffusers import StableDiffusionPipeline
+
+            from .pipeline.schedule import make_scheduler
 
             c = self.comps
             self._holder = StableDiffusionPipeline(
                 vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet.unet2d,
-                scheduler=LCMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                scheduler=make_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
         return self._holder
 
@@ -236,31 +240,31 @@ class StyleManager:
         return self.styles[name]
 
     def _unload_loras(self) -> None:
-        if self._adapters:
+        # Asked of the modules themselves: another manager, or a load that failed half-way, may
+        # have left LoRA layers on them.
+        if any(self._pipe().get_list_adapters().values()):
             self._pipe().unload_lora_weights()
-            self._adapters = []
+        for model in (self.comps.unet.unet2d, self.comps.text_encoder):
+            _strip_lora_layers(model)
 
     def _load_lora(self, name: str, tensors: dict[str, torch.Tensor], label: str) -> None:
         try:
-            self._pipe().load_lora_weights(dict(tensors), adapter_name=name)
+            with _quiet():
+                self._pipe().load_lora_weights(dict(tensors), adapter_name=name)
         except Exception as exc:
-            try:  # leave no half-loaded adapter behind
-                self._pipe().delete_adapters([name])
-            except Exception:
-                pass
+            self._unload_loras()  # no half-loaded adapter left behind
             raise _lora_error(label, exc) from None
-        self._adapters.append(name)
 
     def _load_dreambooth(self, style: Style) -> None:
         target = style.dreambooth
-        if target == self._dreambooth:
+        if target == self.comps.dreambooth:
             return
         if target is None:
             self._restore_base()
         else:
             path = _local_file(target, style.dreambooth_url, style.name, "DreamBooth checkpoint")
             load_single_file_into(self.comps, read_weight_file(path), str(path))
-        self._dreambooth = target
+        self.comps.dreambooth = target
 
     def _restore_base(self) -> None:
         c = self.comps
@@ -288,14 +292,20 @@ class StyleManager:
         self._unload_loras()
         self._load_dreambooth(style)
         names, weights = [], []
-        if self.comps.lcm_lora is not None:
-            self._load_lora("lcm", self.comps.lcm_lora, "LCM-LoRA")
-            names.append("lcm")
-            weights.append(1.0)
-        for i, (ref, tensors) in enumerate(lora_tensors):
-            self._load_lora(f"style{i}", tensors, ref.file)
-            names.append(f"style{i}")
-            weights.append(ref.scale)
+        try:
+            if self.comps.lcm_lora is not None:
+                self._load_lora("lcm", self.comps.lcm_lora, "LCM-LoRA")
+                names.append("lcm")
+                weights.append(1.0)
+            for i, (ref, tensors) in enumerate(lora_tensors):
+                self._load_lora(f"style{i}", tensors, ref.file)
+                names.append(f"style{i}")
+                weights.append(ref.scale)
+        except ModelLoadError:
+            previous = self.current
+            if previous is not None and previous.name != style.name:
+                self.apply(previous, frames)  # back to a style that worked
+            raise
         if names:
             self._pipe().set_adapters(names, adapter_weights=weights)
         self.comps.unet.refresh_positions()
@@ -307,6 +317,40 @@ class StyleManager:
         self.current = style
         self.last_switch_s = time.perf_counter() - start
         return style
+
+
+def _strip_lora_layers(model: torch.nn.Module) -> None:
+    """Put every peft-wrapped layer back to its plain base layer and forget the adapter configs."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without peft no LoRA was ever loaded
+        return
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                setattr(module, child_name, child.get_base_layer())
+    for attr in ("peft_config",):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if getattr(model, "_hf_peft_config_loaded", False):
+        model._hf_peft_config_loaded = False
+
+
+class _quiet:
+    """Keep diffusers/transformers from printing their own multi-line reports of an error we
+    turn into one line."""
+
+    def __enter__(self):
+        import logging
+
+        self._loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
+        self._levels = [lg.level for lg in self._loggers]
+        for lg in self._loggers:
+            lg.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self._loggers, self._levels):
+            lg.setLevel(level)
 
 
 def _load_module_file(module: torch.nn.Module, folder: Path) -> None:

@@ -28,6 +28,7 @@ class Components:
     label: str
     base_dir: Path | None = None  # the SD folder (config source for single-file DreamBooth checkpoints)
     is_tiny: bool = False
+    dreambooth: str | None = None  # the DreamBooth checkpoint whose weights are loaded (None: the base)
     lcm_lora: dict | None = field(default=None, repr=False)  # the few-step LoRA's tensors, re-applied on style switches
 
     @property

@@ -32,4 +32,4 @@ def encode_prompt(tokenizer, text_encoder, prompt: str, clip_skip: int = 1) -> t
         return text_encoder(ids)[0]
     out = text_encoder(ids, output_hidden_states=True)
     hidden = out.hidden_states[-clip_skip]
-    return text_encoder.text_model.final_layer_norm(hidden)
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)  # transformers 5 has no text_model

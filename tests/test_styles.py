@@ -1,0 +1,251 @@
+"""Real on-disk formats through the real loaders: SD folder, motion checkpoint, depth model,
+DreamBooth single-file checkpoints, kohya LoRAs, the styles file, and switching mid-stream."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FIXTURE_A, ROOT, run_cli
+from live2diff_engine.depth import build_tiny_depth
+from live2diff_engine.errors import ConfigError, ModelLoadError
+from live2diff_engine.models.components import load_components
+from live2diff_engine.pipeline.frames import FramePipeline
+from live2diff_engine.styles import StyleManager, load_styles
+from sd_formats import save_kohya_lora, save_kohya_lora_for_other_model, save_single_file, save_tiny_sd
+from test_frames import clip
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace of tiny models in the formats users download."""
+    root = tmp_path_factory.mktemp("models")
+    sd = save_tiny_sd(root / "sd", seed=0)
+    motion = load_file(str(FIXTURE_A / "live2diff_motion.safetensors"))
+    torch.save({"state_dict": {"module." + k: v for k, v in motion.items()}}, root / "live2diff.ckpt")
+    depth = build_tiny_depth("midas", seed=0, size=64)
+    depth.model.save_pretrained(root / "midas")
+    save_single_file(sd, root / "dreambooth.safetensors", seed_offset=1)
+    save_single_file(sd, root / "dreambooth.ckpt", seed_offset=2)
+    save_kohya_lora(sd, root / "style_lora.safetensors", seed=3)
+    save_kohya_lora_for_other_model(root / "other_lora.safetensors")
+    (root / "not_a_checkpoint.safetensors").write_bytes(b"this is a text file, not weights\n" * 10)
+    styles = root / "styles.toml"
+    styles.write_text(
+        f"""
+[styles.db]
+description = "a DreamBooth fine-tune"
+dreambooth = "{root / 'dreambooth.safetensors'}"
+template = "cartoon, {{}}"
+clip_skip = 2
+
+[styles.dbckpt]
+dreambooth = "{root / 'dreambooth.ckpt'}"
+
+[styles.lora0]
+loras = [{{ file = "{root / 'style_lora.safetensors'}", scale = 0.0 }}]
+
+[styles.lora1]
+loras = [{{ file = "{root / 'style_lora.safetensors'}", scale = 1.0 }}]
+
+[styles.three_steps]
+t_index_list = [20, 32, 45]
+
+[styles.other]
+loras = [{{ file = "{root / 'other_lora.safetensors'}" }}]
+
+[styles.broken]
+dreambooth = "{root / 'not_a_checkpoint.safetensors'}"
+"""
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def comps(ws):
+    return load_components(
+        base=str(ws / "sd"), motion=str(ws / "live2diff.ckpt"), depth="midas", depth_source=str(ws / "midas"), lcm_lora=None
+    )
+
+
+def run_frames(comps, ws, style=None, switch_at=None, switch_to=None, n=16):
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    fp = FramePipeline(comps, width=64, height=64, prompt="a photo of a cat", seed=1)
+    manager.apply(style or "default", fp)
+    out = []
+    for i, f in enumerate(clip(n, seed=2)):
+        if i == switch_at:
+            manager.apply(switch_to, fp)
+        out += fp.push(f)
+    out += fp.flush()
+    manager.apply("default", fp)  # leave the shared models as they were
+    assert [i for i, _ in out] == list(range(n))
+    return [img for _, img in out]
+
+
+def test_components_load_from_real_formats(ws, comps):
+    assert comps.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert comps.vae_scale_factor == 8
+    golden = load_file(str(FIXTURE_A / "base_unet" / "diffusion_pytorch_model.safetensors"))
+    state = comps.unet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in golden.items())
+
+
+def test_lora_scale_zero_changes_nothing_and_one_changes_the_output(comps, ws):
+    base = run_frames(comps, ws)
+    zero = run_frames(comps, ws, style="lora0")
+    one = run_frames(comps, ws, style="lora1")
+    assert all(np.array_equal(a, b) for a, b in zip(base, zero))
+    assert all(not np.array_equal(a, b) for a, b in zip(base[8:], one[8:]))
+
+
+def test_switching_style_mid_stream_changes_the_following_frames(comps, ws):
+    base = run_frames(comps, ws)
+    switched = run_frames(comps, ws, switch_at=12, switch_to="db")
+    # Frames finished before the switch are untouched; later ones change; none is missing.
+    assert all(np.array_equal(a, b) for a, b in zip(base[:11], switched[:11]))
+    assert all(not np.array_equal(a, b) for a, b in zip(base[12:], switched[12:]))
+
+
+def test_going_back_to_the_base_restores_it_exactly(comps, ws):
+    before = {k: v.clone() for k, v in comps.unet.state_dict().items()}
+    text_before = {k: v.clone() for k, v in comps.text_encoder.state_dict().items()}
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    for name in ("db", "lora1", "dbckpt", "default"):
+        manager.apply(name)
+        assert manager.last_switch_s > 0
+    after = comps.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(torch.equal(comps.text_encoder.state_dict()[k], v) for k, v in text_before.items())
+
+
+def test_dreambooth_weights_really_arrive(comps, ws):
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    manager.apply("db")
+    try:
+        changed = [k for k, v in comps.unet.state_dict().items() if "motion_modules" not in k and "flow_conv_in" not in k]
+        from sd_formats import expected_single_file_weights
+
+        expected = expected_single_file_weights(ws / "sd", seed_offset=1)["unet"]
+        state = comps.unet.state_dict()
+        assert all(torch.equal(state[k], expected[k]) for k in changed)
+    finally:
+        manager.apply("default")
+
+
+def test_steps_change_with_the_style(comps, ws):
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    fp = FramePipeline(comps, width=64, height=64)
+    for f in clip(10):
+        fp.push(f)
+    manager.apply("three_steps", fp)
+    out = fp.push(clip(1)[0])
+    assert fp.steps == 3
+    assert isinstance(out, list)
+
+
+def test_a_lora_for_another_architecture_is_refused_and_nothing_changes(comps, ws):
+    before = {k: v.clone() for k, v in comps.unet.state_dict().items()}
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    with pytest.raises(ModelLoadError, match="does not fit this model"):
+        manager.apply("other")
+    manager.apply("default")
+    after = comps.unet.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused(comps, ws):
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    with pytest.raises(ModelLoadError, match="not_a_checkpoint"):
+        manager.apply("broken")
+
+
+def test_styles_file_errors(tmp_path):
+    bad = tmp_path / "styles.toml"
+    bad.write_text('[styles.x]\ntemplate = "no placeholder"\n')
+    with pytest.raises(ConfigError, match="has no"):
+        load_styles(bad)
+    bad.write_text('[styles.x]\nwobble = 1\n')
+    with pytest.raises(ConfigError, match="unknown settings"):
+        load_styles(bad)
+    bad.write_text("[styles.x\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_styles(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_styles(tmp_path / "missing.toml")
+
+
+def test_presets_are_the_six_original_styles():
+    styles = load_styles(os.devnull if False else None)
+    for name in ("disneyPixar", "kFelted", "moxin", "origami", "pixart", "toonyou"):
+        s = styles[name]
+        assert s.dreambooth and s.dreambooth_url.startswith("https://civitai.com/api/download/models/")
+        assert "{}" in s.template
+    assert styles["moxin"].loras[0].scale == 0.7
+    assert styles["pixart"].strength == 0.6 and styles["pixart"].num_inference_steps == 4
+
+
+def _one_line(result, needle):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [l for l in result.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and needle in errors[0], result.stderr
+
+
+def test_translate_with_real_formats_and_a_style(ws, tmp_path):
+    import cv2
+
+    src = tmp_path / "in.mp4"
+    from test_frames import write_clip
+
+    write_clip(src, clip(12))
+    args = ["--base", ws / "sd", "--motion", ws / "live2diff.ckpt", "--depth", f"midas={ws / 'midas'}", "--no-lcm-lora",
+            "--styles", ws / "styles.toml", "--width", "64", "--height", "64", "--device", "cpu"]
+    result = run_cli("translate", src, tmp_path / "out.mp4", *args, "--style", "db", "--lora", f"{ws / 'style_lora.safetensors'}:0.5")
+    assert result.returncode == 0, result.stderr
+    cap = cv2.VideoCapture(str(tmp_path / "out.mp4"))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    assert n == 12
+    _one_line(run_cli("translate", src, tmp_path / "o.mp4", *args, "--style", "other"), "does not fit")
+    _one_line(run_cli("translate", src, tmp_path / "o.mp4", *args, "--style", "broken"), "not_a_checkpoint")
+    _one_line(run_cli("translate", src, tmp_path / "o.mp4", *[a if a != ws / "live2diff.ckpt" else ws / "sd" / "model_index.json" for a in args]), "cannot read checkpoint")
+
+
+def test_a_hub_id_while_offline_is_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    src = tmp_path / "in.mp4"
+    from test_frames import write_clip
+
+    write_clip(src, clip(3))
+    result = subprocess.run(
+        [sys.executable, "-m", "live2diff_engine", "translate", str(src), str(tmp_path / "o.mp4"), "--base", "someone/some-model", "--device", "cpu"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    _one_line(result, "offline")
+    assert "models download" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "live2diff_engine", "models", "download", "live2diff"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    _one_line(result, "live2diff")
+    listing = subprocess.run(
+        [sys.executable, "-m", "live2diff_engine", "models", "list"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+    assert listing.returncode == 0 and "Leoxing/Live2Diff" in listing.stdout and "not downloaded" in listing.stdout
+
+
+def test_civitai_style_download_needs_a_token(tmp_path):
+    env = dict(os.environ, LIVE2DIFF_HOME=str(tmp_path / "home"))
+    env.pop("CIVITAI_TOKEN", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "live2diff_engine", "models", "download", "--style", "toonyou"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    _one_line(result, "token")
