@@ -11,8 +11,11 @@ def test_every_torch_load_is_weights_only():
     for path in (ROOT / "live2diff_engine").rglob("*.py"):
         text = path.read_text()
         for m in re.finditer(r"torch\.load\(", text):
-            end = text.find(")", m.end())
-            calls.append((path.name, text[m.start() : end + 1]))
+            depth, end = 1, m.end()
+            while depth:  # up to the call's own closing parenthesis
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            calls.append((path.name, text[m.start() : end]))
     assert calls, "expected the loaders to read pickles somewhere"
     for name, call in calls:
         assert "weights_only=True" in call, f"{name}: {call}"

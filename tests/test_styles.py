@@ -249,3 +249,48 @@ def test_civitai_style_download_needs_a_token(tmp_path):
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )
     _one_line(result, "token")
+
+
+def test_taesd_and_depth_anything_options(ws, tmp_path):
+    """The fast options load from their own folders and run a whole clip."""
+    from diffusers import AutoencoderTiny
+
+    from test_frames import write_clip
+
+    taesd = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4,
+    )
+    taesd.save_pretrained(tmp_path / "taesd")
+    build_tiny_depth("depth-anything", seed=0).model.save_pretrained(tmp_path / "da")
+    src = tmp_path / "in.mp4"
+    write_clip(src, clip(11))
+    result = run_cli(
+        "translate", src, tmp_path / "out.mp4", "--base", ws / "sd", "--motion", ws / "live2diff.ckpt",
+        "--depth", f"depth-anything={tmp_path / 'da'}", "--vae", tmp_path / "taesd", "--no-lcm-lora",
+        "--width", "64", "--height", "64", "--device", "cpu", "--fit", "letterbox",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote 11 frames" in result.stderr
+
+
+def test_bad_template_in_a_styles_file_is_one_line(tmp_path):
+    from test_frames import write_clip
+
+    styles = tmp_path / "styles.toml"
+    styles.write_text('[styles.mine]\ntemplate = "watercolor painting"\n')
+    src = tmp_path / "in.mp4"
+    write_clip(src, clip(3))
+    result = run_cli("translate", src, tmp_path / "o.mp4", "--model", "tiny", "--styles", styles, "--style", "mine")
+    _one_line(result, "has no {}")
+
+
+def test_models_verify_says_what_is_missing(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run(
+        [sys.executable, "-m", "live2diff_engine", "models", "verify", "live2diff", "lcm-lora"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and all("FAIL" in l and "models download" in l for l in lines)
