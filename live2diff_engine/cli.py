@@ -105,6 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     vf = msub.add_parser("verify", help="load each downloaded model and say OK or what is wrong")
     vf.add_argument("names", nargs="*", metavar="NAME")
 
+    run = sub.add_parser(
+        "run",
+        help="the live engine: camera in, stylised virtual webcam out",
+        description="Grab frames from a source, stylise them live and publish them to the sinks (by default the "
+        "default camera to a virtual camera). Runs until Ctrl-C.",
+    )
+    io = run.add_argument_group("input and output")
+    io.add_argument("--source", default="camera:0", help="camera[:INDEX] (default camera:0), video:PATH, images:DIR, synthetic")
+    io.add_argument("--camera-size", type=_size_arg, default=None, metavar="WxH", help="ask the camera (or synthetic source) for this size")
+    io.add_argument("--camera-fps", type=float, default=None, help="ask the camera (or synthetic source) for this rate")
+    io.add_argument("--loop", action="store_true", help="restart a video or image folder when it ends")
+    io.add_argument("--sink", action="append", default=None, help="virtualcam[:BACKEND] (default), window, file:PATH, null; repeatable")
+    io.add_argument("--vcam-device", default=None, help="virtual camera device (e.g. /dev/video10 on Linux)")
+    io.add_argument("--vcam-fps", type=float, default=None, help="virtual camera frame rate (default: the source's)")
+    io.add_argument("--mirror", action="store_true", help="mirror the virtual camera picture")
+    io.add_argument("--max-frames", type=int, default=None, help="stop after this many input frames")
+    io.add_argument("--stats", metavar="FILE", default=None, help="write live figures as JSON every few seconds and on exit")
+    add_model_args(run)
+
     bs = sub.add_parser(
         "bench-style",
         help="measure how long a style switch takes",
@@ -373,6 +392,55 @@ def _cmd_styles(args) -> int:
     return 0
 
 
+def _size_arg(text: str):
+    from .assemble import _size
+
+    return _size(text)
+
+
+def _cmd_run(args) -> int:
+    import logging
+
+    from .assemble import build_frame_pipeline
+    from .engine import Engine
+    from .io.sinks import parse_sink
+    from .io.sources import SourceError, parse_source
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ConfigError("--max-frames must be at least 1")
+    source = parse_source(
+        args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
+        synthetic_size=args.camera_size or (640, 480), seed=args.seed,
+    )
+    sinks = [parse_sink(s, vcam_device=args.vcam_device, vcam_fps=args.vcam_fps, mirror=args.mirror) for s in (args.sink or ["virtualcam"])]
+    try:
+        source.open()
+    except SourceError as exc:
+        raise UserError(
+            f"{exc}: check --source camera:N (0 is the default camera) and that no other app is using it"
+        ) from None
+    size = args.output_size or source.frame_size() or (640, 480)
+    fps = args.vcam_fps or source.fps or 30.0
+    opened = []
+    try:
+        for sink in sinks:  # before the long model load, so a missing driver is known at once
+            sink.open(size[0], size[1], fps)
+            opened.append(sink)
+        args.output_size = size
+        comps, frames, manager, style = build_frame_pipeline(args)
+        print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}", file=sys.stderr, flush=True)
+        engine = Engine(frames, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps)
+        return engine.run()
+    finally:
+        for sink in opened:
+            try:
+                sink.close()
+            except Exception:
+                pass
+        source.close()
+
+
 def _cmd_bench_style(args) -> int:
     import numpy as np
 
@@ -401,6 +469,7 @@ def _cmd_bench_style(args) -> int:
 
 
 COMMANDS = {
+    "run": _cmd_run,
     "bench-style": _cmd_bench_style,
     "check-reference": _cmd_check_reference,
     "bench": _cmd_bench,

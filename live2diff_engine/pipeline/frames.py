@@ -144,6 +144,7 @@ class FramePipeline:
         self._last_output: np.ndarray | None = None
         self._skipped = 0
         self._rewarm = False
+        self._rewarm_from_history = False
         self.skipped_total = 0
 
     # -- configuration -----------------------------------------------------------------------
@@ -261,6 +262,9 @@ class FramePipeline:
         ready: list[tuple[int, np.ndarray]] = []
         if self._rewarm:
             ready += self._apply_rewarm()
+        elif self._rewarm_from_history:
+            self._rewarm_from_history = False
+            self._warmup(list(self._history))
         index = self.frame_index
         self.frame_index += 1
         ow, oh = self._out_size(frame)
@@ -335,3 +339,20 @@ class FramePipeline:
         else:
             self._warm = list(self._history)
         return ready
+
+    def abandon_in_flight(self) -> list[int]:
+        """After a failed frame: forget the frames in flight (their outputs will not come) and
+        re-warm on recent frames at the next push. Returns the abandoned input indices."""
+        lost = [i for group in self._pending for i in group]
+        self._pending.clear()
+        for i in lost:
+            self._fits.pop(i, None)
+        self._fits = {i: v for i, v in self._fits.items() if i >= self.frame_index}
+        self._last_x = None
+        self.stream = self._new_stream()
+        self.stream.set_prompt_embeds(self._embeds)
+        self._warm = list(self._history) if len(self._history) < self.sink else []
+        if len(self._history) == self.sink:
+            self._rewarm_from_history = True
+        self._rewarm = False
+        return lost

@@ -1,0 +1,451 @@
+"""The engine: frames in from a source, through the frame pipeline, out to the sinks, for hours.
+
+Three threads:
+
+* **capture** (live sources only): reads the camera as fast as it delivers; the newest frame
+  replaces the previous one, so inference always gets the freshest picture and no queue builds
+  up when the model is slower than the camera. A failing camera shows a "no signal" card and is
+  reopened with backoff.
+* **inference** (the caller's thread): takes the newest frame, runs the pipeline, hands outputs on.
+  A frame that raises is logged and passed through; the stream goes on.
+* **publisher** (paced sinks only): sends the latest output to the virtual camera at its own frame
+  rate, repeating the last one when inference is slower, so a video call never sees a stall.
+
+Stop (Ctrl-C, SIGTERM, ``stop()``, ``max_frames``) is seen within one frame; threads are joined
+and the camera and the virtual camera are released.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .io.sinks import Sink, no_signal_card
+from .io.sources import Source, SourceEnded, SourceError
+from .pipeline.frames import FrameError
+
+log = logging.getLogger("live2diff.engine")
+
+
+class OutOfMemory(UserError):
+    pass
+
+
+@dataclass
+class Stats:
+    state: str = "starting"
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_published: int = 0
+    dropped: int = 0
+    errors: int = 0
+    source_failures: int = 0
+    fps_in: float = 0.0
+    fps_out: float = 0.0
+    latency_ms_p50: float | None = None
+    latency_ms_p95: float | None = None
+    gpu_memory_mb: float | None = None
+    rss_mb: float | None = None
+    uptime_s: float = 0.0
+    last_error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class _Rate:
+    """Events per second over the last few seconds."""
+
+    def __init__(self, window_s: float = 3.0):
+        self.window = window_s
+        self.times: deque[float] = deque()
+
+    def tick(self, now: float) -> None:
+        self.times.append(now)
+        while self.times and now - self.times[0] > self.window:
+            self.times.popleft()
+
+    def rate(self, now: float) -> float:
+        while self.times and now - self.times[0] > self.window:
+            self.times.popleft()
+        if len(self.times) < 2:
+            return 0.0
+        return (len(self.times) - 1) / max(1e-6, self.times[-1] - self.times[0])
+
+
+def rss_mb() -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:
+        return None
+
+
+class Engine:
+    """Runs ``pipeline`` (anything with ``push(frame) -> [(index, image)]``, ``frame_index``,
+    ``flush()`` and ``abandon_in_flight()``, e.g. a FramePipeline) from ``source`` to ``sinks``."""
+
+    def __init__(
+        self,
+        pipeline,
+        source: Source,
+        sinks: list[Sink],
+        *,
+        output_size: tuple[int, int] | None = None,
+        max_frames: int | None = None,
+        stats_path: str | os.PathLike | None = None,
+        stats_every_s: float = 2.0,
+        status: bool = True,
+        retry_max_s: float = 5.0,
+        fps: float | None = None,
+        on_output=None,
+    ):
+        self.pipeline = pipeline
+        self.source = source
+        self.sinks = sinks
+        self.output_size = output_size
+        self.max_frames = max_frames
+        self.stats_path = Path(stats_path) if stats_path else None
+        self.stats_every_s = stats_every_s
+        self.status = status
+        self.retry_max_s = retry_max_s
+        self.fps = fps or source.fps or 30.0
+        self.on_output = on_output
+        self.stats = Stats()
+        self._stop = threading.Event()
+        self._new_frame = threading.Condition()
+        self._latest: tuple[int, float, np.ndarray] | None = None  # (seq, capture time, frame)
+        self._seq_taken = -1
+        self._published = threading.Lock()
+        self._out_frame: np.ndarray | None = None
+        self._no_signal = False
+        self._capture_times: dict[int, float] = {}
+        self._latencies: deque[float] = deque(maxlen=600)
+        self._rate_in, self._rate_out = _Rate(), _Rate()
+        self._started = time.monotonic()
+        self._threads: list[threading.Thread] = []
+        self._sink_size = output_size or (640, 480)
+        self._last_stats = 0.0
+        self._status_shown = False
+
+    # -- control -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._new_frame:
+            self._new_frame.notify_all()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    # -- source ------------------------------------------------------------------------------
+
+    def _open_source_with_retry(self) -> bool:
+        delay = 0.25
+        while not self.stopping:
+            try:
+                self.source.open()
+                if self._no_signal:
+                    log.warning("%s is back", self.source.name)
+                self._no_signal = False
+                self.stats.state = "streaming" if self.stats.frames_out else self.stats.state
+                return True
+            except SourceError as exc:
+                self._signal_lost(str(exc))
+                self._sleep(delay)
+                delay = min(self.retry_max_s, delay * 2)
+        return False
+
+    def _signal_lost(self, why: str) -> None:
+        if not self._no_signal:
+            log.warning("%s: %s; showing 'no signal' and retrying", self.source.name, why)
+            self.stats.source_failures += 1
+            self.stats.last_error = why
+        self._no_signal = True
+        self.stats.state = "no signal"
+        card = no_signal_card(*self._size_or_default(), f"{self.source.name}: no signal")
+        self._deliver(card, paced_only=False, count=False)
+
+    def _size_or_default(self) -> tuple[int, int]:
+        if self.output_size:
+            return self.output_size
+        if self._out_frame is not None:
+            return self._out_frame.shape[1], self._out_frame.shape[0]
+        return 640, 480
+
+    def _capture_loop(self) -> None:
+        seq = 0
+        while not self.stopping:
+            try:
+                frame = self.source.read()
+            except SourceEnded:
+                break
+            except SourceError as exc:
+                self.source.close()
+                self._signal_lost(str(exc))
+                if not self._open_source_with_retry():
+                    break
+                continue
+            with self._new_frame:
+                if self._latest is not None and self._latest[0] > self._seq_taken:
+                    self.stats.dropped += 1  # never processed: a newer frame replaced it
+                self._latest = (seq, time.monotonic(), frame)
+                seq += 1
+                self._new_frame.notify_all()
+
+    def _next_frame(self) -> tuple[float, np.ndarray] | None:
+        """The next frame to process, or None when the stream should end."""
+        if self.source.live:
+            with self._new_frame:
+                while not self.stopping:
+                    if self._latest is not None and self._latest[0] > self._seq_taken:
+                        seq, t, frame = self._latest
+                        self._seq_taken = seq
+                        return t, frame
+                    if not any(t.is_alive() for t in self._threads if t.name == "capture"):
+                        return None
+                    self._new_frame.wait(0.25)
+            return None
+        while not self.stopping:
+            try:
+                frame = self.source.read()
+                if self._no_signal:
+                    self._no_signal = False
+                    log.warning("%s is back", self.source.name)
+                return time.monotonic(), frame
+            except SourceEnded:
+                return None
+            except SourceError as exc:
+                self.source.close()
+                self._signal_lost(str(exc))
+                if not self._open_source_with_retry():
+                    return None
+        return None
+
+    # -- sinks -------------------------------------------------------------------------------
+
+    def _deliver(self, image: np.ndarray, paced_only: bool = False, count: bool = True) -> None:
+        with self._published:
+            self._out_frame = image
+        if not paced_only:
+            for sink in self.sinks:
+                if not sink.paced:
+                    if count or not isinstance(sink, _counted_sink_types()):
+                        sink.send(image)
+        if count and self.on_output is not None:
+            self.on_output(image)
+
+    def _publish_loop(self, sink) -> None:
+        while not self.stopping:
+            with self._published:
+                frame = self._out_frame
+            if frame is not None:
+                if (frame.shape[1], frame.shape[0]) != self._sink_size:
+                    import cv2
+
+                    frame = cv2.resize(frame, self._sink_size, interpolation=cv2.INTER_AREA)
+                try:
+                    sink.send(frame)
+                    self.stats.frames_published += 1
+                except Exception as exc:  # a driver hiccup must not end the stream
+                    self.stats.errors += 1
+                    self.stats.last_error = f"{sink.name}: {exc}"
+                    log.warning("sending to %s failed: %s", sink.name, exc)
+            sink.wait()
+
+    # -- stats -------------------------------------------------------------------------------
+
+    def _update_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_stats < self.stats_every_s:
+            return
+        self._last_stats = now
+        s = self.stats
+        s.uptime_s = round(now - self._started, 2)
+        s.fps_in = round(self._rate_in.rate(now), 2)
+        s.fps_out = round(self._rate_out.rate(now), 2)
+        if self._latencies:
+            lat = sorted(self._latencies)
+            s.latency_ms_p50 = round(lat[len(lat) // 2] * 1000, 1)
+            s.latency_ms_p95 = round(lat[min(len(lat) - 1, int(len(lat) * 0.95))] * 1000, 1)
+        s.rss_mb = rss_mb()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                s.gpu_memory_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        except Exception:
+            pass
+        if self.stats_path is not None:
+            tmp = self.stats_path.with_name(self.stats_path.name + ".tmp")
+            try:
+                tmp.write_text(json.dumps(asdict(s), indent=1))
+                os.replace(tmp, self.stats_path)
+            except OSError as exc:
+                log.warning("cannot write stats to %s: %s", self.stats_path, exc)
+        if self.status:
+            self._show_status()
+
+    def _show_status(self) -> None:
+        s = self.stats
+        lat = f"{s.latency_ms_p50:.0f}/{s.latency_ms_p95:.0f} ms" if s.latency_ms_p50 is not None else "-"
+        mem = f" | GPU {s.gpu_memory_mb / 1024:.1f} GB" if s.gpu_memory_mb else ""
+        line = (
+            f"[{s.state}] in {s.fps_in:.1f} fps | out {s.fps_out:.1f} fps | latency p50/p95 {lat} | "
+            f"dropped {s.dropped} | errors {s.errors}{mem}"
+        )
+        if sys.stderr.isatty():
+            print("\r" + line.ljust(110), end="", file=sys.stderr, flush=True)
+            self._status_shown = True
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def _process(self, t_capture: float, frame: np.ndarray) -> None:
+        index = self.pipeline.frame_index
+        self._capture_times[index] = t_capture
+        try:
+            ready = self.pipeline.push(frame)
+        except FrameError as exc:  # nothing was touched: skip it, the sinks keep the last picture
+            self._capture_times.pop(index, None)
+            self.stats.errors += 1
+            self.stats.last_error = f"bad frame: {exc}"
+            log.warning("skipping a bad frame: %s", exc)
+            return
+        except Exception as exc:
+            if _is_oom(exc):
+                raise OutOfMemory(
+                    "the GPU ran out of memory; lower --width/--height (e.g. 512x512), use fewer --steps, "
+                    "--vae taesd, or --dtype float16"
+                ) from None
+            self.stats.errors += 1
+            self.stats.last_error = f"frame {index}: {type(exc).__name__}: {exc}"
+            log.warning("frame %d failed (%s: %s); passing it through", index, type(exc).__name__, exc)
+            lost = self.pipeline.abandon_in_flight()
+            for i in lost:
+                self._capture_times.pop(i, None)
+            self.stats.dropped += len(lost)
+            if self.pipeline.frame_index == index:  # it failed before taking its number
+                self.pipeline.frame_index += 1
+            ready = [(index, self._passthrough(frame))]
+        self._emit(ready)
+
+    def _passthrough(self, frame: np.ndarray) -> np.ndarray:
+        size = self.output_size or getattr(self.pipeline, "output_size", None) or (frame.shape[1], frame.shape[0])
+        if (frame.shape[1], frame.shape[0]) == tuple(size):
+            return frame
+        import cv2
+
+        return cv2.resize(frame, tuple(size), interpolation=cv2.INTER_AREA)
+
+    def _emit(self, ready) -> None:
+        now = time.monotonic()
+        for index, image in ready:
+            t0 = self._capture_times.pop(index, None)
+            if t0 is not None:
+                self._latencies.append(now - t0)
+            self._deliver(image)
+            self.stats.frames_out += 1
+            self._rate_out.tick(now)
+
+    def run(self, install_signals: bool = True) -> int:
+        """Stream until the source ends, ``max_frames`` are processed, or a stop is asked for."""
+        handlers = self._install_signals() if install_signals else {}
+        try:
+            return self._run()
+        finally:
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+            self._shutdown()
+
+    def _run(self) -> int:
+        if self.status:
+            print(f"streaming from {self.source.name} to {', '.join(s.name for s in self.sinks) or 'nowhere'}", file=sys.stderr, flush=True)
+        self.stats.state = "warming up"
+        if self.source.live:
+            self._threads.append(threading.Thread(target=self._capture_loop, name="capture", daemon=True))
+        for sink in self.sinks:
+            if sink.paced:
+                self._threads.append(threading.Thread(target=self._publish_loop, args=(sink,), name="publisher", daemon=True))
+        for t in self._threads:
+            t.start()
+        while not self.stopping:
+            if self.max_frames is not None and self.stats.frames_in >= self.max_frames:
+                break
+            item = self._next_frame()
+            if item is None:
+                break
+            t_capture, frame = item
+            self.stats.frames_in += 1
+            self._rate_in.tick(time.monotonic())
+            self._process(t_capture, frame)
+            if self.stats.frames_out and self.stats.state not in ("no signal",):
+                self.stats.state = "warming up" if getattr(self.pipeline, "warming_up", False) else "streaming"
+            self._update_stats()
+        if not self.stopping:  # a finished source or max_frames: every frame in flight comes out
+            self._emit(self.pipeline.flush())
+        self.stats.state = "stopped"
+        return 0
+
+    def _install_signals(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+
+        def handler(signum, frame):
+            self.stop()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+        return old
+
+    def _shutdown(self) -> None:
+        self._stop.set()
+        with self._new_frame:
+            self._new_frame.notify_all()
+        for t in self._threads:
+            t.join(timeout=1.5)
+        try:
+            self.source.close()
+        except Exception:
+            pass
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                log.warning("closing %s failed: %s", sink.name, exc)
+        self._update_stats(force=True)
+        if self._status_shown:
+            print(file=sys.stderr)
+
+
+def _counted_sink_types():
+    from .io.sinks import FileSink
+
+    return (FileSink,)  # a file records outputs only, never the 'no signal' card
+
+
+def _is_oom(exc: Exception) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except Exception:
+        pass
+    return "out of memory" in str(exc).lower() and "cuda" in str(exc).lower()

@@ -1,0 +1,193 @@
+"""Frame sources: camera, video file, image folder, synthetic test pattern. Frames are RGB uint8.
+
+A *live* source (a camera) produces frames at its own pace whether or not anyone reads them; the
+engine reads it from a capture thread where the latest frame wins. The others produce a frame
+when asked, so every frame is processed, in order.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..errors import ConfigError, UserError
+
+
+class SourceError(RuntimeError):
+    """The source failed (camera unplugged, read error). The engine retries."""
+
+
+class SourceEnded(Exception):
+    """A finite source has no more frames."""
+
+
+class Source:
+    live = False
+    fps = 30.0
+    name = "source"
+
+    def open(self) -> None:  # may raise SourceError (retried) or UserError (fatal at start)
+        pass
+
+    def read(self) -> np.ndarray:  # raises SourceEnded or SourceError
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def frame_size(self) -> tuple[int, int] | None:
+        """(width, height) of the frames, when known before reading one."""
+        return None
+
+
+class CameraSource(Source):
+    live = True
+
+    def __init__(self, index: int = 0, size: tuple[int, int] | None = None, fps: float | None = None):
+        self.index, self.size, self.req_fps = index, size, fps
+        self.fps = fps or 30.0
+        self.name = f"camera {index}"
+        self._cap = None
+
+    def open(self) -> None:
+        self.close()
+        backend = cv2.CAP_DSHOW if _is_windows() else cv2.CAP_ANY  # DirectShow opens webcams fastest
+        with _opencv_quiet():  # a missing camera is our one line, not OpenCV's backend chatter
+            cap = cv2.VideoCapture(self.index, backend)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"camera {self.index} cannot be opened")
+        if self.size:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.size[0])
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.size[1])
+        if self.req_fps:
+            cap.set(cv2.CAP_PROP_FPS, self.req_fps)
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # the newest frame, not a queue of old ones
+        self.fps = cap.get(cv2.CAP_PROP_FPS) or self.fps
+        self._cap = cap
+
+    def read(self) -> np.ndarray:
+        if self._cap is None:
+            raise SourceError(f"camera {self.index} is not open")
+        ok, img = self._cap.read()
+        if not ok or img is None:
+            raise SourceError(f"camera {self.index} stopped delivering frames")
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+    def frame_size(self):
+        if self._cap is None:
+            return self.size
+        w, h = int(self._cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(self._cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        return (w, h) if w and h else self.size
+
+
+class _opencv_quiet:
+    def __enter__(self):
+        try:
+            self._level = cv2.utils.logging.getLogLevel()
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+        except AttributeError:
+            self._level = None
+
+    def __exit__(self, *exc):
+        if self._level is not None:
+            cv2.utils.logging.setLogLevel(self._level)
+
+
+def _is_windows() -> bool:
+    import os
+
+    return os.name == "nt"
+
+
+class VideoSource(Source):
+    def __init__(self, path: str | Path, loop: bool = False):
+        from .video import FrameSource
+
+        self.path, self.loop = Path(path), loop
+        self._make = lambda: FrameSource(self.path)
+        self._src = self._make()  # fails now, with one line, if the file is unusable
+        self.fps = self._src.fps
+        self.name = f"video {self.path.name}" if self.path.is_file() else f"images {self.path}"
+        self._it = iter(self._src)
+
+    def read(self) -> np.ndarray:
+        try:
+            return next(self._it)
+        except StopIteration:
+            if not self.loop:
+                raise SourceEnded from None
+            self._src.close()
+            self._src = self._make()
+            self._it = iter(self._src)
+            try:
+                return next(self._it)
+            except StopIteration:
+                raise SourceEnded from None
+
+    def close(self) -> None:
+        self._src.close()
+
+    def frame_size(self):
+        probe = self._make()
+        first = next(iter(probe), None)
+        probe.close()
+        return (first.shape[1], first.shape[0]) if first is not None else None
+
+
+class SyntheticSource(Source):
+    """A moving test pattern (gradient, bars, a bouncing disc, a frame counter): needs no hardware,
+    and frame ``n`` is always the same picture."""
+
+    def __init__(self, size: tuple[int, int] = (640, 480), fps: float = 30.0, seed: int = 0):
+        self.w, self.h = size
+        self.fps = fps
+        self.name = "synthetic"
+        self.n = 0
+        yy, xx = np.mgrid[0 : self.h, 0 : self.w]
+        self._base = np.stack(
+            [xx * 255 // max(1, self.w - 1), yy * 255 // max(1, self.h - 1), (xx + yy + 37 * seed) % 256], axis=-1
+        ).astype(np.uint8)
+
+    def frame_size(self):
+        return self.w, self.h
+
+    def read(self) -> np.ndarray:
+        t = self.n / self.fps
+        self.n += 1
+        img = np.roll(self._base, int(40 * t) % self.w, axis=1).copy()
+        cx = int(self.w / 2 + self.w / 3 * math.sin(1.3 * t))
+        cy = int(self.h / 2 + self.h / 3 * math.cos(0.9 * t))
+        cv2.circle(img, (cx, cy), max(4, min(self.w, self.h) // 8), (255, 240, 200), -1)
+        cv2.putText(img, f"{self.n - 1}", (8, self.h - 10), cv2.FONT_HERSHEY_SIMPLEX, max(0.4, self.h / 400), (0, 0, 0), 2)
+        return img
+
+
+def parse_source(spec: str, *, camera_size=None, camera_fps=None, loop=False, synthetic_size=(640, 480), seed=0) -> Source:
+    kind, _, rest = spec.partition(":")
+    if kind == "camera":
+        try:
+            index = int(rest) if rest else 0
+        except ValueError:
+            raise ConfigError(f"--source camera:INDEX needs a number, got {spec!r}") from None
+        return CameraSource(index, camera_size, camera_fps)
+    if kind in ("video", "images"):
+        if not rest:
+            raise ConfigError(f"--source {kind}:PATH needs a path")
+        p = Path(rest).expanduser()
+        if kind == "video" and not p.is_file():
+            raise UserError(f"video not found: {p}")
+        if kind == "images" and not p.is_dir():
+            raise UserError(f"image folder not found: {p}")
+        return VideoSource(p, loop=loop)
+    if kind == "synthetic":
+        return SyntheticSource(synthetic_size, camera_fps or 30.0, seed)
+    raise ConfigError(f"unknown source {spec!r}; use camera[:INDEX], video:PATH, images:DIR or synthetic")
