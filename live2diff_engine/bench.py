@@ -158,3 +158,46 @@ def bench_style_switch(manager, frames, names: list[str], rounds: int, feed) -> 
             timings[name].append(time.perf_counter() - start)
             frames.push(feed())
     return {n: sorted(t)[len(t) // 2] for n, t in timings.items()}
+
+
+def bench_engine(make_pipeline, frames: list, count: int, rounds: int = 2, sinks_factory=None) -> dict[str, float]:
+    """Frames per second of the bare frame-pipeline loop and of the engine on the same frames.
+
+    Rounds alternate (bare, engine, bare, engine, ...) so drift in the machine's speed lands on
+    both; each round uses a fresh pipeline (same seed) and the median round is reported."""
+    from .engine import Engine
+    from .io.sinks import NullSink
+    from .io.sources import Source, SourceEnded
+
+    class Frames(Source):
+        name = "frames"
+
+        def __init__(self):
+            self.i = 0
+
+        def read(self):
+            if self.i >= count:
+                raise SourceEnded
+            self.i += 1
+            return frames[(self.i - 1) % len(frames)]
+
+    bare, engine = [], []
+    for _ in range(rounds):
+        pipe = make_pipeline()
+        start = time.perf_counter()
+        for i in range(count):
+            pipe.push(frames[i % len(frames)])
+        pipe.flush()
+        bare.append(count / (time.perf_counter() - start))
+
+        pipe = make_pipeline()
+        sinks = sinks_factory() if sinks_factory else [NullSink()]
+        size = (frames[0].shape[1], frames[0].shape[0])
+        for s in sinks:
+            s.open(size[0], size[1], 30.0)
+        run = Engine(pipe, Frames(), sinks, output_size=size, status=False)
+        start = time.perf_counter()
+        run.run(install_signals=False)
+        engine.append(count / (time.perf_counter() - start))
+    b, e = sorted(bare)[len(bare) // 2], sorted(engine)[len(engine) // 2]
+    return {"bare_fps": b, "engine_fps": e, "overhead": b / e - 1.0}

@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--stats", metavar="FILE", default=None, help="write live figures as JSON every few seconds and on exit")
     add_model_args(run)
 
+    be = sub.add_parser(
+        "bench-engine",
+        help="engine throughput against the bare frame-pipeline loop on the same frames",
+        description="Run the same frames through the bare FramePipeline loop and through the engine (threads, "
+        "conversions, sinks), alternating, and report both rates and the engine's overhead.",
+    )
+    be.add_argument("--frames", type=int, default=300, help="frames per round (default 300)")
+    be.add_argument("--rounds", type=int, default=3, help="rounds of each (default 3; the median is reported)")
+    be.add_argument("--input-size", type=_size_arg, default=(640, 480), metavar="WxH", help="input frame size (default 640x480)")
+    add_model_args(be)
+
     bs = sub.add_parser(
         "bench-style",
         help="measure how long a style switch takes",
@@ -441,6 +452,39 @@ def _cmd_run(args) -> int:
         source.close()
 
 
+def _cmd_bench_engine(args) -> int:
+    import copy
+
+    from .assemble import build_frame_pipeline
+    from .bench import bench_engine, machine_name
+    from .io.sources import SyntheticSource
+
+    if args.frames < 16 or args.rounds < 1:
+        raise ConfigError("--frames must be at least 16 and --rounds at least 1")
+    comps, first, manager, style = build_frame_pipeline(args)
+    src = SyntheticSource(args.input_size, 30.0, args.seed)
+    frames = [src.read() for _ in range(64)]
+
+    def make():
+        a = copy.copy(args)
+        from .pipeline.frames import FramePipeline
+
+        steps, t_index_list, strength = style.schedule_args()
+        return FramePipeline(
+            comps, width=first.width, height=first.height, fit=args.fit, num_inference_steps=steps,
+            t_index_list=t_index_list, strength=strength, prompt=a.prompt, template=style.template,
+            clip_skip=style.clip_skip, seed=a.seed, output_size=args.output_size,
+        )
+
+    r = bench_engine(make, frames, args.frames, args.rounds)
+    print(f"machine: {machine_name(comps.device)}; model: {comps.label}; model size {first.width}x{first.height}; "
+          f"input {args.input_size[0]}x{args.input_size[1]}; {args.frames} frames x {args.rounds} rounds")
+    print(f"  bare pipeline loop: {r['bare_fps']:.2f} frames/s")
+    print(f"  engine:             {r['engine_fps']:.2f} frames/s")
+    print(f"  engine overhead:    {r['overhead'] * 100:+.1f}%")
+    return 0
+
+
 def _cmd_bench_style(args) -> int:
     import numpy as np
 
@@ -470,6 +514,7 @@ def _cmd_bench_style(args) -> int:
 
 COMMANDS = {
     "run": _cmd_run,
+    "bench-engine": _cmd_bench_engine,
     "bench-style": _cmd_bench_style,
     "check-reference": _cmd_check_reference,
     "bench": _cmd_bench,

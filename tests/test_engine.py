@@ -136,15 +136,29 @@ def test_same_seed_same_frames_and_no_look_ahead(comps):
     assert runs[2][12:] != runs[0][12:]
 
 
-def test_a_source_that_fails_and_comes_back(comps):
+class LiveListSource(ListSource):
+    """The same, as a live source: read from the capture thread at a camera's pace."""
+
+    live = True
+
+    def read(self):
+        time.sleep(1 / 30)
+        return super().read()
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_a_source_that_fails_and_comes_back(comps, live):
     RecordingBackend.instances.clear()
-    src = ListSource(synthetic_frames(24), fail_reads={14}, fail_opens=2)
+    src = (LiveListSource if live else ListSource)(synthetic_frames(24), fail_reads={14}, fail_opens=2)
     vcam = VirtualCameraSink(backend="l2dtest", fps=120)
     engine, outputs = make_engine(comps, src, [vcam], retry_max_s=0.2)
     engine.run(install_signals=False)
     backend = RecordingBackend.instances[-1]
     assert engine.stats.source_failures == 1
-    assert len(outputs) == 24  # every frame the source gave came out
+    if live:  # the newest frame wins: some may be skipped, none is queued
+        assert 12 <= len(outputs) + engine.stats.dropped and len(outputs) <= 24
+    else:
+        assert len(outputs) == 24  # every frame the source gave came out
     # While it was away the camera showed the 'no signal' card, never nothing.
     def is_card(f):  # the card's dark background covers most of it
         return (f == 24).all(axis=-1).mean() > 0.6
@@ -177,6 +191,25 @@ def test_a_frame_that_raises_is_passed_through_and_the_stream_goes_on(comps):
     assert len(outputs) == 30 - engine.stats.dropped
     failed = int(engine.stats.last_error.split()[1].rstrip(":"))
     assert any(np.array_equal(o, frames_in[failed]) for o in outputs)  # shown as it came in
+
+
+def test_out_of_gpu_memory_is_one_clear_line(comps):
+    import torch
+
+    from live2diff_engine.errors import UserError
+
+    original = comps.vae.decode
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    comps.vae.decode = oom
+    try:
+        engine, _ = make_engine(comps, ListSource(synthetic_frames(12)), [NullSink()])
+        with pytest.raises(UserError, match="ran out of memory; lower --width/--height"):
+            engine.run(install_signals=False)
+    finally:
+        comps.vae.decode = original
 
 
 def test_missing_camera_unknown_sink_and_no_virtual_camera_are_one_line():
