@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .assemble import _int_list
 from .errors import ConfigError, UserError
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -36,13 +37,6 @@ def resolve_device(name: str | None):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device mps requested but Metal is not available here; use --device cpu")
     return device
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 class _Parser(argparse.ArgumentParser):

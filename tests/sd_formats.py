@@ -231,27 +231,15 @@ _DIFFUSERS_VERSION = "0.25.0"  # >= 0.9: older versions make StableDiffusionPipe
 
 
 def tiny_unet_config(cross_attention_dim: int = 32) -> dict:
-    """UNet config with exactly the key set of SD1.5's unet/config.json (no mid_block_type)."""
+    """UNet config with exactly the key set of SD1.5's unet/config.json (no mid_block_type): the
+    engine's tiny preset, so the same weights come out of the same seed."""
+    from live2diff_engine.models.tiny import TINY_UNET_CONFIG
+
     return {
         "_class_name": "UNet2DConditionModel",
         "_diffusers_version": _DIFFUSERS_VERSION,
-        "act_fn": "silu",
-        "attention_head_dim": 8,
-        "block_out_channels": [32, 32, 64, 64],
-        "center_input_sample": False,
+        **TINY_UNET_CONFIG,
         "cross_attention_dim": cross_attention_dim,
-        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "downsample_padding": 1,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "in_channels": 4,
-        "layers_per_block": 2,
-        "mid_block_scale_factor": 1,
-        "norm_eps": 1e-05,
-        "norm_num_groups": 8,
-        "out_channels": 4,
-        "sample_size": 8,
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     }
 
 

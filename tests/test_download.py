@@ -1,0 +1,70 @@
+"""Style-weight downloads against a real local HTTP server: progress, resume, token handling."""
+
+import http.server
+import threading
+
+import pytest
+
+from live2diff_engine.errors import ModelLoadError
+from live2diff_engine.models.download import download_url
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    cut_first = True
+    seen = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        Handler.seen.append((self.path, self.headers.get("Range")))
+        start = 0
+        rng = self.headers.get("Range")
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+        else:
+            self.send_response(200)
+        body = PAYLOAD[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if Handler.cut_first and not rng:
+            self.wfile.write(body[: len(body) // 3])  # the connection drops a third of the way in
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    Handler.seen = []
+    Handler.cut_first = True
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path, capsys):
+    dest = tmp_path / "style.safetensors"
+    with pytest.raises(ModelLoadError, match="run the command again"):
+        download_url(f"{server}/api/download/models/1", dest, token="s3cret-token", progress=False)
+    part = dest.with_name(dest.name + ".part")
+    assert part.is_file() and 0 < part.stat().st_size < len(PAYLOAD) and not dest.exists()
+    done = download_url(f"{server}/api/download/models/1", dest, token="s3cret-token", progress=True)
+    assert done == dest and dest.read_bytes() == PAYLOAD and not part.exists()
+    (path1, range1), (path2, range2) = Handler.seen
+    assert "token=s3cret-token" in path1 and range1 is None
+    assert range2 == f"bytes={len(PAYLOAD) // 3}-"
+    out = capsys.readouterr()
+    assert "s3cret-token" not in out.out + out.err
+
+
+def test_http_errors_are_one_line(server, tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot download"):
+        download_url("http://127.0.0.1:9/nothing-listens-here", tmp_path / "x.safetensors", progress=False)
