@@ -178,7 +178,9 @@ class Engine:
         self._no_signal = True
         self.stats.state = "no signal"
         card = no_signal_card(*self._size_or_default(), f"{self.source.name}: no signal")
-        self._deliver(card, paced_only=False, count=False)
+        # Paced sinks only: this may run on the capture thread, and the others are fed by the
+        # inference thread alone (a file records outputs, never the card).
+        self._deliver(card, paced_only=True, count=False)
 
     def _size_or_default(self) -> tuple[int, int]:
         if self.output_size:
@@ -244,8 +246,7 @@ class Engine:
         if not paced_only:
             for sink in self.sinks:
                 if not sink.paced:
-                    if count or not isinstance(sink, _counted_sink_types()):
-                        sink.send(image)
+                    sink.send(image)
         if count and self.on_output is not None:
             self.on_output(image)
 
@@ -432,12 +433,6 @@ class Engine:
         self._update_stats(force=True)
         if self._status_shown:
             print(file=sys.stderr)
-
-
-def _counted_sink_types():
-    from .io.sinks import FileSink
-
-    return (FileSink,)  # a file records outputs only, never the 'no signal' card
 
 
 def _is_oom(exc: Exception) -> bool:
