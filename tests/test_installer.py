@@ -1,0 +1,358 @@
+"""The installer's decisions, fed plain data (no network, no root, no mocks), and the wrappers' syntax."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from live2diff_engine import installer as I
+
+ROOT = Path(__file__).resolve().parent.parent
+SH = ROOT / "installers" / "install.sh"
+
+SMI_4090 = "NVIDIA GeForce RTX 4090, 560.94, 8.9\n"
+
+
+# ------------------------------------------------------------------------------------- nvidia-smi parsing
+
+
+@pytest.mark.parametrize("text, expected", [
+    (SMI_4090, [I.Gpu("NVIDIA GeForce RTX 4090", "560.94", "8.9")]),
+    ("NVIDIA GeForce RTX 3060, 531.14\n", [I.Gpu("NVIDIA GeForce RTX 3060", "531.14", "")]),
+    ("name, driver_version, compute_cap\nTesla T4, 535.104.05, 7.5\nTesla T4, 535.104.05, 7.5\n",
+     [I.Gpu("Tesla T4", "535.104.05", "7.5")] * 2),
+    ("", []),
+    (None, []),
+    ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n", []),
+])
+def test_parse_nvidia_smi(text, expected):
+    assert I.parse_nvidia_smi(text) == expected
+
+
+# ------------------------------------------------------------------------------------- torch build choice
+
+
+@pytest.mark.parametrize("os_name, driver, wheel", [
+    ("Linux", "570.26", "cu128"),
+    ("Linux", "575.57.08", "cu128"),
+    ("Windows", "570.64", "cu126"),  # Windows needs 570.65 for 12.8
+    ("Windows", "572.16", "cu128"),
+    ("Linux", "560.28.03", "cu126"),
+    ("Linux", "560.28.02", "cu124"),
+    ("Windows", "560.76", "cu126"),
+    ("Linux", "550.54.14", "cu124"),
+    ("Windows", "551.61", "cu124"),
+    ("Windows", "551.60", "cu121"),
+    ("Linux", "535.104.05", "cu121"),
+    ("Linux", "525.60.13", "cu121"),
+    ("Windows", "528.24", None),  # below the Windows 12.x floor 528.33
+    ("Windows", "528.33", "cu121"),
+    ("Linux", "520.61.05", None),
+    ("Linux", "470.256.02", None),
+])
+def test_pick_cuda_wheel(os_name, driver, wheel):
+    assert I.pick_cuda_wheel(I.normalize_os(os_name), driver) == wheel
+
+
+@pytest.mark.parametrize("os_name, arch, smi, env, cpu, kind, spec, index", [
+    # NVIDIA on Windows/Linux: newest wheel the driver runs, from PyTorch's index.
+    ("Windows", "AMD64", SMI_4090, {}, False, "cuda", "torch", "https://download.pytorch.org/whl/cu126"),
+    ("Linux", "x86_64", "NVIDIA GeForce RTX 3090, 550.120, 8.6", {}, False, "cuda", "torch", "https://download.pytorch.org/whl/cu124"),
+    ("Linux", "x86_64", "NVIDIA GeForce RTX 5090, 570.133.07, 12.0", {}, False, "cuda", "torch", "https://download.pytorch.org/whl/cu128"),
+    # Blackwell on a driver without CUDA 12.8: stop and say "update the driver".
+    ("Windows", "AMD64", "NVIDIA GeForce RTX 5080, 566.36, 12.0", {}, False, "error", "", None),
+    ("Windows", "AMD64", "NVIDIA GeForce RTX 5070, 566.36", {}, False, "error", "", None),  # by name, no compute_cap
+    # Too old a driver.
+    ("Linux", "x86_64", "Quadro P4000, 470.256.02, 6.1", {}, False, "error", "", None),
+    # Overrides, as the popular SD UIs allow.
+    ("Windows", "AMD64", SMI_4090, {"TORCH_INDEX_URL": "https://mirror.example/cu126"}, False, "cuda", "torch", "https://mirror.example/cu126"),
+    ("Linux", "x86_64", SMI_4090, {"LIVE2DIFF_TORCH_SPEC": "torch==2.7.1"}, False, "cuda", "torch==2.7.1", "https://download.pytorch.org/whl/cu126"),
+    # No GPU / --cpu: pinned CPU torch from the default index (local wheel on dev machines).
+    ("Linux", "x86_64", "", {}, False, "cpu", "torch==2.13.0", None),
+    ("Windows", "AMD64", None, {}, False, "cpu", "torch==2.13.0", None),
+    ("Linux", "x86_64", SMI_4090, {}, True, "cpu", "torch==2.13.0", None),
+    ("Linux", "x86_64", "", {"LIVE2DIFF_TORCH_SPEC": "torch==2.6.0"}, True, "cpu", "torch==2.6.0", None),
+    ("Linux", "x86_64", "", {"TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu"}, True, "cpu", "torch==2.13.0", "https://download.pytorch.org/whl/cpu"),
+    # Macs: MPS on Apple silicon (with a speed warning), CPU on Intel.
+    ("Darwin", "arm64", None, {}, False, "mps", "torch", None),
+    ("Darwin", "x86_64", None, {}, False, "cpu", "torch", None),
+])
+def test_choose_torch(os_name, arch, smi, env, cpu, kind, spec, index):
+    plan = I.choose_torch(os_name, arch, I.parse_nvidia_smi(smi), env, force_cpu=cpu)
+    assert (plan.kind, plan.spec, plan.index_url) == (kind, spec, index)
+    assert plan.messages, "every decision is explained to the user"
+    if kind == "error":
+        assert "driver" in plan.messages[0] and ("Update" in plan.messages[0] or "update" in plan.messages[0])
+    if kind == "mps":
+        assert "slower" in plan.messages[0]
+    if kind == "cpu":
+        assert "good for" in " ".join(plan.messages)
+
+
+def test_torch_pip_args():
+    plan = I.choose_torch("Linux", "x86_64", I.parse_nvidia_smi(SMI_4090), {})
+    assert plan.pip_args() == ["install", "--upgrade", "torch", "--index-url", "https://download.pytorch.org/whl/cu126"]
+    assert I.choose_torch("Linux", "x86_64", [], {}, True).pip_args() == ["install", "--upgrade", "torch==2.13.0"]
+
+
+# ------------------------------------------------------------------------------------- virtual camera
+
+
+@pytest.mark.parametrize("os_name, facts, ready, says, root_cmds", [
+    ("Windows", {}, False, ["OBS Studio", "Unity Capture"], 0),
+    ("Windows", {"obs_vcam": True}, True, ["OBS Virtual Camera"], 0),
+    ("Windows", {"unity_capture": True}, True, ["Unity Capture"], 0),
+    ("Darwin", {}, False, ["OBS Studio", "Start Virtual Camera", "Privacy & Security"], 0),
+    ("Darwin", {"obs_vcam": True}, True, ["OBS Virtual Camera"], 0),
+    ("Linux", {"os_release": {"ID": "ubuntu", "ID_LIKE": "debian"}}, False, ["not installed", "/etc/modprobe.d"], 2),
+    ("Linux", {"os_release": {"ID": "fedora"}}, False, ["RPM Fusion"], 2),
+    ("Linux", {"os_release": {"ID": "gentoo"}}, False, ["v4l2loopback", "/etc/modules-load.d"], 0),
+    ("Linux", {"v4l2_installed": True}, False, ["not loaded"], 1),
+    ("Linux", {"v4l2_installed": True, "v4l2_loaded": True, "loopback_labels": (I.VCAM_LABEL,)}, True, ["ready"], 0),
+    ("Linux", {"v4l2_installed": True, "v4l2_loaded": True, "loopback_labels": ("Dummy video device",)}, True, ["exclusive_caps=1"], 0),
+])
+def test_vcam_plan(os_name, facts, ready, says, root_cmds):
+    plan = I.vcam_plan(os_name, **facts)
+    text = " ".join(plan.messages)
+    assert plan.ready == ready
+    for s in says:
+        assert s in text
+    assert len(plan.root_commands) == root_cmds
+
+
+def test_linux_vcam_exact_module_options_and_persistence():
+    plan = I.vcam_plan("linux", os_release={"ID": "debian"})
+    assert plan.root_commands[0] == ["apt-get", "install", "-y", "v4l2loopback-dkms"]
+    assert plan.root_commands[-1] == ["modprobe", "v4l2loopback", "devices=1", "video_nr=10",
+                                      "card_label=Live2Diff Camera", "exclusive_caps=1"]
+    assert plan.persistent_files == {
+        "/etc/modules-load.d/v4l2loopback.conf": "v4l2loopback\n",
+        "/etc/modprobe.d/v4l2loopback.conf": 'options v4l2loopback devices=1 video_nr=10 card_label="Live2Diff Camera" exclusive_caps=1\n',
+    }
+
+
+@pytest.mark.parametrize("os_release, first", [
+    ({"ID": "ubuntu"}, "apt-get"), ({"ID": "linuxmint", "ID_LIKE": "ubuntu debian"}, "apt-get"),
+    ({"ID": "arch"}, "pacman"), ({"ID": "manjaro", "ID_LIKE": "arch"}, "pacman"),
+    ({"ID": "fedora"}, "dnf"), ({"ID": "opensuse-tumbleweed", "ID_LIKE": "opensuse suse"}, "zypper"),
+    ({"ID": "nixos"}, None), ({}, None),
+])
+def test_v4l2loopback_install_command(os_release, first):
+    cmd = I.v4l2loopback_install_command(os_release)
+    assert (cmd[0] if cmd else None) == first
+
+
+# ------------------------------------------------------------------------------------- OBS
+
+
+@pytest.mark.parametrize("os_name, home, env, expected", [
+    ("Windows", r"C:\Users\ann", {"APPDATA": r"C:\Users\ann\AppData\Roaming"}, [r"C:\Users\ann\AppData\Roaming\obs-studio"]),
+    ("Windows", r"C:\Users\ann", {}, [r"C:\Users\ann\AppData\Roaming\obs-studio"]),
+    ("Darwin", "/Users/ann", {}, ["/Users/ann/Library/Application Support/obs-studio"]),
+    ("Linux", "/home/ann", {}, ["/home/ann/.config/obs-studio", "/home/ann/.var/app/com.obsproject.Studio/config/obs-studio"]),
+    ("Linux", "/home/ann", {"XDG_CONFIG_HOME": "/cfg"}, ["/cfg/obs-studio", "/home/ann/.var/app/com.obsproject.Studio/config/obs-studio"]),
+])
+def test_obs_config_dirs(os_name, home, env, expected):
+    assert I.obs_config_dirs(os_name, home, env) == expected
+
+
+@pytest.mark.parametrize("os_name, existing, config, flatpak", [
+    ("Linux", set(), None, None),
+    ("Linux", {"/usr/bin/obs"}, "/home/ann/.config/obs-studio", False),
+    ("Linux", {"/home/ann/.config/obs-studio"}, "/home/ann/.config/obs-studio", False),
+    ("Linux", {"/var/lib/flatpak/app/com.obsproject.Studio"}, "/home/ann/.var/app/com.obsproject.Studio/config/obs-studio", True),
+    ("Linux", {"/home/ann/.var/app/com.obsproject.Studio/config/obs-studio"}, "/home/ann/.var/app/com.obsproject.Studio/config/obs-studio", True),
+    ("Darwin", {"/Applications/OBS.app"}, "/home/ann/Library/Application Support/obs-studio", False),
+    ("Windows", {r"C:\Program Files\obs-studio\bin\64bit\obs64.exe"}, r"C:\Users\ann\AppData\Roaming\obs-studio", False),
+])
+def test_find_obs(os_name, existing, config, flatpak):
+    home = r"C:\Users\ann" if os_name == "Windows" else "/home/ann"
+    env = {"APPDATA": r"C:\Users\ann\AppData\Roaming", "ProgramFiles": r"C:\Program Files"} if os_name == "Windows" else {}
+    obs = I.find_obs(os_name, home, env, existing)
+    if config is None:
+        assert obs is None
+    else:
+        assert (obs["config"], obs["flatpak"]) == (config, flatpak)
+
+
+@pytest.mark.parametrize("os_name, config, expected", [
+    ("Windows", r"C:\Users\ann\AppData\Roaming\obs-studio", r"C:\Users\ann\AppData\Roaming\obs-studio\scripts\live2diff-engine"),
+    ("Darwin", "/Users/ann/Library/Application Support/obs-studio", "/Users/ann/Library/Application Support/obs-studio/scripts/live2diff-engine"),
+    ("Linux", "/home/ann/.config/obs-studio", "/home/ann/.config/obs-studio/scripts/live2diff-engine"),
+])
+def test_obs_script_dir(os_name, config, expected):
+    assert I.obs_script_dir(os_name, config) == expected
+
+
+@pytest.mark.parametrize("ini, expected", [
+    ({"global.ini": "[General]\nFirstRun=true\n\n[Python]\nPath64bit=C:/Python311\n"}, "C:/Python311"),
+    ({"user.ini": "\ufeff[Python]\nPath64bit=C:/Users/ann/AppData/Local/Programs/Python/Python312\n",
+      "global.ini": "[Python]\nPath64bit=C:/Python36\n"}, "C:/Users/ann/AppData/Local/Programs/Python/Python312"),
+    ({"user.ini": "[General]\nX=1\n", "global.ini": "[Python]\nPath64bit=/Library/Frameworks/Python.framework/Versions/3.11\n"},
+     "/Library/Frameworks/Python.framework/Versions/3.11"),
+    ({"global.ini": "[Python]\nPath64bit=\n"}, None),
+    ({"global.ini": "[Basic]\nProfile=Untitled\n"}, None),
+    ({"global.ini": "not an ini file ]["}, None),
+    ({}, None),
+])
+def test_obs_python_setting(ini, expected):
+    assert I.obs_python_setting(ini) == expected
+
+
+@pytest.mark.parametrize("os_name, obs, ini, existing, runs, says", [
+    ("Windows", None, {}, set(), False, "OBS not found"),
+    ("Windows", {"config": "c", "flatpak": False}, {}, set(), False, "Python Settings"),
+    ("Windows", {"config": "c", "flatpak": False}, {"global.ini": "[Python]\nPath64bit=C:/Python311\n"}, set(), False, "is not there"),
+    ("Windows", {"config": "c", "flatpak": False}, {"global.ini": "[Python]\nPath64bit=C:/Python311\n"},
+     {r"C:\Python311\python.exe"}, True, "Installing obsws-python"),
+    ("Darwin", {"config": "c", "flatpak": False}, {"user.ini": "[Python]\nPath64bit=/opt/py311\n"}, {"/opt/py311/bin/python3"}, True, "Installing"),
+    ("Linux", {"config": "c", "flatpak": False}, {}, set(), False, "python3 -m pip install --user obsws-python"),
+    ("Linux", {"config": "c", "flatpak": True}, {}, set(), False, "Flatpak"),
+])
+def test_obsws_plan(os_name, obs, ini, existing, runs, says):
+    cmd, msg = I.obsws_plan(os_name, obs, ini, existing)
+    assert (cmd is not None) == runs
+    assert says in msg
+    if cmd:
+        assert cmd[1:] == ["-m", "pip", "install", "--upgrade", "obsws-python"]
+
+
+def test_dock_url_and_next_steps():
+    assert I.dock_url() == "http://127.0.0.1:8765/dock"
+    steps = I.obs_next_steps(9000, "/x/live2diff.py")
+    assert "Tools > Scripts" in steps[0] and "/x/live2diff.py" in steps[0]
+    assert "Docks > Custom Browser Docks" in steps[1] and "http://127.0.0.1:9000/dock" in steps[1]
+    assert not any("Tools > Scripts" in s for s in I.obs_next_steps(8765, None))
+
+
+# ------------------------------------------------------------------------------------- layout, launchers, plan
+
+
+@pytest.mark.parametrize("os_name, home, env, expected", [
+    ("Linux", "/home/ann", {}, "/home/ann/.local/share/live2diff-engine"),
+    ("Linux", "/home/ann", {"XDG_DATA_HOME": "/data"}, "/data/live2diff-engine"),
+    ("Darwin", "/Users/ann", {}, "/Users/ann/Library/Application Support/live2diff-engine"),
+    ("Windows", r"C:\Users\ann", {"LOCALAPPDATA": r"C:\Users\ann\AppData\Local"}, r"C:\Users\ann\AppData\Local\live2diff-engine"),
+])
+def test_default_prefix(os_name, home, env, expected):
+    assert I.default_prefix(os_name, home, env) == expected
+
+
+@pytest.mark.parametrize("os_name, shortcut, names", [
+    ("Linux", True, ["/p/start-live2diff", "/home/ann/.local/share/applications/live2diff-engine.desktop"]),
+    ("Linux", False, ["/p/start-live2diff"]),
+    ("Darwin", True, ["/p/start-live2diff.command", "/home/ann/Applications/Start Live2Diff.command"]),
+    ("Windows", True, [r"\p\Start Live2Diff.bat", r"C:\Users\ann\Desktop\Start Live2Diff.bat"]),
+])
+def test_launcher_files(os_name, shortcut, names):
+    home = r"C:\Users\ann" if os_name == "Windows" else "/home/ann"
+    prefix = r"\p" if os_name == "Windows" else "/p"
+    files = I.launcher_files(os_name, prefix, prefix + ("\\venv" if os_name == "Windows" else "/venv"), home, {}, shortcut)
+    assert list(files) == names
+    assert " run" in files[names[0]]
+    assert all(" run" in c or f'Exec="{names[0]}"' in c for c in files.values())
+
+
+def _plan(os_name="linux", **kw):
+    opts = I.Options(prefix="/p", venv="/p/venv", repo="/repo", **kw)
+    torch = I.choose_torch(os_name, "x86_64", [], {}, force_cpu=True)
+    vcam = I.vcam_plan(os_name, os_release={"ID": "debian"})
+    return I.build_plan(os_name, opts, torch, "/p/venv/bin/python", vcam, None, None, None, {"/p/start-live2diff": ""}, False)
+
+
+def test_build_plan_cpu_no_models():
+    steps = _plan(models=False)
+    cmds = [s.cmd for s in steps if s.cmd]
+    assert cmds[0] == ["/p/venv/bin/python", "-m", "pip", "install", "--upgrade", "torch==2.13.0"]
+    assert cmds[1] == ["/p/venv/bin/python", "-m", "pip", "install", "--upgrade", "/repo"]
+    assert ["/p/venv/bin/live2diff-engine", "--help"] in cmds
+    assert not any("models" in c for c in cmds)
+    root = [s for s in steps if s.needs_root]
+    assert root and all(s.cmd[0] == "sudo" and not s.fatal for s in root), "root steps are marked, asked for, never fatal"
+    assert all(s.fix for s in steps), "every step says what to do when it fails"
+
+
+def test_build_plan_models_step():
+    cmds = [s.cmd for s in _plan(models=True) if s.cmd]
+    assert ["/p/venv/bin/live2diff-engine", "models", "download"] in cmds
+
+
+def test_uninstall_plan():
+    state = {"os": "linux", "venv": "/p/venv", "files": ["/h/.local/share/applications/live2diff-engine.desktop"],
+             "dirs": ["/h/.config/obs-studio/scripts/live2diff-engine"], "obsws_python": "/usr/bin/python3"}
+    paths, tell = I.uninstall_plan(state, "/p")
+    assert paths == ["/h/.local/share/applications/live2diff-engine.desktop",
+                     "/h/.config/obs-studio/scripts/live2diff-engine", "/p/venv", "/p/install-state.json"]
+    assert any("modprobe.d" in t for t in tell) and any("obsws-python" in t for t in tell)
+
+
+# ------------------------------------------------------------------------------------- main and the wrappers
+
+
+def test_main_dry_run_and_uninstall(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    prefix = tmp_path / "prefix"
+    assert I.main(["--prefix", str(prefix), "--cpu", "--no-models", "--yes", "--dry-run", "--repo", str(ROOT)]) == 0
+    out = capsys.readouterr().out
+    assert "== Plan" in out and "torch==2.13.0" in out
+    assert not prefix.exists(), "a dry run changes nothing"
+    assert I.main(["--prefix", str(prefix), "--uninstall"]) == 1  # nothing installed there: says so
+    assert "nothing to uninstall" in capsys.readouterr().err
+    prefix.mkdir()
+    (prefix / "venv").mkdir()
+    (prefix / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    launcher = tmp_path / "data" / "applications" / "live2diff-engine.desktop"
+    launcher.parent.mkdir(parents=True)
+    launcher.write_text("x")
+    (prefix / I.STATE_FILE).write_text(json.dumps({"os": "linux", "venv": str(prefix / "venv"), "files": [str(launcher)], "dirs": []}))
+    assert I.main(["--prefix", str(prefix), "--uninstall"]) == 0
+    assert not prefix.exists() and not launcher.exists()
+
+
+def test_uninstall_never_removes_foreign_files(tmp_path, capsys):
+    """--prefix pointing at a folder with the user's own files: only the installer's things go."""
+    prefix = tmp_path / "home"
+    (prefix / "venv").mkdir(parents=True)
+    (prefix / "venv" / "pyvenv.cfg").write_text("")
+    (prefix / "my-notes.txt").write_text("keep me")
+    (prefix / I.STATE_FILE).write_text(json.dumps({"os": "linux", "venv": str(prefix / "venv"), "files": [], "dirs": []}))
+    assert I.main(["--prefix", str(prefix), "--uninstall"]) == 0
+    assert (prefix / "my-notes.txt").read_text() == "keep me"
+    assert not (prefix / "venv").exists() and not (prefix / I.STATE_FILE).exists()
+
+
+def test_main_missing_repo_says_what_to_do(tmp_path, capsys):
+    assert I.main(["--prefix", str(tmp_path / "p"), "--cpu", "--repo", str(tmp_path), "--dry-run"]) == 1
+    assert "--repo" in capsys.readouterr().err
+
+
+def test_installer_runs_as_a_plain_script():
+    """The wrappers run installer.py by path before the package is installed: standard library only."""
+    res = subprocess.run([sys.executable, "-S", str(ROOT / "live2diff_engine" / "installer.py"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "--uninstall" in res.stdout
+
+
+def test_install_sh_syntax():
+    assert subprocess.run(["bash", "-n", str(SH)]).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_install_sh_shellcheck():
+    res = subprocess.run(["shellcheck", str(SH)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
+
+
+def test_powershell_wrapper_is_small_and_documented():
+    ps1 = (ROOT / "installers" / "windows" / "install.ps1").read_text()
+    assert len(ps1.splitlines()) <= 60
+    header = [ln for ln in ps1.splitlines() if ln.startswith("#")][:8]
+    assert any("1." in ln for ln in header) and any("4." in ln for ln in header)
+    bat = (ROOT / "installers" / "windows" / "install.bat").read_text()
+    assert "install.ps1" in bat and "pause" in bat
