@@ -433,7 +433,10 @@ def _cmd_run(args) -> int:
             sink.open(size[0], size[1], fps)
             opened.append(sink)
         args.output_size = size
-        comps, frames, manager, style = build_frame_pipeline(args)
+        from .io.sinks import CardPublisher
+
+        with CardPublisher(sinks, size, "Live2Diff is starting", "loading models ..."):
+            comps, frames, manager, style = build_frame_pipeline(args)
         print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}", file=sys.stderr, flush=True)
         engine = Engine(frames, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps)
         return engine.run()

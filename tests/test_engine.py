@@ -201,6 +201,18 @@ def test_a_frame_that_raises_is_passed_through_and_the_stream_goes_on(comps):
     assert any(np.array_equal(o, frames_in[failed]) for o in outputs)  # shown as it came in
 
 
+def test_the_virtual_camera_shows_a_card_while_the_models_load():
+    from live2diff_engine.cli import main
+
+    RecordingBackend.instances.clear()
+    rc = main(["run", "--model", "tiny", "--source", "synthetic", "--camera-size", "96x80",
+               "--sink", "virtualcam:l2dtest", "--vcam-fps", "60", "--max-frames", "10"])
+    assert rc == 0
+    frames = RecordingBackend.instances[-1].frames
+    assert frames and (frames[0] == 24).all(axis=-1).mean() > 0.6  # the dark card came first
+    assert not (frames[-1] == 24).all(axis=-1).mean() > 0.6  # then the stream
+
+
 def test_out_of_gpu_memory_is_one_clear_line(comps):
     import torch
 

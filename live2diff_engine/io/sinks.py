@@ -165,12 +165,44 @@ def parse_sink(spec: str, *, vcam_device=None, vcam_fps=None, mirror=False) -> S
     raise ConfigError(f"unknown sink {spec!r}; use virtualcam[:BACKEND], window, file:PATH or null")
 
 
-def no_signal_card(width: int, height: int, text: str = "no signal") -> np.ndarray:
-    """A dark card with a message, shown while the camera is away (never a frozen picture)."""
+def no_signal_card(width: int, height: int, text: str = "no signal", subtitle: str = "reconnecting ...") -> np.ndarray:
+    """A dark card with a message, shown while the camera is away or the models load (never a
+    frozen or dead device)."""
     img = np.full((height, width, 3), 24, dtype=np.uint8)
     scale = max(0.5, min(width, height) / 360)
-    for i, line in enumerate([text, "reconnecting ..."]):
+    for i, line in enumerate([text, subtitle]):
         size, _ = cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, 2)
         x, y = (width - size[0]) // 2, height // 2 + int(i * 40 * scale)
         cv2.putText(img, line, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, (230, 230, 230), 2, cv2.LINE_AA)
     return img
+
+
+class CardPublisher:
+    """Keeps paced sinks fed with a card (e.g. while the models load) until stopped."""
+
+    def __init__(self, sinks: list[Sink], size: tuple[int, int], text: str, subtitle: str):
+        import threading
+
+        self.sinks = [s for s in sinks if s.paced]
+        self.card = no_signal_card(size[0], size[1], text, subtitle)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="card", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for sink in self.sinks:
+                try:
+                    sink.send(self.card)
+                except Exception:
+                    pass
+            self.sinks[0].wait()
+
+    def __enter__(self):
+        if self.sinks:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
