@@ -117,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--max-frames", type=int, default=None, help="stop after this many input frames")
     io.add_argument("--stats", metavar="FILE", default=None, help="write live figures as JSON every few seconds and on exit")
     add_model_args(run)
+    run.add_argument("--negative-prompt", default="", help="what the picture should not show (kept and reported; see README)")
+    _add_control_args(run)
+
+    ctl = sub.add_parser(
+        "ctl",
+        help="control a running engine: prompt, style, strength, pause, status ...",
+        description="Talk to a running engine through its local API. Actions: status, styles, prompt TEXT, "
+        "negative TEXT, style NAME, strength X (0-1], steps N (1-4), seed N, pause, resume, reset, add-to-scene [SCENE].",
+    )
+    ctl.add_argument("action", choices=sorted(CTL_ACTIONS), metavar="ACTION", help=", ".join(sorted(CTL_ACTIONS)))
+    ctl.add_argument("value", nargs="?", default=None, help="the new value, where the action takes one")
+    ctl.add_argument("--api", default=None, help="the engine's API address (default http://127.0.0.1:8765, or the config file's)")
+    ctl.add_argument("--token", default=None, help="API token, where the engine has one (or LIVE2DIFF_API_TOKEN)")
+    ctl.add_argument("--config", metavar="FILE", default=None, help="config file (default: ~/.config/live2diff/config.toml)")
+    ctl.add_argument("--json", action="store_true", help="print the engine's reply as JSON")
 
     be = sub.add_parser(
         "bench-engine",
@@ -143,6 +158,41 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("action", choices=["list", "path"], nargs="?", default="list")
     st.add_argument("--styles", metavar="FILE", default=None)
     return parser
+
+
+CTL_ACTIONS = {
+    # action: (command, field, type)
+    "status": ("status", None, None),
+    "styles": ("status", None, None),
+    "prompt": ("set_prompt", "prompt", str),
+    "negative": ("set_negative_prompt", "negative_prompt", str),
+    "style": ("set_style", "style", str),
+    "strength": ("set_strength", "strength", float),
+    "steps": ("set_steps", "steps", int),
+    "seed": ("set_seed", "seed", int),
+    "pause": ("pause", None, None),
+    "resume": ("resume", None, None),
+    "reset": ("reset", None, None),
+    "add-to-scene": ("add_to_scene", "scene", str),
+}
+
+
+def _add_control_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("live control (local API, OBS)")
+    g.add_argument("--config", metavar="FILE", default=None, help="config file (default: ~/.config/live2diff/config.toml)")
+    g.add_argument("--api-host", default=None, help="address of the local API and dock (default 127.0.0.1; beyond it needs --api-token)")
+    g.add_argument("--api-port", type=int, default=None, help="port of the local API (default 8765; 0 picks a free one)")
+    g.add_argument("--api-token", default=None, help="token the API asks for (or LIVE2DIFF_API_TOKEN); never printed")
+    g.add_argument("--no-api", action="store_true", help="no local API, dock or output stream")
+    g.add_argument("--obs", action="store_true", help="connect to OBS's WebSocket server for live control from OBS")
+    g.add_argument("--obs-host", default=None, help="OBS WebSocket host (default 127.0.0.1)")
+    g.add_argument("--obs-port", type=int, default=None, help="OBS WebSocket port (default 4455)")
+    g.add_argument("--obs-password", default=None, help="OBS WebSocket password (or OBS_WEBSOCKET_PASSWORD, or the config file); never printed")
+    g.add_argument("--obs-source", choices=["auto", "browser", "media"], default=None,
+                   help="what 'add to scene' creates in OBS: browser (Browser Source), media (Media Source), auto (default)")
+    g.add_argument("--obs-lipsync", metavar="AUDIO_INPUT", default=None,
+                   help="keep this OBS audio input's sync offset at the video latency (e.g. 'Mic/Aux')")
+    g.add_argument("--obs-lipsync-extra-ms", type=int, default=None, help="added to the measured latency for lip sync (default 0)")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -428,6 +478,7 @@ def _cmd_run(args) -> int:
     size = args.output_size or source.frame_size() or (640, 480)
     fps = args.vcam_fps or source.fps or 30.0
     opened = []
+    control = None
     try:
         for sink in sinks:  # before the long model load, so a missing driver is known at once
             sink.open(size[0], size[1], fps)
@@ -435,18 +486,188 @@ def _cmd_run(args) -> int:
         args.output_size = size
         from .io.sinks import CardPublisher
 
+        control = _start_control(args, size)
+        if control.api is not None:
+            sinks.append(control.api.stream)
         with CardPublisher(sinks, size, "Live2Diff is starting", "loading models ..."):
             comps, frames, manager, style = build_frame_pipeline(args)
         print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}", file=sys.stderr, flush=True)
-        engine = Engine(frames, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps)
+        controller = control.attach(frames, manager, comps.label)
+        engine = Engine(frames, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps,
+                        controller=controller)
         return engine.run()
     finally:
+        if control is not None:
+            control.stop()
         for sink in opened:
             try:
                 sink.close()
             except Exception:
                 pass
         source.close()
+
+
+class _Control:
+    """The local API (started before the models load, so the dock and OBS show 'starting') and
+    the OBS bridge (started once there is an engine to control)."""
+
+    def __init__(self, args, api, settings: dict):
+        self.args, self.api, self.settings = args, api, settings
+        self.bridge = None
+        self.controller = None
+
+    def attach(self, frames, manager, label: str):
+        from .control.controller import Controller
+
+        c = Controller(frames, manager, negative_prompt=self.args.negative_prompt, label=label)
+        c.api_token = self.api.token if self.api is not None else None
+        if self.api is not None:
+            self.api.set_controller(c)
+        obs = self.settings["obs"]
+        if obs is not None:
+            from .control.obs import ObsBridge
+
+            self.bridge = ObsBridge(
+                c, obs["host"], obs["port"], obs["password"], output_url=self.api.url if self.api else None,
+                source_kind=obs["source"], lipsync_input=obs["lipsync_input"], lipsync_extra_ms=obs["lipsync_extra_ms"],
+            ).start()
+            print(f"OBS control: connecting to ws://{obs['host']}:{obs['port']}", file=sys.stderr, flush=True)
+        self.controller = c
+        return c
+
+    def stop(self) -> None:
+        if self.bridge is not None:
+            self.bridge.stop()
+        if self.api is not None:
+            self.api.stop()
+
+
+def control_settings(args) -> dict:
+    """API and OBS settings from options, environment and the config file, in that order."""
+    import os
+
+    from .config import load_config
+
+    cfg = load_config(args.config)
+    api_cfg, obs_cfg = cfg.get("api", {}), cfg.get("obs", {})
+
+    def pick(option, env, section, key, default):
+        if option is not None:
+            return option
+        if env and os.environ.get(env):
+            return os.environ[env]
+        return section.get(key, default)
+
+    api = None
+    if not args.no_api and api_cfg.get("enabled", True):
+        api = {
+            "host": pick(args.api_host, None, api_cfg, "host", "127.0.0.1"),
+            "port": int(pick(args.api_port, None, api_cfg, "port", 8765)),
+            "token": pick(args.api_token, "LIVE2DIFF_API_TOKEN", api_cfg, "token", None),
+        }
+        if not 0 <= api["port"] <= 65535:
+            raise ConfigError(f"--api-port must be 0 to 65535, got {api['port']}")
+    obs = None
+    if args.obs or obs_cfg.get("enabled", False):
+        obs = {
+            "host": pick(args.obs_host, None, obs_cfg, "host", "127.0.0.1"),
+            "port": int(pick(args.obs_port, None, obs_cfg, "port", 4455)),
+            "password": pick(args.obs_password, "OBS_WEBSOCKET_PASSWORD", obs_cfg, "password", ""),
+            "source": pick(args.obs_source, None, obs_cfg, "source", "auto"),
+            "lipsync_input": pick(args.obs_lipsync, None, obs_cfg, "lipsync_input", None),
+            "lipsync_extra_ms": int(pick(args.obs_lipsync_extra_ms, None, obs_cfg, "lipsync_extra_ms", 0)),
+        }
+        if obs["source"] not in ("auto", "browser", "media"):
+            raise ConfigError(f"[obs] source must be auto, browser or media, got {obs['source']!r}")
+        if not 1 <= obs["port"] <= 65535:
+            raise ConfigError(f"--obs-port must be 1 to 65535, got {obs['port']}")
+    return {"api": api, "obs": obs}
+
+
+def _start_control(args, size) -> _Control:
+    settings = control_settings(args)
+    api = None
+    if settings["api"] is not None:
+        from .control.api import ApiServer
+        from .io.sinks import no_signal_card
+
+        a = settings["api"]
+        api = ApiServer(a["host"], a["port"], a["token"]).start()
+        api.stream.send(no_signal_card(size[0], size[1], "Live2Diff is starting", "loading models ..."))
+        print(f"control: dock {api.url}/dock | output for OBS {api.url}/stream.mjpg | `live2diff-engine ctl status`",
+              file=sys.stderr, flush=True)
+    return _Control(args, api, settings)
+
+
+def _cmd_ctl(args) -> int:
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    from .config import load_config
+    from .control.schema import command_message
+
+    cmd, field, kind = CTL_ACTIONS[args.action]
+    msg_args = {}
+    if field is not None:
+        if args.value is None and args.action != "add-to-scene":
+            raise ConfigError(f"`ctl {args.action}` needs a value, e.g. `ctl {args.action} {_CTL_EXAMPLES[args.action]}`")
+        if args.value is not None:
+            try:
+                msg_args[field] = kind(args.value)
+            except ValueError:
+                raise ConfigError(f"`ctl {args.action}` needs a {kind.__name__}, got {args.value!r}") from None
+    elif args.value is not None:
+        raise ConfigError(f"`ctl {args.action}` takes no value")
+    cfg = load_config(args.config).get("api", {})
+    base = (args.api or f"http://{cfg.get('host', '127.0.0.1')}:{cfg.get('port', 8765)}").rstrip("/")
+    token = args.token or os.environ.get("LIVE2DIFF_API_TOKEN") or cfg.get("token")
+    body = json.dumps(command_message(cmd, **msg_args)).encode()
+    req = urllib.request.Request(f"{base}/api/command", data=body, method="POST", headers={"Content-Type": "application/json"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=130) as resp:
+            reply = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            reply = json.loads(exc.read())
+        except ValueError:
+            raise UserError(f"the engine at {base} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(f"no engine answers at {base} ({getattr(exc, 'reason', exc)}): start one with `live2diff-engine run`, "
+                        "or give --api") from None
+    except ValueError:
+        raise UserError(f"{base} did not answer like a live2diff engine") from None
+    if args.json:
+        print(json.dumps(reply, indent=1))
+    if not reply.get("ok"):
+        if not args.json:
+            print(f"live2diff-engine: refused: {reply.get('error', 'unknown error')}", file=sys.stderr)
+        return 1
+    if args.json:
+        return 0
+    status = reply.get("status") or {}
+    if args.action == "styles":
+        for name in status.get("styles", []):
+            print(("* " if name == status.get("style") else "  ") + name)
+    elif args.action == "status":
+        lat = status.get("latency_ms")
+        print(f"state: {status.get('state')}  fps: {status.get('fps')}  latency: {lat if lat is not None else '-'} ms  "
+              f"frames: {status.get('frames_out')}")
+        print(f"style: {status.get('style')}  strength: {status.get('strength')}  steps: {status.get('steps')}  seed: {status.get('seed')}")
+        print(f"prompt: {status.get('prompt')!r}")
+        if status.get("negative_prompt"):
+            print(f"negative prompt: {status.get('negative_prompt')!r}")
+        print(f"OBS: {status.get('obs')}  model: {status.get('model')}  {status.get('size')}")
+    else:
+        print("ok")
+    return 0
+
+
+_CTL_EXAMPLES = {"prompt": "'a watercolor portrait'", "negative": "'blurry'", "style": "toonyou", "strength": "0.5",
+                 "steps": "2", "seed": "7"}
 
 
 def _cmd_bench_engine(args) -> int:
@@ -511,6 +732,7 @@ def _cmd_bench_style(args) -> int:
 
 COMMANDS = {
     "run": _cmd_run,
+    "ctl": _cmd_ctl,
     "bench-engine": _cmd_bench_engine,
     "bench-style": _cmd_bench_style,
     "check-reference": _cmd_check_reference,

@@ -109,6 +109,7 @@ class Engine:
         retry_max_s: float = 5.0,
         fps: float | None = None,
         on_output=None,
+        controller=None,
     ):
         self.pipeline = pipeline
         self.source = source
@@ -121,6 +122,12 @@ class Engine:
         self.retry_max_s = retry_max_s
         self.fps = fps or source.fps or 30.0
         self.on_output = on_output
+        self.controller = controller
+        if controller is not None:
+            controller.engine = self
+            self.stats_every_s = min(stats_every_s, 1.0)  # live status goes out once a second
+        self.paused = False
+        self._pause_changed = False
         self.stats = Stats()
         self._stop = threading.Event()
         self._new_frame = threading.Condition()
@@ -144,6 +151,27 @@ class Engine:
         self._stop.set()
         with self._new_frame:
             self._new_frame.notify_all()
+
+    def pause(self) -> None:
+        """Stop diffusing: the camera goes out as it is until ``resume`` (inference thread only)."""
+        if not self.paused:
+            self.paused = True
+            self._emit(self.pipeline.flush())
+
+    def resume(self) -> None:
+        """Diffuse again, warming up afresh on new frames (inference thread only)."""
+        if self.paused:
+            self.paused = False
+            restart = getattr(self.pipeline, "restart", None)
+            if restart is not None:
+                self._emit(restart())
+
+    def _between_frames(self) -> None:
+        if self.controller is not None:
+            try:
+                self.controller.apply_pending()
+            except Exception as exc:  # a control fault must never end the stream
+                log.warning("applying commands failed: %s", exc)
 
     @property
     def stopping(self) -> bool:
@@ -176,6 +204,9 @@ class Engine:
             self.stats.source_failures += 1
             self.stats.last_error = why
         self._no_signal = True
+        if self.stats.state != "no signal" and self.controller is not None:
+            self.stats.state = "no signal"
+            self.controller.changed()
         self.stats.state = "no signal"
         card = no_signal_card(*self._size_or_default(), f"{self.source.name}: no signal")
         # Paced sinks only: this may run on the capture thread, and the others are fed by the
@@ -212,15 +243,16 @@ class Engine:
     def _next_frame(self) -> tuple[float, np.ndarray] | None:
         """The next frame to process, or None when the stream should end."""
         if self.source.live:
-            with self._new_frame:
-                while not self.stopping:
+            while not self.stopping:
+                with self._new_frame:
                     if self._latest is not None and self._latest[0] > self._seq_taken:
                         seq, t, frame = self._latest
                         self._seq_taken = seq
                         return t, frame
                     if not any(t.is_alive() for t in self._threads if t.name == "capture"):
                         return None
-                    self._new_frame.wait(0.25)
+                    self._new_frame.wait(0.1)
+                self._between_frames()  # a lost camera must not hold back a style change
             return None
         while not self.stopping:
             try:
@@ -243,10 +275,9 @@ class Engine:
     def _deliver(self, image: np.ndarray, paced_only: bool = False, count: bool = True) -> None:
         with self._published:
             self._out_frame = image
-        if not paced_only:
-            for sink in self.sinks:
-                if not sink.paced:
-                    sink.send(image)
+        for sink in self.sinks:
+            if not sink.paced and (not paced_only or getattr(sink, "takes_cards", False)):
+                sink.send(image)
         if count and self.on_output is not None:
             self.on_output(image)
 
@@ -318,6 +349,17 @@ class Engine:
     # -- main loop ---------------------------------------------------------------------------
 
     def _process(self, t_capture: float, frame: np.ndarray) -> None:
+        if self.paused:
+            self._latencies.append(time.monotonic() - t_capture)
+            try:
+                self._deliver(self._passthrough(frame))
+            except Exception as exc:
+                self.stats.errors += 1
+                self.stats.last_error = f"bad frame: {exc}"
+                return
+            self.stats.frames_out += 1
+            self._rate_out.tick(time.monotonic())
+            return
         index = self.pipeline.frame_index
         self._capture_times[index] = t_capture
         try:
@@ -392,11 +434,18 @@ class Engine:
             if item is None:
                 break
             t_capture, frame = item
+            self._between_frames()
             self.stats.frames_in += 1
             self._rate_in.tick(time.monotonic())
             self._process(t_capture, frame)
+            before = self.stats.state
             if self.stats.frames_out and self.stats.state not in ("no signal",):
-                self.stats.state = "warming up" if getattr(self.pipeline, "warming_up", False) else "streaming"
+                if self.paused:
+                    self.stats.state = "paused"
+                else:
+                    self.stats.state = "warming up" if getattr(self.pipeline, "warming_up", False) else "streaming"
+            if self.stats.state != before and self.controller is not None:
+                self.controller.changed()
             self._update_stats()
         if not self.stopping:  # a finished source or max_frames: every frame in flight comes out
             self._emit(self.pipeline.flush())

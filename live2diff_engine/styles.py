@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .config import home
 from .errors import ConfigError, ModelLoadError
 from .models.loading import read_weight_file
 
@@ -24,15 +25,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 PRESETS = Path(__file__).parent / "data" / "styles.toml"
-
-
-def home() -> Path:
-    """The engine's own folder for user files (styles file, downloaded style weights)."""
-    if os.environ.get("LIVE2DIFF_HOME"):
-        return Path(os.environ["LIVE2DIFF_HOME"]).expanduser()
-    if os.name == "nt":
-        return Path(os.environ.get("APPDATA", Path.home())) / "live2diff"
-    return Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "live2diff"
 
 
 def user_styles_file() -> Path:

@@ -193,7 +193,20 @@ class FramePipeline:
         self.generator.manual_seed(seed)
 
     def request_reset(self) -> None:
+        """Re-warm on the most recent frames at the next push (a clean cache, no visible gap)."""
         self._rewarm = True
+
+    def restart(self) -> list[tuple[int, np.ndarray]]:
+        """Forget the past entirely (e.g. after a pause): frames in flight come out now, and the
+        next frames warm the stream up afresh, shown as they come in until it is warm."""
+        ready = self.flush()
+        self._rewarm = self._rewarm_from_history = False
+        self._history.clear()
+        self._warm = []
+        self._last_x = None
+        self.stream = self._new_stream()
+        self.stream.set_prompt_embeds(self._embeds)
+        return ready
 
     # -- tensors -----------------------------------------------------------------------------
 

@@ -1,0 +1,516 @@
+"""The engine's local API: HTTP + WebSocket, on 127.0.0.1 unless the user says otherwise.
+
+    GET  /api/status     the status message (JSON)
+    GET  /api/styles     the style names and descriptions
+    POST /api/command    a command message (Content-Type: application/json) -> its reply
+    GET  /api/ws         WebSocket: status on connect, on change and once a second; send commands,
+                         get replies
+    GET  /dock           the dock page (plugin/), for OBS's Custom Browser Docks or any browser
+    GET  /output         a page that shows the output (an OBS Browser Source)
+    GET  /stream.mjpg    the output as multipart MJPEG (an OBS Media Source, a browser <img>)
+    GET  /snapshot.jpg   the latest output frame
+
+Bound beyond loopback, every request needs the token (``Authorization: Bearer TOKEN`` or
+``?token=TOKEN``). On loopback the Host header must name this machine (a web page elsewhere cannot
+reach the API through DNS rebinding), commands must be JSON (a cross-site form cannot post one),
+and a WebSocket from a browser must come from this server's own pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, UserError
+from ..io.sinks import Sink
+from .schema import APP, MAX_MESSAGE_BYTES, VERSION, reply_message, status_message
+
+log = logging.getLogger("live2diff.api")
+
+DEFAULT_PORT = 8765
+BOUNDARY = "live2diffframe"
+_STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
+_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml",
+          ".png": "image/png", ".json": "application/json", ".ico": "image/x-icon"}
+
+OUTPUT_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Live2Diff output</title>
+<style>html,body{margin:0;height:100%;background:#000;overflow:hidden}
+img{width:100%;height:100%;object-fit:contain;display:block}</style></head>
+<body><img id="out" alt="Live2Diff output" src="stream.mjpg{query}">
+<script>
+// Reconnect the stream if the engine restarts.
+const img = document.getElementById('out');
+img.onerror = () => setTimeout(() => { img.src = 'stream.mjpg{query}' + ('{query}' ? '&' : '?') + 't=' + Date.now(); }, 1000);
+</script></body></html>
+"""
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def dock_dir() -> Path | None:
+    """The dock page's folder: in the installed package, or plugin/ of a source checkout."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("live2diff_engine.plugin")))
+        if (path / "dock.html").is_file():
+            return path
+    except Exception:
+        pass
+    path = Path(__file__).resolve().parents[2] / "plugin"
+    return path if (path / "dock.html").is_file() else None
+
+
+class StreamSink(Sink):
+    """Holds the newest output frame for the MJPEG stream; JPEG encoding happens on the API's
+    side, once per frame and only while someone watches. Takes the 'no signal' cards too."""
+
+    paced = False
+    takes_cards = True
+    name = "local stream"
+
+    def __init__(self, quality: int = 85):
+        self.quality = quality
+        self._lock = threading.Lock()
+        self._frame: np.ndarray | None = None
+        self._seq = 0
+        self._jpeg: tuple[int, bytes] | None = None
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    def send(self, frame: np.ndarray) -> None:
+        with self._lock:
+            self._frame = frame
+            self._seq += 1
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # that loop is closed
+                pass
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    def jpeg(self) -> tuple[int, bytes] | None:
+        """(sequence number, JPEG bytes) of the newest frame, encoded at most once."""
+        import cv2
+
+        with self._lock:
+            frame, seq, cached = self._frame, self._seq, self._jpeg
+        if frame is None:
+            return None
+        if cached is not None and cached[0] == seq:
+            return cached
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(frame[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+        if not ok:
+            return None
+        out = (seq, buf.tobytes())
+        with self._lock:
+            if self._jpeg is None or self._jpeg[0] < seq:
+                self._jpeg = out
+        return out
+
+    async def wait_newer(self, seq: int, timeout: float) -> bool:
+        if self._seq > seq:
+            return True
+        event = asyncio.Event()
+        key = (asyncio.get_running_loop(), event)
+        with self._lock:
+            self._waiters.add(key)
+        try:
+            if self._seq > seq:
+                return True
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                return False
+            return True
+        finally:
+            with self._lock:
+                self._waiters.discard(key)
+
+
+class ApiServer:
+    """Runs in its own thread with its own event loop; ``start()`` returns once it listens."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None, controller=None):
+        if not is_loopback(host) and not token:
+            raise ConfigError(
+                f"the API is bound to {host}, beyond this machine: give a token with --api-token or "
+                "LIVE2DIFF_API_TOKEN (or keep the default --api-host 127.0.0.1)"
+            )
+        self.host, self.port, self.token = host, port, token or None
+        self.controller = controller
+        self.stream = StreamSink()
+        self.dock = dock_dir()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner = None
+        self._sockets: set = set()
+        self._changed: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self.commands_seen = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("localhost" if self.host == "::" else self.host)
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> "ApiServer":
+        self._thread = threading.Thread(target=self._run, name="api", daemon=True)
+        self._thread.start()
+        self._started.wait(15)
+        if self._error is not None:
+            err = self._error
+            if isinstance(err, OSError):
+                raise UserError(
+                    f"cannot listen on {self.host}:{self.port} ({err.strerror or err}); is another engine running? "
+                    "choose another --api-port, or --api-port 0 to turn the API off"
+                ) from None
+            raise err
+        if not self._started.is_set():
+            raise UserError("the local API did not start within 15 s")
+        return self
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is None or self._thread is None:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+        try:
+            fut.result(5)
+        except Exception:
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(5)
+        self._loop = None
+
+    def set_controller(self, controller) -> None:
+        self.controller = controller
+        controller.api_url = self.url
+        controller.add_listener(self.notify_changed)
+        self.notify_changed()
+
+    def notify_changed(self) -> None:
+        loop, event = self._loop, self._changed
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        except BaseException as exc:
+            self._error = exc
+            self._started.set()
+            loop.close()
+            return
+        self._started.set()
+        try:
+            loop.run_forever()
+        finally:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+    async def _serve(self) -> None:
+        from aiohttp import web
+
+        app = web.Application(middlewares=[self._guard], client_max_size=4 * MAX_MESSAGE_BYTES)
+        app.router.add_get("/", self._root)
+        app.router.add_get("/api/status", self._status)
+        app.router.add_get("/api/styles", self._styles)
+        app.router.add_post("/api/command", self._command)
+        app.router.add_get("/api/ws", self._ws)
+        app.router.add_get("/dock", self._dock_page)
+        app.router.add_get("/dock/{name}", self._dock_file)
+        app.router.add_get("/output", self._output_page)
+        app.router.add_get("/stream.mjpg", self._mjpeg)
+        app.router.add_get("/snapshot.jpg", self._snapshot)
+        self._changed = asyncio.Event()
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0:
+            self.port = site._server.sockets[0].getsockname()[1]
+        self._broadcast_task = asyncio.get_running_loop().create_task(self._broadcaster())
+
+    async def _root(self, request):
+        from aiohttp import web
+
+        raise web.HTTPFound(self._with_token("/dock", request))
+
+    async def _shutdown(self) -> None:
+        task = getattr(self, "_broadcast_task", None)
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for ws in list(self._sockets):
+            try:
+                await ws.close()
+            except Exception:
+                pass
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- security ----------------------------------------------------------------------------------
+
+    def _token_ok(self, request) -> bool:
+        if not self.token:
+            return True
+        given = request.query.get("token", "")
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            given = auth[7:].strip()
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _host_ok(self, request) -> bool:
+        if not is_loopback(self.host):
+            return True  # reachable by name from elsewhere; the token guards it
+        host = request.host or ""
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return is_loopback(name.strip("[]"))
+
+    def _origin_ok(self, request) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None:  # not a browser: the OBS script, ctl, obs tools
+            return True
+        return origin in (f"http://{request.host}", self.url)
+
+    async def _guard_impl(self, request, handler):
+        from aiohttp import web
+
+        if not self._host_ok(request):
+            return web.json_response({"ok": False, "error": "unexpected Host header; use http://127.0.0.1"}, status=403)
+        if not self._token_ok(request):
+            return web.json_response({"ok": False, "error": "missing or wrong token (Authorization: Bearer TOKEN or ?token=)"}, status=401)
+        return await handler(request)
+
+    @property
+    def _guard(self):
+        from aiohttp import web
+
+        @web.middleware
+        async def guard(request, handler):
+            return await self._guard_impl(request, handler)
+
+        return guard
+
+    def _with_token(self, path: str, request) -> str:
+        token = request.query.get("token")
+        return f"{path}?token={token}" if token and self.token else path
+
+    # -- status and commands -----------------------------------------------------------------------
+
+    def status(self) -> dict:
+        if self.controller is None:
+            return status_message({"state": "starting", "paused": False, "styles": [], "api_url": self.url, "obs": "off"})
+        return self.controller.status_message()
+
+    async def _status(self, request):
+        from aiohttp import web
+
+        return web.json_response(self.status())
+
+    async def _styles(self, request):
+        from aiohttp import web
+
+        if self.controller is None:
+            return web.json_response({"styles": []})
+        styles = self.controller.manager.styles
+        return web.json_response({"styles": [{"name": n, "description": styles[n].description} for n in sorted(styles)]})
+
+    def _submit(self, raw, deliver) -> None:
+        """Hands ``raw`` to the controller; ``deliver(reply)`` runs on this loop."""
+        loop = asyncio.get_running_loop()
+        self.commands_seen += 1
+        if self.controller is None:
+            deliver(reply_message(None, False, "the engine is still starting; try again in a moment"))
+            return
+
+        def reply(msg: dict) -> None:
+            try:
+                loop.call_soon_threadsafe(deliver, msg)
+            except RuntimeError:
+                pass
+
+        self.controller.submit(raw, reply)
+
+    async def _command(self, request):
+        from aiohttp import web
+
+        if request.content_type != "application/json":
+            return web.json_response(reply_message(None, False, "send the command as JSON (Content-Type: application/json)"), status=415)
+        try:
+            raw = await request.read()
+        except Exception:
+            return web.json_response(reply_message(None, False, "request body too large"), status=413)
+        fut = asyncio.get_running_loop().create_future()
+
+        def deliver(msg):
+            if not fut.done():
+                fut.set_result(msg)
+
+        self._submit(raw, deliver)
+        try:
+            msg = await asyncio.wait_for(fut, 120)
+        except asyncio.TimeoutError:
+            return web.json_response(reply_message(None, False, "the engine did not answer within 120 s"), status=504)
+        status = 200 if msg.get("ok") else (503 if self.controller is None else 400)
+        return web.json_response(msg, status=status)
+
+    async def _ws(self, request):
+        from aiohttp import WSMsgType, web
+
+        if not self._origin_ok(request):
+            return web.json_response({"ok": False, "error": "WebSocket from another site refused"}, status=403)
+        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=64 * 1024)
+        await ws.prepare(request)
+        self._sockets.add(ws)
+        outbox: asyncio.Queue = asyncio.Queue(maxsize=4096)
+
+        def deliver(msg):
+            try:
+                outbox.put_nowait(msg)
+            except asyncio.QueueFull:
+                pass  # a client that never reads loses replies, not the engine
+
+        async def writer():
+            while True:
+                msg = await outbox.get()
+                await ws.send_str(json.dumps(msg))
+
+        w = asyncio.get_running_loop().create_task(writer())
+        try:
+            await ws.send_str(json.dumps(self.status()))
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    self._submit(msg.data, deliver)
+                elif msg.type == WSMsgType.BINARY:
+                    self._submit(bytes(msg.data), deliver)
+                elif msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            self._sockets.discard(ws)
+            w.cancel()
+        return ws
+
+    async def _broadcaster(self) -> None:
+        """Status to every WebSocket client: at once on a change (at most every 0.1 s) and every second."""
+        while True:
+            try:
+                await asyncio.wait_for(self._changed.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            self._changed.clear()
+            if self._sockets:
+                text = json.dumps(self.status())
+                for ws in list(self._sockets):
+                    try:
+                        await asyncio.wait_for(ws.send_str(text), 2.0)
+                    except Exception:
+                        self._sockets.discard(ws)
+            await asyncio.sleep(0.1)
+
+    # -- pages and the stream ----------------------------------------------------------------------
+
+    async def _dock_page(self, request):
+        return await self._serve_file("dock.html")
+
+    async def _dock_file(self, request):
+        return await self._serve_file(request.match_info["name"])
+
+    async def _serve_file(self, name: str):
+        from aiohttp import web
+
+        if self.dock is None:
+            return web.Response(status=404, text="the dock page is not installed (plugin/ is missing)")
+        if not _STATIC_NAME.match(name) or ".." in name:
+            return web.Response(status=404, text="not found")
+        path = self.dock / name
+        if not path.is_file() or path.resolve().parent != self.dock.resolve():
+            return web.Response(status=404, text="not found")
+        ctype = _TYPES.get(path.suffix, "application/octet-stream")
+        return web.Response(body=path.read_bytes(), content_type=ctype, headers={"Cache-Control": "no-cache"})
+
+    async def _output_page(self, request):
+        from aiohttp import web
+
+        token = request.query.get("token") if self.token else None
+        query = f"?token={token}" if token else ""
+        return web.Response(text=OUTPUT_PAGE.replace("{query}", query), content_type="text/html")
+
+    async def _snapshot(self, request):
+        from aiohttp import web
+
+        got = await asyncio.get_running_loop().run_in_executor(None, self.stream.jpeg)
+        if got is None:
+            return web.Response(status=503, text="no frame yet")
+        return web.Response(body=got[1], content_type="image/jpeg", headers={"Cache-Control": "no-store"})
+
+    async def _mjpeg(self, request):
+        from aiohttp import web
+
+        resp = web.StreamResponse(headers={
+            "Content-Type": f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+            "Cache-Control": "no-store", "Pragma": "no-cache", "Connection": "close",
+        })
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        seq = -1
+        try:
+            while True:
+                if not await self.stream.wait_newer(seq, 5.0) and seq >= 0:
+                    continue  # nothing new: keep the connection, send when a frame comes
+                got = await loop.run_in_executor(None, self.stream.jpeg)
+                if got is None:
+                    await asyncio.sleep(0.05)
+                    continue
+                seq, data = got
+                head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+                await resp.write(head + data + b"\r\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return resp
+
+
+def api_token_from_env(value: str | None) -> str | None:
+    import os
+
+    return value or os.environ.get("LIVE2DIFF_API_TOKEN") or None
+
+
+__all__ = ["ApiServer", "StreamSink", "DEFAULT_PORT", "APP", "VERSION", "dock_dir", "is_loopback"]

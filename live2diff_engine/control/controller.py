@@ -1,0 +1,226 @@
+"""Commands in, applied between frames; status out.
+
+Commands are validated on the thread that receives them (the API's event loop, the OBS bridge):
+a refused command gets its error reply at once and never reaches the engine. Accepted ones wait
+in a bounded queue that the inference thread empties between two frames, so a change never
+tears a frame and never races the model. A burst of the same setting collapses to its last value.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+from .. import __version__
+from .schema import Command, CommandError, decode, message_id, parse_command, reply_message, status_message
+
+log = logging.getLogger("live2diff.control")
+
+Reply = Callable[[dict], None]
+MAX_PENDING = 256
+LIVE_SCHEDULE_STEPS = 50  # the LCM schedule the live strength/steps controls index into
+LAST_STEP = 45  # the original's last denoising index at 50 steps
+
+
+def live_t_index(strength: float, steps: int, n: int = LIVE_SCHEDULE_STEPS) -> list[int]:
+    """Timestep indices for a live strength (how much of the picture is re-imagined: how far into
+    the noise the first step starts) and a number of steps (speed). strength 0.36 with 2 steps is
+    the original's default [32, 45]; 0.1 with 1 step its [45]."""
+    first = min(max(round(n * (1.0 - strength)), 0), n - steps)
+    if steps == 1:
+        return [first]
+    last = min(max(LAST_STEP, first + steps - 1), n - 1)
+    idx = [round(first + i * (last - first) / (steps - 1)) for i in range(steps)]
+    for i in range(1, steps):  # strictly increasing even where rounding meets
+        idx[i] = max(idx[i], idx[i - 1] + 1)
+    return idx
+
+
+def live_strength(t_index_list, n: int) -> float:
+    return round(1.0 - t_index_list[0] / n, 3)
+
+
+class Controller:
+    """Owns the live settings of one engine: ``frames`` (a FramePipeline), ``manager`` (a
+    StyleManager). ``engine`` and ``obs`` are attached once they exist."""
+
+    def __init__(self, frames, manager, *, negative_prompt: str = "", label: str = ""):
+        self.frames = frames
+        self.manager = manager
+        self.negative_prompt = negative_prompt
+        self.label = label
+        self.engine = None
+        self.obs = None  # an ObsBridge, for add_to_scene and the connection state
+        self.api_url: str | None = None
+        self.api_token: str | None = None  # for the stream URL given to OBS, where the API has one
+        self.paused = False
+        self.accepted = 0
+        self.refused = 0
+        self.applied = 0
+        self._queue: queue.Queue[tuple[Command, Reply]] = queue.Queue(MAX_PENDING)
+        self._listeners: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    # -- receiving (any thread) ----------------------------------------------------------------
+
+    @property
+    def style_names(self) -> list[str]:
+        return sorted(self.manager.styles)
+
+    def submit(self, raw: Any, reply: Reply | None = None) -> Command | None:
+        """Validate and queue a command (JSON text, bytes or a decoded object). ``reply`` is called
+        exactly once, from whichever thread settles it. Returns the command, or None if refused."""
+        reply = reply or (lambda msg: None)
+        try:
+            obj = decode(raw)
+        except CommandError as exc:
+            self.refused += 1
+            reply(reply_message(None, False, str(exc)))
+            return None
+        try:
+            cmd = parse_command(obj, self.style_names)
+        except CommandError as exc:
+            self.refused += 1
+            reply(reply_message(message_id(obj), False, str(exc)))
+            return None
+        self.accepted += 1
+        if cmd.cmd == "status":
+            reply(reply_message(cmd.id, True, status=self.status()))
+        elif cmd.cmd == "add_to_scene":
+            if self.obs is None:
+                reply(reply_message(cmd.id, False, "not connected to OBS: start the engine with --obs (and OBS's WebSocket server on)"))
+            else:
+                self.obs.add_to_scene(cmd.args.get("scene"), lambda ok, err: reply(reply_message(cmd.id, ok, err)))
+        else:
+            try:
+                self._queue.put_nowait((cmd, reply))
+            except queue.Full:
+                self.refused += 1
+                reply(reply_message(cmd.id, False, "busy: too many commands waiting; try again in a moment"))
+                return None
+        return cmd
+
+    # -- applying (the inference thread, between frames) --------------------------------------
+
+    def apply_pending(self) -> int:
+        """Apply every queued command; returns how many were applied."""
+        batch: list[tuple[Command, Reply]] = []
+        while True:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if not batch:
+            return 0
+        last_of = {cmd.cmd: i for i, (cmd, _) in enumerate(batch)}
+        changed = 0
+        for i, (cmd, reply) in enumerate(batch):
+            superseded = cmd.cmd.startswith("set_") and last_of[cmd.cmd] != i
+            if superseded:  # a later value of the same setting is in this batch
+                reply(reply_message(cmd.id, True, superseded=True))
+                continue
+            try:
+                self._apply(cmd)
+            except Exception as exc:  # a failed change keeps the previous setting
+                msg = str(exc) if not isinstance(exc, (KeyError, AttributeError)) else f"{type(exc).__name__}: {exc}"
+                log.warning("command %s failed: %s", cmd.cmd, msg)
+                reply(reply_message(cmd.id, False, msg))
+                continue
+            changed += 1
+            self.applied += 1
+            reply(reply_message(cmd.id, True))
+        if changed:
+            self.changed()
+        return changed
+
+    def _apply(self, cmd: Command) -> None:
+        frames, a = self.frames, cmd.args
+        if cmd.cmd == "set_prompt":
+            frames.set_prompt(a["prompt"])
+        elif cmd.cmd == "set_negative_prompt":
+            self.negative_prompt = a["negative_prompt"]
+        elif cmd.cmd == "set_style":
+            self.manager.apply(a["style"], frames)
+        elif cmd.cmd in ("set_strength", "set_steps"):
+            steps, t_index, strength = frames._schedule_args
+            n = LIVE_SCHEDULE_STEPS
+            current = self.schedule()
+            new_strength = a.get("strength", current["strength"])
+            new_steps = a.get("steps", current["steps"])
+            frames.set_schedule(n, live_t_index(new_strength, new_steps, n), None)
+        elif cmd.cmd == "set_seed":
+            frames.set_seed(a["seed"])
+            frames.request_reset()
+        elif cmd.cmd == "pause":
+            if self.engine is not None:
+                self.engine.pause()
+            self.paused = True
+        elif cmd.cmd == "resume":
+            if self.engine is not None:
+                self.engine.resume()
+            self.paused = False
+        elif cmd.cmd == "reset":
+            frames.request_reset()
+        else:  # parse_command knows every command; this is a programming error
+            raise CommandError(f"no handler for {cmd.cmd}")
+
+    # -- status ----------------------------------------------------------------------------------
+
+    def schedule(self) -> dict:
+        """The live strength and steps of the current schedule."""
+        steps, t_index, strength = self.frames._schedule_args
+        if t_index is None:  # a style given by strength over its own schedule
+            from ..pipeline.schedule import make_schedule
+
+            t_index = list(make_schedule(steps, strength=strength).t_index_list)
+        return {"strength": live_strength(t_index, steps), "steps": len(t_index)}
+
+    def add_listener(self, fn: Callable[[], None]) -> None:
+        """``fn()`` is called (from the changing thread; it must not block) on every change."""
+        self._listeners.append(fn)
+
+    def changed(self) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn()
+            except Exception as exc:
+                log.debug("status listener failed: %s", exc)
+
+    def status(self) -> dict:
+        engine = self.engine
+        stats = engine.stats if engine is not None else None
+        state = "paused" if self.paused else (stats.state if stats is not None else "starting")
+        current = self.manager.current
+        sched = self.schedule()
+        return {
+            "state": state,
+            "paused": self.paused,
+            "prompt": self.frames.prompt,
+            "negative_prompt": self.negative_prompt,
+            "style": current.name if current is not None else None,
+            "styles": self.style_names,
+            "strength": sched["strength"],
+            "steps": sched["steps"],
+            "seed": self.frames.seed,
+            "fps": stats.fps_out if stats else 0.0,
+            "fps_in": stats.fps_in if stats else 0.0,
+            "latency_ms": stats.latency_ms_p50 if stats else None,
+            "frames_out": stats.frames_out if stats else 0,
+            "dropped": stats.dropped if stats else 0,
+            "errors": stats.errors if stats else 0,
+            "last_error": stats.last_error if stats else None,
+            "uptime_s": stats.uptime_s if stats else 0.0,
+            "obs": self.obs.state if self.obs is not None else "off",
+            "lipsync_ms": getattr(self.obs, "lipsync_ms", None),
+            "api_url": self.api_url,
+            "model": self.label,
+            "size": [self.frames.width, self.frames.height],
+            "version": __version__,
+            "time": round(time.time(), 3),
+        }
+
+    def status_message(self) -> dict:
+        return status_message(self.status())

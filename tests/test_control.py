@@ -1,0 +1,366 @@
+"""Live control: the command schema, the controller, the local API (HTTP, WebSocket, MJPEG),
+its guards, and `live2diff-engine ctl`, against a running tiny-model engine."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import cv2
+import numpy as np
+import pytest
+import websocket
+
+from conftest import run_cli
+from live import GateSource, LiveEngine, PacedSource, reference_outputs, wait_for
+from live2diff_engine.control.api import ApiServer
+from live2diff_engine.control.controller import live_strength, live_t_index
+from live2diff_engine.control.schema import (
+    COMMANDS, MAX_MESSAGE_BYTES, CommandError, command_message, parse_command,
+)
+from live2diff_engine.errors import ConfigError
+from live2diff_engine.models.components import build_tiny_components
+
+STYLES = ["default", "toonyou"]
+
+
+@pytest.fixture(scope="module")
+def comps():
+    return build_tiny_components(seed=0)
+
+
+def post(url, msg, token=None, ctype="application/json", host=None):
+    data = msg if isinstance(msg, bytes) else json.dumps(msg).encode()
+    req = urllib.request.Request(url + "/api/command", data=data, method="POST", headers={"Content-Type": ctype})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if host:
+        req.add_header("Host", host)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def get(url, path, token=None, host=None):
+    req = urllib.request.Request(url + path)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if host:
+        req.add_header("Host", host)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+# -- schema ---------------------------------------------------------------------------------------
+
+
+def test_every_command_parses_with_good_arguments():
+    good = {
+        "set_prompt": {"prompt": "a fox in the snow"},
+        "set_negative_prompt": {"negative_prompt": "blurry"},
+        "set_style": {"style": "toonyou"},
+        "set_strength": {"strength": 0.5},
+        "set_steps": {"steps": 3},
+        "set_seed": {"seed": 42},
+        "add_to_scene": {"scene": "Scene"},
+    }
+    for cmd in COMMANDS:
+        msg = command_message(cmd, id="x1", **good.get(cmd, {}))
+        parsed = parse_command(json.dumps(msg), STYLES)
+        assert parsed.cmd == cmd and parsed.id == "x1"
+        assert parsed.args == good.get(cmd, {})
+
+
+@pytest.mark.parametrize("msg, words", [
+    ("not json", "not valid JSON"),
+    ("[1, 2]", "JSON object"),
+    ({"cmd": "set_prompt", "prompt": "x"}, "not a live2diff message"),
+    ({"app": "live2diff", "v": 2, "cmd": "pause"}, "version"),
+    ({"app": "live2diff", "v": True, "cmd": "pause"}, "version"),
+    ({"app": "live2diff", "v": 1, "cmd": "load_lora", "path": "/tmp/x.safetensors"}, "unknown command"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_prompt"}, "needs 'prompt'"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_prompt", "prompt": 3}, "must be a string"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_prompt", "prompt": "x" * 1001}, "too long"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_prompt", "prompt": "a\x00b"}, "control characters"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_prompt", "prompt": "x", "file": "/etc/passwd"}, "does not take 'file'"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_style", "style": "../../etc/passwd"}, "unknown style"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_style", "style": "/home/u/model.safetensors"}, "unknown style"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_strength", "strength": float("nan")}, "must be a number"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_strength", "strength": 0}, "above 0"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_strength", "strength": "0.5"}, "must be a number"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_steps", "steps": True}, "must be an integer"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_steps", "steps": 9}, "1 to 4"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_seed", "seed": -1}, "0 to"),
+    ({"app": "live2diff", "v": 1, "cmd": "pause", "id": "x" * 65}, "id must be"),
+    ({"app": "live2diff", "v": 1, "kind": "status", "cmd": "pause"}, "expected a command"),
+    ("{" * 5000 + "}" * 5000, "too large"),
+])
+def test_bad_commands_are_refused_with_a_reason(msg, words):
+    with pytest.raises(CommandError, match=words.replace("(", r"\(")):
+        parse_command(msg if isinstance(msg, str) else json.dumps(msg), STYLES)
+
+
+def test_live_strength_and_steps_map_onto_the_originals_defaults():
+    assert live_t_index(0.36, 2) == [32, 45]
+    assert live_t_index(0.1, 1) == [45]
+    for steps in (1, 2, 3, 4):
+        for s in np.linspace(0.01, 1.0, 100):
+            idx = live_t_index(float(s), steps)
+            assert len(idx) == steps and all(0 <= i < 50 for i in idx)
+            assert all(b > a for a, b in zip(idx, idx[1:]))
+    assert live_strength(live_t_index(0.5, 2), 50) == 0.5
+    assert live_t_index(0.8, 2)[0] < live_t_index(0.3, 2)[0]  # stronger: starts from more noise
+
+
+# -- a command changes the following frames, and only those ---------------------------------------
+
+
+def test_prompt_through_the_api_changes_the_following_frames(comps):
+    n, k = 28, 16
+    ref = reference_outputs(comps, n)
+    source = GateSource(n, gate_at=k)
+    with LiveEngine(comps, source) as live:
+        source.reached.wait(60)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=post(live.api.url, command_message("set_prompt", prompt="a red fox", id=7))))
+        t.start()
+        wait_for(lambda: live.controller.accepted >= 1, what="the command to be queued")
+        source.gate.set()
+        t.join(60)
+        live.thread.join(120)
+    status, reply = result["r"]
+    assert status == 200 and reply == {"app": "live2diff", "v": 1, "kind": "reply", "id": 7, "ok": True}
+    assert live.frames.prompt == "a red fox"
+    assert len(live.outputs) == len(ref) == n
+    steps = live.frames.steps
+    for i in range(k - steps):  # finished before the change: untouched
+        assert np.array_equal(live.outputs[i], ref[i]), i
+    for i in range(k, n):  # frames after the change: a different picture
+        assert not np.array_equal(live.outputs[i], ref[i]), i
+
+
+def test_style_strength_steps_seed_pause_resume_reset_apply_between_frames(comps):
+    with LiveEngine(comps, PacedSource(fps=30)) as live:
+        url = live.api.url
+        live.wait_outputs(12)
+        assert post(url, command_message("set_strength", strength=0.6))[0] == 200
+        assert live.frames._schedule_args[1] == live_t_index(0.6, 2)
+        assert post(url, command_message("set_steps", steps=3))[0] == 200
+        assert live.frames._schedule_args[1] == live_t_index(0.6, 3)
+        _, st = get(url, "/api/status")
+        st = json.loads(st)
+        assert (st["strength"], st["steps"]) == (0.6, 3)
+        assert post(url, command_message("set_seed", seed=99))[0] == 200 and live.frames.seed == 99
+        assert post(url, command_message("set_negative_prompt", negative_prompt="blurry"))[0] == 200
+        assert json.loads(get(url, "/api/status")[1])["negative_prompt"] == "blurry"
+        # A preset whose weights are not here: refused with the reason, the style stays.
+        code, reply = post(url, command_message("set_style", style="toonyou"))
+        assert code == 400 and not reply["ok"] and "toonyou" in reply["error"]
+        assert live.manager.current.name == "default"
+        # Pause: the camera goes out as it is.
+        assert post(url, command_message("pause"))[0] == 200
+        wait_for(lambda: json.loads(get(url, "/api/status")[1])["state"] == "paused", what="paused state")
+        n = len(live.outputs)
+        live.wait_outputs(n + 5)
+        cam = PacedSource(fps=30).inner  # the same pattern: a paused output is one of its frames
+        frames = [cam.read() for _ in range(400)]
+        assert any(np.array_equal(live.outputs[-1], f) for f in frames)
+        assert post(url, command_message("resume"))[0] == 200
+        wait_for(lambda: json.loads(get(url, "/api/status")[1])["state"] == "streaming", timeout=30, what="streaming again")
+        assert post(url, command_message("reset"))[0] == 200
+        before = len(live.outputs)
+        live.wait_outputs(before + 10)
+        assert live.engine.stats.errors == 0
+
+
+def test_status_snapshot_and_mjpeg_stream(comps):
+    with LiveEngine(comps, PacedSource(fps=30)) as live:
+        live.wait_outputs(5)
+        code, body = get(live.api.url, "/api/status")
+        st = json.loads(body)
+        assert code == 200 and st["kind"] == "status" and st["style"] == "default" and "toonyou" in st["styles"]
+        assert st["prompt"] == "a cat" and st["size"] == [64, 64] and st["obs"] == "off"
+        code, jpg = get(live.api.url, "/snapshot.jpg")
+        img = cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR)
+        assert code == 200 and img.shape == (64, 64, 3)
+        # The MJPEG stream: several distinct JPEG parts as the engine produces them.
+        with urllib.request.urlopen(live.api.url + "/stream.mjpg", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+            buf = b""
+            while buf.count(b"--live2diffframe") < 5:
+                buf += r.read1(65536)
+        parts = [p for p in buf.split(b"--live2diffframe") if b"\r\n\r\n" in p]
+        jpegs = [p.split(b"\r\n\r\n", 1)[1] for p in parts[:4]]
+        assert all(j.startswith(b"\xff\xd8") for j in jpegs)
+        assert len(set(jpegs)) > 1
+        code, page = get(live.api.url, "/output")
+        assert code == 200 and b"stream.mjpg" in page
+
+
+def test_websocket_status_on_connect_and_replies(comps):
+    with LiveEngine(comps, PacedSource(fps=30)) as live:
+        ws = websocket.create_connection(live.api.url.replace("http", "ws") + "/api/ws", timeout=10)
+        try:
+            first = json.loads(ws.recv())
+            assert first["kind"] == "status"
+            ws.send(json.dumps(command_message("set_prompt", prompt="a watercolor owl", id="a")))
+            ws.send(json.dumps(command_message("set_steps", steps=7, id="b")))
+            replies, statuses = {}, []
+            end = time.monotonic() + 20
+            while len(replies) < 2 or not any(s["prompt"] == "a watercolor owl" for s in statuses):
+                assert time.monotonic() < end
+                m = json.loads(ws.recv())
+                if m["kind"] == "reply":
+                    replies[m["id"]] = m
+                else:
+                    statuses.append(m)
+            assert replies["a"]["ok"] and not replies["b"]["ok"] and "1 to 4" in replies["b"]["error"]
+        finally:
+            ws.close()
+
+
+# -- hostile input ---------------------------------------------------------------------------------
+
+
+def hostile_messages(n=1000):
+    rng = np.random.default_rng(0)
+    shapes = [
+        lambda i: "{not json",
+        lambda i: json.dumps([i]),
+        lambda i: json.dumps({"app": "live2diff", "v": 1, "cmd": "load_model", "path": f"/etc/passwd{i}"}),
+        lambda i: json.dumps({"app": "live2diff", "v": 1, "cmd": "set_style", "style": f"../../models/{i}.ckpt"}),
+        lambda i: json.dumps({"app": "live2diff", "v": 1, "cmd": "set_prompt", "prompt": "x" * (MAX_MESSAGE_BYTES + i)}),
+        lambda i: json.dumps({"app": "live2diff", "v": 1, "cmd": "set_prompt", "prompt": "ok", "exec": "import os"}),
+        lambda i: json.dumps({"app": "live2diff", "v": 1, "cmd": "set_seed", "seed": "1; rm -rf /"}),
+        lambda i: json.dumps({"app": "live2diff", "v": 9, "cmd": "pause"}),
+        lambda i: json.dumps({"app": "other", "v": 1, "cmd": "pause"}),
+        lambda i: bytes(rng.integers(0, 256, 64, dtype=np.uint8)).decode("latin-1"),
+    ]
+    return [shapes[i % len(shapes)](i) for i in range(n)]
+
+
+def test_a_burst_of_1000_hostile_commands_changes_nothing_and_the_stream_keeps_its_rate(comps):
+    with LiveEngine(comps, PacedSource(fps=15)) as live:
+        live.wait_outputs(30)
+        prompt, seed, sched = live.frames.prompt, live.frames.seed, live.frames._schedule_args
+        t0 = time.monotonic()
+        time.sleep(2.0)
+        t1 = time.monotonic()
+        ws = websocket.create_connection(live.api.url.replace("http", "ws") + "/api/ws", timeout=30)
+        msgs = hostile_messages()
+        for m in msgs:
+            ws.send(m)
+        errors = 0
+        while errors < len(msgs):
+            m = json.loads(ws.recv())
+            if m["kind"] == "reply":
+                assert m["ok"] is False and m["error"]
+                errors += 1
+        t2 = time.monotonic()
+        if t2 - t1 < 2.0:
+            time.sleep(2.0 - (t2 - t1))
+        t2 = time.monotonic()
+        ws.close()
+        assert errors == 1000
+        assert live.controller.applied == 0 and live.controller.refused == 1000
+        assert (live.frames.prompt, live.frames.seed, live.frames._schedule_args) == (prompt, seed, sched)
+        before, during = live.rate(t0, t1), live.rate(t1, t2)
+        assert before > 5
+        assert during > 0.6 * before, (before, during)
+        assert live.engine.stats.errors == 0
+
+
+# -- guards ----------------------------------------------------------------------------------------
+
+
+def test_beyond_loopback_a_token_is_required():
+    with pytest.raises(ConfigError, match="--api-token"):
+        ApiServer("0.0.0.0", 0, None)
+    api = ApiServer("0.0.0.0", 0, "s3cret-token").start()
+    try:
+        url = f"http://127.0.0.1:{api.port}"
+        assert get(url, "/api/status")[0] == 401
+        assert get(url, "/api/status", token="wrong")[0] == 401
+        assert get(url, "/stream.mjpg")[0] == 401
+        assert get(url, "/dock")[0] == 401
+        assert get(url, "/api/status", token="s3cret-token")[0] == 200
+        assert get(url, "/api/status?token=s3cret-token")[0] == 200
+        assert post(url, command_message("pause"))[0] == 401
+        code, reply = post(url, command_message("pause"), token="s3cret-token")
+        assert code == 503 and "starting" in reply["error"]  # no engine attached yet
+        with pytest.raises(websocket.WebSocketBadStatusException):
+            websocket.create_connection(f"ws://127.0.0.1:{api.port}/api/ws", timeout=5)
+    finally:
+        api.stop()
+
+
+def test_loopback_guards_host_header_content_type_and_origin(comps):
+    with LiveEngine(comps, PacedSource(fps=30)) as live:
+        url = live.api.url
+        assert get(url, "/api/status", host="evil.example:8765")[0] == 403  # DNS rebinding
+        assert get(url, "/api/status", host=f"localhost:{live.api.port}")[0] == 200
+        assert post(url, command_message("pause"), ctype="text/plain")[0] == 415  # a cross-site form
+        assert not live.controller.paused
+        with pytest.raises(websocket.WebSocketBadStatusException):
+            websocket.create_connection(url.replace("http", "ws") + "/api/ws", origin="http://evil.example", timeout=5)
+        ws = websocket.create_connection(url.replace("http", "ws") + "/api/ws", origin=url, timeout=5)
+        ws.close()
+        assert get(url, "/dock/..%2Fpyproject.toml")[0] == 404
+        assert get(url, "/dock/.hidden")[0] == 404
+
+
+def test_port_in_use_is_one_clear_line():
+    first = ApiServer("127.0.0.1", 0).start()
+    try:
+        from live2diff_engine.errors import UserError
+
+        with pytest.raises(UserError, match="another engine running"):
+            ApiServer("127.0.0.1", first.port).start()
+    finally:
+        first.stop()
+
+
+# -- ctl ---------------------------------------------------------------------------------------------
+
+
+def test_ctl_drives_a_running_engine(comps):
+    with LiveEngine(comps, PacedSource(fps=30)) as live:
+        url = live.api.url
+        r = run_cli("ctl", "prompt", "a snowy mountain", "--api", url, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+        assert live.frames.prompt == "a snowy mountain"
+        r = run_cli("ctl", "status", "--api", url, timeout=60)
+        assert r.returncode == 0 and "a snowy mountain" in r.stdout and "style: default" in r.stdout
+        r = run_cli("ctl", "styles", "--api", url, timeout=60)
+        assert "* default" in r.stdout and "toonyou" in r.stdout
+        r = run_cli("ctl", "style", "no-such-style", "--api", url, timeout=60)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "unknown style" in r.stderr
+        r = run_cli("ctl", "strength", "lots", "--api", url, timeout=60)
+        assert r.returncode == 2 and "needs a float" in r.stderr and "Traceback" not in r.stderr
+        r = run_cli("ctl", "pause", "--api", url, timeout=60)
+        assert r.returncode == 0 and live.controller.paused
+
+
+def test_ctl_without_an_engine_says_so_in_one_line():
+    r = run_cli("ctl", "status", "--api", "http://127.0.0.1:9", timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no engine answers" in r.stderr
+
+
+def test_run_refuses_a_public_api_without_a_token():
+    r = run_cli("run", "--model", "tiny", "--source", "synthetic", "--sink", "null", "--api-host", "0.0.0.0", timeout=120)
+    assert r.returncode == 2 and "--api-token" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_broken_config_file_is_one_line(tmp_path):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[obs]\npasword = 'x'\n")
+    r = run_cli("run", "--model", "tiny", "--source", "synthetic", "--sink", "null", "--config", cfg, timeout=120)
+    assert r.returncode == 2 and "no setting 'pasword'" in r.stderr and "Traceback" not in r.stderr
