@@ -444,8 +444,12 @@ class Engine:
                     self.stats.state = "paused"
                 else:
                     self.stats.state = "warming up" if getattr(self.pipeline, "warming_up", False) else "streaming"
-            if self.stats.state != before and self.controller is not None:
-                self.controller.changed()
+            if self.stats.state != before:
+                if before == "warming up":  # warmup frames go straight out: not the stream's latency
+                    self._latencies.clear()
+                    self.stats.latency_ms_p50 = self.stats.latency_ms_p95 = None
+                if self.controller is not None:
+                    self.controller.changed()
             self._update_stats()
         if not self.stopping:  # a finished source or max_frames: every frame in flight comes out
             self._emit(self.pipeline.flush())

@@ -353,6 +353,7 @@ class FakeOBS:
 
         self._scenes: dict[str, _Scene] = {}  # in UI order, top first
         self._inputs: dict[str, _Input] = {}
+        self.transforms: dict[tuple[str, int], dict] = {}  # (scene, item id) -> the last SetSceneItemTransform
         for name in scenes:
             self._scenes[name] = _Scene(name, str(uuid.uuid4()))
         self._program_scene = scenes[0] if scenes else None
@@ -379,6 +380,9 @@ class FakeOBS:
             "SetInputAudioSyncOffset": self._set_input_audio_sync_offset,
             "GetSceneItemList": self._get_scene_item_list,
             "GetSceneItemId": self._get_scene_item_id,
+            "GetVideoSettings": self._get_video_settings,
+            "CreateSceneItem": self._create_scene_item,
+            "SetSceneItemTransform": self._set_scene_item_transform,
         }
 
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1183,6 +1187,31 @@ class FakeOBS:
         scene = self._acquire_scene(req)
         return {"sceneItems": [self._scene_item_json(it, i) for i, it in enumerate(scene.items)]}
 
+    def _get_video_settings(self, s, req, pending):
+        return {"fpsNumerator": 30, "fpsDenominator": 1, "baseWidth": 1280, "baseHeight": 720,
+                "outputWidth": 1280, "outputHeight": 720}
+
+    def _create_scene_item(self, s, req, pending):
+        scene = self._acquire_scene(req)
+        name = req.string("sourceName")
+        if name not in self._inputs and name not in self._scenes:
+            raise _Err(RequestStatus.RESOURCE_NOT_FOUND, "No source was found by the name of `sourceName`.")
+        enabled = req.optional_boolean("sceneItemEnabled") if req.contains("sceneItemEnabled") else True
+        item = _SceneItem(scene.next_item_id, name, enabled)
+        scene.next_item_id += 1
+        scene.items.append(item)
+        return {"sceneItemId": item.item_id}
+
+    def _set_scene_item_transform(self, s, req, pending):
+        scene = self._acquire_scene(req)
+        item_id = int(req.number("sceneItemId", 0))
+        transform = req.object("sceneItemTransform")
+        item = next((it for it in scene.items if it.item_id == item_id), None)
+        if item is None:
+            raise _Err(RequestStatus.RESOURCE_NOT_FOUND, "No scene items were found in the specified scene by that ID.")
+        self.transforms[(scene.name, item_id)] = copy.deepcopy(transform)
+        return None
+
     def _get_scene_item_id(self, s, req, pending):
         scene = self._acquire_scene(req)
         name = req.string("sourceName")
@@ -1197,3 +1226,22 @@ class FakeOBS:
                 RequestStatus.RESOURCE_NOT_FOUND, "No scene items were found in the specified scene by that name or offset."
             )
         return {"sceneItemId": item.item_id}
+
+
+def main() -> None:
+    """Run the fake in its own process, as OBS runs (prints its port; stops when stdin closes)."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--password", default="secret")
+    args = p.parse_args()
+    fake = FakeOBS(password=args.password, port=args.port).start()
+    print(fake.port, flush=True)
+    sys.stdin.read()
+    fake.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import ConfigError, UserError
 from ..io.sinks import Sink
+from .controller import Pacer
 from .schema import APP, MAX_MESSAGE_BYTES, VERSION, reply_message, status_message
 
 log = logging.getLogger("live2diff.api")
@@ -168,6 +169,7 @@ class ApiServer:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self.commands_seen = 0
+        self._http_pacer = Pacer()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -315,7 +317,8 @@ class ApiServer:
 
         if not self._host_ok(request):
             return web.json_response({"ok": False, "error": "unexpected Host header; use http://127.0.0.1"}, status=403)
-        if not self._token_ok(request):
+        static = request.method == "GET" and (request.path == "/dock" or request.path.startswith("/dock/"))
+        if not static and not self._token_ok(request):  # the dock page holds nothing; it passes the token on
             return web.json_response({"ok": False, "error": "missing or wrong token (Authorization: Bearer TOKEN or ?token=)"}, status=401)
         return await handler(request)
 
@@ -384,6 +387,10 @@ class ApiServer:
             if not fut.done():
                 fut.set_result(msg)
 
+        wait = self._http_pacer.delay()
+        if wait:
+            await asyncio.sleep(wait)
+
         self._submit(raw, deliver)
         try:
             msg = await asyncio.wait_for(fut, 120)
@@ -414,9 +421,13 @@ class ApiServer:
                 await ws.send_str(json.dumps(msg))
 
         w = asyncio.get_running_loop().create_task(writer())
+        pacer = Pacer()
         try:
             await ws.send_str(json.dumps(self.status()))
             async for msg in ws:
+                wait = pacer.delay()
+                if wait:
+                    await asyncio.sleep(wait)
                 if msg.type == WSMsgType.TEXT:
                     self._submit(msg.data, deliver)
                 elif msg.type == WSMsgType.BINARY:
@@ -464,7 +475,8 @@ class ApiServer:
         if not path.is_file() or path.resolve().parent != self.dock.resolve():
             return web.Response(status=404, text="not found")
         ctype = _TYPES.get(path.suffix, "application/octet-stream")
-        return web.Response(body=path.read_bytes(), content_type=ctype, headers={"Cache-Control": "no-cache"})
+        charset = "utf-8" if ctype.startswith("text/") else None
+        return web.Response(body=path.read_bytes(), content_type=ctype, charset=charset, headers={"Cache-Control": "no-cache"})
 
     async def _output_page(self, request):
         from aiohttp import web

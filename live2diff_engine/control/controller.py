@@ -25,6 +25,29 @@ LIVE_SCHEDULE_STEPS = 50  # the LCM schedule the live strength/steps controls in
 LAST_STEP = 45  # the original's last denoising index at 50 steps
 
 
+class Pacer:
+    """A token bucket: at most ``rate`` messages a second after a ``burst``. A flood of commands
+    is read at this pace (the sender waits; every message still gets its reply), so that the
+    control threads never take more than a sliver of the CPU and the GIL from the inference
+    thread. PyTorch releases the GIL around every op, so a busy Python thread beside it slows
+    each frame by its many re-acquisitions."""
+
+    def __init__(self, rate: float = 100.0, burst: float = 50.0):
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.t = time.monotonic()
+        self._lock = threading.Lock()
+
+    def delay(self) -> float:
+        """Take a token; returns how long to wait before handling this message."""
+        with self._lock:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+            self.t = now
+            self.tokens -= 1.0
+            return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
 def live_t_index(strength: float, steps: int, n: int = LIVE_SCHEDULE_STEPS) -> list[int]:
     """Timestep indices for a live strength (how much of the picture is re-imagined: how far into
     the noise the first step starts) and a number of steps (speed). strength 0.36 with 2 steps is

@@ -79,6 +79,9 @@ class ObsBridge:
         self._req = None
         self._events = None
         self._said: str | None = None  # the last problem told to the user, said once
+        from .controller import Pacer
+
+        self._pacer = Pacer()
         controller.obs = self
         controller.add_listener(self._wake.set)
 
@@ -208,6 +211,9 @@ class ObsBridge:
         if payload.get("app") != "live2diff" or payload.get("kind", "command") != "command":
             return  # our own status and replies, or someone else's events
         self.events_in += 1
+        wait = self._pacer.delay()
+        if wait:
+            time.sleep(wait)  # obsws-python's event thread: OBS holds the rest meanwhile
         self.controller.submit(payload, self._queue_reply)
 
     def _queue_reply(self, msg: dict) -> None:
@@ -302,16 +308,17 @@ class ObsBridge:
     def _lipsync(self) -> None:
         from obsws_python.error import OBSSDKRequestError
 
-        lat = self.controller.status().get("latency_ms")
-        if lat is None:
-            return
+        status = self.controller.status()
+        lat = status.get("latency_ms")
+        if lat is None or status.get("state") != "streaming":
+            return  # warmup frames go straight through: their latency says nothing
         target = int(min(max(round(lat) + self.lipsync_extra_ms, 0), 20000))
         if self.lipsync_ms is not None and abs(target - self.lipsync_ms) < LIPSYNC_STEP_MS:
             return
         try:
             self._request("SetInputAudioSyncOffset", {"inputName": self.lipsync_input, "inputAudioSyncOffset": target})
         except OBSSDKRequestError as exc:
-            self._say(logging.WARNING, f"lip sync: OBS has no audio input named {self.lipsync_input!r} ({exc.comment or exc.code}); "
+            self._say(logging.WARNING, f"lip sync: OBS has no audio input named {self.lipsync_input!r} (code {exc.code}); "
                       "check --obs-lipsync against the names in OBS's Audio Mixer")
             return
         self.lipsync_ms = target

@@ -1,0 +1,1239 @@
+"""Live2Diff control for OBS Studio: add this file in Tools > Scripts.
+
+It talks to the Live2Diff engine in one of two ways, picked by itself:
+
+* obs-websocket (when ``obsws_python`` can be imported by OBS's Python): commands go out as
+  CustomEvents (``BroadcastCustomEvent``); the engine, connected to the same OBS, answers with
+  status and reply CustomEvents.
+* the engine's local HTTP API (standard library only): ``GET /api/status`` every second,
+  ``POST /api/command``. Used when obsws-python is missing, when the websocket path fails (no
+  password, wrong password, server off), and when the engine is not seen over obs-websocket but
+  answers over HTTP.
+
+Threads: every network call runs on one worker thread fed by a queue; obsws-python's EventClient
+runs its own listener thread. Neither ever calls into OBS (OBS's Python log hook is only safe from
+OBS's own callbacks): they leave log lines and the latest status in memory, and a ``timer_add``
+callback (250 ms) writes the log lines. The settings shown in the Scripts window (status text,
+style list, strength) are refreshed from the latest status whenever OBS rebuilds the properties
+(opening the script, or any of its buttons, which all ask OBS for a refresh).
+
+The engine process ("Start engine") runs in its own process group and keeps running when the script
+is reloaded (the handle survives Python's module reload); it is stopped (SIGINT or CTRL_BREAK, then
+terminate) by "Stop engine" and, if "Stop the engine when OBS exits" is on (default), when OBS
+exits. An engine started some other way is never stopped by the script.
+
+Passwords and tokens are never logged. Everything below the OBS section runs without OBS (tests).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import configparser
+import itertools
+import json
+import logging
+import os
+import queue
+import shlex
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+import webbrowser
+
+try:  # Inside OBS.
+    import obspython as obs  # type: ignore
+except ImportError:  # Imported by tests or tools.
+    obs = None
+
+try:
+    import obsws_python  # type: ignore
+except Exception:  # Not installed for OBS's Python: the HTTP API is used.
+    obsws_python = None
+
+APP = "live2diff"
+VERSION = 1
+DEFAULT_API_URL = "http://127.0.0.1:8765"
+DEFAULT_ENGINE_COMMAND = "live2diff-engine run"
+DEFAULT_WS_PORT = 4455
+LOG_PREFIX = "[live2diff]"
+STATUS_STALE_S = 3.5  # no status for this long: the engine is not seen on that path
+HTTP_POLL_S = 1.0
+WS_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 5.0)
+WS_BACKOFF_AUTH_S = 15.0  # no or wrong password: retry slowly (a new setting retries at once)
+HTTP_TIMEOUT_S = 3.0
+SEED_MAX_UI = 2**31 - 1
+MAX_PROMPT_CHARS = 1000
+
+HOTKEYS = (  # (name used by OBS, e.g. for obs-websocket's TriggerHotkeyByName; description)
+    ("live2diff.apply_prompt", "Live2Diff: apply prompt"),
+    ("live2diff.next_style", "Live2Diff: next style"),
+    ("live2diff.previous_style", "Live2Diff: previous style"),
+    ("live2diff.pause_resume", "Live2Diff: pause/resume"),
+    ("live2diff.reset", "Live2Diff: reset"),
+)
+
+LINK_WS = "obs-websocket"
+LINK_HTTP = "HTTP API"
+
+
+# ------------------------------------------------------------------------------ protocol helpers
+
+
+def command_message(cmd: str, id=None, **args) -> dict:
+    """A command as it goes on the wire (same shape as live2diff_engine.control.schema)."""
+    msg = {"app": APP, "v": VERSION, "kind": "command", "cmd": cmd, **args}
+    if id is not None:
+        msg["id"] = id
+    return msg
+
+
+def is_ours(msg) -> bool:
+    return isinstance(msg, dict) and msg.get("app") == APP and msg.get("v") == VERSION
+
+
+def event_to_dict(data) -> dict:
+    """obsws-python hands a CustomEvent's eventData over as an object whose attributes are the
+    (snake-cased) top-level keys; ``attrs()`` lists them. Our keys are snake case already."""
+    if isinstance(data, dict):
+        return dict(data)
+    try:
+        names = data.attrs()
+    except Exception:
+        return {}
+    return {name: getattr(data, name, None) for name in names}
+
+
+def api_join(api_url: str, path: str) -> str:
+    return (api_url or DEFAULT_API_URL).strip().rstrip("/") + path
+
+
+def dock_url(api_url: str) -> str:
+    return api_join(api_url, "/dock")
+
+
+def _short(text, limit: int = 60) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _fmt_num(value, fmt: str, unit: str = "") -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    return format(value, fmt) + unit
+
+
+def engine_state(status: dict | None) -> str:
+    if not status:
+        return "offline"
+    state = str(status.get("state") or "unknown")
+    if status.get("paused") and state != "paused":
+        state += " (paused)"
+    return state
+
+
+def status_line(status: dict | None, link: str | None, note: str = "") -> str:
+    """One log line: ``[live2diff] engine streaming | style default | prompt 'a fox' | 12.0 fps``."""
+    if not status or not link:
+        return f"{LOG_PREFIX} engine offline" + (f" ({note})" if note else "")
+    return (
+        f"{LOG_PREFIX} engine {engine_state(status)} | style {status.get('style') or '-'} | "
+        f"prompt {_short(status.get('prompt'))!r} | {_fmt_num(status.get('fps'), '.1f')} fps | via {link}"
+    )
+
+
+def status_key(status: dict | None, link: str | None) -> tuple:
+    """What a status line is logged for: connection, state, style, prompt (not fps)."""
+    if not status or not link:
+        return ("offline",)
+    return (link, status.get("state"), bool(status.get("paused")), status.get("style"), status.get("prompt"))
+
+
+def format_status(status: dict | None, link: str | None, note: str = "") -> str:
+    """The multi-line text shown in the script's Engine box."""
+    if not status or not link:
+        return "Engine: not reachable" + (f"\n{note}" if note else "")
+    lines = [
+        f"Engine: {engine_state(status)} (via {link})",
+        f"Style: {status.get('style') or '-'}   Strength: {_fmt_num(status.get('strength'), '.2f')}   "
+        f"Seed: {status.get('seed', '-')}   Steps: {status.get('steps', '-')}",
+        f"Prompt: {_short(status.get('prompt'), 200) or '-'}",
+    ]
+    if status.get("negative_prompt"):
+        lines.append(f"Negative: {_short(status.get('negative_prompt'), 200)}")
+    lines.append(
+        f"FPS: {_fmt_num(status.get('fps'), '.1f')}   Latency: {_fmt_num(status.get('latency_ms'), '.0f', ' ms')}   "
+        f"Frames: {status.get('frames_out', '-')}"
+    )
+    obs_link = status.get("obs")
+    if isinstance(obs_link, dict):
+        obs_link = obs_link.get("state") or obs_link.get("connected")
+    if obs_link not in (None, ""):
+        lines.append(f"Engine's OBS link: {obs_link}")
+    return "\n".join(lines)
+
+
+def cycle_style(styles, current, step: int):
+    """The style ``step`` places after ``current`` in ``styles`` (wrapping); None without styles."""
+    styles = [s for s in (styles or []) if isinstance(s, str)]
+    if not styles:
+        return None
+    if current not in styles:
+        return styles[0] if step > 0 else styles[-1]
+    return styles[(styles.index(current) + step) % len(styles)]
+
+
+# ------------------------------------------------------------------------ OBS websocket settings
+
+
+def obs_config_dir() -> str | None:
+    """OBS's settings folder (global.ini, plugin_config/...)."""
+    if obs is not None:
+        try:
+            path = obs.os_get_config_path_ptr("obs-studio")
+            if path:
+                return path
+        except Exception:
+            pass
+    if os.name == "nt":
+        base = os.environ.get("APPDATA")
+        return os.path.join(base, "obs-studio") if base else None
+    home = os.path.expanduser("~")
+    mac = os.path.join(home, "Library", "Application Support", "obs-studio")
+    if os.path.isdir(mac):
+        return mac
+    return os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config"), "obs-studio")
+
+
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def read_websocket_config(config_dir: str | None) -> dict | None:
+    """obs-websocket's settings from OBS's config folder: {"port", "password", "auth_required",
+    "enabled", "source"}, or None. obs-websocket 5.5+ (OBS 30.x on) keeps them in
+    plugin_config/obs-websocket/config.json; before that (OBS 28/29) global.ini [OBSWebSocket]."""
+    if not config_dir:
+        return None
+    path = os.path.join(config_dir, "plugin_config", "obs-websocket", "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and ("server_port" in data or "server_password" in data):
+            return {
+                "port": int(data.get("server_port") or DEFAULT_WS_PORT),
+                "password": str(data.get("server_password") or ""),
+                "auth_required": _bool(data.get("auth_required", True)),
+                "enabled": _bool(data.get("server_enabled", True)),
+                "source": "config.json",
+            }
+    except (OSError, ValueError, TypeError):
+        pass
+    ini = configparser.RawConfigParser(strict=False, interpolation=None)
+    ini.optionxform = str  # OBS's keys are case-sensitive
+    try:
+        with open(os.path.join(config_dir, "global.ini"), encoding="utf-8-sig") as f:
+            ini.read_file(f)
+    except (OSError, configparser.Error, UnicodeDecodeError):
+        return None
+    if not ini.has_section("OBSWebSocket"):
+        return None
+    sec = ini["OBSWebSocket"]
+    try:
+        port = int(sec.get("ServerPort", DEFAULT_WS_PORT))
+    except ValueError:
+        port = DEFAULT_WS_PORT
+    return {
+        "port": port,
+        "password": sec.get("ServerPassword", ""),
+        "auth_required": _bool(sec.get("AuthRequired", "true")),
+        "enabled": _bool(sec.get("ServerEnabled", "true")),
+        "source": "global.ini",
+    }
+
+
+def _frontend_websocket_config() -> dict | None:
+    """The same through OBS's own global config API, where the bindings offer config_get_*."""
+    if obs is None or not hasattr(obs, "config_get_string"):
+        return None  # OBS 29's Python bindings have no config_get_*: the file is read instead
+    try:
+        cfg = obs.obs_frontend_get_global_config()
+        if not cfg or not obs.config_has_user_value(cfg, "OBSWebSocket", "ServerPassword"):
+            return None
+        return {
+            "port": int(obs.config_get_uint(cfg, "OBSWebSocket", "ServerPort") or DEFAULT_WS_PORT),
+            "password": obs.config_get_string(cfg, "OBSWebSocket", "ServerPassword") or "",
+            "auth_required": bool(obs.config_get_bool(cfg, "OBSWebSocket", "AuthRequired")),
+            "enabled": bool(obs.config_get_bool(cfg, "OBSWebSocket", "ServerEnabled")),
+            "source": "OBS global config",
+        }
+    except Exception:
+        return None
+
+
+def websocket_target(password_setting: str, port_setting: int, config_dir: str | None) -> dict:
+    """{"port", "password", "source"}: the script's settings first, then OBS's own settings."""
+    found = read_websocket_config(config_dir) or _frontend_websocket_config() or {}
+    port = int(port_setting or 0) or found.get("port") or DEFAULT_WS_PORT
+    if password_setting:
+        return {"port": port, "password": password_setting, "source": "script settings"}
+    if found and not found.get("auth_required", True):
+        return {"port": port, "password": "", "source": found["source"] + " (no authentication)"}
+    return {"port": port, "password": found.get("password", ""), "source": found.get("source", "none")}
+
+
+# ----------------------------------------------------------------------------- engine process
+
+
+def default_venv_bins() -> list[str]:
+    """Where the installers put the engine's venv (bin folder), per OS."""
+    home = os.path.expanduser("~")
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA")
+        return [os.path.join(base, "live2diff-engine", "venv", "Scripts")] if base else []
+    return [
+        os.path.join(os.environ.get("XDG_DATA_HOME") or os.path.join(home, ".local", "share"), "live2diff-engine", "venv", "bin"),
+        os.path.join(home, "Library", "Application Support", "live2diff-engine", "venv", "bin"),
+    ]
+
+
+def venv_bin(venv: str) -> str:
+    return os.path.join(os.path.expanduser(venv), "Scripts" if os.name == "nt" else "bin")
+
+
+def resolve_engine_command(cmdline: str, venv: str = "", search_defaults: bool = True) -> list[str]:
+    """The engine's argv: the command line's program found in the configured venv, on PATH, or in
+    the installers' default venv. Never OBS's ``sys.executable`` (not OBS's interpreter)."""
+    try:
+        argv = shlex.split(cmdline or "", posix=os.name != "nt")
+    except ValueError as e:
+        raise ValueError(f"cannot read the engine command line: {e}") from None
+    if not argv:
+        raise ValueError("the engine command line is empty")
+    exe = os.path.expanduser(argv[0])
+    if os.path.dirname(exe):
+        if os.path.isfile(exe) and os.access(exe, os.X_OK):
+            return [exe] + argv[1:]
+        raise ValueError(f"engine program {exe} not found or not executable")
+    dirs = [venv_bin(venv)] if venv else []
+    found = None
+    for d in dirs:
+        found = shutil.which(exe, path=d)
+        if found:
+            break
+    if not found:
+        found = shutil.which(exe)
+    if not found and search_defaults:
+        for d in default_venv_bins():
+            found = shutil.which(exe, path=d)
+            if found:
+                break
+    if not found:
+        where = f" in {dirs[0]} or" if dirs else ""
+        raise ValueError(f"{exe} not found{where} on PATH; set the engine's venv folder or a full path in the command")
+    return [found] + argv[1:]
+
+
+class EngineProcess:
+    """The engine started by the script: its own process group, output to a log file."""
+
+    def __init__(self, proc: subprocess.Popen | None = None):
+        self.proc = proc
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, argv: list[str], log_path: str | None = None) -> subprocess.Popen:
+        if self.running():
+            raise RuntimeError(f"the engine is already running (pid {self.proc.pid})")
+        out = subprocess.DEVNULL
+        if log_path:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            out = open(log_path, "ab")
+        kwargs = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        else:
+            kwargs["start_new_session"] = True
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **kwargs)
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        return self.proc
+
+    def interrupt(self) -> None:
+        """SIGINT to the engine's group (CTRL_BREAK on Windows): its clean shutdown."""
+        if not self.running():
+            return
+        try:
+            if os.name == "nt":
+                self.proc.send_signal(signal.CTRL_BREAK_EVENT)
+            else:
+                os.killpg(self.proc.pid, signal.SIGINT)
+        except (ProcessLookupError, PermissionError, OSError):
+            pass
+
+    def stop(self, grace: float = 10.0, term_grace: float = 5.0) -> int | None:
+        """Interrupt, wait ``grace`` s, terminate, wait, kill. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.interrupt()
+            try:
+                return self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                if os.name == "nt":
+                    self.proc.terminate()
+                else:
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
+            try:
+                return self.proc.wait(term_grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        try:
+            return self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+# --------------------------------------------------------------------------------- transports
+
+
+class HttpTransport:
+    """The engine's local HTTP API, standard library only. Proxies are never used (localhost)."""
+
+    def __init__(self, api_url: str, token: str = "", timeout: float = HTTP_TIMEOUT_S):
+        self.api_url = (api_url or DEFAULT_API_URL).strip()
+        self.token = token or ""
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def _request(self, path: str, body: dict | None = None) -> tuple[int, dict]:
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(api_join(self.api_url, path), data=data, headers=headers, method="POST" if data else "GET")
+        try:
+            with self._opener.open(req, timeout=self.timeout) as resp:
+                code, raw = resp.status, resp.read(1 << 20)
+        except urllib.error.HTTPError as e:
+            code, raw = e.code, e.read(1 << 20) if e.fp else b""
+        try:
+            payload = json.loads(raw.decode("utf-8")) if raw else {}
+        except (UnicodeDecodeError, ValueError):
+            payload = {}
+        return code, payload if isinstance(payload, dict) else {}
+
+    def get_status(self) -> dict:
+        """The engine's status message; raises OSError (URLError, timeout) or ValueError."""
+        code, payload = self._request("/api/status")
+        if code in (401, 403):
+            raise PermissionError("the engine's API refused the token (set 'API token')")
+        if code != 200 or not is_ours(payload):
+            raise ValueError(f"unexpected answer from {self.api_url} (HTTP {code})")
+        return payload
+
+    def command(self, msg: dict) -> dict:
+        """POST a command; returns the reply message (ok false with the engine's error when refused)."""
+        code, payload = self._request("/api/command", msg)
+        if code in (401, 403):
+            return {"kind": "reply", "id": msg.get("id"), "ok": False, "error": "unauthorized: check the script's API token"}
+        if isinstance(payload.get("ok"), bool):
+            return payload
+        return {"kind": "reply", "id": msg.get("id"), "ok": code == 200, "error": None if code == 200 else f"HTTP {code}"}
+
+
+class WsTransport:
+    """obs-websocket through obsws-python: a ReqClient (worker thread only) broadcasts commands;
+    an EventClient (General events) calls ``on_message(dict)`` for each CustomEvent."""
+
+    def __init__(self, host: str, port: int, password: str, on_message, timeout: float = 3.0):
+        if obsws_python is None:
+            raise RuntimeError("obsws-python is not installed for OBS's Python")
+        for name in ("obsws_python", "websocket"):  # obsws-python logs the password at INFO level
+            lg = logging.getLogger(name)
+            lg.setLevel(logging.CRITICAL)
+            lg.propagate = False
+        self.req = self.events = None
+        self.req = obsws_python.ReqClient(host=host, port=port, password=password, timeout=timeout)
+        try:
+            self.events = obsws_python.EventClient(
+                host=host, port=port, password=password, timeout=timeout, subs=obsws_python.Subs.GENERAL
+            )
+        except BaseException:
+            self.close()
+            raise
+
+        def on_custom_event(data):  # obsws-python dispatches by this function's name
+            try:
+                on_message(event_to_dict(data))
+            except Exception:  # never let the listener thread die (or print) on a bad event
+                pass
+
+        self.events.callback.register(on_custom_event)
+
+    def alive(self) -> bool:
+        ev = self.events
+        return ev is not None and ev.worker.is_alive() and self.req is not None and self.req.base_client.ws.connected
+
+    def broadcast(self, msg: dict) -> None:
+        self.req.broadcast_custom_event({"eventData": msg})  # the wrapper is required
+
+    def close(self) -> None:
+        if self.events is not None:
+            ws = self.events.base_client.ws
+            try:
+                ws.abort()  # wakes the listener thread blocked in recv
+            except Exception:
+                pass
+            try:
+                ws.shutdown()
+            except Exception:
+                pass
+            worker = getattr(self.events, "worker", None)
+            if worker is not None:
+                worker.join(2)
+            self.events = None
+        if self.req is not None:
+            try:
+                self.req.base_client.ws.close(timeout=1)
+            except Exception:
+                pass
+            self.req = None
+
+
+# --------------------------------------------------------------------------------- controller
+
+
+class Controller:
+    """Talks to the engine on one worker thread; keeps the latest status for the UI.
+
+    ``config``: api_url, api_token, ws_password, ws_port, use_websocket. ``ws_lookup(cfg)`` ->
+    {"port", "password", "source"} (default: websocket_target with OBS's config folder).
+    """
+
+    def __init__(self, config: dict | None = None, ws_lookup=None, host: str = "127.0.0.1"):
+        self.host = host
+        self.config = dict(config or {})
+        self.ws_lookup = ws_lookup or (
+            lambda c: websocket_target(c.get("ws_password", ""), c.get("ws_port", 0), obs_config_dir())
+        )
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._logs: collections.deque = collections.deque(maxlen=200)
+        self._ids = itertools.count(1)
+        self._latest: dict[str, dict] = {}  # latest-wins commands (slider drags)
+        self._pending: dict = {}  # id -> cmd, commands sent over obs-websocket awaiting a reply
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        # state shared with the UI (under _lock)
+        self._status: dict | None = None
+        self._status_link: str | None = None
+        self._status_at = 0.0
+        self._ws_connected = False
+        self._http_ok = False
+        self._note = ""
+        self._last_pause_sent = False
+        # worker-only state
+        self._ws: WsTransport | None = None
+        self._ws_next_try = 0.0
+        self._ws_failures = 0
+        self._ws_error = ""
+        self._http = HttpTransport(self.config.get("api_url", DEFAULT_API_URL), self.config.get("api_token", ""))
+        self._http_next_poll = 0.0
+        self._http_reason = ""
+
+    # -- public, any thread ---------------------------------------------------------------
+
+    def start(self) -> "Controller":
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="live2diff-worker", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 3.0) -> None:
+        self._stop.set()
+        self._q.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    def configure(self, config: dict) -> None:
+        self._q.put(("config", dict(config)))
+
+    def send(self, cmd: str, **args) -> dict:
+        msg = command_message(cmd, id=f"obs-{next(self._ids)}", **args)
+        if cmd == "set_strength":
+            with self._lock:
+                self._latest[cmd] = msg
+            self._q.put(("latest", cmd))
+        else:
+            self._q.put(("send", msg))
+        return msg
+
+    def log(self, text: str, level: str = "info") -> None:
+        self._logs.append((level, text))
+
+    def drain_logs(self) -> list[tuple[str, str]]:
+        out = []
+        while True:
+            try:
+                out.append(self._logs.popleft())
+            except IndexError:
+                return out
+
+    def snapshot(self) -> tuple[dict | None, str | None, str]:
+        """(latest status or None when stale, the link it came over, a note when offline)."""
+        with self._lock:
+            fresh = self._status is not None and time.monotonic() - self._status_at < STATUS_STALE_S
+            if fresh:
+                return dict(self._status), self._status_link, ""
+            return None, None, self._note
+
+    def last_known_status(self) -> dict | None:
+        with self._lock:
+            return dict(self._status) if self._status else None
+
+    # convenience actions (used by buttons and hotkeys alike)
+
+    def toggle_pause(self) -> dict:
+        status = self.last_known_status()
+        paused = bool(status.get("paused")) if status else self._last_pause_sent
+        self._last_pause_sent = not paused
+        return self.send("resume" if paused else "pause")
+
+    def step_style(self, step: int) -> dict | None:
+        status = self.last_known_status()
+        style = cycle_style((status or {}).get("styles"), (status or {}).get("style"), step)
+        if style is None:
+            self.log(f"{LOG_PREFIX} no styles known yet (the engine has not been seen)", "warning")
+            return None
+        return self.send("set_style", style=style)
+
+    # -- incoming messages (EventClient thread or worker) ---------------------------------
+
+    def _on_message(self, msg: dict, link: str) -> None:
+        if not is_ours(msg):
+            return
+        kind = msg.get("kind")
+        if kind == "status":
+            with self._lock:
+                self._status = msg
+                self._status_link = link
+                self._status_at = time.monotonic()
+        elif kind == "reply":
+            with self._lock:
+                cmd = self._pending.pop(msg.get("id"), None)
+            if cmd is not None:
+                self._reply(cmd, msg)
+            status = msg.get("status")
+            if isinstance(status, dict) and is_ours(status):
+                self._on_message(status, link)
+        # kind "command": our own broadcasts (and other clients') come back to us: ignored
+
+    def _reply(self, cmd: str, reply: dict) -> None:
+        if not reply.get("ok"):
+            self.log(f"{LOG_PREFIX} engine refused {cmd}: {reply.get('error') or 'no reason given'}", "warning")
+
+    # -- worker ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    job = self._q.get(timeout=0.1)
+                except queue.Empty:
+                    job = None
+                if job is not None:
+                    kind, arg = job
+                    if kind == "stop":
+                        break
+                    try:
+                        self._handle(kind, arg)
+                    except Exception as e:
+                        self.log(f"{LOG_PREFIX} internal error ({kind}): {type(e).__name__}: {e}", "error")
+                try:
+                    self._maintain()
+                except Exception as e:
+                    self.log(f"{LOG_PREFIX} internal error: {type(e).__name__}: {e}", "error")
+        finally:
+            self._close_ws()
+
+    def _handle(self, kind: str, arg) -> None:
+        if kind == "config":
+            if arg != self.config:
+                self.config = arg
+                self._http = HttpTransport(arg.get("api_url", DEFAULT_API_URL), arg.get("api_token", ""))
+                self._close_ws()
+                self._ws_failures = 0
+                self._ws_next_try = time.monotonic() + 0.5  # settle while typing
+                self._http_next_poll = 0.0
+        elif kind == "latest":
+            with self._lock:
+                msg = self._latest.pop(arg, None)
+            if msg is not None:
+                self._deliver(msg)
+        elif kind == "send":
+            self._deliver(arg)
+
+    def _engine_on_ws(self) -> bool:
+        with self._lock:
+            return (
+                self._ws is not None
+                and self._status_link == LINK_WS
+                and time.monotonic() - self._status_at < STATUS_STALE_S
+            )
+
+    def _deliver(self, msg: dict) -> None:
+        cmd = msg["cmd"]
+        ws_up = self._ws is not None and self._ws.alive()
+        if ws_up and (self._engine_on_ws() or not self._http_ok):
+            try:
+                with self._lock:
+                    self._pending[msg["id"]] = cmd
+                    if len(self._pending) > 100:
+                        self._pending.pop(next(iter(self._pending)))
+                self._ws.broadcast(msg)
+                return
+            except Exception as e:
+                with self._lock:
+                    self._pending.pop(msg["id"], None)
+                if type(e).__name__ == "OBSSDKRequestError":  # OBS answered: the link is fine
+                    self.log(f"{LOG_PREFIX} obs-websocket refused to broadcast {cmd}: {_reason(e)}", "warning")
+                    return
+                self._ws_lost(e)
+        try:
+            reply = self._http.command(msg)
+        except (OSError, ValueError) as e:
+            self.log(
+                f"{LOG_PREFIX} could not send {cmd}: the engine is not reachable "
+                f"(obs-websocket: {self._ws_error or 'not connected'}; HTTP API {self._http.api_url}: {_reason(e)})",
+                "warning",
+            )
+            return
+        self._reply(cmd, reply)
+        status = reply.get("status")
+        if isinstance(status, dict) and is_ours(status):
+            self._on_message(status, LINK_HTTP)
+
+    def _maintain(self) -> None:
+        now = time.monotonic()
+        # obs-websocket
+        if self.config.get("use_websocket", True) and obsws_python is not None:
+            if self._ws is not None and not self._ws.alive():
+                self._ws_lost(None)
+            if self._ws is None and now >= self._ws_next_try:
+                self._connect_ws()
+        elif self._ws_error == "":
+            self._ws_error = "obsws-python not installed for OBS's Python" if obsws_python is None else "off"
+        # HTTP: polled whenever the engine is not seen over obs-websocket
+        if not self._engine_on_ws() and now >= self._http_next_poll:
+            self._http_next_poll = now + HTTP_POLL_S
+            try:
+                status = self._http.get_status()
+            except (OSError, ValueError) as e:
+                self._set_http(False, _reason(e))
+            else:
+                self._set_http(True, "")
+                self._on_message(status, LINK_HTTP)
+        self._update_note()
+
+    def _set_http(self, ok: bool, reason: str) -> None:
+        self._http_ok = ok
+        self._http_reason = reason
+
+    def _update_note(self) -> None:
+        ws = "connected, no engine status" if self._ws is not None else (self._ws_error or "connecting")
+        http = self._http_reason or ("answering" if self._http_ok else "not polled yet")
+        note = f"obs-websocket: {ws}; HTTP API {self._http.api_url}: {http}"
+        with self._lock:
+            self._note = note
+            self._ws_connected = self._ws is not None
+
+    def _connect_ws(self) -> None:
+        target = self.ws_lookup(self.config)
+        try:  # without a password too: the server may not ask for one (obsws-python says if it does)
+            self._ws = WsTransport(
+                self.host, int(target["port"]), target.get("password", ""), lambda m: self._on_message(m, LINK_WS)
+            )
+        except Exception as e:
+            self._ws = None
+            self._ws_failures += 1
+            auth = _is_auth_error(e)
+            if auth and not target.get("password"):
+                reason = "no password (set it in the script or check Tools > WebSocket Server Settings)"
+            elif auth:
+                reason = f"password refused (from {target.get('source')})"
+            else:
+                reason = f"port {target['port']}: {_reason(e)}"
+            if reason != self._ws_error:
+                self.log(f"{LOG_PREFIX} obs-websocket not connected: {reason}; using the HTTP API meanwhile", "info")
+            self._ws_error = reason
+            delay = WS_BACKOFF_AUTH_S if auth else WS_BACKOFF_S[min(self._ws_failures - 1, len(WS_BACKOFF_S) - 1)]
+            self._ws_next_try = time.monotonic() + delay
+            return
+        self._ws_failures = 0
+        self._ws_error = ""
+        self.log(f"{LOG_PREFIX} connected to obs-websocket on {self.host}:{target['port']} (password from {target.get('source')})")
+        try:  # ask for a status at once rather than waiting for the next one
+            self._ws.broadcast(command_message("status", id=f"obs-{next(self._ids)}"))
+        except Exception as e:
+            self._ws_lost(e)
+
+    def _ws_lost(self, error) -> None:
+        if self._ws is None:
+            return
+        self._close_ws()
+        self._ws_error = f"connection lost ({_reason(error)})" if error else "connection lost"
+        self.log(f"{LOG_PREFIX} obs-websocket {self._ws_error}; reconnecting", "warning")
+        self._ws_failures = 1
+        self._ws_next_try = time.monotonic() + WS_BACKOFF_S[0]
+
+    def _close_ws(self) -> None:
+        ws, self._ws = self._ws, None
+        if ws is not None:
+            try:
+                ws.close()
+            except Exception:
+                pass
+
+
+def _reason(e) -> str:
+    if e is None:
+        return "unknown"
+    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        e = e.reason if isinstance(e.reason, BaseException) else e
+    text = str(e) or type(e).__name__
+    if isinstance(e, ConnectionRefusedError):
+        text = "connection refused"
+    return _short(text, 120)
+
+
+def _is_auth_error(e) -> bool:
+    text = str(e).lower()
+    return "password" in text or "authentic" in text or "identify" in text
+
+
+# ============================================================================= OBS integration
+
+_S = globals().get("_S")  # survives OBS's "Reload Scripts" (a module reload keeps globals)
+if _S is None:
+    _S = {"engine": EngineProcess(), "stop_on_exit": True}
+_S.setdefault("engine", EngineProcess())
+
+
+def _stop_engine_at_exit():
+    """Python's atexit: runs when OBS shuts its Python down (OBS exits), not on a script reload.
+    (OBS 29 unloads scripts before its EXIT frontend event, so that event cannot tell.) No logging
+    here: OBS's log hook needs a current script."""
+    eng = _S.get("engine")
+    if eng is not None and eng.running() and _S.get("stop_on_exit", True):
+        eng.stop(grace=5.0, term_grace=2.0)
+
+
+if obs is not None and not _S.get("atexit_registered"):
+    atexit.register(_stop_engine_at_exit)
+    _S["atexit_registered"] = True
+
+_controller: Controller | None = None
+_settings = None  # OBS's settings object of this script (owned by OBS)
+_ui: dict = {}  # the settings as last seen by script_update (and the engine's values mirrored into them)
+_ui_lock = threading.Lock()
+_hotkeys: dict[str, int] = {}
+_last_key = None
+_last_styles: list = []
+_exit_code_logged = None
+
+def _log(text: str, level: str = "info") -> None:
+    """Only from OBS callbacks (OBS's log hook for Python needs the current script)."""
+    if obs is None:
+        print(text)
+        return
+    lvl = {"info": obs.LOG_INFO, "warning": obs.LOG_WARNING, "error": obs.LOG_ERROR}.get(level, obs.LOG_INFO)
+    obs.script_log(lvl, text)
+
+
+def _read_settings(settings) -> dict:
+    g = obs.obs_data_get_string
+    return {
+        "prompt": g(settings, "prompt"),
+        "negative_prompt": g(settings, "negative_prompt"),
+        "style": g(settings, "style"),
+        "strength": obs.obs_data_get_double(settings, "strength"),
+        "seed": obs.obs_data_get_int(settings, "seed"),
+        "api_url": g(settings, "api_url").strip() or DEFAULT_API_URL,
+        "api_token": g(settings, "api_token"),
+        "ws_password": g(settings, "ws_password"),
+        "ws_port": obs.obs_data_get_int(settings, "ws_port"),
+        "engine_command": g(settings, "engine_command").strip() or DEFAULT_ENGINE_COMMAND,
+        "engine_venv": g(settings, "engine_venv").strip(),
+        "stop_engine_on_exit": obs.obs_data_get_bool(settings, "stop_engine_on_exit"),
+    }
+
+
+def _transport_config(ui: dict) -> dict:
+    cfg = {k: ui.get(k) for k in ("api_url", "api_token", "ws_password", "ws_port")}
+    cfg["use_websocket"] = True
+    return cfg
+
+
+def apply_prompt() -> None:
+    """Apply button and the 'apply prompt' hotkey: set_prompt (and set_negative_prompt when the box
+    differs from the engine's)."""
+    if _controller is None:
+        return
+    with _ui_lock:  # (the engine refuses carriage returns; Windows text boxes may hold them)
+        prompt = _ui.get("prompt", "").replace("\r\n", "\n").replace("\r", "\n")
+        negative = _ui.get("negative_prompt", "").replace("\r\n", "\n").replace("\r", "\n")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        _controller.log(f"{LOG_PREFIX} prompt too long ({len(prompt)} characters, at most {MAX_PROMPT_CHARS})", "warning")
+        return
+    _controller.send("set_prompt", prompt=prompt)
+    status = _controller.last_known_status()
+    engine_negative = (status or {}).get("negative_prompt")
+    if negative != (engine_negative if engine_negative is not None else ""):
+        _controller.send("set_negative_prompt", negative_prompt=negative)
+
+
+def _sync_from_ui_thread() -> None:
+    """Buttons run on OBS's UI thread, where reading the settings object is safe."""
+    if _settings is not None:
+        with _ui_lock:
+            _ui.update({k: v for k, v in _read_settings(_settings).items() if k in ("prompt", "negative_prompt", "seed")})
+
+
+# -- buttons (UI thread); returning True makes OBS rebuild the properties (fresh status)
+
+def _on_refresh(props, prop):
+    return True
+
+
+def _on_apply_prompt(props, prop):
+    _sync_from_ui_thread()
+    apply_prompt()
+    return True
+
+
+def _on_apply_seed(props, prop):
+    _sync_from_ui_thread()
+    if _controller is not None:
+        _controller.send("set_seed", seed=int(_ui.get("seed", 0)))
+    return True
+
+
+def _on_pause_resume(props, prop):
+    if _controller is not None:
+        _controller.toggle_pause()
+    return True
+
+
+def _on_reset(props, prop):
+    if _controller is not None:
+        _controller.send("reset")
+    return True
+
+
+def _on_add_to_scene(props, prop):
+    if _controller is None:
+        return False
+    scene = None
+    try:
+        src = obs.obs_frontend_get_current_scene()
+        if src is not None:
+            scene = obs.obs_source_get_name(src)
+            obs.obs_source_release(src)
+    except Exception:
+        scene = None
+    if scene:
+        _controller.send("add_to_scene", scene=scene)
+    else:
+        _controller.send("add_to_scene")
+    return True
+
+
+def _on_open_dock(props, prop):
+    url = dock_url(_ui.get("api_url", DEFAULT_API_URL))
+    threading.Thread(target=_open_browser, args=(url,), daemon=True).start()
+    return False
+
+
+def _quietly(fn, *args) -> None:
+    """Run ``fn`` on a helper thread: an exception must not reach OBS's log hook from there."""
+    try:
+        fn(*args)
+    except Exception:
+        pass
+
+
+def _open_browser(url: str) -> None:
+    _quietly(webbrowser.open, url)
+
+
+def _engine_log_path() -> str:
+    base = obs_config_dir() or os.path.expanduser("~")
+    return os.path.join(base, "plugin_config", "live2diff", "engine.log")
+
+
+def _on_start_engine(props, prop):
+    eng: EngineProcess = _S["engine"]
+    if eng.running():
+        _log(f"{LOG_PREFIX} the engine is already running (pid {eng.pid})")
+        return True
+    try:
+        argv = resolve_engine_command(_ui.get("engine_command", DEFAULT_ENGINE_COMMAND), _ui.get("engine_venv", ""))
+        log_path = _engine_log_path()
+        eng.start(argv, log_path)
+    except (ValueError, OSError, RuntimeError) as e:
+        _log(f"{LOG_PREFIX} could not start the engine: {e}", "error")
+        return True
+    global _exit_code_logged
+    _exit_code_logged = None
+    _log(f"{LOG_PREFIX} engine started (pid {eng.pid}): {' '.join(shlex.quote(a) for a in argv)}; output in {log_path}")
+    return True
+
+
+def _on_stop_engine(props, prop):
+    eng: EngineProcess = _S["engine"]
+    if not eng.running():
+        _log(f"{LOG_PREFIX} no engine started from this script is running")
+        return True
+    _log(f"{LOG_PREFIX} stopping the engine (pid {eng.pid})")
+    threading.Thread(target=_quietly, args=(eng.stop,), name="live2diff-engine-stop", daemon=True).start()
+    return True
+
+
+# -- hotkeys (called by OBS, not on the UI thread)
+
+def _hk(action):
+    def callback(pressed):
+        if pressed and _controller is not None:
+            action()
+    return callback
+
+
+def _hotkey_actions():
+    return {
+        "live2diff.apply_prompt": apply_prompt,
+        "live2diff.next_style": lambda: _controller.step_style(+1),
+        "live2diff.previous_style": lambda: _controller.step_style(-1),
+        "live2diff.pause_resume": lambda: _controller.toggle_pause(),
+        "live2diff.reset": lambda: _controller.send("reset"),
+    }
+
+
+def _hotkey_setting(name: str) -> str:
+    return "hotkey_" + name.replace(".", "_")
+
+
+# -- timer (OBS's script timer; runs on OBS's video tick, never blocks)
+
+def _tick():
+    global _last_key, _exit_code_logged
+    if _controller is None:
+        return
+    for level, text in _controller.drain_logs():
+        _log(text, level)
+    status, link, note = _controller.snapshot()
+    key = status_key(status, link)
+    if key != _last_key:
+        _last_key = key
+        _log(status_line(status, link, note))
+    eng: EngineProcess = _S["engine"]
+    if eng.proc is not None and eng.proc.poll() is not None and _exit_code_logged != eng.pid:
+        _exit_code_logged = eng.pid
+        _log(f"{LOG_PREFIX} engine process {eng.pid} exited with code {eng.proc.returncode}")
+
+
+# -- OBS script API
+
+def script_description():
+    return (
+        "<b>Live2Diff</b>: control the live diffusion engine (prompt, style, strength, pause) from OBS, "
+        "with hotkeys.<br>Dock page: <a href='{0}'>{0}</a> "
+        "(Docks &gt; Custom Browser Docks)."
+    ).format(dock_url(_ui.get("api_url", DEFAULT_API_URL)))
+
+
+def script_defaults(settings):
+    obs.obs_data_set_default_string(settings, "api_url", DEFAULT_API_URL)
+    obs.obs_data_set_default_string(settings, "engine_command", DEFAULT_ENGINE_COMMAND)
+    obs.obs_data_set_default_double(settings, "strength", 0.5)
+    obs.obs_data_set_default_int(settings, "ws_port", 0)
+    obs.obs_data_set_default_bool(settings, "stop_engine_on_exit", True)
+
+
+def _text_info(props, name, description, text=None):
+    info = getattr(obs, "OBS_TEXT_INFO", None)
+    if info is not None:
+        p = obs.obs_properties_add_text(props, name, description, info)
+        if hasattr(obs, "obs_property_text_set_info_word_wrap"):
+            obs.obs_property_text_set_info_word_wrap(p, True)
+    else:  # older OBS: a read-only text box
+        p = obs.obs_properties_add_text(props, name, description, obs.OBS_TEXT_MULTILINE)
+        obs.obs_property_set_enabled(p, False)
+    if text is not None and _settings is not None:
+        # A default, not a value: shown by OBS but never saved with the scene collection.
+        obs.obs_data_set_default_string(_settings, name, text)
+    return p
+
+
+def _mirror_engine_values(status: dict | None) -> None:
+    """Copy the engine's style and strength into the settings (UI thread: script_properties)."""
+    if _settings is None or not status:
+        return
+    with _ui_lock:
+        style = status.get("style")
+        if isinstance(style, str) and style and style != _ui.get("style"):
+            obs.obs_data_set_string(_settings, "style", style)
+            _ui["style"] = style
+        strength = status.get("strength")
+        if isinstance(strength, (int, float)) and not isinstance(strength, bool) and abs(strength - _ui.get("strength", -1)) > 1e-6:
+            obs.obs_data_set_double(_settings, "strength", float(strength))
+            _ui["strength"] = float(strength)
+
+
+def script_properties():
+    props = obs.obs_properties_create()
+    status, link, note = _controller.snapshot() if _controller else (None, None, "")
+    known = status or (_controller.last_known_status() if _controller else None)
+    _mirror_engine_values(status)
+
+    _text_info(props, "status_text", "Engine", format_status(status, link, note))
+    obs.obs_properties_add_button(props, "refresh", "Refresh", _on_refresh)
+
+    obs.obs_properties_add_text(props, "prompt", "Prompt", obs.OBS_TEXT_MULTILINE)
+    obs.obs_properties_add_text(props, "negative_prompt", "Negative prompt", obs.OBS_TEXT_MULTILINE)
+    obs.obs_properties_add_button(props, "apply_prompt", "Apply prompt", _on_apply_prompt)
+
+    styles = list((known or {}).get("styles") or []) or list(_last_styles)
+    _last_styles[:] = styles
+    lst = obs.obs_properties_add_list(props, "style", "Style", obs.OBS_COMBO_TYPE_LIST, obs.OBS_COMBO_FORMAT_STRING)
+    current = _ui.get("style", "")
+    if current and current not in styles:
+        obs.obs_property_list_add_string(lst, current, current)
+    for name in styles:
+        if isinstance(name, str):
+            obs.obs_property_list_add_string(lst, name, name)
+    if not styles:
+        obs.obs_property_set_long_description(lst, "The list fills in once the engine is reachable (press Refresh).")
+
+    obs.obs_properties_add_float_slider(props, "strength", "Strength", 0.05, 1.0, 0.05)
+    obs.obs_properties_add_int(props, "seed", "Seed", 0, SEED_MAX_UI, 1)
+    obs.obs_properties_add_button(props, "apply_seed", "Apply seed", _on_apply_seed)
+    paused = bool((known or {}).get("paused"))
+    obs.obs_properties_add_button(props, "pause_resume", "Resume" if paused else "Pause", _on_pause_resume)
+    obs.obs_properties_add_button(props, "reset", "Reset", _on_reset)
+    obs.obs_properties_add_button(props, "add_to_scene", "Add engine output to scene", _on_add_to_scene)
+    obs.obs_properties_add_button(props, "open_dock", "Open dock in browser", _on_open_dock)
+    url = dock_url(_ui.get("api_url", DEFAULT_API_URL))
+    _text_info(
+        props,
+        "dock_note",
+        "Dock",
+        f"To keep the controls in a dock: Docks > Custom Browser Docks, name 'Live2Diff', URL {url} "
+        "(OBS builds without browser support, e.g. Debian's, have no browser docks: use 'Open dock in browser').",
+    )
+
+    eng = obs.obs_properties_create()
+    obs.obs_properties_add_text(eng, "engine_command", "Command line", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_path(eng, "engine_venv", "Engine venv folder (optional)", obs.OBS_PATH_DIRECTORY, None, None)
+    obs.obs_properties_add_bool(eng, "stop_engine_on_exit", "Stop the engine when OBS exits")
+    running = _S["engine"].running()
+    b = obs.obs_properties_add_button(eng, "start_engine", "Start engine", _on_start_engine)
+    obs.obs_property_set_enabled(b, not running)
+    b = obs.obs_properties_add_button(eng, "stop_engine", "Stop engine", _on_stop_engine)
+    obs.obs_property_set_enabled(b, running)
+    obs.obs_properties_add_group(props, "engine_group", "Engine process", obs.OBS_GROUP_NORMAL, eng)
+
+    conn = obs.obs_properties_create()
+    obs.obs_properties_add_text(conn, "api_url", "Engine API URL", obs.OBS_TEXT_DEFAULT)
+    obs.obs_properties_add_text(conn, "api_token", "API token", obs.OBS_TEXT_PASSWORD)
+    obs.obs_properties_add_text(conn, "ws_password", "obs-websocket password (empty: OBS's own)", obs.OBS_TEXT_PASSWORD)
+    obs.obs_properties_add_int(conn, "ws_port", "obs-websocket port (0: OBS's own)", 0, 65535, 1)
+    obs.obs_properties_add_group(props, "connection_group", "Connection", obs.OBS_GROUP_NORMAL, conn)
+    return props
+
+
+def script_update(settings):
+    global _settings
+    _settings = settings
+    new = _read_settings(settings)
+    _S["stop_on_exit"] = bool(new["stop_engine_on_exit"])
+    with _ui_lock:
+        old = dict(_ui)
+        _ui.update(new)
+    if _controller is None:
+        return
+    if _transport_config(old) != _transport_config(new):
+        _controller.configure(_transport_config(new))
+    if not old:
+        return  # the first update (script load): nothing was changed by the user
+    if new["style"] and new["style"] != old.get("style"):
+        _controller.send("set_style", style=new["style"])
+    if abs(new["strength"] - old.get("strength", new["strength"])) > 1e-6 and new["strength"] > 0:
+        _controller.send("set_strength", strength=round(float(new["strength"]), 4))
+
+
+def script_load(settings):
+    global _controller, _settings, _last_key
+    _settings = settings
+    _last_key = None
+    with _ui_lock:
+        _ui.clear()
+        ui = _read_settings(settings)
+    _controller = Controller(_transport_config(ui)).start()
+    if obsws_python is None:
+        _controller.log(f"{LOG_PREFIX} obsws-python is not installed for OBS's Python: using the engine's HTTP API")
+    actions = _hotkey_actions()
+    for name, description in HOTKEYS:
+        hid = obs.obs_hotkey_register_frontend(name, description, _hk(actions[name]))
+        _hotkeys[name] = hid
+        arr = obs.obs_data_get_array(settings, _hotkey_setting(name))
+        obs.obs_hotkey_load(hid, arr)
+        obs.obs_data_array_release(arr)
+    obs.timer_add(_tick, 250)
+    eng: EngineProcess = _S["engine"]
+    if eng.running():
+        _controller.log(f"{LOG_PREFIX} the engine started earlier (pid {eng.pid}) is still running")
+
+
+def script_save(settings):
+    for name, hid in _hotkeys.items():
+        arr = obs.obs_hotkey_save(hid)
+        obs.obs_data_set_array(settings, _hotkey_setting(name), arr)
+        obs.obs_data_array_release(arr)
+
+
+def script_unload():
+    global _controller, _settings
+    ctl, _controller = _controller, None
+    if ctl is not None:
+        ctl.stop(timeout=3.0)
+        for level, text in ctl.drain_logs():
+            _log(text, level)
+    eng: EngineProcess = _S["engine"]
+    if eng.running():
+        when = "when OBS exits" if _S.get("stop_on_exit", True) else "only by 'Stop engine'"
+        _log(f"{LOG_PREFIX} script unloaded; the engine (pid {eng.pid}) is left running (a script reload keeps it) and is stopped {when}")
+    _hotkeys.clear()
+    _settings = None

@@ -1,0 +1,423 @@
+// Live2Diff dock: status and controls over the engine's WebSocket (/api/ws).
+// Plain script, no dependencies, no inline handlers (works under a strict CSP and offline).
+(() => {
+  'use strict';
+
+  const $ = (id) => document.getElementById(id);
+  const token = new URLSearchParams(location.search).get('token') || '';
+  const query = token ? '?token=' + encodeURIComponent(token) : '';
+  const HISTORY_KEY = 'live2diff.dock.history';
+  const HISTORY_MAX = 20;
+  const REPLY_TIMEOUT_MS = 60000;
+  const STALE_MS = 5000; // the engine sends status every second
+  const RETRY_MIN_MS = 500;
+  const RETRY_MAX_MS = 10000;
+  const TOAST_MS = 6000;
+  const NAMES = {
+    set_prompt: 'Prompt', set_negative_prompt: 'Negative prompt', set_style: 'Style',
+    set_strength: 'Strength', set_steps: 'Steps', set_seed: 'Seed',
+    pause: 'Pause', resume: 'Resume', reset: 'Reset',
+  };
+
+  const el = {
+    conn: $('conn'), main: $('main'), controls: $('controls'),
+    state: $('f-state'), fps: $('f-fps'), latency: $('f-latency'), style: $('f-style'), frames: $('f-frames'),
+    lastError: $('last-error'), toast: $('toast'), about: $('about'),
+    prompt: $('prompt'), promptApply: $('prompt-apply'), history: $('history'), historyEmpty: $('history-empty'),
+    negative: $('negative'), negativeApply: $('negative-apply'),
+    styles: $('styles'), strength: $('strength'), strengthValue: $('strength-value'),
+    steps: $('steps'), seed: $('seed'), seedApply: $('seed-apply'),
+    pause: $('pause'), reset: $('reset'),
+  };
+
+  let ws = null;
+  let live = false;
+  let retryMs = RETRY_MIN_MS;
+  let retryTimer = 0;
+  let countdownTimer = 0;
+  let lastMessageAt = 0;
+  let nextId = 0;
+  let status = null;
+  let shownStyles = null;
+  let descriptions = {};
+  let dragging = false;
+  let toastTimer = 0;
+  const pending = new Map(); // id -> {cmd, onReply, timer}
+  const dirty = new Set(); // fields edited by the user and not applied yet
+
+  // -- connection ------------------------------------------------------------------------------
+
+  function setConn(kind, text) {
+    el.conn.className = 'conn conn-' + kind;
+    el.conn.textContent = text;
+    el.conn.dataset.state = kind;
+  }
+
+  function setLive(on) {
+    live = on;
+    el.main.classList.toggle('stale', !on);
+    for (const b of el.controls.querySelectorAll('button, select, input[type="range"]')) {
+      b.disabled = !on;
+    }
+  }
+
+  function connect() {
+    clearTimeout(retryTimer);
+    clearInterval(countdownTimer);
+    if (!location.host) {
+      setConn('disconnected', 'disconnected');
+      toast('Open this page from the engine: http://127.0.0.1:8765/dock');
+      return;
+    }
+    setConn('connecting', 'connecting\u2026');
+    const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    let sock;
+    try {
+      sock = new WebSocket(`${proto}//${location.host}/api/ws${query}`);
+    } catch (e) {
+      retry();
+      return;
+    }
+    ws = sock;
+    sock.addEventListener('open', () => {
+      if (sock !== ws) return;
+      retryMs = RETRY_MIN_MS;
+      lastMessageAt = Date.now();
+      setConn('connected', 'connected');
+      setLive(true);
+      loadDescriptions();
+    });
+    sock.addEventListener('message', (ev) => {
+      if (sock !== ws) return;
+      lastMessageAt = Date.now();
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch (e) {
+        return;
+      }
+      if (!msg || msg.app !== 'live2diff') return;
+      if (msg.kind === 'status') render(msg);
+      else if (msg.kind === 'reply') onReply(msg);
+    });
+    sock.addEventListener('close', () => dropped(sock));
+    sock.addEventListener('error', () => dropped(sock));
+  }
+
+  function dropped(sock) {
+    if (sock !== ws) return;
+    ws = null;
+    try {
+      sock.close();
+    } catch (e) { /* already closed */ }
+    const lost = pending.size > 0;
+    for (const [id, p] of pending) {
+      pending.delete(id);
+      clearTimeout(p.timer);
+      if (p.onReply) p.onReply({ ok: false, error: 'connection lost' });
+    }
+    if (lost) toast('Connection lost before the engine answered');
+    setLive(false);
+    retry();
+  }
+
+  function retry() {
+    const delay = Math.min(retryMs, RETRY_MAX_MS);
+    retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
+    const at = Date.now() + delay;
+    const show = () => {
+      const s = Math.max(0, Math.ceil((at - Date.now()) / 1000));
+      setConn('disconnected', `disconnected \u00b7 retry in ${s} s`);
+    };
+    show();
+    countdownTimer = setInterval(show, 1000);
+    retryTimer = setTimeout(connect, delay);
+  }
+
+  // A connection that went quiet (engine frozen, machine asleep) is replaced.
+  setInterval(() => {
+    if (ws && ws.readyState === WebSocket.OPEN && Date.now() - lastMessageAt > STALE_MS) dropped(ws);
+  }, 1000);
+
+  function loadDescriptions() {
+    if (!window.fetch) return;
+    fetch('/api/styles' + query, { cache: 'no-store' })
+      .then((r) => (r.ok ? r.json() : null))
+      .then((data) => {
+        if (!data || !Array.isArray(data.styles)) return;
+        descriptions = {};
+        for (const s of data.styles) if (s && s.name) descriptions[s.name] = s.description || '';
+        for (const b of el.styles.children) b.title = descriptions[b.dataset.style] || '';
+      })
+      .catch(() => {});
+  }
+
+  // -- commands --------------------------------------------------------------------------------
+
+  function send(cmd, args, onReply) {
+    if (!ws || ws.readyState !== WebSocket.OPEN) {
+      toast('Not connected to the engine');
+      if (onReply) onReply({ ok: false, error: 'not connected' });
+      return false;
+    }
+    const id = ++nextId;
+    const timer = setTimeout(() => {
+      const p = pending.get(id);
+      if (!p) return;
+      pending.delete(id);
+      toast(`${NAMES[cmd] || cmd}: no answer from the engine`);
+      if (p.onReply) p.onReply({ ok: false, error: 'timeout' });
+    }, REPLY_TIMEOUT_MS);
+    pending.set(id, { cmd, onReply, timer });
+    ws.send(JSON.stringify(Object.assign({ app: 'live2diff', v: 1, kind: 'command', cmd, id }, args || {})));
+    return true;
+  }
+
+  function onReply(msg) {
+    const p = pending.get(msg.id);
+    if (!p) {
+      if (!msg.ok && msg.error) toast(msg.error);
+      return;
+    }
+    pending.delete(msg.id);
+    clearTimeout(p.timer);
+    if (!msg.ok) toast(`${NAMES[p.cmd] || p.cmd}: ${msg.error || 'refused'}`);
+    if (p.onReply) p.onReply(msg);
+  }
+
+  function busy(cmd) {
+    for (const p of pending.values()) if (p.cmd === cmd) return true;
+    return false;
+  }
+
+  function toast(text, kind) {
+    el.toast.textContent = text;
+    el.toast.className = 'toast' + (kind ? ' ' + kind : '');
+    el.toast.hidden = false;
+    clearTimeout(toastTimer);
+    // Long enough to read: a few seconds more for a long reason.
+    toastTimer = setTimeout(() => { el.toast.hidden = true; }, Math.min(TOAST_MS + 40 * text.length, 15000));
+  }
+
+  // A text field the user has edited keeps its text until it is applied (or Escape is pressed).
+  function applyField(input, cmd, key, value, after) {
+    const sent = input.value;
+    return send(cmd, { [key]: value }, (r) => {
+      if (r.ok && input.value === sent) dirty.delete(input.id);
+      if (after) after(r);
+    });
+  }
+
+  function applyPrompt() {
+    const text = el.prompt.value;
+    applyField(el.prompt, 'set_prompt', 'prompt', text, (r) => {
+      if (r.ok) remember(text.trim());
+    });
+  }
+
+  function applyNegative() {
+    applyField(el.negative, 'set_negative_prompt', 'negative_prompt', el.negative.value);
+  }
+
+  function applySeed() {
+    const raw = el.seed.value.trim();
+    const seed = Number(raw);
+    if (raw === '' || !Number.isInteger(seed) || seed < 0 || seed > 4294967295) {
+      toast('Seed: a whole number from 0 to 4294967295');
+      return;
+    }
+    applyField(el.seed, 'set_seed', 'seed', seed);
+  }
+
+  function setField(input, value) {
+    if (value === undefined || value === null) return;
+    if (document.activeElement === input || dirty.has(input.id)) return;
+    const text = String(value);
+    if (input.value !== text) input.value = text;
+  }
+
+  // -- prompt history --------------------------------------------------------------------------
+
+  function loadHistory() {
+    try {
+      const list = JSON.parse(localStorage.getItem(HISTORY_KEY) || '[]');
+      return Array.isArray(list) ? list.filter((x) => typeof x === 'string' && x).slice(0, HISTORY_MAX) : [];
+    } catch (e) {
+      return [];
+    }
+  }
+
+  function saveHistory(list) {
+    try {
+      localStorage.setItem(HISTORY_KEY, JSON.stringify(list));
+    } catch (e) { /* storage off or full: the list lives for this session only */ }
+  }
+
+  let history = loadHistory();
+
+  function remember(text) {
+    if (!text) return;
+    history = [text].concat(history.filter((x) => x !== text)).slice(0, HISTORY_MAX);
+    saveHistory(history);
+    renderHistory();
+  }
+
+  function renderHistory() {
+    el.history.textContent = '';
+    for (const text of history) {
+      const li = document.createElement('li');
+      const b = document.createElement('button');
+      b.type = 'button';
+      b.textContent = text;
+      b.title = text;
+      b.dataset.prompt = text;
+      b.setAttribute('aria-label', 'Apply again: ' + text);
+      li.appendChild(b);
+      el.history.appendChild(li);
+    }
+    el.historyEmpty.hidden = history.length > 0;
+  }
+
+  // -- status ----------------------------------------------------------------------------------
+
+  function num(v, digits) {
+    return typeof v === 'number' && isFinite(v) ? v.toFixed(digits) : '\u2013';
+  }
+
+  function render(s) {
+    status = s;
+    el.state.textContent = s.state || '\u2013';
+    el.state.dataset.state = s.state || '';
+    el.fps.textContent = num(s.fps, 1);
+    el.latency.textContent = typeof s.latency_ms === 'number' ? Math.round(s.latency_ms) + ' ms' : '\u2013';
+    el.style.textContent = s.style || '\u2013';
+    el.frames.textContent = typeof s.frames_out === 'number' ? String(s.frames_out) : '\u2013';
+    el.lastError.hidden = !s.last_error;
+    el.lastError.textContent = s.last_error ? 'Last error: ' + s.last_error : '';
+
+    setField(el.prompt, s.prompt);
+    setField(el.negative, s.negative_prompt);
+    setField(el.seed, s.seed);
+    if (typeof s.strength === 'number' && !dragging && !busy('set_strength')) {
+      el.strength.value = String(s.strength);
+      el.strengthValue.textContent = s.strength.toFixed(2);
+    }
+    if (typeof s.steps === 'number' && !busy('set_steps')) {
+      el.steps.value = String(s.steps);
+    }
+
+    const names = Array.isArray(s.styles) ? s.styles : [];
+    if (shownStyles === null || names.join('\n') !== shownStyles) {
+      shownStyles = names.join('\n');
+      el.styles.textContent = '';
+      for (const name of names) {
+        const b = document.createElement('button');
+        b.type = 'button';
+        b.textContent = name;
+        b.dataset.style = name;
+        b.title = descriptions[name] || '';
+        b.disabled = !live;
+        el.styles.appendChild(b);
+      }
+    }
+    for (const b of el.styles.children) {
+      b.setAttribute('aria-pressed', String(b.dataset.style === s.style));
+    }
+
+    const paused = !!s.paused;
+    el.pause.textContent = paused ? 'Resume' : 'Pause';
+    el.pause.setAttribute('aria-pressed', String(paused));
+    el.pause.title = paused ? 'Diffuse again' : 'Send the camera through unchanged';
+
+    const about = [];
+    if (s.model) about.push('model ' + s.model);
+    if (Array.isArray(s.size)) about.push(s.size.join('\u00d7'));
+    if (s.obs && s.obs !== 'off') about.push('OBS ' + s.obs);
+    if (s.version) about.push('v' + s.version);
+    el.about.textContent = about.join(' \u00b7 ');
+  }
+
+  // -- wiring ----------------------------------------------------------------------------------
+
+  for (const input of [el.prompt, el.negative, el.seed]) {
+    input.addEventListener('input', () => dirty.add(input.id));
+    input.addEventListener('keydown', (e) => {
+      if (e.key === 'Escape' && status) { // back to the engine's value
+        dirty.delete(input.id);
+        const key = { prompt: 'prompt', negative: 'negative_prompt', seed: 'seed' }[input.id];
+        if (status[key] !== undefined && status[key] !== null) input.value = String(status[key]);
+      }
+    });
+  }
+
+  el.prompt.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) {
+      e.preventDefault();
+      applyPrompt();
+    }
+  });
+  el.promptApply.addEventListener('click', applyPrompt);
+
+  el.negative.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter') {
+      e.preventDefault();
+      applyNegative();
+    }
+  });
+  el.negativeApply.addEventListener('click', applyNegative);
+
+  el.seed.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter') {
+      e.preventDefault();
+      applySeed();
+    }
+  });
+  el.seedApply.addEventListener('click', applySeed);
+
+  el.history.addEventListener('click', (e) => {
+    const b = e.target.closest('button[data-prompt]');
+    if (!b) return;
+    el.prompt.value = b.dataset.prompt;
+    dirty.add(el.prompt.id);
+    applyPrompt();
+  });
+
+  el.styles.addEventListener('click', (e) => {
+    const b = e.target.closest('button[data-style]');
+    if (!b || b.classList.contains('busy')) return;
+    b.classList.add('busy');
+    b.setAttribute('aria-busy', 'true');
+    send('set_style', { style: b.dataset.style }, () => {
+      b.classList.remove('busy');
+      b.removeAttribute('aria-busy');
+    });
+  });
+
+  el.strength.addEventListener('pointerdown', () => { dragging = true; });
+  window.addEventListener('pointerup', () => { dragging = false; });
+  window.addEventListener('pointercancel', () => { dragging = false; });
+  el.strength.addEventListener('input', () => {
+    el.strengthValue.textContent = Number(el.strength.value).toFixed(2);
+  });
+  el.strength.addEventListener('change', () => {
+    dragging = false;
+    send('set_strength', { strength: Number(el.strength.value) });
+  });
+
+  el.steps.addEventListener('change', () => {
+    send('set_steps', { steps: Number(el.steps.value) });
+  });
+
+  el.pause.addEventListener('click', () => {
+    const paused = status ? !!status.paused : el.pause.getAttribute('aria-pressed') === 'true';
+    send(paused ? 'resume' : 'pause', {});
+  });
+  el.reset.addEventListener('click', () => send('reset', {}, (r) => {
+    if (r.ok) toast('Reset: the video starts afresh', 'ok');
+  }));
+  el.toast.addEventListener('click', () => { el.toast.hidden = true; });
+
+  renderHistory();
+  setLive(false);
+  connect();
+})();

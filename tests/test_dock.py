@@ -1,0 +1,318 @@
+"""The dock page (plugin/) in a real headless Chromium against a real engine with the tiny model.
+
+Needs Debian's chromium and chromedriver (selenium never downloads a browser or driver here):
+without them the tests skip, except under CI=true where they fail.
+"""
+
+import json
+import os
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from live2diff_engine.control.api import ApiServer
+from live2diff_engine.control.controller import Controller
+from live2diff_engine.engine import Engine
+from live2diff_engine.io.sources import SyntheticSource
+from live2diff_engine.models.components import build_tiny_components
+from live2diff_engine.pipeline.frames import FramePipeline
+from live2diff_engine.styles import StyleManager, load_styles
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SIZE = (96, 80)
+
+
+def _need_browser():
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not (os.path.isfile(p) and os.access(p, os.X_OK))]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package")
+    if missing:
+        why = f"the dock test needs Debian's chromium and chromedriver and selenium; missing: {', '.join(missing)}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why + " (CI installs them: apt-get install chromium chromium-driver)")
+        pytest.skip(why + " (apt-get install chromium chromium-driver)")
+
+
+class PacedSynthetic(SyntheticSource):
+    """The synthetic pattern at a steady rate, so the engine leaves the CPU to the browser."""
+
+    def read(self):
+        time.sleep(1.0 / self.fps)
+        return super().read()
+
+
+class Running:
+    def __init__(self, frames, manager, controller, api, engine, thread):
+        self.frames, self.manager, self.controller = frames, manager, controller
+        self.api, self.engine, self.thread = api, engine, thread
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory):
+    """A real engine (tiny model, synthetic source) with its local API on a free port."""
+    import torch
+
+    home = tmp_path_factory.mktemp("l2d_home")  # no user styles file, no downloaded style weights
+    old_home = os.environ.get("LIVE2DIFF_HOME")
+    os.environ["LIVE2DIFF_HOME"] = str(home)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two cores here: one for the engine, one for the browser
+    comps = build_tiny_components(seed=0)
+    frames = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=0, output_size=SIZE)
+    styles = load_styles()
+    manager = StyleManager(comps, styles)
+    manager.current = styles["default"]
+    api = ApiServer("127.0.0.1", 0).start()
+    controller = Controller(frames, manager, label="tiny")
+    api.set_controller(controller)
+    engine = Engine(frames, PacedSynthetic(SIZE, fps=10.0), [api.stream], output_size=SIZE, status=False, controller=controller)
+    thread = threading.Thread(target=engine.run, kwargs={"install_signals": False}, name="engine", daemon=True)
+    thread.start()
+    run = Running(frames, manager, controller, api, engine, thread)
+    try:
+        yield run
+    finally:
+        run.engine.stop()
+        run.thread.join(20)
+        run.api.stop()
+        torch.set_num_threads(old_threads)
+        if old_home is None:
+            os.environ.pop("LIVE2DIFF_HOME", None)
+        else:
+            os.environ["LIVE2DIFF_HOME"] = old_home
+
+
+@pytest.fixture(scope="module")
+def browser(running, tmp_path_factory):
+    _need_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    # Service(path) and binary_location given: selenium skips selenium-manager (no download).
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=360,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(20)
+    try:
+        driver.get(f"{running.api.url}/dock")
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(fn, timeout=10.0, what="condition"):
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            last = fn()
+        except Exception as exc:  # an element being re-rendered
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def by_id(driver, id_):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.ID, id_)
+
+
+def text_of(driver, id_):
+    return by_id(driver, id_).text.strip()
+
+
+def connected(driver):
+    wait_for(lambda: by_id(driver, "conn").get_attribute("data-state") == "connected", 15, "the dock to connect")
+    wait_for(lambda: text_of(driver, "f-style") == "default", 10, "the status to show")
+
+
+def style_button(driver, name):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f'#styles button[data-style="{name}"]')
+
+
+def test_dock_connects_and_shows_live_status(running, browser):
+    d = browser
+    connected(d)
+    assert text_of(d, "conn") == "connected"
+    wait_for(lambda: text_of(d, "f-state") == "streaming", 15, "the engine to stream")
+    wait_for(lambda: int(text_of(d, "f-frames")) > 0, 15, "frames to count up")
+    assert float(text_of(d, "f-fps")) >= 0
+    wait_for(lambda: text_of(d, "f-latency").endswith(" ms"), 10, "a latency figure")
+    # One button per style, the current one pressed.
+    names = [b.get_attribute("data-style") for b in d.find_elements("css selector", "#styles button")]
+    assert names == running.controller.style_names
+    assert style_button(d, "default").get_attribute("aria-pressed") == "true"
+    assert style_button(d, names[-1]).get_attribute("aria-pressed") == "false"
+    assert by_id(d, "prompt").get_attribute("value") == "a cat"
+    assert by_id(d, "strength-value").text == "0.36"
+    assert by_id(d, "steps").get_attribute("value") == "2"
+    assert by_id(d, "pause").text == "Pause"
+    # Every control has an accessible name.
+    for id_ in ("prompt", "negative", "strength", "steps", "seed"):
+        assert d.find_elements("css selector", f'label[for="{id_}"]'), id_
+    # No inline handlers or scripts (CSP-friendly).
+    assert d.execute_script(
+        "return [...document.querySelectorAll('*')].some(e => [...e.attributes].some(a => a.name.startsWith('on')))"
+        " || [...document.scripts].some(s => !s.src)"
+    ) is False
+
+
+def test_prompt_apply_history_and_edits_kept(running, browser):
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    connected(d)
+    box = by_id(d, "prompt")
+    box.clear()
+    box.send_keys("a watercolor fox")
+    by_id(d, "prompt-apply").click()
+    wait_for(lambda: running.frames.prompt == "a watercolor fox", 10, "the engine's prompt")
+    wait_for(lambda: d.find_elements("css selector", '#history button[data-prompt="a watercolor fox"]'), 5, "the history entry")
+    stored = json.loads(d.execute_script("return localStorage.getItem('live2diff.dock.history')"))
+    assert stored[0] == "a watercolor fox"
+
+    # Ctrl+Enter applies too.
+    box.clear()
+    box.send_keys("an origami crane")
+    box.send_keys(Keys.CONTROL, Keys.ENTER)
+    wait_for(lambda: running.frames.prompt == "an origami crane", 10, "the prompt from Ctrl+Enter")
+    wait_for(lambda: len(d.find_elements("css selector", "#history button")) == 2, 5, "two history entries")
+    assert d.find_elements("css selector", "#history button")[0].get_attribute("data-prompt") == "an origami crane"
+
+    # A prompt being typed survives the status that arrives every second (focused, then not).
+    box.clear()
+    box.send_keys("half typed")
+    time.sleep(1.3)
+    assert box.get_attribute("value") == "half typed"
+    by_id(d, "seed").click()  # focus elsewhere: the edit is still not applied, so it stays
+    time.sleep(1.3)
+    assert box.get_attribute("value") == "half typed"
+    assert running.frames.prompt == "an origami crane"
+
+    # A history entry applies again.
+    d.find_element("css selector", "#history-box summary").click()
+    d.find_element("css selector", '#history button[data-prompt="a watercolor fox"]').click()
+    wait_for(lambda: running.frames.prompt == "a watercolor fox", 10, "the prompt from the history")
+    wait_for(lambda: box.get_attribute("value") == "a watercolor fox", 5, "the box to show it")
+
+    neg = by_id(d, "negative")
+    neg.clear()
+    neg.send_keys("blurry")
+    by_id(d, "negative-apply").click()
+    wait_for(lambda: running.controller.negative_prompt == "blurry", 10, "the negative prompt")
+
+
+def test_settings_strength_steps_seed(running, browser):
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    d = browser
+    connected(d)
+    Select(by_id(d, "steps")).select_by_value("3")
+    wait_for(lambda: running.controller.schedule()["steps"] == 3, 10, "3 steps")
+    slider = by_id(d, "strength")
+    slider.send_keys(Keys.END)  # to 1.0: a change event, as on release
+    wait_for(lambda: running.controller.schedule()["strength"] == 1.0, 10, "strength 1")
+    wait_for(lambda: by_id(d, "strength-value").text == "1.00", 5, "the strength shown")
+    seed = by_id(d, "seed")
+    seed.clear()
+    seed.send_keys("1234")
+    by_id(d, "seed-apply").click()
+    wait_for(lambda: running.frames.seed == 1234, 10, "the seed")
+    # A refused value shows its reason in the page (and never an alert()).
+    seed.clear()
+    seed.send_keys("-5")
+    by_id(d, "seed-apply").click()
+    wait_for(lambda: by_id(d, "toast").is_displayed() and "Seed" in text_of(d, "toast"), 5, "the seed error")
+    assert running.frames.seed == 1234
+
+
+def test_style_without_weights_is_refused_in_the_page(running, browser):
+    d = browser
+    connected(d)
+    other = next(n for n in running.controller.style_names if n != "default")
+    style_button(d, other).click()
+    wait_for(lambda: by_id(d, "toast").is_displayed() and "missing" in text_of(d, "toast"), 15, "the refusal")
+    toast = text_of(d, "toast")
+    assert toast.startswith("Style:") and other in toast
+    assert running.manager.current.name == "default"
+    assert text_of(d, "f-style") == "default"
+    assert style_button(d, "default").get_attribute("aria-pressed") == "true"
+    assert style_button(d, other).get_attribute("aria-pressed") == "false"
+
+
+def test_pause_and_resume(running, browser):
+    d = browser
+    connected(d)
+    button = by_id(d, "pause")
+    button.click()
+    wait_for(lambda: running.controller.paused, 10, "the engine to pause")
+    wait_for(lambda: text_of(d, "f-state") == "paused", 5, "the page to show paused")
+    assert button.text == "Resume" and button.get_attribute("aria-pressed") == "true"
+    with urllib.request.urlopen(f"{running.api.url}/api/status", timeout=5) as r:
+        assert json.load(r)["paused"] is True
+    button.click()
+    wait_for(lambda: not running.controller.paused, 10, "the engine to resume")
+    wait_for(lambda: by_id(d, "pause").text == "Pause", 5, "the page to show it running")
+    by_id(d, "reset").click()
+    wait_for(lambda: "Reset" in text_of(d, "toast") and "ok" in by_id(d, "toast").get_attribute("class"), 10, "the reset")
+    by_id(d, "toast").click()  # dismissed by a click
+    assert not by_id(d, "toast").is_displayed()
+
+
+def test_websocket_from_a_foreign_origin_is_refused(running):
+    import websocket
+
+    url = running.api.url.replace("http://", "ws://") + "/api/ws"
+    with pytest.raises(websocket.WebSocketBadStatusException) as err:
+        websocket.create_connection(url, origin="http://evil.example", timeout=5)
+    assert err.value.status_code == 403
+    ws = websocket.create_connection(url, origin=running.api.url, timeout=5)  # the dock's own origin
+    try:
+        assert json.loads(ws.recv())["kind"] == "status"
+    finally:
+        ws.close()
+
+
+def test_dock_passes_the_page_token_on(running, browser):
+    api = ApiServer("127.0.0.1", 0, token="tok-dock-42").start()
+    try:
+        api.set_controller(running.controller)
+        d = browser
+        d.get(f"{api.url}/dock?token=tok-dock-42")
+        wait_for(lambda: by_id(d, "conn").get_attribute("data-state"), 5, "dock.js to load (with the token)")
+        connected(d)  # the WebSocket needs the token: connected means it was passed on
+    finally:
+        api.stop()
+        browser.get(f"{running.api.url}/dock")
+
+
+def test_dock_reconnects_when_the_engine_api_restarts(running, browser):
+    d = browser
+    connected(d)
+    port = running.api.port
+    running.api.stop()
+    wait_for(lambda: by_id(d, "conn").get_attribute("data-state") == "disconnected", 10, "the dock to notice")
+    assert "retry" in text_of(d, "conn")
+    assert by_id(d, "prompt-apply").get_attribute("disabled") is not None
+    api = ApiServer("127.0.0.1", port).start()
+    running.api = api  # stopped by the fixture
+    api.set_controller(running.controller)
+    connected(d)
+    assert by_id(d, "prompt-apply").get_attribute("disabled") is None

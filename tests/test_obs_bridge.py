@@ -1,0 +1,195 @@
+"""The engine's OBS bridge against a protocol-faithful obs-websocket v5 server (tests/fake_obs.py)
+over a real socket: commands in, status and replies out, reconnection, wrong password, add to
+scene, lip sync, hostile input. The same bridge against a real OBS: tests/test_obs_real.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import time
+
+import obsws_python as obsws
+import pytest
+
+from fake_obs import FakeOBS
+from live import LiveEngine, PacedSource, wait_for
+from live2diff_engine.control.schema import command_message
+from live2diff_engine.models.components import build_tiny_components
+from conftest import ROOT
+from test_control import assert_rate_kept, post, run_hostile_sender
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture(scope="module")
+def comps():
+    return build_tiny_components(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def quiet_obsws():
+    logging.getLogger("obsws_python").setLevel(logging.CRITICAL + 10)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def obs_opts(fake_or_port, password=PASSWORD, **kw):
+    port = fake_or_port if isinstance(fake_or_port, int) else fake_or_port.port
+    return dict(host="127.0.0.1", port=port, password=password, retry_max_s=0.5, **kw)
+
+
+def send_from_obs(fake, msg):
+    """What the OBS script does: broadcast a command as a CustomEvent."""
+    c = obsws.ReqClient(host="127.0.0.1", port=fake.port, password=PASSWORD, timeout=3)
+    try:
+        c.broadcast_custom_event({"eventData": msg})
+    finally:
+        c.disconnect()
+
+
+def of_kind(fake, kind):
+    return [e for e in fake.custom_events if e.get("app") == "live2diff" and e.get("kind") == kind]
+
+
+def test_commands_from_obs_are_applied_and_status_goes_out(comps):
+    with FakeOBS(password=PASSWORD) as fake, LiveEngine(comps, PacedSource(fps=20), obs=obs_opts(fake)) as live:
+        wait_for(lambda: live.bridge.state == "connected", what="the bridge to connect")
+        wait_for(lambda: len(of_kind(fake, "status")) >= 3, timeout=5, what="status once a second")
+        send_from_obs(fake, command_message("set_prompt", prompt="a paper crane", id="p1"))
+        reply = wait_for(lambda: [r for r in of_kind(fake, "reply") if r["id"] == "p1"], what="the reply")[0]
+        assert reply["ok"] is True
+        assert live.frames.prompt == "a paper crane"
+        st = wait_for(lambda: [s for s in of_kind(fake, "status") if s["prompt"] == "a paper crane"], what="status")[-1]
+        assert st["obs"] == "connected" and st["style"] == "default" and "fps" in st and "latency_ms" in st
+        # A change goes out at once, not only at the next second.
+        n = len(of_kind(fake, "status"))
+        t0 = time.monotonic()
+        send_from_obs(fake, command_message("set_seed", seed=5))
+        wait_for(lambda: any(s["seed"] == 5 for s in of_kind(fake, "status")[n:]), what="status after a change")
+        assert time.monotonic() - t0 < 0.9
+        send_from_obs(fake, command_message("set_style", style="../etc/passwd", id="bad"))
+        bad = wait_for(lambda: [r for r in of_kind(fake, "reply") if r["id"] == "bad"], what="the refusal")[0]
+        assert bad["ok"] is False and "unknown style" in bad["error"]
+
+
+def test_wrong_password_is_one_clear_line_and_the_stream_goes_on(comps, caplog):
+    caplog.set_level(logging.INFO)
+    with FakeOBS(password=PASSWORD) as fake, LiveEngine(comps, PacedSource(fps=20), obs=obs_opts(fake, password="wrong-pass")) as live:
+        wait_for(lambda: live.bridge.state == "auth failed", what="auth failure")
+        live.wait_outputs(20)
+        time.sleep(1.0)
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("live2diff.obs")]
+        assert len(lines) == 1, lines
+        assert "refused the WebSocket password" in lines[0] and "--obs-password" in lines[0]
+        everything = "\n".join(r.getMessage() for r in caplog.records)
+        assert "wrong-pass" not in everything and PASSWORD not in everything
+        assert json.loads(__import__("urllib.request").request.urlopen(live.api.url + "/api/status").read())["obs"] == "auth failed"
+        assert not any("Traceback" in r.getMessage() for r in caplog.records)
+        assert fake.clients == 0
+
+
+def test_missing_password_says_how_to_give_one(comps, caplog):
+    caplog.set_level(logging.INFO)
+    with FakeOBS(password=PASSWORD) as fake, LiveEngine(comps, PacedSource(fps=20), obs=obs_opts(fake, password="")) as live:
+        wait_for(lambda: live.bridge.state == "auth failed", what="auth failure")
+        lines = [r.getMessage() for r in caplog.records if r.name.startswith("live2diff.obs")]
+        assert len(lines) == 1 and "asks for a WebSocket password" in lines[0]
+
+
+def test_obs_late_and_restarting_the_bridge_reconnects_and_the_output_never_stops(comps, caplog):
+    caplog.set_level(logging.INFO)
+    port = free_port()
+    with LiveEngine(comps, PacedSource(fps=20), obs=obs_opts(port)) as live:
+        wait_for(lambda: live.bridge.state == "waiting for OBS", what="waiting")
+        live.wait_outputs(10)
+        fake = FakeOBS(password=PASSWORD, port=port).start()
+        try:
+            wait_for(lambda: live.bridge.state == "connected", timeout=10, what="connect once OBS is up")
+            assert live.bridge.connects == 1
+            fake.stop()
+            t0 = time.monotonic()
+            wait_for(lambda: live.bridge.state == "waiting for OBS", timeout=10, what="noticing OBS is gone")
+            time.sleep(1.5)
+            t1 = time.monotonic()
+            assert live.rate(t0, t1) > 5  # the engine's own output went on
+            fake.start()
+            wait_for(lambda: live.bridge.state == "connected", timeout=10, what="reconnect after OBS restarts")
+            assert live.bridge.connects == 2
+            send_from_obs(fake, command_message("set_prompt", prompt="after the restart"))
+            wait_for(lambda: live.frames.prompt == "after the restart", what="commands after reconnecting")
+        finally:
+            fake.stop()
+    waiting = [r for r in caplog.records if r.name == "live2diff.obs" and "not reachable" in r.getMessage()]
+    assert 1 <= len(waiting) <= 3  # said once per outage, not once per retry
+
+
+@pytest.mark.parametrize("browser", [False, True])
+def test_add_to_scene_creates_a_source_reading_the_engines_stream(comps, browser):
+    with FakeOBS(password=PASSWORD, browser_source=browser) as fake, LiveEngine(comps, PacedSource(fps=20), obs=obs_opts(fake)) as live:
+        wait_for(lambda: live.bridge.state == "connected", what="connect")
+        code, reply = post(live.api.url, command_message("add_to_scene"))
+        assert code == 200 and reply["ok"], reply
+        inp = fake.inputs["Live2Diff"]
+        if browser:
+            assert inp["inputKind"] == "browser_source"
+            assert inp["inputSettings"]["url"] == live.api.url + "/output"
+        else:
+            assert inp["inputKind"] == "ffmpeg_source"
+            assert inp["inputSettings"]["input"] == live.api.url + "/stream.mjpg"
+            assert inp["inputSettings"]["is_local_file"] is False
+        assert [i["sourceName"] for i in fake.scenes["Scene"]] == ["Live2Diff"]
+        assert any(t["boundsType"] == "OBS_BOUNDS_SCALE_INNER" for t in fake.transforms.values())
+        # Again: the same source is reused, not duplicated.
+        assert post(live.api.url, command_message("add_to_scene"))[0] == 200
+        assert list(fake.inputs).count("Live2Diff") == 1 and len(fake.scenes["Scene"]) == 1
+        code, reply = post(live.api.url, command_message("add_to_scene", scene="No Such Scene"))
+        assert code == 400 and "could not add" in reply["error"]
+
+
+def test_add_to_scene_without_obs_says_so(comps):
+    with LiveEngine(comps, PacedSource(fps=20)) as live:
+        code, reply = post(live.api.url, command_message("add_to_scene"))
+        assert code == 400 and "--obs" in reply["error"]
+
+
+def test_lip_sync_sets_the_audio_offset_to_the_video_latency(comps, caplog):
+    caplog.set_level(logging.INFO)
+    with FakeOBS(password=PASSWORD) as fake, LiveEngine(comps, PacedSource(fps=20), obs=obs_opts(fake, lipsync_input="Mic/Aux")) as live:
+        wait_for(lambda: live.bridge.lipsync_ms is not None, timeout=15, what="lip sync")
+        assert live.bridge.lipsync_ms > 5  # a measured latency, not a warmup frame's
+        wait_for(lambda: abs(fake.sync_offsets["Mic/Aux"] - live.controller.status()["latency_ms"]) < 60, timeout=15,
+                 what="the offset to follow the latency")
+        assert fake.sync_offsets["Mic/Aux"] == live.bridge.lipsync_ms
+    with FakeOBS(password=PASSWORD) as fake, LiveEngine(comps, PacedSource(fps=20), obs=obs_opts(fake, lipsync_input="No Mic")) as live:
+        wait_for(lambda: any("No Mic" in r.getMessage() for r in caplog.records), timeout=15, what="the warning")
+        time.sleep(2.5)
+        assert sum("No Mic" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_1000_hostile_custom_events_each_get_an_error_and_change_nothing(comps):
+    # OBS and the sender run in processes of their own, as they do for real.
+    fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_obs.py"), "--password", PASSWORD],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(fake.stdout.readline())
+        with LiveEngine(comps, PacedSource(fps=15), obs=obs_opts(port)) as live:
+            wait_for(lambda: live.bridge.state == "connected", what="connect")
+            live.wait_outputs(30)
+            prompt = live.frames.prompt
+            time.sleep(2.0)
+            out = run_hostile_sender("obs", port, PASSWORD)
+            replies = out["replies"]
+            assert len(replies) == 1000 and all(r["ok"] is False and r["error"] for r in replies)
+            assert sorted(r["id"] for r in replies) == list(range(1000))
+            assert live.controller.applied == 0 and live.frames.prompt == prompt
+            assert_rate_kept(live, out)
+    finally:
+        fake.stdin.close()
+        fake.wait(10)

@@ -1,0 +1,653 @@
+"""The OBS script (obs_scripts/live2diff_obs.py): its logic without OBS, then in a real OBS."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import stat
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import obs_real  # noqa: E402
+from obs_real import RealOBS, free_port, group_pids, require_obs  # noqa: E402
+
+from live2diff_engine.control import schema  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "obs_scripts" / "live2diff_obs.py"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("live2diff_obs_under_test", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+L = _load_script()
+
+STATUS = schema.status_message(
+    {
+        "state": "streaming",
+        "paused": False,
+        "prompt": "a red fox",
+        "negative_prompt": "",
+        "style": "default",
+        "styles": ["default", "anime", "toon"],
+        "strength": 0.5,
+        "steps": 2,
+        "seed": 7,
+        "fps": 12.04,
+        "latency_ms": 84.6,
+        "frames_out": 321,
+        "obs": {"state": "connected"},
+        "api_url": "http://127.0.0.1:8765",
+    }
+)
+
+
+def wait_until(pred, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# ------------------------------------------------------------------------ pure Python: messages
+
+
+def test_script_imports_without_obs():
+    assert L.obs is None
+    assert L.obsws_python is not None  # installed in the test env
+
+
+@pytest.mark.parametrize(
+    "cmd,args",
+    [
+        ("set_prompt", {"prompt": "a red fox"}),
+        ("set_negative_prompt", {"negative_prompt": "blurry"}),
+        ("set_style", {"style": "anime"}),
+        ("set_strength", {"strength": 0.35}),
+        ("set_seed", {"seed": 42}),
+        ("pause", {}),
+        ("resume", {}),
+        ("reset", {}),
+        ("status", {}),
+        ("add_to_scene", {"scene": "Scene"}),
+        ("add_to_scene", {}),
+    ],
+)
+def test_command_messages_match_the_engine_schema(cmd, args):
+    msg = L.command_message(cmd, id="obs-1", **args)
+    assert msg == schema.command_message(cmd, id="obs-1", **args)
+    parsed = schema.parse_command(json.dumps(msg), styles=["default", "anime"])
+    assert (parsed.cmd, parsed.args, parsed.id) == (cmd, args, "obs-1")
+
+
+def test_controller_sends_valid_commands_with_ids():
+    ctl = L.Controller({"use_websocket": False})  # not started: messages stay in its queue
+    msgs = [ctl.send("set_prompt", prompt="x"), ctl.send("reset"), ctl.toggle_pause()]
+    ids = [m["id"] for m in msgs]
+    assert len(set(ids)) == 3
+    for m in msgs:
+        schema.parse_command(m)
+    assert msgs[2]["cmd"] == "pause"  # nothing known: pause first
+    assert ctl.toggle_pause()["cmd"] == "resume"  # then it alternates
+
+
+def test_event_payload_from_obsws_python_becomes_a_dict():
+    from obsws_python.util import as_dataclass
+
+    data = as_dataclass("CustomEvent", STATUS)  # what EventClient hands to on_custom_event
+    assert L.event_to_dict(data) == STATUS
+    assert L.event_to_dict({"a": 1}) == {"a": 1}
+    assert L.event_to_dict(object()) == {}
+
+
+def test_status_formatting():
+    line = L.status_line(STATUS, L.LINK_WS)
+    assert line == "[live2diff] engine streaming | style default | prompt 'a red fox' | 12.0 fps | via obs-websocket"
+    assert L.status_line(None, None, "obs-websocket: connecting") == "[live2diff] engine offline (obs-websocket: connecting)"
+    paused = dict(STATUS, paused=True)
+    assert "engine streaming (paused)" in L.status_line(paused, L.LINK_HTTP)
+    text = L.format_status(STATUS, L.LINK_HTTP)
+    assert "Engine: streaming (via HTTP API)" in text
+    assert "Style: default" in text and "Strength: 0.50" in text and "Seed: 7" in text
+    assert "FPS: 12.0" in text and "Latency: 85 ms" in text
+    assert "Prompt: a red fox" in text
+    assert L.format_status(None, None, "why").startswith("Engine: not reachable\nwhy")
+    long_prompt = dict(STATUS, prompt="word " * 100)
+    assert len(L.status_line(long_prompt, L.LINK_WS)) < 160
+    # a log line only when connection, state, style or prompt change (not fps)
+    k = L.status_key(STATUS, L.LINK_WS)
+    assert L.status_key(dict(STATUS, fps=30.0, latency_ms=10), L.LINK_WS) == k
+    for changed in (dict(STATUS, style="anime"), dict(STATUS, prompt="b"), dict(STATUS, state="starting")):
+        assert L.status_key(changed, L.LINK_WS) != k
+    assert L.status_key(STATUS, L.LINK_HTTP) != k
+    assert L.status_key(None, None) == ("offline",)
+
+
+def test_cycle_style():
+    styles = ["default", "anime", "toon"]
+    assert L.cycle_style(styles, "default", 1) == "anime"
+    assert L.cycle_style(styles, "toon", 1) == "default"
+    assert L.cycle_style(styles, "default", -1) == "toon"
+    assert L.cycle_style(styles, "unknown", 1) == "default"
+    assert L.cycle_style(styles, "unknown", -1) == "toon"
+    assert L.cycle_style([], "x", 1) is None
+    assert L.cycle_style(None, None, 1) is None
+
+
+def test_messages_from_others_are_ignored_and_refusals_logged():
+    ctl = L.Controller({"use_websocket": False})
+    ctl._on_message({"app": "other", "v": 1, "kind": "status"}, L.LINK_WS)
+    ctl._on_message(L.command_message("set_prompt", prompt="x"), L.LINK_WS)  # our own broadcast echoed
+    assert ctl.snapshot()[0] is None
+    ctl._pending["obs-9"] = "set_style"
+    ctl._on_message(schema.reply_message("obs-9", False, "unknown style 'x'"), L.LINK_WS)
+    ctl._on_message(schema.reply_message("someone-else", False, "nope"), L.LINK_WS)  # not ours
+    assert ctl.drain_logs() == [("warning", "[live2diff] engine refused set_style: unknown style 'x'")]
+    ctl._on_message(STATUS, L.LINK_WS)
+    status, link, _ = ctl.snapshot()
+    assert status["style"] == "default" and link == L.LINK_WS
+    assert ctl.step_style(1)["style"] == "anime"
+
+
+# ---------------------------------------------------------------- obs-websocket password lookup
+
+
+def test_websocket_settings_from_obs_29_global_ini(tmp_path):
+    (tmp_path / "global.ini").write_text(
+        "[General]\nFirstRun=true\n\n[OBSWebSocket]\nFirstLoad=false\nServerEnabled=true\n"
+        "ServerPort=4466\nAuthRequired=true\nServerPassword=Secr3t=with=equals\n"
+    )
+    cfg = L.read_websocket_config(str(tmp_path))
+    assert cfg == {"port": 4466, "password": "Secr3t=with=equals", "auth_required": True, "enabled": True, "source": "global.ini"}
+    assert L.websocket_target("", 0, str(tmp_path)) == {"port": 4466, "password": "Secr3t=with=equals", "source": "global.ini"}
+    # the script's own settings win
+    assert L.websocket_target("mine", 4999, str(tmp_path)) == {"port": 4999, "password": "mine", "source": "script settings"}
+
+
+def test_websocket_settings_from_obs_30_config_json_win(tmp_path):
+    (tmp_path / "global.ini").write_text("[OBSWebSocket]\nServerPort=4466\nServerPassword=old\n")
+    d = tmp_path / "plugin_config" / "obs-websocket"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(
+        json.dumps({"server_enabled": True, "server_port": 4477, "auth_required": True, "server_password": "new", "alerts_enabled": False})
+    )
+    assert L.websocket_target("", 0, str(tmp_path)) == {"port": 4477, "password": "new", "source": "config.json"}
+
+
+def test_websocket_settings_without_auth_or_config(tmp_path):
+    (tmp_path / "global.ini").write_text("[OBSWebSocket]\nServerPort=4455\nAuthRequired=false\nServerPassword=unused\n")
+    target = L.websocket_target("", 0, str(tmp_path))
+    assert target["password"] == "" and target["port"] == 4455
+    assert L.read_websocket_config(str(tmp_path / "missing")) is None
+    assert L.websocket_target("", 0, None) == {"port": 4455, "password": "", "source": "none"}
+
+
+# ------------------------------------------------------------------------------ engine process
+
+
+def _fake_engine(folder: Path, marker: Path) -> Path:
+    """A stand-in `live2diff-engine` that records how it was started and stopped."""
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "live2diff-engine"
+    exe.write_text(
+        "#!/bin/sh\n"
+        f"echo \"args: $*\" > '{marker}'\n"
+        f"trap 'echo interrupted >> \"{marker}\"; exit 0' INT\n"
+        "while :; do sleep 0.05; done\n"
+    )
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return exe
+
+
+def test_resolve_engine_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    venv = tmp_path / "venv"
+    exe = _fake_engine(venv / ("Scripts" if os.name == "nt" else "bin"), tmp_path / "m")
+    assert L.resolve_engine_command("live2diff-engine run --source synthetic", str(venv)) == [
+        str(exe), "run", "--source", "synthetic"]
+    assert L.resolve_engine_command(f"{exe} run") == [str(exe), "run"]
+    with pytest.raises(ValueError, match="not found"):
+        L.resolve_engine_command("live2diff-engine run")
+    with pytest.raises(ValueError, match="empty"):
+        L.resolve_engine_command("  ")
+    # on PATH
+    monkeypatch.setenv("PATH", str(exe.parent))
+    assert L.resolve_engine_command("live2diff-engine run")[0] == str(exe)
+    # the installers' default venv
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    default = _fake_engine(tmp_path / "xdg" / "live2diff-engine" / "venv" / "bin", tmp_path / "m")
+    assert L.resolve_engine_command("live2diff-engine run")[0] == str(default)
+    # never OBS's sys.executable
+    assert sys.executable not in L.resolve_engine_command("live2diff-engine run")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_engine_process_stops_with_sigint(tmp_path):
+    marker = tmp_path / "marker.txt"
+    exe = _fake_engine(tmp_path / "bin", marker)
+    eng = L.EngineProcess()
+    log = tmp_path / "logs" / "engine.log"
+    eng.start([str(exe), "run"], str(log))
+    assert eng.running() and log.exists()
+    with pytest.raises(RuntimeError, match="already running"):
+        eng.start([str(exe), "run"])
+    wait_until(lambda: marker.exists() and "args: run" in marker.read_text(), what="fake engine start")
+    assert os.getpgid(eng.pid) == eng.pid  # its own process group: OBS's signals do not reach it
+    assert eng.stop(grace=5) == 0
+    assert "interrupted" in marker.read_text()
+    assert not eng.running() and eng.stop() == 0
+
+
+# ------------------------------------------------------------------- HTTP fallback, stdlib server
+
+
+class FakeEngineAPI:
+    """A tiny real HTTP server speaking the engine's API: records POSTs, serves a status."""
+
+    def __init__(self, token: str = "", status: dict | None = None):
+        self.token = token
+        self.status = dict(status or STATUS)
+        self.posts: list[dict] = []
+        self.gets = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, obj):
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _authorized(self):
+                return not outer.token or self.headers.get("Authorization") == f"Bearer {outer.token}"
+
+            def do_GET(self):
+                if self.path != "/api/status":
+                    return self._send(404, {"error": "not found"})
+                if not self._authorized():
+                    return self._send(401, {"error": "unauthorized"})
+                outer.gets += 1
+                self._send(200, outer.status)
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.posts.append(
+                    {"path": self.path, "content_type": self.headers.get("Content-Type"),
+                     "authorization": self.headers.get("Authorization"), "body": json.loads(raw)}
+                )
+                if not self._authorized():
+                    return self._send(401, {"error": "unauthorized"})
+                try:
+                    cmd = schema.parse_command(raw, styles=outer.status["styles"])
+                except schema.CommandError as e:
+                    return self._send(400, schema.reply_message(schema.message_id(json.loads(raw)), False, str(e)))
+                if cmd.cmd == "set_prompt":
+                    outer.status["prompt"] = cmd.args["prompt"]
+                self._send(200, schema.reply_message(cmd.id, True))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def commands(self, cmd=None):
+        return [p["body"] for p in self.posts if cmd is None or p["body"].get("cmd") == cmd]
+
+
+def _http_controller(api_url, token=""):
+    cfg = {"api_url": api_url, "api_token": token, "ws_password": "", "ws_port": 0, "use_websocket": False}
+    return L.Controller(cfg, ws_lookup=lambda c: {"port": free_port(), "password": "", "source": "test"})
+
+
+def test_http_fallback_polls_status_and_posts_commands(monkeypatch):
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # localhost never goes through a proxy
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with FakeEngineAPI(token="tok-123") as api:
+        ctl = _http_controller(api.url, token="tok-123").start()
+        try:
+            status = wait_until(lambda: ctl.snapshot()[0], what="status over HTTP")
+            assert status["style"] == "default" and ctl.snapshot()[1] == L.LINK_HTTP
+            ctl.send("set_prompt", prompt="a blue whale")
+            ctl.step_style(+1)
+            for s in (0.3, 0.4, 0.6):  # a slider drag: only the latest strength must arrive
+                ctl.send("set_strength", strength=s)
+            ctl.send("set_style", style="no-such-style")
+            wait_until(lambda: len(api.commands("set_style")) == 2, what="two set_style posts")
+            wait_until(lambda: api.commands("set_strength"), what="set_strength")
+            post = api.posts[0]
+            assert post["path"] == "/api/command"
+            assert post["content_type"] == "application/json"
+            assert post["authorization"] == "Bearer tok-123"
+            assert post["body"]["cmd"] == "set_prompt" and post["body"]["prompt"] == "a blue whale"
+            assert api.commands("set_style")[0]["style"] == "anime"
+            assert [c["strength"] for c in api.commands("set_strength")][-1] == 0.6
+            assert len(api.commands("set_strength")) <= 3
+            logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "refused" in t], what="refusal log")
+            assert logs == ["[live2diff] engine refused set_style: unknown style 'no-such-style'; known styles: anime, default, toon"]
+            wait_until(lambda: ctl.snapshot()[0]["prompt"] == "a blue whale", what="fresh status")
+            first = api.gets
+            time.sleep(1.5)
+            assert 1 <= api.gets - first <= 3  # about once a second
+        finally:
+            ctl.stop()
+        assert not ctl._thread
+
+
+def test_http_fallback_wrong_token_and_unreachable():
+    with FakeEngineAPI(token="right") as api:
+        ctl = _http_controller(api.url, token="wrong-token-xyz").start()
+        try:
+            ctl.send("reset")
+            logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "refused" in t], what="refusal")
+            assert logs == ["[live2diff] engine refused reset: unauthorized: check the script's API token"]
+            assert ctl.snapshot()[0] is None
+            wait_until(lambda: "token" in ctl.snapshot()[2], what="token note")
+        finally:
+            ctl.stop()
+    ctl = _http_controller(f"http://127.0.0.1:{free_port()}", token="secret-token-abc").start()
+    try:
+        wait_until(lambda: "connection refused" in ctl.snapshot()[2], what="offline note")
+        ctl.send("pause")
+        logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "could not send" in t], what="unreachable log")
+        assert "could not send pause: the engine is not reachable" in logs[0]
+        assert all("secret-token-abc" not in t for t in logs)
+    finally:
+        ctl.stop()
+
+
+class FakeWs:
+    """Stands in for WsTransport (obs-websocket) in the controller's routing tests."""
+
+    instances: list = []
+    fail_with: Exception | None = None
+
+    def __init__(self, host, port, password, on_message, timeout=3.0):
+        if FakeWs.fail_with is not None:
+            raise FakeWs.fail_with
+        self.port, self.password, self.on_message = port, password, on_message
+        self.sent: list[dict] = []
+        self.up = True
+        FakeWs.instances.append(self)
+
+    def alive(self):
+        return self.up
+
+    def broadcast(self, msg):
+        self.sent.append(msg)
+
+    def close(self):
+        self.up = False
+
+
+@pytest.fixture
+def fake_ws(monkeypatch):
+    FakeWs.instances, FakeWs.fail_with = [], None
+    monkeypatch.setattr(L, "WsTransport", FakeWs)
+    monkeypatch.setattr(L, "WS_BACKOFF_S", (0.05,))
+    return FakeWs
+
+
+def _ws_controller(api_url, password="pw"):
+    cfg = {"api_url": api_url, "api_token": "", "ws_password": password, "ws_port": 0, "use_websocket": True}
+    return L.Controller(cfg, ws_lookup=lambda c: {"port": 4455, "password": c["ws_password"], "source": "script settings"})
+
+
+def test_routing_over_obs_websocket_with_http_fallback(fake_ws):
+    with FakeEngineAPI() as api:
+        ctl = _ws_controller(f"http://127.0.0.1:{free_port()}").start()  # HTTP API down
+        try:
+            ws = wait_until(lambda: fake_ws.instances, what="websocket connect")[0]
+            assert ws.port == 4455 and ws.password == "pw"
+            wait_until(lambda: any(m["cmd"] == "status" for m in ws.sent), what="status request on connect")
+            ctl.send("set_prompt", prompt="over ws")  # engine not seen anywhere: obs-websocket
+            wait_until(lambda: any(m["cmd"] == "set_prompt" for m in ws.sent), what="broadcast")
+            ws.on_message(STATUS)  # the engine shows up over obs-websocket
+            assert ctl.snapshot()[1] == L.LINK_WS
+            ctl.send("reset")
+            wait_until(lambda: any(m["cmd"] == "reset" for m in ws.sent), what="reset broadcast")
+            # a refusal of one of ours, sent back over obs-websocket
+            ws.on_message(schema.reply_message(ws.sent[-1]["id"], False, "busy"))
+            assert ("warning", "[live2diff] engine refused reset: busy") in ctl.drain_logs()
+            # the websocket drops: reconnect, logged once
+            ws.up = False
+            ws2 = wait_until(lambda: fake_ws.instances[1:], what="reconnect")[0]
+            assert any("connection lost" in t for _, t in ctl.drain_logs())
+            # the engine is not on obs-websocket but answers over HTTP: commands go over HTTP
+            ctl.configure({"api_url": api.url, "api_token": "", "ws_password": "pw", "ws_port": 0, "use_websocket": True})
+            wait_until(lambda: ctl.snapshot()[1] == L.LINK_HTTP, what="status over HTTP")
+            ws3 = fake_ws.instances[-1]
+            ctl.send("pause")
+            wait_until(lambda: api.commands("pause"), what="pause over HTTP")
+            assert not any(m["cmd"] == "pause" for w in (ws2, ws3) for m in w.sent)
+        finally:
+            ctl.stop()
+        assert not fake_ws.instances[-1].up  # closed by stop()
+
+
+def test_websocket_without_password_falls_back_to_http(fake_ws):
+    from obsws_python.error import OBSSDKError
+
+    fake_ws.fail_with = OBSSDKError("authentication enabled but no password provided")
+    with FakeEngineAPI() as api:
+        ctl = _ws_controller(api.url, password="").start()
+        try:
+            logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "not connected" in t], what="ws failure log")
+            assert logs[0].startswith("[live2diff] obs-websocket not connected: no password")
+            wait_until(lambda: ctl.snapshot()[1] == L.LINK_HTTP, what="HTTP fallback")
+            ctl.send("set_prompt", prompt="via http")
+            wait_until(lambda: api.commands("set_prompt"), what="POST")
+            assert ctl._ws_next_try - time.monotonic() > 5  # no fast retry loop on an auth failure
+        finally:
+            ctl.stop()
+
+
+# ---------------------------------------------------------------------------- the OBS harness
+
+
+def test_require_obs_skips_or_fails_on_ci(monkeypatch):
+    monkeypatch.setattr(obs_real, "OBS_BIN", "obs-binary-that-does-not-exist")
+    assert "no `obs` binary" in obs_real.obs_available()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="OBS is required on CI"):
+        require_obs()
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception):
+        require_obs()
+
+
+# ------------------------------------------------------------------------------ real OBS tests
+
+PASSWORD = "obs-test-pw-71c2"
+
+
+class Listener:
+    """An outside obs-websocket client collecting our CustomEvents."""
+
+    def __init__(self, real: RealOBS):
+        self.events: list[dict] = []
+        self.client = real.event_client()
+
+        def on_custom_event(data):  # obsws-python dispatches by function name
+            self.events.append({k: getattr(data, k) for k in data.attrs()})
+
+        self.client.callback.register(on_custom_event)
+
+    def commands(self, cmd):
+        return [e for e in self.events if e.get("kind") == "command" and e.get("cmd") == cmd]
+
+    def close(self):
+        self.client.disconnect()
+
+
+@pytest.mark.obs
+def test_real_obs_hotkey_and_status_over_websocket_and_restart(tmp_path):
+    require_obs()
+    api_port = free_port()  # nothing listens there: the HTTP API is not reachable
+    settings = {"prompt": "a red fox", "ws_password": PASSWORD, "api_url": f"http://127.0.0.1:{api_port}"}
+    real = RealOBS(tmp_path, password=PASSWORD, script=SCRIPT, script_settings=settings)
+    with real:
+        pgid = real.pgid
+        real.wait_for_log("[live2diff] connected to obs-websocket", timeout=15)
+        assert "(password from script settings)" in real.log_text()
+        listener = Listener(real)
+        client = real.client()
+        try:
+            hotkeys = [h for h in client.get_hotkey_list().hotkeys if h.startswith("live2diff.")]
+            assert sorted(hotkeys) == sorted(name for name, _ in L.HOTKEYS)
+            client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.apply_prompt"})
+            cmd = wait_until(lambda: listener.commands("set_prompt"), what="set_prompt CustomEvent")[0]
+            assert cmd["prompt"] == "a red fox"
+            schema.parse_command(cmd)
+            # the engine's status (as the engine would broadcast it) reaches the script
+            status = dict(STATUS, style="anime", prompt="a red fox")
+            client.broadcast_custom_event({"eventData": status})
+            real.wait_for_log("[live2diff] engine streaming | style anime | prompt 'a red fox' | 12.0 fps | via obs-websocket")
+            # a refusal for the script's command is logged with the engine's error
+            client.broadcast_custom_event({"eventData": schema.reply_message(cmd["id"], False, "engine says no")})
+            real.wait_for_log("[live2diff] engine refused set_prompt: engine says no")
+            client.broadcast_custom_event({"eventData": status})
+            client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.next_style"})
+            nxt = wait_until(lambda: listener.commands("set_style"), what="set_style CustomEvent")[0]
+            assert nxt["style"] == "toon"
+            client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.pause_resume"})
+            wait_until(lambda: listener.commands("pause"), what="pause CustomEvent")
+        finally:
+            listener.close()
+            client.disconnect()
+        real.stop()
+        assert group_pids(pgid) == []  # OBS, xvfb-run and Xvfb are gone
+        assert real.log_text().count("Unloaded python script: live2diff_obs.py") == 1  # a clean exit
+        saved = real.script_saved_settings()
+        assert saved["prompt"] == "a red fox"
+        assert "hotkey_live2diff_apply_prompt" in saved  # hotkey bindings are saved with the script
+
+        # restart: same config, same port; the script loads again and works
+        real.start()
+        real.wait_for_log("[live2diff] connected to obs-websocket", timeout=15, count=2)
+        listener = Listener(real)
+        client = real.client()
+        try:
+            client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.reset"})
+            wait_until(lambda: listener.commands("reset"), what="reset CustomEvent after restart")
+        finally:
+            listener.close()
+            client.disconnect()
+    log = real.log_text()
+    assert log.count("Loaded python script: live2diff_obs.py") == 2
+    assert PASSWORD not in log
+
+
+@pytest.mark.obs
+def test_real_obs_password_from_obs_config_and_http_fallback(tmp_path):
+    """No obsws-python for OBS's Python: the script uses the HTTP API (with its token)."""
+    require_obs()
+    with FakeEngineAPI(token="tok-obs-9") as api:
+        settings = {"prompt": "a red fox", "api_url": api.url, "api_token": "tok-obs-9"}
+        with RealOBS(tmp_path, password=PASSWORD, script=SCRIPT, script_settings=settings, obsws_importable=False) as real:
+            real.wait_for_log("obsws-python is not installed for OBS's Python", timeout=15)
+            real.wait_for_log("[live2diff] engine streaming | style default | prompt 'a red fox' | 12.0 fps | via HTTP API")
+            with real.client() as client:
+                client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.apply_prompt"})
+                client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.previous_style"})
+            wait_until(lambda: api.commands("set_prompt") and api.commands("set_style"), what="POSTs from OBS")
+            assert api.commands("set_prompt")[0]["prompt"] == "a red fox"
+            assert api.commands("set_style")[0]["style"] == "toon"
+            assert all(p["authorization"] == "Bearer tok-obs-9" for p in api.posts)
+        log = real.log_text()
+        assert "tok-obs-9" not in log and PASSWORD not in log
+
+
+@pytest.mark.obs
+def test_real_obs_script_finds_the_websocket_password_in_obs_config(tmp_path):
+    """No password in the script's settings: it reads OBS's own (global.ini in OBS 29)."""
+    require_obs()
+    settings = {"prompt": "a red fox", "api_url": f"http://127.0.0.1:{free_port()}"}
+    with RealOBS(tmp_path, password=PASSWORD, script=SCRIPT, script_settings=settings) as real:
+        real.wait_for_log("[live2diff] connected to obs-websocket", timeout=15)
+        log = real.log_text()
+        assert "(password from global.ini)" in log or "(password from OBS global config)" in log
+        assert PASSWORD not in log
+
+
+# A test-only wrapper script: OBS loads it, it loads the real script and, once running, builds the
+# properties, presses "Start engine" and reloads the module as OBS's "Reload Scripts" does.
+WRAPPER = '''
+import importlib, sys
+sys.path.insert(0, {script_dir!r})
+import obspython as obs
+import live2diff_obs as L
+from live2diff_obs import script_defaults, script_update, script_save, script_unload, script_description, script_properties
+
+NAMES = {names!r}
+
+def _later():
+    obs.remove_current_callback()
+    props = L.script_properties()
+    print("WRAP props " + ",".join(n for n in NAMES if obs.obs_properties_get(props, n)))
+    print("WRAP status " + repr(obs.obs_data_get_string(L._settings, "status_text")))
+    obs.obs_properties_destroy(props)
+    L._on_start_engine(None, None)
+    pid = L._S["engine"].pid
+    importlib.reload(L)
+    print("WRAP after reload %s %s" % (L._S["engine"].pid == pid, L._S["engine"].running()))
+
+def script_load(settings):
+    L.script_load(settings)
+    obs.timer_add(_later, 300)
+'''
+PROPERTY_NAMES = (
+    "status_text", "refresh", "prompt", "negative_prompt", "apply_prompt", "style", "strength", "seed", "apply_seed",
+    "pause_resume", "reset", "add_to_scene", "open_dock", "dock_note", "engine_group", "engine_command", "engine_venv",
+    "stop_engine_on_exit", "start_engine", "stop_engine", "connection_group", "api_url", "api_token", "ws_password",
+    "ws_port",
+)
+
+
+@pytest.mark.obs
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_real_obs_properties_and_engine_started_from_obs_stops_when_obs_exits(tmp_path):
+    require_obs()
+    marker = tmp_path / "engine-marker.txt"
+    venv = tmp_path / "venv"
+    _fake_engine(venv / "bin", marker)
+    wrapper = tmp_path / "wrap_live2diff.py"
+    wrapper.write_text(WRAPPER.format(script_dir=str(SCRIPT.parent), names=PROPERTY_NAMES))
+    settings = {"engine_venv": str(venv), "api_url": f"http://127.0.0.1:{free_port()}"}
+    with RealOBS(tmp_path, password=PASSWORD, script=wrapper, script_settings=settings) as real:
+        real.wait_for_log("WRAP after reload", timeout=15)
+        wait_until(lambda: marker.exists() and "args: run" in marker.read_text(), what="engine start")
+        log = real.log_text()
+        assert "WRAP props " + ",".join(PROPERTY_NAMES) in log  # every property builds in OBS 29
+        assert "WRAP status 'Engine: not reachable" in log
+        assert f"[live2diff] engine started (pid " in log and "/venv/bin/live2diff-engine run" in log
+        assert "WRAP after reload True True" in log  # the engine survives a module reload
+    # OBS exited: the script's atexit hook interrupted the engine (SIGINT), nothing is left behind
+    assert "interrupted" in marker.read_text()
+    assert "is left running (a script reload keeps it) and is stopped when OBS exits" in real.log_text()
