@@ -458,7 +458,7 @@ def _cmd_run(args) -> int:
 
     from .assemble import build_frame_pipeline
     from .engine import Engine
-    from .io.sinks import parse_sink
+    from .io.sinks import SinkUnavailable, parse_sink
     from .io.sources import SourceError, parse_source
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -479,9 +479,19 @@ def _cmd_run(args) -> int:
     fps = args.vcam_fps or source.fps or 30.0
     opened = []
     control = None
+    api_on = control_settings(args)["api"] is not None  # checks the config file before anything starts
     try:
-        for sink in sinks:  # before the long model load, so a missing driver is known at once
-            sink.open(size[0], size[1], fps)
+        for sink in list(sinks):  # before the long model load, so a missing driver is known at once
+            try:
+                sink.open(size[0], size[1], fps)
+            except SinkUnavailable as exc:
+                if args.sink is not None or not api_on:
+                    raise
+                # The default sink: without a driver the output still reaches OBS and browsers.
+                print(f"warning: {exc}; going on without a virtual camera (the output is on the local stream)",
+                      file=sys.stderr, flush=True)
+                sinks.remove(sink)
+                continue
             opened.append(sink)
         args.output_size = size
         from .io.sinks import CardPublisher

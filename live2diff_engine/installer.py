@@ -391,7 +391,12 @@ def obs_next_steps(port: int, script_path: str | None) -> list[str]:
     if script_path:
         steps.append(f"In OBS: Tools > Scripts > + and pick {script_path}.")
     steps.append(f"In OBS: Docks > Custom Browser Docks, name 'Live2Diff', URL {dock_url(port)}, Apply.")
-    steps.append("Add a Video Capture Device source and choose the Live2Diff / OBS virtual camera.")
+    if script_path:
+        steps.append("In the script's panel: 'Start engine', then 'Add engine output to scene' (a source reading the "
+                     "engine's stream: no virtual camera needed, OBS's own stays free).")
+    else:
+        steps.append(f"Add a Media Source: uncheck 'Local File', Input {dock_url(port).rsplit('/', 1)[0]}/stream.mjpg, "
+                     "Input Format mpjpeg.")
     return steps
 
 
@@ -719,7 +724,10 @@ def main(argv: list[str] | None = None) -> int:
                 if obsws_cmd and s.cmd == obsws_cmd:
                     state["obsws_python"] = obsws_cmd[0]
             elif s.action == "copy_obs_scripts":
-                shutil.copytree(s.data["src"], s.data["dst"], dirs_exist_ok=True)
+                Path(s.data["dst"]).mkdir(parents=True, exist_ok=True)
+                for f in Path(s.data["src"]).glob("*.py"):
+                    if not f.name.startswith("__"):  # the script, not the package marker
+                        shutil.copy2(f, Path(s.data["dst"], f.name))
                 state["dirs"] = sorted(set(state["dirs"]) | {s.data["dst"]})
             elif s.action == "write_launchers":
                 for path, content in s.data["files"].items():
@@ -740,8 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     if obs is not None and opts.obs:
         script = None
         if obs_src:
-            pys = sorted(Path(obs_script_dir(os_name, obs["config"])).glob("*.py"))
-            script = str(pys[0]) if pys else obs_script_dir(os_name, obs["config"])
+            found = Path(obs_script_dir(os_name, obs["config"]), "live2diff_obs.py")
+            script = str(found) if found.exists() else obs_script_dir(os_name, obs["config"])
         for line in obs_next_steps(opts.port, script):
             print("  " + line)
     print(f"  Uninstall: run the installer again with --uninstall --prefix {prefix}")

@@ -58,7 +58,7 @@ except Exception:  # Not installed for OBS's Python: the HTTP API is used.
 APP = "live2diff"
 VERSION = 1
 DEFAULT_API_URL = "http://127.0.0.1:8765"
-DEFAULT_ENGINE_COMMAND = "live2diff-engine run"
+DEFAULT_ENGINE_COMMAND = "live2diff-engine run --obs"
 DEFAULT_WS_PORT = 4455
 LOG_PREFIX = "[live2diff]"
 STATUS_STALE_S = 3.5  # no status for this long: the engine is not seen on that path
@@ -303,6 +303,20 @@ def default_venv_bins() -> list[str]:
     ]
 
 
+def engine_obs_connection(argv: list[str], target: dict, environ: dict | None = None) -> tuple[list[str], dict]:
+    """The engine's argv and environment for connecting back to this OBS: its websocket port as an
+    option (unless the command line names one) and the password in the environment
+    (OBS_WEBSOCKET_PASSWORD), never on the command line where other users' `ps` could see it."""
+    env = dict(os.environ if environ is None else environ)
+    argv = list(argv)
+    if "--obs" in argv:
+        if target.get("port") and not any(a == "--obs-port" or a.startswith("--obs-port=") for a in argv):
+            argv += ["--obs-port", str(int(target["port"]))]
+        if target.get("password"):
+            env["OBS_WEBSOCKET_PASSWORD"] = target["password"]
+    return argv, env
+
+
 def venv_bin(venv: str) -> str:
     return os.path.join(os.path.expanduser(venv), "Scripts" if os.name == "nt" else "bin")
 
@@ -353,7 +367,7 @@ class EngineProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, argv: list[str], log_path: str | None = None) -> subprocess.Popen:
+    def start(self, argv: list[str], log_path: str | None = None, env: dict | None = None) -> subprocess.Popen:
         if self.running():
             raise RuntimeError(f"the engine is already running (pid {self.proc.pid})")
         out = subprocess.DEVNULL
@@ -366,7 +380,7 @@ class EngineProcess:
         else:
             kwargs["start_new_session"] = True
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, **kwargs)
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, **kwargs)
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
@@ -1001,8 +1015,9 @@ def _on_start_engine(props, prop):
         return True
     try:
         argv = resolve_engine_command(_ui.get("engine_command", DEFAULT_ENGINE_COMMAND), _ui.get("engine_venv", ""))
+        argv, env = engine_obs_connection(argv, websocket_target(_ui.get("ws_password", ""), _ui.get("ws_port", 0), obs_config_dir()))
         log_path = _engine_log_path()
-        eng.start(argv, log_path)
+        eng.start(argv, log_path, env)
     except (ValueError, OSError, RuntimeError) as e:
         _log(f"{LOG_PREFIX} could not start the engine: {e}", "error")
         return True

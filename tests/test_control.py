@@ -349,3 +349,9 @@ def test_broken_config_file_is_one_line(tmp_path):
     cfg.write_text("[obs]\npasword = 'x'\n")
     r = run_cli("run", "--model", "tiny", "--source", "synthetic", "--sink", "null", "--config", cfg, timeout=120)
     assert r.returncode == 2 and "no setting 'pasword'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_without_a_virtual_camera_driver_goes_on_with_the_local_stream():
+    r = run_cli("run", "--model", "tiny", "--source", "synthetic", "--max-frames", "12", "--api-port", "0", timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "going on without a virtual camera" in r.stderr and "stream.mjpg" in r.stderr

@@ -651,3 +651,13 @@ def test_real_obs_properties_and_engine_started_from_obs_stops_when_obs_exits(tm
     # OBS exited: the script's atexit hook interrupted the engine (SIGINT), nothing is left behind
     assert "interrupted" in marker.read_text()
     assert "is left running (a script reload keeps it) and is stopped when OBS exits" in real.log_text()
+
+
+def test_the_engine_started_from_obs_connects_back_with_the_password_in_its_environment():
+    argv, env = L.engine_obs_connection(["/venv/bin/live2diff-engine", "run", "--obs"], {"port": 4460, "password": "pw-123"}, {})
+    assert argv == ["/venv/bin/live2diff-engine", "run", "--obs", "--obs-port", "4460"]
+    assert env["OBS_WEBSOCKET_PASSWORD"] == "pw-123" and "pw-123" not in argv
+    argv, env = L.engine_obs_connection(["e", "run", "--obs", "--obs-port=5000"], {"port": 4460, "password": ""}, {})
+    assert argv == ["e", "run", "--obs", "--obs-port=5000"] and "OBS_WEBSOCKET_PASSWORD" not in env
+    argv, env = L.engine_obs_connection(["e", "run"], {"port": 4460, "password": "pw"}, {})  # the user left OBS control out
+    assert argv == ["e", "run"] and "OBS_WEBSOCKET_PASSWORD" not in env

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The system programs the tests drive for real: OBS Studio (with obs-websocket) under Xvfb, and
+# Chromium with ChromeDriver for the dock page. Installs what is missing with apt (Debian/Ubuntu),
+# as root or through sudo; elsewhere it says what the OBS and browser tests will skip.
+set -euo pipefail
+
+need=()
+command -v obs >/dev/null 2>&1 || need+=(obs-studio)
+command -v xvfb-run >/dev/null 2>&1 || need+=(xvfb)
+command -v xauth >/dev/null 2>&1 || need+=(xauth)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+if [ ${#need[@]} -eq 0 ]; then
+    echo "system packages for the tests: all present"
+    exit 0
+fi
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "system packages for the tests: no apt-get here; install ${need[*]} yourself, or the OBS and browser tests skip"
+    exit 0
+fi
+sudo=()
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then sudo=(sudo); else
+        echo "system packages for the tests: not root and no sudo; install ${need[*]} yourself, or the OBS and browser tests skip"
+        exit 0
+    fi
+fi
+echo "system packages for the tests: installing ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+if ! "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; then
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+echo "system packages for the tests: installed"
