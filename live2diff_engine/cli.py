@@ -541,7 +541,8 @@ class _Control:
                 c, obs["host"], obs["port"], obs["password"], output_url=self.api.url if self.api else None,
                 source_kind=obs["source"], lipsync_input=obs["lipsync_input"], lipsync_extra_ms=obs["lipsync_extra_ms"],
             ).start()
-            print(f"OBS control: connecting to ws://{obs['host']}:{obs['port']}", file=sys.stderr, flush=True)
+            origin = f"; password from {obs['from']}" if obs.get("from") else ""
+            print(f"OBS control: connecting to ws://{obs['host']}:{obs['port']}{origin}", file=sys.stderr, flush=True)
         self.controller = c
         return c
 
@@ -587,6 +588,15 @@ def control_settings(args) -> dict:
             "lipsync_input": pick(args.obs_lipsync, None, obs_cfg, "lipsync_input", None),
             "lipsync_extra_ms": int(pick(args.obs_lipsync_extra_ms, None, obs_cfg, "lipsync_extra_ms", 0)),
         }
+        if not obs["password"]:  # none given: the one in OBS's own settings, if OBS is on this machine
+            from .control.obs import obs_own_settings
+
+            own = obs_own_settings()
+            if own is not None:
+                obs["password"] = own["password"] if own.get("auth_required", True) else ""
+                if args.obs_port is None and "port" not in obs_cfg:
+                    obs["port"] = own["port"]
+                obs["from"] = f"OBS's own settings ({own['source']})"
         if obs["source"] not in ("auto", "browser", "media"):
             raise ConfigError(f"[obs] source must be auto, browser or media, got {obs['source']!r}")
         if not 1 <= obs["port"] <= 65535:

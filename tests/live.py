@@ -117,6 +117,11 @@ class LiveEngine:
         """Output frames per second between two monotonic times."""
         return sum(t0 <= t < t1 for t in list(self.output_times)) / max(1e-6, t1 - t0)
 
+    def max_gap(self, t0: float, t1: float) -> float:
+        """The longest time without an output frame between two monotonic times."""
+        times = [t0] + [t for t in list(self.output_times) if t0 <= t < t1] + [t1]
+        return max(b - a for a, b in zip(times, times[1:]))
+
     def stop(self) -> None:
         self.engine.stop()
         self.thread.join(10)

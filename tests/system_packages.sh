@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The system programs the tests drive for real: OBS Studio (with obs-websocket) under Xvfb, and
-# Chromium with ChromeDriver for the dock page. Installs what is missing with apt (Debian/Ubuntu),
-# as root or through sudo; elsewhere it says what the OBS and browser tests will skip.
+# The system programs the tests drive for real: OBS Studio (with obs-websocket) under Xvfb,
+# Chromium with ChromeDriver for the dock page, and shellcheck for the shell scripts. Installs
+# what is missing with apt (Debian/Ubuntu), as root or through sudo; elsewhere it says what the
+# OBS, browser and shellcheck tests will skip.
 set -euo pipefail
 
 need=()
@@ -10,6 +11,7 @@ command -v xvfb-run >/dev/null 2>&1 || need+=(xvfb)
 command -v xauth >/dev/null 2>&1 || need+=(xauth)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+command -v shellcheck >/dev/null 2>&1 || need+=(shellcheck)
 if [ ${#need[@]} -eq 0 ]; then
     echo "system packages for the tests: all present"
     exit 0

@@ -32,9 +32,12 @@ BOUNDS_SCALE_INNER = "OBS_BOUNDS_SCALE_INNER"
 
 
 def _silence_obsws() -> None:
-    lg = logging.getLogger("obsws_python")
-    lg.setLevel(logging.CRITICAL + 10)
-    lg.propagate = False
+    """obsws-python logs the password and tracebacks; websocket-client an ERROR line each time OBS
+    closes a connection. The bridge says what matters itself, once."""
+    for name in ("obsws_python", "websocket"):
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.CRITICAL + 10)
+        lg.propagate = False
 
 
 class ObsAuthError(Exception):
@@ -326,6 +329,25 @@ class ObsBridge:
 
 
 _PATCH_LOCK = threading.Lock()
+
+
+def obs_own_settings(environ: dict | None = None, home: str | None = None) -> dict | None:
+    """obs-websocket's port and password as OBS itself keeps them on this machine, for a user who
+    gave none: {"port", "password", "auth_required", "source"} or None. The same reader as the OBS
+    script's (which must stay one self-contained file)."""
+    import os
+    import platform
+    from pathlib import Path
+
+    from ..installer import obs_config_dirs
+    from ..obs_scripts.live2diff_obs import read_websocket_config
+
+    env = dict(os.environ if environ is None else environ)
+    for folder in obs_config_dirs(platform.system(), home or str(Path.home()), env):
+        found = read_websocket_config(folder)
+        if found:
+            return found
+    return None
 
 
 def _client(cls, kw: dict):
