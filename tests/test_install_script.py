@@ -1,8 +1,13 @@
 """installers/install.sh for real: a CPU, no-models install into a temporary prefix, then an upgrade."""
 
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -30,6 +35,42 @@ def test_install_then_run_then_upgrade(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert out.is_file() and out.stat().st_size > 0
-    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    check_installed_engine_serves_the_dock(exe, env)
+
+    # The upgrade, this time with OBS set up where OBS is installed (CI installs it).
+    obs_config = tmp_path / "home" / ".config" / "obs-studio"
+    obs_config.mkdir(parents=True)
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "home" / ".config")
+    again = subprocess.run([c for c in cmd if c != "--no-obs"], capture_output=True, text=True, env=env, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=300).returncode == 0
+    if shutil.which("obs"):
+        script = obs_config / "scripts" / "live2diff-engine" / "live2diff_obs.py"
+        assert script.is_file() and not (script.parent / "__init__.py").exists()
+        assert f"Tools > Scripts > + and pick {script}" in again.stdout
+        assert "Custom Browser Docks" in again.stdout and "http://127.0.0.1:8765/dock" in again.stdout
+
+
+def check_installed_engine_serves_the_dock(exe, env):
+    """A real (not editable) install carries the dock page: the running engine serves it."""
+    proc = subprocess.Popen([str(exe), "run", "--model", "tiny", "--source", "synthetic", "--sink", "null", "--api-port", "0"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url = None
+        deadline = time.monotonic() + 300
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            m = re.search(r"dock (http://127\.0\.0\.1:\d+)/dock", line)
+            url = m.group(1) if m else None
+        assert url, "the engine did not print its dock address"
+        for path in ("/dock", "/dock/dock.js", "/dock/dock.css"):
+            with urllib.request.urlopen(url + path, timeout=30) as r:
+                assert r.status == 200 and len(r.read()) > 100, path
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
