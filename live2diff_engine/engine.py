@@ -36,6 +36,7 @@ from .io.sources import Source, SourceEnded, SourceError
 from .pipeline.frames import FrameError
 
 log = logging.getLogger("live2diff.engine")
+LOG_EVERY_S = 10.0  # the status line, when stderr is a log file rather than a terminal
 
 
 class OutOfMemory(UserError):
@@ -143,6 +144,7 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self._sink_size = output_size or (640, 480)
         self._last_stats = 0.0
+        self._last_print = 0.0
         self._status_shown = False
 
     # -- control -----------------------------------------------------------------------------
@@ -329,7 +331,8 @@ class Engine:
                 os.replace(tmp, self.stats_path)
             except OSError as exc:
                 log.warning("cannot write stats to %s: %s", self.stats_path, exc)
-        if self.status:
+        if self.status and (force or sys.stderr.isatty() or now - self._last_print >= LOG_EVERY_S):
+            self._last_print = now
             self._show_status()
 
     def _show_status(self) -> None:

@@ -154,9 +154,9 @@ def test_style_strength_steps_seed_pause_resume_reset_apply_between_frames(comps
         url = live.api.url
         live.wait_outputs(12)
         assert post(url, command_message("set_strength", strength=0.6))[0] == 200
-        assert live.frames._schedule_args[1] == live_t_index(0.6, 2)
+        assert live.frames.schedule_args[1] == live_t_index(0.6, 2)
         assert post(url, command_message("set_steps", steps=3))[0] == 200
-        assert live.frames._schedule_args[1] == live_t_index(0.6, 3)
+        assert live.frames.schedule_args[1] == live_t_index(0.6, 3)
         _, st = get(url, "/api/status")
         st = json.loads(st)
         assert (st["strength"], st["steps"]) == (0.6, 3)
@@ -243,13 +243,13 @@ def run_hostile_sender(*args) -> dict:
 def test_a_burst_of_1000_hostile_commands_changes_nothing_and_the_stream_keeps_its_rate(comps):
     with LiveEngine(comps, PacedSource(fps=15)) as live:
         live.wait_outputs(30)
-        prompt, seed, sched = live.frames.prompt, live.frames.seed, live.frames._schedule_args
+        prompt, seed, sched = live.frames.prompt, live.frames.seed, live.frames.schedule_args
         time.sleep(2.0)
         out = run_hostile_sender("ws", live.api.url.replace("http", "ws") + "/api/ws")
         replies = out["replies"]
         assert len(replies) == 1000 and all(r["ok"] is False and r["error"] for r in replies)
         assert live.controller.applied == 0 and live.controller.refused == 1000
-        assert (live.frames.prompt, live.frames.seed, live.frames._schedule_args) == (prompt, seed, sched)
+        assert (live.frames.prompt, live.frames.seed, live.frames.schedule_args) == (prompt, seed, sched)
         assert_rate_kept(live, out)
         assert live.engine.stats.errors == 0
 

@@ -247,7 +247,7 @@ class ApiServer:
     async def _serve(self) -> None:
         from aiohttp import web
 
-        app = web.Application(middlewares=[self._guard], client_max_size=4 * MAX_MESSAGE_BYTES)
+        app = web.Application(middlewares=[self._middleware()], client_max_size=4 * MAX_MESSAGE_BYTES)
         app.router.add_get("/", self._root)
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/api/styles", self._styles)
@@ -312,23 +312,18 @@ class ApiServer:
             return True
         return origin in (f"http://{request.host}", self.url)
 
-    async def _guard_impl(self, request, handler):
-        from aiohttp import web
-
-        if not self._host_ok(request):
-            return web.json_response({"ok": False, "error": "unexpected Host header; use http://127.0.0.1"}, status=403)
-        static = request.method == "GET" and (request.path == "/dock" or request.path.startswith("/dock/"))
-        if not static and not self._token_ok(request):  # the dock page holds nothing; it passes the token on
-            return web.json_response({"ok": False, "error": "missing or wrong token (Authorization: Bearer TOKEN or ?token=)"}, status=401)
-        return await handler(request)
-
-    @property
-    def _guard(self):
+    def _middleware(self):
         from aiohttp import web
 
         @web.middleware
         async def guard(request, handler):
-            return await self._guard_impl(request, handler)
+            if not self._host_ok(request):
+                return web.json_response({"ok": False, "error": "unexpected Host header; use http://127.0.0.1"}, status=403)
+            static = request.method == "GET" and (request.path == "/dock" or request.path.startswith("/dock/"))
+            if not static and not self._token_ok(request):  # the dock page holds nothing; it passes the token on
+                return web.json_response({"ok": False, "error": "missing or wrong token (Authorization: Bearer TOKEN or ?token=)"},
+                                         status=401)
+            return await handler(request)
 
         return guard
 

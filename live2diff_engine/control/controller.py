@@ -168,12 +168,9 @@ class Controller:
         elif cmd.cmd == "set_style":
             self.manager.apply(a["style"], frames)
         elif cmd.cmd in ("set_strength", "set_steps"):
-            steps, t_index, strength = frames._schedule_args
-            n = LIVE_SCHEDULE_STEPS
             current = self.schedule()
-            new_strength = a.get("strength", current["strength"])
-            new_steps = a.get("steps", current["steps"])
-            frames.set_schedule(n, live_t_index(new_strength, new_steps, n), None)
+            strength, steps = a.get("strength", current["strength"]), a.get("steps", current["steps"])
+            frames.set_schedule(LIVE_SCHEDULE_STEPS, live_t_index(strength, steps), None)
         elif cmd.cmd == "set_seed":
             frames.set_seed(a["seed"])
             frames.request_reset()
@@ -194,7 +191,7 @@ class Controller:
 
     def schedule(self) -> dict:
         """The live strength and steps of the current schedule."""
-        steps, t_index, strength = self.frames._schedule_args
+        steps, t_index, strength = self.frames.schedule_args
         if t_index is None:  # a style given by strength over its own schedule
             from ..pipeline.schedule import make_schedule
 

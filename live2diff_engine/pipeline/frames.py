@@ -167,6 +167,11 @@ class FramePipeline:
     def steps(self) -> int:
         return self.stream.steps
 
+    @property
+    def schedule_args(self) -> tuple[int, list[int] | None, float | None]:
+        """(num_inference_steps, t_index_list, strength) as last set (applied at the next frame)."""
+        return self._schedule_args
+
     def set_prompt(self, prompt: str) -> None:
         """New text between frames: no re-warmup, the stream goes on."""
         self._embeds = self._encode(prompt)
