@@ -201,3 +201,69 @@ def bench_engine(make_pipeline, frames: list, count: int, rounds: int = 2, sinks
         engine.append(count / (time.perf_counter() - start))
     b, e = sorted(bare)[len(bare) // 2], sorted(engine)[len(engine) // 2]
     return {"bare_fps": b, "engine_fps": e, "overhead": b / e - 1.0}
+
+
+VIEWER = r"""
+import sys, threading, urllib.request, websocket
+url = sys.argv[1]
+def status():
+    ws = websocket.create_connection(url.replace("http", "ws", 1) + "/api/ws")
+    while True:
+        ws.recv()
+threading.Thread(target=status, daemon=True).start()
+stream = urllib.request.urlopen(url + "/stream.mjpg")
+while stream.read(65536):
+    pass
+"""
+
+
+def bench_control(make_pipeline, manager, frames: list, count: int, rounds: int = 2) -> dict[str, float]:
+    """Frames per second of the engine alone and of the engine with its control plane busy: the
+    local API, an MJPEG viewer and a dock's status WebSocket (in a process of their own, as OBS
+    and a browser are). Rounds alternate; the median is reported."""
+    import subprocess
+    import sys
+
+    from .control.api import ApiServer
+    from .control.controller import Controller
+    from .engine import Engine
+    from .io.sinks import NullSink
+    from .io.sources import Source, SourceEnded
+
+    class Frames(Source):
+        name = "frames"
+
+        def __init__(self):
+            self.i = 0
+
+        def read(self):
+            if self.i >= count:
+                raise SourceEnded
+            self.i += 1
+            return frames[(self.i - 1) % len(frames)]
+
+    size = (frames[0].shape[1], frames[0].shape[0])
+    api = ApiServer("127.0.0.1", 0).start()
+    viewer = subprocess.Popen([sys.executable, "-c", VIEWER, api.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    plain, controlled = [], []
+    try:
+        for _ in range(rounds):
+            pipe = make_pipeline()
+            start = time.perf_counter()
+            Engine(pipe, Frames(), [NullSink()], output_size=size, status=False).run(install_signals=False)
+            plain.append(count / (time.perf_counter() - start))
+
+            pipe = make_pipeline()
+            controller = Controller(pipe, manager, label="bench")
+            api.set_controller(controller)
+            start = time.perf_counter()
+            Engine(pipe, Frames(), [NullSink(), api.stream], output_size=size, status=False,
+                   controller=controller).run(install_signals=False)
+            controlled.append(count / (time.perf_counter() - start))
+        served = api.frames_served
+    finally:
+        viewer.kill()
+        viewer.wait(10)
+        api.stop()
+    p, c = sorted(plain)[len(plain) // 2], sorted(controlled)[len(controlled) // 2]
+    return {"engine_fps": p, "control_fps": c, "overhead": p / c - 1.0, "frames_served": served}

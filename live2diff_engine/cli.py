@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--frames", type=int, default=300, help="frames per round (default 300)")
     be.add_argument("--rounds", type=int, default=3, help="rounds of each (default 3; the median is reported)")
     be.add_argument("--input-size", type=_size_arg, default=(640, 480), metavar="WxH", help="input frame size (default 640x480)")
+    be.add_argument("--control", action="store_true",
+                    help="instead: the engine alone against the engine with its control plane busy (API, MJPEG viewer, dock)")
     add_model_args(be)
 
     bs = sub.add_parser(
@@ -714,9 +716,17 @@ def _cmd_bench_engine(args) -> int:
             clip_skip=style.clip_skip, seed=a.seed, output_size=args.output_size,
         )
 
-    r = bench_engine(make, frames, args.frames, args.rounds)
     print(f"machine: {machine_name(comps.device)}; model: {comps.label}; model size {first.width}x{first.height}; "
           f"input {args.input_size[0]}x{args.input_size[1]}; {args.frames} frames x {args.rounds} rounds")
+    if args.control:
+        from .bench import bench_control
+
+        r = bench_control(make, manager, frames, args.frames, args.rounds)
+        print(f"  engine alone:                 {r['engine_fps']:.2f} frames/s")
+        print(f"  engine + API, MJPEG and dock: {r['control_fps']:.2f} frames/s ({r['frames_served']} MJPEG frames served)")
+        print(f"  control overhead:             {r['overhead'] * 100:+.1f}%")
+        return 0
+    r = bench_engine(make, frames, args.frames, args.rounds)
     print(f"  bare pipeline loop: {r['bare_fps']:.2f} frames/s")
     print(f"  engine:             {r['engine_fps']:.2f} frames/s")
     print(f"  engine overhead:    {r['overhead'] * 100:+.1f}%")

@@ -355,3 +355,10 @@ def test_run_without_a_virtual_camera_driver_goes_on_with_the_local_stream():
     r = run_cli("run", "--model", "tiny", "--source", "synthetic", "--max-frames", "12", "--api-port", "0", timeout=300)
     assert r.returncode == 0, r.stderr
     assert "going on without a virtual camera" in r.stderr and "stream.mjpg" in r.stderr
+
+
+def test_bench_engine_control_measures_the_control_plane():
+    r = run_cli("bench-engine", "--model", "tiny", "--control", "--frames", "16", "--rounds", "1", "--input-size", "96x80",
+                timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "engine + API, MJPEG and dock" in r.stdout and "control overhead" in r.stdout

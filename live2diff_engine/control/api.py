@@ -169,6 +169,7 @@ class ApiServer:
         self._started = threading.Event()
         self._error: BaseException | None = None
         self.commands_seen = 0
+        self.frames_served = 0  # MJPEG parts written, over all viewers
         self._http_pacer = Pacer()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -509,6 +510,7 @@ class ApiServer:
                 seq, data = got
                 head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n".encode()
                 await resp.write(head + data + b"\r\n")
+                self.frames_served += 1
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         return resp
