@@ -58,6 +58,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--styles", metavar="FILE", default=None, help="your styles file (default: see `live2diff-engine styles path`)")
     s.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:SCALE]", help="an extra LoRA (repeatable)")
     s.add_argument("--prompt", default="", help="what the picture shows, e.g. 'a man with glasses'")
+    s.add_argument("--negative-prompt", default="", help="what it should not show; takes effect with --guidance above 1")
+    s.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale (default 1: none, as Live2Diff; above 1 costs a second UNet branch)")
     steps = s.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, help="number of denoising steps (1-4) with the configs' usual timesteps")
     steps.add_argument("--t-index-list", type=_int_list, help="denoising steps as schedule indices, e.g. 32,45")
@@ -139,6 +142,8 @@ def build_frame_pipeline(args, say=None):
         seed=args.seed,
         output_size=args.output_size,
         similarity_threshold=args.similarity_threshold,
+        negative_prompt=args.negative_prompt,
+        guidance_scale=args.guidance,
     )
     manager = StyleManager(comps, styles)
     if style.dreambooth or style.loras or comps.lcm_lora is not None:

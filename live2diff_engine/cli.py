@@ -117,14 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--max-frames", type=int, default=None, help="stop after this many input frames")
     io.add_argument("--stats", metavar="FILE", default=None, help="write live figures as JSON every few seconds and on exit")
     add_model_args(run)
-    run.add_argument("--negative-prompt", default="", help="what the picture should not show (kept and reported; see README)")
     _add_control_args(run)
 
     ctl = sub.add_parser(
         "ctl",
         help="control a running engine: prompt, style, strength, pause, status ...",
         description="Talk to a running engine through its local API. Actions: status, styles, prompt TEXT, "
-        "negative TEXT, style NAME, strength X (0-1], steps N (1-4), seed N, pause, resume, reset, add-to-scene [SCENE].",
+        "negative TEXT, guidance X (1-20), style NAME, strength X (0-1], steps N (1-4), seed N, pause, resume, reset, add-to-scene [SCENE].",
     )
     ctl.add_argument("action", choices=sorted(CTL_ACTIONS), metavar="ACTION", help=", ".join(sorted(CTL_ACTIONS)))
     ctl.add_argument("value", nargs="?", default=None, help="the new value, where the action takes one")
@@ -168,6 +167,7 @@ CTL_ACTIONS = {
     "styles": ("status", None, None),
     "prompt": ("set_prompt", "prompt", str),
     "negative": ("set_negative_prompt", "negative_prompt", str),
+    "guidance": ("set_guidance", "guidance", float),
     "style": ("set_style", "style", str),
     "strength": ("set_strength", "strength", float),
     "steps": ("set_steps", "steps", int),
@@ -531,7 +531,7 @@ class _Control:
     def attach(self, frames, manager, label: str):
         from .control.controller import Controller
 
-        c = Controller(frames, manager, negative_prompt=self.args.negative_prompt, label=label)
+        c = Controller(frames, manager, label=label)
         c.api_token = self.api.token if self.api is not None else None
         if self.api is not None:
             self.api.set_controller(c)
@@ -680,15 +680,15 @@ def _cmd_ctl(args) -> int:
               f"frames: {status.get('frames_out')}")
         print(f"style: {status.get('style')}  strength: {status.get('strength')}  steps: {status.get('steps')}  seed: {status.get('seed')}")
         print(f"prompt: {status.get('prompt')!r}")
-        if status.get("negative_prompt"):
-            print(f"negative prompt: {status.get('negative_prompt')!r}")
+        if status.get("negative_prompt") or status.get("guidance", 1) > 1:
+            print(f"negative prompt: {status.get('negative_prompt')!r}  guidance: {status.get('guidance')}")
         print(f"OBS: {status.get('obs')}  model: {status.get('model')}  {status.get('size')}")
     else:
         print("ok")
     return 0
 
 
-_CTL_EXAMPLES = {"prompt": "'a watercolor portrait'", "negative": "'blurry'", "style": "toonyou", "strength": "0.5",
+_CTL_EXAMPLES = {"prompt": "'a watercolor portrait'", "negative": "'blurry'", "guidance": "1.5", "style": "toonyou", "strength": "0.5",
                  "steps": "2", "seed": "7"}
 
 
@@ -714,6 +714,7 @@ def _cmd_bench_engine(args) -> int:
             comps, width=first.width, height=first.height, fit=args.fit, num_inference_steps=steps,
             t_index_list=t_index_list, strength=strength, prompt=a.prompt, template=style.template,
             clip_skip=style.clip_skip, seed=a.seed, output_size=args.output_size,
+            negative_prompt=a.negative_prompt, guidance_scale=a.guidance,
         )
 
     print(f"machine: {machine_name(comps.device)}; model: {comps.label}; model size {first.width}x{first.height}; "

@@ -15,7 +15,7 @@
   const TOAST_MS = 6000;
   const NAMES = {
     set_prompt: 'Prompt', set_negative_prompt: 'Negative prompt', set_style: 'Style',
-    set_strength: 'Strength', set_steps: 'Steps', set_seed: 'Seed',
+    set_strength: 'Strength', set_steps: 'Steps', set_seed: 'Seed', set_guidance: 'Guidance',
     pause: 'Pause', resume: 'Resume', reset: 'Reset',
   };
 
@@ -25,6 +25,7 @@
     lastError: $('last-error'), toast: $('toast'), about: $('about'),
     prompt: $('prompt'), promptApply: $('prompt-apply'), history: $('history'), historyEmpty: $('history-empty'),
     negative: $('negative'), negativeApply: $('negative-apply'),
+    guidance: $('guidance'), guidanceApply: $('guidance-apply'),
     styles: $('styles'), strength: $('strength'), strengthValue: $('strength-value'),
     steps: $('steps'), seed: $('seed'), seedApply: $('seed-apply'),
     pause: $('pause'), reset: $('reset'),
@@ -219,6 +220,16 @@
     applyField(el.negative, 'set_negative_prompt', 'negative_prompt', el.negative.value);
   }
 
+  function applyGuidance() {
+    const raw = el.guidance.value.trim();
+    const g = Number(raw);
+    if (raw === '' || !Number.isFinite(g) || g < 1 || g > 20) {
+      toast('Guidance: a number from 1 (none) to 20');
+      return;
+    }
+    applyField(el.guidance, 'set_guidance', 'guidance', g);
+  }
+
   function applySeed() {
     const raw = el.seed.value.trim();
     const seed = Number(raw);
@@ -298,6 +309,7 @@
     setField(el.prompt, s.prompt);
     setField(el.negative, s.negative_prompt);
     setField(el.seed, s.seed);
+    setField(el.guidance, s.guidance);
     if (typeof s.strength === 'number' && !dragging && !busy('set_strength')) {
       el.strength.value = String(s.strength);
       el.strengthValue.textContent = s.strength.toFixed(2);
@@ -339,12 +351,12 @@
 
   // -- wiring ----------------------------------------------------------------------------------
 
-  for (const input of [el.prompt, el.negative, el.seed]) {
+  for (const input of [el.prompt, el.negative, el.seed, el.guidance]) {
     input.addEventListener('input', () => dirty.add(input.id));
     input.addEventListener('keydown', (e) => {
       if (e.key === 'Escape' && status) { // back to the engine's value
         dirty.delete(input.id);
-        const key = { prompt: 'prompt', negative: 'negative_prompt', seed: 'seed' }[input.id];
+        const key = { prompt: 'prompt', negative: 'negative_prompt', seed: 'seed', guidance: 'guidance' }[input.id];
         if (status[key] !== undefined && status[key] !== null) input.value = String(status[key]);
       }
     });
@@ -373,6 +385,14 @@
     }
   });
   el.seedApply.addEventListener('click', applySeed);
+
+  el.guidance.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter') {
+      e.preventDefault();
+      applyGuidance();
+    }
+  });
+  el.guidanceApply.addEventListener('click', applyGuidance);
 
   el.history.addEventListener('click', (e) => {
     const b = e.target.closest('button[data-prompt]');

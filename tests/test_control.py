@@ -72,6 +72,7 @@ def test_every_command_parses_with_good_arguments():
         "set_strength": {"strength": 0.5},
         "set_steps": {"steps": 3},
         "set_seed": {"seed": 42},
+        "set_guidance": {"guidance": 1.5},
         "add_to_scene": {"scene": "Scene"},
     }
     for cmd in COMMANDS:
@@ -101,6 +102,8 @@ def test_every_command_parses_with_good_arguments():
     ({"app": "live2diff", "v": 1, "cmd": "set_steps", "steps": True}, "must be an integer"),
     ({"app": "live2diff", "v": 1, "cmd": "set_steps", "steps": 9}, "1 to 4"),
     ({"app": "live2diff", "v": 1, "cmd": "set_seed", "seed": -1}, "0 to"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_guidance", "guidance": 0.5}, "1 to 20"),
+    ({"app": "live2diff", "v": 1, "cmd": "set_guidance", "guidance": float("inf")}, "must be a number"),
     ({"app": "live2diff", "v": 1, "cmd": "pause", "id": "x" * 65}, "id must be"),
     ({"app": "live2diff", "v": 1, "kind": "status", "cmd": "pause"}, "expected a command"),
     ("{" * 5000 + "}" * 5000, "too large"),
@@ -125,28 +128,50 @@ def test_live_strength_and_steps_map_onto_the_originals_defaults():
 # -- a command changes the following frames, and only those ---------------------------------------
 
 
-def test_prompt_through_the_api_changes_the_following_frames(comps):
-    n, k = 28, 16
-    ref = reference_outputs(comps, n)
+def command_at_frame(comps, n, k, *messages):
+    """Outputs of n gated frames where ``messages`` are queued (through the API) just before frame
+    k is read, so frame k is the first to see them; returns (live engine, replies)."""
     source = GateSource(n, gate_at=k)
     with LiveEngine(comps, source) as live:
         source.reached.wait(60)
-        result = {}
-        t = threading.Thread(target=lambda: result.update(r=post(live.api.url, command_message("set_prompt", prompt="a red fox", id=7))))
-        t.start()
-        wait_for(lambda: live.controller.accepted >= 1, what="the command to be queued")
+        replies = []
+        threads = [threading.Thread(target=lambda m=m: replies.append(post(live.api.url, m))) for m in messages]
+        for t in threads:
+            t.start()
+        wait_for(lambda: live.controller.accepted >= len(messages), what="the commands to be queued")
         source.gate.set()
-        t.join(60)
+        for t in threads:
+            t.join(60)
         live.thread.join(120)
-    status, reply = result["r"]
-    assert status == 200 and reply == {"app": "live2diff", "v": 1, "kind": "reply", "id": 7, "ok": True}
-    assert live.frames.prompt == "a red fox"
-    assert len(live.outputs) == len(ref) == n
-    steps = live.frames.steps
-    for i in range(k - steps):  # finished before the change: untouched
+    return live, replies
+
+
+def assert_changed_from(live, ref, k):
+    """Frames finished before frame k are the reference's; frames from k on differ."""
+    assert len(live.outputs) == len(ref)
+    for i in range(k - live.frames.steps):
         assert np.array_equal(live.outputs[i], ref[i]), i
-    for i in range(k, n):  # frames after the change: a different picture
+    for i in range(k, len(ref)):
         assert not np.array_equal(live.outputs[i], ref[i]), i
+
+
+def test_prompt_through_the_api_changes_the_following_frames(comps):
+    n, k = 28, 16
+    ref = reference_outputs(comps, n)
+    live, replies = command_at_frame(comps, n, k, command_message("set_prompt", prompt="a red fox", id=7))
+    assert replies == [(200, {"app": "live2diff", "v": 1, "kind": "reply", "id": 7, "ok": True})]
+    assert live.frames.prompt == "a red fox"
+    assert_changed_from(live, ref, k)
+
+
+def test_negative_prompt_with_guidance_changes_the_following_frames(comps):
+    n, k = 36, 16
+    ref = reference_outputs(comps, n)
+    live, replies = command_at_frame(comps, n, k, command_message("set_negative_prompt", negative_prompt="blurry, grey"),
+                                     command_message("set_guidance", guidance=2.0))
+    assert all(code == 200 for code, _ in replies)
+    assert (live.frames.negative_prompt, live.frames.guidance_scale) == ("blurry, grey", 2.0)
+    assert_changed_from(live, ref, k)
 
 
 def test_style_strength_steps_seed_pause_resume_reset_apply_between_frames(comps):

@@ -164,7 +164,7 @@ def test_dock_connects_and_shows_live_status(running, browser):
     assert by_id(d, "steps").get_attribute("value") == "2"
     assert by_id(d, "pause").text == "Pause"
     # Every control has an accessible name.
-    for id_ in ("prompt", "negative", "strength", "steps", "seed"):
+    for id_ in ("prompt", "negative", "guidance", "strength", "steps", "seed"):
         assert d.find_elements("css selector", f'label[for="{id_}"]'), id_
     # No inline handlers or scripts (CSP-friendly).
     assert d.execute_script(
@@ -241,6 +241,15 @@ def test_settings_strength_steps_seed(running, browser):
     by_id(d, "seed-apply").click()
     wait_for(lambda: by_id(d, "toast").is_displayed() and "Seed" in text_of(d, "toast"), 5, "the seed error")
     assert running.frames.seed == 1234
+    guidance = by_id(d, "guidance")
+    guidance.clear()
+    guidance.send_keys("1.5")
+    by_id(d, "guidance-apply").click()
+    wait_for(lambda: running.frames.guidance_scale == 1.5, 10, "the guidance")
+    guidance.clear()
+    guidance.send_keys("1.0")
+    guidance.send_keys(Keys.ENTER)
+    wait_for(lambda: running.frames.guidance_scale == 1.0, 10, "guidance back to 1")
 
 
 def test_style_without_weights_is_refused_in_the_page(running, browser):

@@ -225,3 +225,39 @@ def test_strength_picks_the_last_steps():
     assert s.t_index_list == (2, 3)
     full = make_schedule(4, t_index_list=[0, 1, 2, 3])
     assert torch.equal(s.timesteps, full.timesteps[2:])
+
+
+def run_guided(unet, frames, depths, guidance, negative_seed, t_index_list=(32, 45)):
+    gen = torch.Generator().manual_seed(0)
+    pipe = StreamPipeline(unet, make_schedule(50, t_index_list=list(t_index_list)), (H, W), generator=gen,
+                          guidance_scale=guidance)
+    pipe.set_negative_embeds(tiny_prompt_embeds(negative_seed))
+    g = torch.Generator().manual_seed(99)
+    warm = torch.randn(8, 4, H, W, generator=g)
+    pipe.prepare(pipe.add_noise(warm), warm.flip(0), tiny_prompt_embeds(0))
+    return [pipe.step(pipe.add_noise(x), d).clone() for x, d in zip(frames, depths)], pipe
+
+
+@pytest.mark.parametrize("t_index_list", [(32, 45), (20, 32, 45)])
+def test_guidance_with_the_prompt_as_negative_is_the_unguided_stream(unet, t_index_list):
+    """eps_u + g (eps_c - eps_u) = eps_c when both branches see the same text: the guided stream,
+    its doubled batch and its second set of cache rows reproduce the unguided stream."""
+    frames, depths = inputs(24, seed=5)
+    base, _ = run_stream(unet, frames, depths, t_index_list)
+    guided, pipe = run_guided(unet, frames, depths, 3.0, negative_seed=0, t_index_list=t_index_list)
+    # Equal up to float noise, which the random tiny model amplifies to ~1e-3 on some frames (the
+    # two branches' cache rows agree to 1e-6); a wrong row or table would differ by ~0.1 and more,
+    # as a real negative prompt does (next test).
+    diffs = [float((a - b).abs().max()) for a, b in zip(base, guided)]
+    assert max(diffs) < 1e-2 and sorted(diffs)[len(diffs) // 2] < 1e-3, diffs
+    T = len(t_index_list)
+    assert all(c.shape[0] == 2 * T for c in unet.cache_tensors())  # one row per step and branch
+
+
+def test_a_negative_prompt_steers_the_guided_stream(unet):
+    frames, depths = inputs(12, seed=6)
+    base, _ = run_stream(unet, frames, depths)
+    steered, _ = run_guided(unet, frames, depths, 2.0, negative_seed=77)
+    assert all(float((a - b).abs().max()) > 0.02 for a, b in zip(base, steered))
+    with pytest.raises(ConfigError, match="at least 1"):
+        StreamPipeline(unet, make_schedule(50, t_index_list=[32, 45]), (H, W), guidance_scale=0.5)

@@ -70,10 +70,9 @@ class Controller:
     """Owns the live settings of one engine: ``frames`` (a FramePipeline), ``manager`` (a
     StyleManager). ``engine`` and ``obs`` are attached once they exist."""
 
-    def __init__(self, frames, manager, *, negative_prompt: str = "", label: str = ""):
+    def __init__(self, frames, manager, *, label: str = ""):
         self.frames = frames
         self.manager = manager
-        self.negative_prompt = negative_prompt
         self.label = label
         self.engine = None
         self.obs = None  # an ObsBridge, for add_to_scene and the connection state
@@ -164,7 +163,9 @@ class Controller:
         if cmd.cmd == "set_prompt":
             frames.set_prompt(a["prompt"])
         elif cmd.cmd == "set_negative_prompt":
-            self.negative_prompt = a["negative_prompt"]
+            frames.set_negative_prompt(a["negative_prompt"])
+        elif cmd.cmd == "set_guidance":
+            frames.set_guidance(a["guidance"])
         elif cmd.cmd == "set_style":
             self.manager.apply(a["style"], frames)
         elif cmd.cmd in ("set_strength", "set_steps"):
@@ -219,7 +220,8 @@ class Controller:
             "state": state,
             "paused": self.paused,
             "prompt": self.frames.prompt,
-            "negative_prompt": self.negative_prompt,
+            "negative_prompt": self.frames.negative_prompt,
+            "guidance": self.frames.guidance_scale,
             "style": current.name if current is not None else None,
             "styles": self.style_names,
             "strength": sched["strength"],

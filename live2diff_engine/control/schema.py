@@ -30,6 +30,7 @@ MAX_NAME_CHARS = 128
 MAX_ID_CHARS = 64
 MAX_SEED = 2**32 - 1
 STEP_CHOICES = (1, 2, 3, 4)
+MAX_GUIDANCE = 20.0
 
 
 class CommandError(ValueError):
@@ -73,6 +74,13 @@ def _strength(value: Any, ctx) -> float:
     return s
 
 
+def _guidance(value: Any, ctx) -> float:
+    g = _number(value, "guidance")
+    if not 1.0 <= g <= MAX_GUIDANCE:
+        raise CommandError(f"guidance must be 1 to {MAX_GUIDANCE:g} (1: none), got {g:g}")
+    return g
+
+
 def _style(value: Any, ctx) -> str:
     name = _text(value, "style", MAX_NAME_CHARS, allow_empty=False)
     known = ctx.get("styles")
@@ -90,6 +98,8 @@ COMMANDS: dict[str, dict[str, tuple[bool, Any]]] = {
     "set_strength": {"strength": (True, _strength)},
     "set_steps": {"steps": (True, lambda v, c: _integer(v, "steps", 1, len(STEP_CHOICES)))},
     "set_seed": {"seed": (True, lambda v, c: _integer(v, "seed", 0, MAX_SEED))},
+    # Classifier-free guidance: above 1 the negative prompt steers the picture (about 2x the cost).
+    "set_guidance": {"guidance": (True, _guidance)},
     "pause": {},
     "resume": {},
     "reset": {},

@@ -66,7 +66,9 @@ def advance(state: _State, sink: int) -> _State:
 class Bookkeeping:
     """Precomputed bookkeeping for every call of an endless stream."""
 
-    def __init__(self, steps: int, window: int, sink: int, device=None):
+    def __init__(self, steps: int, window: int, sink: int, device=None, branches: int = 1):
+        """``branches`` > 1 repeats every row's bookkeeping for that many batch halves (e.g. the
+        conditional and unconditional branch of classifier-free guidance, rows ``b*T + r``)."""
         self.steps, self.window, self.sink = steps, window, sink
         period = window - sink
         states = [initial_state(steps, window, sink)]
@@ -83,7 +85,11 @@ class Bookkeeping:
         pe_idx = torch.tensor([s.pe for s in states], dtype=torch.long)
         update = torch.tensor([s.update for s in states], dtype=torch.long)
         q_idx = pe_idx.gather(2, update.unsqueeze(2)).squeeze(2)
-        self._tables = {"bias": bias, "pe_idx": pe_idx, "update_idx": update, "q_idx": q_idx, "rows": torch.arange(steps)}
+        if branches > 1:
+            bias, pe_idx = bias.repeat(1, branches, 1), pe_idx.repeat(1, branches, 1)
+            update, q_idx = update.repeat(1, branches), q_idx.repeat(1, branches)
+        rows = torch.arange(steps * branches)
+        self._tables = {"bias": bias, "pe_idx": pe_idx, "update_idx": update, "q_idx": q_idx, "rows": rows}
         self.to(device)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Bookkeeping":

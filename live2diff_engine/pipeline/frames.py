@@ -83,6 +83,14 @@ def unfit_frame(img: np.ndarray, fit: Fit, out_w: int, out_h: int) -> np.ndarray
     return fit_frame(content, out_w, out_h, "crop")[0]
 
 
+MAX_GUIDANCE = 20.0
+
+
+def _check_guidance(scale: float) -> None:
+    if not 1.0 <= scale <= MAX_GUIDANCE:
+        raise ConfigError(f"guidance scale must be 1 to {MAX_GUIDANCE:g} (1: no guidance), got {scale:g}")
+
+
 def check_frame(frame) -> np.ndarray:
     if not isinstance(frame, np.ndarray):
         raise FrameError(f"a frame must be a numpy array, got {type(frame).__name__}")
@@ -113,6 +121,8 @@ class FramePipeline:
         output_size: tuple[int, int] | None = None,
         similarity_threshold: float | None = None,
         max_skip: int = 10,
+        negative_prompt: str = "",
+        guidance_scale: float = 1.0,
     ):
         factor = comps.vae_scale_factor
         if width % factor or height % factor or width < factor or height < factor:
@@ -132,9 +142,12 @@ class FramePipeline:
         if t_index_list is None and strength is None:
             t_index_list = [32, 45]
         self._schedule_args = (num_inference_steps, t_index_list, strength)
-        self.stream = self._new_stream()
+        _check_guidance(guidance_scale)
+        self.guidance_scale = float(guidance_scale)
+        self.negative_prompt = negative_prompt
+        self._negative = self._encode_negative(negative_prompt)
         self._embeds = self._encode(prompt)
-        self.stream.set_prompt_embeds(self._embeds)
+        self.stream = self._new_stream()
         self.frame_index = 0
         self._warm: list[torch.Tensor] = []  # preprocessed images waiting for the warmup
         self._history: deque[torch.Tensor] = deque(maxlen=self.sink)  # last frames seen, to re-warm from
@@ -150,10 +163,18 @@ class FramePipeline:
     # -- configuration -----------------------------------------------------------------------
 
     def _new_stream(self) -> StreamPipeline:
+        """A fresh (not yet warm) stream with the current schedule, guidance and text."""
         steps, t_index_list, strength = self._schedule_args
         schedule = make_schedule(steps, t_index_list=t_index_list, strength=strength)
         lh, lw = self.height // self.comps.vae_scale_factor, self.width // self.comps.vae_scale_factor
-        return StreamPipeline(self.comps.unet, schedule, (lh, lw), generator=self.generator)
+        stream = StreamPipeline(self.comps.unet, schedule, (lh, lw), generator=self.generator, guidance_scale=self.guidance_scale)
+        stream.set_prompt_embeds(self._embeds)
+        stream.set_negative_embeds(self._negative)
+        return stream
+
+    def _encode_negative(self, text: str) -> torch.Tensor:
+        """The unconditional branch's text: the negative prompt as typed (no style template)."""
+        return encode_prompt(self.comps.tokenizer, self.comps.text_encoder, text, self.clip_skip).to(self.comps.dtype)
 
     def _encode(self, prompt: str) -> torch.Tensor:
         text = apply_template(self.template, prompt)
@@ -178,11 +199,25 @@ class FramePipeline:
         self.prompt = prompt
         self.stream.set_prompt_embeds(self._embeds)
 
+    def set_negative_prompt(self, text: str) -> None:
+        """What the picture should not show; it steers the frames when the guidance scale is above 1."""
+        self._negative = self._encode_negative(text)
+        self.negative_prompt = text
+        self.stream.set_negative_embeds(self._negative)
+
+    def set_guidance(self, scale: float) -> None:
+        """Classifier-free guidance scale (1: none, the original's default; above 1 the negative
+        prompt takes effect, at about twice the UNet cost); applied with a re-warmup at the next frame."""
+        _check_guidance(scale)
+        self.guidance_scale = float(scale)
+        self._rewarm = True
+
     def set_text_style(self, template: str | None, clip_skip: int) -> None:
         old = (self.template, self.clip_skip)
         self.template, self.clip_skip = template, clip_skip
         try:
             self.set_prompt(self.prompt)
+            self.set_negative_prompt(self.negative_prompt)
         except Exception:
             self.template, self.clip_skip = old
             raise
@@ -210,7 +245,6 @@ class FramePipeline:
         self._warm = []
         self._last_x = None
         self.stream = self._new_stream()
-        self.stream.set_prompt_embeds(self._embeds)
         return ready
 
     # -- tensors -----------------------------------------------------------------------------
@@ -350,7 +384,6 @@ class FramePipeline:
         ready = self.flush()
         self._rewarm = False
         self.stream = self._new_stream()
-        self.stream.set_prompt_embeds(self._embeds)
         self._last_x = None
         if len(self._history) == self.sink:
             self._warmup(list(self._history))
@@ -368,7 +401,6 @@ class FramePipeline:
         self._fits = {i: v for i, v in self._fits.items() if i >= self.frame_index}
         self._last_x = None
         self.stream = self._new_stream()
-        self.stream.set_prompt_embeds(self._embeds)
         self._warm = list(self._history) if len(self._history) < self.sink else []
         if len(self._history) == self.sink:
             self._rewarm_from_history = True

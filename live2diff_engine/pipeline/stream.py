@@ -9,6 +9,8 @@ original).
 Everything a call touches is allocated in :meth:`StreamPipeline.prepare`: the latent and depth
 batches, the prompt batch, the scalars, the KV-cache of every temporal layer and the bookkeeping
 table. A call writes into those buffers; its cost does not depend on how long the stream has run.
+With classifier-free guidance (a scale above 1) the batch and the cache rows double: rows
+``T..2T-1`` carry the same frames with the negative prompt's text.
 """
 
 from __future__ import annotations
@@ -45,8 +47,15 @@ class StreamPipeline:
         latent_size: tuple[int, int],
         *,
         generator: torch.Generator | None = None,
+        guidance_scale: float = 1.0,
     ):
+        if guidance_scale < 1.0:
+            raise ConfigError(f"guidance scale must be at least 1 (1: no guidance), got {guidance_scale}")
         self.unet = unet
+        # Classifier-free guidance (above 1) runs an unconditional branch (the negative prompt)
+        # beside every row: the batch and the cache rows double, rows T..2T-1 are that branch.
+        self.guidance_scale = float(guidance_scale)
+        self.branches = 2 if self.guidance_scale > 1.0 else 1
         self.schedule = schedule
         self.device = unet.device
         self.dtype = unet.dtype
@@ -68,10 +77,12 @@ class StreamPipeline:
         self.timesteps = schedule.timesteps.to(dev)
         self.alpha, self.beta = col(schedule.alpha), col(schedule.beta)
         self.c_skip, self.c_out = col(schedule.c_skip), col(schedule.c_out)
-        self.bookkeeping = Bookkeeping(T, self.window, self.sink, device=dev)
+        self.bookkeeping = Bookkeeping(T, self.window, self.sink, device=dev, branches=self.branches)
         self._latents = torch.zeros(T, 4, self.height, self.width, device=dev, dtype=dt)
         self._depth = torch.zeros_like(self._latents)
         self._prompt: torch.Tensor | None = None
+        self._negative: torch.Tensor | None = None  # [1, tokens, dim] for the unconditional branch
+        self._text_cat: torch.Tensor | None = None  # [2T, tokens, dim]: prompt rows, then negative rows
         self.last_model_pred: torch.Tensor | None = None
         self.last_x0_batch: torch.Tensor | None = None
 
@@ -112,12 +123,39 @@ class StreamPipeline:
             emb = emb.unsqueeze(0)
         if emb.shape[0] != 1:
             raise ConfigError(f"prompt embeddings must have batch 1, got shape {tuple(emb.shape)}")
+        self._text_cat = None
         if self._prompt is None or self._prompt.shape[1:] != emb.shape[1:]:
             self._prompt = emb.expand(self.steps, -1, -1).clone()
         else:
             self._prompt.copy_(emb.expand(self.steps, -1, -1))
 
     update_prompt = set_prompt_embeds
+
+    def set_negative_embeds(self, negative_embeds: torch.Tensor) -> None:
+        """The unconditional branch's text (the negative prompt, or the empty prompt); used when the
+        guidance scale is above 1. Swappable between frames like the prompt."""
+        emb = negative_embeds.to(device=self.device, dtype=self.dtype)
+        if emb.dim() == 2:
+            emb = emb.unsqueeze(0)
+        if emb.shape[0] != 1:
+            raise ConfigError(f"negative prompt embeddings must have batch 1, got shape {tuple(emb.shape)}")
+        self._negative = emb
+        self._text_cat = None
+
+    def _text_batch(self) -> torch.Tensor:
+        if self.branches == 1:
+            return self._prompt
+        if self._negative is None:
+            raise ConfigError("guidance above 1 needs the negative (unconditional) prompt: call set_negative_embeds() first")
+        if self._text_cat is None:  # rebuilt only when either text changed
+            self._text_cat = torch.cat([self._prompt, self._negative.expand(self.steps, -1, -1)])
+        return self._text_cat
+
+    def _guided(self, eps: torch.Tensor) -> torch.Tensor:
+        if self.branches == 1:
+            return eps
+        cond, uncond = eps.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
 
     @torch.no_grad()
     def prepare(
@@ -138,7 +176,8 @@ class StreamPipeline:
         x = self._check("warmup latents", warmup_latents, self.sink)
         depth = self._check("warmup depth", warmup_depth, self.sink)
         T = self.steps
-        self.unet.allocate_cache(T, self.height, self.width)
+        text = self._text_batch()
+        self.unet.allocate_cache(T * self.branches, self.height, self.width)
         self._latents.zero_()
         self._depth.zero_()
         self.calls = 0
@@ -146,6 +185,10 @@ class StreamPipeline:
         x0 = x
         for s in range(T):
             eps = self.unet(x, self.timesteps[s : s + 1], self._prompt[:1], depth, ctx_of[s])
+            if self.branches > 1:  # the unconditional branch fills its own cache row T + s
+                ctx = SequenceContext(num_frames=self.sink, mask=None, cache_row=T + s)
+                uncond = self.unet(x, self.timesteps[s : s + 1], text[T : T + 1], depth, ctx)
+                eps = uncond + self.guidance_scale * (eps - uncond)
             x0 = self._x0(eps, x, self.alpha[s], self.beta[s], self.c_skip[s], self.c_out[s])
             if s < T - 1:
                 n = self.randn(x0.shape) if noise is None else noise[s].to(device=self.device, dtype=self.dtype)
@@ -167,7 +210,12 @@ class StreamPipeline:
         self._latents[0:1].copy_(x_t)
         self._depth[0:1].copy_(depth)
         ctx = self.bookkeeping.context(self.calls)
-        eps = self.unet(self._latents, self.timesteps, self._prompt, self._depth, ctx)
+        if self.branches == 1:
+            eps = self.unet(self._latents, self.timesteps, self._prompt, self._depth, ctx)
+        else:
+            b = self.branches
+            eps = self._guided(self.unet(self._latents.repeat(b, 1, 1, 1), self.timesteps.repeat(b), self._text_batch(),
+                                         self._depth.repeat(b, 1, 1, 1), ctx))
         x0 = self._x0(eps, self._latents, self.alpha, self.beta, self.c_skip, self.c_out)
         self.last_model_pred, self.last_x0_batch = eps, x0
         out = x0[T - 1 : T]
