@@ -215,7 +215,7 @@ def test_prompt_apply_history_and_edits_kept(running, browser):
     neg.clear()
     neg.send_keys("blurry")
     by_id(d, "negative-apply").click()
-    wait_for(lambda: running.controller.negative_prompt == "blurry", 10, "the negative prompt")
+    wait_for(lambda: running.frames.negative_prompt == "blurry", 10, "the negative prompt")
 
 
 def test_settings_strength_steps_seed(running, browser):
