@@ -164,7 +164,9 @@ def format_status(status: dict | None, link: str | None, note: str = "") -> str:
         f"Prompt: {_short(status.get('prompt'), 200) or '-'}",
     ]
     if status.get("negative_prompt"):
-        lines.append(f"Negative: {_short(status.get('negative_prompt'), 200)}")
+        guided = isinstance(status.get("guidance"), (int, float)) and status["guidance"] > 1
+        lines.append(f"Negative: {_short(status.get('negative_prompt'), 200)}"
+                     + (f"   Guidance: {_fmt_num(status.get('guidance'), '.1f')}" if guided else "   (guidance 1: no effect)"))
     lines.append(
         f"FPS: {_fmt_num(status.get('fps'), '.1f')}   Latency: {_fmt_num(status.get('latency_ms'), '.0f', ' ms')}   "
         f"Frames: {status.get('frames_out', '-')}"
@@ -597,7 +599,7 @@ class Controller:
 
     def send(self, cmd: str, **args) -> dict:
         msg = command_message(cmd, id=f"obs-{next(self._ids)}", **args)
-        if cmd == "set_strength":
+        if cmd in ("set_strength", "set_guidance"):  # a dragged slider: only its latest value goes
             with self._lock:
                 self._latest[cmd] = msg
             self._q.put(("latest", cmd))
@@ -894,6 +896,7 @@ def _read_settings(settings) -> dict:
         "negative_prompt": g(settings, "negative_prompt"),
         "style": g(settings, "style"),
         "strength": obs.obs_data_get_double(settings, "strength"),
+        "guidance": obs.obs_data_get_double(settings, "guidance"),
         "seed": obs.obs_data_get_int(settings, "seed"),
         "api_url": g(settings, "api_url").strip() or DEFAULT_API_URL,
         "api_token": g(settings, "api_token"),
@@ -1093,6 +1096,7 @@ def script_defaults(settings):
     obs.obs_data_set_default_string(settings, "api_url", DEFAULT_API_URL)
     obs.obs_data_set_default_string(settings, "engine_command", DEFAULT_ENGINE_COMMAND)
     obs.obs_data_set_default_double(settings, "strength", 0.5)
+    obs.obs_data_set_default_double(settings, "guidance", 1.0)
     obs.obs_data_set_default_int(settings, "ws_port", 0)
     obs.obs_data_set_default_bool(settings, "stop_engine_on_exit", True)
 
@@ -1125,6 +1129,10 @@ def _mirror_engine_values(status: dict | None) -> None:
         if isinstance(strength, (int, float)) and not isinstance(strength, bool) and abs(strength - _ui.get("strength", -1)) > 1e-6:
             obs.obs_data_set_double(_settings, "strength", float(strength))
             _ui["strength"] = float(strength)
+        guidance = status.get("guidance")
+        if isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and abs(guidance - _ui.get("guidance", -1)) > 1e-6:
+            obs.obs_data_set_double(_settings, "guidance", float(guidance))
+            _ui["guidance"] = float(guidance)
 
 
 def script_properties():
@@ -1153,6 +1161,10 @@ def script_properties():
         obs.obs_property_set_long_description(lst, "The list fills in once the engine is reachable (press Refresh).")
 
     obs.obs_properties_add_float_slider(props, "strength", "Strength", 0.05, 1.0, 0.05)
+    g = obs.obs_properties_add_float_slider(props, "guidance", "Guidance (above 1: the negative prompt steers)", 1.0, 5.0, 0.1)
+    if hasattr(obs, "obs_property_set_long_description"):
+        obs.obs_property_set_long_description(g, "Classifier-free guidance. 1: none (fastest). Above 1 the model also "
+                                                 "runs the negative prompt and steers away from it, doing twice the work.")
     obs.obs_properties_add_int(props, "seed", "Seed", 0, SEED_MAX_UI, 1)
     obs.obs_properties_add_button(props, "apply_seed", "Apply seed", _on_apply_seed)
     paused = bool((known or {}).get("paused"))
@@ -1207,6 +1219,8 @@ def script_update(settings):
         _controller.send("set_style", style=new["style"])
     if abs(new["strength"] - old.get("strength", new["strength"])) > 1e-6 and new["strength"] > 0:
         _controller.send("set_strength", strength=round(float(new["strength"]), 4))
+    if abs(new["guidance"] - old.get("guidance", new["guidance"])) > 1e-6 and new["guidance"] >= 1.0:
+        _controller.send("set_guidance", guidance=round(float(new["guidance"]), 3))
 
 
 def script_load(settings):

@@ -96,9 +96,9 @@ def test_command_messages_match_the_engine_schema(cmd, args):
 
 def test_controller_sends_valid_commands_with_ids():
     ctl = L.Controller({"use_websocket": False})  # not started: messages stay in its queue
-    msgs = [ctl.send("set_prompt", prompt="x"), ctl.send("reset"), ctl.toggle_pause()]
+    msgs = [ctl.send("set_prompt", prompt="x"), ctl.send("reset"), ctl.toggle_pause(), ctl.send("set_guidance", guidance=1.5)]
     ids = [m["id"] for m in msgs]
-    assert len(set(ids)) == 3
+    assert len(set(ids)) == 4
     for m in msgs:
         schema.parse_command(m)
     assert msgs[2]["cmd"] == "pause"  # nothing known: pause first
@@ -126,6 +126,8 @@ def test_status_formatting():
     assert "FPS: 12.0" in text and "Latency: 85 ms" in text
     assert "Prompt: a red fox" in text
     assert L.format_status(None, None, "why").startswith("Engine: not reachable\nwhy")
+    assert "(guidance 1: no effect)" in L.format_status(dict(STATUS, negative_prompt="blurry", guidance=1.0), L.LINK_HTTP)
+    assert "Guidance: 2.5" in L.format_status(dict(STATUS, negative_prompt="blurry", guidance=2.5), L.LINK_HTTP)
     long_prompt = dict(STATUS, prompt="word " * 100)
     assert len(L.status_line(long_prompt, L.LINK_WS)) < 160
     # a log line only when connection, state, style or prompt change (not fps)
