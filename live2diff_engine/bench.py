@@ -160,13 +160,8 @@ def bench_style_switch(manager, frames, names: list[str], rounds: int, feed) -> 
     return {n: sorted(t)[len(t) // 2] for n, t in timings.items()}
 
 
-def bench_engine(make_pipeline, frames: list, count: int, rounds: int = 2, sinks_factory=None) -> dict[str, float]:
-    """Frames per second of the bare frame-pipeline loop and of the engine on the same frames.
-
-    Rounds alternate (bare, engine, bare, engine, ...) so drift in the machine's speed lands on
-    both; each round uses a fresh pipeline (same seed) and the median round is reported."""
-    from .engine import Engine
-    from .io.sinks import NullSink
+def _cycled(frames: list, count: int):
+    """A source of ``count`` frames cycling through ``frames`` (not live: read as fast as asked)."""
     from .io.sources import Source, SourceEnded
 
     class Frames(Source):
@@ -180,6 +175,17 @@ def bench_engine(make_pipeline, frames: list, count: int, rounds: int = 2, sinks
                 raise SourceEnded
             self.i += 1
             return frames[(self.i - 1) % len(frames)]
+
+    return Frames()
+
+
+def bench_engine(make_pipeline, frames: list, count: int, rounds: int = 2, sinks_factory=None) -> dict[str, float]:
+    """Frames per second of the bare frame-pipeline loop and of the engine on the same frames.
+
+    Rounds alternate (bare, engine, bare, engine, ...) so drift in the machine's speed lands on
+    both; each round uses a fresh pipeline (same seed) and the median round is reported."""
+    from .engine import Engine
+    from .io.sinks import NullSink
 
     bare, engine = [], []
     for _ in range(rounds):
@@ -195,7 +201,7 @@ def bench_engine(make_pipeline, frames: list, count: int, rounds: int = 2, sinks
         size = (frames[0].shape[1], frames[0].shape[0])
         for s in sinks:
             s.open(size[0], size[1], 30.0)
-        run = Engine(pipe, Frames(), sinks, output_size=size, status=False)
+        run = Engine(pipe, _cycled(frames, count), sinks, output_size=size, status=False)
         start = time.perf_counter()
         run.run(install_signals=False)
         engine.append(count / (time.perf_counter() - start))
@@ -228,19 +234,6 @@ def bench_control(make_pipeline, manager, frames: list, count: int, rounds: int 
     from .control.controller import Controller
     from .engine import Engine
     from .io.sinks import NullSink
-    from .io.sources import Source, SourceEnded
-
-    class Frames(Source):
-        name = "frames"
-
-        def __init__(self):
-            self.i = 0
-
-        def read(self):
-            if self.i >= count:
-                raise SourceEnded
-            self.i += 1
-            return frames[(self.i - 1) % len(frames)]
 
     size = (frames[0].shape[1], frames[0].shape[0])
     api = ApiServer("127.0.0.1", 0).start()
@@ -250,14 +243,14 @@ def bench_control(make_pipeline, manager, frames: list, count: int, rounds: int 
         for _ in range(rounds):
             pipe = make_pipeline()
             start = time.perf_counter()
-            Engine(pipe, Frames(), [NullSink()], output_size=size, status=False).run(install_signals=False)
+            Engine(pipe, _cycled(frames, count), [NullSink()], output_size=size, status=False).run(install_signals=False)
             plain.append(count / (time.perf_counter() - start))
 
             pipe = make_pipeline()
             controller = Controller(pipe, manager, label="bench")
             api.set_controller(controller)
             start = time.perf_counter()
-            Engine(pipe, Frames(), [NullSink(), api.stream], output_size=size, status=False,
+            Engine(pipe, _cycled(frames, count), [NullSink(), api.stream], output_size=size, status=False,
                    controller=controller).run(install_signals=False)
             controlled.append(count / (time.perf_counter() - start))
         served = api.frames_served
