@@ -200,11 +200,20 @@ def _lora_error(path: str, exc: Exception) -> ModelLoadError:
 class StyleManager:
     """Applies styles to a :class:`~.models.components.Components` in place.
 
-    LoRAs (the few-step LCM-LoRA and the style's own) are loaded as diffusers/peft adapters on
-    the UNet and the text encoder and weighted with ``set_adapters``; they are never fused, so
-    going back to a style without them restores the base weights exactly. DreamBooth checkpoints
-    (original SD single-file layout) are converted with diffusers' converters and copied into the
-    loaded modules; the base comes back from its folder."""
+    LoRAs (the few-step LCM-LoRA and the style's own, each at its scale) are fused into the weights
+    at switch time: diffusers reads them (kohya, diffusers or peft layout) as peft adapters, peft
+    merges each into its layer (``W += scale * alpha / rank * up @ down``), and the adapter layers
+    are then removed, so the UNet and the text encoder are the plain modules again and a frame costs
+    what it costs without a LoRA. Before fusing, the tensors the LoRAs change (and only those) are
+    copied (to host memory when the model is on a GPU); the next switch copies them back, so the
+    weights under the LoRAs return bit for bit. DreamBooth checkpoints (original SD single-file
+    layout) are converted with diffusers' converters and copied into the loaded modules; the base
+    comes back from its folder (the same file and the same cast as at load, so exactly).
+
+    Every change is made in place: the UNet's and text encoder's Parameter objects, their storage
+    and the module tree are the same before and after any switch, because a compiled or
+    CUDA-graph-captured stream call reads the weights by address. A switch that fails leaves the
+    previous style in place."""
 
     def __init__(self, comps, styles: dict[str, Style]):
         self.comps = comps
@@ -226,14 +235,26 @@ class StyleManager:
             )
         return self._holder
 
+    def _adapter_models(self) -> tuple[torch.nn.Module, ...]:
+        # Where diffusers puts adapter layers: the 2D UNet (its blocks hold the motion modules too)
+        # and the text encoder.
+        return (self.comps.unet.unet2d, self.comps.text_encoder)
+
+    def _weight_models(self) -> tuple[torch.nn.Module, ...]:
+        # Every module whose weights a style may change: the streaming UNet shares the 2D UNet's
+        # modules, but the 2D UNet's own attributes (conv_in, ...) are also reachable from it alone.
+        return (self.comps.unet, self.comps.unet.unet2d, self.comps.text_encoder)
+
     def get(self, name: str) -> Style:
         if name not in self.styles:
             raise ConfigError(f"unknown style {name!r}; known styles: {', '.join(sorted(self.styles))}")
         return self.styles[name]
 
+    # -- LoRA ----------------------------------------------------------------------------------
+
     def _unload_loras(self) -> None:
-        # Asked of the modules themselves: another manager, or a load that failed half-way, may
-        # have left LoRA layers on them.
+        """Remove adapter layers (without merging them). Asked of the modules themselves: a load
+        that failed half-way, or another tool, may have left LoRA layers on them."""
         if any(self._pipe().get_list_adapters().values()):
             self._pipe().unload_lora_weights()
         for model in (self.comps.unet.unet2d, self.comps.text_encoder):
@@ -247,60 +268,137 @@ class StyleManager:
             self._unload_loras()  # no half-loaded adapter left behind
             raise _lora_error(label, exc) from None
 
-    def _load_dreambooth(self, style: Style) -> None:
-        target = style.dreambooth
-        if target == self.comps.dreambooth:
-            return
-        if target is None:
-            self._restore_base()
-        else:
-            path = _local_file(target, style.dreambooth_url, style.name, "DreamBooth checkpoint")
-            load_single_file_into(self.comps, read_weight_file(path), str(path))
-        self.comps.dreambooth = target
+    def _unfuse(self) -> set[int]:
+        """Copy back the weights saved before the last fusion; the ids of the parameters restored.
+        The copies stay: they equal the weights now, and the next fusion reuses those it needs."""
+        saved = self.comps.unfused
+        with torch.no_grad():
+            for param, copy in saved.values():
+                param.copy_(copy)
+        return set(saved)
+
+    def _fuse(self, loras: list[tuple[str, dict, str, float]]) -> set[int]:
+        """Fuse ``(adapter name, tensors, label, scale)`` LoRAs into the weights; the ids of the
+        parameters changed. Their values before fusing are kept in ``comps.unfused`` first."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        saved = self.comps.unfused
+        if not loras:
+            saved.clear()
+            return set()
+        try:
+            names = []
+            for name, tensors, label, _ in loras:
+                self._load_lora(name, tensors, label)
+                names.append(name)
+            self._pipe().set_adapters(names, adapter_weights=[scale for *_, scale in loras])
+            layers = [m for model in self._adapter_models() for m in model.modules() if isinstance(m, BaseTunerLayer)]
+            changed: dict[int, torch.nn.Parameter] = {}
+            for layer in layers:
+                base = layer.get_base_layer()
+                changed[id(base.weight)] = base.weight
+                if getattr(base, "bias", None) is not None and any(getattr(layer, "lora_bias", {}).get(n, False) for n in names):
+                    changed[id(base.bias)] = base.bias
+            for key in [k for k in saved if k not in changed]:
+                del saved[key]  # equal to the weights now (just unfused) and untouched by this style
+            for key, param in changed.items():
+                if key not in saved:
+                    saved[key] = (param, _saved_copy(param))
+            # What diffusers' fuse_lora does for each adapter layer, without its bookkeeping on the
+            # pipeline: unsafe merge adds the delta to the weight in place (safe_merge would rebind
+            # `.data` to a new tensor).
+            with torch.no_grad():
+                for layer in layers:
+                    layer.merge(safe_merge=False, adapter_names=names)
+            params = [p for p, _ in saved.values()]
+            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+                raise ModelLoadError(
+                    "the style's LoRAs give non-finite weights when fused (a damaged LoRA file, or scales too "
+                    "large for this dtype); the previous style stays"
+                )
+        finally:
+            self._unload_loras()
+        return set(changed)
+
+    # -- DreamBooth ----------------------------------------------------------------------------
 
     def _restore_base(self) -> None:
         c = self.comps
         if c.base_dir is None:
             raise ModelLoadError("the base model's folder is unknown, so its weights cannot be restored; restart the engine")
-        from .models.loading import load_base_weights
-
-        load_base_weights(c.unet, Path(c.base_dir) / "unet")
+        _copy_unet_base_weights(c.unet, Path(c.base_dir) / "unet")
         _load_module_file(c.text_encoder, Path(c.base_dir) / "text_encoder")
         if type(c.vae).__name__ == "AutoencoderKL":
             _load_module_file(c.vae, Path(c.base_dir) / "vae")
+
+    def _set_dreambooth(self, target: str | None, checkpoint: tuple[dict, str] | None) -> None:
+        c = self.comps
+        c.dreambooth = _PARTIAL  # until every module is copied: a failure half-way must not look loaded
+        if target is None:
+            self._restore_base()
+        else:
+            load_single_file_into(c, *checkpoint)
+        c.dreambooth = target
+
+    # -- switching -----------------------------------------------------------------------------
+
+    def _set_weights(self, style: Style, checkpoint, lora_tensors) -> set[int]:
+        """Put the style's weights in place; the ids of the parameters whose values may have changed."""
+        c = self.comps
+        self._unload_loras()
+        pinned = _Pinned(self._weight_models())
+        try:
+            touched = self._unfuse()
+            if style.dreambooth != c.dreambooth:
+                c.unfused.clear()  # the weights under the LoRAs change
+                self._set_dreambooth(style.dreambooth, checkpoint)
+                touched |= {id(p) for m in self._weight_models() for p in m.parameters()}
+            loras = [("lcm", c.lcm_lora, "LCM-LoRA", 1.0)] if c.lcm_lora is not None else []
+            loras += [(f"style{i}", tensors, ref.file, ref.scale) for i, (ref, tensors) in enumerate(lora_tensors)]
+            touched |= self._fuse(loras)
+        finally:
+            pinned.restore()
+        return touched
+
+    def _roll_back(self, previous: Style | None, failed: Style, frames) -> None:
+        self._unload_loras()
+        pinned = _Pinned(self._weight_models())
+        self._unfuse()  # undoes a fusion that stopped half-way
+        pinned.restore()
+        if previous is not None and previous != failed:
+            try:
+                self.apply(previous, frames)  # back to a style that worked
+            except ModelLoadError:
+                pass  # the first error is the one to report
+        elif self.comps.dreambooth is _PARTIAL:
+            self.comps.unfused.clear()
+            self._set_dreambooth(None, None)
 
     def apply(self, name_or_style: str | Style, frames=None) -> Style:
         """Switch every model weight to the style; with a FramePipeline, also its text and steps."""
         style = self.get(name_or_style) if isinstance(name_or_style, str) else name_or_style
         start = time.perf_counter()
-        # Check every file is here before touching any weight: a failed switch keeps the old style.
+        # Read every file before touching any weight: a missing or damaged file keeps the old style.
         lora_tensors = [(ref, read_weight_file(_local_file(ref.file, ref.url, style.name, "LoRA"))) for ref in style.loras]
+        checkpoint = None
         if style.dreambooth:
-            _local_file(style.dreambooth, style.dreambooth_url, style.name, "DreamBooth checkpoint")
+            path = _local_file(style.dreambooth, style.dreambooth_url, style.name, "DreamBooth checkpoint")
+            if style.dreambooth != self.comps.dreambooth:
+                checkpoint = (read_weight_file(path), str(path))
         if frames is not None:
             from .pipeline.text import apply_template
 
             apply_template(style.template, "")  # validates the template
-        self._unload_loras()
-        self._load_dreambooth(style)
-        names, weights = [], []
+        previous = self.current
         try:
-            if self.comps.lcm_lora is not None:
-                self._load_lora("lcm", self.comps.lcm_lora, "LCM-LoRA")
-                names.append("lcm")
-                weights.append(1.0)
-            for i, (ref, tensors) in enumerate(lora_tensors):
-                self._load_lora(f"style{i}", tensors, ref.file)
-                names.append(f"style{i}")
-                weights.append(ref.scale)
+            touched = self._set_weights(style, checkpoint, lora_tensors)
         except ModelLoadError:
-            previous = self.current
-            if previous is not None and previous.name != style.name:
-                self.apply(previous, frames)  # back to a style that worked
+            self._roll_back(previous, style, frames)
             raise
-        if names:
-            self._pipe().set_adapters(names, adapter_weights=weights)
-        self.comps.unet.refresh_positions()
+        unet = self.comps.unet
+        qkv = {id(getattr(layer, n).weight) for layer in unet.temporal_layers for n in ("to_q", "to_k", "to_v")}
+        if touched & qkv:
+            unet.refresh_positions()  # the temporal layers keep positions projected with these weights
         if frames is not None:
             frames.set_text_style(style.template, style.clip_skip)
             args = style.schedule_args()
@@ -309,6 +407,48 @@ class StyleManager:
         self.current = style
         self.last_switch_s = time.perf_counter() - start
         return style
+
+
+_PARTIAL = "(partly loaded)"  # comps.dreambooth while a DreamBooth checkpoint is being copied in
+
+
+def _saved_copy(param: torch.Tensor) -> torch.Tensor:
+    """A copy of a weight to put back later: in host memory (pinned, for fast copies back) when the
+    weight is on a GPU, so that the GPU holds one set of weights."""
+    if param.device.type == "cuda":
+        return torch.empty(param.shape, dtype=param.dtype, pin_memory=True).copy_(param.detach())
+    return param.detach().clone()
+
+
+class _Pinned:
+    """The parameter objects, their storage and the module tree of some models as they were when
+    taken. ``restore`` undoes any replacement a library made since (a new module or Parameter in
+    place of an old one, ``.data`` rebound to a new tensor) and keeps the values: they are copied
+    into the original tensors."""
+
+    def __init__(self, models):
+        self.children = [(m, name, child) for model in models for m in model.modules() for name, child in m._modules.items()]
+        self.params = [
+            (m, name, p, p.detach())
+            for model in models
+            for m in model.modules()
+            for name, p in m._parameters.items()
+            if p is not None
+        ]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for parent, name, child in self.children:
+            if parent._modules.get(name) is not child:
+                parent._modules[name] = child
+        for module, name, param, storage in self.params:
+            now = module._parameters.get(name)
+            if now is not param or param.data_ptr() != storage.data_ptr():
+                source = (now if now is not None else param).detach()
+                if source.data_ptr() != storage.data_ptr():
+                    storage.copy_(source)
+                param.data = storage
+                module._parameters[name] = param
 
 
 def _strip_lora_layers(model: torch.nn.Module) -> None:
@@ -343,6 +483,23 @@ class _quiet:
     def __exit__(self, *exc):
         for lg, level in zip(self._loggers, self._levels):
             lg.setLevel(level)
+
+
+def _copy_unet_base_weights(unet, folder: Path) -> None:
+    """Copy a diffusers UNet folder's weights into the streaming UNet's 2D part, in place (the
+    loader at startup assigns tensors; a switch must keep the running model's own)."""
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (folder / name).is_file():
+            path = folder / name
+            break
+    else:
+        raise ModelLoadError(f"no UNet weights in {folder}; the Stable Diffusion folder is incomplete, download it again")
+    state = read_weight_file(path)
+    own = unet.state_dict()
+    bad = sorted(k for k in unet.base_state_keys() if k not in state or state[k].shape != own[k].shape)
+    if bad:
+        raise ModelLoadError(f"{path} no longer fits the loaded UNet (first at {bad[0]}); restart the engine")
+    unet.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
 def _load_module_file(module: torch.nn.Module, folder: Path) -> None:
