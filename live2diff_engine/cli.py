@@ -155,6 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--rounds", type=int, default=5)
     add_model_args(bs)
 
+    bg = sub.add_parser(
+        "bench-gpu",
+        help="per-stage speed of the full-size model on a GPU, per acceleration mode (random weights, no downloads)",
+        description="Build full-size Live2Diff with random weights (nothing downloaded) and measure, for each acceleration "
+        "mode: the stream step alone, and the whole frame pipeline with TAESD and with the full VAE (FPS and ms per stage), "
+        "the first call (compile cost) and the peak GPU memory. Stops measuring when --budget-s is spent.",
+    )
+    bg.add_argument("--geometry", choices=["full", "tiny"], default="full", help="full: SD1.5 + Live2Diff sizes (default); tiny: the test miniature")
+    bg.add_argument("--modes", default=None, help="comma-separated: off, compile, cudagraph (default: all three on CUDA, off elsewhere)")
+    bg.add_argument("--size", type=_size_arg, default=None, metavar="WxH", help="model size (default 512x512; 64x64 with --geometry tiny)")
+    bg.add_argument("--t-index-list", type=_int_list, default=[32, 45], help="denoising steps (default 32,45)")
+    bg.add_argument("--num-inference-steps", type=int, default=50)
+    bg.add_argument("--vae", default="taesd,full", help="VAEs for the frame pipeline: taesd, full or both (default taesd,full)")
+    bg.add_argument("--parts", default="stream,pipeline", help="what to measure: stream, pipeline or both (default both)")
+    bg.add_argument("--frames", type=int, default=50, help="timed frames per measurement (default 50)")
+    bg.add_argument("--budget-s", type=float, default=420.0, help="stop measuring after this many seconds (default 420)")
+    bg.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    bg.add_argument("--dtype", default=None, choices=DTYPES, help="default float16 on CUDA, float32 elsewhere")
+    bg.add_argument("--seed", type=int, default=0)
+    bg.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+
     st = sub.add_parser("styles", help="list the styles, or print where your styles file is")
     st.add_argument("action", choices=["list", "path"], nargs="?", default="list")
     st.add_argument("--styles", metavar="FILE", default=None)
@@ -761,7 +782,50 @@ def _cmd_bench_style(args) -> int:
     return 0
 
 
+def _cmd_bench_gpu(args) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here; never reach for the hub
+    import torch
+
+    from . import bench_gpu
+
+    device = resolve_device(args.device)
+    dtype = _torch_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    modes = [m.strip() for m in (args.modes or ("off,compile,cudagraph" if device.type == "cuda" else "off")).split(",") if m.strip()]
+    bad = [m for m in modes if m not in bench_gpu.MODES]
+    if not modes or bad:
+        raise ConfigError(f"--modes takes {', '.join(bench_gpu.MODES)} (comma-separated), got {args.modes!r}")
+    if "cudagraph" in modes and device.type != "cuda":
+        raise ConfigError(f"mode cudagraph needs a CUDA device, not {device.type}; use --modes off,compile")
+    vaes = [v.strip() for v in args.vae.split(",") if v.strip()]
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or any(p not in ("stream", "pipeline") for p in parts):
+        raise ConfigError(f"--parts takes stream, pipeline or stream,pipeline, got {args.parts!r}")
+    if "pipeline" in parts and (not vaes or any(v not in ("taesd", "full") for v in vaes)):
+        raise ConfigError(f"--vae takes taesd, full or taesd,full, got {args.vae!r}")
+    if args.frames < 1 or args.budget_s <= 0:
+        raise ConfigError("--frames must be at least 1 and --budget-s positive")
+    width, height = args.size or ((64, 64) if args.geometry == "tiny" else (512, 512))
+    if width % 8 or height % 8:
+        raise ConfigError(f"--size must be multiples of 8 (the VAE's factor), got {width}x{height}")
+    from .pipeline.schedule import make_schedule
+
+    make_schedule(args.num_inference_steps, t_index_list=args.t_index_list)  # a bad schedule is one line now
+    settings = bench_gpu.Settings(
+        device=device, dtype=dtype, geometry=args.geometry, width=width, height=height,
+        num_inference_steps=args.num_inference_steps, t_index_list=list(args.t_index_list), modes=modes,
+        vaes=vaes, frames=args.frames, budget_s=args.budget_s, seed=args.seed, parts=parts,
+    )
+    result = bench_gpu.run(settings)
+    print(bench_gpu.table(result))
+    if args.json:
+        bench_gpu.write_json(result, args.json)
+    return 1 if result["errors"] else 0
+
+
 COMMANDS = {
+    "bench-gpu": _cmd_bench_gpu,
     "run": _cmd_run,
     "ctl": _cmd_ctl,
     "bench-engine": _cmd_bench_engine,

@@ -1,0 +1,105 @@
+"""bench-gpu: the full-size random-weight model's layout (on the meta device: no memory, no time)
+and the real command end to end on the tiny geometry on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import GOLDEN, ROOT
+
+STAGES = ("upload", "depth", "encode", "unet", "decode", "download")
+
+
+def test_full_unet_has_the_sd15_and_live2diff_layout():
+    from live2diff_engine.models.full_random import build_full_unet
+
+    unet = build_full_unet("meta")
+    golden = json.loads((GOLDEN / "live2diff_full_keys.json").read_text())
+    state = unet.state_dict()
+    base = unet.base_state_keys()
+    counts = golden["counts"]
+    assert len(base) == counts["unet2d_state_dict_entries"]
+    assert len(state) == counts["unet3d_streaming_state_dict_entries"]
+    extra = {k: list(v.shape) for k, v in state.items() if k not in base}
+    assert extra == {e["key"]: e["shape"] for e in golden["extra_keys"]}
+    params = dict(unet.named_parameters())
+    assert sum(p.numel() for k, p in params.items() if k in base) == 859_520_964  # SD1.5's UNet
+    assert sum(p.numel() for k, p in params.items() if k not in base) == counts["extra_parameter_elements_total"]
+    assert all(p.device.type == "meta" for p in params.values())
+    # Buffers are computed for real: the positional tables are the sinusoids, not garbage.
+    pe = unet.temporal_layers[0].pos_encoder.pe
+    assert pe.device.type == "cpu" and float(pe[0, 0, 1]) == 1.0  # cos(0)
+
+
+def test_full_vae_text_and_depth_geometry_on_meta():
+    from live2diff_engine.depth import MidasHybrid
+    from live2diff_engine.models.full_random import build_full_midas, build_full_taesd, build_full_text, build_full_vae
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert count(build_full_vae("meta")) == 83_653_863  # SD1.5's AutoencoderKL
+    encoder, tokenizer = build_full_text("meta")
+    assert count(encoder) == 123_060_480  # CLIP ViT-L/14 text tower
+    assert max(tokenizer("a photo").input_ids) < encoder.config.vocab_size
+    assert count(build_full_taesd("meta")) == 2_445_063
+    midas = build_full_midas("meta")
+    assert isinstance(midas, MidasHybrid) and midas.size == (384, 384)
+    assert midas.model.config.is_hybrid and midas.model.config.hidden_size == 768
+
+
+def test_full_random_init_is_finite_and_unit_scale():
+    import torch
+
+    from live2diff_engine.models.full_random import build_full_taesd
+
+    taesd = build_full_taesd("cpu", torch.float32)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    z = taesd.encode(x).latents
+    y = taesd.decode(z).sample
+    assert torch.isfinite(y).all() and 0.05 < float(z.std()) < 20 and float(y.abs().max()) < 100
+
+
+def _bench(tmp_path, *args, timeout=600):
+    # One thread: on a shared 2-core machine two OpenMP threads wait for each other's time slice
+    # at every op, which makes the tiny model 20x slower.
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-m", "live2diff_engine", "bench-gpu", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env,
+    )
+
+
+def test_bench_gpu_tiny_on_cpu(tmp_path):
+    out = tmp_path / "bench.json"
+    result = _bench(tmp_path, "--device", "cpu", "--geometry", "tiny", "--modes", "off", "--frames", "3", "--json", out)
+    assert result.returncode == 0, result.stderr
+    assert "stream step alone" in result.stdout and "frame pipeline" in result.stdout
+    r = json.loads(out.read_text())
+    assert r["card"] and r["torch"] and r["dtype"] == "float32" and r["size"] == "64x64"
+    assert not r["errors"] and not r["skipped"]
+    stream = r["stream"]["off"]
+    assert stream["effective"] == "off" and stream["frames"] == 3 and stream["finite"]
+    assert stream["ms_per_frame"] > 0 and stream["fps"] > 0 and stream["first_call_s"] > 0
+    for vae in ("taesd", "full"):
+        f = r["pipeline"][vae]["off"]
+        assert f["frames"] == 3 and f["fps"] > 0 and f["ms_per_frame"] > 0 and f["first_call_s"] > 0 and f["outputs"]
+        assert all(f["stages_ms"][k] > 0 for k in STAGES), f["stages_ms"]
+        assert f["stages_ms"]["other"] >= 0
+        assert sum(f["stages_ms"].values()) == pytest.approx(f["ms_per_frame"], rel=0.05, abs=0.05)
+
+
+def test_bench_gpu_budget_and_errors(tmp_path):
+    out = tmp_path / "bench.json"
+    result = _bench(tmp_path, "--device", "cpu", "--geometry", "tiny", "--modes", "off", "--budget-s", "0.001", "--json", out)
+    assert result.returncode == 0, result.stderr
+    r = json.loads(out.read_text())
+    assert not r["stream"] and not r["pipeline"] and len(r["skipped"]) == 3
+    assert "budget" in result.stderr and "skipped: stream step (off): budget" in result.stdout
+
+    bad = _bench(tmp_path, "--device", "cpu", "--modes", "cudagraph")
+    assert bad.returncode == 2 and "cudagraph needs a CUDA device" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
