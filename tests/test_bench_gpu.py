@@ -103,3 +103,22 @@ def test_bench_gpu_budget_and_errors(tmp_path):
     bad = _bench(tmp_path, "--device", "cpu", "--modes", "cudagraph")
     assert bad.returncode == 2 and "cudagraph needs a CUDA device" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_spent_budget_stops_a_timed_loop_after_one_frame():
+    import torch
+
+    from live2diff_engine import bench_gpu
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s = bench_gpu.Settings(device=torch.device("cpu"), dtype=torch.float32, geometry="tiny", width=64, height=64, frames=50)
+        models = bench_gpu.build_models(s)
+        spent = bench_gpu.Budget(0.0)
+        stream = bench_gpu.bench_stream_step(s, models["base"], models["prompt"], "off", spent)
+        assert stream["frames"] == 1 and stream["ms_per_frame"] > 0
+        frames = bench_gpu.bench_frame_pipeline(s, models["comps"]["taesd"], "taesd", "off", spent)
+        assert frames["frames"] == 1 and frames["fps"] > 0 and frames["stages_ms"]["unet"] > 0
+    finally:
+        torch.set_num_threads(threads)
