@@ -130,6 +130,20 @@ def test_depth_anything_normalises_with_imagenet_stats(loaded):
     torch.testing.assert_close(pixel_values[1], ((1 - mean) / std).expand(3, 392, 392))
 
 
+def test_depth_anything_preprocessing_is_the_training_recipe(loaded):
+    """[0, 1], bicubic antialiased resize, ImageNet mean/std: folded into one multiply-add after
+    the resize (its weights sum to one), with constants that move with the module."""
+    est = loaded["depth-anything"]
+    x = frames(2, 50, 70, seed=6)
+    pixel_values = capture_pixel_values(est, x)
+    resized = F.interpolate((x + 1) / 2, (392, 392), mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    torch.testing.assert_close(pixel_values, (resized - mean) / std)
+    assert {name for name, _ in est.named_buffers()} >= {"_scale", "_shift"}
+    assert not any(k.startswith("_s") for k in est.state_dict())  # not saved with the weights
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision(kind, dtype, saved, loaded):

@@ -119,8 +119,14 @@ class DepthAnythingV2(DepthEstimator):
     """Depth Anything V2 (DINOv2 + DPT head) through ``DepthAnythingForDepthEstimation``.
 
     Preprocessing follows the model's training recipe: [-1, 1] to [0, 1], a bicubic resize to the
-    working size (a multiple of the 14-pixel ViT patch), ImageNet mean/std. The resize runs in
-    float32 and only the result is cast. Output: ``[N, h, w]`` at the working size.
+    working size (a multiple of the 14-pixel ViT patch), ImageNet mean/std. Output: ``[N, h, w]``
+    at the working size.
+
+    The resize runs in the estimator's dtype (float16 on a GPU), except on the CPU, whose
+    antialiased bicubic kernel exists only for float32/float64: there it runs in float32 and only
+    the result is cast. The resize weights sum to one, so the [0, 1] shift and the mean/std are
+    folded into one per-channel multiply-add after it; its constants are buffers that move with
+    the module (no tensor is built or copied to the device per call).
     """
 
     name = "depth-anything"
@@ -137,13 +143,17 @@ class DepthAnythingV2(DepthEstimator):
                 f"got {size}; try {_nearest_multiple(size, patch)}"
             )
         super().__init__(model, (h, w))
+        # ((x + 1) / 2 - mean) / std  ==  x * scale + shift, per channel.
+        mean, std = torch.tensor(_IMAGENET_MEAN), torch.tensor(_IMAGENET_STD)
+        self.register_buffer("_scale", (0.5 / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_shift", ((0.5 - mean) / std).view(1, 3, 1, 1), persistent=False)
 
     def preprocess(self, images: Tensor) -> Tensor:
-        x = (images.float() + 1) / 2
-        x = F.interpolate(x, self.size, mode="bicubic", align_corners=False, antialias=True)
-        mean = torch.tensor(_IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(_IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.dtype)
+        dtype = self.dtype
+        if images.device.type == "cpu" and dtype not in (torch.float32, torch.float64):
+            dtype = torch.float32  # no reduced-precision antialiased bicubic on the CPU
+        x = F.interpolate(images.to(dtype), self.size, mode="bicubic", align_corners=False, antialias=True)
+        return torch.addcmul(self._shift.to(dtype), x, self._scale.to(dtype)).to(self.dtype)
 
 
 _KINDS = {"midas": MidasHybrid, "depth-anything": DepthAnythingV2}
