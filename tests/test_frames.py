@@ -4,6 +4,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import run_cli
 from live2diff_engine.errors import ConfigError
@@ -179,3 +180,138 @@ def test_translate_bad_input_is_one_line(tmp_path, args, needle):
     assert "Traceback" not in result.stderr
     errors = [l for l in result.stderr.splitlines() if "error:" in l]
     assert len(errors) == 1 and needle in errors[0], result.stderr
+
+
+# -- device path: batched encode, uint8 transfers, stage profile, TAESD, accelerate --------------
+
+
+def test_frame_and_depth_are_encoded_in_one_call_per_frame(comps, monkeypatch):
+    sizes = []
+    encode = comps.vae.encode
+
+    def counting(images, *a, **k):
+        sizes.append(images.shape[0])
+        return encode(images, *a, **k)
+
+    monkeypatch.setattr(comps.vae, "encode", counting)
+    fp = FramePipeline(comps, width=64, height=64)
+    for f in clip(12):
+        fp.push(f)
+    assert sizes == [16] + [2] * 4  # the warmup's 8 frames + 8 depth images, then [frame, depth]
+
+
+def test_batched_encode_gives_the_latents_of_separate_calls(comps):
+    fp = FramePipeline(comps, width=64, height=64)
+    x = fp._upload(fit_frame(clip(1)[0], 64, 64, "crop")[0])
+    depth = fp._depth_images(x)
+    d3 = depth.expand(-1, 3, -1, -1)
+    vae = comps.vae
+    with torch.no_grad():
+        batch = vae.encode(torch.cat([x, d3])).latent_dist
+        alone = [vae.encode(x).latent_dist, vae.encode(d3).latent_dist]
+        # The distributions' modes agree (the VAE normalises each image on its own).
+        torch.testing.assert_close(batch.mean, torch.cat([d.mean for d in alone]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batch.std, torch.cat([d.std for d in alone]), rtol=1e-4, atol=1e-5)
+        # The pipeline's sample is one draw of [2, 4, h, w]: the frame's noise first, then the depth's.
+        fp.generator.manual_seed(7)
+        frame_lat, depth_lat = fp._encode_with_depth(x, depth)
+        eps = torch.randn((2, *alone[0].mean.shape[1:]), generator=torch.Generator().manual_seed(7))
+        scale = vae.config.scaling_factor
+        torch.testing.assert_close(frame_lat, (alone[0].mean + alone[0].std * eps[:1]) * scale, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(depth_lat, (alone[1].mean + alone[1].std * eps[1:]) * scale, rtol=1e-4, atol=1e-5)
+
+
+def test_depth_image_is_the_batch_normalised_map_resized(comps):
+    fp = FramePipeline(comps, width=64, height=64)
+    x = torch.cat([fp._upload(fit_frame(f, 64, 64, "crop")[0]) for f in clip(3)])
+    with torch.no_grad():
+        got = fp._depth_images(x)
+        raw = comps.depth(x).float()  # the recipe before: normalised over the batch, 3 channels, resized
+        norm = (raw - raw.amin()) / (raw.amax() - raw.amin()).clamp_min(1e-6)
+        expected = F.interpolate(norm[:, None].repeat(1, 3, 1, 1) * 2 - 1, (64, 64), mode="bilinear", align_corners=False)
+    assert got.shape == (3, 1, 64, 64) and got.dtype == comps.dtype
+    torch.testing.assert_close(got.expand(-1, 3, -1, -1), expected, rtol=0, atol=1e-6)
+    assert got.amin() >= -1 - 1e-6 and got.amax() <= 1 + 1e-6
+
+
+def test_uint8_conversions_on_the_device_match_the_float_path(comps):
+    fp = FramePipeline(comps, width=64, height=48)
+    img = (np.arange(48 * 64 * 3) % 256).astype(np.uint8).reshape(48, 64, 3)  # every byte value
+    x = fp._upload(img)
+    before = torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0).to(comps.dtype) / 127.5 - 1.0
+    assert x.shape == (1, 3, 48, 64) and x.is_contiguous() and torch.equal(x, before)
+    back = fp._download(fp._to_uint8(x))
+    assert back.dtype == np.uint8 and np.array_equal(back, img)  # exact round trip
+    # Decoder-like values, out of range included: the same bytes as the old float path.
+    t = torch.linspace(-1.3, 1.3, 3 * 48 * 64).reshape(1, 3, 48, 64)
+    old = ((t[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    first = fp._download(fp._to_uint8(t))
+    assert np.array_equal(first, old)
+    fp._download(fp._to_uint8(x))
+    assert np.array_equal(first, old)  # the returned array is the caller's, not a reused buffer
+
+
+def test_stage_profile_reports_every_stage(comps):
+    fp = FramePipeline(comps, width=64, height=64, t_index_list=[20, 32, 45], profile_stages=True)
+    for f in clip(14):
+        fp.push(f)
+    frames = fp.stage_times()
+    assert len(frames) == 6  # the stream frames; the 8 warmup frames are not timed
+    assert all(set(f) >= {"upload", "depth", "encode", "unet"} for f in frames)
+    assert [("download" in f) for f in frames] == [False, False] + [True] * 4  # T - 1 calls finish no output
+    medians = fp.stage_medians()
+    assert list(medians) == ["upload", "depth", "encode", "unet", "decode", "download"]
+    assert all(ms > 0 for ms in medians.values())
+    fp.clear_stage_times()
+    assert fp.stage_times() == [] and fp.stage_medians() == {}
+    fp.push(clip(1)[0])
+    assert len(fp.stage_times()) == 1
+    # Off by default: nothing recorded.
+    off = FramePipeline(comps, width=64, height=64)
+    for f in clip(10):
+        off.push(f)
+    assert off.stage_times() == [] and off.stage_medians() == {}
+
+
+def test_taesd_goes_through_the_same_batched_encode_and_decode(comps, monkeypatch):
+    import dataclasses
+
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        taesd = AutoencoderTiny(
+            encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4,
+        ).eval().requires_grad_(False)
+    tiny = dataclasses.replace(comps, vae=taesd)
+    assert tiny.vae_scale_factor == 8
+    sizes = []
+    encode = taesd.encode
+    monkeypatch.setattr(taesd, "encode", lambda images, *a, **k: sizes.append(images.shape[0]) or encode(images, *a, **k))
+    fp = FramePipeline(tiny, width=64, height=64, seed=2)
+    got = []
+    for f in clip(12):
+        got += fp.push(f)
+    got += fp.flush()
+    assert [i for i, _ in got] == list(range(12))
+    assert sizes[:5] == [16, 2, 2, 2, 2]
+    assert all(img.shape == (80, 96, 3) and img.dtype == np.uint8 for _, img in got)
+    assert got[10][1].std() > 0
+
+
+def test_accelerate_is_passed_to_the_stream(comps, monkeypatch):
+    import live2diff_engine.pipeline.frames as frames_mod
+
+    real, seen = frames_mod.StreamPipeline, []
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.pop("accelerate", None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(frames_mod, "StreamPipeline", recording)
+    FramePipeline(comps, width=64, height=64)
+    fp = FramePipeline(comps, width=64, height=64, accelerate="compile")
+    assert seen == [None, "compile"] and fp.accelerate == "compile"
+    fp.restart()  # every new stream gets it
+    assert seen[-1] == "compile"

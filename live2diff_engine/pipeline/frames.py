@@ -12,11 +12,32 @@ ones still in flight, so a file gets exactly one output per input frame.
 Changes that alter the schedule (steps, strength) or ask for a reset are applied at the next
 frame: frames in flight are finished first, then the stream re-warms on the last 8 frames it saw,
 so the picture never stops for a new warmup.
+
+On the device, per frame: the fitted frame goes up as uint8 (on CUDA from a pinned host buffer,
+allocated once and reused, with a non-blocking copy) and becomes [-1, 1] in the compute dtype
+there; the depth estimator runs on it at its own working size; the frame and its depth image are
+VAE-encoded in one batched call (the warmup: its 8 frames and 8 depth images in one call of 16);
+one stream step; VAE decode; the picture becomes uint8 on the device and comes down in one copy
+(into a pinned buffer on CUDA). That copy is the frame's only host synchronisation; the optional
+similarity filter adds one more (its score is read on the host).
+
+Random draws, all from the pipeline's generator (``seed``), in this order. Warmup: the VAE
+latent sample of the 16-image batch (8 frames, then 8 depth images) in one draw, the noise that
+takes the 8 frame latents to the first step, then the stream's own warmup draws. Each later
+frame: the VAE latent sample of its [frame, depth] batch in one draw, the first-step noise, then
+the stream step's draws. (Before the batching the depth latents were drawn after the first-step
+noise; the same seed gives the same frames as before only up to that change.)
+
+``FramePipeline(profile_stages=True)`` times every stream frame's stages (upload, depth, encode,
+unet, decode, download); see :meth:`FramePipeline.stage_medians`. Off by default, and then it
+costs nothing.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import cv2
@@ -83,6 +104,93 @@ def unfit_frame(img: np.ndarray, fit: Fit, out_w: int, out_h: int) -> np.ndarray
     return fit_frame(content, out_w, out_h, "crop")[0]
 
 
+STAGES = ("upload", "depth", "encode", "unet", "decode", "download")
+_NOT_TIMED = nullcontext()
+
+
+class StageTimes:
+    """Per-frame time of each stage of the frame pipeline, in ms.
+
+    On CUDA each stage is bracketed by CUDA events, so timing adds no synchronisation: a frame's
+    events are read after its output copy has synchronised anyway (or when the figures are asked
+    for), and the figures are device time. On the CPU, where every op finishes before it returns,
+    they are wall time (``time.perf_counter``). Only the last ``keep`` frames are held.
+    """
+
+    def __init__(self, device: torch.device, keep: int = 10_000):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._frames: deque[dict] = deque(maxlen=keep)
+        self._current: dict | None = None
+        self._unread: list[dict] = []  # frames holding CUDA events not yet turned into ms
+
+    def begin(self) -> None:
+        self._current = {}
+
+    def drop(self) -> None:
+        self._current = None
+
+    def end(self) -> None:
+        if self._current is not None:
+            self._frames.append(self._current)
+            self._current = None
+
+    def stage(self, name: str):
+        return _Stage(self, name) if self._current is not None else _NOT_TIMED
+
+    def settle(self) -> None:
+        """Turn recorded events into ms; call only once they have completed (after a sync)."""
+        for frame in self._unread:
+            for name, value in frame.items():
+                if isinstance(value, tuple):
+                    frame[name] = value[0].elapsed_time(value[1])
+        self._unread.clear()
+
+    def frames(self) -> list[dict[str, float]]:
+        if self.cuda and self._unread:
+            torch.cuda.synchronize(self.device)
+            self.settle()
+        return [dict(f) for f in self._frames]
+
+    def medians(self) -> dict[str, float]:
+        per_stage: dict[str, list[float]] = {}
+        for frame in self.frames():
+            for name, ms in frame.items():
+                per_stage.setdefault(name, []).append(ms)
+        return {name: sorted(v)[len(v) // 2] for name in STAGES if (v := per_stage.get(name))}
+
+    def clear(self) -> None:
+        self.frames()  # settles what is in flight
+        self._frames.clear()
+
+
+class _Stage:
+    __slots__ = ("times", "name", "start")
+
+    def __init__(self, times: StageTimes, name: str):
+        self.times, self.name = times, name
+
+    def __enter__(self):
+        if self.times.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record(torch.cuda.current_stream(self.times.device))
+        else:
+            self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        frame = self.times._current
+        if frame is None:
+            return
+        if self.times.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(torch.cuda.current_stream(self.times.device))
+            frame[self.name] = (self.start, end)
+            if not self.times._unread or self.times._unread[-1] is not frame:
+                self.times._unread.append(frame)
+        else:
+            frame[self.name] = (time.perf_counter() - self.start) * 1000.0
+
+
 MAX_GUIDANCE = 20.0
 
 
@@ -102,7 +210,19 @@ def check_frame(frame) -> np.ndarray:
 
 
 class FramePipeline:
-    """RGB uint8 frames in, RGB uint8 frames out, through the streaming Live2Diff model."""
+    """RGB uint8 frames in, RGB uint8 frames out, through the streaming Live2Diff model.
+
+    ``accelerate`` is handed to :class:`StreamPipeline` (how the stream step runs: "off" is eager).
+
+    ``profile_stages=True`` records, for every frame that makes a stream step, the time of each
+    stage: ``upload`` (frame to the device, uint8 to [-1, 1]), ``depth`` (estimate, normalise,
+    resize), ``encode`` (one VAE call for frame + depth), ``unet`` (first-step noise and the
+    stream step), ``decode`` (VAE decode and conversion to uint8 on the device) and ``download``
+    (the copy to the host). Frames whose call finishes no output (the first ``T - 1`` after a
+    warmup) have no decode or download. :meth:`stage_medians` gives the median ms of each stage,
+    :meth:`stage_times` every frame's figures, :meth:`clear_stage_times` starts afresh (e.g.
+    after a few settling frames). CUDA events on a GPU, so profiling adds no synchronisation.
+    """
 
     def __init__(
         self,
@@ -123,6 +243,8 @@ class FramePipeline:
         max_skip: int = 10,
         negative_prompt: str = "",
         guidance_scale: float = 1.0,
+        accelerate: str = "off",
+        profile_stages: bool = False,
     ):
         factor = comps.vae_scale_factor
         if width % factor or height % factor or width < factor or height < factor:
@@ -131,7 +253,9 @@ class FramePipeline:
         if similarity_threshold is not None and not 0.0 < similarity_threshold < 1.0:
             raise ConfigError(f"similarity threshold must be between 0 and 1, got {similarity_threshold}")
         self.comps = comps
+        self.device = torch.device(comps.device)
         self.width, self.height, self.fit = width, height, fit
+        self.accelerate = accelerate
         self.output_size = output_size
         self.similarity_threshold = similarity_threshold
         self.max_skip = max_skip
@@ -147,6 +271,14 @@ class FramePipeline:
         self.negative_prompt = negative_prompt
         self._negative = self._encode_negative(negative_prompt)
         self._embeds = self._encode(prompt)
+        # Transfers: reused buffers (pinned host memory on CUDA), and an event that says whether the
+        # last upload out of the pinned buffer has been waited for (see _upload).
+        self._pinned = self.device.type == "cuda"
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._uploaded = torch.cuda.Event() if self._pinned else None
+        self._copied = torch.cuda.Event() if self._pinned else None
+        self._upload_unwaited = False
+        self._times = StageTimes(self.device) if profile_stages else None
         self.stream = self._new_stream()
         self.frame_index = 0
         self._warm: list[torch.Tensor] = []  # preprocessed images waiting for the warmup
@@ -167,7 +299,8 @@ class FramePipeline:
         steps, t_index_list, strength = self._schedule_args
         schedule = make_schedule(steps, t_index_list=t_index_list, strength=strength)
         lh, lw = self.height // self.comps.vae_scale_factor, self.width // self.comps.vae_scale_factor
-        stream = StreamPipeline(self.comps.unet, schedule, (lh, lw), generator=self.generator, guidance_scale=self.guidance_scale)
+        extra = {} if self.accelerate == "off" else {"accelerate": self.accelerate}
+        stream = StreamPipeline(self.comps.unet, schedule, (lh, lw), generator=self.generator, guidance_scale=self.guidance_scale, **extra)
         stream.set_prompt_embeds(self._embeds)
         stream.set_negative_embeds(self._negative)
         return stream
@@ -247,33 +380,115 @@ class FramePipeline:
         self.stream = self._new_stream()
         return ready
 
+    # -- profiling ---------------------------------------------------------------------------
+
+    def _stage(self, name: str):
+        return self._times.stage(name) if self._times is not None else _NOT_TIMED
+
+    def stage_times(self) -> list[dict[str, float]]:
+        """Each profiled frame's ms per stage, oldest first ([] unless ``profile_stages``)."""
+        return self._times.frames() if self._times is not None else []
+
+    def stage_medians(self) -> dict[str, float]:
+        """Median ms of each stage over the profiled frames, in pipeline order ({} unless ``profile_stages``)."""
+        return self._times.medians() if self._times is not None else {}
+
+    def clear_stage_times(self) -> None:
+        if self._times is not None:
+            self._times.clear()
+
     # -- tensors -----------------------------------------------------------------------------
 
-    def _to_tensor(self, img: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(img).to(self.comps.device).permute(2, 0, 1).unsqueeze(0)
-        return (t.to(self.comps.dtype) / 127.5 - 1.0).contiguous()
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device, pin: bool = False) -> torch.Tensor:
+        """A buffer allocated once per name and size, then reused."""
+        key = (name, tuple(shape))
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+        return buf
 
-    def _encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+    def _upload(self, img: np.ndarray) -> torch.Tensor:
+        """A model-size uint8 RGB picture to ``[1, 3, H, W]`` in [-1, 1], compute dtype, on the device.
 
+        The uint8 bytes travel (a quarter of float32's); the conversion runs on the device, with the
+        same arithmetic as the float path before it (``x / 127.5 - 1`` in the compute dtype)."""
+        src = torch.from_numpy(img)
+        if self._pinned:
+            staging = self._buffer("up-host", img.shape, torch.uint8, "cpu", pin=True)
+            if self._upload_unwaited:
+                # The previous copy out of this buffer may still be queued (no output copy has
+                # synchronised since: warmup frames, the first T - 1 stream frames, skipped frames).
+                self._uploaded.synchronize()
+            staging.copy_(src)
+            pixels = self._buffer("up-dev", img.shape, torch.uint8, self.device)
+            pixels.copy_(staging, non_blocking=True)
+            self._uploaded.record(torch.cuda.current_stream(self.device))
+            self._upload_unwaited = True
+        else:
+            pixels = src
+        x = torch.empty((1, 3, img.shape[0], img.shape[1]), dtype=self.comps.dtype, device=self.device)
+        x[0].copy_(pixels.permute(2, 0, 1))
+        return x.div_(127.5).sub_(1.0)
+
+    def _depth_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Depth of a batch ``[N, 3, H, W]``: ``[N, 1, H, W]`` in [-1, 1], compute dtype, normalised
+        over the whole batch as the original does (min to -1, max to 1)."""
+        raw = self.comps.depth(x)  # [N, h, w] at the estimator's working size, in its dtype
+        # The min/max normalisation runs in float32: raw disparity (MiDaS: 0 to thousands) sits
+        # where float16's steps are 1-2 units, and (raw - lo) / (hi - lo) in float16 would round
+        # twice more. The map is small (N x 384 x 384); the full-size resize below is not float32.
+        raw = raw.float()
+        lo, hi = raw.amin(), raw.amax()
+        norm = (raw - lo).div_((hi - lo).clamp_min(1e-6)).mul_(2).sub_(1)
+        img = norm[:, None].to(self.comps.dtype)
+        # One channel resized; the three identical RGB channels are a broadcast in the encode batch.
+        return F.interpolate(img, (x.shape[2], x.shape[3]), mode="bilinear", align_corners=False)
+
+    def _encode_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """VAE latents (scaled) of ``[N, 3, H, W]`` images in one call. The full VAE samples its
+        latent distribution in one draw of ``[N, 4, h, w]`` from the generator; TAESD draws nothing."""
         vae = self.comps.vae
-        latents = retrieve_latents(vae.encode(x), generator=self.generator)
+        out = vae.encode(images)
+        dist = getattr(out, "latent_dist", None)
+        latents = dist.sample(generator=self.generator) if dist is not None else out.latents
         return latents * getattr(vae.config, "scaling_factor", 1.0)
 
-    def _encode_depth(self, x: torch.Tensor) -> torch.Tensor:
-        """Depth of a batch, normalised over the batch to [-1, 1] as 3 channels, VAE-encoded."""
-        raw = self.comps.depth(x).float()
-        lo, hi = raw.amin(), raw.amax()
-        norm = (raw - lo) / (hi - lo).clamp_min(1e-6)
-        img = norm[:, None].repeat(1, 3, 1, 1) * 2 - 1
-        img = F.interpolate(img, (x.shape[2], x.shape[3]), mode="bilinear", align_corners=False)
-        return self._encode_images(img.to(self.comps.dtype))
+    def _encode_with_depth(self, x: torch.Tensor, depth: torch.Tensor, out: torch.Tensor | None = None):
+        """Frames ``[N, 3, H, W]`` and their depth images ``[N, 1, H, W]`` through one VAE call:
+        (frame latents, depth latents). ``out`` is a reused ``[2N, 3, H, W]`` batch buffer."""
+        n = x.shape[0]
+        batch = torch.cat([x, depth.expand(-1, 3, -1, -1)], out=out) if out is not None else torch.cat([x, depth.expand(-1, 3, -1, -1)])
+        latents = self._encode_batch(batch)
+        return latents[:n], latents[n:]
 
-    def _decode(self, latent: torch.Tensor) -> np.ndarray:
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """A latent to a ``[H, W, 3]`` uint8 picture, on the device (a buffer reused per frame)."""
         vae = self.comps.vae
         img = vae.decode(latent / getattr(vae.config, "scaling_factor", 1.0), return_dict=False)[0]
-        img = ((img[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return img.permute(1, 2, 0).cpu().numpy()
+        return self._to_uint8(img)
+
+    def _to_uint8(self, img: torch.Tensor) -> torch.Tensor:
+        # float32 for this one step: it makes the 8-bit rounding exact (float16 would shift some
+        # pixels by one); a single element-wise pass over one picture.
+        pixels = img[0].float().clamp(-1, 1).add_(1).mul_(127.5).round_()
+        out = self._buffer("down-dev", (pixels.shape[1], pixels.shape[2], 3), torch.uint8, self.device)
+        return out.copy_(pixels.permute(1, 2, 0))
+
+    def _download(self, pixels: torch.Tensor) -> np.ndarray:
+        """The one device-to-host copy of a frame, and its one host synchronisation. Returns an
+        array of its own (the buffers are reused by the next frame)."""
+        if not self._pinned:
+            with self._stage("download"):
+                return pixels.numpy().copy()
+        host = self._buffer("down-host", tuple(pixels.shape), torch.uint8, "cpu", pin=True)
+        with self._stage("download"):
+            host.copy_(pixels, non_blocking=True)
+        self._copied.record(torch.cuda.current_stream(self.device))
+        self._copied.synchronize()
+        self._upload_unwaited = False  # every earlier copy on the stream is done too
+        if self._times is not None:
+            self._times.settle()
+        return host.numpy().copy()
 
     # -- frames ------------------------------------------------------------------------------
 
@@ -291,21 +506,26 @@ class FramePipeline:
 
     def _warmup(self, images: list[torch.Tensor]) -> None:
         x = torch.cat(images)
-        clean = self._encode_images(x)
+        clean, depth = self._encode_with_depth(x, self._depth_images(x))
         x_t = self.stream.add_noise(clean)
-        depth = self._encode_depth(x)
         self.stream.prepare(x_t, depth, self._embeds)
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
-        clean = self._encode_images(x)
-        x_t = self.stream.add_noise(clean)
-        depth = self._encode_depth(x)
-        return self.stream.step(x_t, depth)
+        with self._stage("depth"):
+            depth_img = self._depth_images(x)
+        with self._stage("encode"):
+            batch = self._buffer("encode", (2, *x.shape[1:]), x.dtype, x.device)
+            clean, depth = self._encode_with_depth(x, depth_img, out=batch)
+        with self._stage("unet"):
+            x_t = self.stream.add_noise(clean)
+            return self.stream.step(x_t, depth)
 
     def _finish_call(self, latent: torch.Tensor) -> list[tuple[int, np.ndarray]]:
         if len(self._pending) <= self.stream.lag:
             return []
-        return self._emit(self._pending.popleft(), self._decode(latent))
+        with self._stage("decode"):
+            pixels = self._decode(latent)
+        return self._emit(self._pending.popleft(), self._download(pixels))
 
     @torch.no_grad()
     def push(self, frame: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -322,7 +542,11 @@ class FramePipeline:
         ow, oh = self._out_size(frame)
         model_img, fit = fit_frame(frame, self.width, self.height, self.fit)
         self._fits[index] = (fit, (ow, oh))
-        x = self._to_tensor(model_img)
+        timed = self._times is not None and not self.warming_up
+        if self._times is not None:  # a stream frame is timed; a warmup frame is not
+            self._times.begin() if timed else self._times.drop()
+        with self._stage("upload"):
+            x = self._upload(model_img)
 
         if self.warming_up:
             self._warm.append(x)
@@ -334,6 +558,8 @@ class FramePipeline:
             return ready
 
         if self._similar(x):
+            if timed:
+                self._times.drop()
             self.skipped_total += 1
             if self._pending:
                 self._pending[-1].append(index)  # shown with the frame it resembles
@@ -344,6 +570,8 @@ class FramePipeline:
         self._last_x = x
         self._pending.append([index])
         ready += self._finish_call(self._step(x))
+        if timed:
+            self._times.end()
         return ready
 
     def _last_output_model(self) -> np.ndarray:
@@ -357,6 +585,7 @@ class FramePipeline:
             self._skipped = 0
             return False
         a, b = x.flatten().float(), self._last_x.flatten().float()
+        # The filter's one host synchronisation: the score decides on the host whether to step.
         sim = float(F.cosine_similarity(a, b, dim=0))
         if sim >= self.similarity_threshold:
             self._skipped += 1
