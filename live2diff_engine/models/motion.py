@@ -114,9 +114,11 @@ class TemporalAttention(nn.Module):
     def refresh_positions(self) -> None:
         """Project the positional table with the current q/k/v weights (after any weight change)."""
         pe = self.pos_encoder.pe[0, : self.window].to(self.to_q.weight.dtype)
-        self.pos_qkv = torch.stack(
-            [F.linear(pe, self.to_q.weight), F.linear(pe, self.to_k.weight), F.linear(pe, self.to_v.weight)]
-        )
+        fresh = torch.stack([F.linear(pe, self.to_q.weight), F.linear(pe, self.to_k.weight), F.linear(pe, self.to_v.weight)])
+        if self.pos_qkv is not None and self.pos_qkv.shape == fresh.shape and self.pos_qkv.dtype == fresh.dtype and self.pos_qkv.device == fresh.device:
+            self.pos_qkv.copy_(fresh)  # in place: a compiled or captured stream call keeps reading this tensor
+        else:
+            self.pos_qkv = fresh
 
     def release_cache(self) -> None:
         self.kv_cache = None

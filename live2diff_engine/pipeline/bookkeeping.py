@@ -112,5 +112,11 @@ class Bookkeeping:
             bias=t["bias"][i], pe_idx=t["pe_idx"][i], update_idx=t["update_idx"][i], q_idx=t["q_idx"][i], rows=t["rows"]
         )
 
+    def tables(self) -> tuple[torch.Tensor, ...]:
+        """(bias, pe_idx, update_idx, q_idx, rows): the whole table on the device, for a stream call
+        that picks its row on the device (see :func:`..accelerate.stream_call`)."""
+        t = self._tables
+        return (t["bias"], t["pe_idx"], t["update_idx"], t["q_idx"], t["rows"])
+
     def __len__(self) -> int:
         return self.prefix + self.period

@@ -20,6 +20,7 @@ import torch
 from ..errors import ConfigError
 from ..models.motion import SequenceContext
 from ..models.unet import StreamingUNet
+from .accelerate import accelerator_for
 from .bookkeeping import Bookkeeping
 from .schedule import StreamSchedule
 
@@ -48,6 +49,8 @@ class StreamPipeline:
         *,
         generator: torch.Generator | None = None,
         guidance_scale: float = 1.0,
+        accelerate: str = "off",
+        accelerator_options: dict | None = None,
     ):
         if guidance_scale < 1.0:
             raise ConfigError(f"guidance scale must be at least 1 (1: no guidance), got {guidance_scale}")
@@ -68,23 +71,36 @@ class StreamPipeline:
         self.generator = generator
         self.calls = 0
         self._prepared = False
+        # Resolved before any allocation: a bad mode is one line, not a half-built stream.
+        self._accel = accelerator_for(unet, accelerate, **(accelerator_options or {}))
 
         dev, dt, T = self.device, self.dtype, self.steps
 
         def col(v: torch.Tensor) -> torch.Tensor:
             return v.to(device=dev, dtype=dt).view(T, 1, 1, 1)
 
+        # Every input of the stream call lives in a buffer allocated here (the text buffer at the
+        # first prompt) and is updated in place, so a compiled or captured call can replay it.
         self.timesteps = schedule.timesteps.to(dev)
         self.alpha, self.beta = col(schedule.alpha), col(schedule.beta)
         self.c_skip, self.c_out = col(schedule.c_skip), col(schedule.c_out)
         self.bookkeeping = Bookkeeping(T, self.window, self.sink, device=dev, branches=self.branches)
+        self._tables = self.bookkeeping.tables()
+        self._row = torch.zeros(1, dtype=torch.long, device=dev)  # which bookkeeping row this call uses
         self._latents = torch.zeros(T, 4, self.height, self.width, device=dev, dtype=dt)
         self._depth = torch.zeros_like(self._latents)
-        self._prompt: torch.Tensor | None = None
+        self._noise = torch.zeros(max(T - 1, 0), 4, self.height, self.width, device=dev, dtype=dt)
+        self._guidance = torch.tensor(self.guidance_scale, device=dev, dtype=dt)
+        self._text: torch.Tensor | None = None  # [branches * T, tokens, dim]: prompt rows, then negative rows
+        self._prompt: torch.Tensor | None = None  # [1, tokens, dim] as last set
         self._negative: torch.Tensor | None = None  # [1, tokens, dim] for the unconditional branch
-        self._text_cat: torch.Tensor | None = None  # [2T, tokens, dim]: prompt rows, then negative rows
         self.last_model_pred: torch.Tensor | None = None
         self.last_x0_batch: torch.Tensor | None = None
+
+    @property
+    def accelerated(self) -> str:
+        """The acceleration in use: off, compile or cudagraph (lower than asked after a fallback)."""
+        return self._accel.mode
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -116,46 +132,45 @@ class StreamPipeline:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def set_prompt_embeds(self, prompt_embeds: torch.Tensor) -> None:
-        """Swap the text conditioning (``[1, tokens, dim]``) between frames; no re-warmup."""
-        emb = prompt_embeds.to(device=self.device, dtype=self.dtype)
+    def _embeds(self, embeds: torch.Tensor, what: str) -> torch.Tensor:
+        emb = embeds.to(device=self.device, dtype=self.dtype)
         if emb.dim() == 2:
             emb = emb.unsqueeze(0)
-        if emb.shape[0] != 1:
-            raise ConfigError(f"prompt embeddings must have batch 1, got shape {tuple(emb.shape)}")
-        self._text_cat = None
-        if self._prompt is None or self._prompt.shape[1:] != emb.shape[1:]:
-            self._prompt = emb.expand(self.steps, -1, -1).clone()
-        else:
-            self._prompt.copy_(emb.expand(self.steps, -1, -1))
+        if emb.dim() != 3 or emb.shape[0] != 1:
+            raise ConfigError(f"{what} embeddings must have batch 1, got shape {tuple(emb.shape)}")
+        return emb
+
+    def _write_text(self) -> None:
+        T = self.steps
+        if self._text is None or self._text.shape[1:] != self._prompt.shape[1:]:
+            self._text = torch.zeros(self.branches * T, *self._prompt.shape[1:], device=self.device, dtype=self.dtype)
+        self._text[:T].copy_(self._prompt.expand(T, -1, -1))
+        if self.branches > 1 and self._negative is not None:
+            if self._negative.shape[1:] != self._prompt.shape[1:]:
+                raise ConfigError(f"negative prompt embeddings {tuple(self._negative.shape)} do not match the prompt's {tuple(self._prompt.shape)}")
+            self._text[T:].copy_(self._negative.expand(T, -1, -1))
+
+    def set_prompt_embeds(self, prompt_embeds: torch.Tensor) -> None:
+        """Swap the text conditioning (``[1, tokens, dim]``) between frames; no re-warmup, no
+        recompile (written into the same buffer)."""
+        self._prompt = self._embeds(prompt_embeds, "prompt")
+        self._write_text()
 
     update_prompt = set_prompt_embeds
 
     def set_negative_embeds(self, negative_embeds: torch.Tensor) -> None:
         """The unconditional branch's text (the negative prompt, or the empty prompt); used when the
         guidance scale is above 1. Swappable between frames like the prompt."""
-        emb = negative_embeds.to(device=self.device, dtype=self.dtype)
-        if emb.dim() == 2:
-            emb = emb.unsqueeze(0)
-        if emb.shape[0] != 1:
-            raise ConfigError(f"negative prompt embeddings must have batch 1, got shape {tuple(emb.shape)}")
-        self._negative = emb
-        self._text_cat = None
+        self._negative = self._embeds(negative_embeds, "negative prompt")
+        if self._prompt is not None:
+            self._write_text()
 
     def _text_batch(self) -> torch.Tensor:
-        if self.branches == 1:
-            return self._prompt
-        if self._negative is None:
+        if self._text is None:
+            raise ConfigError("no prompt embeddings: pass prompt_embeds to prepare() or call set_prompt_embeds() first")
+        if self.branches > 1 and self._negative is None:
             raise ConfigError("guidance above 1 needs the negative (unconditional) prompt: call set_negative_embeds() first")
-        if self._text_cat is None:  # rebuilt only when either text changed
-            self._text_cat = torch.cat([self._prompt, self._negative.expand(self.steps, -1, -1)])
-        return self._text_cat
-
-    def _guided(self, eps: torch.Tensor) -> torch.Tensor:
-        if self.branches == 1:
-            return eps
-        cond, uncond = eps.chunk(2)
-        return uncond + self.guidance_scale * (cond - uncond)
+        return self._text
 
     @torch.no_grad()
     def prepare(
@@ -171,12 +186,10 @@ class StreamPipeline:
         Returns the warmup frames' finished latents. Any earlier stream state is discarded."""
         if prompt_embeds is not None:
             self.set_prompt_embeds(prompt_embeds)
-        if self._prompt is None:
-            raise ConfigError("no prompt embeddings: pass prompt_embeds to prepare() or call set_prompt_embeds() first")
+        text = self._text_batch()
         x = self._check("warmup latents", warmup_latents, self.sink)
         depth = self._check("warmup depth", warmup_depth, self.sink)
         T = self.steps
-        text = self._text_batch()
         self.unet.allocate_cache(T * self.branches, self.height, self.width)
         self._latents.zero_()
         self._depth.zero_()
@@ -184,7 +197,7 @@ class StreamPipeline:
         ctx_of = [SequenceContext(num_frames=self.sink, mask=None, cache_row=s) for s in range(T)]
         x0 = x
         for s in range(T):
-            eps = self.unet(x, self.timesteps[s : s + 1], self._prompt[:1], depth, ctx_of[s])
+            eps = self.unet(x, self.timesteps[s : s + 1], text[:1], depth, ctx_of[s])
             if self.branches > 1:  # the unconditional branch fills its own cache row T + s
                 ctx = SequenceContext(num_frames=self.sink, mask=None, cache_row=T + s)
                 uncond = self.unet(x, self.timesteps[s : s + 1], text[T : T + 1], depth, ctx)
@@ -209,19 +222,14 @@ class StreamPipeline:
         T = self.steps
         self._latents[0:1].copy_(x_t)
         self._depth[0:1].copy_(depth)
-        ctx = self.bookkeeping.context(self.calls)
-        if self.branches == 1:
-            eps = self.unet(self._latents, self.timesteps, self._prompt, self._depth, ctx)
-        else:
-            b = self.branches
-            eps = self._guided(self.unet(self._latents.repeat(b, 1, 1, 1), self.timesteps.repeat(b), self._text_batch(),
-                                         self._depth.repeat(b, 1, 1, 1), ctx))
-        x0 = self._x0(eps, self._latents, self.alpha, self.beta, self.c_skip, self.c_out)
-        self.last_model_pred, self.last_x0_batch = eps, x0
-        out = x0[T - 1 : T]
         if T > 1:
-            n = self.randn((T - 1, 4, self.height, self.width)) if noise is None else noise
-            self._latents[1:] = self.alpha[1:] * x0[:-1] + self.beta[1:] * n.to(device=self.device, dtype=self.dtype)
-            self._depth[1:] = self._depth[:-1].clone()
+            if noise is None:
+                self._noise.normal_(generator=self.generator)
+            else:
+                self._noise.copy_(noise)
+        self._row.fill_(self.bookkeeping.index(self.calls))
+        eps, x0 = self._accel(self._latents, self._depth, self._text_batch(), self.timesteps, self.alpha, self.beta,
+                              self.c_skip, self.c_out, self._noise, self._guidance, self._row, self._tables)
+        self.last_model_pred, self.last_x0_batch = eps, x0
         self.calls += 1
-        return out
+        return x0[T - 1 : T]

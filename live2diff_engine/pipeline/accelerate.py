@@ -1,0 +1,261 @@
+"""Acceleration of the stream call: ``torch.compile`` and CUDA graphs around one static function.
+
+The stream call (:func:`stream_call`: the batched UNet pass, LCM's boundary scalings, classifier-free
+guidance, the re-noise of the unfinished rows, the roll of the latent and depth buffers and the
+KV-cache writes) reads and writes only tensors that :class:`~.stream.StreamPipeline` allocates
+once: the bookkeeping row is picked on the device from a 0-dim index buffer, the noise is drawn
+into a buffer outside the call, and every scalar is a tensor. It therefore has static shapes and
+no data-dependent Python control flow, so
+
+* ``compile``: ``torch.compile(fullgraph=True, dynamic=False)`` takes it whole (a graph break is
+  an error, not a silent slow path), and
+* ``cudagraph``: on CUDA the compiled call is also captured into a CUDA graph, replayed every frame
+  with one launch. Because its inputs are always the same buffers, the graph is captured by hand
+  (``torch.cuda.graph``) after two real calls on a side stream, and every call that runs is a real
+  stream call: capturing never advances or corrupts the stream's state.
+
+A prompt, style (weights changed in place) or strength change keeps every shape and so never
+recompiles; a change of denoising steps or size changes the shapes and compiles once more (the
+compiled code is cached on disk, see :func:`configure_cache`). Any failure to compile or capture
+falls back to the next slower path with one warning line: a live stream never dies because a
+compiler did. ``off`` runs the same function eagerly and is the reference path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError
+
+MODES = ("off", "compile", "cudagraph", "auto")
+# What `auto` does on the CPU; measured with `bench --accelerate off,compile` (BENCHMARKS.md).
+CPU_AUTO = "compile"
+
+
+def resolve_mode(mode: str, device: torch.device | str) -> str:
+    """``auto`` -> the fastest path for ``device``; check the others make sense there."""
+    device = torch.device(device)
+    if mode not in MODES:
+        raise ConfigError(f"unknown acceleration {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "auto":
+        return "cudagraph" if device.type == "cuda" else CPU_AUTO
+    if mode == "cudagraph" and device.type != "cuda":
+        raise ConfigError(f"--accelerate cudagraph needs a CUDA device, not {device.type}; use compile or auto")
+    return mode
+
+
+def parse_modes(text: str) -> list[str]:
+    """``off,compile`` -> ["off", "compile"] (for benchmarks comparing several)."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if not modes or bad:
+        raise ConfigError(f"--accelerate takes {', '.join(MODES)} (comma-separated to compare), got {text!r}")
+    return modes
+
+
+def cache_home() -> str:
+    """Where compiled artefacts live across runs (inductor's caches)."""
+    if os.environ.get("LIVE2DIFF_HOME"):
+        base = os.path.join(os.path.expanduser(os.environ["LIVE2DIFF_HOME"]), "cache")
+    elif os.name == "nt":
+        base = os.path.join(os.environ.get("LOCALAPPDATA", os.path.expanduser("~")), "live2diff", "cache")
+    else:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "live2diff")
+    return os.path.join(base, "compile")
+
+
+def configure_cache() -> str:
+    """Point inductor's on-disk caches (FX graphs, kernels) at the engine's cache folder, unless the
+    user chose another with TORCHINDUCTOR_CACHE_DIR. Returns the folder."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:  # importing diffusers already set inductor's default (a temp folder): that is not a choice
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        if folder and os.path.abspath(folder) == os.path.abspath(default_cache_dir()):
+            folder = None
+    except Exception:
+        pass
+    folder = folder or cache_home()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    os.makedirs(folder, exist_ok=True)
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.fx_graph_cache = True
+    except Exception:  # an inductor without these settings still compiles
+        pass
+    return folder
+
+
+def stream_call(unet, latents, depth, text, timesteps, alpha, beta, c_skip, c_out, noise, guidance, row, tables):
+    """One stream call on the pipeline's buffers; returns (noise prediction, x0 of every row).
+
+    ``latents``/``depth`` ``[T, 4, h, w]`` are rolled in place for the next call; ``text`` has one
+    row per UNet batch item (``T`` or ``2T`` with guidance); ``noise`` ``[T-1, 4, h, w]`` moves the
+    unfinished rows on; ``guidance`` is a 0-dim scale (unused without the second branch); ``row``
+    is a 1-element index into the bookkeeping ``tables`` (bias, pe_idx, update_idx, q_idx, rows)."""
+    from ..models.motion import StreamContext
+
+    T = latents.shape[0]
+    branches = text.shape[0] // T
+    bias, pe_idx, update_idx, q_idx, rows = tables
+    # index_select with a 1-element index tensor: indexing with a 0-dim one would be read as a
+    # Python int by the compiler (a recompile per call number).
+    ctx = StreamContext(bias=bias.index_select(0, row)[0], pe_idx=pe_idx.index_select(0, row)[0],
+                        update_idx=update_idx.index_select(0, row)[0], q_idx=q_idx.index_select(0, row)[0], rows=rows)
+    if branches == 1:
+        eps = unet(latents, timesteps, text, depth, ctx)
+    else:
+        eps = unet(latents.repeat(branches, 1, 1, 1), timesteps.repeat(branches), text, depth.repeat(branches, 1, 1, 1), ctx)
+        cond, uncond = eps.chunk(2)
+        eps = uncond + guidance * (cond - uncond)
+    x0 = c_out * ((latents - beta * eps) / alpha) + c_skip * latents
+    if T > 1:
+        latents[1:].copy_(alpha[1:] * x0[:-1] + beta[1:] * noise)
+        depth[1:].copy_(depth[:-1].clone())
+    return eps, x0
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+class StreamAccelerator:
+    """Runs :func:`stream_call` for one UNet in the requested mode, falling back on failure.
+
+    One accelerator per UNet (see :func:`accelerator_for`): the compiled function is shared by
+    every stream on that UNet, so a new stream of the same shapes (after a strength change or a
+    reset) reuses the compiled code. ``backend`` and ``compile_options`` exist for tests and
+    benchmarks (e.g. dynamo's counting backends)."""
+
+    def __init__(self, unet, mode: str, *, say: Callable[[str], None] | None = None, backend=None, compile_options=None):
+        self.unet = unet
+        self.requested = resolve_mode(mode, unet.device)
+        self.mode = self.requested  # the mode in use (lower after a fallback)
+        self.say = say or _say
+        self.backend = backend
+        self.compile_options = dict(compile_options or {})
+        self._compiled = None
+        self._signatures: set[tuple] = set()  # shapes compiled so far (a new one compiles once more)
+        self._graph = None
+        self._graph_key: tuple | None = None
+        self._graph_out = None
+        self._graph_runs = 0  # real calls made with the current key before capture
+        self.compile_seconds: dict[tuple, float] = {}
+        self.captures = 0
+        if self.mode != "off":
+            configure_cache()
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _compiled_fn(self):
+        if self._compiled is None:
+            kwargs = {"fullgraph": True, "dynamic": False}
+            if self.backend is not None:
+                kwargs["backend"] = self.backend
+            kwargs.update(self.compile_options)
+            unet = self.unet
+
+            def call(*args):
+                return stream_call(unet, *args)
+
+            self._compiled = torch.compile(call, **kwargs)
+        return self._compiled
+
+    def _fallback(self, to: str, what: str, exc: BaseException) -> None:
+        self.say(f"warning: {what} failed ({_one_line(exc)}); the stream goes on {'uncompiled' if to == 'off' else 'without CUDA graphs'}")
+        self.mode = to
+        self._graph = self._graph_out = self._graph_key = None
+
+    @staticmethod
+    def signature(args) -> tuple:
+        return tuple((tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor))
+
+    def _run_compiled(self, args):
+        sig = self.signature(args)
+        first = sig not in self._signatures
+        if first:
+            self.say(f"compiling the stream step for {self._describe(args)} (once per size and step count; cached in {configure_cache()}) ...")
+            start = time.perf_counter()
+        try:
+            out = self._compiled_fn()(*args)
+        except Exception as exc:  # any compiler failure: eager from now on
+            self._fallback("off", "compiling the stream step", exc)
+            return stream_call(self.unet, *args)
+        if first:
+            if self.unet.device.type == "cuda":
+                torch.cuda.synchronize(self.unet.device)
+            took = time.perf_counter() - start
+            self.compile_seconds[sig] = took
+            self._signatures.add(sig)
+            self.say(f"stream step compiled in {took:.1f} s")
+        return out
+
+    def _describe(self, args) -> str:
+        latents, text = args[0], args[2]
+        T, _, h, w = latents.shape
+        return f"{T} step{'s' if T != 1 else ''} at latent {h}x{w}{' with guidance' if text.shape[0] > T else ''}"
+
+    def _run_graph(self, args):
+        key = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else id(a) for a in args[:-1])
+        key += tuple(t.data_ptr() for t in args[-1])
+        if key != self._graph_key:  # new buffers (a new stream): warm up with real calls, then capture
+            self._graph = self._graph_out = None
+            self._graph_key, self._graph_runs = key, 0
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_out
+        run = self._run_compiled if self.mode == "cudagraph" else (lambda a: stream_call(self.unet, *a))
+        if self._graph_runs < 2:  # real stream calls on a side stream (lazy init, autotuning)
+            side = torch.cuda.Stream(self.unet.device)
+            side.wait_stream(torch.cuda.current_stream(self.unet.device))
+            with torch.cuda.stream(side):
+                out = run(args)
+            torch.cuda.current_stream(self.unet.device).wait_stream(side)
+            self._graph_runs += 1
+            return out
+        if self.mode != "cudagraph":  # compile fell back during warmup
+            return run(args)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._compiled_fn()(*args)
+        except Exception as exc:
+            self._fallback("compile", "capturing the stream step in a CUDA graph", exc)
+            return self._run_compiled(args)
+        self._graph, self._graph_out = graph, out
+        self.captures += 1
+        graph.replay()  # the capture recorded this call; now run it
+        return out
+
+    # -- entry -------------------------------------------------------------------------------
+
+    def __call__(self, *args):
+        if self.mode == "off":
+            return stream_call(self.unet, *args)
+        if self.mode == "compile":
+            return self._run_compiled(args)
+        return self._run_graph(args)
+
+
+def accelerator_for(unet, mode: str, *, say=None, backend=None, compile_options=None) -> StreamAccelerator:
+    """The UNet's accelerator for ``mode`` (made once, then shared by every stream on it, so that a
+    new stream of the same shapes reuses the compiled code)."""
+    store = unet.__dict__.setdefault("_stream_accelerators", {})
+    mode = resolve_mode(mode, unet.device)
+    key = (mode, id(backend) if backend is not None else None, tuple(sorted((compile_options or {}).items())))
+    if key not in store:
+        store[key] = StreamAccelerator(unet, mode, say=say, backend=backend, compile_options=compile_options)
+    elif say is not None:
+        store[key].say = say
+    return store[key]
