@@ -470,17 +470,23 @@ def _strip_lora_layers(model: torch.nn.Module) -> None:
 
 class _quiet:
     """Keep diffusers/transformers from printing their own multi-line reports of an error we
-    turn into one line."""
+    turn into one line, and peft from warning that a second adapter joins the first (it does, on
+    purpose, until they are fused)."""
 
     def __enter__(self):
         import logging
+        import warnings
 
         self._loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
         self._levels = [lg.level for lg in self._loggers]
         for lg in self._loggers:
             lg.setLevel(logging.CRITICAL)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
 
     def __exit__(self, *exc):
+        self._warnings.__exit__(*exc)
         for lg, level in zip(self._loggers, self._levels):
             lg.setLevel(level)
 

@@ -33,6 +33,7 @@ def ws(tmp_path_factory):
     save_single_file(sd, root / "dreambooth.safetensors", seed_offset=1)
     save_single_file(sd, root / "dreambooth.ckpt", seed_offset=2)
     save_kohya_lora(sd, root / "style_lora.safetensors", seed=3)
+    save_kohya_lora(sd, root / "alpha_lora.safetensors", seed=5, rank=4, alpha=1.0, te_mlp=True)
     save_kohya_lora_for_other_model(root / "other_lora.safetensors")
     (root / "not_a_checkpoint.safetensors").write_bytes(b"this is a text file, not weights\n" * 10)
     styles = root / "styles.toml"
@@ -52,6 +53,13 @@ loras = [{{ file = "{root / 'style_lora.safetensors'}", scale = 0.0 }}]
 
 [styles.lora1]
 loras = [{{ file = "{root / 'style_lora.safetensors'}", scale = 1.0 }}]
+
+[styles.lora06]
+loras = [{{ file = "{root / 'alpha_lora.safetensors'}", scale = 0.6 }}]
+
+[styles.dblora]
+dreambooth = "{root / 'dreambooth.safetensors'}"
+loras = [{{ file = "{root / 'style_lora.safetensors'}", scale = 0.7 }}, {{ file = "{root / 'alpha_lora.safetensors'}", scale = 0.5 }}]
 
 [styles.three_steps]
 t_index_list = [20, 32, 45]
@@ -163,6 +171,235 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(comps, ws):
     manager = StyleManager(comps, load_styles(ws / "styles.toml"))
     with pytest.raises(ModelLoadError, match="not_a_checkpoint"):
         manager.apply("broken")
+
+
+# -- fused LoRAs: in place, exact restore, no adapter layers -------------------------------------
+
+
+def _layout(comps):
+    """What a compiled or captured stream call depends on: every module and Parameter object by
+    name, and where each Parameter's values live."""
+    models = {"unet": comps.unet, "unet2d": comps.unet.unet2d, "text": comps.text_encoder}
+    modules = [(k, n, id(m)) for k, model in models.items() for n, m in model.named_modules()]
+    params = [(k, n, id(p), p.data_ptr()) for k, model in models.items() for n, p in model.named_parameters()]
+    return modules, params
+
+
+def _weights(comps):
+    from sd_formats import text_model_key
+
+    return {
+        f"{part}:{text_model_key(k) if part == 'text' else k}": v.clone()
+        for part, model in (("unet", comps.unet), ("text", comps.text_encoder), ("vae", comps.vae))
+        for k, v in model.state_dict().items()
+    }
+
+
+def _assert_plain(comps):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in (comps.unet, comps.unet.unet2d, comps.text_encoder):
+        assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+        assert not any("lora" in k for k in model.state_dict())
+        assert not hasattr(model, "peft_config")
+
+
+def _kohya_delta(tensors, module, scale):
+    """scale * alpha / rank * up @ down for one module of a kohya file, in the base weight's shape."""
+    down, up = tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"]
+    alpha = float(tensors[f"{module}.alpha"])
+    rank = down.shape[0]
+    return scale * alpha / rank * (up.flatten(1) @ down.flatten(1)).view(up.shape[0], *down.shape[1:])
+
+
+# (state-dict key, kohya module): a self-attention projection, a 1x1 conv, a text-encoder layer
+_PROBES = [
+    ("unet:down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"),
+    ("unet:up_blocks.1.attentions.0.proj_in.weight", "lora_unet_up_blocks_1_attentions_0_proj_in"),
+    ("text:text_model.encoder.layers.1.mlp.fc2.weight", "lora_te_text_model_encoder_layers_1_mlp_fc2"),
+]
+
+
+def test_a_lora_is_fused_by_its_formula_and_switching_away_restores_every_tensor(comps, ws):
+    lora = load_file(str(ws / "alpha_lora.safetensors"))
+    before = _weights(comps)
+    layout = _layout(comps)
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    manager.apply("lora06")
+    try:
+        fused = _weights(comps)
+        _assert_plain(comps)
+        assert _layout(comps) == layout
+        for key, module in _PROBES:
+            expected = before[key] + _kohya_delta(lora, module, 0.6)
+            assert torch.allclose(fused[key], expected, rtol=1e-5, atol=1e-6), key
+            assert not torch.equal(fused[key], before[key])
+        # One weight per LoRA module changed, nothing else (biases, norms, VAE, motion modules).
+        changed = sorted(k for k in before if not torch.equal(before[k], fused[k]))
+        modules = {k[: -len(".lora_down.weight")] for k in lora if k.endswith(".lora_down.weight")}
+        assert len(changed) == len(modules) and all(k.endswith(".weight") and "motion_modules" not in k for k in changed)
+    finally:
+        manager.apply("default")
+    after = _weights(comps)
+    assert set(after) == set(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert _layout(comps) == layout
+
+
+def test_switches_change_weights_in_place_and_come_back_bit_for_bit(comps, ws):
+    """LoRA style -> DreamBooth + two LoRAs -> default: the same Parameter objects, storage and
+    modules throughout; the DreamBooth weights under the LoRAs are exact; the base comes back."""
+    from sd_formats import expected_single_file_weights
+
+    before = _weights(comps)
+    layout = _layout(comps)
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    try:
+        manager.apply("lora06")
+        assert _layout(comps) == layout
+        manager.apply("dblora")
+        _assert_plain(comps)
+        assert _layout(comps) == layout
+        dreambooth = expected_single_file_weights(ws / "sd", seed_offset=1)
+        first, second = load_file(str(ws / "style_lora.safetensors")), load_file(str(ws / "alpha_lora.safetensors"))
+        state = _weights(comps)
+        for key, module in _PROBES:
+            part, name = key.split(":", 1)
+            base = dreambooth["unet" if part == "unet" else "text_encoder"][name]
+            expected = base + _kohya_delta(second, module, 0.5)
+            if f"{module}.lora_down.weight" in first:
+                expected = expected + _kohya_delta(first, module, 0.7)
+            assert torch.allclose(state[key], expected, rtol=1e-5, atol=1e-6), key
+        # Untouched by the LoRAs: exactly the DreamBooth's own weights.
+        resnet = "down_blocks.0.resnets.0.conv1.weight"
+        assert torch.equal(state[f"unet:{resnet}"], dreambooth["unet"][resnet])
+    finally:
+        manager.apply("default")
+    assert _layout(comps) == layout
+    _assert_plain(comps)
+    after = _weights(comps)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert comps.unfused == {}
+
+
+def test_a_failed_switch_leaves_the_fused_style_exactly_as_it_was(comps, ws):
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    try:
+        manager.apply("dblora")
+        fused = _weights(comps)
+        layout = _layout(comps)
+        for bad, message in (("other", "does not fit this model"), ("broken", "not_a_checkpoint")):
+            with pytest.raises(ModelLoadError, match=message):
+                manager.apply(bad)
+            assert manager.current.name == "dblora"
+            assert _layout(comps) == layout
+            _assert_plain(comps)
+            now = _weights(comps)
+            assert all(torch.equal(now[k], v) for k, v in fused.items()), bad
+    finally:
+        manager.apply("default")
+
+
+def test_an_lcm_lora_in_diffusers_layout_is_fused_into_motion_modules_and_convolutions(comps, ws, tmp_path):
+    """The few-step LoRA rides along with every style. This one is in diffusers' (peft) layout and
+    reaches a motion module's to_q, so the projected positions must follow the new weights."""
+    from safetensors.torch import save_file
+
+    from live2diff_engine.models.components import read_lora
+
+    to_q = "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.to_q"
+    conv = "down_blocks.0.resnets.0.conv1"
+    own = comps.unet.state_dict()
+    gen = torch.Generator().manual_seed(7)
+    tensors = {}
+    for module in (to_q, conv):
+        shape = own[f"{module}.weight"].shape
+        tensors[f"unet.{module}.lora_A.weight"] = torch.randn((2, shape[1], *shape[2:]), generator=gen) * 0.3
+        tensors[f"unet.{module}.lora_B.weight"] = torch.randn((shape[0], 2, *((1,) * (len(shape) - 2))), generator=gen) * 0.3
+    save_file(tensors, tmp_path / "lcm.safetensors")
+    layer = next(l for n, l in comps.unet.named_modules() if n == to_q.rsplit(".", 1)[0])
+    before = _weights(comps)
+    layout = _layout(comps)
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    comps.unet.allocate_cache(2, 8, 8)  # as a stream does: positions projected once, kept
+    positions = layer.pos_qkv.clone()
+    comps.lcm_lora = read_lora(tmp_path / "lcm.safetensors")
+    try:
+        manager.apply("default")
+        _assert_plain(comps)
+        assert _layout(comps) == layout
+        for module in (to_q, conv):
+            a, b = tensors[f"unet.{module}.lora_A.weight"], tensors[f"unet.{module}.lora_B.weight"]
+            expected = before[f"unet:{module}.weight"] + (b.flatten(1) @ a.flatten(1)).view(own[f"{module}.weight"].shape)
+            assert torch.allclose(comps.unet.state_dict()[f"{module}.weight"], expected, rtol=1e-5, atol=1e-6), module
+        pe = layer.pos_encoder.pe[0, : layer.window]
+        assert torch.allclose(layer.pos_qkv[0], torch.nn.functional.linear(pe, layer.to_q.weight), atol=1e-6)
+        assert not torch.allclose(layer.pos_qkv[0], positions[0])
+        assert torch.equal(layer.pos_qkv[1:], positions[1:])  # to_k and to_v untouched
+    finally:
+        comps.lcm_lora = None
+        manager.apply("default")
+    after = _weights(comps)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert torch.allclose(layer.pos_qkv, positions, atol=1e-6)
+
+
+def test_fused_frames_match_the_frames_of_unfused_adapters(comps, ws):
+    """What the LoRA did before it was fused: peft adapter layers computing W x + s * B(A x) on
+    the fly. Fusing gives the same frames up to float rounding."""
+    from diffusers import StableDiffusionPipeline
+
+    from live2diff_engine.pipeline.schedule import make_scheduler
+
+    base = run_frames(comps, ws, n=10)
+    fused = run_frames(comps, ws, style="lora06", n=10)
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    fp = FramePipeline(comps, width=64, height=64, prompt="a photo of a cat", seed=1)
+    manager.apply("default", fp)
+    pipe = StableDiffusionPipeline(
+        vae=comps.vae, text_encoder=comps.text_encoder, tokenizer=comps.tokenizer, unet=comps.unet.unet2d,
+        scheduler=make_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.load_lora_weights(load_file(str(ws / "alpha_lora.safetensors")), adapter_name="s")
+    pipe.set_adapters(["s"], adapter_weights=[0.6])
+    try:
+        fp.set_text_style("{}", 1)  # the prompt through the adapted text encoder
+        adapted = []
+        for f in clip(10, seed=2):
+            adapted += fp.push(f)
+        adapted += fp.flush()
+    finally:
+        pipe.unload_lora_weights()
+        manager.apply("default", fp)
+    adapted = [img for _, img in adapted]
+    assert len(adapted) == len(fused) == 10
+    def largest(xs, ys):
+        return max(int(np.abs(x.astype(int) - y.astype(int)).max()) for x, y in zip(xs, ys))
+
+    assert largest(adapted, fused) <= 1  # 1 here: a pixel or two round the other way
+    assert largest(base[8:], fused[8:]) > 20  # the LoRA itself changes the picture a lot
+
+
+def test_a_weight_a_library_rebinds_goes_back_into_its_own_tensor():
+    """peft's safe merge puts the merged weight in a new tensor (`.data` rebound) and leaves an
+    adapter wrapper in the module tree; the guard puts the values into the original tensor and the
+    original modules back."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from live2diff_engine.styles import _Pinned
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    linear, weight, ptr = model[0], model[0].weight, model[0].weight.data_ptr()
+    pinned = _Pinned([model])
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), model)
+    expected = weight.detach() + model[0].get_delta_weight("default")
+    model[0].merge(safe_merge=True)
+    assert model[0] is not linear and weight.data_ptr() != ptr  # what the library did
+    pinned.restore()
+    assert model[0] is linear and linear.weight is weight and weight.data_ptr() == ptr
+    assert torch.allclose(weight, expected)
+    assert [p.data_ptr() for p in model.parameters()][0] == ptr
 
 
 def test_styles_file_errors(tmp_path):
