@@ -53,6 +53,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-lcm-lora", action="store_true", help="do not apply the LCM-LoRA few-step adapter")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when present)")
     g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default float16 on CUDA, float32 elsewhere")
+    g.add_argument("--accelerate", default="auto", choices=["off", "compile", "cudagraph", "auto"],
+                   help="how the stream step runs: off (eager), compile (torch.compile), cudagraph (compile + CUDA graph, "
+                   "CUDA only), auto (default: cudagraph on CUDA, off on the CPU, where compiling costs minutes)")
     s = p.add_argument_group("style")
     s.add_argument("--style", default=None, help="a style name from the styles file (default: default)")
     s.add_argument("--styles", metavar="FILE", default=None, help="your styles file (default: see `live2diff-engine styles path`)")
@@ -95,6 +98,9 @@ def build_frame_pipeline(args, say=None):
     if device.type == "cpu" and args.model != "tiny":
         say("warning: running on the CPU: fine for checks, far too slow for live video")
     dtype = _dtype(args, device)
+    from .pipeline.accelerate import resolve_mode
+
+    accelerate = resolve_mode(getattr(args, "accelerate", "off"), device)  # a bad choice fails before any model loads
     styles = load_styles(args.styles)
     style_name = args.style or "default"
     if style_name not in styles:
@@ -144,6 +150,7 @@ def build_frame_pipeline(args, say=None):
         similarity_threshold=args.similarity_threshold,
         negative_prompt=args.negative_prompt,
         guidance_scale=args.guidance,
+        accelerate=accelerate,
     )
     manager = StyleManager(comps, styles)
     if style.dreambooth or style.loras or comps.lcm_lora is not None:

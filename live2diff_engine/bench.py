@@ -147,6 +147,57 @@ def bench_stream(pipe: StreamPipeline, warmup_latents, warmup_depth, frame_count
     return results
 
 
+def bench_modes(make_pipe, warmup_latents, warmup_depth, modes: list[str], frames: int, progress=None, segments: int = 8) -> dict[str, dict[str, float]]:
+    """Median and mean ms per frame of the same stream under each acceleration mode, interleaved.
+
+    ``make_pipe(mode)`` builds a stream on the shared UNet. The UNet holds one KV-cache, so each
+    mode's stream state is set aside between its segments and put back (copied into the same
+    buffers, so a captured CUDA graph stays valid). Before timing, each mode makes a few untimed
+    calls: the first one compiles (its time is reported as ``first_call_s``). Segments alternate
+    between modes so drift in the machine's speed lands on all of them."""
+    pipes = {m: make_pipe(m) for m in modes}
+    device = next(iter(pipes.values())).device
+    first = next(iter(pipes.values()))
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    latents = torch.randn(16, 1, 4, first.height, first.width, generator=g).to(device=device, dtype=first.dtype)
+    durations: dict[str, list[float]] = {m: [] for m in modes}
+    first_call: dict[str, float] = {}
+    states = {}
+    for m, pipe in pipes.items():
+        pipe.prepare(warmup_latents, warmup_depth)
+        for i in range(4):
+            start = time.perf_counter()
+            pipe.step(latents[i % 16], latents[(i + 3) % 16])
+            if i == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                first_call[m] = time.perf_counter() - start
+        states[m] = _snapshot(pipe)
+    segments = max(1, min(segments, frames))
+    done = 0
+    for seg in range(segments):
+        part = (frames - done) // (segments - seg)
+        for m, pipe in pipes.items():
+            _restore(pipe, states[m])
+            timer = _Timer(device, part)
+            timer.mark(0)
+            for i in range(part):
+                k = done + i
+                pipe.step(latents[k % 16], latents[(k + 3) % 16])
+                timer.mark(i + 1)
+            durations[m] += timer.durations_ms()
+            states[m] = _snapshot(pipe)
+        done += part
+        if progress is not None:
+            progress(frames, done)
+    results = {}
+    for m in modes:
+        ordered = sorted(durations[m])
+        results[m] = {"median": ordered[len(ordered) // 2], "mean": sum(ordered) / len(ordered),
+                      "first_call_s": first_call[m], "in_use": pipes[m].accelerated}
+    return results
+
+
 def bench_style_switch(manager, frames, names: list[str], rounds: int, feed) -> dict[str, float]:
     """Median seconds to switch to each style (weights swapped, text re-encoded), alternating
     through ``names`` ``rounds`` times with a frame pushed after every switch."""

@@ -6,12 +6,15 @@ Every user mistake ends as one line on stderr (what is wrong, how to fix it) and
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .assemble import _int_list
 from .errors import ConfigError, UserError
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+ACCELERATE_HELP = ("how the stream step runs: off (eager), compile (torch.compile), cudagraph (compile + CUDA graph, "
+                   "CUDA only), auto (default: cudagraph on CUDA, off on the CPU, where compiling costs minutes)")
 
 
 def _torch_dtype(name: str):
@@ -60,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("fixture", metavar="DIR", help="fixture folder (format: shared/golden/README.md)")
     check.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps")
     check.add_argument("--dtype", default="float32", choices=DTYPES, help="compute precision (default float32)")
+    check.add_argument("--accelerate", default="auto", metavar="MODE", help=ACCELERATE_HELP)
+    check.add_argument("--rtol", type=float, default=None, help="relative tolerance per frame element (default: the fixture's, 1e-3)")
+    check.add_argument("--atol", type=float, default=None, help="absolute tolerance per frame element (default: the fixture's, 1e-4)")
 
     bench = sub.add_parser(
         "bench",
@@ -74,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--strength", type=float, help="instead of --t-index-list: denoise the last int(steps*strength) steps")
     bench.add_argument("--num-inference-steps", type=int, default=50)
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    bench.add_argument("--accelerate", default="auto", metavar="MODE[,MODE]",
+                       help="acceleration mode, or several comma-separated (e.g. off,compile) to compare them interleaved "
+                       "in one run on the longest frame count")
 
     from .assemble import add_model_args
 
@@ -232,7 +241,14 @@ def _cmd_check_reference(args) -> int:
     from .reference import run_check
 
     device = resolve_device(args.device)
-    return run_check(args.fixture, device=str(device), dtype=_torch_dtype(args.dtype))
+    from .pipeline.accelerate import resolve_mode
+
+    for name in ("rtol", "atol"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise ConfigError(f"--{name} must be zero or positive, got {value}")
+    mode = resolve_mode(args.accelerate, device)
+    return run_check(args.fixture, device=str(device), dtype=_torch_dtype(args.dtype), accelerate=mode, rtol=args.rtol, atol=args.atol)
 
 
 def _load_model(args):
@@ -270,33 +286,61 @@ def _load_model(args):
 def _cmd_bench(args) -> int:
     import torch
 
-    from .bench import BenchResult, bench_stream, machine_name
+    from .bench import BenchResult, bench_modes, bench_stream, machine_name
+    from .pipeline.accelerate import parse_modes, resolve_mode
     from .pipeline.schedule import make_schedule
     from .pipeline.stream import StreamPipeline
 
     if not args.frames or min(args.frames) < 1:
         raise ConfigError("--frames needs positive counts, e.g. 32,512")
+    modes = parse_modes(args.accelerate)
     t_index_list = args.t_index_list if args.t_index_list is not None or args.strength is not None else [32, 45]
     schedule = make_schedule(args.num_inference_steps, t_index_list=t_index_list, strength=args.strength)
     if args.model is None and not (args.base and args.motion):
         raise ConfigError("choose a model: --model tiny, or --base DIR and --motion FILE")
     print("loading model ...", file=sys.stderr, flush=True)
     unet, prompt, (h, w), label, device, dtype = _load_model(args)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    pipe = StreamPipeline(unet, schedule, (h, w), generator=gen)
-    pipe.set_prompt_embeds(prompt)
+    modes = [resolve_mode(m, device) for m in modes]
     sink = unet.motion_config.sink_size
     warm = torch.randn(sink, 4, h, w, generator=torch.Generator().manual_seed(args.seed)).to(device=device, dtype=dtype)
+
+    def make(mode):
+        pipe = StreamPipeline(unet, schedule, (h, w), generator=torch.Generator(device=device).manual_seed(args.seed), accelerate=mode)
+        pipe.set_prompt_embeds(prompt)
+        return pipe
 
     def progress(count, done):
         print(f"\r  {count}-frame stream: {done}/{count}", end="", file=sys.stderr, flush=True)
 
-    print(f"benchmarking {label} ...", file=sys.stderr, flush=True)
+    machine = machine_name(device)
+    head = [f"machine: {machine}", f"device: {device}  dtype: {str(dtype).replace('torch.', '')}  torch {torch.__version__}  "
+            f"threads {torch.get_num_threads()}", f"model: {label}  latent {h}x{w}  denoising steps {schedule.steps}"]
+    if len(modes) > 1:
+        frames = max(args.frames)
+        print(f"benchmarking {label}: {', '.join(modes)} interleaved, {frames} frames each ...", file=sys.stderr, flush=True)
+        figures = bench_modes(make, warm, warm, modes, frames, progress=progress)
+        print("", file=sys.stderr)
+        base = figures[modes[0]]["median"]
+        rows = head + [f"  {m:>9}: {f['median']:8.3f} ms/frame (median; mean {f['mean']:.3f})  x{f['median'] / base:.3f} of {modes[0]}"
+                       f"  first call {f['first_call_s']:.1f} s{'' if f['in_use'] == m else '  (fell back to ' + f['in_use'] + ')'}"
+                       for m, f in figures.items()]
+        print("\n".join(rows))
+        if args.json:
+            record = {"machine": machine, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(), "model": label, "latent": f"{h}x{w}", "steps": schedule.steps,
+                      "frames": frames, "modes": figures, "ratio_to_first": {m: f["median"] / base for m, f in figures.items()}}
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=1)
+                f.write("\n")
+        return 0
+
+    pipe = make(modes[0])
+    print(f"benchmarking {label} ({modes[0]}) ...", file=sys.stderr, flush=True)
     per_frame = bench_stream(pipe, warm, warm, sorted(set(args.frames)), progress=progress)
     print("", file=sys.stderr)
     counts = sorted(per_frame, key=int)
     result = BenchResult(
-        machine=machine_name(device),
+        machine=machine,
         device=str(device),
         dtype=str(dtype).replace("torch.", ""),
         torch=torch.__version__,
@@ -308,7 +352,7 @@ def _cmd_bench(args) -> int:
         mean_ms={c: round(per_frame[c]["mean"], 4) for c in counts},
         ratio_long_to_short=round(per_frame[counts[-1]]["median"] / per_frame[counts[0]]["median"], 4),
     )
-    print(result.table())
+    print(result.table() + f"\n  acceleration: {pipe.accelerated}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             f.write(result.json() + "\n")

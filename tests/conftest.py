@@ -1,3 +1,4 @@
+import os
 import shutil
 import subprocess
 import sys
@@ -20,14 +21,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def run_cli(*args, timeout=300):
-    """Run the installed command line in a subprocess; returns CompletedProcess (text)."""
+def run_cli(*args, timeout=300, env=None):
+    """Run the installed command line in a subprocess; returns CompletedProcess (text). ``env``
+    adds to (or overrides) this process's environment."""
     return subprocess.run(
         [sys.executable, "-m", "live2diff_engine", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
     )
 
 

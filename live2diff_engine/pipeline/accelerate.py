@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -33,8 +34,11 @@ import torch
 from ..errors import ConfigError
 
 MODES = ("off", "compile", "cudagraph", "auto")
-# What `auto` does on the CPU; measured with `bench --accelerate off,compile` (BENCHMARKS.md).
-CPU_AUTO = "compile"
+# What `auto` does on the CPU. Compiled, the tiny model's step costs well under half the eager one
+# (`bench --accelerate off,compile`, BENCHMARKS.md), but compiling it costs minutes of CPU time
+# (tens of seconds from a warm cache) and a CPU run is a check or a smoke run, not a live stream:
+# it does not pay there. `--accelerate compile` asks for it.
+CPU_AUTO = "off"
 
 
 def resolve_mode(mode: str, device: torch.device | str) -> str:
@@ -122,6 +126,13 @@ def stream_call(unet, latents, depth, text, timesteps, alpha, beta, c_skip, c_ou
 
 
 def _one_line(exc: BaseException) -> str:
+    """The root cause in one line (the compiler wraps a backend's error in its own)."""
+    seen = 0
+    while seen < 8:
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if inner is None:
+            break
+        exc, seen = inner, seen + 1
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
 
@@ -138,9 +149,13 @@ class StreamAccelerator:
     reset) reuses the compiled code. ``backend`` and ``compile_options`` exist for tests and
     benchmarks (e.g. dynamo's counting backends)."""
 
-    def __init__(self, unet, mode: str, *, say: Callable[[str], None] | None = None, backend=None, compile_options=None):
+    def __init__(self, unet, mode: str, *, say: Callable[[str], None] | None = None, backend=None, compile_options=None,
+                 emulate_graphs: bool = False):
         self.unet = unet
-        self.requested = resolve_mode(mode, unet.device)
+        # emulate_graphs: the CUDA-graph logic (warm-up calls, capture that records without running,
+        # replay into the same outputs, recapture for new buffers) on any device, for CPU tests.
+        self.emulate_graphs = emulate_graphs
+        self.requested = mode if (emulate_graphs and mode == "cudagraph") else resolve_mode(mode, unet.device)
         self.mode = self.requested  # the mode in use (lower after a fallback)
         self.say = say or _say
         self.backend = backend
@@ -215,28 +230,35 @@ class StreamAccelerator:
         if self._graph is not None:
             self._graph.replay()
             return self._graph_out
-        run = self._run_compiled if self.mode == "cudagraph" else (lambda a: stream_call(self.unet, *a))
-        if self._graph_runs < 2:  # real stream calls on a side stream (lazy init, autotuning)
-            side = torch.cuda.Stream(self.unet.device)
-            side.wait_stream(torch.cuda.current_stream(self.unet.device))
-            with torch.cuda.stream(side):
-                out = run(args)
-            torch.cuda.current_stream(self.unet.device).wait_stream(side)
+        if self._graph_runs < 2:  # real stream calls first (lazy initialisation, autotuning, compiling)
+            with self._side_stream():
+                out = self._run_compiled(args)
             self._graph_runs += 1
             return out
-        if self.mode != "cudagraph":  # compile fell back during warmup
-            return run(args)
+        if self.mode != "cudagraph":  # compiling fell back during the warm-up calls
+            return self(*args)
+        graph = _EmulatedGraph() if self.emulate_graphs else _CudaGraph(self.unet.device)
         try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._compiled_fn()(*args)
+            out = graph.capture(self._compiled_fn(), args)
         except Exception as exc:
             self._fallback("compile", "capturing the stream step in a CUDA graph", exc)
             return self._run_compiled(args)
         self._graph, self._graph_out = graph, out
         self.captures += 1
-        graph.replay()  # the capture recorded this call; now run it
+        graph.replay()  # the capture only recorded this call; now run it
         return out
+
+    @contextmanager
+    def _side_stream(self):
+        if self.emulate_graphs or self.unet.device.type != "cuda":
+            yield
+            return
+        device = self.unet.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(device).wait_stream(side)
 
     # -- entry -------------------------------------------------------------------------------
 
@@ -248,14 +270,53 @@ class StreamAccelerator:
         return self._run_graph(args)
 
 
-def accelerator_for(unet, mode: str, *, say=None, backend=None, compile_options=None) -> StreamAccelerator:
-    """The UNet's accelerator for ``mode`` (made once, then shared by every stream on it, so that a
-    new stream of the same shapes reuses the compiled code)."""
+class _CudaGraph:
+    def __init__(self, device):
+        self.device = device
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self, fn, args):
+        with torch.cuda.graph(self.graph):
+            return fn(*args)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class _EmulatedGraph:
+    """What a CUDA graph does, done eagerly: ``capture`` records the call without running it and
+    returns output tensors; every ``replay`` runs the call on the same inputs and writes the results
+    into those same outputs."""
+
+    def capture(self, fn, args):
+        self.fn, self.args = fn, args
+        self.out = tuple(torch.empty_like(t) for t in stream_call_outputs_like(args))
+        return self.out
+
+    def replay(self) -> None:
+        for dst, src in zip(self.out, self.fn(*self.args)):
+            dst.copy_(src)
+
+
+def stream_call_outputs_like(args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty tensors shaped like :func:`stream_call`'s outputs (eps, x0) for these inputs."""
+    latents = args[0]
+    return latents.new_empty(latents.shape), latents.new_empty(latents.shape)
+
+
+def accelerator_for(unet, mode: str, **options) -> StreamAccelerator:
+    """The UNet's accelerator for ``mode``: made once, then shared by every stream on that UNet, so
+    that a new stream of the same shapes reuses the compiled code. Options (a compiler backend, an
+    emulated graph for tests) make a new one that replaces the old for that mode."""
     store = unet.__dict__.setdefault("_stream_accelerators", {})
-    mode = resolve_mode(mode, unet.device)
-    key = (mode, id(backend) if backend is not None else None, tuple(sorted((compile_options or {}).items())))
-    if key not in store:
-        store[key] = StreamAccelerator(unet, mode, say=say, backend=backend, compile_options=compile_options)
+    if mode in store and not any(k != "say" for k in options):  # e.g. an emulated graph a test set up
+        if options.get("say") is not None:
+            store[mode].say = options["say"]
+        return store[mode]
+    resolved = mode if (options.get("emulate_graphs") and mode == "cudagraph") else resolve_mode(mode, unet.device)
+    say = options.pop("say", None)
+    if options or resolved not in store:
+        store[resolved] = StreamAccelerator(unet, resolved, say=say, **options)
     elif say is not None:
-        store[key].say = say
-    return store[key]
+        store[resolved].say = say
+    return store[resolved]

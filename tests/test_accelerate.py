@@ -1,0 +1,222 @@
+"""The accelerated stream call: compiled whole, never recompiled by a live change, falling back to
+eager on failure, and giving the frames the eager (reference) path gives.
+
+Most tests trace with dynamo and run the traced graph with its "eager" backend behind a counter:
+that checks what the compiler sees (no graph break, how many graphs) in seconds. One test runs
+inductor for real on the golden fixture (the compiled kernels against the original's numbers);
+it shares an inductor cache folder with the compiled CLI run below it, as a user's runs do.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from conftest import FIXTURE_A, run_cli
+from live2diff_engine.errors import ConfigError
+from live2diff_engine.models.tiny import build_tiny_unet, tiny_prompt_embeds
+from live2diff_engine.pipeline import accelerate
+from live2diff_engine.pipeline.accelerate import accelerator_for, resolve_mode, stream_call
+from live2diff_engine.pipeline.frames import FramePipeline
+from live2diff_engine.pipeline.schedule import make_schedule
+from live2diff_engine.pipeline.stream import StreamPipeline
+from live2diff_engine.styles import StyleManager, load_styles
+from test_frames import clip
+from test_styles import comps, ws  # noqa: F401  (fixtures: tiny models in real formats, styles file)
+
+H = W = 8
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _latents(n, seed):
+    return torch.randn(n, 4, H, W, generator=torch.Generator().manual_seed(seed))
+
+
+def run_stream(unet, mode="off", calls=20, t_index_list=(32, 45), prompt_at=None, guidance=1.0, **options):
+    """A latent stream of ``calls`` frames; at call ``prompt_at`` the prompt changes. Returns the
+    finished latents and the pipeline."""
+    pipe = StreamPipeline(unet, make_schedule(50, t_index_list=list(t_index_list)), (H, W),
+                          generator=torch.Generator(device=unet.device).manual_seed(1), guidance_scale=guidance,
+                          accelerate=mode, accelerator_options=options or None)
+    pipe.set_prompt_embeds(tiny_prompt_embeds(0))
+    if guidance > 1:
+        pipe.set_negative_embeds(tiny_prompt_embeds(5))
+    x = _latents(8, 2)
+    pipe.prepare(x, x.flip(0))
+    out = []
+    for i in range(calls):
+        if i == prompt_at:
+            pipe.set_prompt_embeds(tiny_prompt_embeds(9))
+        out.append(pipe.step(x[i % 8 : i % 8 + 1], x[(i + 3) % 8 : (i + 3) % 8 + 1]).clone())
+    return torch.cat(out), pipe
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_tiny_unet(0)
+
+
+def test_modes_resolve_per_device():
+    assert resolve_mode("auto", "cpu") == "off"  # compiling costs minutes on a CPU: see BENCHMARKS.md
+    assert resolve_mode("auto", "cuda") == "cudagraph"
+    assert resolve_mode("compile", "cpu") == "compile"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        resolve_mode("cudagraph", "cpu")
+    with pytest.raises(ConfigError, match="use one of off, compile, cudagraph, auto"):
+        resolve_mode("fast", "cpu")
+
+
+def test_the_stream_call_has_no_graph_break(unet):
+    _, pipe = run_stream(unet, calls=2)
+    args = (pipe._latents, pipe._depth, pipe._text_batch(), pipe.timesteps, pipe.alpha, pipe.beta, pipe.c_skip,
+            pipe.c_out, pipe._noise, pipe._guidance, pipe._row, pipe._tables)
+    snapshot = [t.clone() for t in (pipe._latents, pipe._depth, *unet.cache_tensors())]
+    explained = torch._dynamo.explain(stream_call)(unet, *args)
+    for live, saved in zip((pipe._latents, pipe._depth, *unet.cache_tensors()), snapshot):
+        live.copy_(saved)  # explain ran the call once
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_compiled_stream_gives_the_eager_frames_with_one_graph_for_the_whole_stream(unet, guidance):
+    eager, _ = run_stream(unet, "off", prompt_at=7, guidance=guidance)
+    counter = CompileCounterWithBackend("eager")
+    compiled, pipe = run_stream(unet, "compile", prompt_at=7, guidance=guidance, backend=counter)
+    assert pipe.accelerated == "compile"
+    assert counter.frame_count == 1  # fullgraph: one graph, compiled once, for every call of the stream
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_stream_of_the_same_shape_reuses_the_compiled_call_and_new_steps_compile_once_more(unet):
+    counter = CompileCounterWithBackend("eager")
+    run_stream(unet, "compile", calls=4, backend=counter)
+    run_stream(unet, "compile", calls=4, t_index_list=(40, 48))  # other timesteps (a strength change): same shapes
+    assert counter.frame_count == 1
+    run_stream(unet, "compile", calls=4, t_index_list=(20, 32, 45))  # three steps: new shapes
+    assert counter.frame_count == 2
+
+
+def test_a_compiler_failure_falls_back_to_eager_with_one_warning_line(unet, capsys):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("injected compiler failure\nsecond line of a long compiler report")
+
+    eager, _ = run_stream(unet, "off")
+    out, pipe = run_stream(unet, "compile", backend=broken_backend)
+    assert pipe.accelerated == "off"
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    err = capsys.readouterr().err.strip().splitlines()
+    warnings = [line for line in err if line.startswith("warning:")]
+    assert len(warnings) == 1, err
+    assert "injected compiler failure" in warnings[0] and "uncompiled" in warnings[0]
+    assert not any("Traceback" in line or "second line" in line for line in err)
+
+
+def test_graph_capture_replays_real_calls_only_and_recaptures_for_new_buffers(unet):
+    """The CUDA-graph logic on the CPU (emulated graph: capture records, replay runs): two real
+    warm-up calls, then one capture replayed for every later call; the frames are the eager ones
+    across a prompt change and a new stream."""
+    eager, _ = run_stream(unet, "off", prompt_at=9)
+    counter = CompileCounterWithBackend("eager")
+    graphed, pipe = run_stream(unet, "cudagraph", prompt_at=9, backend=counter, emulate_graphs=True)
+    accel = pipe._accel
+    assert pipe.accelerated == "cudagraph" and accel.captures == 1
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6)
+    again, pipe2 = run_stream(unet, "cudagraph", prompt_at=9)  # the same accelerator, new buffers
+    assert pipe2._accel is accel and accel.captures == 2 and counter.frame_count == 1
+    torch.testing.assert_close(again, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_capture_falls_back_to_the_compiled_call(unet, capsys, monkeypatch):
+    class FailingGraph:
+        def capture(self, fn, args):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(accelerate, "_EmulatedGraph", FailingGraph)
+    eager, _ = run_stream(unet, "off")
+    out, pipe = run_stream(unet, "cudagraph", backend=CompileCounterWithBackend("eager"), emulate_graphs=True)
+    assert pipe.accelerated == "compile"
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "without CUDA graphs" in warnings[0]
+
+
+def _frames_through_live_changes(comps, ws, mode):
+    """Frames of a stream that changes prompt, style (LoRA, DreamBooth + LoRA) and strength live."""
+    manager = StyleManager(comps, load_styles(ws / "styles.toml"))
+    fp = FramePipeline(comps, width=64, height=64, prompt="a photo of a cat", seed=1, accelerate=mode)
+    manager.apply("default", fp)
+    changes = {
+        12: lambda: fp.set_prompt("a watercolor dog"),
+        15: lambda: manager.apply("lora1", fp),
+        18: lambda: manager.apply("dblora", fp),
+        21: lambda: fp.set_schedule(50, strength=0.04),  # two other timesteps: a re-warmup, same shapes
+        30: lambda: manager.apply("default", fp),
+    }
+    out = []
+    for i, frame in enumerate(clip(34, seed=2)):
+        if i in changes:
+            changes[i]()
+        out += fp.push(frame)
+    out += fp.flush()
+    manager.apply("default", fp)
+    assert [i for i, _ in out] == list(range(34))
+    return np.stack([img for _, img in out]), fp
+
+
+def test_prompt_style_and_strength_changes_never_recompile_and_frames_match_eager(comps, ws):
+    eager, _ = _frames_through_live_changes(comps, ws, "off")
+    counter = CompileCounterWithBackend("eager")
+    accelerator_for(comps.unet, "compile", backend=counter)
+    compiled, fp = _frames_through_live_changes(comps, ws, "compile")
+    assert fp.stream.accelerated == "compile"
+    assert counter.frame_count == 1
+    assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1
+
+
+def test_compiled_kernels_reproduce_the_golden_fixture(tmp_path):
+    """Inductor for real: the compiled stream step against the original implementation's numbers,
+    at the fixture's own tolerance; then `bench` compares eager and compiled in one run, reusing
+    the compiled code from the cache folder."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    result = run_cli("check-reference", FIXTURE_A, "--accelerate", "compile", timeout=1800, env=env)
+    last = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert last.startswith("24/24 frames match") and "stream step compile" in last, last
+    assert "compiling the stream step" in result.stderr and "warning" not in result.stderr
+
+    bench = run_cli("bench", "--model", "tiny", "--accelerate", "off,compile", "--frames", "16",
+                    "--json", tmp_path / "bench.json", timeout=1800, env=env)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert set(record["modes"]) == {"off", "compile"}
+    assert record["modes"]["compile"]["in_use"] == "compile"
+    assert all(m["median"] > 0 for m in record["modes"].values())
+
+
+def test_check_reference_tolerance_options(tmp_path):
+    loose = run_cli("check-reference", FIXTURE_A, "--rtol", "0.5", "--atol", "0.5", "--accelerate", "off")
+    assert loose.returncode == 0 and "rtol 0.5, atol 0.5" in loose.stdout.strip().splitlines()[-1]
+    strict = run_cli("check-reference", FIXTURE_A, "--rtol", "0", "--atol", "1e-12", "--accelerate", "off")
+    assert strict.returncode == 1 and "mismatch" in strict.stdout
+    bad = run_cli("check-reference", FIXTURE_A, "--rtol", "-1")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--rtol" in bad.stderr
+    cuda = run_cli("check-reference", FIXTURE_A, "--accelerate", "cudagraph")
+    assert cuda.returncode == 2 and "needs a CUDA device" in cuda.stderr and "Traceback" not in cuda.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_graph_stream_matches_eager_on_the_gpu():
+    unet_gpu = build_tiny_unet(0, device="cuda")
+    eager, _ = run_stream(unet_gpu, "off", prompt_at=9)
+    graphed, pipe = run_stream(unet_gpu, "cudagraph", prompt_at=9)
+    assert pipe.accelerated == "cudagraph" and pipe._accel.captures == 1
+    torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-4)
