@@ -228,7 +228,9 @@ def _add_control_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", choices=["tiny"], help="tiny: a random-weight miniature for checks (its output is noise, not a style)")
+    p.add_argument("--model", choices=["tiny", "sd15-random"],
+                   help="tiny: a random-weight miniature for checks (its output is noise, not a style); "
+                   "sd15-random: the full SD1.5 + Live2Diff geometry with random weights (speed only, no download)")
     p.add_argument("--base", metavar="DIR", help="diffusers SD1.5 folder (with unet/) or a UNet folder")
     p.add_argument("--motion", metavar="FILE", help="Live2Diff motion checkpoint (live2diff.ckpt or .safetensors)")
     p.add_argument("--latent-size", metavar="HxW", help="latent height x width (image size / 8); default 8x8 for tiny, 64x64 otherwise")
@@ -263,6 +265,13 @@ def _load_model(args):
         unet = build_tiny_unet(args.seed, device=device, dtype=dtype)
         prompt = tiny_prompt_embeds(args.seed, device=device, dtype=dtype)
         size, label = TINY_LATENT_SIZE, TINY_LABEL
+    elif args.model == "sd15-random":
+        from .models.full_random import build_full_unet
+
+        unet = build_full_unet(device=device, dtype=dtype, seed=args.seed)
+        g = torch.Generator().manual_seed(args.seed)
+        prompt = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g).to(device=device, dtype=dtype)
+        size, label = (64, 64), "SD1.5 + Live2Diff geometry, random weights"
     elif args.base and args.motion:
         from .models.loading import load_streaming_unet
 
@@ -297,7 +306,7 @@ def _cmd_bench(args) -> int:
     t_index_list = args.t_index_list if args.t_index_list is not None or args.strength is not None else [32, 45]
     schedule = make_schedule(args.num_inference_steps, t_index_list=t_index_list, strength=args.strength)
     if args.model is None and not (args.base and args.motion):
-        raise ConfigError("choose a model: --model tiny, or --base DIR and --motion FILE")
+        raise ConfigError("choose a model: --model tiny or sd15-random, or --base DIR and --motion FILE")
     print("loading model ...", file=sys.stderr, flush=True)
     unet, prompt, (h, w), label, device, dtype = _load_model(args)
     modes = [resolve_mode(m, device) for m in modes]
