@@ -76,8 +76,7 @@ def test_modes_resolve_per_device():
 
 def test_the_stream_call_has_no_graph_break(unet):
     _, pipe = run_stream(unet, calls=2)
-    args = (pipe._latents, pipe._depth, pipe._text_batch(), pipe.timesteps, pipe.alpha, pipe.beta, pipe.c_skip,
-            pipe.c_out, pipe._noise, pipe._guidance, pipe._row, pipe._tables)
+    args = pipe._call_args()
     snapshot = [t.clone() for t in (pipe._latents, pipe._depth, *unet.cache_tensors())]
     explained = torch._dynamo.explain(stream_call)(unet, *args)
     for live, saved in zip((pipe._latents, pipe._depth, *unet.cache_tensors()), snapshot):
@@ -180,6 +179,19 @@ def test_prompt_style_and_strength_changes_never_recompile_and_frames_match_eage
     assert fp.stream.accelerated == "compile"
     assert counter.frame_count == 1
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1
+
+
+def test_the_frame_pipeline_compiles_while_loading_not_on_the_first_live_frames(comps):
+    counter = CompileCounterWithBackend("eager")
+    accelerator_for(comps.unet, "compile", backend=counter)
+    fp = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
+    assert counter.frame_count == 1  # compiled before the first frame arrives
+    eager = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1, accelerate="off")
+    frames = clip(12, seed=4)
+    a = [img for f in frames for _, img in fp.push(f)] + [img for _, img in fp.flush()]
+    b = [img for f in frames for _, img in eager.push(f)] + [img for _, img in eager.flush()]
+    assert len(a) == len(b) == 12 and counter.frame_count == 1
+    assert max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(a, b)) <= 1
 
 
 def test_compiled_kernels_reproduce_the_golden_fixture(tmp_path):

@@ -303,6 +303,7 @@ class FramePipeline:
         stream = StreamPipeline(self.comps.unet, schedule, (lh, lw), generator=self.generator, guidance_scale=self.guidance_scale, **extra)
         stream.set_prompt_embeds(self._embeds)
         stream.set_negative_embeds(self._negative)
+        stream.precompile()  # the compiler's wait (if any) falls here, not on the first live frames
         return stream
 
     def _encode_negative(self, text: str) -> torch.Tensor:

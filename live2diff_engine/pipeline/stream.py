@@ -172,6 +172,26 @@ class StreamPipeline:
             raise ConfigError("guidance above 1 needs the negative (unconditional) prompt: call set_negative_embeds() first")
         return self._text
 
+    def _call_args(self) -> tuple:
+        return (self._latents, self._depth, self._text_batch(), self.timesteps, self.alpha, self.beta, self.c_skip,
+                self.c_out, self._noise, self._guidance, self._row, self._tables)
+
+    @torch.no_grad()
+    def precompile(self) -> float:
+        """Compile (and, for CUDA graphs, warm up) the accelerated stream call now, on empty
+        buffers, so that the first streamed frames do not wait for the compiler. Returns the
+        seconds it took (0 when not accelerated, or when the stream is already running: the call
+        compiles at its first frame then). :meth:`prepare` resets everything this touches."""
+        if self.accelerated == "off" or self._prepared:
+            return 0.0
+        import time
+
+        start = time.perf_counter()
+        self.unet.allocate_cache(self.steps * self.branches, self.height, self.width)
+        self._row.zero_()
+        self._accel(*self._call_args())
+        return time.perf_counter() - start
+
     @torch.no_grad()
     def prepare(
         self,
@@ -228,8 +248,7 @@ class StreamPipeline:
             else:
                 self._noise.copy_(noise)
         self._row.fill_(self.bookkeeping.index(self.calls))
-        eps, x0 = self._accel(self._latents, self._depth, self._text_batch(), self.timesteps, self.alpha, self.beta,
-                              self.c_skip, self.c_out, self._noise, self._guidance, self._row, self._tables)
+        eps, x0 = self._accel(*self._call_args())
         self.last_model_pred, self.last_x0_batch = eps, x0
         self.calls += 1
         return x0[T - 1 : T]
