@@ -167,6 +167,7 @@ class StreamAccelerator:
         self._graph_out = None
         self._graph_runs = 0  # real calls made with the current key before capture
         self.compile_seconds: dict[tuple, float] = {}
+        self._wrapped: dict[tuple, _CompiledCall] = {}
         self.captures = 0
         if self.mode != "off":
             configure_cache()
@@ -260,6 +261,20 @@ class StreamAccelerator:
             yield
         torch.cuda.current_stream(device).wait_stream(side)
 
+    # -- other modules -----------------------------------------------------------------------
+
+    def wrap(self, fn, label: str):
+        """``fn`` (e.g. the VAE's encode or decode) compiled with this accelerator's backend when it
+        compiles at all, falling back to ``fn`` itself with one warning line if compiling fails.
+        Made once per function and shared, like the stream call."""
+        if self.mode == "off":
+            return fn
+        key = (id(getattr(fn, "__self__", None)), getattr(fn, "__name__", label))
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrapped[key] = _CompiledCall(self, fn, label)
+        return wrapped
+
     # -- entry -------------------------------------------------------------------------------
 
     def __call__(self, *args):
@@ -268,6 +283,29 @@ class StreamAccelerator:
         if self.mode == "compile":
             return self._run_compiled(args)
         return self._run_graph(args)
+
+
+class _CompiledCall:
+    """A compiled module call (no CUDA graph: its callers hand it new tensors every frame)."""
+
+    def __init__(self, accel: StreamAccelerator, fn, label: str):
+        self.accel, self.fn, self.label = accel, fn, label
+        kwargs = {"dynamic": False}
+        if accel.backend is not None:
+            kwargs["backend"] = accel.backend
+        kwargs.update(accel.compile_options)
+        self.compiled = torch.compile(fn, **kwargs)
+        self.failed = False
+
+    def __call__(self, *args, **kwargs):
+        if self.failed:
+            return self.fn(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:
+            self.failed = True
+            self.accel.say(f"warning: compiling the {self.label} failed ({_one_line(exc)}); it goes on uncompiled")
+            return self.fn(*args, **kwargs)
 
 
 class _CudaGraph:

@@ -449,7 +449,7 @@ class FramePipeline:
         """VAE latents (scaled) of ``[N, 3, H, W]`` images in one call. The full VAE samples its
         latent distribution in one draw of ``[N, 4, h, w]`` from the generator; TAESD draws nothing."""
         vae = self.comps.vae
-        out = vae.encode(images)
+        out = self.stream.accelerator.wrap(vae.encode, "VAE encoder")(images)
         dist = getattr(out, "latent_dist", None)
         latents = dist.sample(generator=self.generator) if dist is not None else out.latents
         return latents * getattr(vae.config, "scaling_factor", 1.0)
@@ -465,7 +465,7 @@ class FramePipeline:
     def _decode(self, latent: torch.Tensor) -> torch.Tensor:
         """A latent to a ``[H, W, 3]`` uint8 picture, on the device (a buffer reused per frame)."""
         vae = self.comps.vae
-        img = vae.decode(latent / getattr(vae.config, "scaling_factor", 1.0), return_dict=False)[0]
+        img = self.stream.accelerator.wrap(vae.decode, "VAE decoder")(latent / getattr(vae.config, "scaling_factor", 1.0), return_dict=False)[0]
         return self._to_uint8(img)
 
     def _to_uint8(self, img: torch.Tensor) -> torch.Tensor:

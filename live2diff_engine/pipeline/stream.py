@@ -98,6 +98,11 @@ class StreamPipeline:
         self.last_x0_batch: torch.Tensor | None = None
 
     @property
+    def accelerator(self):
+        """The UNet's :class:`~.accelerate.StreamAccelerator` (its ``wrap`` compiles other calls alike)."""
+        return self._accel
+
+    @property
     def accelerated(self) -> str:
         """The acceleration in use: off, compile or cudagraph (lower than asked after a fallback)."""
         return self._accel.mode
