@@ -5,25 +5,23 @@ weights (:mod:`.models.full_random`), so nothing is downloaded and the cost per 
 one. For each acceleration mode it measures
 
 * the stream step alone (``StreamPipeline.step`` on random latents): ms per frame and FPS;
-* the whole frame pipeline (``FramePipeline.push`` of uint8 RGB frames, MiDaS depth) with TAESD
-  and with the full VAE: FPS and a per-stage breakdown (upload, VAE encode, depth, UNet step,
-  decode, download, and "other": host work such as fitting the frame);
+* the whole frame pipeline (``FramePipeline.push`` of uint8 RGB frames at the model size, MiDaS
+  depth) with TAESD and with the full VAE: FPS and the mean ms of each stage as
+  ``FramePipeline(profile_stages=True)`` times them (upload, depth, encode: one VAE call for the
+  frame and its depth map, unet: first-step noise and the stream step, decode, download), plus
+  "other": the frame's wall time less its stages (host work: checks, fitting, Python);
 * for each measurement: the first call after the warmup (it carries the compile or the CUDA-graph
   capture) and the peak GPU memory.
 
 A global time budget stops it from overrunning the slot: a measurement that would start after the
 budget is spent is skipped with a line that says so, and a timed loop stops early when it runs
-out. Progress goes to stderr; the table to stdout; ``--json`` writes every figure.
-
-Stage times come from markers at the stage boundaries inside ``push`` (CUDA events on a GPU, so no
-synchronisation is added; wall clock on a CPU): each is the time between its boundaries on the
-device's timeline, and the stages of a frame add up to the frame.
+out. Measurements go mode by mode, eager first. Progress goes to stderr; the table to stdout;
+``--json`` writes every figure.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
 import sys
@@ -73,14 +71,6 @@ class Budget:
 
     def spent(self) -> bool:
         return self.left() <= 0
-
-
-def accelerate_supported() -> bool:
-    """Whether this build's StreamPipeline and FramePipeline take ``accelerate=``."""
-    from .pipeline.frames import FramePipeline
-    from .pipeline.stream import StreamPipeline
-
-    return all("accelerate" in inspect.signature(c.__init__).parameters for c in (StreamPipeline, FramePipeline))
 
 
 def _sync(device: torch.device) -> None:
@@ -182,9 +172,8 @@ def bench_stream_step(s: Settings, base, prompt: torch.Tensor, mode: str, budget
     device = s.device
     factor = base.vae_scale_factor
     h, w = s.height // factor, s.width // factor
-    kwargs = {"accelerate": mode} if accelerate_supported() else {}
     gen = torch.Generator(device=device).manual_seed(s.seed)
-    pipe = StreamPipeline(base.unet, _schedule(s), (h, w), generator=gen, **kwargs)
+    pipe = StreamPipeline(base.unet, _schedule(s), (h, w), generator=gen, accelerate=mode)
     pipe.set_prompt_embeds(prompt)
     cpu = torch.Generator().manual_seed(s.seed + 1)
     warm = torch.randn(pipe.sink, 4, h, w, generator=cpu).to(device=device, dtype=s.dtype)
@@ -229,113 +218,22 @@ def bench_stream_step(s: Settings, base, prompt: torch.Tensor, mode: str, budget
 # -- the frame pipeline, stage by stage ----------------------------------------------------------
 
 
-class StageProbe:
-    """Markers at the stage boundaries of one FramePipeline's ``push``.
-
-    It wraps the pipeline's per-frame steps on this instance only (and the VAE's ``decode`` while
-    attached): upload (array to device tensor), encode (VAE encode and noising), depth (estimate,
-    normalise, VAE-encode the depth map), unet (the stream step), decode (VAE decode), download
-    (to uint8 and to the host). Time between markers goes to the innermost stage open (the depth
-    map's VAE encode counts as depth); time outside every stage is "other"."""
-
-    def __init__(self, frames, device: torch.device):
-        self.frames = frames
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.stack: list[str] = []
-        self.marks: list[tuple[object, str]] = []  # (event or time, label of the span that ends here)
-        self.per_frame: list[dict[str, float]] = []
-        self._patched: list[tuple[object, str]] = []
-
-    def _mark(self, closing: str) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self.marks.append((ev, closing))
-        else:
-            self.marks.append((time.perf_counter(), closing))
-
-    def _current(self) -> str:
-        return self.stack[-1] if self.stack else "other"
-
-    def _wrap(self, owner, name: str, label: str, skip_inside: tuple[str, ...] = ()) -> None:
-        inner = getattr(owner, name)
-
-        def wrapped(*args, **kwargs):
-            if self._current() in skip_inside:
-                return inner(*args, **kwargs)
-            self._mark(self._current())
-            self.stack.append(label)
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self._mark(self.stack.pop())
-
-        owner.__dict__[name] = wrapped
-        self._patched.append((owner, name))
-
-    def attach(self) -> "StageProbe":
-        fp = self.frames
-        self._wrap(fp, "_to_tensor", "upload")
-        self._wrap(fp, "_encode_images", "encode", skip_inside=("depth",))
-        self._wrap(fp, "_encode_depth", "depth")
-        self._wrap(fp.stream, "step", "unet")
-        self._wrap(fp, "_decode", "download")
-        self._wrap(fp.comps.vae, "decode", "decode")
-        return self
-
-    def detach(self) -> None:
-        for owner, name in self._patched:
-            owner.__dict__.pop(name, None)
-        self._patched.clear()
-
-    def begin_frame(self) -> None:
-        self.marks = []
-        self._mark("other")
-
-    def end_frame(self) -> None:
-        self._mark(self._current())
-        totals = dict.fromkeys(STAGES, 0.0)
-        if self.cuda:
-            self.marks[-1][0].synchronize()
-            for (a, _), (b, label) in zip(self.marks, self.marks[1:]):
-                totals[label] += a.elapsed_time(b)
-        else:
-            for (a, _), (b, label) in zip(self.marks, self.marks[1:]):
-                totals[label] += (b - a) * 1000.0
-        self.per_frame.append(totals)
-
-    def summary(self) -> dict[str, float]:
-        n = max(1, len(self.per_frame))
-        return {k: round(sum(f[k] for f in self.per_frame) / n, 3) for k in STAGES}
-
-
 def _frame_source(s: Settings, count: int = 8) -> list[np.ndarray]:
     rng = np.random.default_rng(s.seed)
     return [rng.integers(0, 256, (s.height, s.width, 3), dtype=np.uint8) for _ in range(count)]
-
-
-def profiling_supported() -> bool:
-    """Whether this build's FramePipeline times its own stages (``profile_stages=True``)."""
-    from .pipeline.frames import FramePipeline
-
-    return "profile_stages" in inspect.signature(FramePipeline.__init__).parameters
 
 
 def bench_frame_pipeline(s: Settings, comps, vae: str, mode: str, budget: Budget) -> dict:
     from .pipeline.frames import FramePipeline
 
     device = s.device
-    kwargs = {"accelerate": mode} if accelerate_supported() else {}
-    own_profile = profiling_supported()
-    if own_profile:
-        kwargs["profile_stages"] = True
     frames = _frame_source(s)
     _reset_peak(device)
     start = time.perf_counter()
     fp = FramePipeline(
         comps, width=s.width, height=s.height, num_inference_steps=s.num_inference_steps,
-        t_index_list=list(s.t_index_list), prompt="a portrait, watercolor", seed=s.seed, **kwargs,
+        t_index_list=list(s.t_index_list), prompt="a portrait, watercolor", seed=s.seed, accelerate=mode,
+        profile_stages=True,
     )
     i = 0
     while fp.warming_up:  # the sink frames come back as they went in; the last one runs the warmup
@@ -351,34 +249,22 @@ def bench_frame_pipeline(s: Settings, comps, vae: str, mode: str, budget: Budget
     for _ in range(_settle_calls(mode)):
         fp.push(frames[i % len(frames)])
         i += 1
-    probe = None
-    if own_profile:
-        fp.clear_stage_times()
-    else:
-        probe = StageProbe(fp, device).attach()
+    fp.clear_stage_times()  # the settling frames are not counted
     walls: list[float] = []
     out = None
-    try:
-        for _ in range(s.frames):
-            if probe is not None:
-                probe.begin_frame()
-            start = time.perf_counter()
-            ready = fp.push(frames[i % len(frames)])
-            walls.append(time.perf_counter() - start)
-            if probe is not None:
-                probe.end_frame()
-            i += 1
-            if ready:
-                out = ready[-1][1]
-            if budget.spent():
-                say(f"  budget spent: frame pipeline ({vae} VAE, {mode}) stopped after {len(walls)} of {s.frames} frames")
-                break
-    finally:
-        if probe is not None:
-            probe.detach()
+    for _ in range(s.frames):
+        start = time.perf_counter()
+        ready = fp.push(frames[i % len(frames)])  # returns after the frame's copy to the host
+        walls.append(time.perf_counter() - start)
+        i += 1
+        if ready:
+            out = ready[-1][1]
+        if budget.spent():
+            say(f"  budget spent: frame pipeline ({vae} VAE, {mode}) stopped after {len(walls)} of {s.frames} frames")
+            break
     n = len(walls)
     total = sum(walls)
-    per_frame = fp.stage_times() if own_profile else probe.per_frame
+    per_frame = fp.stage_times()
     stages = {k: round(sum(f.get(k, 0.0) for f in per_frame) / max(1, len(per_frame)), 3) for k in STAGES if k != "other"}
     stages["other"] = round(max(0.0, 1000.0 * total / n - sum(stages.values())), 3)
     x0 = getattr(fp.stream, "last_x0_batch", None)
@@ -389,7 +275,6 @@ def bench_frame_pipeline(s: Settings, comps, vae: str, mode: str, budget: Budget
         "ms_per_frame": round(1000.0 * total / n, 3),
         "median_ms": round(1000.0 * _median(walls), 3),
         "stages_ms": stages,
-        "stage_timer": "FramePipeline(profile_stages=True)" if own_profile else "bench-gpu markers",
         "warmup_s": round(warmup_s, 3),
         "first_call_s": round(first_s, 3),
         "peak_mem_mb": _peak_mb(device),
@@ -401,9 +286,14 @@ def bench_frame_pipeline(s: Settings, comps, vae: str, mode: str, budget: Budget
 # -- the run -----------------------------------------------------------------------------------
 
 
-def run(s: Settings) -> dict:
-    """Every measurement that fits the budget; returns the figures (see :func:`table`)."""
+def run(s: Settings, on_update=None) -> dict:
+    """Every measurement that fits the budget; returns the figures (see :func:`table`).
+
+    ``on_update(result)`` is called after the build and after every measurement (to save the
+    figures so far: a slot that ends mid-compile keeps them). An interrupt (Ctrl-C, or SIGTERM
+    where the caller turns it into KeyboardInterrupt) ends the run with the figures so far."""
     budget = Budget(s.budget_s)
+    update = on_update or (lambda r: None)
     result: dict = {
         "card": machine_name(s.device),
         "device": str(s.device),
@@ -421,19 +311,24 @@ def run(s: Settings) -> dict:
         "pipeline": {},
         "skipped": [],
         "errors": [],
+        "interrupted": False,
     }
-    supported = accelerate_supported()
-    modes = []
-    for mode in s.modes:
-        if mode != "off" and not supported:
-            line = f"{mode}: this build's StreamPipeline has no accelerate= parameter yet"
-            say(f"skipping {line}")
-            result["skipped"].append(line)
-        else:
-            modes.append(mode)
-
+    modes = list(s.modes)
     say(f"{result['card']}; torch {torch.__version__}; {result['dtype']}; {s.geometry} geometry at {s.width}x{s.height}; "
         f"modes {', '.join(modes) or 'none'}; budget {s.budget_s:.0f} s")
+    try:
+        _measure(s, result, budget, update)
+    except KeyboardInterrupt:
+        result["interrupted"] = True
+        say(f"interrupted after {budget.elapsed():.0f} s; the figures so far follow")
+    result["modes"] = _per_mode(result, modes)
+    result["elapsed_s"] = round(budget.elapsed(), 1)
+    update(result)
+    return result
+
+
+def _measure(s: Settings, result: dict, budget: Budget, update) -> None:
+    modes = list(s.modes)
     start = time.perf_counter()
     models = build_models(s)
     _sync(s.device)
@@ -441,6 +336,7 @@ def run(s: Settings) -> dict:
     if s.device.type == "cuda":
         result["weights_mb"] = round(torch.cuda.memory_allocated(s.device) / 2**20, 1)
     say(f"models built in {result['build_s']:.1f} s")
+    update(result)
 
     # Mode by mode, the cheap eager figures first: a slow compile can only cost the modes after it.
     # The first measurement of a mode carries its compile; the others reuse the compiled code.
@@ -467,17 +363,15 @@ def run(s: Settings) -> dict:
                 result["pipeline"].setdefault(vae, {})[mode] = figures
         except torch.cuda.OutOfMemoryError:
             _record_error(result, what, "out of GPU memory")
-            torch.cuda.empty_cache()
-            continue
         except Exception as exc:  # one failed measurement must not cost the others
             _record_error(result, what, _one_line(exc))
-            continue
-        say(f"  {what}: {_brief(figures)}")
+        else:
+            say(f"  {what}: {_brief(figures)}")
+        result["modes"] = _per_mode(result, modes)
+        result["elapsed_s"] = round(budget.elapsed(), 1)
+        update(result)
         if s.device.type == "cuda":
             torch.cuda.empty_cache()
-    result["modes"] = _per_mode(result, modes)
-    result["elapsed_s"] = round(budget.elapsed(), 1)
-    return result
 
 
 def _per_mode(result: dict, modes: list[str]) -> dict:
@@ -543,13 +437,18 @@ def table(r: dict) -> str:
         rows.append(f"skipped: {line}")
     for line in r["errors"]:
         rows.append(f"failed: {line}")
-    rows.append(f"total {r['elapsed_s']:.0f} s of a {r['budget_s']:.0f} s budget")
+    if r.get("interrupted"):
+        rows.append("interrupted: the measurements after these did not run")
+    over = " (a measurement started within the budget ran past it)" if r["elapsed_s"] > r["budget_s"] else ""
+    rows.append(f"total {r['elapsed_s']:.0f} s of a {r['budget_s']:.0f} s budget{over}")
     return "\n".join(rows)
 
 
 def write_json(r: dict, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = f"{path}.part"
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(r, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)  # whole or not at all, even when the slot ends mid-write

@@ -870,11 +870,16 @@ def _cmd_bench_gpu(args) -> int:
         num_inference_steps=args.num_inference_steps, t_index_list=list(args.t_index_list), modes=modes,
         vaes=vaes, frames=args.frames, budget_s=args.budget_s, seed=args.seed, parts=parts,
     )
-    result = bench_gpu.run(settings)
+    import signal
+
+    def stop(signum, frame):  # `timeout` or a scheduler ending the slot: keep the figures so far
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    save = (lambda r: bench_gpu.write_json(r, args.json)) if args.json else None  # after every measurement
+    result = bench_gpu.run(settings, on_update=save)
     print(bench_gpu.table(result))
-    if args.json:
-        bench_gpu.write_json(result, args.json)
-    return 1 if result["errors"] else 0
+    return 130 if result["interrupted"] else 1 if result["errors"] else 0
 
 
 COMMANDS = {

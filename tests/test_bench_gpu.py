@@ -122,3 +122,28 @@ def test_spent_budget_stops_a_timed_loop_after_one_frame():
         assert frames["frames"] == 1 and frames["fps"] > 0 and frames["stages_ms"]["unet"] > 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_sigterm_keeps_the_figures_so_far(tmp_path):
+    """A slot that ends (``timeout`` sends SIGTERM) mid-run still leaves a table and the JSON."""
+    import signal
+
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "live2diff_engine", "bench-gpu", "--device", "cpu", "--geometry", "tiny", "--modes", "off",
+         "--frames", "30", "--parts", "pipeline", "--json", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )
+    try:
+        for line in proc.stderr:
+            if "frame pipeline (taesd VAE, off):" in line:  # the first measurement is in
+                break
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stdout and "Traceback" not in stderr
+    r = json.loads(out.read_text())
+    assert r["interrupted"] and r["pipeline"]["taesd"]["off"]["frames"] == 30 and "full" not in r["pipeline"]
