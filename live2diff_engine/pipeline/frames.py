@@ -449,7 +449,10 @@ class FramePipeline:
         """VAE latents (scaled) of ``[N, 3, H, W]`` images in one call. The full VAE samples its
         latent distribution in one draw of ``[N, 4, h, w]`` from the generator; TAESD draws nothing."""
         vae = self.comps.vae
-        out = self.stream.accelerator.wrap(vae.encode, "VAE encoder")(images)
+        # The warmup's batch of 16 stays eager (DESIGN.md: warmup never compiles); streamed frames
+        # (one shape) go through the compiled encoder when the stream step is compiled.
+        encode = vae.encode if self.warming_up else self.stream.accelerator.wrap(vae.encode, "VAE encoder")
+        out = encode(images)
         dist = getattr(out, "latent_dist", None)
         latents = dist.sample(generator=self.generator) if dist is not None else out.latents
         return latents * getattr(vae.config, "scaling_factor", 1.0)
