@@ -146,6 +146,18 @@ class Engine:
         self._last_stats = 0.0
         self._last_print = 0.0
         self._status_shown = False
+        # A change of steps or size compiles the stream step once more (seconds to a minute on a
+        # GPU): the status says "compiling" meanwhile, so a frozen picture is explained.
+        accelerator = getattr(getattr(pipeline, "stream", None), "accelerator", None)
+        if accelerator is not None:
+            accelerator.say = self._compiler_says
+
+    def _compiler_says(self, text: str) -> None:
+        if text.startswith("compiling"):
+            self.stats.state = "compiling"
+            if self.controller is not None:
+                self.controller.changed()
+        print(text, file=sys.stderr, flush=True)
 
     # -- control -----------------------------------------------------------------------------
 

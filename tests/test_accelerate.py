@@ -250,3 +250,25 @@ def test_cuda_graph_stream_matches_eager_on_the_gpu():
     graphed, pipe = run_stream(unet_gpu, "cudagraph", prompt_at=9)
     assert pipe.accelerated == "cudagraph" and pipe._accel.captures == 1
     torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-4)
+
+
+def test_the_engine_status_says_compiling_while_a_steps_change_compiles(comps, capsys):
+    from live2diff_engine.bench import _cycled
+    from live2diff_engine.engine import Engine
+    from live2diff_engine.io.sinks import NullSink
+
+    counter = CompileCounterWithBackend("eager")
+    accelerator_for(comps.unet, "compile", backend=counter)
+    fp = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
+    frames = clip(24, seed=3)
+    states = []
+    engine = Engine(fp, _cycled(frames, 24), [NullSink()], output_size=(64, 64), status=False,
+                    on_output=lambda *a: states.append(engine.stats.state))
+    say = fp.stream.accelerator.say
+    fp.stream.accelerator.say = lambda text: (say(text), states.append(engine.stats.state))
+    fp.set_schedule(50, t_index_list=[20, 32, 45])  # three steps: applied at the next frame, compiled once more
+    engine.run(install_signals=False)
+    assert counter.frame_count >= 2
+    assert "compiling" in states  # the status said so while the compiler ran
+    assert states[-1] == "streaming"
+    assert "compiling the stream step for 3 steps" in capsys.readouterr().err
