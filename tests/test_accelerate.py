@@ -237,6 +237,10 @@ def test_check_reference_tolerance_options(tmp_path):
     assert loose.returncode == 0 and "rtol 0.5, atol 0.5" in loose.stdout.strip().splitlines()[-1]
     strict = run_cli("check-reference", FIXTURE_A, "--rtol", "0", "--atol", "1e-12", "--accelerate", "off")
     assert strict.returncode == 1 and "mismatch" in strict.stdout
+    half = run_cli("check-reference", FIXTURE_A, "--dtype", "float16", "--accelerate", "off")
+    assert half.returncode == 1 and "judge it with --rtol/--atol" in half.stdout  # float32's tolerance is too tight
+    half = run_cli("check-reference", FIXTURE_A, "--dtype", "float16", "--rtol", "2e-2", "--atol", "2e-2", "--accelerate", "off")
+    assert half.returncode == 0, half.stdout[-1500:]  # the looser, stated tolerance for half precision
     bad = run_cli("check-reference", FIXTURE_A, "--rtol", "-1")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--rtol" in bad.stderr
     cuda = run_cli("check-reference", FIXTURE_A, "--accelerate", "cudagraph")
@@ -272,3 +276,15 @@ def test_the_engine_status_says_compiling_while_a_steps_change_compiles(comps, c
     assert "compiling" in states  # the status said so while the compiler ran
     assert states[-1] == "streaming"
     assert "compiling the stream step for 3 steps" in capsys.readouterr().err
+
+
+def test_the_cpu_stream_attention_computes_what_sdpa_computes():
+    from live2diff_engine.models.motion import stream_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 64, n, 8, generator=g) for n in (1, 16, 16))
+    bias = torch.zeros(3, 1, 1, 16)
+    bias[0, ..., 9:] = float("-inf")  # closed slots, as the bookkeeping marks them
+    bias[1, ..., 12:] = float("-inf")
+    torch.testing.assert_close(stream_attention(q, k, v, bias, sdpa=False), stream_attention(q, k, v, bias, sdpa=True),
+                               rtol=1e-5, atol=1e-6)
