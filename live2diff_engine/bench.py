@@ -96,6 +96,17 @@ def _restore(pipe: StreamPipeline, snap) -> None:
     pipe.calls = calls
 
 
+def _timed_steps(pipe: StreamPipeline, latents: torch.Tensor, n: int, first: int) -> list[float]:
+    """ms of each of ``n`` stream calls fed from the cycling ``latents`` starting at frame ``first``."""
+    timer = _Timer(pipe.device, n)
+    timer.mark(0)
+    for i in range(n):
+        k = first + i
+        pipe.step(latents[k % 16], latents[(k + 3) % 16])
+        timer.mark(i + 1)
+    return timer.durations_ms()
+
+
 def bench_stream(pipe: StreamPipeline, warmup_latents, warmup_depth, frame_counts=(32, 512), progress=None, segments: int = 8) -> dict[str, dict[str, float]]:
     """Median and mean ms per frame for streams of each length, measured interleaved in time.
 
@@ -113,13 +124,7 @@ def bench_stream(pipe: StreamPipeline, warmup_latents, warmup_depth, frame_count
     durations: dict[int, list[float]] = {c: [] for c in counts}
 
     def run(n: int, first: int, label: int) -> None:
-        timer = _Timer(device, n)
-        timer.mark(0)
-        for i in range(n):
-            k = first + i
-            pipe.step(latents[k % 16], latents[(k + 3) % 16])
-            timer.mark(i + 1)
-        durations[label] += timer.durations_ms()
+        durations[label] += _timed_steps(pipe, latents, n, first)
 
     def settle() -> None:  # allocator and kernels; not timed
         for i in range(4):
@@ -179,13 +184,7 @@ def bench_modes(make_pipe, warmup_latents, warmup_depth, modes: list[str], frame
         part = (frames - done) // (segments - seg)
         for m, pipe in pipes.items():
             _restore(pipe, states[m])
-            timer = _Timer(device, part)
-            timer.mark(0)
-            for i in range(part):
-                k = done + i
-                pipe.step(latents[k % 16], latents[(k + 3) % 16])
-                timer.mark(i + 1)
-            durations[m] += timer.durations_ms()
+            durations[m] += _timed_steps(pipe, latents, part, done)
             states[m] = _snapshot(pipe)
         done += part
         if progress is not None:
