@@ -7,6 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+# One torch thread in the tests and in every process they start: on a busy 2-core machine torch's
+# default two OpenMP threads wait seconds at each barrier for a core another process holds (the
+# oversubscription in BENCHMARKS.md), and the tiny models gain nothing from a second thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 FIXTURE_A = GOLDEN / "live2diff_tiny_a"  # the shared golden fixture (its .ckpt copy is rebuilt by tests)
