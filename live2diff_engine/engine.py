@@ -394,7 +394,8 @@ class Engine:
             self.stats.errors += 1
             self.stats.last_error = f"frame {index}: {type(exc).__name__}: {exc}"
             log.warning("frame %d failed (%s: %s); passing it through", index, type(exc).__name__, exc)
-            lost = self.pipeline.abandon_in_flight()
+            # The failed frame itself is shown (passed through below): not dropped.
+            lost = [i for i in self.pipeline.abandon_in_flight() if i != index]
             for i in lost:
                 self._capture_times.pop(i, None)
             self.stats.dropped += len(lost)
