@@ -314,6 +314,7 @@ def run(s: Settings, on_update=None) -> dict:
         "interrupted": False,
     }
     modes = list(s.modes)
+    update(result)
     say(f"{result['card']}; torch {torch.__version__}; {result['dtype']}; {s.geometry} geometry at {s.width}x{s.height}; "
         f"modes {', '.join(modes) or 'none'}; budget {s.budget_s:.0f} s")
     try:

@@ -876,8 +876,13 @@ def _cmd_bench_gpu(args) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
-    save = (lambda r: bench_gpu.write_json(r, args.json)) if args.json else None  # after every measurement
-    result = bench_gpu.run(settings, on_update=save)
+    def save(r):  # at the start (a path that cannot be written fails at once) and after every measurement
+        try:
+            bench_gpu.write_json(r, args.json)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {args.json}: {exc.strerror or exc}") from None
+
+    result = bench_gpu.run(settings, on_update=save if args.json else None)
     print(bench_gpu.table(result))
     return 130 if result["interrupted"] else 1 if result["errors"] else 0
 

@@ -104,6 +104,10 @@ def test_bench_gpu_budget_and_errors(tmp_path):
     assert bad.returncode == 2 and "cudagraph needs a CUDA device" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
+    (tmp_path / "a_file").write_text("")
+    unwritable = _bench(tmp_path, "--device", "cpu", "--geometry", "tiny", "--json", tmp_path / "a_file" / "bench.json")
+    assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr and "Traceback" not in unwritable.stderr
+
 
 def test_spent_budget_stops_a_timed_loop_after_one_frame():
     import torch
