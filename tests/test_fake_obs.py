@@ -412,7 +412,7 @@ def test_restart_on_same_port(fake, quiet_obsws):
 
     t0 = time.monotonic()
     fake.stop()
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 30  # it returns (a busy machine may be slow; a hang is not)
     events.worker.join(timeout=3)
     assert not events.worker.is_alive()  # the close frame ends obsws-python's event thread
     assert fake.closes == [(1001, "Server stopping."), (1001, "Server stopping.")]
