@@ -1,14 +1,34 @@
 """Errors a user can act on.
 
 Anything raised as a :class:`UserError` reaches the terminal as one line (what is wrong and how to
-fix it) and a non-zero exit status, never as a traceback.
+fix it) and a non-zero exit status, never as a traceback. Its text goes through :func:`one_line`
+here, the one place an error becomes a line: whatever a file name, a file or a library put in it,
+no terminal escape sequence or control character reaches the terminal, a log or an API reply.
 """
+
+import re
+
+# CSI (ESC [ ... final), OSC (ESC ] ... BEL or ESC \), other two-byte escapes, and 8-bit CSI.
+_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -/]*[0-~])?|\x9b[0-?]*[ -/]*[@-~]")
+_BREAKS = re.compile("\\s*[\r\n\t\v\f\x85\u2028\u2029]+\\s*")
+# C0 and C1 controls, DEL, zero-width and bidirectional formatting characters.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def one_line(text: object) -> str:
+    """Text fit for an error line: escape sequences and control characters removed, line breaks
+    and tabs folded into one space."""
+    text = _ESCAPES.sub("", str(text))
+    return _CONTROLS.sub("", _BREAKS.sub(" ", text)).strip()
 
 
 class UserError(Exception):
     """A problem with the user's input, files or settings; the message says how to fix it."""
 
     exit_code = 2
+
+    def __init__(self, message: object = "", *args) -> None:
+        super().__init__(one_line(message), *args)
 
 
 class ModelLoadError(UserError):

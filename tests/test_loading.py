@@ -2,12 +2,13 @@
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FIXTURE_A, GOLDEN
+from conftest import FIXTURE_A, GOLDEN, run_cli
 from live2diff_engine.errors import ModelLoadError
 from live2diff_engine.models import MotionConfig, build_streaming_unet, load_streaming_unet, read_motion_state_dict
 
@@ -76,13 +77,73 @@ class _Evil:
         return (print, ("this must never run",))
 
 
-def test_a_pickle_that_runs_code_is_refused(tmp_path, capsys):
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_pickle_that_runs_code_is_refused(tmp_path, capsys, writer):
+    """Refused for what it is (Python objects besides tensors, which could run code), with what to
+    get instead; never torch's advice on loading it anyway (which carries terminal escapes when
+    the file was written by torch.save), never "damaged"."""
     path = tmp_path / "live2diff.ckpt"
-    with open(path, "wb") as f:
-        pickle.dump({"state_dict": {"x": _Evil()}}, f)
-    with pytest.raises(ModelLoadError, match="cannot read checkpoint"):
+    if writer == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"state_dict": {"x": _Evil()}}, f)
+    else:
+        torch.save({"state_dict": {"x": _Evil()}}, path)
+    with pytest.raises(ModelLoadError) as info:
         read_motion_state_dict(path)
+    name = "builtins.print" if writer == "pickle" else "__builtin__.print"  # protocol 4 / protocol 2 names
+    assert str(info.value) == (
+        f"refused checkpoint {path}: the file holds Python objects besides tensors ({name}), "
+        "and loading it could run code; get a .safetensors version of it"
+    )
+    assert not CONTROL_CHARS.search(str(info.value))
     assert "this must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_pickle_that_runs_code_is_one_clean_line_on_the_command_line(tmp_path, writer):
+    import shutil
+
+    fixture = tmp_path / "fixture"
+    shutil.copytree(FIXTURE_A, fixture)
+    (fixture / "live2diff_motion.safetensors").unlink()
+    if writer == "pickle":
+        with open(fixture / "live2diff_motion.ckpt", "wb") as f:
+            pickle.dump({"state_dict": {"x": _Evil()}}, f)
+    else:
+        torch.save({"state_dict": {"x": _Evil()}}, fixture / "live2diff_motion.ckpt")
+    name = "builtins.print" if writer == "pickle" else "__builtin__.print"
+    result = run_cli("check-reference", fixture)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "this must never run" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"live2diff-engine: error: refused checkpoint {fixture / 'live2diff_motion.ckpt'}: the file holds Python objects "
+        f"besides tensors ({name}), and loading it could run code; get a .safetensors version of it"
+    ], result.stderr
+    assert not CONTROL_CHARS.search(result.stderr.rstrip("\n"))
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage" * 10, b"", b"{\"not\": \"a checkpoint\"}"])
+def test_a_damaged_pickle_is_called_damaged_without_torchs_advice(tmp_path, content):
+    path = tmp_path / "live2diff.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError) as info:
+        read_motion_state_dict(path)
+    line = str(info.value)
+    assert line.startswith(f"cannot read checkpoint {path}: ") and line.endswith("the file is damaged or not a checkpoint, download it again")
+    assert "weights_only" not in line and not CONTROL_CHARS.search(line)
+
+
+def test_error_lines_carry_no_escape_codes_or_control_characters():
+    from live2diff_engine.errors import UserError, one_line
+
+    text = "a \x1b[1mbold\x1b[0m word\n\t(1) next\x07 \x1b]0;title\x07x \u202eevil\u202c \x9b31mred\x00\r\n"
+    assert one_line(text) == "a bold word (1) next x evil red"
+    assert str(UserError(text)) == "a bold word (1) next x evil red"
+    assert str(ModelLoadError(f"cannot read {text}")) == "cannot read a bold word (1) next x evil red"
 
 
 def test_missing_files_are_clear(tmp_path):
