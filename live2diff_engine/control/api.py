@@ -32,7 +32,13 @@ import numpy as np
 from ..errors import ConfigError, UserError
 from ..io.sinks import Sink
 from .controller import Pacer
-from .schema import APP, MAX_MESSAGE_BYTES, VERSION, reply_message, status_message
+from .schema import APP, TOO_LARGE, VERSION, reply_message, status_message
+
+# What the HTTP and WebSocket transports read in one message before the command schema judges it:
+# a message over MAX_MESSAGE_BYTES gets the schema's one-line refusal and the connection stays;
+# only a message beyond this (a runaway client, not a command) closes the socket, as obs-websocket
+# does beyond its own limit.
+MAX_TRANSPORT_BYTES = 16 * 1024 * 1024
 
 log = logging.getLogger("live2diff.api")
 
@@ -248,7 +254,7 @@ class ApiServer:
     async def _serve(self) -> None:
         from aiohttp import web
 
-        app = web.Application(middlewares=[self._middleware()], client_max_size=4 * MAX_MESSAGE_BYTES)
+        app = web.Application(middlewares=[self._middleware()], client_max_size=MAX_TRANSPORT_BYTES)
         app.router.add_get("/", self._root)
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/api/styles", self._styles)
@@ -376,7 +382,7 @@ class ApiServer:
         try:
             raw = await request.read()
         except Exception:
-            return web.json_response(reply_message(None, False, "request body too large"), status=413)
+            return web.json_response(reply_message(None, False, TOO_LARGE), status=413)
         fut = asyncio.get_running_loop().create_future()
 
         def deliver(msg):
@@ -392,7 +398,7 @@ class ApiServer:
             msg = await asyncio.wait_for(fut, 120)
         except asyncio.TimeoutError:
             return web.json_response(reply_message(None, False, "the engine did not answer within 120 s"), status=504)
-        status = 200 if msg.get("ok") else (503 if self.controller is None else 400)
+        status = 200 if msg.get("ok") else (503 if self.controller is None else 413 if msg.get("error") == TOO_LARGE else 400)
         return web.json_response(msg, status=status)
 
     async def _ws(self, request):
@@ -400,7 +406,7 @@ class ApiServer:
 
         if not self._origin_ok(request):
             return web.json_response({"ok": False, "error": "WebSocket from another site refused"}, status=403)
-        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=64 * 1024)
+        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=MAX_TRANSPORT_BYTES)
         await ws.prepare(request)
         self._sockets.add(ws)
         outbox: asyncio.Queue = asyncio.Queue(maxsize=4096)

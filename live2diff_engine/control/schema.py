@@ -22,9 +22,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
+from ..errors import one_line
+
 APP = "live2diff"
 VERSION = 1
 MAX_MESSAGE_BYTES = 8192
+# The one line every control path (HTTP, the API's WebSocket, OBS CustomEvents) answers a message
+# over the limit with; the connection stays open.
+TOO_LARGE = f"message too large (at most {MAX_MESSAGE_BYTES} bytes)"
 MAX_PROMPT_CHARS = 1000
 MAX_NAME_CHARS = 128
 MAX_ID_CHARS = 64
@@ -145,15 +150,15 @@ def decode(raw: str | bytes | bytearray | dict) -> dict:
         return raw
     if isinstance(raw, (bytes, bytearray)):
         if len(raw) > MAX_MESSAGE_BYTES:
-            raise CommandError(f"message too large ({len(raw)} bytes, at most {MAX_MESSAGE_BYTES})")
+            raise CommandError(TOO_LARGE)
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise CommandError("message is not UTF-8 text") from None
     if not isinstance(raw, str):
         raise CommandError("message must be a JSON object")
-    if len(raw.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
-        raise CommandError(f"message too large (at most {MAX_MESSAGE_BYTES} bytes)")
+    if len(raw) > MAX_MESSAGE_BYTES or len(raw.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
+        raise CommandError(TOO_LARGE)
     try:
         obj = json.loads(raw)
     except (ValueError, RecursionError):
@@ -167,7 +172,7 @@ def parse_command(raw: str | bytes | bytearray | dict, styles: Collection[str] |
     """A validated Command, or CommandError saying what is wrong. ``styles``: the known names."""
     msg = decode(raw)
     if isinstance(raw, dict) and len(json.dumps(raw, default=str)) > MAX_MESSAGE_BYTES:
-        raise CommandError(f"message too large (at most {MAX_MESSAGE_BYTES} bytes)")
+        raise CommandError(TOO_LARGE)
     if msg.get("app") != APP:
         raise CommandError(f'not a {APP} message (expected "app": "{APP}")')
     v = msg.get("v")
@@ -198,7 +203,7 @@ def parse_command(raw: str | bytes | bytearray | dict, styles: Collection[str] |
 def reply_message(id: str | int | None, ok: bool, error: str | None = None, **extra) -> dict:
     msg = {"app": APP, "v": VERSION, "kind": "reply", "id": id, "ok": ok}
     if error is not None:
-        msg["error"] = error
+        msg["error"] = one_line(error)  # a library's words may carry line breaks or escape codes
     msg.update(extra)
     return msg
 
