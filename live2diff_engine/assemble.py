@@ -10,7 +10,7 @@ import argparse
 import sys
 from dataclasses import replace
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelLoadError
 
 # t_index_list per number of denoising steps for --steps (the Live2Diff configs' choices).
 STEPS_TO_T_INDEX = {1: [45], 2: [32, 45], 3: [30, 36, 42], 4: [25, 31, 37, 43]}
@@ -155,7 +155,16 @@ def build_frame_pipeline(args, say=None):
     manager = StyleManager(comps, styles)
     if style.dreambooth or style.loras or comps.lcm_lora is not None:
         say(f"applying style {style.name}")
-        manager.apply(style, frames)
+        try:
+            manager.apply(style, frames)
+        except ModelLoadError as exc:
+            if not getattr(args, "style_from_saved", False):
+                raise
+            # The style the last run left does not load here (another model, a damaged file): the
+            # engine starts with the default style rather than not at all.
+            say(f"warning: the saved style {style.name!r} does not load ({exc}); starting with the default style")
+            style = styles["default"]
+            manager.apply(style, frames)
     else:
         manager.current = style
     return comps, frames, manager, style

@@ -127,12 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--stats", metavar="FILE", default=None, help="write live figures as JSON every few seconds and on exit")
     add_model_args(run)
     _add_control_args(run)
+    run.add_argument("--fresh", action="store_true",
+                     help="start from the defaults, not from the settings the last run left (prompt, style, strength ...)")
 
     ctl = sub.add_parser(
         "ctl",
         help="control a running engine: prompt, style, strength, pause, status ...",
         description="Talk to a running engine through its local API. Actions: status, styles, prompt TEXT, "
-        "negative TEXT, guidance X (1-20), style NAME, strength X (0-1], steps N (1-4), seed N, pause, resume, reset, add-to-scene [SCENE].",
+        "negative TEXT, guidance X (1-20), style NAME, strength X (0-1], steps N (1-4), seed N, pause, resume, reset, add-to-scene [SCENE], "
+        "download STYLE (fetch a style's weights in the engine; needs a civitai token there for civitai styles).",
     )
     ctl.add_argument("action", choices=sorted(CTL_ACTIONS), metavar="ACTION", help=", ".join(sorted(CTL_ACTIONS)))
     ctl.add_argument("value", nargs="?", default=None, help="the new value, where the action takes one")
@@ -206,6 +209,7 @@ CTL_ACTIONS = {
     "resume": ("resume", None, None),
     "reset": ("reset", None, None),
     "add-to-scene": ("add_to_scene", "scene", str),
+    "download": ("download_style", "style", str),
 }
 
 
@@ -431,7 +435,9 @@ def _cmd_models(args) -> int:
             print(f"{name}: {path}")
         if args.style:
             styles = load_styles(args.styles)
-            token = args.token or os.environ.get("CIVITAI_TOKEN")
+            from .config import civitai_token, load_config
+
+            token = args.token or civitai_token(load_config())
             for name in args.style:
                 if name not in styles:
                     raise ConfigError(f"unknown style {name!r}; known styles: {', '.join(sorted(styles))}")
@@ -513,13 +519,18 @@ def _cmd_styles(args) -> int:
     if args.action == "path":
         print(user_styles_file())
         return 0
+    from .styles import fetch_hint
+
     for style in load_styles(args.styles).values():
+        hint = fetch_hint(style)
         extras = []
         if style.dreambooth:
             extras.append(f"dreambooth {style.dreambooth}")
         extras += [f"lora {l.file}@{l.scale:g}" for l in style.loras]
         steps = f"t_index_list {list(style.t_index_list)}" if style.t_index_list else f"strength {style.strength}" if style.strength else "t_index_list [32, 45]"
         print(f"{style.name:12} {style.description}  [{'; '.join(extras + [steps, f'clip_skip {style.clip_skip}'])}]")
+        if hint is not None:
+            print(f"{'':12} missing: {'get it with `' + hint + '`' if hint.startswith('live2diff-engine') else hint}")
     return 0
 
 
@@ -575,10 +586,14 @@ def _cmd_run(args) -> int:
         control = _start_control(args, size)
         if control.api is not None:
             sinks.append(control.api.stream)
+        from .saved_settings import restore_into_args, start_saving
+
+        saved_seed = restore_into_args(args, lambda line: print(line, file=sys.stderr, flush=True))
         with CardPublisher(sinks, size, "Live2Diff is starting", "loading models ..."):
             comps, frames, manager, style = build_frame_pipeline(args)
         print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}", file=sys.stderr, flush=True)
         controller = control.attach(frames, manager, comps.label)
+        start_saving(controller, saved_seed)
         engine = Engine(frames, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps,
                         controller=controller)
         return engine.run()
@@ -607,6 +622,9 @@ class _Control:
 
         c = Controller(frames, manager, label=label)
         c.api_token = self.api.token if self.api is not None else None
+        from .config import civitai_token, load_config
+
+        c.civitai_token = civitai_token(load_config(self.args.config))
         if self.api is not None:
             self.api.set_controller(c)
         obs = self.settings["obs"]
@@ -746,8 +764,10 @@ def _cmd_ctl(args) -> int:
         return 0
     status = reply.get("status") or {}
     if args.action == "styles":
+        missing = status.get("styles_missing") or {}
         for name in status.get("styles", []):
-            print(("* " if name == status.get("style") else "  ") + name)
+            line = ("* " if name == status.get("style") else "  ") + name
+            print(f"{line:24} missing: {missing[name]}" if name in missing else line)
     elif args.action == "status":
         lat = status.get("latency_ms")
         print(f"state: {status.get('state')}  fps: {status.get('fps')}  latency: {lat if lat is not None else '-'} ms  "
@@ -757,12 +777,20 @@ def _cmd_ctl(args) -> int:
         if status.get("negative_prompt") or status.get("guidance", 1) > 1:
             print(f"negative prompt: {status.get('negative_prompt')!r}  guidance: {status.get('guidance')}")
         print(f"OBS: {status.get('obs')}  model: {status.get('model')}  {status.get('size')}")
+        dl = status.get("download")
+        if isinstance(dl, dict):
+            got = f"{dl.get('bytes', 0) / 1e6:.1f}" + (f" of {dl['total'] / 1e6:.1f}" if dl.get("total") else "") + " MB"
+            what = {"downloading": f"{got}, file {dl.get('file_index', 0) + 1} of {dl.get('files')}", "done": "done",
+                    "failed": f"failed: {dl.get('error')}"}.get(dl.get("state"), dl.get("state"))
+            print(f"download of style {dl.get('style')}: {what}")
+    elif args.action == "download":
+        print(f"downloading style {args.value}; `live2diff-engine ctl status` shows the progress")
     else:
         print("ok")
     return 0
 
 
-_CTL_EXAMPLES = {"prompt": "'a watercolor portrait'", "negative": "'blurry'", "guidance": "1.5", "style": "toonyou", "strength": "0.5",
+_CTL_EXAMPLES = {"download": "toonyou", "prompt": "'a watercolor portrait'", "negative": "'blurry'", "guidance": "1.5", "style": "toonyou", "strength": "0.5",
                  "steps": "2", "seed": "7"}
 
 
@@ -923,6 +951,7 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)  # which options were typed (saved settings)
     if not args.command:
         parser.print_help()
         return 2

@@ -13,8 +13,11 @@ password need not be typed on a command line.
     port = 8765
     token = "..."           # required when host is not loopback
 
+    [civitai]
+    token = "..."           # lets `models download --style` and the dock fetch civitai styles
+
 Options on the command line win, then the environment (OBS_WEBSOCKET_PASSWORD,
-LIVE2DIFF_API_TOKEN), then this file.
+LIVE2DIFF_API_TOKEN, CIVITAI_TOKEN), then this file.
 """
 
 from __future__ import annotations
@@ -36,7 +39,16 @@ def home() -> Path:
 SCHEMA = {
     "obs": {"enabled": bool, "host": str, "port": int, "password": str, "lipsync_input": str, "lipsync_extra_ms": int, "source": str},
     "api": {"host": str, "port": int, "token": str, "enabled": bool},
+    "civitai": {"token": str},
 }
+
+
+def civitai_token(config: dict | None = None) -> str | None:
+    """The civitai API token: CIVITAI_TOKEN, else the config file's [civitai] token (None: none)."""
+    if os.environ.get("CIVITAI_TOKEN", "").strip():
+        return os.environ["CIVITAI_TOKEN"].strip()
+    token = ((config if config is not None else {}).get("civitai") or {}).get("token", "")
+    return token.strip() or None
 
 
 def config_file() -> Path:

@@ -8,6 +8,7 @@ stream goes on), re-warming only when the number of denoising steps changes.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import home
+from .config import config_file, home
 from .errors import ConfigError, ModelLoadError
 from .models.loading import read_weight_file
 
@@ -164,22 +165,65 @@ def style_files(style: Style) -> list[tuple[Path, str | None]]:
     return out
 
 
-def download_style(style: Style, token: str | None, progress=True) -> list[Path]:
-    """Fetch a style's files that are not here yet (resumable; the token never appears in output)."""
+CIVITAI = "https://civitai.com"
+# Where civitai's URLs are fetched from instead (a mirror, or a local server in tests). Read from the
+# environment only: no command arriving over a socket can name a URL or a file.
+CIVITAI_URL_ENV = "LIVE2DIFF_CIVITAI_URL"
+
+
+def missing_files(style: Style) -> list[tuple[Path, str | None]]:
+    """The style's files that are not here yet, with their download URLs."""
+    return [(path, url) for path, url in style_files(style) if not path.is_file()]
+
+
+def needs_civitai_token(style: Style) -> bool:
+    return any(url and "civitai.com" in url for _, url in missing_files(style))
+
+
+def fetch_hint(style: Style) -> str | None:
+    """None when every file of the style is here; else what fetches them: the exact command, or,
+    for a file the style gives no URL for, where to put it."""
+    missing = missing_files(style)
+    if not missing:
+        return None
+    for path, url in missing:
+        if not url:
+            return f"put {path.name} at {path}"
+    return f"live2diff-engine models download --style {shlex.quote(style.name)}"
+
+
+def _source_url(url: str) -> str:
+    base = os.environ.get(CIVITAI_URL_ENV, "").strip().rstrip("/")
+    if base and (url == CIVITAI or url.startswith(CIVITAI + "/")):
+        return base + url[len(CIVITAI):]
+    return url
+
+
+def download_style(style: Style, token: str | None, progress=True, on_progress=None) -> list[Path]:
+    """Fetch a style's files that are not here yet (resumable; the token never appears in output).
+    ``on_progress(file_index, files, name, done_bytes, total_bytes_or_None)`` follows each file."""
     from .models.download import download_url
 
-    paths = []
-    for path, url in style_files(style):
-        if path.is_file():
-            paths.append(path)
-            continue
+    missing = missing_files(style)
+    for path, url in missing:  # every refusal before the first byte
         if not url:
             raise ModelLoadError(f"{path.name} for style {style.name!r} is missing and the style gives no url; put the file at {path}")
         if "civitai.com" in url and not token:
             raise ConfigError(
-                f"style {style.name!r} downloads from civitai, which needs an API token: pass --token or set CIVITAI_TOKEN"
+                f"style {style.name!r} downloads from civitai, which needs an API token: pass --token, set CIVITAI_TOKEN "
+                f"or put [civitai] token = \"...\" in {config_file()}"
             )
-        paths.append(download_url(url, path, token=token, progress=progress))
+    paths = []
+    done = 0
+    for path, url in style_files(style):
+        if path.is_file():
+            paths.append(path)
+            continue
+        report = None
+        if on_progress is not None:
+            report = (lambda i, n, name: lambda got, total: on_progress(i, n, name, got, total))(done, len(missing), path.name)
+        paths.append(download_url(_source_url(url), path, token=token, progress=progress, on_progress=report))
+        done += 1
     return paths
 
 

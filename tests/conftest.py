@@ -1,7 +1,9 @@
+import atexit
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,17 @@ import torch
 # oversubscription in BENCHMARKS.md), and the tiny models gain nothing from a second thread.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# The engine's own folder (LIVE2DIFF_HOME: config, styles file, downloaded styles, the settings a
+# run leaves for the next): never the user's real one, and empty for each test (below), so that
+# what one test's engine saved never becomes the next test's starting point.
+os.environ["LIVE2DIFF_HOME"] = tempfile.mkdtemp(prefix="l2d-tests-home-")
+atexit.register(shutil.rmtree, os.environ["LIVE2DIFF_HOME"], True)
+
+
+@pytest.fixture(autouse=True)
+def _own_live2diff_home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LIVE2DIFF_HOME", str(tmp_path_factory.mktemp("l2d_home")))
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"

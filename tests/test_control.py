@@ -74,6 +74,7 @@ def test_every_command_parses_with_good_arguments():
         "set_seed": {"seed": 42},
         "set_guidance": {"guidance": 1.5},
         "add_to_scene": {"scene": "Scene"},
+        "download_style": {"style": "toonyou"},
     }
     for cmd in COMMANDS:
         msg = command_message(cmd, id="x1", **good.get(cmd, {}))
@@ -96,6 +97,10 @@ def test_every_command_parses_with_good_arguments():
     ({"app": "live2diff", "v": 1, "cmd": "set_prompt", "prompt": "x", "file": "/etc/passwd"}, "does not take 'file'"),
     ({"app": "live2diff", "v": 1, "cmd": "set_style", "style": "../../etc/passwd"}, "unknown style"),
     ({"app": "live2diff", "v": 1, "cmd": "set_style", "style": "/home/u/model.safetensors"}, "unknown style"),
+    ({"app": "live2diff", "v": 1, "cmd": "download_style", "style": "../../etc/passwd"}, "unknown style"),
+    ({"app": "live2diff", "v": 1, "cmd": "download_style", "style": "toonyou", "url": "http://evil.example/x"},
+     "does not take 'url'"),
+    ({"app": "live2diff", "v": 1, "cmd": "download_style", "style": "toonyou", "path": "/tmp/x"}, "does not take 'path'"),
     ({"app": "live2diff", "v": 1, "cmd": "set_strength", "strength": float("nan")}, "must be a number"),
     ({"app": "live2diff", "v": 1, "cmd": "set_strength", "strength": 0}, "above 0"),
     ({"app": "live2diff", "v": 1, "cmd": "set_strength", "strength": "0.5"}, "must be a number"),

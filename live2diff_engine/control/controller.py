@@ -79,6 +79,11 @@ class Controller:
         self.api_url: str | None = None
         self.api_token: str | None = None  # for the stream URL given to OBS, where the API has one
         self.paused = False
+        self.civitai_token: str | None = None  # lets the dock start style downloads from civitai
+        self.settings_file = None  # where the live settings are saved after each change (saved_settings)
+        self._saved: dict | None = None
+        self._download: dict | None = None  # the style download in progress (or the last one)
+        self._download_thread: threading.Thread | None = None
         self.accepted = 0
         self.refused = 0
         self.applied = 0
@@ -111,6 +116,9 @@ class Controller:
         self.accepted += 1
         if cmd.cmd == "status":
             reply(reply_message(cmd.id, True, status=self.status()))
+        elif cmd.cmd == "download_style":
+            error = self.start_download(cmd.args["style"])
+            reply(reply_message(cmd.id, error is None, error, status=self.status()))
         elif cmd.cmd == "add_to_scene":
             if self.obs is None:
                 reply(reply_message(cmd.id, False, "not connected to OBS: start the engine with --obs (and OBS's WebSocket server on)"))
@@ -156,7 +164,101 @@ class Controller:
             reply(reply_message(cmd.id, True))
         if changed:
             self.changed()
+            self.save_settings()
         return changed
+
+    # -- saved settings ------------------------------------------------------------------------
+
+    def save_settings(self) -> None:
+        """Write the live settings to ``settings_file`` when they differ from the last written."""
+        if self.settings_file is None:
+            return
+        from ..saved_settings import save, snapshot
+
+        data = snapshot(self)
+        if data == self._saved:
+            return
+        try:
+            save(data, self.settings_file)
+        except OSError as exc:
+            if self._saved is not None or not getattr(self, "_save_warned", False):
+                log.warning("cannot save the settings to %s (%s); they will not survive a restart", self.settings_file,
+                            exc.strerror or exc)
+            self._save_warned = True
+            self._saved = None
+            return
+        self._saved = data
+
+    # -- style availability and downloads -------------------------------------------------------
+
+    def style_availability(self) -> tuple[dict[str, str], list[str]]:
+        """({style name: what fetches it} for every style whose files are not all here, the names
+        of those this engine can download itself: every file has a URL, and a civitai token is
+        configured where one is needed)."""
+        from ..styles import fetch_hint, missing_files, needs_civitai_token
+
+        missing, downloadable = {}, []
+        for name in sorted(self.manager.styles):
+            style = self.manager.styles[name]
+            hint = fetch_hint(style)
+            if hint is None:
+                continue
+            missing[name] = hint
+            if all(url for _, url in missing_files(style)) and (self.civitai_token or not needs_civitai_token(style)):
+                downloadable.append(name)
+        return missing, downloadable
+
+    def start_download(self, name: str) -> str | None:
+        """Start fetching a style's files in the background; None, or why not (one line)."""
+        from ..config import config_file
+        from ..styles import missing_files, needs_civitai_token
+
+        style = self.manager.get(name)
+        missing = missing_files(style)
+        if not missing:
+            return f"style {name!r} is already downloaded"
+        no_url = next((path for path, url in missing if not url), None)
+        if no_url is not None:
+            return f"style {name!r} gives no download URL for {no_url.name}; put the file at {no_url}"
+        if needs_civitai_token(style) and not self.civitai_token:
+            return (f"style {name!r} downloads from civitai, which needs an API token: set CIVITAI_TOKEN or put "
+                    f'[civitai] token = "..." in {config_file()}, then restart the engine')
+        with self._lock:
+            running = self._download_thread is not None and self._download_thread.is_alive()
+            if running:
+                return f"a download is already running (style {self._download['style']!r}); wait for it to finish"
+            self._download = {"style": name, "state": "downloading", "file": missing[0][0].name, "file_index": 0,
+                              "files": len(missing), "bytes": 0, "total": None, "error": None}
+            self._download_thread = threading.Thread(target=self._run_download, args=(style,), name="style-download",
+                                                     daemon=True)
+            self._download_thread.start()
+        self.changed()
+        return None
+
+    def _run_download(self, style) -> None:
+        from ..errors import UserError, one_line
+        from ..styles import download_style
+
+        last = [0.0]
+
+        def progress(index, files, name, done, total):
+            self._download = dict(self._download, file=name, file_index=index, files=files, bytes=done, total=total)
+            now = time.monotonic()
+            if now - last[0] >= 0.5:
+                last[0] = now
+                self.changed()
+
+        try:
+            download_style(style, self.civitai_token, progress=False, on_progress=progress)
+        except UserError as exc:
+            self._download = dict(self._download, state="failed", error=str(exc))
+        except Exception as exc:  # a download must never take the engine down
+            self._download = dict(self._download, state="failed", error=one_line(f"{type(exc).__name__}: {exc}")[:300])
+        else:
+            self._download = dict(self._download, state="done", file_index=self._download["files"])
+        if self._download["state"] == "failed":
+            log.warning("download of style %s failed: %s", style.name, self._download["error"])
+        self.changed()
 
     def _apply(self, cmd: Command) -> None:
         frames, a = self.frames, cmd.args
@@ -216,6 +318,7 @@ class Controller:
         state = "paused" if self.paused else (stats.state if stats is not None else "starting")
         current = self.manager.current
         sched = self.schedule()
+        missing, downloadable = self.style_availability()
         return {
             "state": state,
             "paused": self.paused,
@@ -224,6 +327,9 @@ class Controller:
             "guidance": self.frames.guidance_scale,
             "style": current.name if current is not None else None,
             "styles": self.style_names,
+            "styles_missing": missing,
+            "styles_downloadable": downloadable,
+            "download": dict(self._download) if self._download is not None else None,
             "strength": sched["strength"],
             "steps": sched["steps"],
             "seed": self.frames.seed,

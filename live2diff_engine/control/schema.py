@@ -111,6 +111,9 @@ COMMANDS: dict[str, dict[str, tuple[bool, Any]]] = {
     "status": {},
     # Asks the engine's OBS connection to add its output to a scene (the current one by default).
     "add_to_scene": {"scene": (False, lambda v, c: _text(v, "scene", 256, allow_empty=False))},
+    # Starts a background download of a style's files (by the style's name only: where they come
+    # from and where they go is the styles file's business); progress is in the status.
+    "download_style": {"style": (True, _style)},
 }
 ENVELOPE = {"app", "v", "kind", "cmd", "id"}
 

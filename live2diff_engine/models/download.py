@@ -26,7 +26,9 @@ def _with_token(url: str, token: str | None) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
-def download_url(url: str, dest: Path, token: str | None = None, progress: bool = True, timeout: float = 30.0) -> Path:
+def download_url(url: str, dest: Path, token: str | None = None, progress: bool = True, timeout: float = 30.0,
+                 on_progress=None) -> Path:
+    """``on_progress(done_bytes, total_bytes_or_None)``, when given, is called as the file grows."""
     from tqdm.auto import tqdm
 
     dest = Path(dest)
@@ -53,6 +55,8 @@ def download_url(url: str, dest: Path, token: str | None = None, progress: bool 
             have = 0
         total = response.headers.get("Content-Length")
         total = int(total) + have if total is not None else None
+        if on_progress is not None:
+            on_progress(have, total)
         with open(part, "ab" if resumed else "wb") as out, tqdm(
             total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress
         ) as bar:
@@ -63,6 +67,9 @@ def download_url(url: str, dest: Path, token: str | None = None, progress: bool 
                         break
                     out.write(chunk)
                     bar.update(len(chunk))
+                    have += len(chunk)
+                    if on_progress is not None:
+                        on_progress(have, total)
             except OSError as exc:
                 raise ModelLoadError(f"download of {dest.name} was interrupted ({exc}); run the command again to resume") from None
     if total is not None and part.stat().st_size < total:
