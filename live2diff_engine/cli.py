@@ -698,7 +698,20 @@ def control_settings(args) -> dict:
     return {"api": api, "obs": obs}
 
 
+def warn_secrets_on_command_line(args, say) -> None:
+    """An option's value is in the process list, where every user of the machine can read it: say
+    so (never the value) and where the secret goes instead."""
+    from .config import config_file
+
+    for option, value, env, key in (("--obs-password", args.obs_password, "OBS_WEBSOCKET_PASSWORD", "password under [obs]"),
+                                    ("--api-token", args.api_token, "LIVE2DIFF_API_TOKEN", "token under [api]")):
+        if value:
+            say(f"warning: {option} is visible to every user of this machine in the process list; "
+                f"put it in the environment variable {env} or as {key} in {args.config or config_file()} instead")
+
+
 def _start_control(args, size) -> _Control:
+    warn_secrets_on_command_line(args, lambda line: print(line, file=sys.stderr, flush=True))
     settings = control_settings(args)
     api = None
     if settings["api"] is not None:

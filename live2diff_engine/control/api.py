@@ -194,8 +194,9 @@ class ApiServer:
             err = self._error
             if isinstance(err, OSError):
                 raise UserError(
-                    f"cannot listen on {self.host}:{self.port} ({err.strerror or err}); is another engine running? "
-                    "choose another --api-port, or --api-port 0 to turn the API off"
+                    f"cannot listen on {self.host}:{self.port} ({str(err.strerror or err).rsplit(': ', 1)[-1]}); "
+                    "is another engine running? "
+                    "choose another --api-port (0 picks a free one), or --no-api to turn the API off"
                 ) from None
             raise err
         if not self._started.is_set():
