@@ -16,7 +16,7 @@
   const NAMES = {
     set_prompt: 'Prompt', set_negative_prompt: 'Negative prompt', set_style: 'Style',
     set_strength: 'Strength', set_steps: 'Steps', set_seed: 'Seed', set_guidance: 'Guidance',
-    pause: 'Pause', resume: 'Resume', reset: 'Reset',
+    pause: 'Pause', resume: 'Resume', reset: 'Reset', download_style: 'Download',
   };
 
   const el = {
@@ -29,6 +29,9 @@
     styles: $('styles'), strength: $('strength'), strengthValue: $('strength-value'),
     steps: $('steps'), seed: $('seed'), seedApply: $('seed-apply'),
     pause: $('pause'), reset: $('reset'),
+    fetch: $('style-fetch'), fetchText: $('style-fetch-text'), fetchCommand: $('style-fetch-command'),
+    fetchNote: $('style-fetch-note'), download: $('style-download'), fetchClose: $('style-fetch-close'),
+    dl: $('download'), dlText: $('download-text'), dlProgress: $('download-progress'),
   };
 
   let ws = null;
@@ -40,6 +43,8 @@
   let nextId = 0;
   let status = null;
   let shownStyles = null;
+  let fetchStyle = null; // the missing style whose "how to get it" box is open
+  let lastDownload = null;
   let descriptions = {};
   let dragging = false;
   let toastTimer = 0;
@@ -148,7 +153,7 @@
         if (!data || !Array.isArray(data.styles)) return;
         descriptions = {};
         for (const s of data.styles) if (s && s.name) descriptions[s.name] = s.description || '';
-        for (const b of el.styles.children) b.title = descriptions[b.dataset.style] || '';
+        for (const b of el.styles.children) styleTitle(b);
       })
       .catch(() => {});
   }
@@ -319,22 +324,31 @@
     }
 
     const names = Array.isArray(s.styles) ? s.styles : [];
-    if (shownStyles === null || names.join('\n') !== shownStyles) {
-      shownStyles = names.join('\n');
+    const missing = s.styles_missing && typeof s.styles_missing === 'object' ? s.styles_missing : {};
+    const key = names.map((n) => n + (n in missing ? '\u2913' : '')).join('\n');
+    if (shownStyles === null || key !== shownStyles) {
+      shownStyles = key;
       el.styles.textContent = '';
       for (const name of names) {
         const b = document.createElement('button');
         b.type = 'button';
         b.textContent = name;
         b.dataset.style = name;
-        b.title = descriptions[name] || '';
         b.disabled = !live;
+        if (name in missing) {
+          b.classList.add('missing');
+          b.dataset.missing = 'true';
+          b.setAttribute('aria-label', name + ' (not downloaded)');
+        }
+        styleTitle(b);
         el.styles.appendChild(b);
       }
     }
     for (const b of el.styles.children) {
       b.setAttribute('aria-pressed', String(b.dataset.style === s.style));
     }
+    renderFetch();
+    renderDownload(s.download);
 
     const paused = !!s.paused;
     el.pause.textContent = paused ? 'Resume' : 'Pause';
@@ -347,6 +361,70 @@
     if (s.obs && s.obs !== 'off') about.push('OBS ' + s.obs);
     if (s.version) about.push('v' + s.version);
     el.about.textContent = about.join(' \u00b7 ');
+  }
+
+  function styleTitle(b) {
+    const hint = status && status.styles_missing ? status.styles_missing[b.dataset.style] : null;
+    const about = descriptions[b.dataset.style] || '';
+    b.title = hint ? (about ? about + ' \u2014 ' : '') + 'not downloaded: ' + hint : about;
+  }
+
+  // The box that says how to get a missing style (and offers the download where the engine can).
+  function renderFetch() {
+    const missing = status && status.styles_missing ? status.styles_missing : {};
+    if (!fetchStyle || !(fetchStyle in missing)) {
+      fetchStyle = null;
+      el.fetch.hidden = true;
+      return;
+    }
+    const hint = missing[fetchStyle];
+    const isCommand = hint.indexOf('live2diff-engine ') === 0;
+    const can = Array.isArray(status.styles_downloadable) && status.styles_downloadable.indexOf(fetchStyle) >= 0;
+    const running = status.download && status.download.state === 'downloading';
+    el.fetchText.textContent = `Style ${fetchStyle} is not downloaded yet.` + (isCommand ? ' Get it with:' : '');
+    el.fetchCommand.textContent = hint;
+    el.download.hidden = !can;
+    el.download.textContent = 'Download ' + fetchStyle;
+    el.download.disabled = !live || running || busy('download_style');
+    el.fetchNote.hidden = can || !isCommand;
+    el.fetchNote.textContent = 'The engine has no civitai token: set CIVITAI_TOKEN (or [civitai] token in its '
+      + 'config.toml) and restart it to download from here, or run the command above.';
+    el.fetch.hidden = false;
+  }
+
+  function mb(bytes) {
+    return (bytes / 1e6).toFixed(1);
+  }
+
+  function renderDownload(d) {
+    if (!d || typeof d !== 'object') {
+      el.dl.hidden = true;
+      return;
+    }
+    const was = lastDownload;
+    lastDownload = d;
+    el.dl.hidden = false;
+    el.dl.dataset.state = d.state || '';
+    el.dl.classList.toggle('failed', d.state === 'failed');
+    if (d.state === 'downloading') {
+      const files = d.files > 1 ? `, file ${(d.file_index || 0) + 1} of ${d.files}` : '';
+      const of = typeof d.total === 'number' ? ' of ' + mb(d.total) : '';
+      el.dlText.textContent = `Downloading ${d.style}${files}: ${mb(d.bytes || 0)}${of} MB`;
+      el.dlProgress.hidden = false;
+      if (typeof d.total === 'number' && d.total > 0) {
+        el.dlProgress.max = d.total;
+        el.dlProgress.value = d.bytes || 0;
+      } else {
+        el.dlProgress.removeAttribute('value'); // indeterminate
+      }
+    } else if (d.state === 'done') {
+      el.dlText.textContent = `Style ${d.style} downloaded: it is ready to use`;
+      el.dlProgress.hidden = true;
+      if (was && was.state === 'downloading' && was.style === d.style) toast(`Style ${d.style} downloaded`, 'ok');
+    } else {
+      el.dlText.textContent = `Download of ${d.style} failed: ${d.error || 'unknown error'}`;
+      el.dlProgress.hidden = true;
+    }
   }
 
   // -- wiring ----------------------------------------------------------------------------------
@@ -405,12 +483,30 @@
   el.styles.addEventListener('click', (e) => {
     const b = e.target.closest('button[data-style]');
     if (!b || b.classList.contains('busy')) return;
+    if (b.dataset.missing === 'true') { // nothing to switch to yet: say how to get it
+      fetchStyle = b.dataset.style;
+      renderFetch();
+      return;
+    }
     b.classList.add('busy');
     b.setAttribute('aria-busy', 'true');
     send('set_style', { style: b.dataset.style }, () => {
       b.classList.remove('busy');
       b.removeAttribute('aria-busy');
     });
+  });
+
+  el.download.addEventListener('click', () => {
+    if (!fetchStyle) return;
+    el.download.disabled = true;
+    send('download_style', { style: fetchStyle }, (r) => {
+      if (r.status) render(r.status);
+      else renderFetch();
+    });
+  });
+  el.fetchClose.addEventListener('click', () => {
+    fetchStyle = null;
+    renderFetch();
   });
 
   el.strength.addEventListener('pointerdown', () => { dragging = true; });

@@ -252,18 +252,68 @@ def test_settings_strength_steps_seed(running, browser):
     wait_for(lambda: running.frames.guidance_scale == 1.0, 10, "guidance back to 1")
 
 
-def test_style_without_weights_is_refused_in_the_page(running, browser):
+def test_styles_without_weights_are_marked_and_say_how_to_get_them(running, browser):
     d = browser
     connected(d)
-    other = next(n for n in running.controller.style_names if n != "default")
-    style_button(d, other).click()
-    wait_for(lambda: by_id(d, "toast").is_displayed() and "missing" in text_of(d, "toast"), 15, "the refusal")
-    toast = text_of(d, "toast")
-    assert toast.startswith("Style:") and other in toast
-    assert running.manager.current.name == "default"
-    assert text_of(d, "f-style") == "default"
-    assert style_button(d, "default").get_attribute("aria-pressed") == "true"
+    missing = running.controller.style_availability()[0]
+    assert sorted(missing) == [n for n in running.controller.style_names if n != "default"]  # the six presets
+    for name in running.controller.style_names:
+        b = style_button(d, name)
+        if name in missing:
+            assert b.get_attribute("data-missing") == "true" and "missing" in b.get_attribute("class")
+            assert b.get_attribute("aria-label") == f"{name} (not downloaded)"
+            assert f"not downloaded: live2diff-engine models download --style {name}" in b.get_attribute("title")
+        else:
+            assert b.get_attribute("data-missing") is None
+    other = sorted(missing)[0]
+    style_button(d, other).click()  # nothing to switch to: the page says how to get it
+    wait_for(lambda: by_id(d, "style-fetch").is_displayed(), 5, "the how-to-get-it box")
+    assert text_of(d, "style-fetch-command") == f"live2diff-engine models download --style {other}"
+    assert other in text_of(d, "style-fetch-text")
+    assert not by_id(d, "style-download").is_displayed()  # no civitai token in this engine
+    assert "civitai token" in text_of(d, "style-fetch-note")
+    time.sleep(1.2)  # a status or two later: still on the default style, nothing was sent
+    assert running.manager.current.name == "default" and text_of(d, "f-style") == "default"
     assert style_button(d, other).get_attribute("aria-pressed") == "false"
+    by_id(d, "style-fetch-close").click()
+    assert not by_id(d, "style-fetch").is_displayed()
+
+
+def test_a_style_downloads_from_the_dock_with_its_progress(running, browser, monkeypatch):
+    import http.server
+
+    from live2diff_engine.styles import Style
+    from test_style_availability import FILES, TOKEN, Civitai
+
+    Civitai.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Civitai)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("LIVE2DIFF_CIVITAI_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    styles = running.manager.styles
+    styles["tinytoon"] = Style("tinytoon", "a test style", dreambooth="tinytoon_db.safetensors",
+                               dreambooth_url="https://civitai.com/api/download/models/9001")
+    running.controller.civitai_token = TOKEN
+    d = browser
+    try:
+        connected(d)
+        wait_for(lambda: style_button(d, "tinytoon").get_attribute("data-missing") == "true", 10, "the new style, marked")
+        style_button(d, "tinytoon").click()
+        button = wait_for(lambda: by_id(d, "style-download").is_displayed() and by_id(d, "style-download"), 5, "Download")
+        assert button.text == "Download tinytoon" and not by_id(d, "style-fetch-note").is_displayed()
+        button.click()
+        wait_for(lambda: "Downloading tinytoon" in text_of(d, "download-text"), 10, "the progress line")
+        wait_for(lambda: float(by_id(d, "download-progress").get_attribute("value") or 0) > 0, 20, "the progress bar to move")
+        assert by_id(d, "download-progress").get_attribute("max") == str(len(FILES["/api/download/models/9001"]))
+        wait_for(lambda: "downloaded" in text_of(d, "download-text"), 60, "the download to finish")
+        wait_for(lambda: style_button(d, "tinytoon").get_attribute("data-missing") is None, 10, "the style no longer marked")
+        assert not by_id(d, "style-fetch").is_displayed()
+        assert "downloaded" in text_of(d, "toast")
+        assert TOKEN not in d.page_source
+    finally:
+        del styles["tinytoon"]
+        running.controller.civitai_token = None
+        server.shutdown()
+        server.server_close()
 
 
 def test_pause_and_resume(running, browser):
