@@ -214,6 +214,10 @@ class FramePipeline:
 
     ``accelerate`` is handed to :class:`StreamPipeline` (how the stream step runs: "off" is eager).
 
+    ``temporal=False`` denoises every frame on its own (:meth:`StreamPipeline.denoise_frame`: no
+    temporal attention, no warmup, no lag), the per-frame baseline that ``eval --compare per-frame``
+    sets beside the stream.
+
     ``profile_stages=True`` records, for every frame that makes a stream step, the time of each
     stage: ``upload`` (frame to the device, uint8 to [-1, 1]), ``depth`` (estimate, normalise,
     resize), ``encode`` (one VAE call for frame + depth), ``unet`` (first-step noise and the
@@ -245,6 +249,7 @@ class FramePipeline:
         guidance_scale: float = 1.0,
         accelerate: str = "off",
         profile_stages: bool = False,
+        temporal: bool = True,
     ):
         factor = comps.vae_scale_factor
         if width % factor or height % factor or width < factor or height < factor:
@@ -256,6 +261,7 @@ class FramePipeline:
         self.device = torch.device(comps.device)
         self.width, self.height, self.fit = width, height, fit
         self.accelerate = accelerate
+        self.temporal = temporal
         self.output_size = output_size
         self.similarity_threshold = similarity_threshold
         self.max_skip = max_skip
@@ -551,6 +557,11 @@ class FramePipeline:
             self._times.begin() if timed else self._times.drop()
         with self._stage("upload"):
             x = self._upload(model_img)
+
+        if not self.temporal:  # every frame on its own: no warmup, no cache, no lag
+            clean, depth = self._encode_with_depth(x, self._depth_images(x))
+            latent = self.stream.denoise_frame(self.stream.add_noise(clean), depth)
+            return ready + self._emit([index], self._download(self._decode(latent)))
 
         if self.warming_up:
             self._warm.append(x)

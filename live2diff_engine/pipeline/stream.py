@@ -237,6 +237,31 @@ class StreamPipeline:
     reset = prepare
 
     @torch.no_grad()
+    def denoise_frame(self, x_t: torch.Tensor, depth: torch.Tensor, noise: list[torch.Tensor] | torch.Tensor | None = None) -> torch.Tensor:
+        """One frame on its own, through every denoising step in turn, with no temporal attention:
+        the motion modules see a clip of this one frame, and no cache is read or written (no warmup
+        needed). The per-frame (StreamDiffusion-style) baseline with the same weights, text, steps and
+        guidance. ``x_t`` ``[1, 4, h, w]`` at the first step; ``noise[s]`` re-noises step ``s``'s
+        estimate for step ``s+1``. Returns the finished latent ``[1, 4, h, w]``."""
+        text = self._text_batch()
+        x = self._check("frame latent", x_t, 1)
+        depth = self._check("depth latent", depth, 1)
+        T = self.steps
+        alone = SequenceContext(num_frames=1)
+        x0 = x
+        for s in range(T):
+            t = self.timesteps[s : s + 1]
+            eps = self.unet(x, t, text[:1], depth, alone)
+            if self.branches > 1:
+                uncond = self.unet(x, t, text[T : T + 1], depth, alone)
+                eps = uncond + self.guidance_scale * (eps - uncond)
+            x0 = self._x0(eps, x, self.alpha[s], self.beta[s], self.c_skip[s], self.c_out[s])
+            if s < T - 1:
+                n = self.randn(x0.shape) if noise is None else noise[s].to(device=self.device, dtype=self.dtype)
+                x = self.alpha[s + 1] * x0 + self.beta[s + 1] * n
+        return x0
+
+    @torch.no_grad()
     def step(self, x_t: torch.Tensor, depth: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """One stream call: ``x_t`` ``[1, 4, h, w]`` (a frame latent noised to the first step) and its
         depth latent in; the latent finished by this call out (``[1, 4, h, w]``, a view into an
