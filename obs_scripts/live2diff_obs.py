@@ -67,6 +67,7 @@ WS_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 5.0)
 WS_BACKOFF_AUTH_S = 15.0  # no or wrong password: retry slowly (a new setting retries at once)
 HTTP_TIMEOUT_S = 3.0
 SEED_MAX_UI = 2**31 - 1
+PAUSE_CONFIRM_S = 5.0  # the Pause/Resume button shows the state asked for until the engine confirms it
 MAX_PROMPT_CHARS = 1000
 
 HOTKEYS = (  # (name used by OBS, e.g. for obs-websocket's TriggerHotkeyByName; description)
@@ -176,17 +177,53 @@ def format_status(status: dict | None, link: str | None, note: str = "") -> str:
         obs_link = obs_link.get("state") or obs_link.get("connected")
     if obs_link not in (None, ""):
         lines.append(f"Engine's OBS link: {obs_link}")
+    missing = styles_missing(status)
+    if missing:
+        lines.append(f"Not downloaded: {', '.join(sorted(missing))} (get one with: {missing[sorted(missing)[0]]})")
+    download = download_line(status)
+    if download:
+        lines.append(download)
     return "\n".join(lines)
 
 
-def cycle_style(styles, current, step: int):
-    """The style ``step`` places after ``current`` in ``styles`` (wrapping); None without styles."""
+def styles_missing(status: dict | None) -> dict:
+    """{style: what fetches it} for the engine's styles whose weights are not there."""
+    missing = (status or {}).get("styles_missing")
+    return {k: str(v) for k, v in missing.items() if isinstance(k, str)} if isinstance(missing, dict) else {}
+
+
+def download_line(status: dict | None) -> str:
+    """The engine's style download, in one line ("" when there is none)."""
+    d = (status or {}).get("download")
+    if not isinstance(d, dict):
+        return ""
+    style, state = d.get("style", "?"), d.get("state")
+    if state == "downloading":
+        got = _fmt_num((d.get("bytes") or 0) / 1e6, ".1f")
+        total = d.get("total")
+        of = f" of {_fmt_num(total / 1e6, '.1f')}" if isinstance(total, (int, float)) and not isinstance(total, bool) else ""
+        return f"Downloading style {style}: {got}{of} MB"
+    if state == "done":
+        return f"Style {style} downloaded"
+    return f"Download of style {style} failed: {_short(d.get('error'), 200)}"
+
+
+def cycle_style(styles, current, step: int, missing=()):
+    """The next style in ``step``'s direction after ``current`` in ``styles`` (wrapping), passing
+    over the ``missing`` ones (their weights are not there: switching to them would fail); None
+    when no other style can be switched to."""
     styles = [s for s in (styles or []) if isinstance(s, str)]
     if not styles:
         return None
-    if current not in styles:
-        return styles[0] if step > 0 else styles[-1]
-    return styles[(styles.index(current) + step) % len(styles)]
+    step = 1 if step > 0 else -1
+    start = styles.index(current) if current in styles else (-1 if step > 0 else len(styles))
+    for k in range(1, len(styles) + 1):
+        candidate = styles[(start + k * step) % len(styles)]
+        if candidate == current:
+            return None
+        if candidate not in missing:
+            return candidate
+    return None
 
 
 # ------------------------------------------------------------------------ OBS websocket settings
@@ -569,6 +606,7 @@ class Controller:
         self._http_ok = False
         self._note = ""
         self._last_pause_sent = False
+        self._pause_wanted: tuple[bool, float] | None = None  # (paused, until): asked for, not yet confirmed
         # worker-only state
         self._ws: WsTransport | None = None
         self._ws_next_try = 0.0
@@ -632,17 +670,40 @@ class Controller:
 
     # convenience actions (used by buttons and hotkeys alike)
 
+    def paused_shown(self) -> bool:
+        """The paused state the Pause/Resume button shows: the engine's, from its status, except
+        that a pause or resume just asked for shows at once, until the engine's status confirms
+        it (or refuses it, or PAUSE_CONFIRM_S pass without an answer)."""
+        with self._lock:
+            status = self._status
+            wanted = self._pause_wanted
+            engine = bool(status.get("paused")) if status else None
+            if wanted is not None:
+                want, until = wanted
+                if engine is not None and engine == want or time.monotonic() > until:
+                    self._pause_wanted = wanted = None
+                else:
+                    return want
+        return engine if engine is not None else self._last_pause_sent
+
     def toggle_pause(self) -> dict:
-        status = self.last_known_status()
-        paused = bool(status.get("paused")) if status else self._last_pause_sent
+        paused = self.paused_shown()
         self._last_pause_sent = not paused
+        with self._lock:
+            self._pause_wanted = (not paused, time.monotonic() + PAUSE_CONFIRM_S)
         return self.send("resume" if paused else "pause")
 
     def step_style(self, step: int) -> dict | None:
-        status = self.last_known_status()
-        style = cycle_style((status or {}).get("styles"), (status or {}).get("style"), step)
+        status = self.last_known_status() or {}
+        names = status.get("styles")
+        missing = styles_missing(status)
+        style = cycle_style(names, status.get("style"), step, missing)
         if style is None:
-            self.log(f"{LOG_PREFIX} no styles known yet (the engine has not been seen)", "warning")
+            if not names:
+                self.log(f"{LOG_PREFIX} no styles known yet (the engine has not been seen)", "warning")
+            else:
+                self.log(f"{LOG_PREFIX} no other style is downloaded"
+                         + (f" (get one with: {next(iter(missing.values()))})" if missing else ""), "warning")
             return None
         return self.send("set_style", style=style)
 
@@ -668,6 +729,9 @@ class Controller:
         # kind "command": our own broadcasts (and other clients') come back to us: ignored
 
     def _reply(self, cmd: str, reply: dict) -> None:
+        if not reply.get("ok") and cmd in ("pause", "resume"):
+            with self._lock:
+                self._pause_wanted = None  # refused: the button shows the engine's state again
         if not reply.get("ok"):
             self.log(f"{LOG_PREFIX} engine refused {cmd}: {reply.get('error') or 'no reason given'}", "warning")
 
@@ -878,6 +942,7 @@ _ui_lock = threading.Lock()
 _hotkeys: dict[str, int] = {}
 _last_key = None
 _last_styles: list = []
+_engine_text: dict = {}  # the engine's prompt and negative prompt as last copied into the boxes
 _exit_code_logged = None
 
 def _log(text: str, level: str = "info") -> None:
@@ -961,7 +1026,16 @@ def _on_apply_seed(props, prop):
 def _on_pause_resume(props, prop):
     if _controller is not None:
         _controller.toggle_pause()
-    return True
+    return True  # OBS rebuilds the properties: the button now says what it will do next
+
+
+def pause_label(paused: bool) -> str:
+    return "Resume" if paused else "Pause"
+
+
+def style_label(name: str, missing: dict) -> str:
+    """A style as the Style list shows it: marked when its weights are not downloaded."""
+    return f"{name} (not downloaded)" if name in missing else name
 
 
 def _on_reset(props, prop):
@@ -1117,10 +1191,20 @@ def _text_info(props, name, description, text=None):
 
 
 def _mirror_engine_values(status: dict | None) -> None:
-    """Copy the engine's style and strength into the settings (UI thread: script_properties)."""
+    """Copy the engine's prompt, style, strength and guidance into the settings (UI thread:
+    script_properties). The prompt boxes take the engine's text whenever it differs from the text
+    the engine had the last time it was copied: so they show the engine's prompt (after an engine
+    restart too), while an edit being typed survives until the engine's prompt changes."""
     if _settings is None or not status:
         return
     with _ui_lock:
+        for key in ("prompt", "negative_prompt"):
+            text = status.get(key)
+            if isinstance(text, str) and text != _engine_text.get(key):
+                _engine_text[key] = text
+                if text != _ui.get(key):
+                    obs.obs_data_set_string(_settings, key, text)
+                    _ui[key] = text
         style = status.get("style")
         if isinstance(style, str) and style and style != _ui.get("style"):
             obs.obs_data_set_string(_settings, "style", style)
@@ -1150,15 +1234,22 @@ def script_properties():
 
     styles = list((known or {}).get("styles") or []) or list(_last_styles)
     _last_styles[:] = styles
+    missing = styles_missing(known)
     lst = obs.obs_properties_add_list(props, "style", "Style", obs.OBS_COMBO_TYPE_LIST, obs.OBS_COMBO_FORMAT_STRING)
     current = _ui.get("style", "")
     if current and current not in styles:
         obs.obs_property_list_add_string(lst, current, current)
     for name in styles:
         if isinstance(name, str):
-            obs.obs_property_list_add_string(lst, name, name)
+            label = style_label(name, missing)
+            idx = obs.obs_property_list_add_string(lst, label, name)
+            if name in missing and hasattr(obs, "obs_property_list_item_disable"):
+                obs.obs_property_list_item_disable(lst, idx, True)  # listed, marked, not selectable
     if not styles:
         obs.obs_property_set_long_description(lst, "The list fills in once the engine is reachable (press Refresh).")
+    elif missing:
+        obs.obs_property_set_long_description(lst, "Not downloaded yet (the hotkeys pass over them): "
+                                              + "; ".join(f"{n}: {missing[n]}" for n in sorted(missing)))
 
     obs.obs_properties_add_float_slider(props, "strength", "Strength", 0.05, 1.0, 0.05)
     g = obs.obs_properties_add_float_slider(props, "guidance", "Guidance (above 1: the negative prompt steers)", 1.0, 5.0, 0.1)
@@ -1167,8 +1258,8 @@ def script_properties():
                                                  "runs the negative prompt and steers away from it, doing twice the work.")
     obs.obs_properties_add_int(props, "seed", "Seed", 0, SEED_MAX_UI, 1)
     obs.obs_properties_add_button(props, "apply_seed", "Apply seed", _on_apply_seed)
-    paused = bool((known or {}).get("paused"))
-    obs.obs_properties_add_button(props, "pause_resume", "Resume" if paused else "Pause", _on_pause_resume)
+    paused = _controller.paused_shown() if _controller is not None else bool((known or {}).get("paused"))
+    obs.obs_properties_add_button(props, "pause_resume", pause_label(paused), _on_pause_resume)
     obs.obs_properties_add_button(props, "reset", "Reset", _on_reset)
     obs.obs_properties_add_button(props, "add_to_scene", "Add engine output to scene", _on_add_to_scene)
     obs.obs_properties_add_button(props, "open_dock", "Open dock in browser", _on_open_dock)
@@ -1229,6 +1320,7 @@ def script_load(settings):
     _last_key = None
     with _ui_lock:
         _ui.clear()
+        _engine_text.clear()
         ui = _read_settings(settings)
     _controller = Controller(_transport_config(ui)).start()
     if obsws_python is None:

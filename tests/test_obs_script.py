@@ -150,6 +150,66 @@ def test_cycle_style():
     assert L.cycle_style(None, None, 1) is None
 
 
+def test_next_and_previous_style_pass_over_styles_without_weights():
+    styles = ["default", "anime", "toon", "zen"]
+    missing = {"anime": "live2diff-engine models download --style anime"}
+    assert L.cycle_style(styles, "default", 1, missing) == "toon"
+    assert L.cycle_style(styles, "toon", -1, missing) == "default"
+    assert L.cycle_style(styles, "zen", 1, missing) == "default"
+    assert L.cycle_style(styles, "unknown", 1, {"default": "x"}) == "anime"
+    assert L.cycle_style(styles, "default", 1, {"anime": "x", "toon": "x", "zen": "x"}) is None  # nowhere to go
+    # the hotkeys, from the engine's status: they keep cycling and never land on a missing style
+    ctl = L.Controller({"use_websocket": False})
+    status = dict(STATUS, styles=styles, styles_missing=missing)
+    landed = []
+    for _ in range(6):
+        ctl._on_message(status, L.LINK_HTTP)
+        msg = ctl.step_style(+1)
+        landed.append(msg["style"])
+        status = dict(status, style=msg["style"])
+    assert landed == ["toon", "zen", "default", "toon", "zen", "default"]
+    ctl._on_message(dict(status, style="default", styles_missing={n: "cmd " + n for n in styles[1:]}), L.LINK_HTTP)
+    assert ctl.step_style(-1) is None
+    assert ctl.drain_logs() == [("warning", "[live2diff] no other style is downloaded (get one with: cmd anime)")]
+
+
+def test_the_panel_marks_styles_without_weights_and_shows_a_download():
+    missing = {"anime": "live2diff-engine models download --style anime"}
+    text = L.format_status(dict(STATUS, styles_missing=missing), L.LINK_HTTP)
+    assert "Not downloaded: anime (get one with: live2diff-engine models download --style anime)" in text
+    assert "Not downloaded" not in L.format_status(STATUS, L.LINK_HTTP)
+    assert L.style_label("anime", missing) == "anime (not downloaded)" and L.style_label("toon", missing) == "toon"
+    d = {"style": "anime", "state": "downloading", "bytes": 1_500_000, "total": 4_000_000, "file_index": 0, "files": 1}
+    assert "Downloading style anime: 1.5 of 4.0 MB" in L.format_status(dict(STATUS, download=d), L.LINK_HTTP)
+    assert "Style anime downloaded" in L.format_status(dict(STATUS, download=dict(d, state="done")), L.LINK_HTTP)
+    failed = dict(d, state="failed", error="cannot download x: HTTP 401 (check the token)")
+    assert "Download of style anime failed: cannot download x: HTTP 401" in L.format_status(dict(STATUS, download=failed), L.LINK_HTTP)
+
+
+def test_the_pause_button_follows_the_engine():
+    ctl = L.Controller({"use_websocket": False})
+    ctl._on_message(STATUS, L.LINK_HTTP)  # streaming
+    assert L.pause_label(ctl.paused_shown()) == "Pause"
+    assert ctl.toggle_pause()["cmd"] == "pause"
+    assert L.pause_label(ctl.paused_shown()) == "Resume"  # at once: OBS rebuilds the panel right after the click
+    ctl._on_message(STATUS, L.LINK_HTTP)  # a status sent before the pause was applied does not flip it back
+    assert ctl.paused_shown() is True
+    ctl._on_message(dict(STATUS, paused=True, state="paused"), L.LINK_HTTP)  # confirmed
+    assert ctl.paused_shown() is True and ctl._pause_wanted is None
+    ctl._on_message(STATUS, L.LINK_HTTP)  # resumed from elsewhere (the dock, ctl): the button follows
+    assert L.pause_label(ctl.paused_shown()) == "Pause"
+    # a refused pause: the button shows the engine's state again
+    msg = ctl.toggle_pause()
+    assert ctl.paused_shown() is True
+    ctl._pending[msg["id"]] = "pause"
+    ctl._on_message(schema.reply_message(msg["id"], False, "no"), L.LINK_HTTP)
+    assert ctl.paused_shown() is False
+    # no answer at all: after a while, the engine's state again
+    ctl.toggle_pause()
+    ctl._pause_wanted = (True, time.monotonic() - 0.1)
+    assert ctl.paused_shown() is False
+
+
 def test_messages_from_others_are_ignored_and_refusals_logged():
     ctl = L.Controller({"use_websocket": False})
     ctl._on_message({"app": "other", "v": 1, "kind": "status"}, L.LINK_WS)
@@ -305,6 +365,8 @@ class FakeEngineAPI:
                     return self._send(400, schema.reply_message(schema.message_id(json.loads(raw)), False, str(e)))
                 if cmd.cmd == "set_prompt":
                     outer.status["prompt"] = cmd.args["prompt"]
+                elif cmd.cmd in ("pause", "resume"):
+                    outer.status["paused"] = cmd.cmd == "pause"
                 self._send(200, schema.reply_message(cmd.id, True))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -663,3 +725,74 @@ def test_the_engine_started_from_obs_connects_back_with_the_password_in_its_envi
     assert argv == ["e", "run", "--obs", "--obs-port=5000"] and "OBS_WEBSOCKET_PASSWORD" not in env
     argv, env = L.engine_obs_connection(["e", "run"], {"port": 4460, "password": "pw"}, {})  # the user left OBS control out
     assert argv == ["e", "run"] and "OBS_WEBSOCKET_PASSWORD" not in env
+
+
+# A test-only wrapper: once the engine's status is in, it builds the panel as OBS does, presses
+# Pause as OBS calls a button, and builds the panel again whenever the engine's paused state moves.
+WRAP_PANEL = '''
+import sys
+sys.path.insert(0, {script_dir!r})
+import obspython as obs
+import live2diff_obs as L
+from live2diff_obs import script_defaults, script_update, script_save, script_unload, script_description, script_properties
+
+STEP = [0]
+
+def _panel(tag):
+    props = L.script_properties()
+    lst = obs.obs_properties_get(props, "style")
+    items = []
+    for i in range(obs.obs_property_list_item_count(lst)):
+        off = " [disabled]" if obs.obs_property_list_item_disabled(lst, i) else ""
+        items.append("%s=%s%s" % (obs.obs_property_list_item_string(lst, i), obs.obs_property_list_item_name(lst, i), off))
+    pause = obs.obs_property_description(obs.obs_properties_get(props, "pause_resume"))
+    print("WRAP %s pause=%r prompt=%r styles=%s" % (tag, pause, obs.obs_data_get_string(L._settings, "prompt"), "|".join(items)))
+    obs.obs_properties_destroy(props)
+
+def _tick():
+    status = L._controller.last_known_status() if L._controller else None
+    if not status:
+        return
+    if STEP[0] == 0:
+        _panel("seen")
+        L._on_pause_resume(None, None)  # the button, as OBS calls it (it then rebuilds the panel)
+        _panel("clicked")
+        STEP[0] = 1
+    elif STEP[0] == 1 and status.get("paused"):
+        _panel("paused")
+        STEP[0] = 2
+    elif STEP[0] == 2 and not status.get("paused"):
+        _panel("resumed")
+        STEP[0] = 3
+
+def script_load(settings):
+    L.script_load(settings)
+    obs.timer_add(_tick, 200)
+'''
+
+
+@pytest.mark.obs
+def test_real_obs_panel_follows_the_engine_pause_prompt_and_missing_styles(tmp_path):
+    require_obs()
+    status = dict(STATUS, styles=["default", "anime", "toon", "zen"],
+                  styles_missing={"anime": "live2diff-engine models download --style anime"})
+    wrapper = tmp_path / "wrap_panel.py"
+    wrapper.write_text(WRAP_PANEL.format(script_dir=str(SCRIPT.parent)))
+    with FakeEngineAPI(status=status) as api:
+        # the box holds an old text; the engine (restarted with its saved settings) has "a red fox"
+        settings = {"prompt": "an old prompt", "api_url": api.url}
+        with RealOBS(tmp_path, password=PASSWORD, script=wrapper, script_settings=settings, obsws_importable=False) as real:
+            real.wait_for_log("WRAP clicked", timeout=20)
+            styles = "default=default|anime=anime (not downloaded) [disabled]|toon=toon|zen=zen"
+            assert f"WRAP seen pause='Pause' prompt='a red fox' styles={styles}" in real.log_text()
+            assert "WRAP clicked pause='Resume'" in real.log_text()  # at once, before the engine answers
+            wait_until(lambda: api.commands("pause"), what="pause POSTed")
+            real.wait_for_log("WRAP paused pause='Resume'", timeout=10)  # the engine confirms it
+            api.status["paused"] = False  # resumed from elsewhere (the dock): the button follows
+            real.wait_for_log("WRAP resumed pause='Pause'", timeout=10)
+            with real.client() as client:  # the style hotkeys pass over the style without weights
+                client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.next_style"})
+                wait_until(lambda: api.commands("set_style"), what="next style")
+                client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.previous_style"})
+                wait_until(lambda: len(api.commands("set_style")) == 2, what="previous style")
+            assert [c["style"] for c in api.commands("set_style")] == ["toon", "zen"]
