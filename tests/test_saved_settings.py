@@ -134,6 +134,29 @@ def test_a_saved_style_no_longer_available_falls_back_to_default_with_one_warnin
     assert len(said) == 1 and "'gone'" in said[0] and "no longer in the styles file" in said[0]
 
 
+def test_a_file_written_by_hand_with_strength_and_steps_only():
+    (home() / "last_settings.json").write_text(json.dumps({"version": 1, "prompt": "a fox", "strength": 0.5, "steps": 3}))
+    args = run_args()
+    saved_settings.restore_into_args(args, print)
+    assert args.prompt == "a fox" and (args.num_inference_steps, args.t_index_list) == (50, [25, 35, 45])
+
+
+def test_a_saved_style_that_does_not_load_falls_back_to_default(tmp_path):
+    from sd_formats import save_kohya_lora_for_other_model
+
+    lora = save_kohya_lora_for_other_model(tmp_path / "big_lora.safetensors")
+    styles = tmp_path / "styles.toml"
+    styles.write_text(f'[styles.big]\nloras = [{{ file = "{lora}" }}]\n')  # its file is here, for another model
+    saved_settings.save(dict(SAVED, style="big"))
+    r = run_cli("run", "--model", "tiny", "--styles", styles, "--source", "synthetic", "--sink", "null", "--no-api",
+                "--max-frames", "2", timeout=300)
+    assert r.returncode == 0, r.stderr
+    warnings = [l for l in r.stderr.splitlines() if l.startswith("warning: the saved style")]
+    assert len(warnings) == 1 and "'big' does not load" in warnings[0] and "starting with the default style" in warnings[0]
+    assert "style: default" in r.stderr and "Traceback" not in r.stderr
+    assert saved_settings.load()[0]["style"] == "default"
+
+
 def test_a_damaged_file_never_stops_run():
     (home() / "last_settings.json").write_text('{"version": 1, "prompt": ')
     r = run_cli("run", "--model", "tiny", "--source", "synthetic", "--sink", "null", "--no-api", "--max-frames", "2",
