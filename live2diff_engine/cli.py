@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("styles", help="list the styles, or print where your styles file is")
     st.add_argument("action", choices=["list", "path"], nargs="?", default="list")
     st.add_argument("--styles", metavar="FILE", default=None)
+
+    from .eval_command import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -511,6 +515,10 @@ def _verify_one(name: str, path) -> None:
         from diffusers import AutoencoderTiny
 
         _from_pretrained(AutoencoderTiny, path, "TAESD")
+    elif name == "clip":
+        from .quality import load_clip
+
+        load_clip(path)
 
 
 def _cmd_styles(args) -> int:
@@ -928,6 +936,12 @@ def _cmd_bench_gpu(args) -> int:
     return 130 if result["interrupted"] else 1 if result["errors"] else 0
 
 
+def _cmd_eval(args) -> int:
+    from .eval_command import cmd_eval
+
+    return cmd_eval(args)
+
+
 COMMANDS = {
     "bench-gpu": _cmd_bench_gpu,
     "run": _cmd_run,
@@ -939,6 +953,7 @@ COMMANDS = {
     "translate": _cmd_translate,
     "models": _cmd_models,
     "styles": _cmd_styles,
+    "eval": _cmd_eval,
 }
 
 

@@ -74,6 +74,13 @@ MODELS: dict[str, ModelSpec] = {
             allow_patterns=("config.json", "model.safetensors", "preprocessor_config.json"),
             optional=True,
         ),
+        ModelSpec(
+            "clip",
+            "openai/clip-vit-large-patch14",
+            "CLIP ViT-L/14 image encoder (for `eval`: CLIP temporal consistency)",
+            allow_patterns=("config.json", "model.safetensors", "preprocessor_config.json"),
+            optional=True,
+        ),
     )
 }
 
