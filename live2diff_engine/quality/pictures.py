@@ -166,7 +166,8 @@ def plot(key: str, ev: Evaluation, width: int = 800, height: int = 420) -> np.nd
 def write_png(path: Path, img: np.ndarray) -> None:
     ok = False
     try:
-        ok = cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        # An explicit level: OpenCV's default PNG settings write files about five times larger.
+        ok = cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 6])
     except cv2.error:
         ok = False
     if not ok:
