@@ -32,7 +32,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         description="Compare each OUTPUT (a stylised version of INPUT, from `translate` or any other tool) with INPUT, "
         "frame by frame: warp error (lower is better), CLIP temporal consistency (higher), depth MSE (lower) and "
         "flicker (lower). Prints a table; --json writes every per-frame value, --slices writes X-T / Y-T slices and "
-        "per-frame plots. --compare per-frame also runs the model with no temporal attention on INPUT and measures "
+        "per-frame plots. --depth chooses the depth estimator of depth MSE (as for translate). --compare per-frame also runs the model with no temporal attention on INPUT and measures "
         "that beside the outputs (give it the model and style options you gave `translate`).",
     )
     ev.add_argument("input", metavar="INPUT", help="the source video file (or folder of images)")
@@ -111,11 +111,17 @@ def cmd_eval(args) -> int:
         raise ConfigError(f"--compare-output {args.compare_output} must be a video file ending in .mp4, .avi or .mkv")
     if args.start < 0:
         raise ConfigError(f"--start must be 0 or more, got {args.start}")
-    if args.json and not Path(args.json).expanduser().parent.is_dir():
-        raise ConfigError(f"cannot write {args.json}: the folder {Path(args.json).parent} does not exist")
+    for name, target in (("--json", args.json), ("--compare-output", args.compare_output)):
+        if target and not Path(target).expanduser().parent.is_dir():
+            raise ConfigError(f"cannot write {name} {target}: the folder {Path(target).parent} does not exist")
+    if args.slices:
+        try:
+            Path(args.slices).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot make the --slices folder {args.slices} ({exc.strerror or exc})") from None
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # a damaged file is our one line, not FFmpeg's too
     lengths = []
-    for path in [args.input, *args.outputs]:  # unreadable files are one line before any model loads
+    for i, path in enumerate([args.input, *args.outputs]):  # unreadable files are one line before any model loads
         source = FrameSource(path)
         try:
             first = next(iter(source), None)
@@ -123,7 +129,7 @@ def cmd_eval(args) -> int:
             source.close()
         if first is None:
             raise ConfigError(f"{path} holds no frames")
-        if path == args.input:
+        if i == 0:
             args.rows, args.cols = check_positions(args.rows, args.cols, (first.shape[1], first.shape[0]))
         lengths.append(source.length)
     known = [n for n in lengths if n]
@@ -156,14 +162,8 @@ def cmd_eval(args) -> int:
         with tqdm(total=total, unit="frame", desc="eval") as bar:
             ev = quality.evaluate(args.input, outputs, metrics=keys, clip=clip, depth=depth, rows=args.rows, cols=args.cols,
                                   start=args.start, progress=bar.update, say=lambda line: bar.write(line, file=sys.stderr))
-    if args.compare_output:
-        for v in ev.videos:
-            if v.label == "per-frame":
-                v.path = str(args.compare_output)
-    else:
-        for v in ev.videos:
-            if v.label == "per-frame":
-                v.path = "(not kept; --compare-output FILE keeps it)"
+    if args.compare and not args.compare_output:
+        ev.videos[-1].path = "(not kept; --compare-output FILE keeps it)"
     print(quality.table(ev))
     if args.json:
         quality.write_json(ev, args.json)

@@ -400,6 +400,8 @@ def test_eval_missing_models_and_a_bad_file_are_one_line(tmp_path, models):
     (["{src}", "--metrics", "warp", "--start", "4"], "--start 4 leaves no frames"),
     (["--metrics", "warp"], "nothing to measure"),
     (["{src}", "--metrics", "warp", "--json", "{dir}/no/such/folder/r.json"], "does not exist"),
+    (["{src}", "--metrics", "warp", "--compare-output", "{dir}/pf.mp4"], "add --compare per-frame"),
+    (["{src}", "--metrics", "warp", "--slices", "{src}/pics"], "cannot make the --slices folder"),
 ])
 def test_eval_mistakes_are_one_line(tmp_path, capsys, args, needle):
     from live2diff_engine.cli import main
