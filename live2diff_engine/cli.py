@@ -797,7 +797,9 @@ def _cmd_ctl(args) -> int:
         print(f"prompt: {status.get('prompt')!r}")
         if status.get("negative_prompt") or status.get("guidance", 1) > 1:
             print(f"negative prompt: {status.get('negative_prompt')!r}  guidance: {status.get('guidance')}")
-        print(f"OBS: {status.get('obs')}  model: {status.get('model')}  {status.get('size')}")
+        obs_source = {"pulling": " (pulls the stream)", "not pulling": " (OBS source not pulling the stream)",
+                      "absent": " (no Live2Diff source: `ctl add-to-scene`)"}.get(status.get("obs_source"), "")
+        print(f"OBS: {status.get('obs')}{obs_source}  model: {status.get('model')}  {status.get('size')}")
         dl = status.get("download")
         if isinstance(dl, dict):
             got = f"{dl.get('bytes', 0) / 1e6:.1f}" + (f" of {dl['total'] / 1e6:.1f}" if dl.get("total") else "") + " MB"

@@ -80,6 +80,8 @@ HOTKEYS = (  # (name used by OBS, e.g. for obs-websocket's TriggerHotkeyByName; 
 
 LINK_WS = "obs-websocket"
 LINK_HTTP = "HTTP API"
+SOURCE_NAME = "Live2Diff"  # the source the engine adds to OBS (live2diff_engine/control/obs.py)
+MIXER_CHECK_EVERY = 4  # timer ticks (of 250 ms) between looks at that source's Audio Mixer strip
 
 
 # ------------------------------------------------------------------------------ protocol helpers
@@ -144,14 +146,21 @@ def status_line(status: dict | None, link: str | None, note: str = "") -> str:
     return (
         f"{LOG_PREFIX} engine {engine_state(status)} | style {status.get('style') or '-'} | "
         f"prompt {_short(status.get('prompt'))!r} | {_fmt_num(status.get('fps'), '.1f')} fps | via {link}"
+        + (" | OBS source not pulling the stream" if obs_not_pulling(status) else "")
     )
+
+
+def obs_not_pulling(status: dict | None) -> bool:
+    """The engine is connected to OBS and its source there exists, but reads no frames."""
+    return bool(status) and status.get("obs") == "connected" and status.get("obs_source") == "not pulling"
 
 
 def status_key(status: dict | None, link: str | None) -> tuple:
     """What a status line is logged for: connection, state, style, prompt (not fps)."""
     if not status or not link:
         return ("offline",)
-    return (link, status.get("state"), bool(status.get("paused")), status.get("style"), status.get("prompt"))
+    return (link, status.get("state"), bool(status.get("paused")), status.get("style"), status.get("prompt"),
+            obs_not_pulling(status))
 
 
 def format_status(status: dict | None, link: str | None, note: str = "") -> str:
@@ -177,6 +186,11 @@ def format_status(status: dict | None, link: str | None, note: str = "") -> str:
         obs_link = obs_link.get("state") or obs_link.get("connected")
     if obs_link not in (None, ""):
         lines.append(f"Engine's OBS link: {obs_link}")
+    if obs_not_pulling(status):
+        lines.append(f"OBS source not pulling the stream: OBS shows no new frames (the engine is re-opening "
+                     f"its {SOURCE_NAME!r} source)")
+    elif obs_link == "connected" and status.get("obs_source") == "absent":
+        lines.append(f"OBS source: no {SOURCE_NAME!r} source yet (Add engine output to scene)")
     missing = styles_missing(status)
     if missing:
         lines.append(f"Not downloaded: {', '.join(sorted(missing))} (get one with: {missing[sorted(missing)[0]]})")
@@ -1154,6 +1168,29 @@ def _tick():
     if eng.proc is not None and eng.proc.poll() is not None and _exit_code_logged != eng.pid:
         _exit_code_logged = eng.pid
         _log(f"{LOG_PREFIX} engine process {eng.pid} exited with code {eng.proc.returncode}")
+    _S["ticks"] = _S.get("ticks", 0) + 1
+    if _S["ticks"] % MIXER_CHECK_EVERY == 0:
+        _keep_source_out_of_mixer()
+
+
+def _keep_source_out_of_mixer() -> None:
+    """The engine's output carries no sound, yet OBS gives its Media Source a silent strip in the
+    Audio Mixer. obs-websocket cannot remove it (the engine mutes the source and takes it off every
+    track); a script can: OBS's mixer shows a source only while its audio is 'active' and its
+    private setting 'mixer_hidden' (saved with the scene collection) is off."""
+    src = obs.obs_get_source_by_name(SOURCE_NAME)
+    if src is None:
+        return
+    try:
+        if obs.obs_source_get_unversioned_id(src) != "ffmpeg_source" or not obs.obs_source_audio_active(src):
+            return
+        priv = obs.obs_source_get_private_settings(src)
+        obs.obs_data_set_bool(priv, "mixer_hidden", True)
+        obs.obs_data_release(priv)
+        obs.obs_source_set_audio_active(src, False)  # OBS takes the strip away at once
+        _log(f"{LOG_PREFIX} kept the {SOURCE_NAME!r} source out of the Audio Mixer (it carries no sound)")
+    finally:
+        obs.obs_source_release(src)
 
 
 # -- OBS script API

@@ -74,12 +74,13 @@ class LiveEngine:
     running on a thread. ``outputs``: every output frame, in order."""
 
     def __init__(self, comps, source: Source | None = None, *, obs: dict | None = None, prompt: str = "a cat",
-                 seed: int = 0, api_host: str = "127.0.0.1", api_token: str | None = None, extra_sinks=()):
+                 seed: int = 0, api_host: str = "127.0.0.1", api_token: str | None = None, extra_sinks=(),
+                 api_port: int = 0):
         self.frames = FramePipeline(comps, width=SIZE[0], height=SIZE[1], prompt=prompt, seed=seed)
         styles = load_styles()
         self.manager = StyleManager(comps, styles)
         self.manager.current = styles["default"]
-        self.api = ApiServer(api_host, 0, api_token).start()
+        self.api = ApiServer(api_host, api_port, api_token).start()
         self.controller = Controller(self.frames, self.manager, label="tiny")
         self.controller.api_token = api_token
         self.api.set_controller(self.controller)

@@ -79,7 +79,9 @@ def test_a_change_sends_status_at_once_not_at_the_next_tick(comps):
     with FakeOBS(password=PASSWORD) as fake, \
             LiveEngine(comps, PacedSource(fps=20), obs=obs_opts(fake, status_every_s=3600.0)) as live:
         wait_for(lambda: live.bridge.state == "connected", what="the bridge to connect")
-        wait_for(lambda: of_kind(fake, "status"), what="the first status")
+        # Settled first: streaming, and the bridge has looked for its source in OBS (none here).
+        wait_for(lambda: of_kind(fake, "status") and of_kind(fake, "status")[-1]["state"] == "streaming"
+                 and of_kind(fake, "status")[-1]["obs_source"] == "absent", timeout=30, what="a settled status")
         n = len(of_kind(fake, "status"))
         send_from_obs(fake, command_message("set_seed", seed=5))
         wait_for(lambda: any(s["seed"] == 5 for s in of_kind(fake, "status")[n:]), timeout=30, what="status after a change")
@@ -145,10 +147,10 @@ def test_add_to_scene_creates_a_source_reading_the_engines_stream(comps, browser
         inp = fake.inputs["Live2Diff"]
         if browser:
             assert inp["inputKind"] == "browser_source"
-            assert inp["inputSettings"]["url"] == live.api.url + "/output"
+            assert inp["inputSettings"]["url"] == live.api.url + "/output?client=obs"
         else:
             assert inp["inputKind"] == "ffmpeg_source"
-            assert inp["inputSettings"]["input"] == live.api.url + "/stream.mjpg"
+            assert inp["inputSettings"]["input"] == live.api.url + "/stream.mjpg?client=obs"
             assert inp["inputSettings"]["is_local_file"] is False
         assert [i["sourceName"] for i in fake.scenes["Scene"]] == ["Live2Diff"]
         assert any(t["boundsType"] == "OBS_BOUNDS_SCALE_INNER" for t in fake.transforms.values())
@@ -232,3 +234,59 @@ def test_obs_settings_come_from_options_then_environment_then_config_then_obs_it
     assert (obs["port"], obs["password"]) == (4480, "from-option")
     # No OBS control unless asked for.
     assert control_settings(_run_args())["obs"] is None
+
+
+def test_the_source_watch_checks_at_connect_then_after_a_quiet_spell_at_most_every_few_seconds():
+    from live2diff_engine.control.obs import SourceWatch
+
+    w = SourceWatch(stale_s=3.0, every_s=10.0)
+    assert w.due(100.0, readers=1)  # a new connection: look at once, whatever the count
+    w.checked(100.0)
+    assert not w.due(101.0, readers=1) and not w.stale(101.0)
+    # Nobody reads: not due (nor stale) before 3 s, then due; after a check, not again for 10 s.
+    assert not w.due(102.0, readers=0) and not w.stale(102.0)
+    assert not w.due(104.9, readers=0)
+    assert w.due(110.0, readers=0) and w.stale(110.0)
+    w.checked(110.0)
+    assert not any(w.due(t, readers=0) for t in (111.0, 115.0, 119.9))
+    assert w.due(120.0, readers=0)
+    w.checked(120.0)
+    # A reader came back and left again: the quiet spell starts over, and the 10 s still hold.
+    assert not w.due(121.0, readers=1) and not w.stale(121.0)
+    assert not w.due(122.0, readers=0) and not w.due(125.5, readers=0)
+    assert not w.due(129.9, readers=0) and w.due(130.0, readers=0)
+    w.reset()  # reconnected
+    assert w.due(130.1, readers=0)
+
+
+def test_the_bridge_says_whether_obs_pulls_the_stream_and_quiets_its_source(comps):
+    with FakeOBS(password=PASSWORD) as fake, \
+            LiveEngine(comps, PacedSource(fps=20), obs=obs_opts(fake, source_stale_s=0.5, source_kick_every_s=1.0)) as live:
+        wait_for(lambda: live.bridge.state == "connected", what="connect")
+        wait_for(lambda: live.controller.status()["obs_source"] == "absent", timeout=10, what="'absent'")
+        assert post(live.api.url, command_message("add_to_scene"))[1]["ok"]
+        # The fake OBS reads no stream: the source exists, nobody pulls, and the bridge re-opens it
+        # now and then (with its own settings), never in a flood.
+        assert live.controller.status()["obs_source"] == "not pulling"
+        assert live.controller.status()["stream_clients"] == 0
+        wait_for(lambda: live.bridge.source_kicks >= 2, timeout=20, what="re-opening")
+        time.sleep(1.0)
+        assert live.bridge.source_kicks <= 4
+        inp = fake.inputs["Live2Diff"]
+        assert inp["inputSettings"]["input"] == live.api.url + "/stream.mjpg?client=obs"
+        # A reader that says it is OBS's source: "pulling"; one that does not, not.
+        import urllib.request
+
+        with urllib.request.urlopen(live.api.url + "/stream.mjpg", timeout=10) as r:
+            r.read1(100)
+            wait_for(lambda: live.controller.status()["stream_clients"] == 1, timeout=10, what="one reader")
+            assert live.controller.status()["obs_source"] == "not pulling"
+            with urllib.request.urlopen(live.api.url + "/stream.mjpg?client=obs", timeout=10) as r2:
+                r2.read1(100)
+                wait_for(lambda: live.controller.status()["obs_source"] == "pulling", timeout=10, what="'pulling'")
+                assert live.api.stream_clients("obs") == 1 and live.controller.status()["stream_clients"] == 2
+                kicks = live.bridge.source_kicks
+                time.sleep(1.5)
+                assert live.bridge.source_kicks == kicks  # pulling: left alone
+        wait_for(lambda: live.controller.status()["stream_clients"] == 0, timeout=10, what="the readers to leave")
+        wait_for(lambda: live.controller.status()["obs_source"] == "not pulling", timeout=10, what="'not pulling'")

@@ -101,7 +101,7 @@ def test_add_to_scene_shows_the_engines_frames_in_obs_and_the_engine_survives_an
                 kinds = {i["inputName"]: i["inputKind"] for i in client.get_input_list().inputs}
                 assert kinds["Live2Diff"] == "ffmpeg_source"  # Debian's OBS has no browser source
                 settings = client.get_input_settings("Live2Diff").input_settings
-                assert settings["input"] == live.api.url + "/stream.mjpg"
+                assert settings["input"] == live.api.url + "/stream.mjpg?client=obs"  # its reads count as OBS's
                 items = [i["sourceName"] for i in client.get_scene_item_list("Scene").scene_items]
                 assert "Live2Diff" in items
                 shot = wait_for(lambda: _lit(screenshot(client, "Live2Diff")), timeout=30, what="the engine's frames in OBS")[0]
@@ -143,3 +143,121 @@ def test_a_wrong_obs_password_is_one_clear_line(comps, tmp_path, caplog):
 def _lit(img: np.ndarray | None):
     """The image, when it shows something (not black, not one flat colour)."""
     return [img] if img is not None and img.mean() > 10 and img.std() > 5 else None
+
+
+def _shows(client, live, seen_after: int = 0):
+    """OBS's picture of the source, when it is one of ``live``'s own recent frames (through JPEG
+    and scaling; only frames from index ``seen_after`` on)."""
+    shot = _lit(screenshot(client, "Live2Diff"))
+    if shot is None:
+        return None
+    shot = shot[0].astype(float)
+    recent = live.outputs[max(seen_after, len(live.outputs) - 60):]
+    if not recent:
+        return None
+    best = min(np.abs(cv2.resize(o, shot.shape[1::-1], interpolation=cv2.INTER_AREA).astype(float) - shot).mean()
+               for o in recent)
+    return best < 20
+
+
+def test_after_an_engine_restart_obs_shows_the_new_engines_frames_without_any_user_action(comps, tmp_path, caplog):
+    """OBS keeps running; the engine stops long enough for OBS's Media Source to give up
+    (`MP: Failed to open media`; OBS 29 never retries after that), then a new engine starts on
+    the same API port: it re-opens the source when it connects and OBS shows its frames."""
+    caplog.set_level(logging.INFO)
+    from obs_real import free_port
+
+    port = free_port()
+    with RealOBS(tmp_path, password=PASSWORD) as real:
+        client = real.client()
+        try:
+            with LiveEngine(comps, PacedSource(fps=12), obs=obs_opts(real), api_port=port) as first:
+                wait_for(lambda: first.bridge.state == "connected", timeout=20, what="the engine to connect to OBS")
+                code, reply = post(first.api.url, command_message("add_to_scene"))
+                assert code == 200 and reply["ok"], reply
+                wait_for(lambda: _shows(client, first), timeout=30, what="the first engine's frames in OBS")
+                wait_for(lambda: first.controller.status()["obs_source"] == "pulling", timeout=10, what="'pulling'")
+                assert first.api.stream_clients("obs") == 1
+                failed = real.log_text().count("MP: Failed to open media")
+            # The engine is gone: OBS's source reconnects, fails and gives up.
+            real.wait_for_log("MP: Failed to open media", timeout=30, count=failed + 1)
+            gave_up = real.log_text()
+            time.sleep(3.0)  # three times its reconnect delay: it does not try again
+            assert real.log_text().count("MP: Failed to open media") == gave_up.count("MP: Failed to open media")
+            assert real.log_text().count("Reconnecting") == gave_up.count("Reconnecting")
+            second = LiveEngine(comps, PacedSource(fps=12, seed=1), obs=obs_opts(real), api_port=port, prompt="a dog")
+            assert second.api.url == first.api.url
+            t0 = time.monotonic()
+            with second:
+                wait_for(lambda: _shows(client, second), timeout=60, what="the new engine's frames in OBS")
+                took = time.monotonic() - t0
+                wait_for(lambda: second.controller.status()["obs_source"] == "pulling", timeout=10, what="'pulling'")
+                st = second.controller.status()
+                assert st["obs"] == "connected" and st["stream_clients"] >= 1
+                assert second.bridge.source_kicks >= 1 and second.bridge.connects == 1
+            print(f"engine restart to frames in OBS: {took:.2f} s")
+        finally:
+            client.disconnect()
+    assert any("re-opened it" in r.getMessage() for r in caplog.records if r.name == "live2diff.obs")
+
+
+def test_a_source_that_stopped_reading_is_reopened_while_the_engine_stays_connected(comps, tmp_path):
+    """No reconnect: OBS's source gives up (pointed at a dead address it fails to open, retries
+    once and never again: the same state an engine restart leaves it in), the status says so, and
+    the bridge re-opens it with its own settings after a few seconds, without flooding OBS. The
+    OBS script says so in OBS's log."""
+    settings = {"ws_password": PASSWORD}
+    with RealOBS(tmp_path, password=PASSWORD, script=SCRIPT, script_settings=settings) as real:
+        client = real.client()
+        try:
+            with LiveEngine(comps, PacedSource(fps=12), obs=obs_opts(real, source_stale_s=1.0, source_kick_every_s=4.0)) as live:
+                wait_for(lambda: live.bridge.state == "connected", timeout=20, what="the engine to connect to OBS")
+                assert post(live.api.url, command_message("add_to_scene"))[1]["ok"]
+                wait_for(lambda: live.api.stream_clients("obs") == 1, timeout=30, what="OBS reading the stream")
+                kicks = live.bridge.source_kicks
+                failed = real.log_text().count("MP: Failed to open media")
+                client.send("SetInputSettings", {"inputName": "Live2Diff", "overlay": True,
+                                                 "inputSettings": {"input": "http://127.0.0.1:9/stream.mjpg?client=obs"}})
+                real.wait_for_log("MP: Failed to open media", timeout=20, count=failed + 1)
+                wait_for(lambda: live.api.stream_clients("obs") == 0, timeout=20, what="OBS to stop reading")
+                wait_for(lambda: live.controller.status()["obs_source"] == "not pulling", timeout=20,
+                         what="the status to say that OBS does not pull the stream")
+                real.wait_for_log("| OBS source not pulling the stream", timeout=20)
+                wait_for(lambda: live.api.stream_clients("obs") == 1, timeout=30, what="the bridge to re-open the source")
+                wait_for(lambda: live.controller.status()["obs_source"] == "pulling", timeout=10, what="'pulling' again")
+                n = len(live.outputs)
+                wait_for(lambda: _shows(client, live, seen_after=n), timeout=30, what="frames in OBS again")
+                assert live.bridge.connects == 1
+                assert 1 <= live.bridge.source_kicks - kicks <= 2
+        finally:
+            client.disconnect()
+
+
+def test_the_engines_source_stays_out_of_the_audio_mixer(comps, tmp_path):
+    """A Media Source gets a strip in OBS's Audio Mixer; the engine's output has no sound. The
+    engine mutes it and takes it off every audio track (all obs-websocket offers); the OBS script
+    removes the strip (OBS's mixer shows a source only while its audio is active and its private
+    'mixer_hidden' setting is off; the setting is saved with the scene collection)."""
+    hidden = "kept the 'Live2Diff' source out of the Audio Mixer"
+    settings = {"ws_password": PASSWORD}
+    with RealOBS(tmp_path, password=PASSWORD, script=SCRIPT, script_settings=settings) as real:
+        with LiveEngine(comps, PacedSource(fps=12), obs=obs_opts(real)) as live:
+            wait_for(lambda: live.bridge.state == "connected", timeout=20, what="the engine to connect to OBS")
+            assert post(live.api.url, command_message("add_to_scene"))[1]["ok"]
+            real.wait_for_log(hidden, timeout=20)
+            client = real.client()
+            try:
+                assert client.send("GetInputMute", {"inputName": "Live2Diff"}, raw=True)["inputMuted"] is True
+                tracks = client.send("GetInputAudioTracks", {"inputName": "Live2Diff"}, raw=True)["inputAudioTracks"]
+                assert not any(tracks.values()), tracks
+                monitor = client.send("GetInputAudioMonitorType", {"inputName": "Live2Diff"}, raw=True)["monitorType"]
+                assert monitor == "OBS_MONITORING_TYPE_NONE"
+                wait_for(lambda: _lit(screenshot(client, "Live2Diff")), timeout=30, what="frames in OBS")  # still shows
+            finally:
+                client.disconnect()
+            real.stop()
+            saved = {s["name"]: s for s in real.scene_collection()["sources"]}["Live2Diff"]
+            assert saved["private_settings"].get("mixer_hidden") is True
+            assert saved["muted"] is True and saved["mixers"] & 0b111111 == 0  # OBS has six tracks
+            real.start()  # the setting holds across a restart; the script hides it again all the same
+            real.wait_for_log(hidden, timeout=20, count=2)

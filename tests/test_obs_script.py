@@ -139,6 +139,18 @@ def test_status_formatting():
     assert L.status_key(None, None) == ("offline",)
 
 
+def test_the_panel_and_the_log_say_when_obs_does_not_pull_the_stream():
+    connected = dict(STATUS, obs="connected", obs_source="pulling")
+    idle = dict(connected, obs_source="not pulling")
+    assert "not pulling" not in L.format_status(connected, L.LINK_WS) + L.status_line(connected, L.LINK_WS)
+    assert "OBS source not pulling the stream" in L.format_status(idle, L.LINK_WS)
+    assert L.status_line(idle, L.LINK_WS).endswith("| OBS source not pulling the stream")
+    assert L.status_key(idle, L.LINK_WS) != L.status_key(connected, L.LINK_WS)  # logged when it starts and ends
+    # Only while the engine is connected to OBS: otherwise its OBS link line says what is wrong.
+    assert "not pulling" not in L.format_status(dict(idle, obs="waiting for OBS"), L.LINK_HTTP)
+    assert "no 'Live2Diff' source yet" in L.format_status(dict(connected, obs_source="absent"), L.LINK_WS)
+
+
 def test_cycle_style():
     styles = ["default", "anime", "toon"]
     assert L.cycle_style(styles, "default", 1) == "anime"

@@ -176,6 +176,7 @@ class ApiServer:
         self._error: BaseException | None = None
         self.commands_seen = 0
         self.frames_served = 0  # MJPEG parts written, over all viewers
+        self._readers = {"obs": 0, "other": 0}  # open /stream.mjpg connections (OBS's source asks with ?client=obs)
         self._http_pacer = Pacer()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -219,8 +220,15 @@ class ApiServer:
     def set_controller(self, controller) -> None:
         self.controller = controller
         controller.api_url = self.url
+        controller.stream_clients = self.stream_clients
         controller.add_listener(self.notify_changed)
         self.notify_changed()
+
+    def stream_clients(self, who: str | None = None) -> int:
+        """How many clients read /stream.mjpg now: ``who="obs"`` only the engine's OBS source
+        (it asks with ``?client=obs``), None all of them."""
+        readers = self._readers
+        return readers.get(who, 0) if who else sum(readers.values())
 
     def notify_changed(self) -> None:
         loop, event = self._loop, self._changed
@@ -485,7 +493,10 @@ class ApiServer:
         from aiohttp import web
 
         token = request.query.get("token") if self.token else None
-        query = f"?token={token}" if token else ""
+        params = [f"token={token}"] if token else []
+        if request.query.get("client") == "obs":  # OBS's Browser Source: its stream counts as OBS's
+            params.append("client=obs")
+        query = "?" + "&".join(params) if params else ""
         return web.Response(text=OUTPUT_PAGE.replace("{query}", query), content_type="text/html")
 
     async def _snapshot(self, request):
@@ -506,6 +517,9 @@ class ApiServer:
         await resp.prepare(request)
         loop = asyncio.get_running_loop()
         seq = -1
+        who = "obs" if request.query.get("client") == "obs" else "other"
+        self._readers[who] += 1
+        self._readers_changed()
         try:
             while True:
                 if not await self.stream.wait_newer(seq, 5.0) and seq >= 0:
@@ -520,7 +534,14 @@ class ApiServer:
                 self.frames_served += 1
         except (ConnectionResetError, asyncio.CancelledError):
             pass
+        finally:
+            self._readers[who] -= 1
+            self._readers_changed()
         return resp
+
+    def _readers_changed(self) -> None:
+        if self.controller is not None:  # the status carries the count; the OBS bridge watches it
+            self.controller.changed()
 
 
 def api_token_from_env(value: str | None) -> str | None:

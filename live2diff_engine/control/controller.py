@@ -78,6 +78,7 @@ class Controller:
         self.obs = None  # an ObsBridge, for add_to_scene and the connection state
         self.api_url: str | None = None
         self.api_token: str | None = None  # for the stream URL given to OBS, where the API has one
+        self.stream_clients: Callable[..., int] | None = None  # the API's reader count of /stream.mjpg
         self.paused = False
         self.civitai_token: str | None = None  # lets the dock start style downloads from civitai
         self.settings_file = None  # where the live settings are saved after each change (saved_settings)
@@ -342,6 +343,10 @@ class Controller:
             "last_error": stats.last_error if stats else None,
             "uptime_s": stats.uptime_s if stats else 0.0,
             "obs": self.obs.state if self.obs is not None else "off",
+            # "pulling", "not pulling" (the source exists, nothing reads the stream), "absent"; None
+            # while OBS is not connected or there is no stream to pull
+            "obs_source": getattr(self.obs, "source_state", None),
+            "stream_clients": self.stream_clients() if self.stream_clients is not None else None,
             "lipsync_ms": getattr(self.obs, "lipsync_ms", None),
             "api_url": self.api_url,
             "model": self.label,

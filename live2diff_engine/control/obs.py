@@ -5,6 +5,14 @@ with ``BroadcastCustomEvent``); status goes out the same way once a second and o
 replies go out as they settle. The bridge also adds the engine's output to a scene and keeps an
 audio input's sync offset at the measured video latency (lip sync).
 
+It also keeps OBS's source of the engine's output alive. OBS 29's Media Source gives up for good
+when one reconnect finds the stream gone (`MP: Failed to open media`, e.g. while the engine
+restarts); hiding it or its Restart action do not open it again, re-applying its settings does.
+So the source reads ``/stream.mjpg?client=obs`` (the API counts those readers apart), and the
+bridge re-applies the source's settings when it (re)connects and nobody reads the stream, and
+whenever no OBS reader has pulled the stream for a few seconds (at most every few seconds). The
+status says which: ``obs_source`` is "pulling", "not pulling" or "absent".
+
 Everything runs on the bridge's own thread: the stream never waits for OBS. OBS not running yet,
 restarting or closing are normal: the bridge retries with backoff and says so once.
 
@@ -29,6 +37,9 @@ GENERAL_EVENTS = 1 << 0  # obs-websocket EventSubscription.General: CustomEvent 
 SOURCE_NAME = "Live2Diff"
 LIPSYNC_STEP_MS = 20  # change the audio offset only when the latency moved this much
 BOUNDS_SCALE_INNER = "OBS_BOUNDS_SCALE_INNER"
+SOURCE_STALE_S = 3.0  # OBS's source has read nothing for this long: re-open it
+SOURCE_KICK_EVERY_S = 10.0  # but at most this often
+NO_AUDIO_TRACKS = {str(i): False for i in range(1, 7)}
 
 
 def _silence_obsws() -> None:
@@ -44,6 +55,39 @@ class ObsAuthError(Exception):
     pass
 
 
+class SourceWatch:
+    """When to check OBS's source (and re-open it): at once after a (re)connection, then whenever
+    no OBS reader has pulled the stream for ``stale_s``, at most once every ``every_s``."""
+
+    def __init__(self, stale_s: float = SOURCE_STALE_S, every_s: float = SOURCE_KICK_EVERY_S):
+        self.stale_s, self.every_s = stale_s, every_s
+        self.reset()
+
+    def reset(self) -> None:
+        """A new connection: check at the next look."""
+        self.now_due = True
+        self._idle_since: float | None = None
+        self._last: float | None = None
+
+    def due(self, now: float, readers: int) -> bool:
+        if self.now_due:
+            return True
+        if readers > 0:
+            self._idle_since = None
+            return False
+        if self._idle_since is None:
+            self._idle_since = now
+        return now - self._idle_since >= self.stale_s and (self._last is None or now - self._last >= self.every_s)
+
+    def checked(self, now: float) -> None:
+        self.now_due = False
+        self._last = now
+
+    def stale(self, now: float) -> bool:
+        """No OBS reader for ``stale_s`` (as of the last ``due``)."""
+        return self._idle_since is not None and now - self._idle_since >= self.stale_s
+
+
 class ObsBridge:
     def __init__(
         self,
@@ -57,6 +101,8 @@ class ObsBridge:
         lipsync_input: str | None = None,
         lipsync_extra_ms: int = 0,
         status_every_s: float = 1.0,
+        source_stale_s: float = SOURCE_STALE_S,
+        source_kick_every_s: float = SOURCE_KICK_EVERY_S,
         retry_max_s: float = 10.0,
         timeout_s: float = 3.0,
     ):
@@ -72,6 +118,10 @@ class ObsBridge:
         self.retry_max_s = retry_max_s
         self.timeout_s = timeout_s
         self.state = "connecting"
+        self.source_state: str | None = None  # "pulling", "not pulling", "absent"; None: unknown
+        self.source_kicks = 0  # times the bridge re-opened OBS's source
+        self._watch = SourceWatch(source_stale_s, source_kick_every_s)
+        self._kick_said = False
         self.connects = 0
         self.events_in = 0
         self.broadcasts = 0
@@ -144,6 +194,7 @@ class ObsBridge:
                 continue
             delay = 0.5
             self.connects += 1
+            self._watch.reset()
             self._set_state("connected")
             self._said = None
             log.warning("connected to OBS at ws://%s:%d", self.host, self.port)
@@ -152,6 +203,7 @@ class ObsBridge:
             except Exception as exc:
                 log.warning("lost the connection to OBS (%s); reconnecting", _why(exc))
             self._disconnect()
+            self.source_state = None
             if not self._stop.is_set():
                 self._set_state("waiting for OBS")
                 self._said = None
@@ -256,17 +308,112 @@ class ObsBridge:
             if self.lipsync_input and now - last_lipsync >= 2.0:
                 last_lipsync = now
                 self._lipsync()
+            self._watch_source(now)
 
     # -- OBS requests (bridge thread) --------------------------------------------------------
 
     def _request(self, kind: str, data: dict | None = None) -> dict:
         return self._req.send(kind, data, raw=True) or {}
 
+    def _source_settings(self, obs_kind: str, width: int | None = None, height: int | None = None) -> dict:
+        """The settings of the engine's source in OBS (without the size: only the URL for a browser)."""
+        query = "?client=obs"
+        token = getattr(self.controller, "api_token", None)
+        if token:
+            query += f"&token={token}"
+        if obs_kind == "browser_source":
+            settings = {"url": f"{self.output_url}/output{query}"}
+            if width and height:
+                settings.update(width=width, height=height, reroute_audio=False, restart_when_active=False, shutdown=False)
+            return settings
+        return {"is_local_file": False, "input": f"{self.output_url}/stream.mjpg{query}", "input_format": "mpjpeg",
+                "buffering_mb": 0, "reconnect_delay_sec": 1, "restart_on_activate": False,
+                "close_when_inactive": False, "hw_decode": False, "clear_on_media_end": False}
+
+    def _obs_readers(self) -> int | None:
+        count = getattr(self.controller, "stream_clients", None)
+        return count("obs") if count is not None and self.output_url else None
+
+    def _set_source_state(self, state: str | None) -> None:
+        if state != self.source_state:
+            self.source_state = state
+            self.controller.changed()
+
+    def _watch_source(self, now: float) -> None:
+        """Keeps OBS's source reading the stream (see the module's doc)."""
+        readers = self._obs_readers()
+        if readers is None:
+            return  # no local stream (API off)
+        due = self._watch.due(now, readers)
+        if readers > 0:
+            self._kick_said = False
+            self._set_source_state("pulling")
+        elif self.source_state == "pulling" and self._watch.stale(now):
+            self._set_source_state("not pulling")
+        if not due:
+            return
+        self._watch.checked(now)
+        from obsws_python.error import OBSSDKRequestError
+
+        try:
+            self._check_source(kick=readers == 0)
+        except OBSSDKRequestError as exc:  # OBS said no; anything else is the connection: reconnect
+            self._say(logging.WARNING, f"could not check OBS's {SOURCE_NAME!r} source: {_why(exc)}")
+
+    def _check_source(self, kick: bool) -> None:
+        from obsws_python.error import OBSSDKRequestError
+
+        try:
+            found = self._request("GetInputSettings", {"inputName": SOURCE_NAME})
+        except OBSSDKRequestError as exc:
+            if exc.code != 600:  # ResourceNotFound: not added (yet)
+                raise
+            if self._obs_readers() == 0:
+                self._set_source_state("absent")
+            return
+        obs_kind = found.get("inputKind", "")
+        self._quiet_source()
+        if not kick or self._obs_readers():
+            return
+        if obs_kind == "ffmpeg_source":
+            self._request("SetInputSettings", {"inputName": SOURCE_NAME, "inputSettings": self._source_settings(obs_kind),
+                                               "overlay": True})
+        elif obs_kind == "browser_source":
+            self._request("SetInputSettings", {"inputName": SOURCE_NAME, "inputSettings": self._source_settings(obs_kind),
+                                               "overlay": True})
+            try:
+                self._request("PressInputPropertiesButton", {"inputName": SOURCE_NAME, "propertyName": "refreshnocache"})
+            except OBSSDKRequestError:
+                pass
+        else:
+            self._set_source_state("not pulling")
+            self._say(logging.WARNING, f"OBS's {SOURCE_NAME!r} source is a {obs_kind}, which cannot show the engine's "
+                      "output; `live2diff-engine ctl add-to-scene` after removing it")
+            return
+        self.source_kicks += 1
+        self._set_source_state("not pulling")
+        if not self._kick_said:
+            self._kick_said = True
+            log.warning("OBS's %r source was not reading the engine's stream; re-opened it", SOURCE_NAME)
+
+    def _quiet_source(self) -> None:
+        """The output carries no sound: muted, on no audio track, not monitored. (Hiding it from
+        OBS's Audio Mixer is not offered by obs-websocket; the OBS script does that.)"""
+        from obsws_python.error import OBSSDKRequestError
+
+        for kind, data in (("SetInputMute", {"inputMuted": True}),
+                           ("SetInputAudioTracks", {"inputAudioTracks": NO_AUDIO_TRACKS}),
+                           ("SetInputAudioMonitorType", {"monitorType": "OBS_MONITORING_TYPE_NONE"})):
+            try:
+                self._request(kind, {"inputName": SOURCE_NAME, **data})
+            except OBSSDKRequestError:
+                pass  # an OBS (or a source kind) without it
+
     def _add_to_scene(self, scene: str | None) -> None:
         from obsws_python.error import OBSSDKRequestError
 
         if not self.output_url:
-            raise RuntimeError("the engine's local API is off (--api-port 0), so there is no stream for OBS to show")
+            raise RuntimeError("the engine's local API is off (--no-api), so there is no stream for OBS to show")
         if not scene:
             cur = self._request("GetCurrentProgramScene")
             scene = cur.get("currentProgramSceneName") or cur.get("sceneName")
@@ -276,19 +423,8 @@ class ObsBridge:
             kind = "browser" if "browser_source" in kinds else "media"
         video = self._request("GetVideoSettings")
         width, height = int(video.get("baseWidth", 1280)), int(video.get("baseHeight", 720))
-        if kind == "browser":
-            obs_kind = "browser_source"
-            settings = {"url": f"{self.output_url}/output", "width": width, "height": height,
-                        "reroute_audio": False, "restart_when_active": False, "shutdown": False}
-        else:
-            obs_kind = "ffmpeg_source"
-            settings = {"is_local_file": False, "input": f"{self.output_url}/stream.mjpg", "input_format": "mpjpeg",
-                        "buffering_mb": 0, "reconnect_delay_sec": 1, "restart_on_activate": False,
-                        "close_when_inactive": False, "hw_decode": False, "clear_on_media_end": False}
-        token = getattr(self.controller, "api_token", None)
-        if token:
-            key = "url" if kind == "browser" else "input"
-            settings[key] += f"?token={token}"
+        obs_kind = "browser_source" if kind == "browser" else "ffmpeg_source"
+        settings = self._source_settings(obs_kind, width, height)
         existing = {i.get("inputName") for i in self._request("GetInputList").get("inputs", [])}
         if SOURCE_NAME in existing:
             self._request("SetInputSettings", {"inputName": SOURCE_NAME, "inputSettings": settings, "overlay": True})
@@ -306,6 +442,10 @@ class ObsBridge:
                     "positionX": 0.0, "positionY": 0.0, "boundsAlignment": 0}})
             except OBSSDKRequestError:
                 pass  # it shows at its own size
+        self._quiet_source()
+        self._watch.checked(time.monotonic())  # just (re)opened: the next check after the usual wait
+        if not self._obs_readers():
+            self._set_source_state("not pulling")
         log.warning("added the engine's output to OBS scene %r as %s %r", scene, obs_kind, SOURCE_NAME)
 
     def _lipsync(self) -> None:
