@@ -22,7 +22,7 @@
   const el = {
     conn: $('conn'), main: $('main'), controls: $('controls'),
     state: $('f-state'), fps: $('f-fps'), latency: $('f-latency'), style: $('f-style'), frames: $('f-frames'),
-    lastError: $('last-error'), toast: $('toast'), about: $('about'),
+    lastError: $('last-error'), toast: $('toast'), about: $('about'), obsSource: $('obs-source'),
     prompt: $('prompt'), promptApply: $('prompt-apply'), history: $('history'), historyEmpty: $('history-empty'),
     negative: $('negative'), negativeApply: $('negative-apply'),
     guidance: $('guidance'), guidanceApply: $('guidance-apply'),
@@ -310,6 +310,11 @@
     el.frames.textContent = typeof s.frames_out === 'number' ? String(s.frames_out) : '\u2013';
     el.lastError.hidden = !s.last_error;
     el.lastError.textContent = s.last_error ? 'Last error: ' + s.last_error : '';
+    // OBS connected is not OBS showing the output: its source may exist and read nothing.
+    const notPulling = s.obs === 'connected' && s.obs_source === 'not pulling';
+    el.obsSource.hidden = !notPulling;
+    el.obsSource.textContent = notPulling
+      ? 'OBS source not pulling the stream: OBS shows no new frames (the engine is re-opening its Live2Diff source)' : '';
 
     setField(el.prompt, s.prompt);
     setField(el.negative, s.negative_prompt);
@@ -359,6 +364,8 @@
     if (s.model) about.push('model ' + s.model);
     if (Array.isArray(s.size)) about.push(s.size.join('\u00d7'));
     if (s.obs && s.obs !== 'off') about.push('OBS ' + s.obs);
+    if (s.obs === 'connected' && s.obs_source === 'pulling') about.push('OBS pulls the stream');
+    if (s.obs === 'connected' && s.obs_source === 'absent') about.push('no Live2Diff source in OBS');
     if (s.version) about.push('v' + s.version);
     el.about.textContent = about.join(' \u00b7 ');
   }

@@ -375,3 +375,32 @@ def test_dock_reconnects_when_the_engine_api_restarts(running, browser):
     api.set_controller(running.controller)
     connected(d)
     assert by_id(d, "prompt-apply").get_attribute("disabled") is None
+
+
+def test_the_dock_says_when_obs_does_not_pull_the_stream(running, browser):
+    """'OBS connected' is not 'OBS shows the output': the engine's source in OBS may exist and read
+    nothing. Against the protocol-faithful obs-websocket server of tests/fake_obs.py, which reads
+    no stream (the real OBS pulling it: tests/test_obs_real.py)."""
+    from fake_obs import FakeOBS
+
+    from live2diff_engine.control.obs import ObsBridge
+
+    connected(browser)
+    with FakeOBS(password="dock-pw") as fake:
+        bridge = ObsBridge(running.controller, "127.0.0.1", fake.port, "dock-pw", output_url=running.api.url,
+                           retry_max_s=0.5, source_stale_s=0.5).start()
+        try:
+            wait_for(lambda: "no Live2Diff source in OBS" in text_of(browser, "about"), 20, "'no source' in the dock")
+            assert not by_id(browser, "obs-source").is_displayed()
+            added = threading.Event()
+            bridge.add_to_scene(None, lambda ok, err: added.set())
+            assert added.wait(20)
+            wait_for(lambda: by_id(browser, "obs-source").is_displayed(), 15, "the warning")
+            assert "OBS source not pulling the stream" in text_of(browser, "obs-source")
+            # A reader that is OBS's source (ffmpeg asks with ?client=obs): the warning goes.
+            with urllib.request.urlopen(running.api.url + "/stream.mjpg?client=obs", timeout=10):  # headers: counted
+                wait_for(lambda: not by_id(browser, "obs-source").is_displayed(), 15, "the warning to go")
+                assert "OBS pulls the stream" in text_of(browser, "about")
+        finally:
+            bridge.stop()
+            running.controller.obs = None
