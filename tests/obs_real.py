@@ -453,8 +453,9 @@ class RealOBS:
         return "\n".join(p.read_text(errors="replace") for p in self.log_files())
 
     def wait_for_log(self, needle: str, timeout: float = 10.0, count: int = 1) -> str:
-        """Wait until ``needle`` occurs ``count`` times in the log; returns the log text."""
-        deadline = time.monotonic() + timeout
+        """Wait until ``needle`` occurs ``count`` times in the log; returns the log text. At least a
+        minute whatever ``timeout`` says: a busy machine may be slow, only a wait that never ends fails."""
+        deadline = time.monotonic() + max(timeout, 60.0)
         while True:
             text = self.log_text()
             if text.count(needle) >= count:
