@@ -970,12 +970,16 @@ def _quiet_libraries() -> None:
 
     for name in ("transformers", "diffusers", "peft", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as tlog
+    # transformers sets its logger's level from this when it is first imported (which the quick
+    # commands never do: importing it here cost them seconds)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        try:
+            from transformers.utils import logging as tlog
 
-        tlog.set_verbosity_error()
-    except Exception:
-        pass
+            tlog.set_verbosity_error()
+        except Exception:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,12 +13,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .config import config_file, home
 from .errors import ConfigError, ModelLoadError
-from .models.loading import read_weight_file
+
+if TYPE_CHECKING:  # torch loads with the first weights touched: listing styles never needs it
+    import torch
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,6 +27,12 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 PRESETS = Path(__file__).parent / "data" / "styles.toml"
+
+
+def read_weight_file(path) -> dict[str, torch.Tensor]:
+    from .models.loading import read_weight_file as read
+
+    return read(path)
 
 
 def user_styles_file() -> Path:
@@ -104,10 +111,10 @@ def _parse_style(name: str, raw: dict, source: str) -> Style:
         raise ConfigError(f"{where}: {exc}") from None
     if style.clip_skip < 1:
         raise ConfigError(f"{where}: clip_skip must be 1 or more")
-    from .pipeline.schedule import make_schedule
+    from .pipeline.schedule import check_schedule
 
     try:
-        make_schedule(*style.schedule_args())
+        check_schedule(*style.schedule_args())
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return style
@@ -315,6 +322,8 @@ class StyleManager:
     def _unfuse(self) -> set[int]:
         """Copy back the weights saved before the last fusion; the ids of the parameters restored.
         The copies stay: they equal the weights now, and the next fusion reuses those it needs."""
+        import torch
+
         saved = self.comps.unfused
         with torch.no_grad():
             for param, copy in saved.values():
@@ -324,6 +333,7 @@ class StyleManager:
     def _fuse(self, loras: list[tuple[str, dict, str, float]]) -> set[int]:
         """Fuse ``(adapter name, tensors, label, scale)`` LoRAs into the weights; the ids of the
         parameters changed. Their values before fusing are kept in ``comps.unfused`` first."""
+        import torch
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         saved = self.comps.unfused
@@ -459,6 +469,8 @@ _PARTIAL = "(partly loaded)"  # comps.dreambooth while a DreamBooth checkpoint i
 def _saved_copy(param: torch.Tensor) -> torch.Tensor:
     """A copy of a weight to put back later: in host memory (pinned, for fast copies back) when the
     weight is on a GPU, so that the GPU holds one set of weights."""
+    import torch
+
     if param.device.type == "cuda":
         return torch.empty(param.shape, dtype=param.dtype, pin_memory=True).copy_(param.detach())
     return param.detach().clone()
@@ -480,8 +492,13 @@ class _Pinned:
             if p is not None
         ]
 
-    @torch.no_grad()
     def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            self._restore()
+
+    def _restore(self) -> None:
         for parent, name, child in self.children:
             if parent._modules.get(name) is not child:
                 parent._modules[name] = child

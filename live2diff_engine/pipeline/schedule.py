@@ -8,11 +8,17 @@ first) or by a ``strength`` (the last ``int(steps * strength)`` timesteps).
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from diffusers import DDIMScheduler, LCMScheduler
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:  # torch and diffusers load with the first schedule, not with this module
+    import torch
+    from diffusers import LCMScheduler
+
+# The LCM distillation schedule's length (LCMScheduler's original_inference_steps): with the
+# default scheduler, num_inference_steps 1..50 give that many timesteps.
+LCM_ORIGINAL_STEPS = 50
 
 # SD1.5's training noise schedule, as in Live2Diff's configs/base_config.yaml.
 SD15_NOISE_SCHEDULE = {
@@ -45,6 +51,8 @@ class StreamSchedule:
 
 def make_scheduler(config: dict | None = None) -> LCMScheduler:
     """An LCMScheduler configured like the original (from the DDIM noise settings, or a saved config)."""
+    from diffusers import DDIMScheduler, LCMScheduler
+
     if config is None:
         return LCMScheduler.from_config(DDIMScheduler(**SD15_NOISE_SCHEDULE).config)
     return LCMScheduler.from_config({k: v for k, v in config.items() if not k.startswith("_")})
@@ -58,10 +66,25 @@ def make_schedule(
 ) -> StreamSchedule:
     if num_inference_steps < 1:
         raise ConfigError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    import torch
+
     scheduler = make_scheduler(scheduler_config)
     scheduler.set_timesteps(num_inference_steps)
     all_steps = scheduler.timesteps
-    n = len(all_steps)
+    picked = pick_steps(len(all_steps), num_inference_steps, t_index_list, strength)
+    timesteps = torch.stack([all_steps[i] for i in picked]).long()
+    acp = scheduler.alphas_cumprod
+    alpha = torch.stack([acp[t].sqrt() for t in timesteps])
+    beta = torch.stack([(1 - acp[t]).sqrt() for t in timesteps])
+    scalings = [scheduler.get_scalings_for_boundary_condition_discrete(t) for t in timesteps]
+    c_skip = torch.stack([torch.as_tensor(s[0]) for s in scalings]).float()
+    c_out = torch.stack([torch.as_tensor(s[1]) for s in scalings]).float()
+    return StreamSchedule(timesteps, alpha, beta, c_skip, c_out, tuple(picked), num_inference_steps)
+
+
+def pick_steps(n: int, num_inference_steps: int, t_index_list=None, strength: float | None = None) -> list[int]:
+    """The indices into a schedule of ``n`` timesteps that ``t_index_list`` or ``strength`` pick;
+    a setting that picks none, or indices out of range, is a ConfigError."""
     if (t_index_list is None) == (strength is None):
         raise ConfigError("give exactly one of t_index_list (e.g. 32,45) or strength (e.g. 0.4)")
     if strength is not None:
@@ -73,22 +96,26 @@ def make_schedule(
             raise ConfigError(
                 f"strength {strength} with {num_inference_steps} inference steps selects no step; raise either one"
             )
-    else:
-        picked = [int(i) for i in t_index_list]
-        if not picked:
-            raise ConfigError("t_index_list is empty; give at least one index, e.g. 32,45")
-        bad = [i for i in picked if not 0 <= i < n]
-        if bad:
-            raise ConfigError(
-                f"t_index_list {picked} is out of range: indices must be 0..{n - 1} for {num_inference_steps} inference steps"
-            )
-        if any(b <= a for a, b in zip(picked, picked[1:])):
-            raise ConfigError(f"t_index_list {picked} must be strictly increasing (noisiest step first)")
-    timesteps = torch.stack([all_steps[i] for i in picked]).long()
-    acp = scheduler.alphas_cumprod
-    alpha = torch.stack([acp[t].sqrt() for t in timesteps])
-    beta = torch.stack([(1 - acp[t]).sqrt() for t in timesteps])
-    scalings = [scheduler.get_scalings_for_boundary_condition_discrete(t) for t in timesteps]
-    c_skip = torch.stack([torch.as_tensor(s[0]) for s in scalings]).float()
-    c_out = torch.stack([torch.as_tensor(s[1]) for s in scalings]).float()
-    return StreamSchedule(timesteps, alpha, beta, c_skip, c_out, tuple(picked), num_inference_steps)
+        return picked
+    picked = [int(i) for i in t_index_list]
+    if not picked:
+        raise ConfigError("t_index_list is empty; give at least one index, e.g. 32,45")
+    bad = [i for i in picked if not 0 <= i < n]
+    if bad:
+        raise ConfigError(
+            f"t_index_list {picked} is out of range: indices must be 0..{n - 1} for {num_inference_steps} inference steps"
+        )
+    if any(b <= a for a, b in zip(picked, picked[1:])):
+        raise ConfigError(f"t_index_list {picked} must be strictly increasing (noisiest step first)")
+    return picked
+
+
+def check_schedule(num_inference_steps: int = 50, t_index_list=None, strength: float | None = None) -> None:
+    """What ``make_schedule`` refuses with the default scheduler, without building it (no torch,
+    no diffusers: `styles list` checks every style this way)."""
+    if num_inference_steps < 1:
+        raise ConfigError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    if num_inference_steps > LCM_ORIGINAL_STEPS:
+        raise ConfigError(f"num_inference_steps must be at most {LCM_ORIGINAL_STEPS} (the LCM schedule's length), "
+                          f"got {num_inference_steps}")
+    pick_steps(num_inference_steps, num_inference_steps, t_index_list, strength)
