@@ -156,8 +156,9 @@ def _local_file(name: str, url: str | None, style: str, what: str) -> Path:
     cached = styles_cache() / p.name
     if cached.is_file():
         return cached
-    how = f"`live2diff-engine models download --style {style} --token YOUR_CIVITAI_TOKEN`" if url else "put the file there"
-    raise ModelLoadError(f"{what} for style {style!r} is missing: {p.name} not found at {p} nor in {styles_cache()}; get it with {how}")
+    how = (f"get it with `live2diff-engine models download --style {style} --token YOUR_CIVITAI_TOKEN`" if url
+           else "put the file in one of those places")
+    raise ModelLoadError(f"{what} for style {style!r} is missing: {p.name} not found at {p} nor in {styles_cache()}; {how}")
 
 
 def style_files(style: Style) -> list[tuple[Path, str | None]]:
@@ -378,6 +379,9 @@ class StyleManager:
 
     def _restore_base(self) -> None:
         c = self.comps
+        if c.base_dir is None and getattr(c, "base_file", None) is not None:  # a single-file base
+            load_single_file_into(c, read_weight_file(c.base_file), str(c.base_file))
+            return
         if c.base_dir is None:
             raise ModelLoadError("the base model's folder is unknown, so its weights cannot be restored; restart the engine")
         _copy_unet_base_weights(c.unet, Path(c.base_dir) / "unet")

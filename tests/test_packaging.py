@@ -31,5 +31,7 @@ def test_the_wheel_carries_the_dock_and_the_obs_script(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("live2diff_engine/plugin/dock.html", "live2diff_engine/plugin/dock.js", "live2diff_engine/plugin/dock.css",
                    "live2diff_engine/obs_scripts/live2diff_obs.py", "live2diff_engine/data/styles.toml",
-                   "live2diff_engine/control/api.py"):
+                   "live2diff_engine/control/api.py", "live2diff_engine/data/sd15/unet/config.json",
+                   "live2diff_engine/data/sd15/vae/config.json", "live2diff_engine/data/sd15/text_encoder/config.json",
+                   "live2diff_engine/data/sd15/tokenizer/merges.txt.gz"):
         assert needed in names, needed

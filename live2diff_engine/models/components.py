@@ -27,6 +27,7 @@ class Components:
     depth: torch.nn.Module
     label: str
     base_dir: Path | None = None  # the SD folder (config source for single-file DreamBooth checkpoints)
+    base_file: Path | None = None  # the single-file checkpoint the base came from, when it did
     is_tiny: bool = False
     dreambooth: str | None = None  # the DreamBooth checkpoint whose weights are loaded (None: the base)
     lcm_lora: dict | None = field(default=None, repr=False)  # the few-step LoRA's tensors, re-applied on style switches
@@ -74,6 +75,47 @@ def load_vae(base_dir: Path, vae: str, dtype: torch.dtype) -> torch.nn.Module:
     return _from_pretrained(AutoencoderTiny, resolve(vae, name="taesd"), "TAESD", torch_dtype=dtype)
 
 
+class library_bars_off:
+    """transformers' and diffusers' own progress bars ("Loading weights", "Loading checkpoint
+    shards") off while models load from local files: the engine says one line per model instead.
+    What was on before is on again afterwards (transformers' switch also covers huggingface_hub's
+    download bars, which the engine keeps)."""
+
+    def __enter__(self):
+        from diffusers.utils import logging as dlog
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+        from transformers.utils import logging as tlog
+
+        self._state = (tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled(), are_progress_bars_disabled())
+        self._hub_off = disable_progress_bars
+        tlog.disable_progress_bar()
+        dlog.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        transformers_on, diffusers_on, hub_off = self._state
+        if transformers_on:
+            tlog.enable_progress_bar()  # also turns huggingface_hub's on
+        if diffusers_on:
+            dlog.enable_progress_bar()
+        if hub_off:
+            self._hub_off()
+
+
+def model_requests(base="sd15", motion="live2diff", depth="midas", depth_source=None, vae="full", lcm_lora="lcm-lora"):
+    """The ``(source, role)`` of every model :func:`load_components` loads, in its order: base,
+    motion, depth, then the LCM-LoRA and TAESD when used."""
+    wanted = [(base, "sd15"), (motion, "live2diff"), (depth_source or depth, depth)]
+    if lcm_lora:
+        wanted.append((lcm_lora, "lcm-lora"))
+    if vae != "full":
+        wanted.append((vae, "taesd"))
+    return wanted
+
+
 def load_components(
     base: str = "sd15",
     motion: str = "live2diff",
@@ -84,31 +126,76 @@ def load_components(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress=None,
+    base_config: str | os.PathLike | None = None,
 ) -> Components:
-    """Load the real models. ``progress(step_text)`` is told about each long step."""
+    """Load the real models. ``progress(step_text)`` is told about each model as it loads.
+
+    ``base`` is a diffusers SD1.5 folder, its ``unet/`` folder (the rest is found beside it), a
+    single-file SD1.5 checkpoint, or a model name / hub id; ``base_config`` is the diffusers
+    folder whose configs describe a single-file base (default: SD1.5's, shipped with the package).
+    Every model is resolved before any loads: all that are missing are named in one error."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from ..depth import load_depth_estimator
+    from .hub import resolve_all
+    from .loading import sd_folder
+    from .single_file import open_single_file
 
     say = progress or (lambda text: None)
-    say("resolving models")
-    base_dir = resolve(base, name="sd15")
-    motion_path = resolve(motion, name="live2diff")
-    depth_dir = resolve(depth_source or depth, name=depth)
-    say("loading the streaming UNet")
-    unet = load_streaming_unet(base_dir, motion_path, dtype=dtype)
-    say("loading VAE, text encoder and tokenizer")
-    vae_model = load_vae(base_dir, vae, dtype)
-    text_encoder = _from_pretrained(CLIPTextModel, base_dir / "text_encoder", "text encoder", torch_dtype=dtype)
-    tokenizer = _from_pretrained(CLIPTokenizer, base_dir / "tokenizer", "tokenizer", model_max_length=77)
-    say("loading the depth estimator")
-    depth_model = load_depth_estimator(depth, depth_dir, dtype=dtype)
-    comps = Components(unet, vae_model, text_encoder, tokenizer, depth_model, label=f"{base} + {motion}", base_dir=Path(base_dir))
-    if lcm_lora:
-        say("loading LCM-LoRA")
-        comps.lcm_lora = read_lora(resolve(lcm_lora, name="lcm-lora"))
+    paths = resolve_all(model_requests(base, motion, depth, depth_source, vae, lcm_lora), progress=say)
+    base_path, motion_path, depth_dir = paths[:3]
+    lcm_path = paths[3] if lcm_lora else None
+    vae_path = paths[-1] if vae != "full" else None
+    with library_bars_off():
+        if base_path.is_file():
+            say(f"reading the checkpoint {base_path}")
+            single = open_single_file(base_path, base_config)
+            say("loading the UNet and the motion modules")
+            unet = load_streaming_unet(single, motion_path, dtype=dtype)
+            say("loading the VAE" if vae_path is None else "loading TAESD")
+            vae_model = single.vae(dtype) if vae_path is None else load_vae(base_path, str(vae_path), dtype)
+            say("loading the text encoder and tokenizer")
+            text_encoder = single.text_encoder(dtype)
+            tokenizer = single.tokenizer()
+            del single  # the checkpoint's other tensors (EMA copies and the like) are not kept
+            base_dir = None
+        else:
+            base_dir = sd_folder(base_path)
+            _check_sd_folder(base_dir, base_path, need_vae=vae_path is None)
+            say("loading the UNet and the motion modules")
+            unet = load_streaming_unet(base_dir, motion_path, dtype=dtype)
+            say("loading the VAE" if vae_path is None else "loading TAESD")
+            vae_model = load_vae(base_dir, "full" if vae_path is None else str(vae_path), dtype)
+            say("loading the text encoder and tokenizer")
+            text_encoder = _from_pretrained(CLIPTextModel, base_dir / "text_encoder", "text encoder", torch_dtype=dtype)
+            tokenizer = _from_pretrained(CLIPTokenizer, base_dir / "tokenizer", "tokenizer", model_max_length=77)
+        say(f"loading the depth estimator ({depth})")
+        depth_model = load_depth_estimator(depth, depth_dir, dtype=dtype)
+        comps = Components(unet, vae_model, text_encoder, tokenizer, depth_model, label=f"{base} + {motion}", base_dir=base_dir)
+        if base_dir is None:
+            comps.base_file = base_path  # a DreamBooth style's switch back re-reads it
+        if lcm_path is not None:
+            say("loading the LCM-LoRA")
+            comps.lcm_lora = read_lora(lcm_path)
     comps = to_device(comps, device, dtype)
     return comps
+
+
+def _check_sd_folder(folder: Path, given: Path, need_vae: bool) -> None:
+    """The parts of the SD folder the engine loads besides the UNet, all named at once if absent."""
+    parts = ["text_encoder", "tokenizer"] + (["vae"] if need_vae else [])
+    absent = [p for p in parts if not (folder / p).is_dir()]
+    if not absent:
+        return
+    if folder != given:  # --base was the unet/ folder
+        raise ModelLoadError(
+            f"{given} is a UNet folder, and the rest of its Stable Diffusion model is not beside it: no "
+            f"{', '.join(p + '/' for p in absent)} in {folder}; pass the whole SD1.5 folder (unet/, vae/, text_encoder/, "
+            "tokenizer/) or a single-file SD1.5 checkpoint"
+        )
+    raise ModelLoadError(
+        f"the Stable Diffusion folder {folder} is incomplete: no {', '.join(p + '/' for p in absent)}; download it again"
+    )
 
 
 def read_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -129,12 +129,14 @@ def resolve(source: str | os.PathLike, *, name: str | None = None, download: boo
     return _from_hub(text, spec, name, download=download)
 
 
-def _from_hub(repo_id: str, spec: ModelSpec | None, name: str | None, *, download: bool) -> Path:
+def _from_hub(repo_id: str, spec: ModelSpec | None, name: str | None, *, download: bool, command: str | None = None) -> Path:
+    """``command``: what the messages say fetches the model (default: ``models download`` of it)."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     label = name or repo_id
     offline = is_offline() or not download
+    command = command or _fetch_command(name, repo_id)
 
     def fetch(local_only: bool) -> Path:
         if spec is not None and spec.filename:
@@ -150,7 +152,7 @@ def _from_hub(repo_id: str, spec: ModelSpec | None, name: str | None, *, downloa
     if offline:
         raise ModelLoadError(
             f"{label} ({repo_id}) is not downloaded and this machine is offline: looked in {where}; "
-            f"run `{_fetch_command(name, repo_id)}` while online"
+            f"run `{command}` while online"
         )
     try:
         return fetch(local_only=False)
@@ -162,8 +164,83 @@ def _from_hub(repo_id: str, spec: ModelSpec | None, name: str | None, *, downloa
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
             f"cannot download {label} ({repo_id}): {first}; looked in {where}; "
-            f"check the network and run `{_fetch_command(name, repo_id)}`"
+            f"check the network and run `{command}`"
         ) from None
+
+
+def download_command(names: list[str]) -> str:
+    """One command that fetches every one of ``names`` (model names or hub ids): plain
+    ``models download`` when they are all among the models the engine needs by default."""
+    if names and all(n in DEFAULT_MODELS for n in names):
+        return "live2diff-engine models download"
+    return "live2diff-engine models download " + " ".join(names)
+
+
+def resolve_all(wanted: list[tuple[str, str | None]], *, download: bool = True, progress=None) -> list[Path]:
+    """Resolve several models at once: ``wanted`` is ``(source, role)`` pairs as for :func:`resolve`.
+
+    Local paths and models already in the hub cache come first; those not downloaded are then
+    fetched (unless offline or ``download`` is false). Whatever is still missing is named in one
+    :class:`ModelLoadError`, all of them together, with one command that fetches them all: a run
+    never stops on the first missing model only to stop on the next one the time after."""
+    say = progress or (lambda text: None)
+    found: list[Path | None] = []
+    not_found: list[str] = []  # local paths that do not exist (no download can help)
+    to_fetch: list[tuple[int, str, ModelSpec | None, str | None]] = []
+    for i, (source, role) in enumerate(wanted):
+        text = os.fspath(source)
+        spec = MODELS.get(text)
+        name = role
+        if spec is not None:
+            name, text = spec.name, spec.repo_id
+        elif role in MODELS and MODELS[role].repo_id == text:
+            spec = MODELS[role]
+        path = Path(text).expanduser()
+        if path.exists():
+            found.append(path)
+            continue
+        found.append(None)
+        if not looks_like_hub_id(text):
+            not_found.append(f"{role + ' model' if role else 'model'} {path} (no such file or folder)")
+            continue
+        try:
+            found[i] = _from_hub(text, spec, name, download=False)
+        except ModelLoadError:
+            to_fetch.append((i, text, spec, name))
+    if not_found:
+        more = f"; also not downloaded: {_names(to_fetch)}" if to_fetch else ""
+        raise ModelLoadError(f"not found: {', '.join(not_found)}{more}; pass existing paths or hub ids like owner/name")
+    if not to_fetch:
+        return found  # type: ignore[return-value]
+    command = download_command([_label(spec, repo_id) for _, repo_id, spec, _ in to_fetch])
+    if is_offline() or not download:
+        why = "this machine is offline" if is_offline() else "downloads are off"
+        raise ModelLoadError(
+            f"{_count(to_fetch)} not downloaded: {_names(to_fetch)}; {why} (looked in the Hugging Face cache {cache_dir()}); "
+            f"run `{command}` while online to fetch {'it' if len(to_fetch) == 1 else 'them all'}"
+        )
+    for k, (i, repo_id, spec, name) in enumerate(to_fetch):
+        say(f"downloading {_label(spec, repo_id)} ({repo_id})")
+        try:
+            found[i] = _from_hub(repo_id, spec, name, download=True, command=command)
+        except ModelLoadError as exc:
+            rest = to_fetch[k + 1:]
+            if not rest:
+                raise
+            raise ModelLoadError(f"{exc}; not downloaded yet either: {_names(rest)}") from None
+    return found  # type: ignore[return-value]
+
+
+def _label(spec: ModelSpec | None, repo_id: str) -> str:
+    return spec.name if spec is not None else repo_id
+
+
+def _names(items) -> str:
+    return ", ".join(f"{spec.name} ({repo_id})" if spec is not None else repo_id for _, repo_id, spec, _ in items)
+
+
+def _count(items) -> str:
+    return "1 model is" if len(items) == 1 else f"{len(items)} models are"
 
 
 def status(spec: ModelSpec) -> tuple[bool, str]:

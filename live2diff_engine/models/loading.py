@@ -1,6 +1,7 @@
 """Loading the streaming UNet from real files.
 
-* the base UNet from a diffusers folder (``.../unet`` or an SD folder that contains ``unet/``);
+* the base UNet from a diffusers folder (``.../unet`` or an SD folder that contains ``unet/``), or
+  from a single-file SD checkpoint (see :mod:`.single_file`);
 * the Live2Diff motion checkpoint in its original layout: a torch pickle (``live2diff.ckpt``),
   with or without a ``state_dict`` wrapper, ``module.`` prefixes stripped and ``grid`` entries
   ignored; or a safetensors file with the same names.
@@ -45,6 +46,15 @@ def resolve_unet_folder(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise ModelLoadError(f"base model folder not found: {p}; pass a diffusers SD1.5 folder (with unet/) or its unet/ folder")
     raise ModelLoadError(f"{p} has no config.json (nor unet/config.json); pass a diffusers SD1.5 folder or its unet/ folder")
+
+
+def sd_folder(path: str | os.PathLike) -> Path:
+    """The Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/) of a base given as that
+    folder or as its ``unet/`` folder: the rest lies beside it."""
+    p = Path(path)
+    if (p / "unet" / "config.json").is_file():
+        return p
+    return resolve_unet_folder(p).parent
 
 
 def read_unet_config(folder: Path) -> dict:
@@ -199,7 +209,12 @@ def load_base_weights(unet: StreamingUNet, folder: Path) -> None:
             break
     else:
         raise ModelLoadError(f"no UNet weights in {folder}: expected diffusion_pytorch_model.safetensors; re-download the base model")
-    state = read_weight_file(path)
+    load_base_state(unet, read_weight_file(path), lambda detail: ModelLoadError(f"UNet weights {path} do not match its config.json ({detail})"))
+
+
+def load_base_state(unet: StreamingUNet, state: dict[str, torch.Tensor], mismatch) -> None:
+    """Load the 2D UNet's weights (diffusers naming) into ``unet``; anything missing, unexpected or
+    mis-shaped raises ``mismatch(detail)``."""
     base = unet.base_state_keys()
     unexpected = [k for k in state if k not in base]
     missing = [k for k in base if k not in state]
@@ -209,11 +224,11 @@ def load_base_weights(unet: StreamingUNet, folder: Path) -> None:
             parts.append(f"missing {len(missing)}: {_first(missing)}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)}: {_first(unexpected)}")
-        raise ModelLoadError(f"UNet weights {path} do not match its config.json ({'; '.join(parts)})")
+        raise mismatch("; ".join(parts))
     own = unet.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (config wants {tuple(own[k].shape)})" for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
-        raise ModelLoadError(f"UNet weights {path} do not match its config.json: {_first(wrong, 3)}")
+        raise mismatch(_first(wrong, 3))
     unet.load_state_dict(state, strict=False, assign=True)
 
 
@@ -231,24 +246,40 @@ def _materialise_positions(unet: StreamingUNet) -> None:
 
 
 def load_streaming_unet(
-    base: str | os.PathLike,
+    base,
     motion_checkpoint: str | os.PathLike,
     motion: MotionConfig | None = None,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    base_config: str | os.PathLike | None = None,
 ) -> StreamingUNet:
-    """Build the streaming UNet from a diffusers UNet folder and a Live2Diff motion checkpoint."""
-    folder = resolve_unet_folder(base)
-    config = read_unet_config(folder)
+    """Build the streaming UNet from the base (a diffusers SD folder, its ``unet/`` folder, a
+    single-file SD checkpoint, or an opened :class:`~.single_file.SingleFileBase`) and a Live2Diff
+    motion checkpoint. ``base_config``: the configs of a single-file base (default: SD1.5's)."""
+    from .single_file import SingleFileBase, open_single_file
+
+    single = base if isinstance(base, SingleFileBase) else None
+    if single is None and Path(base).is_file():
+        single = open_single_file(base, base_config)
+    if single is not None:
+        config = single.unet_config()
+        source = single.config_dir / "unet" / "config.json"
+    else:
+        folder = resolve_unet_folder(base)
+        config = read_unet_config(folder)
+        source = folder / "config.json"
     motion = motion or MotionConfig()
     try:
         # Built on the meta device: no time or memory spent on a random init that is overwritten.
         with torch.device("meta"):
             unet = build_streaming_unet(config, motion)
     except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"cannot build a UNet from {folder / 'config.json'}: {exc}") from None
-    load_base_weights(unet, folder)
+        raise ModelLoadError(f"cannot build a UNet from {source}: {exc}") from None
+    if single is not None:
+        load_base_state(unet, single.unet_state(config), single.unet_mismatch)
+    else:
+        load_base_weights(unet, folder)
     load_motion_weights(unet, read_motion_state_dict(motion_checkpoint), source=f"motion checkpoint {motion_checkpoint}")
     _materialise_positions(unet)
     unet.eval().requires_grad_(False)
