@@ -7,8 +7,10 @@ engine), so they accept the same model and style options and mean the same by th
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 from .errors import ConfigError, ModelLoadError
 
@@ -26,14 +28,39 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+_SCALE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
 def _lora(text: str) -> tuple[str, float]:
-    path, sep, scale = text.rpartition(":")
-    if sep and path and not scale.startswith(("/", "\\")):
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return text, 1.0
+    """``FILE`` or ``FILE:SCALE``: the scale is what follows the last colon, a plain number. A colon
+    that belongs to the path is no scale: a Windows drive (``C:\\loras\\x.safetensors``,
+    ``C:/x.safetensors``, ``C:x.safetensors``) or a file that exists under the whole name."""
+    head, sep, tail = text.rpartition(":")
+    if not sep or "/" in tail or "\\" in tail or (len(head) == 1 and head.isalpha()) or Path(text).expanduser().is_file():
+        return text, 1.0
+    example = f"{head or 'style.safetensors'}:0.8"
+    if not head:
+        raise argparse.ArgumentTypeError(f"{text!r} names no file; expected FILE or FILE:SCALE, e.g. {example}")
+    if not tail:
+        raise argparse.ArgumentTypeError(f"{text!r} has no scale after the ':'; expected FILE or FILE:SCALE, e.g. {example}")
+    if not _SCALE.fullmatch(tail):
+        raise argparse.ArgumentTypeError(f"the LoRA scale {tail!r} in {text!r} is not a number; expected FILE or FILE:SCALE, e.g. {example}")
+    scale = float(tail)
+    if scale != scale or abs(scale) == float("inf"):
+        raise argparse.ArgumentTypeError(f"the LoRA scale {tail!r} in {text!r} is not a finite number; e.g. {example}")
+    return head, scale
+
+
+def _check_lora_file(name: str) -> None:
+    """A --lora file that is not there is named as the user gave it, before any model loads."""
+    from .styles import styles_cache
+
+    p = Path(name).expanduser()
+    if p.is_file() or (not p.exists() and (styles_cache() / p.name).is_file()):
+        return  # found where a style's LoRA would be: the path given, or the downloaded styles
+    if p.is_dir():
+        raise ConfigError(f"--lora {name}: that is a folder; give the LoRA's .safetensors file")
+    raise ConfigError(f"--lora {name}: file not found (looked at {p.absolute()} and in {styles_cache()})")
 
 
 def _int_list(text: str) -> list[int]:
@@ -46,7 +73,11 @@ def _int_list(text: str) -> list[int]:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=["tiny"], help="tiny: a random-weight miniature for checks (its output is noise, not a style)")
-    g.add_argument("--base", default="sd15", help="Stable Diffusion 1.5: diffusers folder or hub id (default: sd15 = stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    g.add_argument("--base", default="sd15",
+                   help="Stable Diffusion 1.5: a diffusers folder, its unet/ folder, a single-file checkpoint (.safetensors, "
+                   "e.g. from civitai) or a hub id (default: sd15 = stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    g.add_argument("--base-config", metavar="FOLDER", default=None,
+                   help="a diffusers folder whose configs describe a single-file --base (default: SD1.5's, shipped with the engine)")
     g.add_argument("--motion", default="live2diff", help="Live2Diff motion checkpoint: file or hub id (default: live2diff = Leoxing/Live2Diff)")
     g.add_argument("--depth", default="midas", help="depth estimator: midas (default), depth-anything, or KIND=PATH")
     g.add_argument("--vae", default="full", help="full (SD's VAE, default) or taesd (fast) or a TAESD folder")
@@ -78,6 +109,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--similarity-threshold", type=float, default=None, help="skip diffusion for frames this similar to the last (e.g. 0.98)")
 
 
+def preflight(args) -> None:
+    """What can be checked before a camera opens or any model loads: the --lora files, and, on a
+    machine that is offline, every model that is not downloaded (all named at once)."""
+    for path, _ in getattr(args, "lora", None) or []:
+        _check_lora_file(path)
+    if args.model == "tiny":
+        return
+    from .models.components import model_requests
+    from .models.hub import is_offline, resolve_all
+
+    if is_offline():
+        kind, _, source = args.depth.partition("=")
+        resolve_all(model_requests(args.base, args.motion, kind, source or None, args.vae,
+                                   None if args.no_lcm_lora else "lcm-lora"), download=False)
+
+
 def _dtype(args, device):
     import torch
 
@@ -106,6 +153,8 @@ def build_frame_pipeline(args, say=None):
     if style_name not in styles:
         raise ConfigError(f"unknown style {style_name!r}; known styles: {', '.join(sorted(styles))}")
     style = styles[style_name]
+    for path, _ in args.lora:
+        _check_lora_file(path)
     if args.lora:
         style = replace(style, loras=style.loras + tuple(LoraRef(path, scale) for path, scale in args.lora))
     if args.steps is not None:
@@ -131,6 +180,7 @@ def build_frame_pipeline(args, say=None):
         comps = load_components(
             base=args.base, motion=args.motion, depth=kind, depth_source=source or None, vae=args.vae,
             lcm_lora=None if args.no_lcm_lora else "lcm-lora", device=device, dtype=dtype, progress=say,
+            base_config=getattr(args, "base_config", None),
         )
         default_size = 512
     steps, t_index_list, strength = style.schedule_args()

@@ -433,9 +433,11 @@ def _cmd_models(args) -> int:
         from .styles import download_style, load_styles
 
         names = args.names or ([] if args.style else hub.DEFAULT_MODELS)
-        for name in names:
-            print(f"downloading {name} ...", file=sys.stderr, flush=True)
-            path = hub.resolve(name, name=name if name in hub.MODELS else None)
+        # All at once: what is here is named, what is missing is fetched, and whatever cannot be
+        # fetched is named together in one line (with one command for all of it).
+        paths = hub.resolve_all([(n, n if n in hub.MODELS else None) for n in names],
+                                progress=lambda line: print(line + " ...", file=sys.stderr, flush=True))
+        for name, path in zip(names, paths):
             print(f"{name}: {path}")
         if args.style:
             styles = load_styles(args.styles)
@@ -559,6 +561,9 @@ def _cmd_run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.max_frames is not None and args.max_frames < 1:
         raise ConfigError("--max-frames must be at least 1")
+    from .assemble import preflight
+
+    preflight(args)  # a missing --lora file, or (offline) all the models not downloaded: before the camera opens
     source = parse_source(
         args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
         synthetic_size=args.camera_size or (640, 480), seed=args.seed,
