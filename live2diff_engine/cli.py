@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval_command import add_eval_parser
 
     add_eval_parser(sub)
+    from .serve import add_serve_parser
+
+    add_serve_parser(sub, add_model_args, _add_control_args)
     return parser
 
 
@@ -961,6 +964,7 @@ COMMANDS = {
     "models": _cmd_models,
     "styles": _cmd_styles,
     "eval": _cmd_eval,
+    "serve": lambda args: __import__("live2diff_engine.serve", fromlist=["cmd_serve"]).cmd_serve(args),
 }
 
 

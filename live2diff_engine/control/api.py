@@ -178,6 +178,10 @@ class ApiServer:
         self.frames_served = 0  # MJPEG parts written, over all viewers
         self._readers = {"obs": 0, "other": 0}  # open /stream.mjpg connections (OBS's source asks with ?client=obs)
         self._http_pacer = Pacer()
+        # Set before start(): more routes (``fn(app)``, e.g. the WebRTC endpoints of `serve`), and
+        # an ssl.SSLContext for HTTPS (--tls-cert/--tls-key).
+        self.extra_routes: list = []
+        self.ssl_context = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -185,7 +189,7 @@ class ApiServer:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("localhost" if self.host == "::" else self.host)
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.ssl_context is not None else 'http'}://{host}:{self.port}"
 
     def start(self) -> "ApiServer":
         self._thread = threading.Thread(target=self._run, name="api", daemon=True)
@@ -274,10 +278,12 @@ class ApiServer:
         app.router.add_get("/output", self._output_page)
         app.router.add_get("/stream.mjpg", self._mjpeg)
         app.router.add_get("/snapshot.jpg", self._snapshot)
+        for add_routes in self.extra_routes:
+            add_routes(app)
         self._changed = asyncio.Event()
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context)
         await site.start()
         if self.port == 0:
             self.port = site._server.sockets[0].getsockname()[1]

@@ -1,0 +1,201 @@
+"""A real WebRTC client (aiortc) for the `serve` tests: sends synthetic frames numbered by pts
+(frame i at pts i * 3000, the 90 kHz clock at 30 fps), receives the stylised track, talks over
+the data channel ``control``.
+
+Used in-process (``WhipClient``) and as a process of its own that a test can kill:
+
+    python whip_client.py URL [--token T] [--fps F] [--size WxH]   (runs until killed; prints
+    one JSON line per second: {"sent": n, "received": m})
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fractions
+import json
+import sys
+import time
+
+import numpy as np
+
+CLOCK = 90_000
+PERIOD = 3000  # pts between frames
+PTS_SHIFT = 3000  # what the engine adds to the pts of each output (live2diff_engine/io/webrtc.py)
+
+
+def pattern(i: int, size) -> np.ndarray:
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([(xx * 4 + i * 8) % 256, (yy * 4) % 256, ((xx + yy) * 2 + i * 3) % 256], axis=-1).astype(np.uint8)
+    return img
+
+
+class WhipClient:
+    def __init__(self, url: str, *, token: str | None = None, fps: float = 10.0, size=(64, 48), frames: int | None = None,
+                 direction: str = "sendrecv"):
+        self.url, self.token, self.fps, self.size, self.limit = url.rstrip("/"), token, fps, size, frames
+        self.direction = direction
+        self.sent = 0
+        self.received: list[tuple[int, tuple[int, int], float]] = []  # (pts, (w, h), monotonic time)
+        self.images: list[np.ndarray] = []
+        self.messages: list[dict] = []
+        self.replies: dict = {}
+        self.status: dict | None = None
+        self.pc = None
+        self.channel = None
+        self.location = None
+        self.answer_status = None
+        self.answer_headers = {}
+        self.answer_text = ""
+        self._tasks = []
+        self.channel_open = None
+
+    def headers(self, ctype="application/sdp"):
+        h = {"Content-Type": ctype}
+        if self.token:
+            h["Authorization"] = f"Bearer {self.token}"
+        return h
+
+    async def start(self) -> int:
+        """Offer, answer; returns the HTTP status of the POST (201 when served)."""
+        import aiohttp
+        from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+        client = self
+
+        class Camera(MediaStreamTrack):
+            kind = "video"
+
+            def __init__(self):
+                super().__init__()
+                self.i = 0
+                self.t0 = None
+
+            async def recv(self):
+                import av
+
+                if client.limit is not None and self.i >= client.limit:
+                    await asyncio.sleep(3600)
+                if self.t0 is None:
+                    self.t0 = time.monotonic()
+                due = self.t0 + self.i / client.fps
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                frame = av.VideoFrame.from_ndarray(pattern(self.i, client.size), format="rgb24")
+                frame.pts = self.i * PERIOD
+                frame.time_base = fractions.Fraction(1, CLOCK)
+                self.i += 1
+                client.sent = self.i
+                return frame
+
+        self.channel_open = asyncio.Event()
+        from live2diff_engine.io.webrtc import install_prompt_jitter_buffer
+
+        install_prompt_jitter_buffer()  # the last frame comes without waiting for a next one
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc = pc
+        pc.addTransceiver(Camera(), direction=self.direction)
+        self.channel = pc.createDataChannel("control")
+
+        @self.channel.on("open")
+        def _open():
+            self.channel_open.set()
+
+        @self.channel.on("message")
+        def _message(m):
+            msg = json.loads(m)
+            self.messages.append(msg)
+            if msg.get("kind") == "status":
+                self.status = msg
+            elif msg.get("kind") == "reply":
+                self.replies.setdefault(msg.get("id"), msg)
+
+        @pc.on("track")
+        def _track(track):
+            if track.kind == "video":
+                self._tasks.append(asyncio.get_running_loop().create_task(self._receive(track)))
+
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            async with http.post(self.url + "/whip", data=pc.localDescription.sdp, headers=self.headers()) as resp:
+                self.answer_status = resp.status
+                self.answer_headers = dict(resp.headers)
+                self.answer_text = await resp.text()
+                if resp.status != 201:
+                    await pc.close()
+                    return resp.status
+                self.location = resp.headers["Location"]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=self.answer_text, type="answer"))
+        return 201
+
+    async def _receive(self, track) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                pts = int(round(frame.pts * frame.time_base * CLOCK))
+                self.received.append((pts, (frame.width, frame.height), time.monotonic()))
+                if len(self.images) < 400:
+                    self.images.append(frame.to_ndarray(format="rgb24"))
+        except Exception:
+            pass
+
+    def sent_index(self, pts: int) -> int | None:
+        """Which sent frame a returned pts belongs to (None: the card at pts 0)."""
+        if pts == 0:
+            return None
+        return round((pts - PTS_SHIFT) / PERIOD)  # the clock conversions on the way round to +-1
+
+    async def command(self, msg: dict, timeout: float = 120.0) -> dict:
+        await asyncio.wait_for(self.channel_open.wait(), timeout)
+        self.channel.send(json.dumps(msg))
+        t = time.monotonic()
+        while msg.get("id") not in self.replies:
+            if time.monotonic() - t > timeout:
+                raise TimeoutError(f"no reply to {msg}")
+            await asyncio.sleep(0.05)
+        return self.replies[msg["id"]]
+
+    async def delete(self) -> int:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http:
+            async with http.delete(self.url + self.location, headers=self.headers("text/plain")) as resp:
+                return resp.status
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.pc is not None:
+            await self.pc.close()
+
+
+async def wait_for(cond, timeout: float, what: str) -> None:
+    t = time.monotonic()
+    while not cond():
+        if time.monotonic() - t > timeout:
+            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("url")
+    p.add_argument("--token")
+    p.add_argument("--fps", type=float, default=10.0)
+    p.add_argument("--size", default="64x48")
+    a = p.parse_args()
+    w, h = (int(v) for v in a.size.split("x"))
+    c = WhipClient(a.url, token=a.token, fps=a.fps, size=(w, h))
+    code = await c.start()
+    print(json.dumps({"status": code}), flush=True)
+    if code != 201:
+        return 1
+    while True:
+        await asyncio.sleep(1.0)
+        print(json.dumps({"sent": c.sent, "received": len(c.received)}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(_main()))
