@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .serve import add_serve_parser
 
     add_serve_parser(sub, add_model_args, _add_control_args)
+    from .remote import add_connect_parser
+
+    add_connect_parser(sub, _add_control_args, _size_arg)
     return parser
 
 
@@ -965,6 +968,7 @@ COMMANDS = {
     "styles": _cmd_styles,
     "eval": _cmd_eval,
     "serve": lambda args: __import__("live2diff_engine.serve", fromlist=["cmd_serve"]).cmd_serve(args),
+    "connect": lambda args: __import__("live2diff_engine.remote", fromlist=["cmd_connect"]).cmd_connect(args),
 }
 
 

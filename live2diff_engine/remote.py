@@ -1,0 +1,569 @@
+"""`live2diff-engine connect URL`: the laptop side of a remote engine.
+
+The ordinary engine (engine.py) with the camera as its source and the virtual camera, window,
+file or local MJPEG stream as its sinks; in place of the model, a :class:`RemotePipeline` that
+sends each frame to a `serve` over WebRTC (WHIP) and hands the stylised frames that come back to
+the sinks, with each frame's capture time, so the status shows the whole round trip. The local API
+forwards commands over the data channel (``ctl`` works against `connect` as against `run`).
+
+A lost connection (the server gone, the network down, no stylised frame for LOST_AFTER_S) shows
+the "no signal" card and reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+import urllib.parse
+from collections import deque
+
+import numpy as np
+
+from .control.schema import CommandError, decode, message_id, reply_message, status_message
+from .errors import ConfigError, UserError
+from .io.webrtc import CLOCK, PTS_SHIFT, TIME_BASE, LatestFrames, frame_pts
+
+log = logging.getLogger("live2diff.connect")
+
+PERIOD = CLOCK // 30  # pts between two sent frames (the 90 kHz clock at 30 fps)
+LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the connection is lost
+BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class Refused(UserError):
+    """The server answered the offer with a refusal that retrying will not change (401, 404)."""
+
+
+class RemotePipeline:
+    """Stands where the frame pipeline stands in the engine. ``push`` sends and returns nothing;
+    frames that come back are handed to ``emit`` ([(index, image)], the engine's) from a thread
+    of this object's own. ``on_lost(text)`` shows the card while the link is down."""
+
+    warming_up = False
+    output_size = None
+
+    def __init__(self, url: str, *, token: str | None = None, ice_servers: list[dict] | None = None, say=None):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ConfigError(f"connect URL must be the engine's address, e.g. http://gpu-box:8765, got {url!r}")
+        path = parsed.path.rstrip("/")
+        self.base = f"{parsed.scheme}://{parsed.netloc}"
+        self.endpoint = self.base + (path if path.endswith("/whip") else path + "/whip")
+        self.token = token
+        self.ice_servers = list(ice_servers or [])
+        self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.frame_index = 0
+        self.emit = None  # set by connect: the engine's emit
+        self.on_lost = None  # set by connect: shows the "no signal" card
+        self.on_status = None  # called with the remote's status messages
+        self.remote_status: dict | None = None
+        self.connected = False
+        self.connections = 0
+        self.sent = 0
+        self.returned = 0
+        self._outbox = None  # the current connection's LatestFrames of (image, index)
+        self._back: queue.Queue = queue.Queue(maxsize=8)
+        self._stop = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._channel = None
+        self._pending_replies: dict[str, tuple] = {}
+        self._next_id = 0
+        self._first_error: BaseException | None = None
+        self._first_done = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- the engine's side ---------------------------------------------------------------------
+
+    def push(self, frame: np.ndarray):
+        index = self.frame_index
+        self.frame_index += 1
+        outbox = self._outbox
+        if outbox is not None and self.connected:
+            outbox.put((frame, index))
+            self.sent += 1
+        return []
+
+    def flush(self):
+        return []
+
+    def restart(self):
+        return []
+
+    def abandon_in_flight(self):
+        return []
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, wait_s: float = 60.0) -> "RemotePipeline":
+        """Starts the link; returns once the first offer is answered (or refused for good: raises
+        Refused), or after ``wait_s`` with the link still trying in the background."""
+        self._threads = [threading.Thread(target=self._run_loop, name="webrtc", daemon=True),
+                         threading.Thread(target=self._deliver_loop, name="remote-frames", daemon=True)]
+        for t in self._threads:
+            t.start()
+        self._first_done.wait(wait_s)
+        if self._first_error is not None:
+            raise self._first_error
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(lambda: None)
+            except RuntimeError:
+                pass
+        for t in self._threads:
+            t.join(timeout=6)
+
+    def _run_loop(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._link())
+        finally:
+            loop.close()
+
+    async def _link(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            why = await self._one_connection(first=self.connections == 0 and attempt == 0)
+            if self._stop.is_set() or why is None:
+                break
+            self.connected = False
+            delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+            attempt = 0 if why == "lost" else attempt + 1
+            if self.on_lost is not None:
+                self.on_lost("remote engine: no signal" if why == "lost" else f"remote engine: {why}")
+            self.say(f"connect: {'connection lost' if why == 'lost' else why}; trying again in {delay:g} s")
+            end = time.monotonic() + delay
+            while not self._stop.is_set() and time.monotonic() < end:
+                await asyncio.sleep(0.1)
+
+    async def _one_connection(self, first: bool) -> str | None:
+        """One peer connection, until it is lost ("lost"), cannot be made (the reason), refused
+        for good on the first try (None, with _first_error set), or stopped (None)."""
+        import aiohttp
+        from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+        from aiortc.mediastreams import MediaStreamError
+
+        from .control.webrtc import rtc_configuration
+
+        outbox = LatestFrames(keep=2)
+        state = {"base": None, "last_back": None, "closed": False}
+
+        class Camera(MediaStreamTrack):
+            kind = "video"
+
+            async def recv(self):
+                from .io.webrtc import to_video_frame
+
+                item = await outbox.get()
+                if item is None:
+                    self.stop()
+                    raise MediaStreamError
+                image, index = item
+                if state["base"] is None:
+                    state["base"] = index  # the server counts pts from the first frame it gets
+                return to_video_frame(image, (index - state["base"]) * PERIOD)
+
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        pc.addTransceiver(Camera(), direction="sendrecv")
+        channel = pc.createDataChannel("control")
+        channel.on("message", self._on_channel_message)
+
+        @pc.on("track")
+        def on_track(track):
+            if track.kind == "video":
+                asyncio.get_running_loop().create_task(self._receive(track, state))
+
+        @pc.on("connectionstatechange")
+        def on_state():
+            if pc.connectionState in ("failed", "closed"):
+                state["closed"] = True
+
+        location = None
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+            headers = {"Content-Type": "application/sdp"}
+            if self.token:
+                headers["Authorization"] = f"Bearer {self.token}"
+            try:
+                async with aiohttp.ClientSession() as http:
+                    async with http.post(self.endpoint, data=pc.localDescription.sdp, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                        text = await resp.text()
+                        if resp.status != 201:
+                            line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {resp.status}"
+                            if resp.status in (401, 403, 404) and first:
+                                hint = " (give the server's token with --token or LIVE2DIFF_API_TOKEN)" if resp.status == 401 else ""
+                                self._first_error = Refused(f"{self.endpoint} refused the stream: {line}{hint}")
+                                return None
+                            return f"the engine answered {resp.status}: {line}"
+                        location = urllib.parse.urljoin(self.endpoint, resp.headers.get("Location", ""))
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                return f"cannot reach {self.endpoint} ({type(exc).__name__}: {str(exc)[:120] or 'no answer'})"
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=text, type="answer"))
+            self._channel = channel
+            self._outbox = outbox
+            self.connected = True
+            self.connections += 1
+            self.say(f"connect: streaming to {self.base}")
+            state["last_back"] = time.monotonic()
+            self._first_done.set()
+            while not self._stop.is_set():
+                await asyncio.sleep(0.2)
+                if state["closed"]:
+                    return "lost"
+                if time.monotonic() - state["last_back"] > LOST_AFTER_S:
+                    return "lost"
+            return None
+        finally:
+            self.connected = False
+            self._outbox = None
+            self._channel = None
+            self._fail_pending("the connection to the engine was lost")
+            outbox.close()
+            if location and self._stop.is_set():  # a clean end: tell the server at once
+                try:
+                    async with aiohttp.ClientSession() as http:
+                        async with http.delete(location, headers={"Authorization": f"Bearer {self.token}"} if self.token else {},
+                                               timeout=aiohttp.ClientTimeout(total=3)):
+                            pass
+                except Exception:
+                    pass
+            try:
+                await asyncio.wait_for(pc.close(), 5)
+            except Exception:
+                pass
+            self._first_done.set()
+
+    async def _receive(self, track, state) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                state["last_back"] = time.monotonic()
+                pts = frame_pts(frame)
+                if pts == 0 or state["base"] is None:
+                    continue  # the server's "connected" card
+                index = state["base"] + round((pts - PTS_SHIFT) / PERIOD)
+                try:
+                    self._back.put_nowait((index, frame))
+                except queue.Full:  # the sinks fell behind: the oldest goes
+                    try:
+                        self._back.get_nowait()
+                    except queue.Empty:
+                        pass
+                    self._back.put_nowait((index, frame))
+        except Exception:
+            pass
+
+    def _deliver_loop(self) -> None:
+        """Converts returned frames and hands them to the engine's sinks, off the event loop."""
+        while not self._stop.is_set():
+            try:
+                index, frame = self._back.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            image = frame.to_ndarray(format="rgb24")
+            self.returned += 1
+            if self.emit is not None:
+                try:
+                    self.emit([(index, image)])
+                except Exception as exc:
+                    log.warning("publishing a returned frame failed: %s", exc)
+
+    # -- control over the data channel --------------------------------------------------------
+
+    def _on_channel_message(self, message) -> None:
+        try:
+            msg = json.loads(message)
+        except (ValueError, TypeError):
+            return
+        if not isinstance(msg, dict):
+            return
+        if msg.get("kind") == "status":
+            self.remote_status = msg
+            if self.on_status is not None:
+                self.on_status(msg)
+        elif msg.get("kind") == "reply":
+            pending = self._pending_replies.pop(str(msg.get("id")), None)
+            if pending is not None:
+                orig_id, reply = pending
+                out = dict(msg)
+                if orig_id is None:
+                    out.pop("id", None)
+                else:
+                    out["id"] = orig_id
+                reply(out)
+
+    def forward(self, obj: dict, reply) -> None:
+        """Sends a decoded command to the remote engine; ``reply`` gets its reply (any thread)."""
+        loop = self._loop
+        orig = obj.get("id")
+        if loop is None or not self.connected:
+            reply(reply_message(orig, False, f"not connected to the engine at {self.base}; reconnecting"))
+            return
+
+        def send():
+            channel = self._channel
+            if channel is None or channel.readyState != "open":
+                reply(reply_message(orig, False, f"not connected to the engine at {self.base}; reconnecting"))
+                return
+            self._next_id += 1
+            local = f"c{self._next_id}"
+            if len(self._pending_replies) > 1024:  # replies that never came: forget the oldest
+                for key in list(self._pending_replies)[:512]:
+                    self._pending_replies.pop(key, None)
+            self._pending_replies[local] = (orig, reply)
+            channel.send(json.dumps({**obj, "id": local}))
+
+        try:
+            loop.call_soon_threadsafe(send)
+        except RuntimeError:
+            reply(reply_message(orig, False, "connect is stopping"))
+
+    def _fail_pending(self, why: str) -> None:
+        pending, self._pending_replies = self._pending_replies, {}
+        for orig, reply in pending.values():
+            reply(reply_message(orig, False, why))
+
+
+class _StyleInfo:
+    def __init__(self, name):
+        self.name, self.description = name, ""
+
+
+class _Styles:
+    def __init__(self, remote: RemotePipeline):
+        self.remote = remote
+
+    @property
+    def styles(self) -> dict:
+        names = (self.remote.remote_status or {}).get("styles") or []
+        return {n: _StyleInfo(n) for n in names if isinstance(n, str)}
+
+
+class ForwardingController:
+    """What the local API talks to in `connect`: commands go to the remote engine over the data
+    channel (it validates them, as every engine does); status is the remote engine's, with this
+    side's figures (the round trip) in it."""
+
+    def __init__(self, remote: RemotePipeline):
+        self.remote = remote
+        self.manager = _Styles(remote)
+        self.engine = None
+        self.api_url = None
+        self.api_token = None
+        self.stream_clients = None
+        self.paused = False
+        self._listeners = []
+        remote.on_status = lambda msg: self.changed()
+
+    def submit(self, raw, reply=None):
+        reply = reply or (lambda msg: None)
+        try:
+            obj = decode(raw)  # size and JSON checked here too: nothing oversized crosses the network
+        except CommandError as exc:
+            reply(reply_message(None, False, str(exc)))
+            return None
+        if not isinstance(obj, dict):
+            reply(reply_message(None, False, "a command must be a JSON object"))
+            return None
+        if obj.get("cmd") == "status":  # answered here: the remote's status with this side's figures
+            reply(reply_message(message_id(obj), True, status=self.status()))
+            return obj
+        self.remote.forward(obj, reply)
+        return obj
+
+    def apply_pending(self) -> int:
+        return 0
+
+    def add_listener(self, fn) -> None:
+        self._listeners.append(fn)
+
+    def changed(self) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn()
+            except Exception:
+                pass
+
+    def status(self) -> dict:
+        remote = dict(self.remote.remote_status or {})
+        for key in ("app", "v", "kind"):
+            remote.pop(key, None)
+        stats = self.engine.stats if self.engine is not None else None
+        remote_latency = remote.get("latency_ms")
+        local = {
+            "state": (stats.state if stats is not None else "starting") if self.remote.connected else "no signal",
+            "remote": self.remote.base,
+            "remote_state": remote.get("state"),
+            "connected": self.remote.connected,
+            "fps": stats.fps_out if stats else 0.0,
+            "fps_in": stats.fps_in if stats else 0.0,
+            "latency_ms": stats.latency_ms_p50 if stats else None,
+            "latency_ms_p95": stats.latency_ms_p95 if stats else None,
+            "remote_latency_ms": remote_latency,
+            "frames_out": stats.frames_out if stats else 0,
+            "dropped": stats.dropped if stats else 0,
+            "api_url": self.api_url,
+            "time": round(time.time(), 3),
+        }
+        if local["latency_ms"] is not None and remote_latency is not None:
+            local["network_ms"] = round(local["latency_ms"] - remote_latency, 1)
+        return {**remote, **local}
+
+    def status_message(self) -> dict:
+        return status_message(self.status())
+
+
+def add_connect_parser(sub, add_control_args, size_arg) -> None:
+    c = sub.add_parser(
+        "connect",
+        help="use an engine on another machine (`serve`): this camera in, its stylised video out here",
+        description="Send this machine's camera to a remote engine (`live2diff-engine serve` on a GPU box) over WebRTC "
+        "and publish the stylised video here: virtual camera, window, file, the local MJPEG stream for OBS. "
+        "`ctl` works against it as against `run`.",
+    )
+    c.add_argument("url", help="the remote engine's address, e.g. http://gpu-box:8765")
+    c.add_argument("--token", default=None, help="the remote engine's token (or LIVE2DIFF_API_TOKEN); never printed")
+    c.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="a STUN or TURN server, e.g. turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none)")
+    io = c.add_argument_group("input and output")
+    io.add_argument("--source", default="camera:0", help="camera[:INDEX] (default camera:0), video:PATH, images:DIR, synthetic")
+    io.add_argument("--camera-size", type=size_arg, default=None, metavar="WxH", help="ask the camera (or synthetic source) for this size")
+    io.add_argument("--camera-fps", type=float, default=None, help="ask the camera (or synthetic source) for this rate")
+    io.add_argument("--loop", action="store_true", help="restart a video or image folder when it ends")
+    io.add_argument("--sink", action="append", default=None, help="virtualcam[:BACKEND] (default), window, file:PATH, null; repeatable")
+    io.add_argument("--vcam-device", default=None, help="virtual camera device (e.g. /dev/video10 on Linux)")
+    io.add_argument("--vcam-fps", type=float, default=None, help="virtual camera frame rate (default: the source's)")
+    io.add_argument("--mirror", action="store_true", help="mirror the virtual camera picture")
+    io.add_argument("--max-frames", type=int, default=None, help="stop after this many input frames")
+    io.add_argument("--stats", metavar="FILE", default=None, help="write live figures as JSON every few seconds and on exit")
+    add_control_args(c)
+
+
+def cmd_connect(args) -> int:
+    import os
+
+    from .cli import control_settings, warn_secrets_on_command_line
+    from .control.webrtc import parse_ice_server
+    from .engine import Engine
+    from .io.sinks import SinkUnavailable, no_signal_card, parse_sink
+    from .io.sources import SourceError, parse_source
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ConfigError("--max-frames must be at least 1")
+    try:
+        ice = [parse_ice_server(u) for u in args.ice_server]
+    except ValueError as exc:
+        raise ConfigError(f"--ice-server: {exc}") from None
+    token = args.token or os.environ.get("LIVE2DIFF_API_TOKEN") or None
+    if args.token:
+        say("warning: --token is visible to every user of this machine in the process list; "
+            "put it in the environment variable LIVE2DIFF_API_TOKEN instead")
+    warn_secrets_on_command_line(args, say)
+    remote = RemotePipeline(args.url, token=token, ice_servers=ice, say=say)
+    settings = control_settings(args)
+    source = parse_source(args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
+                          synthetic_size=args.camera_size or (640, 480))
+    sinks = [parse_sink(s, vcam_device=args.vcam_device, vcam_fps=args.vcam_fps, mirror=args.mirror)
+             for s in (args.sink or ["virtualcam"])]
+    try:
+        source.open()
+    except SourceError as exc:
+        raise UserError(f"{exc}: check --source camera:N (0 is the default camera) and that no other app is using it") from None
+    size = source.frame_size() or (640, 480)
+    fps = args.vcam_fps or source.fps or 30.0
+    opened, api = [], None
+    try:
+        for sink in list(sinks):
+            try:
+                sink.open(size[0], size[1], fps)
+            except SinkUnavailable as exc:
+                if args.sink is not None or settings["api"] is None:
+                    raise
+                say(f"warning: {exc}; going on without a virtual camera (the output is on the local stream)")
+                sinks.remove(sink)
+                continue
+            opened.append(sink)
+        controller = ForwardingController(remote)
+        if settings["api"] is not None:
+            from .control.api import ApiServer
+
+            a = settings["api"]
+            api = ApiServer(a["host"], a["port"], a["token"]).start()
+            api.stream.max_fps = fps
+            api.stream.send(no_signal_card(size[0], size[1], "Live2Diff", f"connecting to {remote.base} ..."))
+            controller.api_url = api.url
+            api.set_controller(controller)
+            sinks.append(api.stream)
+            say(f"control: output for OBS {api.url}/stream.mjpg | `live2diff-engine ctl status` (forwarded to {remote.base})")
+        engine = Engine(remote, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps,
+                        controller=controller, pace=True, status=False)
+
+        def emit(ready):
+            if engine.stopping:  # the sinks are closing
+                return
+            caps = engine._capture_times
+            newest = max(i for i, _ in ready)
+            try:
+                for k in [k for k in list(caps.keys()) if k < newest]:  # frames the server dropped
+                    caps.pop(k, None)
+            except RuntimeError:
+                pass
+            engine._emit(ready)
+
+        def lost(text):
+            engine._deliver(no_signal_card(size[0], size[1], text, "reconnecting ..."), paced_only=True, count=False)
+            engine.stats.state = "no signal"
+            controller.changed()
+
+        remote.emit, remote.on_lost = emit, lost
+        remote.start()
+        status = threading.Thread(target=_status_lines, args=(engine, remote, controller, say), name="status", daemon=True)
+        status.start()
+        return engine.run()
+    finally:
+        remote.stop()
+        for sink in opened:
+            try:
+                sink.close()
+            except Exception:
+                pass
+        source.close()
+        if api is not None:
+            api.stop()
+
+
+def _status_lines(engine, remote: RemotePipeline, controller: ForwardingController, say) -> None:
+    """The round trip, every few seconds: capture to local publish p50/p95, the remote engine's
+    own part, and what the network (and the codecs) add."""
+    window: deque = deque(maxlen=4)
+    while not engine.stopping:
+        engine._stop.wait(2.0 if sys.stderr.isatty() else 10.0)
+        if engine.stopping:
+            break
+        s = controller.status()
+        window.append(s)
+        if not remote.connected:
+            say(f"[no signal] reconnecting to {remote.base} ...")
+            continue
+        lat = s.get("latency_ms")
+        p95 = s.get("latency_ms_p95")
+        rt = f"{lat:.0f}/{p95:.0f} ms" if lat is not None and p95 is not None else "-"
+        eng = s.get("remote_latency_ms")
+        net = s.get("network_ms")
+        say(f"[{s.get('state')}] {remote.base} | out {s.get('fps', 0):.1f} fps | capture to publish p50/p95 {rt} | "
+            f"engine {eng if eng is not None else '-'} ms | network and codecs {net if net is not None else '-'} ms | "
+            f"sent {remote.sent} back {remote.returned}")

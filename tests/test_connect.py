@@ -1,0 +1,110 @@
+"""`connect` (the laptop side) against a real `serve` (tiny model, loopback): the remote engine's
+frames reach a virtual camera made with pyvirtualcam's registered test backend; `ctl` against
+`connect` is forwarded over the data channel; a lost server shows the "no signal" card and
+`connect` reconnects by itself when the server is back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+from conftest import ROOT, run_cli
+from live2diff_engine.io.sources import SyntheticSource
+from test_remote import WAIT, Server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(cond, what: str, timeout: float = WAIT, log=lambda: ""):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}\n{log()}"
+        time.sleep(0.2)
+
+
+def ctl(api: str, *args):
+    return run_cli("ctl", *args, "--api", api, "--json", timeout=WAIT)
+
+
+def status(api: str) -> dict:
+    r = ctl(api, "status")
+    return json.loads(r.stdout)["status"] if r.returncode == 0 else {}
+
+
+def is_card(img: np.ndarray) -> bool:
+    return float(np.median(img)) == 24.0  # io.sinks.no_signal_card: dark grey with a line of text
+
+
+def test_connect_publishes_the_remote_frames_into_a_virtual_camera_ctl_goes_through_and_it_reconnects(tmp_path):
+    port, api_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    camera_out = tmp_path / "camera.npy"
+    server = Server("--api-port", str(port))
+    lines: list[str] = []
+    proc = None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "connect_with_test_camera.py"), server.url, "--source", "synthetic",
+             "--camera-size", "64x48", "--camera-fps", "10", "--sink", "virtualcam:l2dtest", "--api-port", str(api_port)],
+            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+            env={**os.environ, "L2D_TEST_CAMERA_OUT": str(camera_out)},
+        )
+        threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+        log = lambda: "".join(lines) + "\n--- server ---\n" + server.log()  # noqa: E731
+        wait_until(lambda: any("connect: streaming to" in l for l in lines), "connect to stream", log=log)
+        wait_until(lambda: status(api).get("frames_out", 0) > 5, "frames back through connect", log=log)
+
+        # ctl against connect: forwarded to the remote engine, which validates and applies.
+        r = ctl(api, "prompt", "a blue bird")
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_until(lambda: status(api).get("prompt") == "a blue bird", "the remote engine's new prompt", log=log)
+        r = ctl(api, "steps", "9")
+        assert r.returncode == 1 and "1 to 4" in r.stdout, r.stdout + r.stderr
+        s = status(api)
+        assert s["connected"] is True and s["remote"] == server.url and s["latency_ms"] is not None
+
+        # The server goes away: the card, then a reconnect once it is back on the same port.
+        server.proc.kill()
+        server.proc.wait()
+        wait_until(lambda: any("connection lost" in l for l in lines), "connect to notice the lost server", log=log)
+        wait_until(lambda: status(api).get("state") == "no signal", "'no signal' in connect's status", log=log)
+        server = Server("--api-port", str(port))
+        wait_until(lambda: sum("connect: streaming to" in l for l in lines) >= 2, "the reconnect", log=log)
+        before = status(api).get("frames_out", 0)
+        wait_until(lambda: status(api).get("frames_out", 0) > before + 5, "frames after the reconnect", log=log)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT) == 0, log()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+
+    frames = np.load(camera_out)
+    assert frames.shape[1:] == (48, 64, 3), frames.shape
+    synthetic = SyntheticSource((64, 48), 10.0)
+    inputs = np.stack([synthetic.read() for _ in range(400)]).astype(np.int16)
+
+    def kind(img):
+        if is_card(img):
+            return "card"
+        near_input = np.abs(inputs - img.astype(np.int16)).mean(axis=(1, 2, 3)).min() < 12
+        return "camera" if near_input else "stylised"  # the warmup shows the camera as it is
+
+    kinds = [kind(f) for f in frames]
+    runs = [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+    assert "stylised" in runs, runs
+    first_card = runs.index("card", runs.index("stylised"))  # a card after the first stylised frames
+    assert "stylised" in runs[first_card:], runs  # and stylised frames again after the reconnect
