@@ -241,6 +241,64 @@ def test_a_second_stream_is_refused_and_a_killed_client_is_freed_for_the_next(se
     wait_no_session(server)
 
 
+def test_a_whep_viewer_sees_the_current_stream_read_only(server):
+    async def go():
+        viewer = WhipClient(server.url, direction="recvonly", endpoint="/whep")
+        assert await viewer.start() == 201, viewer.answer_text
+        assert viewer.location.startswith("/whep/")
+        c = WhipClient(server.url, fps=8, size=(72, 40))
+        assert await c.start() == 201, c.answer_text
+        try:
+            await wait_for(lambda: len(c.received) > 5, WAIT, "frames back to the camera's client")
+            await wait_for(lambda: sum(size == (72, 40) for _, size, _ in viewer.received) > 5, WAIT,
+                           "the stream at the viewer")
+            await asyncio.wait_for(viewer.channel_open.wait(), 30)  # its data channel opens but commands nothing
+            viewer.channel.send(json.dumps(cmd("set_prompt", 1, prompt="from the viewer")))
+            await asyncio.sleep(2.0)
+            await wait_for(lambda: c.status is not None, WAIT, "the camera client's status")
+            prompt = c.status["prompt"]
+            assert await viewer.delete() == 200
+            await c.delete()
+        finally:
+            await viewer.close()
+            await c.close()
+        return viewer, prompt
+
+    viewer, prompt = run(go())
+    assert viewer.received[0][0] == 0  # its card first
+    assert prompt != "from the viewer" and not viewer.replies
+    wait_no_session(server)
+
+
+def test_a_send_only_offer_as_obs_makes_is_served_and_its_output_is_on_the_local_stream(server):
+    """OBS 30's WHIP output offers send-only video: the stylised stream goes to /stream.mjpg (and
+    WHEP), for a Media or Browser Source."""
+    import cv2
+
+    async def go():
+        c = WhipClient(server.url, fps=8, size=(88, 56), direction="sendonly")
+        assert await c.start() == 201, c.answer_text
+        try:
+            def snapshot_size():
+                try:
+                    with urllib.request.urlopen(server.url + "/snapshot.jpg", timeout=30) as resp:
+                        img = cv2.imdecode(np.frombuffer(resp.read(), np.uint8), cv2.IMREAD_COLOR)
+                    return img.shape[1], img.shape[0]
+                except urllib.error.HTTPError:
+                    return None
+
+            await wait_for(lambda: c.sent > 20, WAIT, "frames sent")
+            await wait_for(lambda: snapshot_size() == (88, 56), WAIT, "the stream's frames on /snapshot.jpg")
+            await c.delete()
+        finally:
+            await c.close()
+        return c
+
+    c = run(go())
+    assert not c.received  # nothing comes back on a send-only connection
+    wait_no_session(server)
+
+
 def test_beyond_loopback_the_token_is_required_and_max_sessions_2_serves_two_streams(tmp_path):
     r = subprocess.run([sys.executable, "-m", "live2diff_engine", "serve", "--model", "tiny", "--api-host", "0.0.0.0",
                         "--api-port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=WAIT,
@@ -250,12 +308,13 @@ def test_beyond_loopback_the_token_is_required_and_max_sessions_2_serves_two_str
     try:
         offer = b"v=0\r\n"
         for token in (None, "wrong"):
-            req = urllib.request.Request(s.url + "/whip", data=offer, method="POST", headers={"Content-Type": "application/sdp"})
-            if token:
-                req.add_header("Authorization", f"Bearer {token}")
-            with pytest.raises(urllib.error.HTTPError) as err:
-                urllib.request.urlopen(req, timeout=60)
-            assert err.value.code == 401
+            for endpoint in ("/whip", "/whep"):
+                req = urllib.request.Request(s.url + endpoint, data=offer, method="POST", headers={"Content-Type": "application/sdp"})
+                if token:
+                    req.add_header("Authorization", f"Bearer {token}")
+                with pytest.raises(urllib.error.HTTPError) as err:
+                    urllib.request.urlopen(req, timeout=60)
+                assert err.value.code == 401
 
         async def no_token():
             c = WhipClient(s.url)

@@ -33,9 +33,9 @@ def pattern(i: int, size) -> np.ndarray:
 
 class WhipClient:
     def __init__(self, url: str, *, token: str | None = None, fps: float = 10.0, size=(64, 48), frames: int | None = None,
-                 direction: str = "sendrecv"):
+                 direction: str = "sendrecv", endpoint: str = "/whip"):
         self.url, self.token, self.fps, self.size, self.limit = url.rstrip("/"), token, fps, size, frames
-        self.direction = direction
+        self.direction, self.endpoint = direction, endpoint
         self.sent = 0
         self.received: list[tuple[int, tuple[int, int], float]] = []  # (pts, (w, h), monotonic time)
         self.images: list[np.ndarray] = []
@@ -96,7 +96,10 @@ class WhipClient:
         install_prompt_jitter_buffer()  # the last frame comes without waiting for a next one
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.pc = pc
-        pc.addTransceiver(Camera(), direction=self.direction)
+        if self.direction == "recvonly":  # a WHEP viewer
+            pc.addTransceiver("video", direction="recvonly")
+        else:
+            pc.addTransceiver(Camera(), direction=self.direction)
         self.channel = pc.createDataChannel("control")
 
         @self.channel.on("open")
@@ -119,7 +122,7 @@ class WhipClient:
 
         await pc.setLocalDescription(await pc.createOffer())
         async with aiohttp.ClientSession() as http:
-            async with http.post(self.url + "/whip", data=pc.localDescription.sdp, headers=self.headers()) as resp:
+            async with http.post(self.url + self.endpoint, data=pc.localDescription.sdp, headers=self.headers()) as resp:
                 self.answer_status = resp.status
                 self.answer_headers = dict(resp.headers)
                 self.answer_text = await resp.text()

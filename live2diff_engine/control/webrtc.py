@@ -176,6 +176,22 @@ class ViewSink(Sink):
                     pass
 
 
+class Viewer(Sink):
+    """A WHEP viewer: the frames shown to viewers go out on its track, timed by the clock."""
+
+    paced = False
+    name = "WHEP viewer"
+
+    def __init__(self, vid: str, pc, track):
+        self.id, self.pc, self.track = vid, pc, track
+        self.t0 = time.monotonic()
+        self.sent = 0
+
+    def send(self, frame) -> None:
+        self.sent += 1
+        self.track.frames.put((frame, int((time.monotonic() - self.t0) * 90_000) + 1))
+
+
 class WebRtcService:
     """The WHIP/WHEP endpoints and the sessions. Runs on the API's event loop; each session's
     engine runs on a thread of its own."""
@@ -190,7 +206,8 @@ class WebRtcService:
         self.fps = fps
         self.sessions: dict[str, Session] = {}
         self.viewers: dict[str, object] = {}
-        self.view_sinks: list = []  # sinks that show the current session (the API's MJPEG stream)
+        self.view_sinks: list = []  # sinks that show the current session (the API's MJPEG stream, WHEP viewers)
+        self.max_viewers = 4
         self.loop: asyncio.AbstractEventLoop | None = None
         self._watch: asyncio.Task | None = None
         self.served = 0
@@ -207,6 +224,9 @@ class WebRtcService:
         app.router.add_post("/whip", self._whip)
         app.router.add_delete("/whip/{id}", self._whip_delete)
         app.router.add_route("OPTIONS", "/whip", self._options)
+        app.router.add_post("/whep", self._whep)
+        app.router.add_delete("/whep/{id}", self._whep_delete)
+        app.router.add_route("OPTIONS", "/whep", self._options)
         app.on_shutdown.append(self._on_shutdown)
 
     # -- WHIP --------------------------------------------------------------------------------
@@ -278,8 +298,9 @@ class WebRtcService:
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             video = [t for t in pc.getTransceivers() if t.kind == "video"]
+            # What this side may do with the offered video (aiortc keeps it from our point of view).
             offered = getattr(video[0], "_offerDirection", None) if video else None
-            if offered not in ("sendrecv", "sendonly"):
+            if offered not in ("sendrecv", "recvonly"):
                 raise ValueError("the offer sends no video to stylise (add the camera track)")
             if offered == "sendrecv":
                 pc.addTrack(track)
@@ -298,6 +319,70 @@ class WebRtcService:
         self.on_change()
         return web.Response(status=201, text=pc.localDescription.sdp, content_type="application/sdp",
                             headers={"Location": f"/whip/{sid}", "ETag": f'"{sid}"'})
+
+    # -- WHEP ---------------------------------------------------------------------------------
+
+    async def _whep(self, request):
+        """A viewer: the current session's stylised stream, read-only (nothing it sends is read)."""
+        from aiohttp import web
+        from aiortc import RTCPeerConnection, RTCSessionDescription
+
+        self.loop = asyncio.get_running_loop()
+        sdp = await self._read_offer(request)
+        if len(self.viewers) >= self.max_viewers:
+            return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                                text=f"busy: {self.max_viewers} viewers already watch this engine; try again later\n")
+        vid = secrets.token_urlsafe(12)
+        current = self.current()
+        size = (current.slot.frames.width, current.slot.frames.height) if current else (640, 360)
+        track = outgoing_track((*size, "Live2Diff", "waiting for a stream ..." if current is None else "joining ..."))
+        viewer = Viewer(vid, None, track)
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        viewer.pc = pc
+
+        @pc.on("connectionstatechange")
+        async def on_state():
+            if pc.connectionState in ("failed", "closed"):
+                await self.end_viewer(viewer)
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            video = [t for t in pc.getTransceivers() if t.kind == "video"]
+            offered = getattr(video[0], "_offerDirection", None) if video else None  # from our point of view
+            if offered not in ("sendonly", "sendrecv"):
+                raise ValueError("the offer receives no video (add a recvonly video transceiver)")
+            pc.addTrack(track)
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:
+            await pc.close()
+            msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            return web.Response(status=400, text=f"cannot use this offer: {msg}\n")
+        self.viewers[vid] = viewer
+        self.view_sinks.append(viewer)
+        return web.Response(status=201, text=pc.localDescription.sdp, content_type="application/sdp",
+                            headers={"Location": f"/whep/{vid}", "ETag": f'"{vid}"'})
+
+    async def _whep_delete(self, request):
+        from aiohttp import web
+
+        viewer = self.viewers.get(request.match_info["id"])
+        if viewer is None:
+            return web.Response(status=404, text="no such viewer\n")
+        await self.end_viewer(viewer)
+        return web.Response(status=200, text="viewer ended\n")
+
+    async def end_viewer(self, viewer: "Viewer") -> None:
+        if self.viewers.pop(viewer.id, None) is None:
+            return
+        try:
+            self.view_sinks.remove(viewer)
+        except ValueError:
+            pass
+        viewer.track.frames.close()
+        try:
+            await asyncio.wait_for(viewer.pc.close(), 5)
+        except Exception:
+            pass
 
     async def _whip_delete(self, request):
         from aiohttp import web
@@ -392,3 +477,5 @@ class WebRtcService:
             self._watch.cancel()
         for s in list(self.sessions.values()):
             await self.end(s, "the engine is stopping")
+        for v in list(self.viewers.values()):
+            await self.end_viewer(v)
