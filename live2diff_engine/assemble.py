@@ -70,6 +70,27 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+# Model sizes named when a size is refused: the square default and the webcam shapes (16:9, 4:3).
+SIZE_EXAMPLES = "512x512, 640x360, 768x432, 512x384"
+
+
+def model_size(args) -> tuple[int, int]:
+    """The model's width and height from --width/--height (defaults: 512, or 64 for the tiny
+    model), checked before anything loads. Any multiple of 8 (the VAE's factor) works."""
+    default = 64 if getattr(args, "model", None) == "tiny" else 512
+    w = default if getattr(args, "width", None) is None else args.width
+    h = default if getattr(args, "height", None) is None else args.height
+    if w < 8 or h < 8 or w % 8 or h % 8:
+        down = (max(8, w // 8 * 8), max(8, h // 8 * 8))
+        up = (max(8, -(-w // 8) * 8), max(8, -(-h // 8) * 8))
+        nearest = " or ".join(dict.fromkeys(f"{a}x{b}" for a, b in (down, up)))
+        raise ConfigError(
+            f"model size {w}x{h} cannot work: --width and --height must be multiples of 8 (the nearest: {nearest}; "
+            f"e.g. {SIZE_EXAMPLES})"
+        )
+    return w, h
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=["tiny"], help="tiny: a random-weight miniature for checks (its output is noise, not a style)")
@@ -102,9 +123,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--num-inference-steps", type=int, default=None, help="length of the LCM schedule (default 50)")
     s.add_argument("--seed", type=int, default=0)
     f = p.add_argument_group("frames")
-    f.add_argument("--width", type=int, default=None, help="model width, a multiple of 8 (default 512; 64 for tiny)")
-    f.add_argument("--height", type=int, default=None, help="model height, a multiple of 8 (default 512; 64 for tiny)")
-    f.add_argument("--fit", choices=["crop", "letterbox"], default="crop", help="how frames of another shape fit the model size")
+    f.add_argument("--width", type=int, default=None, help="model width, any multiple of 8 (default 512; 64 for tiny)")
+    f.add_argument("--height", type=int, default=None, help="model height, any multiple of 8 (default 512; 64 for tiny), "
+                   "e.g. 640x360 or 768x432 for a 16:9 camera")
+    f.add_argument("--fit", choices=["crop", "letterbox"], default="crop",
+                   help="how frames of another shape fit the model size: crop (default) keeps the centre with the "
+                   "model's aspect ratio, letterbox keeps the whole frame between black bars; the output shows what the "
+                   "model saw, fitted inside the output size, never cropped again (at the input's size: not zoomed)")
     f.add_argument("--output-size", type=_size, default=None, metavar="WxH", help="output frame size (default: the input's)")
     f.add_argument("--similarity-threshold", type=float, default=None, help="skip diffusion for frames this similar to the last (e.g. 0.98)")
 
@@ -141,6 +166,7 @@ def build_frame_pipeline(args, say=None):
     from .styles import LoraRef, StyleManager, load_styles
 
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    width, height = model_size(args)  # a size that cannot work is one line before any model loads
     device = resolve_device(args.device)
     if device.type == "cpu" and args.model != "tiny":
         say("warning: running on the CPU: fine for checks, far too slow for live video")
@@ -174,7 +200,6 @@ def build_frame_pipeline(args, say=None):
         say(f"building the {TINY_LABEL}")
         depth_kind = args.depth if args.depth in ("midas", "depth-anything") else "midas"
         comps = build_tiny_components(args.seed, device=device, dtype=dtype, depth=depth_kind)
-        default_size = 64
     else:
         kind, _, source = args.depth.partition("=")
         comps = load_components(
@@ -182,12 +207,11 @@ def build_frame_pipeline(args, say=None):
             lcm_lora=None if args.no_lcm_lora else "lcm-lora", device=device, dtype=dtype, progress=say,
             base_config=getattr(args, "base_config", None),
         )
-        default_size = 512
     steps, t_index_list, strength = style.schedule_args()
     frames = FramePipeline(
         comps,
-        width=args.width or default_size,
-        height=args.height or default_size,
+        width=width,
+        height=height,
         fit=args.fit,
         num_inference_steps=steps,
         t_index_list=t_index_list,

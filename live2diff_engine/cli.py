@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "translate",
         help="stylise a video file (or image folder) into a video file",
         description="Run every frame of INPUT through the streaming model and write OUTPUT with exactly as many "
-        "frames. The first 8 (the warmup) are the input as it is.",
+        "frames. The first 8 (the warmup) are the input, framed as the later frames are (see --fit).",
     )
     tr.add_argument("input", metavar="INPUT", help="video file or folder of images")
     tr.add_argument("output", metavar="OUTPUT", help="video file to write (.mp4, .avi, .mkv)")
@@ -383,6 +383,9 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_translate(args) -> int:
+    import os
+    from pathlib import Path
+
     from tqdm.auto import tqdm
 
     from .assemble import build_frame_pipeline
@@ -393,15 +396,20 @@ def _cmd_translate(args) -> int:
         raise ConfigError(f"output {args.output} must be a video file ending in .mp4, .avi or .mkv")
     comps, frames, manager, style = build_frame_pipeline(args)
     print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps", file=sys.stderr, flush=True)
+    # Written beside the output under another name and renamed when complete: a translate that
+    # fails (or is interrupted) leaves no half-written file, nor a damaged earlier one.
+    final = Path(args.output)
+    partial = final.with_name(f"{final.stem}.partial{final.suffix}")
     writer = None
     expected = 0
+    done = False
     try:
         with tqdm(total=source.length, unit="frame", desc="translate") as bar:
             for frame in source:
                 if writer is None:
                     size = args.output_size or (frame.shape[1], frame.shape[0])
                     frames.output_size = size
-                    writer = VideoWriter(args.output, source.fps, size)
+                    writer = VideoWriter(partial, source.fps, size)
                 for index, image in frames.push(frame):
                     if index != expected:
                         raise RuntimeError(f"frame order broken: got {index}, expected {expected}")
@@ -411,10 +419,16 @@ def _cmd_translate(args) -> int:
             for index, image in frames.flush():
                 writer.write(image)
                 expected += 1
+        done = True
     finally:
         source.close()
         if writer is not None:
             writer.close()
+            if done:
+                os.replace(partial, final)
+            else:
+                partial.unlink(missing_ok=True)
+                print(f"live2diff-engine: translate did not finish; no output written to {final}", file=sys.stderr, flush=True)
     if writer is None:
         raise ConfigError(f"{args.input} holds no frames")
     print(f"wrote {writer.count} frames to {args.output}", file=sys.stderr)
@@ -567,6 +581,9 @@ def _cmd_run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.max_frames is not None and args.max_frames < 1:
         raise ConfigError("--max-frames must be at least 1")
+    from .assemble import model_size
+
+    model_size(args)  # a size that cannot work: one line before the camera opens or any model loads
     from .assemble import preflight
 
     preflight(args)  # a missing --lora file, or (offline) all the models not downloaded: before the camera opens

@@ -123,16 +123,21 @@ class StreamingUNet(nn.Module):
                 if isinstance(m, TemporalAttention):
                     counts.append(tokens)
 
+        # The feature-map size at each level, as the forward pass makes them: a downsampler (3x3,
+        # stride 2, padding 1) rounds up, and an upsampler goes back to the size of the skip
+        # connection it meets (not twice its input: 5 -> 3 -> 6 would not meet the 5).
+        levels: list[tuple[int, int]] = []
         for block in self.down_blocks:
             for mm in getattr(block, "motion_modules", []):
                 visit(mm, h * w)
             if block.downsamplers is not None:
+                levels.append((h, w))
                 h, w = (h + 1) // 2, (w + 1) // 2
         for block in self.up_blocks:
             for mm in getattr(block, "motion_modules", []):
                 visit(mm, h * w)
             if getattr(block, "upsamplers", None) is not None:
-                h, w = h * 2, w * 2
+                h, w = levels.pop() if levels else (h * 2, w * 2)
         return counts
 
     # -- forward -----------------------------------------------------------------------------
