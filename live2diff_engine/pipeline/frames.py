@@ -1,9 +1,16 @@
 """The frame pipeline: RGB frames of any size in, stylised RGB frames out.
 
-Per frame: fit to the model size (centre-crop or letterbox), VAE-encode, estimate and encode depth
+Per frame: fit to the model size (``crop``: the centre of the frame with the model's aspect ratio;
+``letterbox``: the whole frame between black bars), VAE-encode, estimate and encode depth
 (normalised and encoded as the original does), one stream step, VAE-decode, and fit back to the
-output size. The first 8 frames are the warmup: they are shown as they came in (the user sees
-their camera, not black frames) and, once all 8 are there, denoised together to fill the cache.
+output size without cutting anything more (:func:`unfit_frame`: at the input's size every pixel
+lands where it came from, at the input's scale). The first 8 frames are the warmup: they are
+shown as the input framed exactly as the later outputs are (the user sees their camera, not black
+frames) and, once all 8 are there, denoised together to fill the cache.
+
+Any model size that is a multiple of 8 works (the VAE's factor): the streaming UNet takes each
+up block's size from its skip connection, as diffusers' UNet does, so sizes such as 640x360
+(latent 80x45) need no multiple of 64.
 
 Outputs trail inputs by ``T - 1`` stream calls. :meth:`FramePipeline.push` returns the frames
 that became ready as ``(input index, image)`` pairs in input order, and :meth:`flush` finishes the
@@ -67,13 +74,27 @@ class Fit:
 
 
 def fit_rect(src_w: int, src_h: int, dst_w: int, dst_h: int, mode: str) -> Fit:
+    """Where a ``src_w x src_h`` frame goes in a ``dst_w x dst_h`` picture.
+
+    ``crop``: the centred part of the source with the picture's aspect ratio (the whole width or
+    the whole height is kept), scaled to fill the picture. ``letterbox``: the whole source, scaled
+    to fit inside the picture and centred, with black bars on the two other sides.
+
+    Shapes whose aspect ratios differ only by the rounding of a side to whole pixels are taken
+    as equal (the picture is filled, nothing is cut): a bar or a cut that thin is a rounding
+    error, not framing."""
     if mode == "crop":
         scale = max(dst_w / src_w, dst_h / src_h)
-        w, h = min(src_w, round(dst_w / scale)), min(src_h, round(dst_h / scale))
+        w, h = round(dst_w / scale), round(dst_h / scale)
+        w = src_w if src_w - w <= 1 else max(1, w)  # a cut of one source pixel is rounding
+        h = src_h if src_h - h <= 1 else max(1, h)
         return Fit(mode, ((src_w - w) // 2, (src_h - h) // 2, w, h), (0, 0, dst_w, dst_h))
     if mode == "letterbox":
         scale = min(dst_w / src_w, dst_h / src_h)
-        w, h = max(1, round(src_w * scale)), max(1, round(src_h * scale))
+        slack = 1 + 0.5 * scale  # half a source pixel of rounding, scaled, plus this rounding
+        w, h = round(src_w * scale), round(src_h * scale)
+        w = dst_w if dst_w - w <= slack else max(1, w)
+        h = dst_h if dst_h - h <= slack else max(1, h)
         return Fit(mode, (0, 0, src_w, src_h), ((dst_w - w) // 2, (dst_h - h) // 2, w, h))
     raise ConfigError(f"unknown fit mode {mode!r}; use crop or letterbox")
 
@@ -85,23 +106,36 @@ def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def fit_frame(frame: np.ndarray, w: int, h: int, mode: str) -> tuple[np.ndarray, Fit]:
-    fit = fit_rect(frame.shape[1], frame.shape[0], w, h, mode)
-    sx, sy, sw, sh = fit.src_rect
+def _place(part: np.ndarray, fit: Fit, w: int, h: int) -> np.ndarray:
+    """``part`` resized into ``fit.dst_rect`` of a black ``w x h`` picture."""
     dx, dy, dw, dh = fit.dst_rect
-    part = _resize(np.ascontiguousarray(frame[sy : sy + sh, sx : sx + sw]), dw, dh)
+    part = _resize(np.ascontiguousarray(part), dw, dh)
     if (dw, dh) == (w, h):
-        return part, fit
+        return part
     canvas = np.zeros((h, w, 3), dtype=np.uint8)
     canvas[dy : dy + dh, dx : dx + dw] = part
-    return canvas, fit
+    return canvas
+
+
+def fit_frame(frame: np.ndarray, w: int, h: int, mode: str) -> tuple[np.ndarray, Fit]:
+    """A frame of any size to the ``w x h`` model picture (see :func:`fit_rect`)."""
+    fit = fit_rect(frame.shape[1], frame.shape[0], w, h, mode)
+    sx, sy, sw, sh = fit.src_rect
+    return _place(frame[sy : sy + sh, sx : sx + sw], fit, w, h), fit
 
 
 def unfit_frame(img: np.ndarray, fit: Fit, out_w: int, out_h: int) -> np.ndarray:
-    """Model-size picture back to an output frame: the content, scaled to cover the output."""
+    """A model-size picture back to an ``out_w x out_h`` output frame, never cropped again.
+
+    The content (the whole picture in crop mode, the rectangle inside the bars in letterbox mode)
+    is scaled to fit inside the output and centred. With the output at the input's size that puts
+    every pixel back where it came from, at the input's scale: a crop shows the part it kept, with
+    black where it cut (a 4:3 frame through a square model comes out as the centre square of the
+    4:3 frame, between two bars); a letterbox shows the whole frame. An output of the content's
+    own aspect ratio is filled."""
     dx, dy, dw, dh = fit.dst_rect
     content = img[dy : dy + dh, dx : dx + dw]
-    return fit_frame(content, out_w, out_h, "crop")[0]
+    return _place(content, fit_rect(dw, dh, out_w, out_h, "letterbox"), out_w, out_h)
 
 
 STAGES = ("upload", "depth", "encode", "unet", "decode", "download")
@@ -253,7 +287,10 @@ class FramePipeline:
     ):
         factor = comps.vae_scale_factor
         if width % factor or height % factor or width < factor or height < factor:
-            raise ConfigError(f"model size {width}x{height} must be positive multiples of {factor} (e.g. 512x512, 768x512)")
+            raise ConfigError(
+                f"model size {width}x{height} cannot work: width and height must be multiples of {factor} "
+                f"(the VAE's factor), e.g. 512x512, 640x360, 768x432, 512x384"
+            )
         fit_rect(1, 1, 1, 1, fit)  # validates the mode
         if similarity_threshold is not None and not 0.0 < similarity_threshold < 1.0:
             raise ConfigError(f"similarity threshold must be between 0 and 1, got {similarity_threshold}")
@@ -292,7 +329,7 @@ class FramePipeline:
         self._pending: deque[list[int]] = deque()  # input indices per call whose output is in flight
         self._fits: dict[int, tuple[Fit, tuple[int, int]]] = {}
         self._last_x: torch.Tensor | None = None
-        self._last_output: np.ndarray | None = None
+        self._last_model_img: np.ndarray | None = None  # the model-size picture of the last output
         self._skipped = 0
         self._rewarm = False
         self._rewarm_from_history = False
@@ -511,7 +548,7 @@ class FramePipeline:
             fit, (ow, oh) = self._fits.pop(i)
             out.append((i, unfit_frame(model_img, fit, ow, oh)))
         if out:
-            self._last_output = out[-1][1]
+            self._last_model_img = model_img
         return out
 
     def _warmup(self, images: list[torch.Tensor]) -> None:
@@ -566,7 +603,7 @@ class FramePipeline:
         if self.warming_up:
             self._warm.append(x)
             self._history.append(x)
-            ready += self._emit([index], model_img)  # the camera as it is, until the stream is warm
+            ready += self._emit([index], model_img)  # the camera, framed as every output, until the stream is warm
             if len(self._warm) == self.sink:
                 self._warmup(self._warm)
                 self._warm = []
@@ -591,7 +628,7 @@ class FramePipeline:
 
     def _last_output_model(self) -> np.ndarray:
         # The previous output in model size, so that it goes through the same unfit as any other.
-        return fit_frame(self._last_output, self.width, self.height, "crop")[0]
+        return self._last_model_img
 
     def _similar(self, x: torch.Tensor) -> bool:
         if self.similarity_threshold is None or self._last_x is None:
