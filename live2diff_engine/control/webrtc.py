@@ -9,6 +9,8 @@
     POST   /whep            an SDP offer (receive-only video) -> the stylised stream of the current
                             session (the oldest one running), read-only.
     DELETE /whep/ID         ends that viewer.
+    GET    /studio          a page: the browser's camera to the engine, the stylised video beside it,
+                            the dock's controls over the data channel.
 
 Sessions: at most ``max_sessions`` (default 1): another offer gets 503, a Retry-After and one line.
 A session whose peer goes away (closed, failed, or no video for SESSION_IDLE_S) is freed.
@@ -224,6 +226,7 @@ class WebRtcService:
         app.router.add_post("/whip", self._whip)
         app.router.add_delete("/whip/{id}", self._whip_delete)
         app.router.add_route("OPTIONS", "/whip", self._options)
+        app.router.add_get("/studio", self._studio)
         app.router.add_post("/whep", self._whep)
         app.router.add_delete("/whep/{id}", self._whep_delete)
         app.router.add_route("OPTIONS", "/whep", self._options)
@@ -319,6 +322,19 @@ class WebRtcService:
         self.on_change()
         return web.Response(status=201, text=pc.localDescription.sdp, content_type="application/sdp",
                             headers={"Location": f"/whip/{sid}", "ETag": f'"{sid}"'})
+
+    async def _studio(self, request):
+        """The studio page (plugin/studio.html): the browser's camera to the engine and back."""
+        from aiohttp import web
+
+        from .api import dock_dir
+
+        folder = dock_dir()
+        page = folder / "studio.html" if folder is not None else None
+        if page is None or not page.is_file():
+            return web.Response(status=404, text="the studio page is not installed (plugin/ is missing)\n")
+        return web.Response(body=page.read_bytes(), content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
 
     # -- WHEP ---------------------------------------------------------------------------------
 

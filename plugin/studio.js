@@ -1,0 +1,141 @@
+// Live2Diff studio: the webcam (getUserMedia) goes to the engine over WebRTC (WHIP, POST /whip),
+// the stylised video comes back on the same peer connection, and the data channel "control"
+// carries the engine's command schema (the dock's controls) and its status.
+'use strict';
+(() => {
+  const params = new URLSearchParams(location.search);
+  const token = params.get('token') || '';
+  const camW = parseInt(params.get('w') || '640', 10), camH = parseInt(params.get('h') || '480', 10);
+  const $ = (id) => document.getElementById(id);
+  const el = {
+    conn: $('conn'), local: $('local'), remote: $('remote'), start: $('start'), stop: $('stop'),
+    controls: $('controls'), toast: $('toast'), prompt: $('prompt'), promptApply: $('prompt-apply'),
+    style: $('style'), strength: $('strength'), strengthValue: $('strength-value'), steps: $('steps'),
+    pause: $('pause'), reset: $('reset'),
+    fState: $('f-state'), fFps: $('f-fps'), fLatency: $('f-latency'), fStyle: $('f-style'), fFrames: $('f-frames'),
+  };
+  let pc = null, channel = null, camera = null, location_ = null, nextId = 1, status = null;
+  const editing = new Set();  // controls being edited: status updates leave them alone
+
+  function setConn(state, text) {
+    el.conn.className = 'conn conn-' + state;
+    el.conn.textContent = text;
+    el.conn.dataset.state = state;
+  }
+  function toast(text) {
+    el.toast.textContent = text;
+    el.toast.hidden = !text;
+  }
+  function headers(type) {
+    const h = type ? { 'Content-Type': type } : {};
+    if (token) h.Authorization = 'Bearer ' + token;
+    return h;
+  }
+  function send(cmd, fields) {
+    if (!channel || channel.readyState !== 'open') { toast('not connected'); return; }
+    channel.send(JSON.stringify(Object.assign({ app: 'live2diff', v: 1, kind: 'command', cmd, id: String(nextId++) }, fields || {})));
+  }
+
+  function showStatus(s) {
+    status = s;
+    el.fState.textContent = s.state || '–';
+    el.fState.dataset.state = s.state || '';
+    el.fFps.textContent = typeof s.fps === 'number' ? s.fps.toFixed(1) : '–';
+    el.fLatency.textContent = typeof s.latency_ms === 'number' ? Math.round(s.latency_ms) + ' ms' : '–';
+    el.fStyle.textContent = s.style || '–';
+    el.fFrames.textContent = s.frames_out != null ? String(s.frames_out) : '–';
+    if (!editing.has('prompt') && document.activeElement !== el.prompt) el.prompt.value = s.prompt || '';
+    const names = Array.isArray(s.styles) ? s.styles : [];
+    if ([...el.style.options].map((o) => o.value).join('\n') !== names.join('\n')) {
+      el.style.replaceChildren(...names.map((n) => { const o = document.createElement('option'); o.value = o.textContent = n; return o; }));
+    }
+    if (!editing.has('style')) el.style.value = s.style || '';
+    if (!editing.has('strength') && typeof s.strength === 'number') { el.strength.value = s.strength; el.strengthValue.textContent = s.strength.toFixed(2); }
+    if (!editing.has('steps') && s.steps) el.steps.value = String(s.steps);
+    el.pause.textContent = s.paused ? 'Resume' : 'Pause';
+  }
+
+  function onMessage(ev) {
+    let msg;
+    try { msg = JSON.parse(ev.data); } catch (e) { return; }
+    if (msg.kind === 'status') showStatus(msg);
+    else if (msg.kind === 'reply') toast(msg.ok ? '' : msg.error || 'refused');
+  }
+
+  function waitForIce(conn) {
+    if (conn.iceGatheringState === 'complete') return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => { if (conn.iceGatheringState === 'complete') { conn.removeEventListener('icegatheringstatechange', done); resolve(); } };
+      conn.addEventListener('icegatheringstatechange', done);
+      setTimeout(resolve, 3000);  // enough candidates by now
+    });
+  }
+
+  async function start() {
+    el.start.disabled = true;
+    toast('');
+    try {
+      camera = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: camW }, height: { ideal: camH } }, audio: false });
+      el.local.srcObject = camera;
+      setConn('connecting', 'connecting');
+      pc = new RTCPeerConnection({ iceServers: [] });
+      const [track] = camera.getVideoTracks();
+      pc.addTransceiver(track, { direction: 'sendrecv', streams: [camera] });
+      channel = pc.createDataChannel('control');
+      channel.onmessage = onMessage;
+      channel.onopen = () => { el.controls.disabled = false; };
+      channel.onclose = () => { el.controls.disabled = true; };
+      pc.ontrack = (ev) => {
+        if (ev.track.kind === 'video') el.remote.srcObject = ev.streams[0] || new MediaStream([ev.track]);
+      };
+      pc.onconnectionstatechange = () => {
+        const s = pc && pc.connectionState;
+        if (s === 'connected') setConn('connected', 'connected');
+        else if (s === 'failed' || s === 'disconnected') setConn('disconnected', s);
+      };
+      await pc.setLocalDescription(await pc.createOffer());
+      await waitForIce(pc);
+      const resp = await fetch('/whip', { method: 'POST', headers: headers('application/sdp'), body: pc.localDescription.sdp });
+      const text = await resp.text();
+      if (resp.status !== 201) throw new Error(text.trim() || 'HTTP ' + resp.status);
+      location_ = resp.headers.get('Location');
+      await pc.setRemoteDescription({ type: 'answer', sdp: text });
+      el.stop.disabled = false;
+    } catch (e) {
+      toast(String(e.message || e));
+      await stop();
+    }
+  }
+
+  async function stop() {
+    el.stop.disabled = true;
+    el.controls.disabled = true;
+    if (location_) {
+      try { await fetch(location_, { method: 'DELETE', headers: headers(), keepalive: true }); } catch (e) { /* gone already */ }
+      location_ = null;
+    }
+    if (pc) { pc.close(); pc = null; }
+    channel = null;
+    if (camera) { camera.getTracks().forEach((t) => t.stop()); camera = null; }
+    el.local.srcObject = null;
+    el.remote.srcObject = null;
+    setConn('disconnected', 'not connected');
+    el.start.disabled = false;
+  }
+
+  function applyPrompt() { editing.delete('prompt'); send('set_prompt', { prompt: el.prompt.value }); }
+  el.start.addEventListener('click', start);
+  el.stop.addEventListener('click', stop);
+  el.promptApply.addEventListener('click', applyPrompt);
+  el.prompt.addEventListener('input', () => editing.add('prompt'));
+  el.prompt.addEventListener('keydown', (e) => { if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) { e.preventDefault(); applyPrompt(); } });
+  el.style.addEventListener('change', () => send('set_style', { style: el.style.value }));
+  el.strength.addEventListener('input', () => { editing.add('strength'); el.strengthValue.textContent = Number(el.strength.value).toFixed(2); });
+  el.strength.addEventListener('change', () => { editing.delete('strength'); send('set_strength', { strength: Number(el.strength.value) }); });
+  el.steps.addEventListener('change', () => send('set_steps', { steps: Number(el.steps.value) }));
+  el.pause.addEventListener('click', () => send(status && status.paused ? 'resume' : 'pause'));
+  el.reset.addEventListener('click', () => send('reset'));
+  window.addEventListener('pagehide', () => {
+    if (location_) fetch(location_, { method: 'DELETE', headers: headers(), keepalive: true });
+  });
+})();
