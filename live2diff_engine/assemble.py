@@ -92,6 +92,8 @@ def model_size(args) -> tuple[int, int]:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    from .threads import threads_arg
+
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=["tiny"], help="tiny: a random-weight miniature for checks (its output is noise, not a style)")
     g.add_argument("--base", default="sd15",
@@ -108,6 +110,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accelerate", default="auto", choices=["off", "compile", "cudagraph", "auto"],
                    help="how the stream step runs: off (eager), compile (torch.compile), cudagraph (compile + CUDA graph, "
                    "CUDA only), auto (default: cudagraph on CUDA, off on the CPU, where compiling costs minutes)")
+    g.add_argument("--threads", type=threads_arg, default=None, metavar="N",
+                   help="torch's CPU threads (default auto: one fewer than the CPUs with the model on the CPU, "
+                   "at most 2 with it on a GPU; OMP_NUM_THREADS, when set, is kept)")
     s = p.add_argument_group("style")
     s.add_argument("--style", default=None, help="a style name from the styles file (default: default)")
     s.add_argument("--styles", metavar="FILE", default=None, help="your styles file (default: see `live2diff-engine styles path`)")
@@ -168,6 +173,9 @@ def build_frame_pipeline(args, say=None):
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     width, height = model_size(args)  # a size that cannot work is one line before any model loads
     device = resolve_device(args.device)
+    from .threads import apply_threads
+
+    apply_threads(device, getattr(args, "threads", None), say)  # before any model is built
     if device.type == "cpu" and args.model != "tiny":
         say("warning: running on the CPU: fine for checks, far too slow for live video")
     dtype = _dtype(args, device)

@@ -251,6 +251,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default float16 on CUDA, float32 elsewhere")
     p.add_argument("--seed", type=int, default=0)
+    from .threads import threads_arg
+
+    p.add_argument("--threads", type=threads_arg, default=None, metavar="N",
+                   help="torch's CPU threads (default auto: one fewer than the CPUs, at most 2 with the model on a GPU)")
 
 
 def _cmd_check_reference(args) -> int:
@@ -271,7 +275,10 @@ def _load_model(args):
     """(unet, prompt_embeds, latent size, label) for --model tiny or --base/--motion."""
     import torch
 
+    from .threads import apply_threads
+
     device = resolve_device(args.device)
+    apply_threads(device, args.threads, lambda line: print(line, file=sys.stderr, flush=True))
     dtype = _torch_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     if args.model == "tiny":
         from .models.tiny import TINY_LABEL, TINY_LATENT_SIZE, build_tiny_unet, tiny_prompt_embeds
