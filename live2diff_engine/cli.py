@@ -610,6 +610,7 @@ def _cmd_run(args) -> int:
     opened = []
     control = None
     api_on = control_settings(args)["api"] is not None  # checks the config file before anything starts
+    loading = _SigtermWhileLoading()  # a SIGTERM before the stream starts ends it like Ctrl-C: outputs closed
     try:
         for sink in list(sinks):  # before the long model load, so a missing driver is known at once
             try:
@@ -628,6 +629,7 @@ def _cmd_run(args) -> int:
 
         control = _start_control(args, size)
         if control.api is not None:
+            control.api.stream.max_fps = fps  # the MJPEG stream never runs faster than the output
             sinks.append(control.api.stream)
         from .saved_settings import restore_into_args, start_saving
 
@@ -638,17 +640,47 @@ def _cmd_run(args) -> int:
         controller = control.attach(frames, manager, comps.label)
         start_saving(controller, saved_seed)
         engine = Engine(frames, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps,
-                        controller=controller)
+                        controller=controller, pace=True)
+        loading.over()
         return engine.run()
     finally:
-        if control is not None:
-            control.stop()
+        loading.over()
+        # The outputs first (a file is complete once closed), the API last: the dock and OBS hear
+        # "stopped" after the final frames are out.
         for sink in opened:
             try:
                 sink.close()
             except Exception:
                 pass
         source.close()
+        if control is not None:
+            control.stop()
+        global _exit_at_once
+        _exit_at_once = True
+
+
+class _SigtermWhileLoading:
+    """SIGTERM raises KeyboardInterrupt until ``over()`` (the engine then handles it), so a stop
+    while the models load closes what is open, as Ctrl-C does. Main thread only."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def over(self) -> None:
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
 
 
 class _Control:
@@ -1042,8 +1074,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+_exit_at_once = False  # set by `run` once its outputs are closed
+
+
 def entry_point() -> None:
-    sys.exit(main())
+    code = main()
+    if _exit_at_once:
+        _exit_now(code)
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """Ends the process without the interpreter's teardown. After `run` everything the user made
+    is already closed (files, virtual camera, API); what is left is the garbage collector walking
+    every object torch and the models made, which on a busy machine took 10 s and more after a
+    Ctrl-C. The exit handlers still run and the output is flushed first."""
+    import atexit
+    import logging
+    import os
+
+    try:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # a broken pipe or an exit handler's fault must not hold the exit
+        pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,13 @@ Three threads:
 * **publisher** (paced sinks only): sends the latest output to the virtual camera at its own frame
   rate, repeating the last one when inference is slower, so a video call never sees a stall.
 
-Stop (Ctrl-C, SIGTERM, ``stop()``, ``max_frames``) is seen within one frame; threads are joined
-and the camera and the virtual camera are released.
+A file or test pattern (not live) is read at its own frame rate when ``pace`` is set (`run`), paused
+or not; otherwise as fast as the pipeline goes (`translate`, benchmarks).
+
+Stop (``stop()``, ``max_frames``) is seen between frames. A stop signal (Ctrl-C, SIGTERM) is seen
+at once: the model work of the frame in flight, or a command being applied, is cut short (on a
+busy machine it can take seconds, and its result would be dropped anyway). Threads get one short
+shared deadline; the sinks are closed (a file is complete) and then the source.
 """
 
 from __future__ import annotations
@@ -37,10 +42,18 @@ from .pipeline.frames import FrameError
 
 log = logging.getLogger("live2diff.engine")
 LOG_EVERY_S = 10.0  # the status line, when stderr is a log file rather than a terminal
+SHUTDOWN_JOIN_S = 0.5  # all threads together, after a stop
 
 
 class OutOfMemory(UserError):
     pass
+
+
+class _Abandon(BaseException):
+    """Raised by the stop signal's handler inside work that may be dropped when the process ends
+    (a frame's model work, a command being applied): on a busy machine that work can take
+    seconds, and its result would be thrown away anyway. Not an Exception, so no ``except
+    Exception`` on the way swallows it."""
 
 
 @dataclass
@@ -64,23 +77,42 @@ class Stats:
 
 
 class _Rate:
-    """Events per second over the last few seconds."""
+    """Events per second over the last ``n`` events, however slow they come: ``(k - 1) / (t_last -
+    t_first)`` over the newest ``k <= n`` ticks (those within ``span_s`` of the newest, at least the
+    newest ``min_ticks``). A fixed time window reads 0 once events are further apart than the
+    window; this reads 0.67 for a frame every 1.5 s. When events stop, the rate falls as the gap
+    grows past one interval, and reads 0 once no event has come for ``idle_intervals`` intervals
+    (and at least ``idle_min_s``)."""
 
-    def __init__(self, window_s: float = 3.0):
-        self.window = window_s
-        self.times: deque[float] = deque()
+    def __init__(self, n: int = 30, span_s: float = 5.0, min_ticks: int = 4, idle_intervals: float = 3.0, idle_min_s: float = 1.0):
+        self.span_s, self.min_ticks = span_s, min_ticks
+        self.idle_intervals, self.idle_min_s = idle_intervals, idle_min_s
+        self.times: deque[float] = deque(maxlen=n)
 
     def tick(self, now: float) -> None:
         self.times.append(now)
-        while self.times and now - self.times[0] > self.window:
-            self.times.popleft()
+
+    def clear(self) -> None:
+        self.times.clear()
 
     def rate(self, now: float) -> float:
-        while self.times and now - self.times[0] > self.window:
-            self.times.popleft()
-        if len(self.times) < 2:
+        times = self.times
+        if len(times) < 2:
             return 0.0
-        return (len(self.times) - 1) / max(1e-6, self.times[-1] - self.times[0])
+        last = times[-1]
+        k = len(times)
+        while k > self.min_ticks and last - times[-k] > self.span_s:
+            k -= 1
+        span = last - times[-k]
+        if span <= 0:
+            return 0.0
+        interval = span / (k - 1)
+        gap = now - last
+        if gap > max(self.idle_intervals * interval, self.idle_min_s):
+            return 0.0  # nothing for several intervals: stopped, not slow
+        if gap > interval:  # overdue: count the wait so far as part of the next interval
+            span += gap - interval
+        return (k - 1) / span
 
 
 def rss_mb() -> float | None:
@@ -111,6 +143,7 @@ class Engine:
         fps: float | None = None,
         on_output=None,
         controller=None,
+        pace: bool = False,
     ):
         self.pipeline = pipeline
         self.source = source
@@ -124,11 +157,17 @@ class Engine:
         self.fps = fps or source.fps or 30.0
         self.on_output = on_output
         self.controller = controller
+        # A file or a test pattern could be read as fast as the model goes (thousands of frames a
+        # second while paused): with ``pace`` it is read at its own frame rate, as a camera would
+        # deliver it. `run` paces; `translate` and the benchmarks do not.
+        self.pace = pace and not source.live
+        self._due: float | None = None
         if controller is not None:
             controller.engine = self
             self.stats_every_s = min(stats_every_s, 1.0)  # live status goes out once a second
         self.paused = False
         self._pause_changed = False
+        self._may_abandon = False  # the inference thread is in work a stop signal may cut short
         self.stats = Stats()
         self._stop = threading.Event()
         self._new_frame = threading.Condition()
@@ -183,9 +222,21 @@ class Engine:
     def _between_frames(self) -> None:
         if self.controller is not None:
             try:
-                self.controller.apply_pending()
+                self._abandonable(self.controller.apply_pending)
+            except _Abandon:  # stopping: a style still loading is not waited for
+                pass
             except Exception as exc:  # a control fault must never end the stream
                 log.warning("applying commands failed: %s", exc)
+
+    def _abandonable(self, fn, *args):
+        """``fn(*args)``, cut short (``_Abandon``) if a stop signal comes meanwhile."""
+        self._may_abandon = True
+        try:
+            if self.stopping:
+                raise _Abandon
+            return fn(*args)
+        finally:
+            self._may_abandon = False
 
     @property
     def stopping(self) -> bool:
@@ -267,8 +318,11 @@ class Engine:
                         return None
                     self._new_frame.wait(0.1)
                 self._between_frames()  # a lost camera must not hold back a style change
+                self._update_stats()  # and the rates fall to 0 while no frame comes
             return None
         while not self.stopping:
+            if self.pace and not self._wait_for_due():
+                return None
             try:
                 frame = self.source.read()
                 if self._no_signal:
@@ -283,6 +337,18 @@ class Engine:
                 if not self._open_source_with_retry():
                     return None
         return None
+
+    def _wait_for_due(self) -> bool:
+        """Holds a paced source to its frame rate; False when a stop came meanwhile. A late frame
+        moves the schedule on rather than making up for it with a burst."""
+        period = 1.0 / (self.source.fps or self.fps or 30.0)
+        if self._due is not None:
+            wait = self._due - time.monotonic()
+            if wait > 0 and self._stop.wait(wait):
+                return False
+        start = time.monotonic()
+        self._due = start + period if self._due is None else max(self._due + period, start)
+        return True
 
     # -- sinks -------------------------------------------------------------------------------
 
@@ -378,7 +444,10 @@ class Engine:
         index = self.pipeline.frame_index
         self._capture_times[index] = t_capture
         try:
-            ready = self.pipeline.push(frame)
+            ready = self._abandonable(self.pipeline.push, frame)
+        except _Abandon:  # stopping: the frame in flight is dropped, not waited for
+            self._capture_times.pop(index, None)
+            return
         except FrameError as exc:  # nothing was touched: skip it, the sinks keep the last picture
             self._capture_times.pop(index, None)
             self.stats.errors += 1
@@ -479,27 +548,36 @@ class Engine:
 
         def handler(signum, frame):
             self.stop()
+            if self._may_abandon:  # the stop is seen at once, not after the frame in flight
+                raise _Abandon
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             old[sig] = signal.signal(sig, handler)
         return old
 
     def _shutdown(self) -> None:
+        """Within a second of a stop (the frame in flight excepted), however busy the machine: the
+        threads get one short shared deadline (a publisher ends within one frame period; a camera
+        read that hangs is left to the process's end), then the sinks are closed, so a file is
+        complete, then the source."""
         self._stop.set()
         with self._new_frame:
             self._new_frame.notify_all()
+        deadline = time.monotonic() + SHUTDOWN_JOIN_S
         for t in self._threads:
-            t.join(timeout=1.5)
-        try:
-            self.source.close()
-        except Exception:
-            pass
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         for sink in self.sinks:
             try:
                 sink.close()
             except Exception as exc:
                 log.warning("closing %s failed: %s", sink.name, exc)
+        try:
+            self.source.close()
+        except Exception:
+            pass
         self._update_stats(force=True)
+        if self.controller is not None:
+            self.controller.changed()  # "stopped" reaches the dock before the API closes
         if self._status_shown:
             print(file=sys.stderr)
 

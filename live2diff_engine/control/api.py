@@ -92,8 +92,9 @@ class StreamSink(Sink):
     takes_cards = True
     name = "local stream"
 
-    def __init__(self, quality: int = 85):
+    def __init__(self, quality: int = 85, max_fps: float | None = None):
         self.quality = quality
+        self.max_fps = max_fps  # the output's frame rate: no viewer is sent parts faster than this
         self._lock = threading.Lock()
         self._frame: np.ndarray | None = None
         self._seq = 0
@@ -114,6 +115,16 @@ class StreamSink(Sink):
     @property
     def seq(self) -> int:
         return self._seq
+
+    def wake_all(self) -> None:
+        """Wakes every viewer waiting for a frame (the server is closing)."""
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass
 
     def jpeg(self) -> tuple[int, bytes] | None:
         """(sequence number, JPEG bytes) of the newest frame, encoded at most once."""
@@ -174,6 +185,7 @@ class ApiServer:
         self._changed: asyncio.Event | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        self._closing = False  # set by stop(): viewers' streams end, so the server closes at once
         self.commands_seen = 0
         self.frames_served = 0  # MJPEG parts written, over all viewers
         self._readers = {"obs": 0, "other": 0}  # open /stream.mjpg connections (OBS's source asks with ?client=obs)
@@ -212,13 +224,15 @@ class ApiServer:
         loop = self._loop
         if loop is None or self._thread is None:
             return
+        # Viewers' streams end at once (below), so this takes milliseconds; the bounds only keep
+        # a wedged client from holding the engine's exit.
         fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
         try:
-            fut.result(5)
+            fut.result(2)
         except Exception:
             pass
         loop.call_soon_threadsafe(loop.stop)
-        self._thread.join(5)
+        self._thread.join(1)
         self._loop = None
 
     def set_controller(self, controller) -> None:
@@ -281,7 +295,7 @@ class ApiServer:
         for add_routes in self.extra_routes:
             add_routes(app)
         self._changed = asyncio.Event()
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context)
         await site.start()
@@ -295,14 +309,22 @@ class ApiServer:
         raise web.HTTPFound(self._with_token("/dock", request))
 
     async def _shutdown(self) -> None:
+        self._closing = True
+        self.stream.wake_all()  # MJPEG viewers (OBS's Media Source) end their streams
+        if self._changed is not None:
+            self._changed.set()  # and the broadcaster its loop
         task = getattr(self, "_broadcast_task", None)
         if task is not None:
+            # Python 3.11's wait_for can swallow a cancel that meets a wake-up (the engine's last
+            # "changed"); the loop ends by itself on _closing, and this wait is bounded either way.
             task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+            await asyncio.wait({task}, timeout=0.5)
+        last = json.dumps({**self.status(), "state": "stopped"})  # the dock's last word: stopped, not lost
         for ws in list(self._sockets):
+            try:
+                await asyncio.wait_for(ws.send_str(last), 0.5)
+            except Exception:
+                pass
             try:
                 await ws.close()
             except Exception:
@@ -458,7 +480,7 @@ class ApiServer:
 
     async def _broadcaster(self) -> None:
         """Status to every WebSocket client: at once on a change (at most every 0.1 s) and every second."""
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._changed.wait(), 1.0)
             except asyncio.TimeoutError:
@@ -526,10 +548,20 @@ class ApiServer:
         who = "obs" if request.query.get("client") == "obs" else "other"
         self._readers[who] += 1
         self._readers_changed()
+        sent_at = None
         try:
-            while True:
+            while not self._closing:
                 if not await self.stream.wait_newer(seq, 5.0) and seq >= 0:
                     continue  # nothing new: keep the connection, send when a frame comes
+                # Never faster than the output's frame rate (10% slack for jitter): frames that come
+                # quicker are skipped, and the newest goes out. OBS's Media Source needs no resends
+                # while nothing new comes (its reader has no timeout of its own).
+                if self.stream.max_fps and sent_at is not None:
+                    wait = sent_at + 0.9 / self.stream.max_fps - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                if self._closing:
+                    break
                 got = await loop.run_in_executor(None, self.stream.jpeg)
                 if got is None:
                     await asyncio.sleep(0.05)
@@ -537,6 +569,7 @@ class ApiServer:
                 seq, data = got
                 head = f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n".encode()
                 await resp.write(head + data + b"\r\n")
+                sent_at = loop.time()
                 self.frames_served += 1
         except (ConnectionResetError, asyncio.CancelledError):
             pass
