@@ -65,7 +65,8 @@ class RemotePipeline:
         self.connected = False
         self.connections = 0
         self.sent = 0
-        self.returned = 0
+        self.returned = 0  # published
+        self.received = 0  # came back (the server's card included)
         self._outbox = None  # the current connection's LatestFrames of (image, index)
         self._back: queue.Queue = queue.Queue(maxsize=8)
         self._stop = threading.Event()
@@ -250,6 +251,7 @@ class RemotePipeline:
             while True:
                 frame = await track.recv()
                 state["last_back"] = time.monotonic()
+                self.received += 1
                 pts = frame_pts(frame)
                 if pts == 0 or state["base"] is None:
                     continue  # the server's "connected" card
@@ -530,6 +532,13 @@ def cmd_connect(args) -> int:
             controller.changed()
 
         remote.emit, remote.on_lost = emit, lost
+
+        def remote_status(msg):  # the remote engine's own part of the round trip, in --stats too
+            engine.stats.extra.update(remote_latency_ms_p50=msg.get("latency_ms"), remote_frames_out=msg.get("frames_out"),
+                                      frames_sent=remote.sent, frames_back=remote.received)
+            controller.changed()
+
+        remote.on_status = remote_status
         remote.start()
         status = threading.Thread(target=_status_lines, args=(engine, remote, controller, say), name="status", daemon=True)
         status.start()

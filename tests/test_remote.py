@@ -349,3 +349,38 @@ def test_beyond_loopback_the_token_is_required_and_max_sessions_2_serves_two_str
         assert b_prompt != "only in a"  # each stream has its own state
     finally:
         s.stop()
+
+
+def test_https_with_tls_cert_and_key(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    s = Server("--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        assert s.url.startswith("https://127.0.0.1:")
+
+        async def go():
+            c = WhipClient(s.url, fps=6)
+            assert await c.start() == 201, c.answer_text
+            try:
+                await wait_for(lambda: len(c.received) > 3, WAIT, "frames back over an HTTPS-signalled session")
+                assert await c.delete() == 200
+            finally:
+                await c.close()
+
+        run(go())
+    finally:
+        s.stop()
+    r = subprocess.run([sys.executable, "-m", "live2diff_engine", "serve", "--model", "tiny", "--tls-cert", str(cert)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode != 0 and "--tls-key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ice_server_urls():
+    from live2diff_engine.control.webrtc import parse_ice_server
+
+    assert parse_ice_server("stun:stun.example.org:3478") == {"urls": "stun:stun.example.org:3478"}
+    assert parse_ice_server("turn:me:p@ss:w@turn.example.org:3478?transport=tcp") == {
+        "urls": "turn:turn.example.org:3478?transport=tcp", "username": "me", "credential": "p@ss:w"}
+    with pytest.raises(ValueError):
+        parse_ice_server("http://example.org")

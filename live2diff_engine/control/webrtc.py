@@ -471,7 +471,9 @@ class WebRtcService:
             await asyncio.get_running_loop().run_in_executor(None, session.thread.join, 10)
         self.sessions.pop(session.id, None)
         session.slot.busy = False
-        self.say(f"session {session.id[:6]} ended: {why}")
+        st = session.engine.stats if session.engine is not None else None
+        counts = f" ({st.frames_in} frames in, {st.frames_out} out, {st.dropped} dropped for newer ones)" if st else ""
+        self.say(f"session {session.id[:6]} ended: {why}{counts}")
         self.on_change()
 
     async def _watchdog(self) -> None:

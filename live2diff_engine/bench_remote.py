@@ -1,0 +1,111 @@
+"""What WebRTC adds: capture-to-publish latency through `connect` + `serve` over loopback against
+`run`, on the same synthetic frames, in one run; and frames lost on the way back.
+
+    python -m live2diff_engine.bench_remote [--size 512x512] [--fps 10] [--seconds 60] [--model-size 64]
+
+Runs `run` (synthetic source, null sink) for the given time, then `serve` and `connect` (the same
+source and sink) for the same time, each a process of its own with the tiny model, and prints one
+line per path from their --stats files: p50/p95 of capture to publish, output fps; for the remote
+path also what serve finished and how many of those did not reach connect (lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "live2diff_engine", *map(str, args)]
+
+
+def _run_for(cmd, seconds, stats: Path, env) -> dict:
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    deadline = time.monotonic() + 300
+    while not (stats.exists() and json.loads(stats.read_text()).get("frames_out", 0) > 0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("".join(lines))
+        time.sleep(0.2)
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(120)
+    time.sleep(0.5)
+    return {**json.loads(stats.read_text()), "log": "".join(lines)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="512x512", help="camera frame size, WxH (default 512x512)")
+    p.add_argument("--fps", type=float, default=10.0, help="camera rate (default 10)")
+    p.add_argument("--seconds", type=float, default=60.0, help="measured time per path (default 60)")
+    p.add_argument("--model-size", type=int, default=64, help="the tiny model's width and height (default 64)")
+    p.add_argument("--remote-only", action="store_true", help="only connect + serve (e.g. a long session for lost frames)")
+    a = p.parse_args(argv)
+    env = {**os.environ}
+    tmp = Path(tempfile.mkdtemp(prefix="l2d-bench-remote-"))
+    common = ["--source", "synthetic", "--camera-size", a.size, "--camera-fps", a.fps, "--sink", "null", "--no-api"]
+    model = ["--model", "tiny", "--width", a.model_size, "--height", a.model_size]
+
+    local = None
+    if not a.remote_only:
+        local = _run_for(_cli("run", *model, *common, "--fresh", "--stats", tmp / "run.json"), a.seconds, tmp / "run.json", env)
+
+    serve = subprocess.Popen(_cli("serve", *model, "--api-port", 0, "--fps", a.fps), stderr=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, text=True, env=env)
+    slines: list[str] = []
+    threading.Thread(target=lambda: slines.extend(iter(serve.stderr.readline, "")), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any(l.startswith("serving: ") for l in slines):
+            if serve.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("".join(slines))
+            time.sleep(0.2)
+        url = re.search(r"WHIP (\S+)/whip", next(l for l in slines if l.startswith("serving: "))).group(1)
+        remote = _run_for(_cli("connect", url, *common, "--stats", tmp / "connect.json"), a.seconds,
+                          tmp / "connect.json", env)
+        deadline = time.monotonic() + 60
+        while not any(" ended: " in l for l in slines) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+    ended = next((l for l in slines if " ended: " in l), "")
+    m = re.search(r"\((\d+) frames in, (\d+) out", ended)
+    served_out = int(m.group(2)) if m else None
+    back = remote["frames_out"]
+    for name, s in (("run", local), ("connect + serve", remote)):
+        if s is None:
+            continue
+        print(f"{name:16} capture to publish p50 {s['latency_ms_p50']} ms, p95 {s['latency_ms_p95']} ms; "
+              f"frames in {s['frames_in']}, out {s['frames_out']}, fps out {s['fps_out']}")
+    extra = remote.get("extra") or {}
+    if extra.get("remote_latency_ms_p50") is not None and remote["latency_ms_p50"] is not None:
+        print(f"serve's own part p50 {extra['remote_latency_ms_p50']} ms (its receive to its send): network and codecs "
+              f"p50 {remote['latency_ms_p50'] - extra['remote_latency_ms_p50']:+.1f} ms")
+    if local is not None and local["latency_ms_p50"] is not None and remote["latency_ms_p50"] is not None:
+        print(f"added by WebRTC  p50 {remote['latency_ms_p50'] - local['latency_ms_p50']:+.1f} ms, "
+              f"p95 {remote['latency_ms_p95'] - local['latency_ms_p95']:+.1f} ms")
+    if served_out is not None:
+        print(f"serve finished {served_out} frames of the {extra.get('frames_sent')} connect sent (it takes the newest when it "
+              f"falls behind); "
+              f"connect published {back}: {served_out - back} finished but not published (frames in flight when connect stopped "
+              f"count here)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
