@@ -860,7 +860,9 @@ def _cmd_ctl(args) -> int:
         lat = status.get("latency_ms")
         print(f"state: {status.get('state')}  fps: {status.get('fps')}  latency: {lat if lat is not None else '-'} ms  "
               f"frames: {status.get('frames_out')}")
-        print(f"style: {status.get('style')}  strength: {status.get('strength')}  steps: {status.get('steps')}  seed: {status.get('seed')}")
+        loading = f" (loading {status['style_loading']} ...)" if status.get("style_loading") else ""
+        print(f"style: {status.get('style')}{loading}  strength: {status.get('strength')}  steps: {status.get('steps')}  "
+              f"seed: {status.get('seed')}")
         print(f"prompt: {status.get('prompt')!r}")
         if status.get("negative_prompt") or status.get("guidance", 1) > 1:
             print(f"negative prompt: {status.get('negative_prompt')!r}  guidance: {status.get('guidance')}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,7 +266,13 @@ class StyleManager:
     Every change is made in place: the UNet's and text encoder's Parameter objects, their storage
     and the module tree are the same before and after any switch, because a compiled or
     CUDA-graph-captured stream call reads the weights by address. A switch that fails leaves the
-    previous style in place."""
+    previous style in place.
+
+    A switch has two halves. :meth:`prepare` reads the style's files and converts a DreamBooth
+    checkpoint (or the base's files, to go back to the base) into the loaded models' key layout,
+    shapes and dtypes; it touches no weight, so it runs beside the stream on another thread (the
+    controller's loader). :meth:`apply` then copies the prepared tensors in and fuses the LoRAs:
+    the only part that runs between two frames."""
 
     def __init__(self, comps, styles: dict[str, Style]):
         self.comps = comps
@@ -273,6 +280,12 @@ class StyleManager:
         self.current: Style | None = None
         self._holder = None
         self.last_switch_s = 0.0
+        self.last_prepare_s = 0.0  # reading and converting the files (beside the stream, when prepared ahead)
+        self.last_swap_s = 0.0  # copying and fusing the weights in (between two frames)
+        # Held while weights change and while the models' layout is read: a prepare on another
+        # thread never sees the adapter layers a fusion puts in for a moment.
+        self._lock = threading.RLock()
+        self._layout: dict | None = None
 
     def _pipe(self):
         if self._holder is None:
@@ -301,6 +314,16 @@ class StyleManager:
         if name not in self.styles:
             raise ConfigError(f"unknown style {name!r}; known styles: {', '.join(sorted(self.styles))}")
         return self.styles[name]
+
+    def check_files(self, name_or_style: str | Style) -> Style:
+        """The style, once each of its files is here (a missing one is a one-line ModelLoadError
+        naming what fetches it); reads nothing."""
+        style = self.get(name_or_style) if isinstance(name_or_style, str) else name_or_style
+        for ref in style.loras:
+            _local_file(ref.file, ref.url, style.name, "LoRA")
+        if style.dreambooth:
+            _local_file(style.dreambooth, style.dreambooth_url, style.name, "DreamBooth checkpoint")
+        return style
 
     # -- LoRA ----------------------------------------------------------------------------------
 
@@ -377,30 +400,96 @@ class StyleManager:
 
     # -- DreamBooth ----------------------------------------------------------------------------
 
-    def _restore_base(self) -> None:
+    def _models_layout(self) -> dict:
+        """{part: {key: (shape, dtype)}} of the UNet (its 2D keys), text encoder and full VAE: what
+        converted weights must match. Read once, under the lock (the layout never changes: every
+        switch copies into the same tensors)."""
+        with self._lock:
+            if self._layout is None:
+                c = self.comps
+
+                def layout(module, keys=None):
+                    return {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items() if keys is None or k in keys}
+
+                self._layout = {"unet": layout(c.unet, c.unet.base_state_keys()), "text_encoder": layout(c.text_encoder)}
+                if type(c.vae).__name__ == "AutoencoderKL":
+                    self._layout["vae"] = layout(c.vae)
+            return self._layout
+
+    def _base_weights(self) -> dict[str, dict]:
+        """The base model's weights, read from where it was loaded and ready to copy in."""
         c = self.comps
         if c.base_dir is None and getattr(c, "base_file", None) is not None:  # a single-file base
-            load_single_file_into(c, read_weight_file(c.base_file), str(c.base_file))
-            return
+            return self._single_file_weights(read_weight_file(c.base_file), str(c.base_file))
         if c.base_dir is None:
             raise ModelLoadError("the base model's folder is unknown, so its weights cannot be restored; restart the engine")
-        _copy_unet_base_weights(c.unet, Path(c.base_dir) / "unet")
-        _load_module_file(c.text_encoder, Path(c.base_dir) / "text_encoder")
-        if type(c.vae).__name__ == "AutoencoderKL":
-            _load_module_file(c.vae, Path(c.base_dir) / "vae")
+        layout = self._models_layout()
+        base = Path(c.base_dir)
+        weights = {"unet": _read_unet_base_weights(layout["unet"], base / "unet"),
+                   "text_encoder": _read_module_file(layout["text_encoder"], base / "text_encoder")}
+        if "vae" in layout:
+            weights["vae"] = _read_module_file(layout["vae"], base / "vae")
+        return weights
 
-    def _set_dreambooth(self, target: str | None, checkpoint: tuple[dict, str] | None) -> None:
+    def _single_file_weights(self, checkpoint: dict, source: str, fill_from_base: bool = False) -> dict[str, dict]:
+        """A checkpoint in the original SD layout converted to the loaded models' keys, shapes and
+        dtypes. With ``fill_from_base``, the parts it lacks (a DreamBooth file with no text encoder
+        or VAE) come from the base's files, so that no part of the previous style stays behind."""
+        from diffusers.loaders.single_file_utils import (
+            convert_ldm_clip_checkpoint,
+            convert_ldm_unet_checkpoint,
+            convert_ldm_vae_checkpoint,
+        )
+
+        if not any(k.startswith("model.diffusion_model.") for k in checkpoint):
+            raise ModelLoadError(f"{source} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)")
+        layout = self._models_layout()
+        try:
+            unet_sd = convert_ldm_unet_checkpoint(checkpoint, dict(self.comps.unet.config))
+        except Exception as exc:
+            raise ModelLoadError(f"{source} does not convert to an SD1.5 UNet: {str(exc)[:160]}") from None
+        own = layout["unet"]
+        missing = sorted(set(own) - set(unet_sd))
+        wrong = [k for k, v in unet_sd.items() if k in own and tuple(v.shape) != own[k][0]]
+        if missing or wrong:
+            detail = f"missing {missing[:3]}" if missing else f"wrong shapes {wrong[:3]}"
+            raise ModelLoadError(f"{source} does not fit the Stable Diffusion 1.5 UNet ({detail}); use an SD1.5 DreamBooth checkpoint")
+        weights = {"unet": _cast({k: v for k, v in unet_sd.items() if k in own}, own)}
+        del unet_sd
+        if any(k.startswith("cond_stage_model.transformer.") for k in checkpoint):
+            weights["text_encoder"] = _matching(layout["text_encoder"], convert_ldm_clip_checkpoint(checkpoint), source)
+        if "vae" in layout and any(k.startswith("first_stage_model.") for k in checkpoint):
+            vae_sd = convert_ldm_vae_checkpoint(checkpoint, dict(self.comps.vae.config))
+            weights["vae"] = _matching(layout["vae"], vae_sd, source)
+        lacking = [part for part in ("text_encoder", "vae") if part in layout and part not in weights]
+        if fill_from_base and lacking and self.comps.base_dir is not None:
+            base = Path(self.comps.base_dir)
+            for part in lacking:
+                weights[part] = _read_module_file(layout[part], base / part)
+        return weights
+
+    def _style_weights(self, style: Style) -> dict[str, dict]:
+        """The UNet, text encoder and VAE weights of a style's DreamBooth (of the base without one)."""
+        if style.dreambooth is None:
+            return self._base_weights()
+        path = _local_file(style.dreambooth, style.dreambooth_url, style.name, "DreamBooth checkpoint")
+        checkpoint = read_weight_file(path)
+        try:
+            return self._single_file_weights(checkpoint, str(path), fill_from_base=True)
+        finally:
+            checkpoint.clear()  # the file's tensors go now, not when the prepared style does
+
+    def _set_dreambooth(self, target: str | None, weights: dict[str, dict]) -> None:
         c = self.comps
         c.dreambooth = _PARTIAL  # until every module is copied: a failure half-way must not look loaded
-        if target is None:
-            self._restore_base()
-        else:
-            load_single_file_into(c, *checkpoint)
+        for part, module in (("unet", c.unet), ("text_encoder", c.text_encoder), ("vae", c.vae)):
+            if part in weights:
+                module.load_state_dict(weights[part], strict=False)  # copies into the tensors in place
         c.dreambooth = target
 
     # -- switching -----------------------------------------------------------------------------
 
-    def _set_weights(self, style: Style, checkpoint, lora_tensors) -> set[int]:
+    def _set_weights(self, style: Style, prepared: "PreparedStyle") -> set[int]:
         """Put the style's weights in place; the ids of the parameters whose values may have changed."""
         c = self.comps
         self._unload_loras()
@@ -408,11 +497,14 @@ class StyleManager:
         try:
             touched = self._unfuse()
             if style.dreambooth != c.dreambooth:
+                # Prepared when this style's DreamBooth was already in place, and another switch
+                # came between: read it now.
+                weights = prepared.weights if prepared.weights is not None else self._style_weights(style)
                 c.unfused.clear()  # the weights under the LoRAs change
-                self._set_dreambooth(style.dreambooth, checkpoint)
+                self._set_dreambooth(style.dreambooth, weights)
                 touched |= {id(p) for m in self._weight_models() for p in m.parameters()}
             loras = [("lcm", c.lcm_lora, "LCM-LoRA", 1.0)] if c.lcm_lora is not None else []
-            loras += [(f"style{i}", tensors, ref.file, ref.scale) for i, (ref, tensors) in enumerate(lora_tensors)]
+            loras += [(f"style{i}", tensors, ref.file, ref.scale) for i, (ref, tensors) in enumerate(prepared.loras)]
             touched |= self._fuse(loras)
         finally:
             pinned.restore()
@@ -430,29 +522,41 @@ class StyleManager:
                 pass  # the first error is the one to report
         elif self.comps.dreambooth is _PARTIAL:
             self.comps.unfused.clear()
-            self._set_dreambooth(None, None)
+            self._set_dreambooth(None, self._base_weights())
 
-    def apply(self, name_or_style: str | Style, frames=None) -> Style:
-        """Switch every model weight to the style; with a FramePipeline, also its text and steps."""
+    def prepare(self, name_or_style: str | Style) -> "PreparedStyle":
+        """Read and convert everything the style needs, touching no weight (safe beside a running
+        stream, on another thread). A missing or damaged file raises here: the style in place stays."""
+        style = self.check_files(name_or_style)
+        start = time.perf_counter()
+        from .pipeline.text import apply_template
+
+        apply_template(style.template, "")  # validates the template
+        loras = [(ref, read_weight_file(_local_file(ref.file, ref.url, style.name, "LoRA"))) for ref in style.loras]
+        weights = self._style_weights(style) if style.dreambooth != self.comps.dreambooth else None
+        prepared = PreparedStyle(style, loras, weights, time.perf_counter() - start)
+        self.last_prepare_s = prepared.seconds
+        return prepared
+
+    def apply(self, name_or_style: str | Style, frames=None, prepared: "PreparedStyle | None" = None,
+              schedule: bool = True) -> Style:
+        """Switch every model weight to the style; with a FramePipeline, also its text and (unless
+        ``schedule`` is False: a schedule set since the switch was asked for stays) its steps.
+        With ``prepared`` (from :meth:`prepare`, e.g. on another thread) only the copying and
+        fusing are left to do here; without, the files are read first."""
         style = self.get(name_or_style) if isinstance(name_or_style, str) else name_or_style
         start = time.perf_counter()
-        # Read every file before touching any weight: a missing or damaged file keeps the old style.
-        lora_tensors = [(ref, read_weight_file(_local_file(ref.file, ref.url, style.name, "LoRA"))) for ref in style.loras]
-        checkpoint = None
-        if style.dreambooth:
-            path = _local_file(style.dreambooth, style.dreambooth_url, style.name, "DreamBooth checkpoint")
-            if style.dreambooth != self.comps.dreambooth:
-                checkpoint = (read_weight_file(path), str(path))
-        if frames is not None:
-            from .pipeline.text import apply_template
-
-            apply_template(style.template, "")  # validates the template
+        if prepared is None or prepared.style != style:
+            # Read every file before touching any weight: a missing or damaged file keeps the old style.
+            prepared = self.prepare(style)
+        swap = time.perf_counter()
         previous = self.current
-        try:
-            touched = self._set_weights(style, checkpoint, lora_tensors)
-        except ModelLoadError:
-            self._roll_back(previous, style, frames)
-            raise
+        with self._lock:
+            try:
+                touched = self._set_weights(style, prepared)
+            except ModelLoadError:
+                self._roll_back(previous, style, frames)
+                raise
         unet = self.comps.unet
         qkv = {id(getattr(layer, n).weight) for layer in unet.temporal_layers for n in ("to_q", "to_k", "to_v")}
         if touched & qkv:
@@ -460,11 +564,23 @@ class StyleManager:
         if frames is not None:
             frames.set_text_style(style.template, style.clip_skip)
             args = style.schedule_args()
-            if args != frames._schedule_args:
+            if schedule and args != frames._schedule_args:
                 frames.set_schedule(*args)
         self.current = style
-        self.last_switch_s = time.perf_counter() - start
+        end = time.perf_counter()
+        self.last_swap_s = end - swap
+        self.last_switch_s = end - start
         return style
+
+
+@dataclass
+class PreparedStyle:
+    """A style's files read and converted, ready for :meth:`StyleManager.apply` to copy in."""
+
+    style: Style
+    loras: list = field(repr=False)  # [(LoraRef, tensors)]
+    weights: dict | None = field(repr=False)  # {part: state dict} of its DreamBooth (or the base); None: no change was due
+    seconds: float = 0.0  # how long reading and converting took
 
 
 _PARTIAL = "(partly loaded)"  # comps.dreambooth while a DreamBooth checkpoint is being copied in
@@ -556,9 +672,14 @@ class _quiet:
             lg.setLevel(level)
 
 
-def _copy_unet_base_weights(unet, folder: Path) -> None:
-    """Copy a diffusers UNet folder's weights into the streaming UNet's 2D part, in place (the
-    loader at startup assigns tensors; a switch must keep the running model's own)."""
+def _cast(state: dict, layout: dict) -> dict:
+    """Each tensor in the dtype of the weight it will be copied into (done ahead, off the stream)."""
+    return {k: v if v.dtype == layout[k][1] else v.to(layout[k][1]) for k, v in state.items()}
+
+
+def _read_unet_base_weights(layout: dict, folder: Path) -> dict:
+    """A diffusers UNet folder's weights for the streaming UNet's 2D part (the loader at startup
+    assigns tensors; a switch copies into the running model's own)."""
     for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
         if (folder / name).is_file():
             path = folder / name
@@ -566,63 +687,39 @@ def _copy_unet_base_weights(unet, folder: Path) -> None:
     else:
         raise ModelLoadError(f"no UNet weights in {folder}; the Stable Diffusion folder is incomplete, download it again")
     state = read_weight_file(path)
-    own = unet.state_dict()
-    bad = sorted(k for k in unet.base_state_keys() if k not in state or state[k].shape != own[k].shape)
+    bad = sorted(k for k in layout if k not in state or tuple(state[k].shape) != layout[k][0])
     if bad:
         raise ModelLoadError(f"{path} no longer fits the loaded UNet (first at {bad[0]}); restart the engine")
-    unet.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return _cast({k: v for k, v in state.items() if k in layout}, layout)
 
 
-def _load_module_file(module: torch.nn.Module, folder: Path) -> None:
+def _read_module_file(layout: dict, folder: Path) -> dict:
     for name in ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.bin"):
         if (folder / name).is_file():
-            _load_matching(module, read_weight_file(folder / name), str(folder / name))
-            return
+            return _matching(layout, read_weight_file(folder / name), str(folder / name))
     raise ModelLoadError(f"no weights in {folder}; the Stable Diffusion folder is incomplete")
 
 
-def _load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``module``, allowing for a `text_model.` prefix present on one side only."""
-    own = module.state_dict()
-    if not set(state) & set(own):
+def _matching(layout: dict, state: dict, source: str) -> dict:
+    """``state`` checked against a module's layout and cast to it, allowing for a `text_model.`
+    prefix present on one side only."""
+    if not set(state) & set(layout):
         for a, b in (("text_model.", ""), ("", "text_model.")):
             moved = {b + k[len(a):]: v for k, v in state.items() if k.startswith(a)}
-            if set(moved) & set(own):
+            if set(moved) & set(layout):
                 state = moved
                 break
-    missing = [k for k in own if k not in state and not k.endswith("position_ids")]
-    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in layout if k not in state and not k.endswith("position_ids")]
+    wrong = [k for k, v in state.items() if k in layout and tuple(v.shape) != layout[k][0]]
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"wrong shapes {wrong[:3]}"
         raise ModelLoadError(f"{source} does not fit the loaded model ({detail}); is it a Stable Diffusion 1.5 checkpoint?")
-    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return _cast({k: v for k, v in state.items() if k in layout}, layout)
 
 
 def load_single_file_into(comps, checkpoint: dict[str, torch.Tensor], source: str) -> None:
     """Copy a DreamBooth checkpoint in the original SD layout into the loaded UNet, VAE and CLIP."""
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-    )
-
-    if not any(k.startswith("model.diffusion_model.") for k in checkpoint):
-        raise ModelLoadError(f"{source} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)")
-    try:
-        unet_sd = convert_ldm_unet_checkpoint(checkpoint, dict(comps.unet.config))
-    except Exception as exc:
-        raise ModelLoadError(f"{source} does not convert to an SD1.5 UNet: {str(exc)[:160]}") from None
-    base = comps.unet.base_state_keys()
-    own = comps.unet.state_dict()
-    missing = sorted(base - set(unet_sd))
-    wrong = [k for k, v in unet_sd.items() if k in own and v.shape != own[k].shape]
-    if missing or wrong:
-        detail = f"missing {missing[:3]}" if missing else f"wrong shapes {wrong[:3]}"
-        raise ModelLoadError(f"{source} does not fit the Stable Diffusion 1.5 UNet ({detail}); use an SD1.5 DreamBooth checkpoint")
-    comps.unet.load_state_dict({k: v for k, v in unet_sd.items() if k in base}, strict=False)
-    if any(k.startswith("cond_stage_model.transformer.") for k in checkpoint):
-        clip_sd = convert_ldm_clip_checkpoint(checkpoint)
-        _load_matching(comps.text_encoder, clip_sd, source)
-    if type(comps.vae).__name__ == "AutoencoderKL" and any(k.startswith("first_stage_model.") for k in checkpoint):
-        vae_sd = convert_ldm_vae_checkpoint(checkpoint, dict(comps.vae.config))
-        _load_matching(comps.vae, vae_sd, source)
+    weights = StyleManager(comps, {})._single_file_weights(checkpoint, source)
+    for part, module in (("unet", comps.unet), ("text_encoder", comps.text_encoder), ("vae", comps.vae)):
+        if part in weights:
+            module.load_state_dict(weights[part], strict=False)

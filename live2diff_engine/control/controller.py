@@ -4,6 +4,12 @@ Commands are validated on the thread that receives them (the API's event loop, t
 a refused command gets its error reply at once and never reaches the engine. Accepted ones wait
 in a bounded queue that the inference thread empties between two frames, so a change never
 tears a frame and never races the model. A burst of the same setting collapses to its last value.
+
+A style change is the one command that takes long (a DreamBooth checkpoint is gigabytes to read
+and convert): its files are read and converted on a loader thread beside the running stream
+(status: ``style_loading``), and only the final copy into the weights happens between two frames.
+Its reply comes then, or with the reason it failed (the style in place stays). A newer style
+request while one loads wins: the older one is answered as superseded.
 """
 
 from __future__ import annotations
@@ -88,6 +94,14 @@ class Controller:
         self.accepted = 0
         self.refused = 0
         self.applied = 0
+        # The style whose files the loader thread is reading, and the one asked for after it (each
+        # {"style", "replies", "mark", ...}); set and taken under self._lock.
+        self._style_load: dict | None = None
+        self._style_next: dict | None = None
+        self._schedule_changes = 0  # strength/steps commands applied: a style arriving later keeps theirs
+        # Called on the loader thread with the style once its weights are read, before the swap is
+        # due (tests hold it there to watch the stream go on meanwhile).
+        self.style_load_hook: Callable[[Any], None] | None = None
         self._queue: queue.Queue[tuple[Command, Reply]] = queue.Queue(MAX_PENDING)
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
@@ -137,7 +151,9 @@ class Controller:
     # -- applying (the inference thread, between frames) --------------------------------------
 
     def apply_pending(self) -> int:
-        """Apply every queued command; returns how many were applied."""
+        """Apply every queued command, and swap in a style whose files have been read; returns how
+        many were applied."""
+        changed = self._finish_style_load()
         batch: list[tuple[Command, Reply]] = []
         while True:
             try:
@@ -145,15 +161,20 @@ class Controller:
             except queue.Empty:
                 break
         if not batch:
-            return 0
+            if changed:
+                self.changed()
+                self.save_settings()
+            return changed
         last_of = {cmd.cmd: i for i, (cmd, _) in enumerate(batch)}
-        changed = 0
         for i, (cmd, reply) in enumerate(batch):
             superseded = cmd.cmd.startswith("set_") and last_of[cmd.cmd] != i
             if superseded:  # a later value of the same setting is in this batch
                 reply(reply_message(cmd.id, True, superseded=True))
                 continue
             try:
+                if cmd.cmd == "set_style":
+                    self._request_style(cmd, reply)  # answered once loaded and swapped in
+                    continue
                 self._apply(cmd)
             except Exception as exc:  # a failed change keeps the previous setting
                 msg = str(exc) if not isinstance(exc, (KeyError, AttributeError)) else f"{type(exc).__name__}: {exc}"
@@ -167,6 +188,93 @@ class Controller:
             self.changed()
             self.save_settings()
         return changed
+
+    # -- style loads beside the stream ----------------------------------------------------------
+
+    @property
+    def style_loading(self) -> str | None:
+        """The style being loaded (the newest asked for), or None."""
+        with self._lock:
+            load = self._style_next or self._style_load
+            return load["style"].name if load is not None else None
+
+    def _request_style(self, cmd: Command, reply: Reply) -> None:
+        """Start loading a style beside the stream (inference thread). Missing files are refused
+        at once; the reply comes when the style is in place, or with why not."""
+        style = self.manager.check_files(cmd.args["style"])
+        entry = {"style": style, "replies": [(cmd, reply)], "mark": self._schedule_changes}
+        superseded: list[tuple[Command, Reply]] = []
+        with self._lock:
+            load, nxt = self._style_load, self._style_next
+            if load is None:
+                self._start_style_load(entry)
+            elif nxt is None and load["style"] == style:  # the one loading already: answer both when it is in
+                load["replies"] += entry["replies"]
+                load["mark"] = entry["mark"]
+            elif nxt is not None and nxt["style"] == style:
+                nxt["replies"] += entry["replies"]
+                nxt["mark"] = entry["mark"]
+            else:  # loads after the one running; replaces any other waiting request
+                if nxt is not None:
+                    superseded = nxt["replies"]
+                self._style_next = entry
+        for old, old_reply in superseded:
+            old_reply(reply_message(old.id, True, superseded=True))
+        self.changed()  # status: style_loading
+
+    def _start_style_load(self, entry: dict) -> None:  # with self._lock held
+        entry.update(done=False, prepared=None, error=None)
+        self._style_load = entry
+        threading.Thread(target=self._load_style, args=(entry,), name="style-load", daemon=True).start()
+
+    def _load_style(self, entry: dict) -> None:
+        """The loader thread: read and convert the style's files; the swap is left to the
+        inference thread."""
+        from ..errors import UserError, one_line
+
+        try:
+            entry["prepared"] = self.manager.prepare(entry["style"])
+            if self.style_load_hook is not None:
+                self.style_load_hook(entry["style"])
+        except UserError as exc:
+            entry["error"] = str(exc)
+        except Exception as exc:  # MemoryError, a library's fault: a load must never take the engine down
+            entry["error"] = one_line(f"{type(exc).__name__}: {exc}")[:300]
+        entry["done"] = True
+
+    def _finish_style_load(self) -> int:
+        """Between frames: swap in the style the loader has read (1), or answer why it cannot be (0)."""
+        with self._lock:
+            load = self._style_load
+            if load is None or not load["done"]:
+                return 0
+            self._style_load, nxt = None, self._style_next
+            self._style_next = None
+            if nxt is not None:  # asked for since: that one wins, this one is dropped unswapped
+                self._start_style_load(nxt)
+        if nxt is not None:
+            for cmd, reply in load["replies"]:
+                reply(reply_message(cmd.id, True, superseded=True))
+            self.changed()
+            return 0
+        error = load["error"]
+        if error is None:
+            try:
+                self.manager.apply(load["style"], self.frames, prepared=load["prepared"],
+                                   schedule=load["mark"] == self._schedule_changes)
+            except Exception as exc:  # the manager has put the previous style back
+                error = str(exc) if not isinstance(exc, (KeyError, AttributeError)) else f"{type(exc).__name__}: {exc}"
+        load["prepared"] = None  # the converted weights go now
+        if error is not None:
+            log.warning("command set_style failed: %s", error)
+            for cmd, reply in load["replies"]:
+                reply(reply_message(cmd.id, False, error))
+            self.changed()
+            return 0
+        self.applied += 1
+        for cmd, reply in load["replies"]:
+            reply(reply_message(cmd.id, True))
+        return 1
 
     # -- saved settings ------------------------------------------------------------------------
 
@@ -275,6 +383,7 @@ class Controller:
             current = self.schedule()
             strength, steps = a.get("strength", current["strength"]), a.get("steps", current["steps"])
             frames.set_schedule(LIVE_SCHEDULE_STEPS, live_t_index(strength, steps), None)
+            self._schedule_changes += 1
         elif cmd.cmd == "set_seed":
             frames.set_seed(a["seed"])
             frames.request_reset()
@@ -327,6 +436,7 @@ class Controller:
             "negative_prompt": self.frames.negative_prompt,
             "guidance": self.frames.guidance_scale,
             "style": current.name if current is not None else None,
+            "style_loading": self.style_loading,  # a style whose files are being read beside the stream
             "styles": self.style_names,
             "styles_missing": missing,
             "styles_downloadable": downloadable,
