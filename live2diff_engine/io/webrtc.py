@@ -89,7 +89,7 @@ class PtsBook:
     """Which pts an image array carries: noted by the source for each frame it hands out, by the
     pipeline wrapper for each output; looked up by identity (the array object), bounded."""
 
-    def __init__(self, keep: int = 256):
+    def __init__(self, keep: int = 32):  # a frame is taken within a frame or two of its note; frames are big
         self._items: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.keep = keep
