@@ -203,6 +203,10 @@ class RemotePipeline:
                         text = await resp.text()
                         if resp.status != 201:
                             line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {resp.status}"
+                            try:  # the API's guard answers in JSON
+                                line = str(json.loads(text)["error"])[:200]
+                            except (ValueError, KeyError, TypeError):
+                                pass
                             if resp.status in (401, 403, 404) and first:
                                 hint = " (give the server's token with --token or LIVE2DIFF_API_TOKEN)" if resp.status == 401 else ""
                                 self._first_error = Refused(f"{self.endpoint} refused the stream: {line}{hint}")

@@ -108,3 +108,18 @@ def test_connect_publishes_the_remote_frames_into_a_virtual_camera_ctl_goes_thro
     assert "stylised" in runs, runs
     first_card = runs.index("card", runs.index("stylised"))  # a card after the first stylised frames
     assert "stylised" in runs[first_card:], runs  # and stylised frames again after the reconnect
+
+
+def test_connect_without_the_servers_token_says_so_in_one_line():
+    server = Server(env={"LIVE2DIFF_API_TOKEN": "s3cret-token"})
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "LIVE2DIFF_API_TOKEN"}
+        r = subprocess.run([sys.executable, "-m", "live2diff_engine", "connect", server.url, "--source", "synthetic",
+                            "--camera-size", "64x48", "--sink", "null", "--no-api"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=WAIT, env=env)
+    finally:
+        server.stop()
+    assert r.returncode != 0, r.stderr
+    errors = [l for l in r.stderr.splitlines() if l.startswith("live2diff-engine: error:")]
+    assert len(errors) == 1 and "wrong token" in errors[0] and "--token" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "{" not in errors[0], r.stderr
