@@ -53,6 +53,62 @@ def _ssl_context(args):
     return ctx
 
 
+class IdleController:
+    """What the API talks to while no stream runs: the status says so, commands are refused with
+    one line saying how to send a stream."""
+
+    def __init__(self, slot, max_sessions: int):
+        self.manager = slot.manager
+        self.slot = slot
+        self.max_sessions = max_sessions
+        self.engine = None
+        self.api_url = None
+        self.api_token = None
+        self.stream_clients = None
+        self._listeners = []
+
+    def add_listener(self, fn) -> None:
+        self._listeners.append(fn)
+
+    def changed(self) -> None:
+        for fn in list(self._listeners):
+            fn()
+
+    def submit(self, raw, reply=None):
+        from .control.schema import decode, message_id, reply_message
+
+        reply = reply or (lambda msg: None)
+        try:
+            obj = decode(raw)
+        except Exception as exc:
+            reply(reply_message(None, False, str(exc)))
+            return None
+        mid = message_id(obj) if isinstance(obj, dict) else None
+        if isinstance(obj, dict) and obj.get("cmd") == "status":
+            reply(reply_message(mid, True, status=self.status()))
+        else:
+            reply(reply_message(mid, False, "no stream yet: send one to /whip (`live2diff-engine connect`, the /studio "
+                                            "page or OBS's WHIP output); commands apply to a running stream"))
+        return None
+
+    def status(self) -> dict:
+        import time
+
+        from . import __version__
+
+        frames = self.slot.frames
+        return {"state": "waiting for a stream", "paused": False, "prompt": frames.prompt, "style": getattr(
+            self.manager.current, "name", None), "styles": sorted(self.manager.styles), "fps": 0.0, "fps_in": 0.0,
+            "latency_ms": None, "frames_out": 0, "dropped": 0, "errors": 0, "sessions": 0,
+            "max_sessions": self.max_sessions, "api_url": self.api_url, "model": self.slot.label,
+            "size": [frames.width, frames.height], "obs": "off", "version": __version__, "time": round(time.time(), 3)}
+
+    def status_message(self) -> dict:
+        from .control.schema import status_message
+
+        return status_message(self.status())
+
+
 def cmd_serve(args) -> int:
     import logging
 
@@ -92,13 +148,14 @@ def cmd_serve(args) -> int:
     def make_engine(session, pipeline, sinks):
         return Engine(pipeline, session.source, sinks, fps=args.fps, status=False, controller=session.controller)
 
+    idle = IdleController(slots[0], args.max_sessions)
+
     def sessions_changed():
         current = service.current()
-        if current is not None and api.controller is not current.controller:
-            current.controller.api_url = api.url
-            api.set_controller(current.controller)
-        elif current is None:
-            api.controller = None
+        wanted = current.controller if current is not None else idle
+        if api.controller is not wanted:
+            wanted.api_url = api.url
+            api.set_controller(wanted)
         api.notify_changed()
 
     service = WebRtcService(slots, ice_servers=ice, make_engine=make_engine, on_change=sessions_changed, say=say,
@@ -106,6 +163,7 @@ def cmd_serve(args) -> int:
     service.view_sinks.append(api.stream)
     api.extra_routes.append(service.add_routes)
     api.start()
+    sessions_changed()
     say(f"serving: WHIP {api.url}/whip | dock {api.url}/dock | output {api.url}/stream.mjpg"
         + (" | token required" if api.token else ""))
 

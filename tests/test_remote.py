@@ -77,6 +77,16 @@ def cmd(name, i, **fields):
     return {"app": "live2diff", "v": 1, "kind": "command", "cmd": name, "id": str(i), **fields}
 
 
+def test_while_no_stream_runs_the_api_says_so_and_refuses_commands_in_one_line(server):
+    wait_no_session(server)
+    with urllib.request.urlopen(server.url + "/api/status", timeout=60) as resp:
+        status = json.loads(resp.read())
+    assert status["state"] == "waiting for a stream" and status["max_sessions"] == 1
+    r = subprocess.run([sys.executable, "-m", "live2diff_engine", "ctl", "prompt", "a fox", "--api", server.url],
+                       cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    assert r.returncode == 1 and "no stream yet" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def wait_no_session(server, timeout=WAIT):
     """Until the server has no session left (the last test's client is gone)."""
     deadline = time.monotonic() + timeout
