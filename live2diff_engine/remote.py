@@ -22,15 +22,13 @@ import time
 import urllib.parse
 from collections import deque
 
-import numpy as np
-
 from .control.schema import CommandError, decode, message_id, reply_message, status_message
 from .errors import ConfigError, UserError
-from .io.webrtc import CLOCK, PTS_SHIFT, TIME_BASE, LatestFrames, frame_pts
 
 log = logging.getLogger("live2diff.connect")
 
-PERIOD = CLOCK // 30  # pts between two sent frames (the 90 kHz clock at 30 fps)
+# io.webrtc (numpy, OpenCV, aiortc) is imported where it is used: `--help` stays quick.
+PERIOD = 90_000 // 30  # pts between two sent frames (the 90 kHz RTP clock at 30 fps)
 LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the connection is lost
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -80,7 +78,7 @@ class RemotePipeline:
 
     # -- the engine's side ---------------------------------------------------------------------
 
-    def push(self, frame: np.ndarray):
+    def push(self, frame):
         index = self.frame_index
         self.frame_index += 1
         outbox = self._outbox
@@ -156,6 +154,7 @@ class RemotePipeline:
         from aiortc.mediastreams import MediaStreamError
 
         from .control.webrtc import rtc_configuration
+        from .io.webrtc import LatestFrames
 
         outbox = LatestFrames(keep=2)
         state = {"base": None, "last_back": None, "closed": False}
@@ -251,6 +250,8 @@ class RemotePipeline:
             self._first_done.set()
 
     async def _receive(self, track, state) -> None:
+        from .io.webrtc import PTS_SHIFT, frame_pts
+
         try:
             while True:
                 frame = await track.recv()
