@@ -167,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--rounds", type=int, default=5)
     add_model_args(bs)
 
+    bt = sub.add_parser(
+        "bench-threads",
+        help="per-frame time and the worst frame for several torch thread counts, beside busy processes",
+        description="Run the frame pipeline with each thread count in a process of its own, interleaved over rounds, "
+        "with --hogs busy processes beside it (a loaded machine), and report the median, p90 and worst frame of each.",
+    )
+    bt.add_argument("--choices", default="1,2,auto", help="comma-separated thread counts, auto for the engine's own choice (default 1,2,auto)")
+    bt.add_argument("--frames", type=int, default=60, help="timed frames per process (default 60)")
+    bt.add_argument("--rounds", type=int, default=3, help="processes per choice, interleaved (default 3)")
+    bt.add_argument("--hogs", type=int, default=1, help="busy processes beside the measurement (default 1; 0 for none)")
+    bt.add_argument("--input-size", type=_size_arg, default=(640, 480), metavar="WxH", help="input frame size (default 640x480)")
+    bt.add_argument("--json", metavar="FILE", help="also write the figures (every frame's time) as JSON")
+    add_model_args(bt)
+
     bg = sub.add_parser(
         "bench-gpu",
         help="per-stage speed of the full-size model on a GPU, per acceleration mode (random weights, no downloads)",
@@ -955,6 +969,27 @@ def _cmd_bench_style(args) -> int:
     return 0
 
 
+def _cmd_bench_threads(args) -> int:
+    from .bench import machine_name
+    from .bench_threads import bench_threads, table
+    from .threads import choose_threads, parse_threads, usable_cpus
+
+    choices = [parse_threads(c) for c in args.choices.split(",") if c.strip()]
+    if not choices or args.frames < 1 or args.rounds < 1 or args.hogs < 0:
+        raise ConfigError("--choices needs thread counts (e.g. 1,2,auto), --frames and --rounds at least 1, --hogs 0 or more")
+    device = resolve_device(args.device)
+    auto, _ = choose_threads(device.type, env={})  # what the engine picks on this machine
+    result = bench_threads(args, choices, auto, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    head = [f"machine: {machine_name(device)}; {usable_cpus()} usable CPUs; {args.hogs} busy process(es) beside",
+            f"model: {'tiny' if args.model == 'tiny' else args.base}; {args.frames} frames x {args.rounds} processes per choice, interleaved"]
+    print(table(result, head))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"machine": machine_name(device), "cpus": usable_cpus(), "hogs": args.hogs, **result}, f, indent=1)
+            f.write("\n")
+    return 1 if result["failures"] else 0
+
+
 def _cmd_bench_gpu(args) -> int:
     import os
 
@@ -1019,6 +1054,7 @@ COMMANDS = {
     "ctl": _cmd_ctl,
     "bench-engine": _cmd_bench_engine,
     "bench-style": _cmd_bench_style,
+    "bench-threads": _cmd_bench_threads,
     "check-reference": _cmd_check_reference,
     "bench": _cmd_bench,
     "translate": _cmd_translate,

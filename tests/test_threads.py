@@ -36,3 +36,22 @@ def test_run_says_its_thread_count_once_and_threads_overrides_it():
     assert said == ["torch threads: 1 (--threads)"], r.stderr
     bad = run_cli("bench", "--model", "tiny", "--threads", "0")
     assert bad.returncode == 2 and "--threads" in bad.stderr and "at least 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_threads_measures_each_choice_in_a_process_of_its_own(tmp_path):
+    import json
+
+    out = tmp_path / "threads.json"
+    # No busy process here: two threads beside one take seconds a frame on a busy 2-core machine.
+    r = run_cli("bench-threads", "--model", "tiny", "--choices", "1,2,auto", "--frames", "3", "--rounds", "1", "--hogs", "0",
+                "--json", out, timeout=600)
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(out.read_text())
+    assert figures["hogs"] == 0 and not figures["failures"]
+    labels = list(figures["choices"])
+    assert labels[:2] == ["1", "2"] and labels[2].startswith("auto (")
+    assert figures["choices"]["1"]["threads"] == 1 and figures["choices"]["2"]["threads"] == 2
+    for label in labels:
+        assert len(figures["per_frame_ms"][label]) == 3 and all(ms > 0 for ms in figures["per_frame_ms"][label])
+        assert figures["choices"][label]["worst_ms"] >= figures["choices"][label]["median_ms"]
+    assert "worst" in r.stdout and "0 busy process" in r.stdout
