@@ -15,8 +15,8 @@ A file or test pattern (not live) is read at its own frame rate when ``pace`` is
 or not; otherwise as fast as the pipeline goes (`translate`, benchmarks).
 
 Stop (``stop()``, ``max_frames``) is seen between frames. A stop signal (Ctrl-C, SIGTERM) is seen
-at once: the model work of the frame in flight, or a command being applied, is cut short (on a
-busy machine it can take seconds, and its result would be dropped anyway). Threads get one short
+at once: the model work of the frame in flight is cut short (on a busy machine it can take
+seconds, and its result would be dropped anyway); commands already taken are applied and saved. Threads get one short
 shared deadline; the sinks are closed (a file is complete) and then the source.
 """
 
@@ -51,9 +51,9 @@ class OutOfMemory(UserError):
 
 class _Abandon(BaseException):
     """Raised by the stop signal's handler inside work that may be dropped when the process ends
-    (a frame's model work, a command being applied): on a busy machine that work can take
-    seconds, and its result would be thrown away anyway. Not an Exception, so no ``except
-    Exception`` on the way swallows it."""
+    (the model work of the frame in flight): on a busy machine it can take seconds, and its
+    result would be thrown away anyway. Not an Exception, so no ``except Exception`` on the way
+    swallows it."""
 
 
 @dataclass
@@ -221,10 +221,11 @@ class Engine:
 
     def _between_frames(self) -> None:
         if self.controller is not None:
+            # Not cut short by a stop signal: a command applied here is saved here too, and a
+            # setting the user just changed must survive the restart (style files load beside
+            # the stream, so this is quick).
             try:
-                self._abandonable(self.controller.apply_pending)
-            except _Abandon:  # stopping: a style still loading is not waited for
-                pass
+                self.controller.apply_pending()
             except Exception as exc:  # a control fault must never end the stream
                 log.warning("applying commands failed: %s", exc)
 
