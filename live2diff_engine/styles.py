@@ -269,10 +269,11 @@ class StyleManager:
     previous style in place.
 
     A switch has two halves. :meth:`prepare` reads the style's files and converts a DreamBooth
-    checkpoint (or the base's files, to go back to the base) into the loaded models' key layout,
-    shapes and dtypes; it touches no weight, so it runs beside the stream on another thread (the
-    controller's loader). :meth:`apply` then copies the prepared tensors in and fuses the LoRAs:
-    the only part that runs between two frames."""
+    checkpoint (or the base's files, to go back to the base) into the loaded models' key layout and
+    shapes, checked, in memory of their own (see ``_cast``); it touches no weight, so it runs beside
+    the stream on another thread (the controller's loader, at a lower CPU priority). :meth:`apply`
+    then copies the prepared tensors in and fuses the LoRAs: the only part that runs between two
+    frames."""
 
     def __init__(self, comps, styles: dict[str, Style]):
         self.comps = comps
@@ -432,8 +433,8 @@ class StyleManager:
         return weights
 
     def _single_file_weights(self, checkpoint: dict, source: str, fill_from_base: bool = False) -> dict[str, dict]:
-        """A checkpoint in the original SD layout converted to the loaded models' keys, shapes and
-        dtypes. With ``fill_from_base``, the parts it lacks (a DreamBooth file with no text encoder
+        """A checkpoint in the original SD layout converted to the loaded models' keys and shapes,
+        ready to copy in (``_cast``). With ``fill_from_base``, the parts it lacks (a DreamBooth file with no text encoder
         or VAE) come from the base's files, so that no part of the previous style stays behind."""
         from diffusers.loaders.single_file_utils import (
             convert_ldm_clip_checkpoint,
@@ -454,7 +455,7 @@ class StyleManager:
         if missing or wrong:
             detail = f"missing {missing[:3]}" if missing else f"wrong shapes {wrong[:3]}"
             raise ModelLoadError(f"{source} does not fit the Stable Diffusion 1.5 UNet ({detail}); use an SD1.5 DreamBooth checkpoint")
-        weights = {"unet": _cast({k: v for k, v in unet_sd.items() if k in own}, own)}
+        weights = {"unet": _cast({k: v for k, v in unet_sd.items() if k in own}, own, _mapped(source))}
         del unet_sd
         if any(k.startswith("cond_stage_model.transformer.") for k in checkpoint):
             weights["text_encoder"] = _matching(layout["text_encoder"], convert_ldm_clip_checkpoint(checkpoint), source)
@@ -672,9 +673,26 @@ class _quiet:
             lg.setLevel(level)
 
 
-def _cast(state: dict, layout: dict) -> dict:
-    """Each tensor in the dtype of the weight it will be copied into (done ahead, off the stream)."""
-    return {k: v if v.dtype == layout[k][1] else v.to(layout[k][1]) for k, v in state.items()}
+def _mapped(source) -> bool:
+    """Whether a file's tensors come back mapped from the file (safetensors) rather than read."""
+    return str(source).endswith(".safetensors")
+
+
+def _cast(state: dict, layout: dict, mapped: bool) -> dict:
+    """Each tensor ready to be copied in between two frames. Where the weight's dtype is narrower
+    (a float32 file, a float16 model) it is converted now, off the stream, so fewer bytes are
+    copied then; a wider one (a float16 file, a float32 model) stays as it is: ``copy_`` converts
+    as it copies, faster than copying a converted copy (and converting it costs a full-size
+    allocation). Tensors mapped from a file are copied into memory of their own (``mapped``): the
+    copy between frames then reads no disk, and a file replaced meanwhile cannot pull them away."""
+    out = {}
+    for k, v in state.items():
+        dtype = layout[k][1]
+        if v.dtype != dtype and v.element_size() > dtype.itemsize:
+            out[k] = v.to(dtype)
+        else:
+            out[k] = v.clone() if mapped else v
+    return out
 
 
 def _read_unet_base_weights(layout: dict, folder: Path) -> dict:
@@ -690,7 +708,7 @@ def _read_unet_base_weights(layout: dict, folder: Path) -> dict:
     bad = sorted(k for k in layout if k not in state or tuple(state[k].shape) != layout[k][0])
     if bad:
         raise ModelLoadError(f"{path} no longer fits the loaded UNet (first at {bad[0]}); restart the engine")
-    return _cast({k: v for k, v in state.items() if k in layout}, layout)
+    return _cast({k: v for k, v in state.items() if k in layout}, layout, _mapped(path))
 
 
 def _read_module_file(layout: dict, folder: Path) -> dict:
@@ -714,7 +732,7 @@ def _matching(layout: dict, state: dict, source: str) -> dict:
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"wrong shapes {wrong[:3]}"
         raise ModelLoadError(f"{source} does not fit the loaded model ({detail}); is it a Stable Diffusion 1.5 checkpoint?")
-    return _cast({k: v for k, v in state.items() if k in layout}, layout)
+    return _cast({k: v for k, v in state.items() if k in layout}, layout, _mapped(source))
 
 
 def load_single_file_into(comps, checkpoint: dict[str, torch.Tensor], source: str) -> None:

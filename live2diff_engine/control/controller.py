@@ -15,7 +15,9 @@ request while one loads wins: the older one is answered as superseded.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -70,6 +72,20 @@ def live_t_index(strength: float, steps: int, n: int = LIVE_SCHEDULE_STEPS) -> l
 
 def live_strength(t_index_list, n: int) -> float:
     return round(1.0 - t_index_list[0] / n, 3)
+
+
+LOADER_NICE = 10  # how far the style loader's priority sits below the stream's (Linux)
+
+
+def _yield_to_the_stream() -> None:
+    """Lowers the calling thread's CPU priority (on Linux each thread has its own nice value), so
+    that reading and converting a style takes the cores the stream leaves and slows its frames
+    less. Elsewhere, or where it is refused, nothing changes."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICE)
+        except (AttributeError, OSError):
+            pass
 
 
 class Controller:
@@ -232,6 +248,7 @@ class Controller:
         inference thread."""
         from ..errors import UserError, one_line
 
+        _yield_to_the_stream()
         try:
             entry["prepared"] = self.manager.prepare(entry["style"])
             if self.style_load_hook is not None:
