@@ -72,6 +72,10 @@ def test_studio_sends_the_webcam_and_shows_stylised_frames_and_its_controls_chan
     by_id(d, "start").click()
     wait_for(lambda: by_id(d, "conn").get_attribute("data-state") == "connected", WAIT, "the page to connect")
     wait_for(lambda: d.execute_script("return document.getElementById('remote').videoWidth") > 0, WAIT, "returned frames")
+    # The first frame back is the engine's "connected" card, at its own size: wait for the stream's.
+    same_size = ("const r = document.getElementById('remote'), l = document.getElementById('local'); "
+                 "return r.videoWidth == l.videoWidth && r.videoHeight == l.videoHeight && l.videoWidth > 0")
+    wait_for(lambda: d.execute_script(same_size), WAIT, "the returned stream at the camera's size")
     # Past the warmup (the camera as it is) the engine's frames are not the camera's.
     diffs = []
 
