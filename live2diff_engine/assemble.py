@@ -91,6 +91,21 @@ def model_size(args) -> tuple[int, int]:
     return w, h
 
 
+def add_io_args(p: argparse.ArgumentParser, size_arg) -> None:
+    """Where frames come from and go to: the same options for `run` and `connect`."""
+    io = p.add_argument_group("input and output")
+    io.add_argument("--source", default="camera:0", help="camera[:INDEX] (default camera:0), video:PATH, images:DIR, synthetic")
+    io.add_argument("--camera-size", type=size_arg, default=None, metavar="WxH", help="ask the camera (or synthetic source) for this size")
+    io.add_argument("--camera-fps", type=float, default=None, help="ask the camera (or synthetic source) for this rate")
+    io.add_argument("--loop", action="store_true", help="restart a video or image folder when it ends")
+    io.add_argument("--sink", action="append", default=None, help="virtualcam[:BACKEND] (default), window, file:PATH, null; repeatable")
+    io.add_argument("--vcam-device", default=None, help="virtual camera device (e.g. /dev/video10 on Linux)")
+    io.add_argument("--vcam-fps", type=float, default=None, help="virtual camera frame rate (default: the source's)")
+    io.add_argument("--mirror", action="store_true", help="mirror the virtual camera picture")
+    io.add_argument("--max-frames", type=int, default=None, help="stop after this many input frames")
+    io.add_argument("--stats", metavar="FILE", default=None, help="write live figures as JSON every few seconds and on exit")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     from .threads import threads_arg
 

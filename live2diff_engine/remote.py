@@ -444,17 +444,9 @@ def add_connect_parser(sub, add_control_args, size_arg) -> None:
     c.add_argument("--token", default=None, help="the remote engine's token (or LIVE2DIFF_API_TOKEN); never printed")
     c.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="a STUN or TURN server, e.g. turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none)")
-    io = c.add_argument_group("input and output")
-    io.add_argument("--source", default="camera:0", help="camera[:INDEX] (default camera:0), video:PATH, images:DIR, synthetic")
-    io.add_argument("--camera-size", type=size_arg, default=None, metavar="WxH", help="ask the camera (or synthetic source) for this size")
-    io.add_argument("--camera-fps", type=float, default=None, help="ask the camera (or synthetic source) for this rate")
-    io.add_argument("--loop", action="store_true", help="restart a video or image folder when it ends")
-    io.add_argument("--sink", action="append", default=None, help="virtualcam[:BACKEND] (default), window, file:PATH, null; repeatable")
-    io.add_argument("--vcam-device", default=None, help="virtual camera device (e.g. /dev/video10 on Linux)")
-    io.add_argument("--vcam-fps", type=float, default=None, help="virtual camera frame rate (default: the source's)")
-    io.add_argument("--mirror", action="store_true", help="mirror the virtual camera picture")
-    io.add_argument("--max-frames", type=int, default=None, help="stop after this many input frames")
-    io.add_argument("--stats", metavar="FILE", default=None, help="write live figures as JSON every few seconds and on exit")
+    from .assemble import add_io_args
+
+    add_io_args(c, size_arg)
     add_control_args(c)
 
 
