@@ -159,9 +159,15 @@ def _shows(client, live, seen_after: int = 0):
 
 
 def test_after_an_engine_restart_obs_shows_the_new_engines_frames_without_any_user_action(comps, tmp_path, caplog):
-    """OBS keeps running; the engine stops long enough for OBS's Media Source to give up
-    (`MP: Failed to open media`; OBS 29 never retries after that), then a new engine starts on
-    the same API port: it re-opens the source when it connects and OBS shows its frames."""
+    """OBS keeps running; the engine stops long enough for OBS's Media Source to give up or to
+    be deep in its reconnect loop, then a new engine starts on the same API port: it re-opens the
+    source when it connects and OBS shows its frames.
+
+    What OBS 29 does meanwhile depends on how the stream ended: here it usually logs `MP: Failed
+    to open media` once and never tries again (the case that left streamers with a black source);
+    on other machines it keeps retrying every second without logging failures. Either way the new
+    engine's frames must reach OBS without any user action. The give-up case on its own, made
+    deterministic, is the next test."""
     caplog.set_level(logging.INFO)
     from obs_real import free_port
 
@@ -176,13 +182,16 @@ def test_after_an_engine_restart_obs_shows_the_new_engines_frames_without_any_us
                 wait_for(lambda: _shows(client, first), timeout=30, what="the first engine's frames in OBS")
                 wait_for(lambda: first.controller.status()["obs_source"] == "pulling", timeout=10, what="'pulling'")
                 assert first.api.stream_clients("obs") == 1
-                failed = real.log_text().count("MP: Failed to open media")
-            # The engine is gone: OBS's source reconnects, fails and gives up.
-            real.wait_for_log("MP: Failed to open media", timeout=30, count=failed + 1)
-            gave_up = real.log_text()
-            time.sleep(3.0)  # three times its reconnect delay: it does not try again
-            assert real.log_text().count("MP: Failed to open media") == gave_up.count("MP: Failed to open media")
-            assert real.log_text().count("Reconnecting") == gave_up.count("Reconnecting")
+                before = real.log_text()
+            # The engine is gone: OBS's source reconnects and fails, then gives up or keeps trying.
+            failed, tries = before.count("MP: Failed to open media"), before.count("Set FFmpeg options")
+
+            def gave_up_or_retried() -> bool:
+                text = real.log_text()
+                return text.count("MP: Failed to open media") > failed or text.count("Set FFmpeg options") >= tries + 3
+
+            wait_for(gave_up_or_retried, timeout=30, what="OBS's source to fail to reach the stopped engine")
+            time.sleep(3.0)  # three times its reconnect delay
             second = LiveEngine(comps, PacedSource(fps=12, seed=1), obs=obs_opts(real), api_port=port, prompt="a dog")
             assert second.api.url == first.api.url
             t0 = time.monotonic()
