@@ -537,7 +537,10 @@ class Engine:
                 if self.controller is not None:
                     self.controller.changed()
             self._update_stats()
-        if not self.stopping:  # a finished source or max_frames: every frame in flight comes out
+        # A finished source or max_frames: every frame in flight comes out. After a stop signal
+        # too for a pipeline that says so (connect's: its frames in flight are computed elsewhere
+        # and only waited for, within a bound of its own).
+        if not self.stopping or getattr(self.pipeline, "drains_on_stop", False):
             self._emit(self.pipeline.flush())
         self.stats.state = "stopped"
         return 0

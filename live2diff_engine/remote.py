@@ -30,6 +30,7 @@ log = logging.getLogger("live2diff.connect")
 # io.webrtc (numpy, OpenCV, aiortc) is imported where it is used: `--help` stays quick.
 PERIOD = 90_000 // 30  # pts between two sent frames (the 90 kHz RTP clock at 30 fps)
 LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the connection is lost
+DRAIN_ON_STOP_S = 2.0  # a stop (Ctrl-C) waits at most this long for the frames still on their way back
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
@@ -40,10 +41,17 @@ class Refused(UserError):
 class RemotePipeline:
     """Stands where the frame pipeline stands in the engine. ``push`` sends and returns nothing;
     frames that come back are handed to ``emit`` ([(index, image)], the engine's) from a thread
-    of this object's own. ``on_lost(text)`` shows the card while the link is down."""
+    of this object's own. ``on_lost(text)`` shows the card while the link is down.
+
+    The end of the input (the source ended, --max-frames, a stop) is an end, not a cut: ``flush``
+    ends the camera track (an RTCP BYE: the server finishes the frames it holds and sends them
+    back) and waits until the last frame sent has come back, publishing what comes meanwhile;
+    after a stop signal at most DRAIN_ON_STOP_S. The engine calls it on a stop too
+    (``drains_on_stop``)."""
 
     warming_up = False
     output_size = None
+    drains_on_stop = True
 
     def __init__(self, url: str, *, token: str | None = None, ice_servers: list[dict] | None = None, say=None):
         parsed = urllib.parse.urlparse(url)
@@ -75,6 +83,13 @@ class RemotePipeline:
         self._first_error: BaseException | None = None
         self._first_done = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.stop_requested = lambda: False  # set by connect: the engine got a stop signal
+        self.publishing = True  # False once flush is over: the sinks are about to close
+        self._last_sent: int | None = None  # the index of the last frame handed to the link
+        self._newest_back = -1  # the newest index published
+        self._back_at: float | None = None  # when a frame last came back
+        self._back_cond = threading.Condition()
+        self._end_input = None  # the current connection's coroutine function that ends the camera track
 
     # -- the engine's side ---------------------------------------------------------------------
 
@@ -83,11 +98,36 @@ class RemotePipeline:
         self.frame_index += 1
         outbox = self._outbox
         if outbox is not None and self.connected:
+            self._last_sent = index  # before the put: a stop cutting in between costs a wait, not a frame
             outbox.put((frame, index))
             self.sent += 1
         return []
 
     def flush(self):
+        """The end of this side's input: waits for the frames still on their way back (they are
+        published by the delivering thread as they come), then stops publishing. Returns []."""
+        last, loop, end_input = self._last_sent, self._loop, self._end_input
+        if last is not None and loop is not None and end_input is not None and self.connected:
+            try:
+                asyncio.run_coroutine_threadsafe(end_input(), loop)
+            except RuntimeError:
+                pass
+            bound = DRAIN_ON_STOP_S if self.stop_requested() else None
+            start = time.monotonic()
+            with self._back_cond:
+                while self._newest_back < last and self.connected:
+                    now = time.monotonic()
+                    if bound is not None and now - start >= bound:
+                        break
+                    if now - max(start, self._back_at or start) >= LOST_AFTER_S:
+                        break
+                    self._back_cond.wait(0.1)
+                missing = self._newest_back < last
+            if missing:
+                self.say(f"connect: stopped before the last frame sent came back "
+                         f"(waited {time.monotonic() - start:.1f} s{'' if self.connected else '; the connection is lost'})")
+        with self._back_cond:  # the delivering thread publishes under this lock: none is half-sent now
+            self.publishing = False
         return []
 
     def restart(self):
@@ -175,7 +215,20 @@ class RemotePipeline:
                 return to_video_frame(image, (index - state["base"]) * PERIOD)
 
         pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
-        pc.addTransceiver(Camera(), direction="sendrecv")
+        camera = Camera()
+        sender = pc.addTransceiver(camera, direction="sendrecv").sender
+
+        async def end_input():
+            """No more frames: the last one goes out, then the track ends with an RTCP BYE, on
+            which the server finishes what it holds and sends it back."""
+            outbox.close()
+            deadline = time.monotonic() + 5.0
+            while camera.readyState == "live" and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            try:
+                await sender.stop()
+            except Exception:
+                pass
         channel = pc.createDataChannel("control")
         channel.on("message", self._on_channel_message)
 
@@ -217,6 +270,7 @@ class RemotePipeline:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=text, type="answer"))
             self._channel = channel
             self._outbox = outbox
+            self._end_input = end_input
             self.connected = True
             self.connections += 1
             self.say(f"connect: streaming to {self.base}")
@@ -232,6 +286,7 @@ class RemotePipeline:
         finally:
             self.connected = False
             self._outbox = None
+            self._end_input = None
             self._channel = None
             self._fail_pending("the connection to the engine was lost")
             outbox.close()
@@ -280,12 +335,18 @@ class RemotePipeline:
             except queue.Empty:
                 continue
             image = frame.to_ndarray(format="rgb24")
-            self.returned += 1
-            if self.emit is not None:
-                try:
-                    self.emit([(index, image)])
-                except Exception as exc:
-                    log.warning("publishing a returned frame failed: %s", exc)
+            with self._back_cond:
+                if not self.publishing:
+                    continue
+                self.returned += 1
+                if self.emit is not None:
+                    try:
+                        self.emit([(index, image)])
+                    except Exception as exc:
+                        log.warning("publishing a returned frame failed: %s", exc)
+                self._newest_back = max(self._newest_back, index)
+                self._back_at = time.monotonic()
+                self._back_cond.notify_all()
 
     # -- control over the data channel --------------------------------------------------------
 
@@ -511,9 +572,8 @@ def cmd_connect(args) -> int:
         engine = Engine(remote, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps,
                         controller=controller, pace=True, status=False)
 
-        def emit(ready):
-            if engine.stopping:  # the sinks are closing
-                return
+        def emit(ready):  # the delivering thread; it stops once remote.flush (the engine's last call) is over
+            engine.stats.extra["frames_sent"] = remote.sent
             caps = engine._capture_times
             newest = max(i for i, _ in ready)
             try:
@@ -529,6 +589,7 @@ def cmd_connect(args) -> int:
             controller.changed()
 
         remote.emit, remote.on_lost = emit, lost
+        remote.stop_requested = lambda: engine.stopping
 
         def remote_status(msg):  # the remote engine's own part of the round trip, in --stats too
             engine.stats.extra.update(remote_latency_ms_p50=msg.get("latency_ms"), remote_frames_out=msg.get("frames_out"),

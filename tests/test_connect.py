@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -126,3 +127,29 @@ def test_connect_without_the_servers_token_says_so_in_one_line():
     errors = [l for l in r.stderr.splitlines() if l.startswith("live2diff-engine: error:")]
     assert len(errors) == 1 and "wrong token" in errors[0] and "--token" in errors[0], r.stderr
     assert "Traceback" not in r.stderr and "{" not in errors[0], r.stderr
+
+
+def test_at_the_end_of_its_input_connect_publishes_every_frame_the_server_finished(tmp_path):
+    """--max-frames ends connect's input: the frames still on their way (in the server's pipeline,
+    on the wire back) are waited for and published, as `run` finishes its frames in flight. Judged
+    by counts, never by time: serve's own count of the session's frames against what connect
+    published."""
+    server = Server()
+    stats = tmp_path / "connect.json"
+    try:
+        r = subprocess.run([sys.executable, "-m", "live2diff_engine", "connect", server.url, "--source", "synthetic",
+                            "--camera-size", "64x48", "--camera-fps", "10", "--sink", "null", "--no-api",
+                            "--max-frames", "24", "--stats", str(stats)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: any(" ended: " in l for l in server.lines), "the session's end on the server", log=server.log)
+    finally:
+        server.stop()
+    ended = next(l for l in server.lines if " ended: " in l)
+    m = re.search(r"\((\d+) frames in, (\d+) out, (\d+) dropped", ended)
+    assert m, server.log()
+    served_in, served_out, dropped = map(int, m.groups())
+    published = json.loads(stats.read_text())["frames_out"]
+    assert served_in > 0 and served_in + dropped <= 24, ended
+    assert served_out == served_in, f"frames the server took but never finished: {ended}"
+    assert published == served_out, f"connect published {published} of the {served_out} the server finished\n{r.stderr}\n{server.log()}"

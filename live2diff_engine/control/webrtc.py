@@ -15,6 +15,11 @@
 Sessions: at most ``max_sessions`` (default 1): another offer gets 503, a Retry-After and one line.
 A session whose peer goes away (closed, failed, or no video for SESSION_IDLE_S) is freed.
 
+The end of the client's video (its track stopped: an RTCP BYE, as `connect` sends at the end of
+its input) is an end, not a cut: the session's engine finishes every frame it holds and sends it
+back, as `run` does at the end of a file; the client then ends the session (DELETE), or it is freed
+SESSION_IDLE_S after the engine is done.
+
 The routes sit behind the API's guard: beyond loopback every request needs the token, on
 loopback the Host header must name this machine. Nothing that arrives names a file or code: the
 data channel's messages go through the same validation as every other control path.
@@ -93,6 +98,8 @@ class Session:
     created: float = field(default_factory=time.monotonic)
     ended: bool = False
     why: str = ""
+    input_ended: bool = False  # the client's video ended cleanly: what is in flight still goes back
+    finished_at: float | None = None  # when the engine was done with it
 
 
 class ChannelControl:
@@ -416,8 +423,11 @@ class WebRtcService:
             while not session.ended:
                 frame = await remote.recv()
                 session.source.feed(frame)
-        except MediaStreamError:
-            pass
+        except MediaStreamError:  # the track ended: an RTCP BYE, or the connection going (ended elsewhere)
+            if not session.ended:
+                session.input_ended = True
+                session.source.end()  # the engine finishes the frames it holds, sends them, and ends
+            return
         except Exception as exc:
             log.warning("session %s: receiving video failed: %s", session.id[:6], exc)
         await self.end(session, "the video track ended")
@@ -448,6 +458,9 @@ class WebRtcService:
         except Exception as exc:
             log.warning("session %s: the engine stopped: %s", session.id[:6], exc)
         loop = self.loop
+        if session.input_ended:  # its frames are out: the client ends it, or the watchdog frees it
+            session.finished_at = time.monotonic()
+            return
         if loop is not None and not session.ended:
             try:
                 asyncio.run_coroutine_threadsafe(self.end(session, "the engine stopped"), loop)
@@ -482,6 +495,10 @@ class WebRtcService:
             now = time.monotonic()
             for s in list(self.sessions.values()):
                 last = s.source.last_frame_at
+                if s.input_ended:  # no video is expected: the engine finishes what it holds first
+                    if s.finished_at is not None and now - s.finished_at > SESSION_IDLE_S:
+                        await self.end(s, "its video ended")
+                    continue
                 if last is None and now - s.created > FIRST_FRAME_S:
                     await self.end(s, f"no video within {FIRST_FRAME_S:.0f} s")
                 elif last is not None and now - last > SESSION_IDLE_S:
