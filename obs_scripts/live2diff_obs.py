@@ -139,12 +139,25 @@ def engine_state(status: dict | None) -> str:
     return state
 
 
+def style_loading(status: dict | None) -> str | None:
+    """The style the engine is loading beside the stream (the one in use goes on meanwhile)."""
+    loading = (status or {}).get("style_loading")
+    return loading if isinstance(loading, str) and loading else None
+
+
+def style_text(status: dict | None) -> str:
+    """The style in use, and the one loading: ``default (loading anime ...)``."""
+    style = (status or {}).get("style") or "-"
+    loading = style_loading(status)
+    return f"{style} (loading {loading} ...)" if loading else style
+
+
 def status_line(status: dict | None, link: str | None, note: str = "") -> str:
     """One log line: ``[live2diff] engine streaming | style default | prompt 'a fox' | 12.0 fps``."""
     if not status or not link:
         return f"{LOG_PREFIX} engine offline" + (f" ({note})" if note else "")
     return (
-        f"{LOG_PREFIX} engine {engine_state(status)} | style {status.get('style') or '-'} | "
+        f"{LOG_PREFIX} engine {engine_state(status)} | style {style_text(status)} | "
         f"prompt {_short(status.get('prompt'))!r} | {_fmt_num(status.get('fps'), '.1f')} fps | via {link}"
         + (" | OBS source not pulling the stream" if obs_not_pulling(status) else "")
     )
@@ -160,7 +173,7 @@ def status_key(status: dict | None, link: str | None) -> tuple:
     if not status or not link:
         return ("offline",)
     return (link, status.get("state"), bool(status.get("paused")), status.get("style"), status.get("prompt"),
-            obs_not_pulling(status))
+            obs_not_pulling(status), style_loading(status))
 
 
 def format_status(status: dict | None, link: str | None, note: str = "") -> str:
@@ -169,10 +182,13 @@ def format_status(status: dict | None, link: str | None, note: str = "") -> str:
         return "Engine: not reachable" + (f"\n{note}" if note else "")
     lines = [
         f"Engine: {engine_state(status)} (via {link})",
-        f"Style: {status.get('style') or '-'}   Strength: {_fmt_num(status.get('strength'), '.2f')}   "
+        f"Style: {style_text(status)}   Strength: {_fmt_num(status.get('strength'), '.2f')}   "
         f"Seed: {status.get('seed', '-')}   Steps: {status.get('steps', '-')}",
         f"Prompt: {_short(status.get('prompt'), 200) or '-'}",
     ]
+    if style_loading(status):
+        lines.append(f"Loading style {style_loading(status)} beside the stream: "
+                     f"{status.get('style') or 'the current style'} keeps streaming until it is in")
     if status.get("negative_prompt"):
         guided = isinstance(status.get("guidance"), (int, float)) and status["guidance"] > 1
         lines.append(f"Negative: {_short(status.get('negative_prompt'), 200)}"
@@ -1047,9 +1063,12 @@ def pause_label(paused: bool) -> str:
     return "Resume" if paused else "Pause"
 
 
-def style_label(name: str, missing: dict) -> str:
-    """A style as the Style list shows it: marked when its weights are not downloaded."""
-    return f"{name} (not downloaded)" if name in missing else name
+def style_label(name: str, missing: dict, loading: str | None = None) -> str:
+    """A style as the Style list shows it: marked when its weights are not downloaded, or while
+    the engine loads it beside the stream."""
+    if name in missing:
+        return f"{name} (not downloaded)"
+    return f"{name} (loading ...)" if name == loading else name
 
 
 def _on_reset(props, prop):
@@ -1278,7 +1297,7 @@ def script_properties():
         obs.obs_property_list_add_string(lst, current, current)
     for name in styles:
         if isinstance(name, str):
-            label = style_label(name, missing)
+            label = style_label(name, missing, style_loading(known))
             idx = obs.obs_property_list_add_string(lst, label, name)
             if name in missing and hasattr(obs, "obs_property_list_item_disable"):
                 obs.obs_property_list_item_disable(lst, idx, True)  # listed, marked, not selectable

@@ -32,6 +32,7 @@
     fetch: $('style-fetch'), fetchText: $('style-fetch-text'), fetchCommand: $('style-fetch-command'),
     fetchNote: $('style-fetch-note'), download: $('style-download'), fetchClose: $('style-fetch-close'),
     dl: $('download'), dlText: $('download-text'), dlProgress: $('download-progress'),
+    styleLoading: $('style-loading'),
   };
 
   let ws = null;
@@ -349,9 +350,17 @@
         el.styles.appendChild(b);
       }
     }
+    // A style loading beside the stream: the one in use goes on until the new one is swapped in.
+    const loading = typeof s.style_loading === 'string' && s.style_loading ? s.style_loading : null;
     for (const b of el.styles.children) {
       b.setAttribute('aria-pressed', String(b.dataset.style === s.style));
+      const isLoading = b.dataset.style === loading;
+      b.classList.toggle('loading', isLoading);
+      if (isLoading) b.setAttribute('aria-busy', 'true'); else b.removeAttribute('aria-busy');
     }
+    el.styleLoading.hidden = !loading;
+    el.styleLoading.textContent = loading
+      ? `Loading style ${loading}\u2026 ${s.style || 'the current style'} keeps streaming until it is in` : '';
     renderFetch();
     renderDownload(s.download);
 

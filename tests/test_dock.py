@@ -320,6 +320,48 @@ def test_a_style_downloads_from_the_dock_with_its_progress(running, browser, mon
         server.server_close()
 
 
+def test_the_dock_shows_a_style_loading_while_the_current_one_streams(running, browser):
+    """The engine reads a style's files beside the stream (status ``style_loading``); the loader is
+    held here once they are read, so the page can be looked at while the load is under way."""
+    from live2diff_engine.styles import Style
+
+    styles = running.manager.styles
+    styles["slowload"] = Style("slowload", "a style that takes its time", template="slow, {}")
+    loaded, release = threading.Event(), threading.Event()
+
+    def hold(style):
+        loaded.set()
+        assert release.wait(120)
+
+    running.controller.style_load_hook = hold
+    d = browser
+    try:
+        connected(d)
+        wait_for(lambda: style_button(d, "slowload"), 10, "the new style's button")
+        assert not by_id(d, "style-loading").is_displayed()
+        style_button(d, "slowload").click()
+        assert loaded.wait(60), "the loader never ran"
+        notice = wait_for(lambda: by_id(d, "style-loading").is_displayed() and text_of(d, "style-loading"), 15, "the loading line")
+        assert notice == "Loading style slowload\u2026 default keeps streaming until it is in"
+        button = style_button(d, "slowload")
+        assert "loading" in button.get_attribute("class") and button.get_attribute("aria-busy") == "true"
+        assert button.get_attribute("aria-pressed") == "false" and text_of(d, "f-style") == "default"
+        frames = int(text_of(d, "f-frames"))
+        wait_for(lambda: int(text_of(d, "f-frames")) > frames, 30, "frames to go on while it loads")
+        release.set()
+        wait_for(lambda: text_of(d, "f-style") == "slowload", 30, "the new style in place")
+        wait_for(lambda: not by_id(d, "style-loading").is_displayed(), 10, "the loading line to go")
+        button = style_button(d, "slowload")
+        assert "loading" not in button.get_attribute("class") and button.get_attribute("aria-busy") is None
+        assert button.get_attribute("aria-pressed") == "true"
+    finally:
+        release.set()
+        running.controller.style_load_hook = None
+        style_button(d, "default").click()
+        wait_for(lambda: running.manager.current.name == "default", 30, "the default style back")
+        del styles["slowload"]
+
+
 def test_pause_and_resume(running, browser):
     d = browser
     connected(d)

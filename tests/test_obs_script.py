@@ -202,6 +202,20 @@ def test_the_panel_marks_styles_without_weights_and_shows_a_download():
     assert "Download of style anime failed: cannot download x: HTTP 401" in L.format_status(dict(STATUS, download=failed), L.LINK_HTTP)
 
 
+def test_the_panel_and_the_log_say_which_style_loads_while_the_current_one_streams():
+    loading = dict(STATUS, style_loading="anime")  # what the engine reports while the loader reads anime
+    text = L.format_status(loading, L.LINK_HTTP)
+    assert "Style: default (loading anime ...)" in text
+    assert "Loading style anime beside the stream: default keeps streaming until it is in" in text
+    assert "loading" not in L.format_status(STATUS, L.LINK_HTTP).lower()
+    assert L.format_status(dict(STATUS, style_loading=None), L.LINK_HTTP) == L.format_status(STATUS, L.LINK_HTTP)
+    assert "| style default (loading anime ...) |" in L.status_line(loading, L.LINK_WS)
+    # a log line when a load starts, and when it ends (the style in place then changes too)
+    assert L.status_key(loading, L.LINK_WS) != L.status_key(STATUS, L.LINK_WS)
+    assert L.style_label("anime", {}, "anime") == "anime (loading ...)" and L.style_label("toon", {}, "anime") == "toon"
+    assert L.style_label("anime", {"anime": "cmd"}, "anime") == "anime (not downloaded)"
+
+
 def test_the_pause_button_follows_the_engine():
     ctl = L.Controller({"use_websocket": False})
     ctl._on_message(STATUS, L.LINK_HTTP)  # streaming
