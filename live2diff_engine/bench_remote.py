@@ -6,7 +6,10 @@
 Runs `run` (synthetic source, null sink) for the given time, then `serve` and `connect` (the same
 source and sink) for the same time, each a process of its own with the tiny model, and prints one
 line per path from their --stats files: p50/p95 of capture to publish, output fps; for the remote
-path also what serve finished and how many of those did not reach connect (lost).
+path also where every frame connect sent went: dropped by serve for a newer one (the engine
+slower than the camera: by design, counted), finished by serve, published by connect, and lost
+(finished but never published). The session ends as a user ends it (Ctrl-C to connect): connect
+waits, within its bound, for the frames on their way back.
 """
 
 from __future__ import annotations
@@ -84,8 +87,8 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             serve.kill()
     ended = next((l for l in slines if " ended: " in l), "")
-    m = re.search(r"\((\d+) frames in, (\d+) out", ended)
-    served_out = int(m.group(2)) if m else None
+    m = re.search(r"\((\d+) frames in, (\d+) out, (\d+) dropped", ended)
+    served_in, served_out, served_dropped = (int(g) for g in m.groups()) if m else (None, None, None)
     back = remote["frames_out"]
     for name, s in (("run", local), ("connect + serve", remote)):
         if s is None:
@@ -100,10 +103,11 @@ def main(argv=None) -> int:
         print(f"added by WebRTC  p50 {remote['latency_ms_p50'] - local['latency_ms_p50']:+.1f} ms, "
               f"p95 {remote['latency_ms_p95'] - local['latency_ms_p95']:+.1f} ms")
     if served_out is not None:
-        print(f"serve finished {served_out} frames of the {extra.get('frames_sent')} connect sent (it takes the newest when it "
-              f"falls behind); "
-              f"connect published {back}: {served_out - back} finished but not published (frames in flight when connect stopped "
-              f"count here)")
+        sent = extra.get("frames_sent")
+        unseen = sent - served_in - served_dropped if sent is not None else None
+        print(f"connect sent {sent}; serve took {served_in} and dropped {served_dropped} for newer ones (it takes the newest "
+              f"when it falls behind: by design, counted); {unseen} never reached serve's engine; serve finished "
+              f"{served_out}; connect published {back}: lost {served_out - back} (finished but not published)")
     return 0
 
 
