@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import copy
 import threading
 import time
 from dataclasses import dataclass, field
@@ -253,63 +254,46 @@ def _lora_error(path: str, exc: Exception) -> ModelLoadError:
 class StyleManager:
     """Applies styles to a :class:`~.models.components.Components` in place.
 
-    LoRAs (the few-step LCM-LoRA and the style's own, each at its scale) are fused into the weights
-    at switch time: diffusers reads them (kohya, diffusers or peft layout) as peft adapters, peft
-    merges each into its layer (``W += scale * alpha / rank * up @ down``), and the adapter layers
-    are then removed, so the UNet and the text encoder are the plain modules again and a frame costs
-    what it costs without a LoRA. Before fusing, the tensors the LoRAs change (and only those) are
-    copied (to host memory when the model is on a GPU); the next switch copies them back, so the
-    weights under the LoRAs return bit for bit. DreamBooth checkpoints (original SD single-file
-    layout) are converted with diffusers' converters and copied into the loaded modules; the base
+    LoRAs (the few-step LCM-LoRA and the style's own, each at its scale) are fused into the weights:
+    diffusers reads them (kohya, diffusers or peft layout) as peft adapters and peft merges each
+    into its layer (``W += scale * alpha / rank * up @ down``), so the UNet and the text encoder
+    stay the plain modules and a frame costs what it costs without a LoRA. The weights under the
+    LoRAs are kept (``comps.unfused``), so the next switch puts them back bit for bit. DreamBooth
+    checkpoints (original SD single-file layout) are converted with diffusers' converters; the base
     comes back from its folder (the same file and the same cast as at load, so exactly).
 
-    Every change is made in place: the UNet's and text encoder's Parameter objects, their storage
-    and the module tree are the same before and after any switch, because a compiled or
-    CUDA-graph-captured stream call reads the weights by address. A switch that fails leaves the
-    previous style in place.
-
-    A switch has two halves. :meth:`prepare` reads the style's files and converts a DreamBooth
-    checkpoint (or the base's files, to go back to the base) into the loaded models' key layout and
-    shapes, checked, in memory of their own (see ``_cast``); it touches no weight, so it runs beside
-    the stream on another thread (the controller's loader, at a lower CPU priority). :meth:`apply`
-    then copies the prepared tensors in and fuses the LoRAs: the only part that runs between two
-    frames."""
+    A switch has two halves. :meth:`prepare` computes the complete new value of every weight that
+    changes, in the weight's own dtype, device and strides: a DreamBooth checkpoint (or the base's
+    files, to go back to the base) read, converted and checked, and the LoRAs fused into copies of
+    the weights under them (peft merging on a shadow of the module tree whose layers hold those
+    copies). It changes no weight and no module, so it runs beside the stream on another thread
+    (the controller's loader, at a lower CPU priority). :meth:`apply` then swaps the prepared
+    tensors in between two frames: each Parameter (and buffer) object stays, its ``.data`` is
+    rebound to the new tensor (constant time per tensor; the old values are freed once no frame
+    holds them). Compiled stream calls read the weights as inputs on every call, so they see the
+    new ones; a stream call captured in a CUDA graph reads them by address, so while one is in use
+    (see :meth:`copies_in`) the swap copies into the weights' own memory instead (a copy on the
+    device, prepared there beside the stream). The module tree and the Parameter objects never
+    change, and a switch that fails while preparing leaves the previous style untouched."""
 
     def __init__(self, comps, styles: dict[str, Style]):
         self.comps = comps
         self.styles = styles
         self.current: Style | None = None
-        self._holder = None
         self.last_switch_s = 0.0
-        self.last_prepare_s = 0.0  # reading and converting the files (beside the stream, when prepared ahead)
-        self.last_swap_s = 0.0  # copying and fusing the weights in (between two frames)
-        # Held while weights change and while the models' layout is read: a prepare on another
-        # thread never sees the adapter layers a fusion puts in for a moment.
+        self.last_prepare_s = 0.0  # reading, converting and fusing (beside the stream, when prepared ahead)
+        self.last_swap_s = 0.0  # swapping the prepared weights in (between two frames)
+        self.copy_in: bool | None = None  # None: see copies_in(); True/False forces copying or rebinding
+        # Held while weights change and while the models' layout is read.
         self._lock = threading.RLock()
         self._layout: dict | None = None
-
-    def _pipe(self):
-        if self._holder is None:
-            from diffusers import StableDiffusionPipeline
-
-            from .pipeline.schedule import make_scheduler
-
-            c = self.comps
-            self._holder = StableDiffusionPipeline(
-                vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet.unet2d,
-                scheduler=make_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
-        return self._holder
+        self._tensors: dict | None = None
+        self._side_stream = None  # the loader's CUDA stream (prepares never queue behind frames)
 
     def _adapter_models(self) -> tuple[torch.nn.Module, ...]:
         # Where diffusers puts adapter layers: the 2D UNet (its blocks hold the motion modules too)
         # and the text encoder.
         return (self.comps.unet.unet2d, self.comps.text_encoder)
-
-    def _weight_models(self) -> tuple[torch.nn.Module, ...]:
-        # Every module whose weights a style may change: the streaming UNet shares the 2D UNet's
-        # modules, but the 2D UNet's own attributes (conv_in, ...) are also reachable from it alone.
-        return (self.comps.unet, self.comps.unet.unet2d, self.comps.text_encoder)
 
     def get(self, name: str) -> Style:
         if name not in self.styles:
@@ -326,91 +310,82 @@ class StyleManager:
             _local_file(style.dreambooth, style.dreambooth_url, style.name, "DreamBooth checkpoint")
         return style
 
-    # -- LoRA ----------------------------------------------------------------------------------
+    def copies_in(self) -> bool:
+        """Whether a swap copies into the weights' own memory rather than rebinding them: while a
+        stream call captured in a CUDA graph (accelerate ``cudagraph``, or a compile mode that
+        captures graphs) may replay with the weights' addresses."""
+        if self.copy_in is not None:
+            return self.copy_in
+        store = self.comps.unet.__dict__.get("_stream_accelerators", {})
+        return any(a.mode == "cudagraph" or a.compile_options.get("mode") in ("reduce-overhead", "max-autotune")
+                   for a in list(store.values()))
 
-    def _unload_loras(self) -> None:
-        """Remove adapter layers (without merging them). Asked of the modules themselves: a load
-        that failed half-way, or another tool, may have left LoRA layers on them."""
-        if any(self._pipe().get_list_adapters().values()):
-            self._pipe().unload_lora_weights()
-        for model in (self.comps.unet.unet2d, self.comps.text_encoder):
-            _strip_lora_layers(model)
+    # -- LoRA (beside the stream) -------------------------------------------------------------------
 
-    def _load_lora(self, name: str, tensors: dict[str, torch.Tensor], label: str) -> None:
-        try:
-            with _quiet():
-                self._pipe().load_lora_weights(dict(tensors), adapter_name=name)
-        except Exception as exc:
-            self._unload_loras()  # no half-loaded adapter left behind
-            raise _lora_error(label, exc) from None
-
-    def _unfuse(self) -> set[int]:
-        """Copy back the weights saved before the last fusion; the ids of the parameters restored.
-        The copies stay: they equal the weights now, and the next fusion reuses those it needs."""
+    def _fuse_beside(self, loras: list[tuple[str, dict, str, float]], base_of) -> dict[int, tuple]:
+        """``(adapter name, tensors, label, scale)`` LoRAs fused into copies of the weights under
+        them (``base_of(parameter)``): {id(parameter): (parameter, fused tensor)}. diffusers and
+        peft load the adapters into a shadow of the UNet and text encoder (new module and Parameter
+        objects over the live weights' memory, only read), and each adapted layer's weight there is
+        replaced by a copy before peft merges into it: the live modules and weights are never touched."""
         import torch
-
-        saved = self.comps.unfused
-        with torch.no_grad():
-            for param, copy in saved.values():
-                param.copy_(copy)
-        return set(saved)
-
-    def _fuse(self, loras: list[tuple[str, dict, str, float]]) -> set[int]:
-        """Fuse ``(adapter name, tensors, label, scale)`` LoRAs into the weights; the ids of the
-        parameters changed. Their values before fusing are kept in ``comps.unfused`` first."""
-        import torch
+        from diffusers import StableDiffusionPipeline
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        saved = self.comps.unfused
-        if not loras:
-            saved.clear()
-            return set()
-        try:
-            names = []
-            for name, tensors, label, _ in loras:
-                self._load_lora(name, tensors, label)
-                names.append(name)
-            self._pipe().set_adapters(names, adapter_weights=[scale for *_, scale in loras])
-            layers = [m for model in self._adapter_models() for m in model.modules() if isinstance(m, BaseTunerLayer)]
-            changed: dict[int, torch.nn.Parameter] = {}
-            for layer in layers:
-                base = layer.get_base_layer()
-                changed[id(base.weight)] = base.weight
-                if getattr(base, "bias", None) is not None and any(getattr(layer, "lora_bias", {}).get(n, False) for n in names):
-                    changed[id(base.bias)] = base.bias
-            for key in [k for k in saved if k not in changed]:
-                del saved[key]  # equal to the weights now (just unfused) and untouched by this style
-            for key, param in changed.items():
-                if key not in saved:
-                    saved[key] = (param, _saved_copy(param))
-            # What diffusers' fuse_lora does for each adapter layer, without its bookkeeping on the
-            # pipeline: unsafe merge adds the delta to the weight in place (safe_merge would rebind
-            # `.data` to a new tensor).
-            with torch.no_grad():
-                for layer in layers:
-                    layer.merge(safe_merge=False, adapter_names=names)
-            params = [p for p, _ in saved.values()]
-            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-                raise ModelLoadError(
-                    "the style's LoRAs give non-finite weights when fused (a damaged LoRA file, or scales too "
-                    "large for this dtype); the previous style stays"
-                )
-        finally:
-            self._unload_loras()
-        return set(changed)
+        from .pipeline.schedule import make_scheduler
 
+        c = self.comps
+        live_of: dict[int, torch.nn.Module] = {}
+        unet, text = (_shadow(model, live_of) for model in self._adapter_models())
+        pipe = StableDiffusionPipeline(
+            vae=c.vae, text_encoder=text, tokenizer=c.tokenizer, unet=unet, scheduler=make_scheduler(),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        names = []
+        for name, tensors, label, _ in loras:
+            try:
+                with _quiet():
+                    pipe.load_lora_weights(dict(tensors), adapter_name=name)
+            except Exception as exc:
+                raise _lora_error(label, exc) from None
+            names.append(name)
+        pipe.set_adapters(names, adapter_weights=[scale for *_, scale in loras])
+        fused: dict[int, tuple] = {}
+        with torch.no_grad():
+            for layer in (m for model in (unet, text) for m in model.modules() if isinstance(m, BaseTunerLayer)):
+                base = layer.get_base_layer()
+                live = live_of[id(base)]
+                own = ["weight"]
+                if getattr(live, "bias", None) is not None and any(getattr(layer, "lora_bias", {}).get(n, False) for n in names):
+                    own.append("bias")
+                for attr in own:
+                    param = getattr(live, attr)
+                    base._parameters[attr] = torch.nn.Parameter(base_of(param).clone(), requires_grad=False)
+                # What diffusers' fuse_lora does for each adapter layer: unsafe merge adds each
+                # delta to the weight in place (here: the copy).
+                layer.merge(safe_merge=False, adapter_names=names)
+                for attr in own:
+                    param = getattr(live, attr)
+                    fused[id(param)] = (param, base._parameters[attr].detach())
+        if fused and not bool(torch.stack([torch.isfinite(t).all() for _, t in fused.values()]).all()):
+            raise ModelLoadError(
+                "the style's LoRAs give non-finite weights when fused (a damaged LoRA file, or scales too "
+                "large for this dtype); the previous style stays"
+            )
+        return fused
     # -- DreamBooth ----------------------------------------------------------------------------
 
     def _models_layout(self) -> dict:
-        """{part: {key: (shape, dtype)}} of the UNet (its 2D keys), text encoder and full VAE: what
-        converted weights must match. Read once, under the lock (the layout never changes: every
-        switch copies into the same tensors)."""
+        """{part: {key: (shape, dtype, device, stride)}} of the UNet (its 2D keys), text encoder and
+        full VAE: what converted weights must match. Read once, under the lock (the layout never
+        changes: a switch puts in tensors of the same shape, dtype, device and strides)."""
         with self._lock:
             if self._layout is None:
                 c = self.comps
 
                 def layout(module, keys=None):
-                    return {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items() if keys is None or k in keys}
+                    return {k: (tuple(v.shape), v.dtype, v.device, v.stride()) for k, v in module.state_dict().items()
+                            if keys is None or k in keys}
 
                 self._layout = {"unet": layout(c.unet, c.unet.base_state_keys()), "text_encoder": layout(c.text_encoder)}
                 if type(c.vae).__name__ == "AutoencoderKL":
@@ -434,7 +409,7 @@ class StyleManager:
 
     def _single_file_weights(self, checkpoint: dict, source: str, fill_from_base: bool = False) -> dict[str, dict]:
         """A checkpoint in the original SD layout converted to the loaded models' keys and shapes,
-        ready to copy in (``_cast``). With ``fill_from_base``, the parts it lacks (a DreamBooth file with no text encoder
+        ready to swap in (``_final``). With ``fill_from_base``, the parts it lacks (a DreamBooth file with no text encoder
         or VAE) come from the base's files, so that no part of the previous style stays behind."""
         from diffusers.loaders.single_file_utils import (
             convert_ldm_clip_checkpoint,
@@ -455,7 +430,7 @@ class StyleManager:
         if missing or wrong:
             detail = f"missing {missing[:3]}" if missing else f"wrong shapes {wrong[:3]}"
             raise ModelLoadError(f"{source} does not fit the Stable Diffusion 1.5 UNet ({detail}); use an SD1.5 DreamBooth checkpoint")
-        weights = {"unet": _cast({k: v for k, v in unet_sd.items() if k in own}, own, _mapped(source))}
+        weights = {"unet": _final({k: v for k, v in unet_sd.items() if k in own}, own, _mapped(source))}
         del unet_sd
         if any(k.startswith("cond_stage_model.transformer.") for k in checkpoint):
             weights["text_encoder"] = _matching(layout["text_encoder"], convert_ldm_clip_checkpoint(checkpoint), source)
@@ -480,90 +455,200 @@ class StyleManager:
         finally:
             checkpoint.clear()  # the file's tensors go now, not when the prepared style does
 
-    def _set_dreambooth(self, target: str | None, weights: dict[str, dict]) -> None:
-        c = self.comps
-        c.dreambooth = _PARTIAL  # until every module is copied: a failure half-way must not look loaded
-        for part, module in (("unet", c.unet), ("text_encoder", c.text_encoder), ("vae", c.vae)):
-            if part in weights:
-                module.load_state_dict(weights[part], strict=False)  # copies into the tensors in place
-        c.dreambooth = target
-
     # -- switching -----------------------------------------------------------------------------
 
-    def _set_weights(self, style: Style, prepared: "PreparedStyle") -> set[int]:
-        """Put the style's weights in place; the ids of the parameters whose values may have changed."""
+    def _live_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{part: {state-dict key: the live Parameter or buffer}} for every key of the layout."""
+        with self._lock:
+            if self._tensors is None:
+                c = self.comps
+                out = {}
+                for part, module in (("unet", c.unet), ("text_encoder", c.text_encoder), ("vae", c.vae)):
+                    if part in self._models_layout():
+                        named = dict(module.named_buffers(remove_duplicate=False))
+                        named.update(module.named_parameters(remove_duplicate=False))
+                        out[part] = {k: named[k] for k in self._models_layout()[part] if k in named}
+                self._tensors = out
+            return self._tensors
+
+    def _new_values(self, style: Style, weights: dict | None, loras: list, unfused: dict, copy_in: bool):
+        """({id(tensor): (live tensor, its new value)} for every weight the style changes,
+        the new ``comps.unfused``): the style's DreamBooth weights (or those under the LoRAs now,
+        when the DreamBooth stays), with the LCM-LoRA and the style's LoRAs fused into copies."""
+        values: dict[int, tuple] = dict(unfused)  # the weights under the current LoRAs come back
+        if weights is not None:  # and over them (the motion modules excepted) the DreamBooth's
+            live = self._live_tensors()
+            for part, state in weights.items():
+                for k, v in state.items():
+                    if k in live[part]:
+                        values[id(live[part][k])] = (live[part][k], v)
+
+        def base_of(param):
+            value = values.get(id(param))
+            return value[1] if value is not None else param.detach()
+
         c = self.comps
-        self._unload_loras()
-        pinned = _Pinned(self._weight_models())
-        try:
-            touched = self._unfuse()
-            if style.dreambooth != c.dreambooth:
-                # Prepared when this style's DreamBooth was already in place, and another switch
-                # came between: read it now.
-                weights = prepared.weights if prepared.weights is not None else self._style_weights(style)
-                c.unfused.clear()  # the weights under the LoRAs change
-                self._set_dreambooth(style.dreambooth, weights)
-                touched |= {id(p) for m in self._weight_models() for p in m.parameters()}
-            loras = [("lcm", c.lcm_lora, "LCM-LoRA", 1.0)] if c.lcm_lora is not None else []
-            loras += [(f"style{i}", tensors, ref.file, ref.scale) for i, (ref, tensors) in enumerate(prepared.loras)]
-            touched |= self._fuse(loras)
-        finally:
-            pinned.restore()
-        return touched
+        fusions = [("lcm", c.lcm_lora, "LCM-LoRA", 1.0)] if c.lcm_lora is not None else []
+        fusions += [(f"style{i}", tensors, ref.file, ref.scale) for i, (ref, tensors) in enumerate(loras)]
+        new_unfused: dict[int, tuple] = {}
+        if fusions:
+            for key, (param, value) in self._fuse_beside(fusions, base_of).items():
+                under = base_of(param)
+                if copy_in and under.untyped_storage().data_ptr() == param.untyped_storage().data_ptr():
+                    under = _saved_copy(param)  # the swap copies into this very memory
+                new_unfused[key] = (param, under)
+                values[key] = (param, value)
+        return values, new_unfused
 
-    def _roll_back(self, previous: Style | None, failed: Style, frames) -> None:
-        self._unload_loras()
-        pinned = _Pinned(self._weight_models())
-        self._unfuse()  # undoes a fusion that stopped half-way
-        pinned.restore()
-        if previous is not None and previous != failed:
-            try:
-                self.apply(previous, frames)  # back to a style that worked
-            except ModelLoadError:
-                pass  # the first error is the one to report
-        elif self.comps.dreambooth is _PARTIAL:
-            self.comps.unfused.clear()
-            self._set_dreambooth(None, self._base_weights())
+    def prepare(self, name_or_style: str | Style, texts: tuple[str, str] | None = None) -> "PreparedStyle":
+        """Compute the complete new value of every weight the style changes (read, convert, fuse),
+        the motion modules' projected positions with them, and, for ``texts`` (the stream's prompt
+        and negative prompt), the text embeddings the swap would otherwise compute between two
+        frames; changing no weight (safe beside a running stream, on another thread). A missing or
+        damaged file raises here: the style in place stays."""
+        import torch
 
-    def prepare(self, name_or_style: str | Style) -> "PreparedStyle":
-        """Read and convert everything the style needs, touching no weight (safe beside a running
-        stream, on another thread). A missing or damaged file raises here: the style in place stays."""
         style = self.check_files(name_or_style)
         start = time.perf_counter()
         from .pipeline.text import apply_template
 
         apply_template(style.template, "")  # validates the template
-        loras = [(ref, read_weight_file(_local_file(ref.file, ref.url, style.name, "LoRA"))) for ref in style.loras]
-        weights = self._style_weights(style) if style.dreambooth != self.comps.dreambooth else None
-        prepared = PreparedStyle(style, loras, weights, time.perf_counter() - start)
+        c = self.comps
+        with self._lock:  # what the weights are now; a swap since makes this prepare stale (apply redoes it)
+            generation, dreambooth, unfused = c.weights_generation, c.dreambooth, dict(c.unfused)
+        copy_in = self.copies_in()
+        with self._on_side_stream() as side:
+            loras = [(ref, read_weight_file(_local_file(ref.file, ref.url, style.name, "LoRA"))) for ref in style.loras]
+            weights = self._style_weights(style) if style.dreambooth != dreambooth else None
+            values, new_unfused = self._new_values(style, weights, loras, unfused, copy_in)
+            positions = self._positions_ahead(values)
+            text = self._encode_ahead(style, values, texts) if texts is not None else None
+            if side is not None:
+                side.synchronize()  # every prepared tensor complete before any frame reads it
+        del weights
+        prepared = PreparedStyle(style, values, new_unfused, generation, copy_in, time.perf_counter() - start,
+                                 positions=positions, text=text)
         self.last_prepare_s = prepared.seconds
         return prepared
+
+    def _positions_ahead(self, values: dict) -> list:
+        """[(temporal layer, its positions projected with the new q/k/v weights)] for the layers
+        whose q/k/v weights the style changes."""
+        out = []
+        for layer in self.comps.unet.temporal_layers:
+            weights = [getattr(layer, n).weight for n in ("to_q", "to_k", "to_v")]
+            if any(id(w) in values for w in weights):
+                out.append((layer, layer.project_positions(*(values[id(w)][1] if id(w) in values else w.detach() for w in weights))))
+        return out
+
+    def _encode_ahead(self, style: Style, values: dict, texts: tuple[str, str]) -> dict:
+        """{(text, clip skip): embeddings} of the stream's prompt (in the style's template) and
+        negative prompt, by the text encoder with the style's weights: a shadow of the live one
+        whose changed parameters are the new values (the live encoder is not touched)."""
+        import torch
+
+        from .pipeline.text import apply_template, encode_prompt
+
+        c = self.comps
+        shadow = _shadow(c.text_encoder, {})
+        for kind, named in (("_parameters", c.text_encoder.named_parameters()), ("_buffers", c.text_encoder.named_buffers())):
+            for name, tensor in named:
+                if id(tensor) in values:
+                    owner, _, attr = name.rpartition(".")
+                    module = shadow.get_submodule(owner)
+                    new = values[id(tensor)][1]
+                    if kind == "_parameters":
+                        new = torch.nn.Parameter(new, requires_grad=False)
+                    getattr(module, kind)[attr] = new
+        prompt, negative = texts
+        out = {}
+        for text in (apply_template(style.template, prompt), negative):
+            out[(text, style.clip_skip)] = encode_prompt(c.tokenizer, shadow, text, style.clip_skip).to(c.dtype)
+        return out
+
+    def _on_side_stream(self):
+        """On a GPU, the loader's copies and kernels go on a CUDA stream of their own, so that they
+        never queue behind (or hold up) the frames on the default stream."""
+        import contextlib
+
+        import torch
+
+        device = self.comps.device
+        if device.type != "cuda":
+            return contextlib.nullcontext(None)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device)
+        stream = self._side_stream
+
+        @contextlib.contextmanager
+        def ctx():
+            with torch.cuda.stream(stream):
+                yield stream
+
+        return ctx()
+
+    def _swap(self, prepared: "PreparedStyle") -> set[int]:
+        """Put the prepared values in (between two frames): rebinding each tensor's ``.data``, or
+        copying into it (``prepared.copy``); the ids of the tensors changed."""
+        import torch
+
+        c = self.comps
+        rebound = []
+        if c.device.type == "cuda":
+            # Made on the loader's CUDA stream, read from now on by the frames' one: their memory
+            # must not go back to the loader's stream before the frames' work on it is done.
+            frames_stream = torch.cuda.current_stream(c.device)
+            made = [v for _, v in prepared.values.values()] + [v for _, v in prepared.unfused.values()]
+            made += [p for _, p in prepared.positions] + list((prepared.text or {}).values())
+            for tensor in made:
+                if tensor.is_cuda:
+                    tensor.record_stream(frames_stream)
+        with torch.no_grad():
+            try:
+                for param, value in prepared.values.values():
+                    if prepared.copy:
+                        param.copy_(value)
+                    else:
+                        rebound.append((param, param.data))
+                        param.data = value
+            except BaseException:
+                for param, old in reversed(rebound):
+                    param.data = old
+                if prepared.copy:
+                    c.dreambooth = _PARTIAL  # copied half-way: the next switch reads every weight again
+                    c.unfused.clear()
+                    c.weights_generation += 1
+                raise
+        retired = [old for _, old in rebound] + [value for _, value in c.unfused.values()]
+        c.unfused.clear()
+        c.unfused.update(prepared.unfused)
+        c.dreambooth = prepared.style.dreambooth
+        c.weights_generation += 1
+        _free_beside(retired)
+        return set(prepared.values)
 
     def apply(self, name_or_style: str | Style, frames=None, prepared: "PreparedStyle | None" = None,
               schedule: bool = True) -> Style:
         """Switch every model weight to the style; with a FramePipeline, also its text and (unless
         ``schedule`` is False: a schedule set since the switch was asked for stays) its steps.
-        With ``prepared`` (from :meth:`prepare`, e.g. on another thread) only the copying and
-        fusing are left to do here; without, the files are read first."""
+        With ``prepared`` (from :meth:`prepare`, e.g. on another thread) only the swap is left to do
+        here; without (or when the weights changed since it was prepared), everything is
+        prepared first."""
         style = self.get(name_or_style) if isinstance(name_or_style, str) else name_or_style
         start = time.perf_counter()
-        if prepared is None or prepared.style != style:
-            # Read every file before touching any weight: a missing or damaged file keeps the old style.
-            prepared = self.prepare(style)
-        swap = time.perf_counter()
-        previous = self.current
         with self._lock:
-            try:
-                touched = self._set_weights(style, prepared)
-            except ModelLoadError:
-                self._roll_back(previous, style, frames)
-                raise
-        unet = self.comps.unet
-        qkv = {id(getattr(layer, n).weight) for layer in unet.temporal_layers for n in ("to_q", "to_k", "to_v")}
-        if touched & qkv:
-            unet.refresh_positions()  # the temporal layers keep positions projected with these weights
+            if (prepared is None or prepared.style != style or prepared.generation != self.comps.weights_generation
+                    or (self.copies_in() and not prepared.copy)):
+                # Read every file before touching any weight: a missing or damaged file keeps the old style.
+                prepared = self.prepare(style)
+            swap = time.perf_counter()
+            self._swap(prepared)
+        # The temporal layers keep positions projected with their q/k/v weights: projected ahead
+        # with the new ones (or now, for a style prepared without).
+        for layer, fresh in prepared.positions:
+            layer.refresh_positions(fresh)
         if frames is not None:
-            frames.set_text_style(style.template, style.clip_skip)
+            frames.set_text_style(style.template, style.clip_skip, encoded=prepared.text)
             args = style.schedule_args()
             if schedule and args != frames._schedule_args:
                 frames.set_schedule(*args)
@@ -576,80 +661,67 @@ class StyleManager:
 
 @dataclass
 class PreparedStyle:
-    """A style's files read and converted, ready for :meth:`StyleManager.apply` to copy in."""
+    """A style's weights computed and ready for :meth:`StyleManager.apply` to swap in."""
 
     style: Style
-    loras: list = field(repr=False)  # [(LoraRef, tensors)]
-    weights: dict | None = field(repr=False)  # {part: state dict} of its DreamBooth (or the base); None: no change was due
-    seconds: float = 0.0  # how long reading and converting took
+    values: dict = field(repr=False)  # {id(tensor): (live Parameter or buffer, its new value)}
+    unfused: dict = field(repr=False)  # the new comps.unfused: {id(parameter): (parameter, value under the LoRAs)}
+    generation: int = 0  # comps.weights_generation it was computed against
+    copy: bool = False  # prepared to be copied in (a CUDA graph holds the weights' addresses)
+    seconds: float = 0.0  # how long reading, converting and fusing took
+    positions: list = field(default_factory=list, repr=False)  # [(temporal layer, positions projected with the new weights)]
+    text: dict | None = field(default=None, repr=False)  # {(text, clip skip): embeddings} with the new text encoder
 
 
-_PARTIAL = "(partly loaded)"  # comps.dreambooth while a DreamBooth checkpoint is being copied in
+def _free_beside(tensors: list) -> None:
+    """Drop the replaced weights on a thread of their own: giving gigabytes back to the system
+    takes a while (about 0.12 s for SD1.5's on the 2-core test machine), and the stream should not
+    wait for it."""
+    def free():
+        # One at a time, with a pause between: freeing holds the interpreter lock, which the
+        # stream's thread needs between two torch ops (all of SD1.5's take about 2 s this way).
+        while tensors:
+            tensors.pop()
+            time.sleep(0.002)
+
+    if tensors:
+        threading.Thread(target=free, name="style-free", daemon=True).start()
+
+
+_PARTIAL = "(partly loaded)"  # comps.dreambooth after a copy into the weights failed half-way
 
 
 def _saved_copy(param: torch.Tensor) -> torch.Tensor:
-    """A copy of a weight to put back later: in host memory (pinned, for fast copies back) when the
-    weight is on a GPU, so that the GPU holds one set of weights."""
+    """A copy of a weight to put back later (a weight whose own memory a swap copies into)."""
     import torch
 
-    if param.device.type == "cuda":
-        return torch.empty(param.shape, dtype=param.dtype, pin_memory=True).copy_(param.detach())
-    return param.detach().clone()
+    return param.detach().clone(memory_format=torch.preserve_format)
 
 
-class _Pinned:
-    """The parameter objects, their storage and the module tree of some models as they were when
-    taken. ``restore`` undoes any replacement a library made since (a new module or Parameter in
-    place of an old one, ``.data`` rebound to a new tensor) and keeps the values: they are copied
-    into the original tensors."""
+def _shadow(module: torch.nn.Module, live_of: dict) -> torch.nn.Module:
+    """A copy of a module tree for a library to add adapter layers to: new module objects and
+    containers, new Parameter objects over the same memory (no weight is copied), buffers shared.
+    Replacing a layer, a Parameter or a ``.data`` in it leaves the original tree as it was.
+    ``live_of`` gets {id(copy): original} for every module."""
+    import collections
 
-    def __init__(self, models):
-        self.children = [(m, name, child) for model in models for m in model.modules() for name, child in m._modules.items()]
-        self.params = [
-            (m, name, p, p.detach())
-            for model in models
-            for m in model.modules()
-            for name, p in m._parameters.items()
-            if p is not None
-        ]
+    import torch
 
-    def restore(self) -> None:
-        import torch
+    def visit(m):
+        s = m.__class__.__new__(m.__class__)
+        for key, value in list(vars(m).items()):  # a snapshot: the stream may set attributes meanwhile
+            if type(value) in (dict, set, list, collections.OrderedDict):
+                value = copy.copy(value)
+            s.__dict__[key] = value
+        s.__dict__["_parameters"] = {
+            n: (torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) if p is not None else None)
+            for n, p in m._parameters.items()
+        }
+        s.__dict__["_modules"] = {n: (visit(child) if child is not None else None) for n, child in m._modules.items()}
+        live_of[id(s)] = m
+        return s
 
-        with torch.no_grad():
-            self._restore()
-
-    def _restore(self) -> None:
-        for parent, name, child in self.children:
-            if parent._modules.get(name) is not child:
-                parent._modules[name] = child
-        for module, name, param, storage in self.params:
-            now = module._parameters.get(name)
-            if now is not param or param.data_ptr() != storage.data_ptr():
-                source = (now if now is not None else param).detach()
-                if source.data_ptr() != storage.data_ptr():
-                    storage.copy_(source)
-                param.data = storage
-                module._parameters[name] = param
-
-
-def _strip_lora_layers(model: torch.nn.Module) -> None:
-    """Put every peft-wrapped layer back to its plain base layer and forget the adapter configs."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # without peft no LoRA was ever loaded
-        return
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, BaseTunerLayer):
-                setattr(module, child_name, child.get_base_layer())
-    for attr in ("peft_config",):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    if getattr(model, "_hf_peft_config_loaded", False):
-        model._hf_peft_config_loaded = False
-
-
+    return visit(module)
 class _quiet:
     """Keep diffusers/transformers from printing their own multi-line reports of an error we
     turn into one line, and peft from warning that a second adapter joins the first (it does, on
@@ -678,20 +750,22 @@ def _mapped(source) -> bool:
     return str(source).endswith(".safetensors")
 
 
-def _cast(state: dict, layout: dict, mapped: bool) -> dict:
-    """Each tensor ready to be copied in between two frames. Where the weight's dtype is narrower
-    (a float32 file, a float16 model) it is converted now, off the stream, so fewer bytes are
-    copied then; a wider one (a float16 file, a float32 model) stays as it is: ``copy_`` converts
-    as it copies, faster than copying a converted copy (and converting it costs a full-size
-    allocation). Tensors mapped from a file are copied into memory of their own (``mapped``): the
-    copy between frames then reads no disk, and a file replaced meanwhile cannot pull them away."""
+def _final(state: dict, layout: dict, mapped: bool) -> dict:
+    """Each tensor as the weight it will replace holds it: its dtype, device and strides, in memory
+    of its own (a tensor mapped from a file, ``mapped``, is copied: the swap then reads no disk, and
+    a file replaced meanwhile cannot pull it away). The conversion happens here, beside the stream,
+    so the swap between two frames only rebinds (or copies like for like)."""
+    import torch
+
     out = {}
     for k, v in state.items():
-        dtype = layout[k][1]
-        if v.dtype != dtype and v.element_size() > dtype.itemsize:
-            out[k] = v.to(dtype)
-        else:
-            out[k] = v.clone() if mapped else v
+        shape, dtype, device, stride = layout[k]
+        t = v.to(device=device, dtype=dtype)
+        if t.stride() != stride:
+            t = torch.empty_strided(shape, stride, dtype=dtype, device=device).copy_(t)
+        elif t is v and mapped:
+            t = v.clone(memory_format=torch.preserve_format)
+        out[k] = t
     return out
 
 
@@ -708,7 +782,7 @@ def _read_unet_base_weights(layout: dict, folder: Path) -> dict:
     bad = sorted(k for k in layout if k not in state or tuple(state[k].shape) != layout[k][0])
     if bad:
         raise ModelLoadError(f"{path} no longer fits the loaded UNet (first at {bad[0]}); restart the engine")
-    return _cast({k: v for k, v in state.items() if k in layout}, layout, _mapped(path))
+    return _final({k: v for k, v in state.items() if k in layout}, layout, _mapped(path))
 
 
 def _read_module_file(layout: dict, folder: Path) -> dict:
@@ -732,7 +806,7 @@ def _matching(layout: dict, state: dict, source: str) -> dict:
     if missing or wrong:
         detail = f"missing {missing[:3]}" if missing else f"wrong shapes {wrong[:3]}"
         raise ModelLoadError(f"{source} does not fit the loaded model ({detail}); is it a Stable Diffusion 1.5 checkpoint?")
-    return _cast({k: v for k, v in state.items() if k in layout}, layout, _mapped(source))
+    return _final({k: v for k, v in state.items() if k in layout}, layout, _mapped(source))
 
 
 def load_single_file_into(comps, checkpoint: dict[str, torch.Tensor], source: str) -> None:

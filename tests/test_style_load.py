@@ -1,6 +1,6 @@
-"""A style switch reads and converts the new weights beside the running stream: the output goes on
-while a DreamBooth checkpoint (saved in the real single-file format) loads, and only the final
-copy into the weights happens between two frames."""
+"""A style switch prepares the new weights beside the running stream: the output goes on while a
+DreamBooth checkpoint (saved in the real single-file format) loads and LoRAs (kohya format) are
+fused, and only the swap of the prepared tensors happens between two frames."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from live2diff_engine.depth import build_tiny_depth
 from live2diff_engine.models.components import load_components
 from live2diff_engine.pipeline.frames import FramePipeline
 from live2diff_engine.styles import StyleManager, load_styles
-from sd_formats import expected_single_file_weights, save_single_file, save_tiny_sd
+from sd_formats import expected_single_file_weights, save_kohya_lora, save_single_file, save_tiny_sd
 from test_frames import clip
 
 
@@ -32,6 +32,7 @@ def ws(tmp_path_factory):
     torch.save({"state_dict": {"module." + k: v for k, v in motion.items()}}, root / "live2diff.ckpt")
     build_tiny_depth("midas", seed=0, size=64).model.save_pretrained(root / "midas")
     save_single_file(sd, root / "dreambooth.safetensors", seed_offset=1)
+    save_kohya_lora(sd, root / "style_lora.safetensors", seed=3)
     (root / "not_a_checkpoint.safetensors").write_bytes(b"this is a text file, not weights\n" * 10)
     (root / "styles.toml").write_text(
         f"""
@@ -39,6 +40,15 @@ def ws(tmp_path_factory):
 dreambooth = "{root / 'dreambooth.safetensors'}"
 template = "cartoon, {{}}"
 clip_skip = 2
+
+[styles.lora]
+loras = [{{ file = "{root / 'style_lora.safetensors'}", scale = 0.8 }}]
+template = "sketch, {{}}"
+
+[styles.dblora]
+dreambooth = "{root / 'dreambooth.safetensors'}"
+loras = [{{ file = "{root / 'style_lora.safetensors'}", scale = 0.7 }}]
+template = "ink, {{}}"
 
 [styles.three_steps]
 t_index_list = [20, 32, 45]
@@ -141,38 +151,248 @@ def test_the_stream_goes_on_while_a_dreambooth_style_loads(comps, ws):
     assert all(torch.equal(now[k], v) for k, v in before.items())
 
 
-def test_a_style_prepared_on_another_thread_gives_the_frames_of_a_switch_in_place(comps, ws):
-    """The frames after a swap of weights prepared beside the stream equal those after an
-    ordinary switch at the same frame."""
+def _stream(comps, manager, frames_in, switch_at=None, switch=None, style="default") -> list[np.ndarray]:
+    """The frames of a stream on ``comps`` in ``style``, with ``switch(manager, fp)`` before frame
+    ``switch_at``."""
+    fp = FramePipeline(comps, width=64, height=64, prompt="a photo of a cat", seed=1)
+    manager.apply(style, fp)
+    out = []
+    for i, f in enumerate(frames_in):
+        if i == switch_at:
+            switch(manager, fp)
+        out += fp.push(f)
+    out += fp.flush()
+    assert [i for i, _ in out] == list(range(len(frames_in)))
+    return [img for _, img in out]
+
+
+def _prepared_beside(manager, fp, name):
+    """The style prepared on another thread (as the controller's loader does), then swapped in."""
+    result = {}
+    t = threading.Thread(target=lambda: result.update(p=manager.prepare(name, texts=(fp.prompt, fp.negative_prompt))))
+    t.start()
+    t.join(120)
+    manager.apply(name, fp, prepared=result["p"])
+    assert manager.last_prepare_s > 0 and manager.last_swap_s > 0
+
+
+@pytest.mark.parametrize("name", ["db", "dblora"])
+def test_the_frames_after_a_switch_are_those_of_the_style(comps, ws, name):
+    """After a switch prepared beside the stream, the models make exactly the frames of models
+    loaded afresh and given the style before their first frame; and the stream that switched goes
+    on exactly as one whose switch was made whole between the same two frames."""
     styles = load_styles(ws / "styles.toml")
-    frames_in = clip(20, seed=2)
+    frames_in = clip(18, seed=2)
+    manager = StyleManager(comps, styles)
+    try:
+        switched = _stream(comps, manager, frames_in, 9, lambda m, fp: _prepared_beside(m, fp, name))
+        after = _stream(comps, manager, frames_in, style=name)  # a new stream on the switched models
+    finally:
+        manager.apply("default")
+    fresh = load(ws)
+    fresh_manager = StyleManager(fresh, styles)
+    direct = _stream(fresh, fresh_manager, frames_in, style=name)
+    assert all(np.array_equal(a, b) for a, b in zip(after, direct))
+    whole = _stream(fresh, fresh_manager, frames_in, 9, lambda m, fp: m.apply(name, fp), style="default")
+    assert all(np.array_equal(a, b) for a, b in zip(switched, whole))
+    assert not np.array_equal(switched[-1], _stream(fresh, fresh_manager, frames_in)[-1])  # the style changed them
 
-    def run(switch) -> list[np.ndarray]:
+
+def test_a_swap_rebinds_the_weights_and_copies_them_in_where_a_cuda_graph_needs_their_addresses(comps, ws):
+    """The Parameter objects and modules stay; without a CUDA graph each weight's values are
+    rebound (no copy between frames), with one (an emulated graph here) they are copied into the
+    weights' own memory. Both give the same frames."""
+    from live2diff_engine.pipeline.accelerate import accelerator_for
+
+    styles = load_styles(ws / "styles.toml")
+    frames_in = clip(14, seed=3)
+    params = {n: p for n, p in comps.unet.named_parameters()}
+    conv = "down_blocks.0.resnets.0.conv1.weight"  # changed by the DreamBooth
+    seen = {}
+
+    def switch(copy_in):
+        def run(manager, fp):
+            manager.copy_in = copy_in
+            ptr = params[conv].data_ptr()
+            _prepared_beside(manager, fp, "dblora")
+            assert all(p is params[n] for n, p in comps.unet.named_parameters())  # the same Parameter objects
+            seen[copy_in] = params[conv].data_ptr() == ptr
+        return run
+
+    manager = StyleManager(comps, styles)
+    try:
+        rebound = _stream(comps, manager, frames_in, 8, switch(False))
+        manager.apply("default")
+        copied = _stream(comps, manager, frames_in, 8, switch(True))
+    finally:
+        manager.copy_in = None
+        manager.apply("default")
+    assert seen == {False: False, True: True}
+    assert all(np.array_equal(a, b) for a, b in zip(rebound, copied))
+    # What decides it by itself: a stream call captured in a CUDA graph on these weights.
+    store = comps.unet.__dict__.setdefault("_stream_accelerators", {})
+    saved = dict(store)
+    try:
+        assert StyleManager(comps, styles).copies_in() is False
+        accelerator_for(comps.unet, "cudagraph", emulate_graphs=True)
+        assert StyleManager(comps, styles).copies_in() is True
+    finally:
+        store.clear()
+        store.update(saved)
+
+
+def test_a_compiled_stream_call_reads_the_rebound_weights(comps, ws):
+    """torch.compile takes the weights as inputs of the stream call: after a swap that rebinds
+    them, the compiled call (dynamo, eager backend) makes the frames of the eager one, with no
+    recompile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from live2diff_engine.pipeline.accelerate import accelerator_for
+
+    styles = load_styles(ws / "styles.toml")
+    frames_in = clip(12, seed=4)
+    weight = comps.unet.conv_in.weight
+
+    def run(accelerate):
         manager = StyleManager(comps, styles)
-        manager.apply("default")
-        fp = FramePipeline(comps, width=64, height=64, prompt="a photo of a cat", seed=1)
+        fp = FramePipeline(comps, width=64, height=64, prompt="a photo of a cat", seed=1, accelerate=accelerate)
+        manager.apply("default", fp)
         out = []
-        for i, f in enumerate(frames_in):
-            if i == 10:
-                switch(manager, fp)
-            out += fp.push(f)
-        out += fp.flush()
-        manager.apply("default")
-        assert [i for i, _ in out] == list(range(len(frames_in)))
-        return [img for _, img in out]
+        try:
+            for i, f in enumerate(frames_in):
+                if i == 8:
+                    ptr = weight.data_ptr()
+                    _prepared_beside(manager, fp, "db")
+                    assert weight.data_ptr() != ptr  # rebound, not copied
+                out += fp.push(f)
+            out += fp.flush()
+        finally:
+            manager.apply("default", fp)
+        return np.stack([img for _, img in out]), fp
 
-    def beside(manager, fp):
-        result = {}
-        t = threading.Thread(target=lambda: result.update(p=manager.prepare("db")))
-        t.start()
-        t.join(120)
-        assert manager.comps.dreambooth is None  # prepared: nothing touched yet
-        manager.apply("db", fp, prepared=result["p"])
-        assert manager.last_prepare_s > 0 and manager.last_swap_s > 0
+    store = comps.unet.__dict__.setdefault("_stream_accelerators", {})
+    saved = dict(store)
+    try:
+        eager, _ = run("off")
+        counter = CompileCounterWithBackend("eager")
+        accelerator_for(comps.unet, "compile", backend=counter)
+        compiled, fp = run("compile")
+        assert fp.stream.accelerated == "compile"
+        assert counter.frame_count == 3  # the stream call, the VAE encoder and decoder: once each
+    finally:
+        store.clear()
+        store.update(saved)
+    assert len(compiled) == len(eager) == 12
+    assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1
 
-    in_place = run(lambda manager, fp: manager.apply("db", fp))
-    prepared = run(beside)
-    assert all(np.array_equal(a, b) for a, b in zip(in_place, prepared))
+
+def test_a_lora_style_is_fused_on_the_loader_thread(comps, ws, monkeypatch):
+    """Reading the LoRA and fusing it (diffusers and peft) happen where prepare runs; the swap
+    between frames fuses nothing, and the live modules never hold adapter layers."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    styles = load_styles(ws / "styles.toml")
+    threads = []
+    original = StableDiffusionPipeline.load_lora_weights
+
+    def recording(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        assert not any(isinstance(m, BaseTunerLayer) for m in comps.unet.modules())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "load_lora_weights", recording)
+    before = weights(comps)
+    manager = StyleManager(comps, styles)
+    fp = FramePipeline(comps, width=64, height=64, prompt="a photo of a cat", seed=1)
+    manager.apply("default", fp)
+    result = {}
+    loader = threading.Thread(target=lambda: result.update(p=manager.prepare("lora", texts=(fp.prompt, fp.negative_prompt))),
+                              name="style-load")
+    loader.start()
+    loader.join(120)
+    assert threads == ["style-load"]
+    now = weights(comps)
+    assert all(torch.equal(now[k], v) for k, v in before.items())  # prepared: nothing changed yet
+
+    def no_fusing(*args, **kwargs):
+        raise AssertionError("fused between frames")
+
+    monkeypatch.setattr(StyleManager, "_fuse_beside", no_fusing)
+    try:
+        manager.apply("lora", fp, prepared=result["p"])
+        assert threads == ["style-load"] and fp.template == "sketch, {}"
+        assert not any(isinstance(m, BaseTunerLayer) for model in (comps.unet, comps.text_encoder) for m in model.modules())
+        fused = weights(comps)
+    finally:
+        monkeypatch.undo()
+        manager.apply("default", fp)
+    reference = load(ws)
+    StyleManager(reference, styles).apply("lora")
+    expected = weights(reference)
+    assert all(torch.equal(fused[k], expected[k]) for k in expected)
+    assert sum(not torch.equal(fused[k], before[k]) for k in before) > 0
+    now = weights(comps)
+    assert all(torch.equal(now[k], v) for k, v in before.items())  # and back exactly
+
+
+def test_no_frame_is_made_with_half_swapped_weights(comps, ws):
+    """Every UNet and VAE call of every frame, while a DreamBooth + LoRA style loads beside the
+    stream and is swapped in: each frame runs wholly on the old weights or wholly on the new."""
+    held = Held()
+    calls: list = []
+
+    def fingerprint(module):
+        return round(sum(float(p.detach().double().sum()) for p in module.parameters()), 6)
+
+    parts = {"unet": comps.unet, "encoder": comps.vae.encoder, "decoder": comps.vae.decoder}
+    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: calls.append((name, fingerprint(m))))
+             for name, m in parts.items()]
+    old = {name: fingerprint(m) for name, m in parts.items()}
+    try:
+        with live_engine(comps, ws) as live:
+            push = live.frames.push
+
+            def marked(frame):
+                calls.append(("frame", None))
+                return push(frame)
+
+            live.frames.push = marked
+            live.controller.style_load_hook = held
+            live.wait_outputs(10, timeout=120)
+            replies = submit(live, "set_style", style="dblora")
+            assert held.loaded.wait(120)
+            n = len(live.outputs)
+            live.wait_outputs(n + 3, timeout=120)  # frames while it loads
+            held.release.set()
+            wait_for(lambda: replies, timeout=120, what="the set_style reply")
+            assert replies[0]["ok"]
+            n = len(live.outputs)
+            live.wait_outputs(n + 3, timeout=120)
+            new = {name: fingerprint(m) for name, m in parts.items()}
+            live.controller.style_load_hook = None
+            back = submit(live, "set_style", style="default")
+            wait_for(lambda: back, timeout=120, what="the reply")
+            assert back[0]["ok"]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(old[k] != new[k] for k in ("unet", "decoder"))
+    frames, current = [], None
+    for name, value in calls:
+        if name == "frame":
+            current = []
+            frames.append(current)
+        elif current is not None:
+            current.append((name, value))
+    sides = []
+    for frame in frames:
+        side = {"old" if value == old[name] else "new" if value == new[name] else "neither" for name, value in frame}
+        assert len(side) <= 1 and "neither" not in side, frame
+        sides += list(side)
+    # old frames, then new ones (then old again: the switch back), never mixed within a frame
+    runs = [s for i, s in enumerate(sides) if i == 0 or s != sides[i - 1]]
+    assert runs[:2] == ["old", "new"] and sides.count("new") >= 3
 
 
 def test_a_failing_load_keeps_the_style_with_one_line(comps, ws, caplog):

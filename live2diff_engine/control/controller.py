@@ -6,8 +6,9 @@ in a bounded queue that the inference thread empties between two frames, so a ch
 tears a frame and never races the model. A burst of the same setting collapses to its last value.
 
 A style change is the one command that takes long (a DreamBooth checkpoint is gigabytes to read
-and convert): its files are read and converted on a loader thread beside the running stream
-(status: ``style_loading``), and only the final copy into the weights happens between two frames.
+and convert): its files are read and converted, its LoRAs fused and its prompt encoded on a loader
+thread beside the running stream (status: ``style_loading``), and only the swap of the prepared
+weights (constant time per tensor, see StyleManager) happens between two frames.
 Its reply comes then, or with the reason it failed (the style in place stays). A newer style
 request while one loads wins: the older one is answered as superseded.
 """
@@ -244,13 +245,15 @@ class Controller:
         threading.Thread(target=self._load_style, args=(entry,), name="style-load", daemon=True).start()
 
     def _load_style(self, entry: dict) -> None:
-        """The loader thread: read and convert the style's files; the swap is left to the
-        inference thread."""
+        """The loader thread: read, convert and fuse the style's weights and encode the prompts
+        with them; the swap is left to the inference thread."""
         from ..errors import UserError, one_line
 
         _yield_to_the_stream()
         try:
-            entry["prepared"] = self.manager.prepare(entry["style"])
+            frames = self.frames  # the prompts as they are now: encoded ahead with the style's text encoder
+            texts = (frames.prompt, frames.negative_prompt) if frames is not None else None
+            entry["prepared"] = self.manager.prepare(entry["style"], texts=texts)
             if self.style_load_hook is not None:
                 self.style_load_hook(entry["style"])
         except UserError as exc:

@@ -31,10 +31,12 @@ class Components:
     is_tiny: bool = False
     dreambooth: str | None = None  # the DreamBooth checkpoint whose weights are loaded (None: the base)
     lcm_lora: dict | None = field(default=None, repr=False)  # the few-step LoRA's tensors, re-applied on style switches
-    # The weights under the fused LoRAs, {id(parameter): (parameter, copy taken before fusing)}: the
-    # next style switch copies them back. Kept here, with the weights, so that any StyleManager of
+    # The weights under the fused LoRAs, {id(parameter): (parameter, its value without them)}: the
+    # next style switch puts them back. Kept here, with the weights, so that any StyleManager of
     # these models can undo what another one fused.
     unfused: dict = field(default_factory=dict, repr=False)
+    # Counts style swaps: a style prepared against other weights than those in place is prepared again.
+    weights_generation: int = 0
 
     @property
     def device(self) -> torch.device:

@@ -111,10 +111,17 @@ class TemporalAttention(nn.Module):
         self.refresh_positions()
 
     @torch.no_grad()
-    def refresh_positions(self) -> None:
-        """Project the positional table with the current q/k/v weights (after any weight change)."""
-        pe = self.pos_encoder.pe[0, : self.window].to(self.to_q.weight.dtype)
-        fresh = torch.stack([F.linear(pe, self.to_q.weight), F.linear(pe, self.to_k.weight), F.linear(pe, self.to_v.weight)])
+    def project_positions(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The positional table projected with these q/k/v weights (a style's, before it is swapped in)."""
+        pe = self.pos_encoder.pe[0, : self.window].to(q.dtype)
+        return torch.stack([F.linear(pe, q), F.linear(pe, k), F.linear(pe, v)])
+
+    @torch.no_grad()
+    def refresh_positions(self, fresh: torch.Tensor | None = None) -> None:
+        """Project the positional table with the current q/k/v weights (after any weight change), or
+        put in ``fresh``, projected ahead with the weights just swapped in."""
+        if fresh is None:
+            fresh = self.project_positions(self.to_q.weight, self.to_k.weight, self.to_v.weight)
         if self.pos_qkv is not None and self.pos_qkv.shape == fresh.shape and self.pos_qkv.dtype == fresh.dtype and self.pos_qkv.device == fresh.device:
             self.pos_qkv.copy_(fresh)  # in place: a compiled or captured stream call keeps reading this tensor
         else:

@@ -14,8 +14,9 @@ no data-dependent Python control flow, so
   (``torch.cuda.graph``) after two real calls on a side stream, and every call that runs is a real
   stream call: capturing never advances or corrupts the stream's state.
 
-A prompt, style (weights changed in place) or strength change keeps every shape and so never
-recompiles; a change of denoising steps or size changes the shapes and compiles once more (the
+A prompt, style or strength change keeps every shape and so never recompiles (a style switch
+rebinds each weight to a tensor of the same shape, dtype and strides, which the compiled call reads
+as an input; while a CUDA graph holds the weights' addresses it copies into them instead); a change of denoising steps or size changes the shapes and compiles once more (the
 compiled code is cached on disk, see :func:`configure_cache`). Any failure to compile or capture
 falls back to the next slower path with one warning line: a live stream never dies because a
 compiler did. ``off`` runs the same function eagerly and is the reference path.
@@ -213,8 +214,9 @@ class StreamAccelerator:
         try:
             if not first and len(self._signatures) == 1 and self._single_cache_entry():
                 # Compiled once for these shapes and nothing else: every guard passes by construction
-                # (same buffers' shapes, weights changed in place), and checking a guard per weight
-                # costs milliseconds a frame. With several entries the guards pick the right one.
+                # (same buffers' shapes; a style switch keeps each weight's shape, dtype and
+                # strides), and checking a guard per weight costs milliseconds a frame. With several
+                # entries the guards pick the right one.
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     out = self._compiled_fn()(*args)
             else:

@@ -349,13 +349,18 @@ class FramePipeline:
         stream.precompile()  # the compiler's wait (if any) falls here, not on the first live frames
         return stream
 
-    def _encode_negative(self, text: str) -> torch.Tensor:
-        """The unconditional branch's text: the negative prompt as typed (no style template)."""
+    def _encode_text(self, text: str) -> torch.Tensor:
+        ahead = getattr(self, "_encoded_ahead", None)
+        if ahead and (text, self.clip_skip) in ahead:
+            return ahead[(text, self.clip_skip)]
         return encode_prompt(self.comps.tokenizer, self.comps.text_encoder, text, self.clip_skip).to(self.comps.dtype)
 
+    def _encode_negative(self, text: str) -> torch.Tensor:
+        """The unconditional branch's text: the negative prompt as typed (no style template)."""
+        return self._encode_text(text)
+
     def _encode(self, prompt: str) -> torch.Tensor:
-        text = apply_template(self.template, prompt)
-        return encode_prompt(self.comps.tokenizer, self.comps.text_encoder, text, self.clip_skip).to(self.comps.dtype)
+        return self._encode_text(apply_template(self.template, prompt))
 
     @property
     def warming_up(self) -> bool:
@@ -389,15 +394,21 @@ class FramePipeline:
         self.guidance_scale = float(scale)
         self._rewarm = True
 
-    def set_text_style(self, template: str | None, clip_skip: int) -> None:
+    def set_text_style(self, template: str | None, clip_skip: int, encoded: dict | None = None) -> None:
+        """A style's prompt template and clip skip; the prompts are encoded again. ``encoded``:
+        {(text, clip_skip): embeddings} computed ahead with the text encoder's weights of now (a
+        style prepared beside the stream, see StyleManager.prepare); a text not in it is encoded here."""
         old = (self.template, self.clip_skip)
         self.template, self.clip_skip = template, clip_skip
+        self._encoded_ahead = encoded
         try:
             self.set_prompt(self.prompt)
             self.set_negative_prompt(self.negative_prompt)
         except Exception:
             self.template, self.clip_skip = old
             raise
+        finally:
+            self._encoded_ahead = None
 
     def set_schedule(self, num_inference_steps: int = 50, t_index_list=None, strength=None) -> None:
         """Change the denoising steps; applied (with a re-warmup on recent frames) at the next frame."""
