@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--accelerate", default="auto", metavar="MODE", help=ACCELERATE_HELP)
     check.add_argument("--rtol", type=float, default=None, help="relative tolerance per frame element (default: the fixture's, 1e-3)")
     check.add_argument("--atol", type=float, default=None, help="absolute tolerance per frame element (default: the fixture's, 1e-4)")
+    from .threads import threads_arg
+
+    check.add_argument("--threads", type=threads_arg, default=None, metavar="N",
+                       help="torch's CPU threads (default auto: one fewer than the CPUs, at most 2 with the model on a GPU)")
 
     bench = sub.add_parser(
         "bench",
@@ -274,6 +278,9 @@ def _cmd_check_reference(args) -> int:
         if value is not None and not value >= 0:
             raise ConfigError(f"--{name} must be zero or positive, got {value}")
     mode = resolve_mode(args.accelerate, device)
+    from .threads import apply_threads
+
+    apply_threads(device, args.threads)  # quietly: its output is the verdict (and one line on a bad fixture)
     return run_check(args.fixture, device=str(device), dtype=_torch_dtype(args.dtype), accelerate=mode, rtol=args.rtol, atol=args.atol)
 
 
