@@ -1,8 +1,9 @@
 """Styles: a DreamBooth base and/or LoRAs, a prompt template, clip skip and denoising steps.
 
 Styles live in TOML: the presets shipped with the package, overridden and extended by the user's
-own styles file. Switching style between frames swaps weights in place (one set of weights; the
-stream goes on), re-warming only when the number of denoising steps changes.
+own styles file. A switch prepares the style's weights beside the stream and swaps them into the
+same modules between two frames (one set of weights in use; the stream goes on), re-warming only
+when the number of denoising steps changes.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def _lora_error(path: str, exc: Exception) -> ModelLoadError:
 
 
 class StyleManager:
-    """Applies styles to a :class:`~.models.components.Components` in place.
+    """Applies styles to the models of a :class:`~.models.components.Components`.
 
     LoRAs (the few-step LCM-LoRA and the style's own, each at its scale) are fused into the weights:
     diffusers reads them (kohya, diffusers or peft layout) as peft adapters and peft merges each
