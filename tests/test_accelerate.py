@@ -61,6 +61,23 @@ def run_stream(unet, mode="off", calls=20, t_index_list=(32, 45), prompt_at=None
 
 @pytest.fixture(scope="module")
 def unet():
+    """A two-level streaming UNet: every kind of block the tiny model has (cross-attention down and
+    up blocks, plain ones, the mid block, motion modules with their KV-cache), one of each, so that
+    dynamo traces it in a third of the tiny model's time. The whole tiny model is traced below
+    (graph breaks) and through the frame pipeline."""
+    from live2diff_engine.models.motion import MotionConfig
+    from live2diff_engine.models.tiny import TINY_UNET_CONFIG
+    from live2diff_engine.models.unet import build_streaming_unet
+
+    config = dict(TINY_UNET_CONFIG, block_out_channels=[32, 64], layers_per_block=1,
+                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_streaming_unet(config, MotionConfig()).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
     return build_tiny_unet(0)
 
 
@@ -74,7 +91,8 @@ def test_modes_resolve_per_device():
         resolve_mode("fast", "cpu")
 
 
-def test_the_stream_call_has_no_graph_break(unet):
+def test_the_stream_call_has_no_graph_break(tiny_unet):
+    unet = tiny_unet
     _, pipe = run_stream(unet, calls=2)
     args = pipe._call_args()
     snapshot = [t.clone() for t in (pipe._latents, pipe._depth, *unet.cache_tensors())]
