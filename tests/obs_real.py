@@ -141,6 +141,12 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def _first_display() -> int:
+    """99 (xvfb-run's own default) in a plain run; 100 apart per pytest-xdist worker (gw0, gw1, ...)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return 99 + 100 * (int(worker[2:]) + 1) if worker[2:].isdigit() else 99
+
+
 class RealOBS:
     """One real OBS with its websocket server on ``port`` and (optionally) a script loaded.
 
@@ -328,6 +334,10 @@ class RealOBS:
                 [
                     "xvfb-run",
                     "-a",
+                    # Where this search for a free display starts: apart for each pytest-xdist
+                    # worker, so that two workers starting OBS at once never pick the same one.
+                    "-n",
+                    str(_first_display()),
                     "-s",
                     "-screen 0 1280x720x24",
                     OBS_BIN,

@@ -292,14 +292,22 @@ def test_websocket_settings_without_auth_or_config(tmp_path):
 
 
 def _fake_engine(folder: Path, marker: Path) -> Path:
-    """A stand-in `live2diff-engine` that records how it was started and stopped."""
+    """A stand-in `live2diff-engine` that records how it was started and stopped. In Python, as the
+    engine is: a shell cannot trap a SIGINT it was started with ignored (a test run started in the
+    background starts everything so), Python installs its handler whatever it inherited."""
     folder.mkdir(parents=True, exist_ok=True)
     exe = folder / "live2diff-engine"
     exe.write_text(
-        "#!/bin/sh\n"
-        f"echo \"args: $*\" > '{marker}'\n"
-        f"trap 'echo interrupted >> \"{marker}\"; exit 0' INT\n"
-        "while :; do sleep 0.05; done\n"
+        f"#!{sys.executable}\n"
+        "import signal, sys, time\n"
+        f"marker = {str(marker)!r}\n"
+        "def interrupted(*_):\n"
+        "    open(marker, 'a').write('interrupted\\n')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGINT, interrupted)\n"
+        "open(marker, 'w').write('args: ' + ' '.join(sys.argv[1:]) + '\\n')\n"
+        "while True:\n"
+        "    time.sleep(0.05)\n"
     )
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return exe
