@@ -31,7 +31,17 @@ GOLDEN = ROOT / "tests" / "golden"
 FIXTURE_A = GOLDEN / "live2diff_tiny_a"  # the shared golden fixture (its .ckpt copy is rebuilt by tests)
 
 
+# The files that take longest, longest first (minutes each on a 2-core CI box: inductor's C++
+# compile, a real install, the soak, the webcam sizes). They run first, so that with two workers
+# (`-n 2 --dist loadfile`, README) the short files fill in beside them instead of one worker
+# finishing a long file alone at the end; a plain run keeps the same order.
+LONG_FILES_FIRST = ("test_compiled_golden.py", "test_install_script.py", "test_accelerate.py", "test_sizes.py",
+                    "test_engine.py", "test_reference.py", "test_control.py", "test_obs_real.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
