@@ -107,7 +107,7 @@ def add_io_args(p: argparse.ArgumentParser, size_arg) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    from .threads import threads_arg
+    from .threads import add_threads_arg
 
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=["tiny"], help="tiny: a random-weight miniature for checks (its output is noise, not a style)")
@@ -125,9 +125,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accelerate", default="auto", choices=["off", "compile", "cudagraph", "auto"],
                    help="how the stream step runs: off (eager), compile (torch.compile), cudagraph (compile + CUDA graph, "
                    "CUDA only), auto (default: cudagraph on CUDA, off on the CPU, where compiling costs minutes)")
-    g.add_argument("--threads", type=threads_arg, default=None, metavar="N",
-                   help="torch's CPU threads (default auto: one fewer than the CPUs with the model on the CPU, "
-                   "at most 2 with it on a GPU; OMP_NUM_THREADS, when set, is kept)")
+    add_threads_arg(g)
     s = p.add_argument_group("style")
     s.add_argument("--style", default=None, help="a style name from the styles file (default: default)")
     s.add_argument("--styles", metavar="FILE", default=None, help="your styles file (default: see `live2diff-engine styles path`)")

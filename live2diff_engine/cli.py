@@ -66,10 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--accelerate", default="auto", metavar="MODE", help=ACCELERATE_HELP)
     check.add_argument("--rtol", type=float, default=None, help="relative tolerance per frame element (default: the fixture's, 1e-3)")
     check.add_argument("--atol", type=float, default=None, help="absolute tolerance per frame element (default: the fixture's, 1e-4)")
-    from .threads import threads_arg
+    from .threads import add_threads_arg
 
-    check.add_argument("--threads", type=threads_arg, default=None, metavar="N",
-                       help="torch's CPU threads (default auto: one fewer than the CPUs, at most 2 with the model on a GPU)")
+    add_threads_arg(check)
 
     bench = sub.add_parser(
         "bench",
@@ -261,10 +260,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="default float16 on CUDA, float32 elsewhere")
     p.add_argument("--seed", type=int, default=0)
-    from .threads import threads_arg
+    from .threads import add_threads_arg
 
-    p.add_argument("--threads", type=threads_arg, default=None, metavar="N",
-                   help="torch's CPU threads (default auto: one fewer than the CPUs, at most 2 with the model on a GPU)")
+    add_threads_arg(p)
 
 
 def _cmd_check_reference(args) -> int:

@@ -53,6 +53,13 @@ def threads_arg(text: str) -> int | None:
         raise argparse.ArgumentTypeError(str(exc).replace("--threads ", "", 1)) from None
 
 
+def add_threads_arg(parser) -> None:
+    """``--threads`` for a command that runs a model (an argparse parser or argument group)."""
+    parser.add_argument("--threads", type=threads_arg, default=None, metavar="N",
+                        help="torch's CPU threads (default auto: one fewer than the CPUs with the model on the CPU, "
+                        "at most 2 with it on a GPU; OMP_NUM_THREADS, when set, is kept)")
+
+
 def choose_threads(device_type: str, requested: int | None = None, *, cpus: int | None = None,
                    torch_default: int | None = None, env: dict | None = None) -> tuple[int, str]:
     """(thread count, why) for a model on ``device_type`` ("cpu", "cuda", "mps")."""
