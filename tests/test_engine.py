@@ -68,8 +68,11 @@ def make_engine(comps, source, sinks, size=(96, 80), seed=0, **kw):
 class ListSource(Source):
     """Frames from a list, in order (a stand-in for a video file that we can fault)."""
 
-    def __init__(self, frames, fail_reads=(), fail_opens=0):
+    def __init__(self, frames, fail_reads=(), fail_opens=0, away_until=None):
         self.frames = frames
+        # After its failed opens, the device stays away until this says so (or for 60 s at most).
+        self.away_until = away_until
+        self.away_since = None
         self.i = 0
         self.reads = 0
         self.fail_reads = set(fail_reads)
@@ -81,6 +84,10 @@ class ListSource(Source):
         self.opens += 1
         if 1 < self.opens <= 1 + self.fail_opens:
             raise SourceError("device gone")
+        if self.opens > 1 and self.away_until is not None:
+            self.away_since = self.away_since or time.monotonic()
+            if not self.away_until() and time.monotonic() - self.away_since < 60:
+                raise SourceError("device gone")
 
     def read(self):
         self.reads += 1
@@ -154,10 +161,22 @@ class LiveListSource(ListSource):
         return super().read()
 
 
+def is_card(f):  # the 'no signal' card's dark background covers most of it
+    return (f == 24).all(axis=-1).mean() > 0.6
+
+
+def a_card_was_shown():
+    """Whether the newest test camera has been sent a 'no signal' card. A source that stays away
+    until then makes the test judge what was shown, however busy the machine is."""
+    backends = RecordingBackend.instances
+    return bool(backends) and any(is_card(f) for f in list(backends[-1].frames))
+
+
 @pytest.mark.parametrize("live", [False, True])
 def test_a_source_that_fails_and_comes_back(comps, live):
     RecordingBackend.instances.clear()
-    src = (LiveListSource if live else ListSource)(synthetic_frames(24), fail_reads={14}, fail_opens=2)
+    src = (LiveListSource if live else ListSource)(synthetic_frames(24), fail_reads={14}, fail_opens=2,
+                                                   away_until=a_card_was_shown)
     vcam = VirtualCameraSink(backend="l2dtest", fps=120)
     engine, outputs = make_engine(comps, src, [vcam], retry_max_s=0.2)
     engine.run(install_signals=False)
@@ -168,9 +187,6 @@ def test_a_source_that_fails_and_comes_back(comps, live):
     else:
         assert len(outputs) == 24  # every frame the source gave came out
     # While it was away the camera showed the 'no signal' card, never nothing.
-    def is_card(f):  # the card's dark background covers most of it
-        return (f == 24).all(axis=-1).mean() > 0.6
-
     cards = [f for f in backend.frames if is_card(f)]
     assert cards, "no 'no signal' card was shown"
     last_card = max(i for i, f in enumerate(backend.frames) if is_card(f))
