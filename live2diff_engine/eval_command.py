@@ -114,6 +114,8 @@ def cmd_eval(args) -> int:
     for name, target in (("--json", args.json), ("--compare-output", args.compare_output)):
         if target and not Path(target).expanduser().parent.is_dir():
             raise ConfigError(f"cannot write {name} {target}: the folder {Path(target).parent} does not exist")
+        if target and Path(target).expanduser().is_dir():
+            raise ConfigError(f"cannot write {name} {target}: it is a folder; give a file name")
     if args.slices:
         try:
             Path(args.slices).expanduser().mkdir(parents=True, exist_ok=True)

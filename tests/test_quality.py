@@ -159,6 +159,34 @@ def test_flicker_of_growing_strength_raises_flicker_and_warp_error_and_lowers_cl
         assert (np.diff(table, axis=0) > 0).all(), key
 
 
+def test_the_forward_backward_check_leaves_out_occluded_and_uncovered_pixels():
+    """The occlusion mask on exact flows (no estimator): a textured square 6 pixels further right
+    each frame over a still background. Where it uncovers the background, the backward flow (the
+    background's: none) lands on the square in the frame before, whose forward flow goes on: the
+    round trip fails. What the square covers has no pixel in the current frame to check. Pixels
+    whose flow leaves the frame are out too; everything else is trusted, and there an output equal
+    to the input warps exactly onto itself."""
+    bg = (smooth_texture(H, W, seed=4) * 160 + 40).astype(np.uint8)
+    square = (smooth_texture(24, 24, seed=9) * 255).astype(np.uint8)
+    x0, dx = 20, 6
+    prev, cur = bg.copy(), bg.copy()
+    prev[20:44, x0 : x0 + 24] = square
+    cur[20:44, x0 + dx : x0 + dx + 24] = square
+    backward = np.zeros((H, W, 2), np.float32)  # cur -> prev
+    backward[20:44, x0 + dx : x0 + dx + 24, 0] = -dx
+    backward[:, :3, 0] = -4  # the background's left edge comes from outside the frame
+    forward = np.zeros((H, W, 2), np.float32)  # prev -> cur
+    forward[20:44, x0 : x0 + 24, 0] = dx
+    mask = m.trusted_mask(backward, forward)
+    expected = np.ones((H, W), bool)
+    expected[20:44, x0 : x0 + dx] = False  # uncovered: was under the square
+    expected[:, :3] = False  # flows out of the frame
+    assert np.array_equal(mask, expected)
+    assert m.warp_error(prev, cur, backward, mask) == 0.0
+    # Without the mask the uncovered strip counts: the square's edge against the background.
+    assert m.warp_error(prev, cur, backward, np.ones((H, W), bool)) > 1e-3
+
+
 def test_flicker_counts_only_where_the_input_holds_still(tmp_path):
     """A textured square slides over a still background; the output repaints the square with a new
     random colour every frame and leaves the background as it is: the moving part is not flicker."""
@@ -402,6 +430,7 @@ def test_eval_missing_models_and_a_bad_file_are_one_line(tmp_path, models):
     (["{src}", "--metrics", "warp", "--json", "{dir}/no/such/folder/r.json"], "does not exist"),
     (["{src}", "--metrics", "warp", "--compare-output", "{dir}/pf.mp4"], "add --compare per-frame"),
     (["{src}", "--metrics", "warp", "--slices", "{src}/pics"], "cannot make the --slices folder"),
+    (["{src}", "--metrics", "warp", "--json", "{dir}"], "it is a folder"),
 ])
 def test_eval_mistakes_are_one_line(tmp_path, capsys, args, needle):
     from live2diff_engine.cli import main
@@ -411,6 +440,26 @@ def test_eval_mistakes_are_one_line(tmp_path, capsys, args, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("live2diff-engine: error:") and needle in err[0], err
+
+
+def test_eval_outputs_of_another_size_are_noted_and_an_input_of_mixed_sizes_is_one_line(tmp_path, capsys):
+    from live2diff_engine.cli import main
+
+    frames = blob_on_still_background(n=4)
+    src = write_frames(tmp_path / "in", frames)
+    double = write_frames(tmp_path / "double", [cv2.resize(f, (2 * W, 2 * H), interpolation=cv2.INTER_CUBIC) for f in frames])
+    wide = write_frames(tmp_path / "wide", [cv2.resize(f, (W + 40, H)) for f in frames])
+    notes = []
+    ev = quality.evaluate(src, [("same", str(src)), ("double", str(double)), ("wide", str(wide))], metrics=("flicker",), say=notes.append)
+    assert notes == [f"note: double is {2 * W}x{2 * H}; resized to the input's {W}x{H}",
+                     f"note: wide is {W + 40}x{H}; resized to the input's {W}x{H} (another aspect ratio: stretched, so positions match only roughly)"]
+    assert ev.size == (W, H) and ev.xt[H // 2][1].shape == (4, W, 3)
+    # An input folder whose images change size part-way: one line, not OpenCV's assertion.
+    mixed = write_frames(tmp_path / "mixed", frames[:2] + [cv2.resize(f, (W // 2, H // 2)) for f in frames[2:]])
+    assert main(["eval", str(mixed), str(src), "--metrics", "warp,flicker"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert err == [f"live2diff-engine: error: mixed: frame 2 is {W // 2}x{H // 2}, its first frame {W}x{H}; "
+                   "the input's frames must all have one size"], err
 
 
 def test_eval_compare_per_frame_with_the_tiny_model(tmp_path, models):

@@ -4,7 +4,8 @@ The videos are read side by side, a few frames at a time (CLIP and the depth est
 batch; everything else needs only the frame before), so a long video costs time, not memory: what
 is kept is one number per frame and metric, and one row (X-T) or column (Y-T) per frame and slice.
 
-Outputs of another size are resized to the input's (metrics and slices compare pixel positions).
+Outputs of another size are resized to the input's (metrics and slices compare pixel positions),
+with a note; the input's own frames must keep one size.
 Videos of different lengths are compared over the frames they all have.
 """
 
@@ -130,6 +131,7 @@ def _run(source, readers, outputs, metrics, clip, depth, rows, cols, start, chun
     need_flow = "warp_error" in metrics or "flicker" in metrics
     per = [{key: [] for key in metrics} for _ in range(k)]
     size = None
+    resized: set[int] = set()  # outputs already noted as resized
     xt_rows: dict[int, list[list[np.ndarray]]] = {}
     yt_cols: dict[int, list[list[np.ndarray]]] = {}
     prev_in = prev_gray = None
@@ -159,6 +161,15 @@ def _run(source, readers, outputs, metrics, clip, depth, rows, cols, start, chun
                 rows, cols = check_positions(rows, cols, size)
                 xt_rows = {r: [[] for _ in range(k + 1)] for r in rows}
                 yt_cols = {c: [[] for _ in range(k + 1)] for c in cols}
+            elif (frame.shape[1], frame.shape[0]) != size:  # a folder of images of mixed sizes
+                raise ConfigError(f"{source.path.name}: frame {start + n + len(chunk_in)} is {frame.shape[1]}x{frame.shape[0]}, "
+                                  f"its first frame {size[0]}x{size[1]}; the input's frames must all have one size")
+            for j, o in enumerate(outs):
+                if (o.shape[1], o.shape[0]) != size and say is not None and j not in resized:
+                    resized.add(j)
+                    stretched = abs(o.shape[1] * size[1] - o.shape[0] * size[0]) > max(size)  # aspect ratios apart by more than rounding
+                    say(f"note: {outputs[j][0]} is {o.shape[1]}x{o.shape[0]}; resized to the input's {size[0]}x{size[1]}"
+                        + (" (another aspect ratio: stretched, so positions match only roughly)" if stretched else ""))
             chunk_in.append(frame)
             for j, o in enumerate(outs):
                 chunk_out[j].append(_fit(o, size))

@@ -20,7 +20,7 @@ def table(ev: Evaluation) -> str:
     names = [v.label for v in ev.videos]
     first = max([len("video"), len("better:")] + [len(n) for n in names])
     widths = [max(len(TITLES[k]), 10) for k in ev.metrics]
-    lines = [f"{ev.input}: {ev.frames} frames compared ({ev.size[0]}x{ev.size[1]}"
+    lines = [f"{ev.input}: {ev.frames} frame{'' if ev.frames == 1 else 's'} compared ({ev.size[0]}x{ev.size[1]}"
              + (f", the first {ev.start} left out" if ev.start else "") + ")"]
     lines.append("  ".join([f"{'video':<{first}}"] + [f"{TITLES[k]:>{w}}" for k, w in zip(ev.metrics, widths)]))
     for v in ev.videos:
