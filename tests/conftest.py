@@ -1,11 +1,16 @@
 import atexit
+import contextlib
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import cli_server
 import pytest
 import torch
 
@@ -33,8 +38,10 @@ FIXTURE_A = GOLDEN / "live2diff_tiny_a"  # the shared golden fixture (its .ckpt 
 
 # The files that take longest, longest first (minutes each on a 2-core CI box: inductor's C++
 # compile, a real install, the soak, the webcam sizes). They run first, so that with two workers
-# (`-n 2 --dist loadfile`, README) the short files fill in beside them instead of one worker
-# finishing a long file alone at the end; a plain run keeps the same order.
+# the short files fill in beside them instead of one worker finishing a long file alone at the end;
+# a plain run keeps the same order. The README's command keeps this order with
+# `--no-loadscope-reorder`: by default `--dist loadfile` hands out the files with the most tests
+# first, which put these one-test files last.
 LONG_FILES_FIRST = ("test_compiled_golden.py", "test_install_script.py", "test_accelerate.py", "test_sizes.py",
                     "test_engine.py", "test_reference.py", "test_control.py", "test_obs_real.py")
 
@@ -50,17 +57,81 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def run_cli(*args, timeout=300, env=None):
-    """Run the installed command line in a subprocess; returns CompletedProcess (text). ``env``
-    adds to (or overrides) this process's environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "live2diff_engine", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=None if env is None else {**os.environ, **env},
-    )
+def run_cli(*args, timeout=300, env=None, fresh=False):
+    """Run the installed command line in a process of its own; returns CompletedProcess (text).
+    ``env`` adds to (or overrides) this process's environment. The process is forked from one that
+    has already imported the engine (tests/cli_server.py: the same run, without 5-10 s of imports)
+    unless ``fresh`` or ``env`` changes what is read while importing; then it is a new interpreter."""
+    cmd = [sys.executable, "-m", "live2diff_engine", *map(str, args)]
+    full_env = {**os.environ, **(env or {})}
+    server = None if fresh else _CliServer.get()
+    if server is None or server.import_env != cli_server.import_time_env(full_env):
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                              env=None if env is None else full_env)
+    return server.run(cmd, full_env, timeout)
+
+
+class _CliServer:
+    """This test process's tests/cli_server.py, started at the first run_cli."""
+
+    instance = None
+    failed = False
+
+    @classmethod
+    def get(cls):
+        if cls.instance is None and not cls.failed and os.environ.get("L2D_TEST_CLI_SERVER", "1") != "0":
+            try:
+                cls.instance = cls()
+            except (OSError, RuntimeError, ValueError) as exc:
+                cls.failed = True
+                print(f"\ncli_server: not used ({exc}); every run_cli starts a fresh interpreter", file=sys.stderr)
+        return cls.instance
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="l2d-cli-")
+        self.path = os.path.join(self.folder, "socket")
+        self.import_env = cli_server.import_time_env(os.environ)
+        self.proc = subprocess.Popen([sys.executable, str(Path(cli_server.__file__)), self.path], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        atexit.register(self.close)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"it exited with {self.proc.wait()} before it was ready")
+        ready = json.loads(line)
+        if ready["threads"] != 1:  # forking a process with threads can deadlock the copy
+            self.close()
+            raise RuntimeError(f"importing started {ready['threads'] - 1} thread(s)")
+        self.runs = 0
+
+    def run(self, cmd, env, timeout):
+        self.runs += 1
+        out, err = (os.path.join(self.folder, f"{self.runs}.{n}") for n in ("out", "err"))
+        request = {"args": cmd[3:], "env": env, "cwd": str(ROOT), "out": out, "err": err}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.connect(self.path)
+            conn.sendall(json.dumps(request).encode() + b"\n")
+            reader = conn.makefile("rb")
+            pid = json.loads(reader.readline())["pid"]
+            conn.settimeout(timeout)
+            try:
+                rc = json.loads(reader.readline())["rc"]
+                timed_out = False
+            except socket.timeout:
+                os.kill(pid, signal.SIGKILL)
+                timed_out = True
+        stdout, stderr = (Path(p).read_text(errors="replace") if os.path.exists(p) else "" for p in (out, err))
+        for p in (out, err):
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+        if timed_out:
+            raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
+        return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ on the golden fixture is test_compiled_golden.py (minutes on a CPU: a file of it
 parallel test run starts it early and runs the rest beside it).
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -57,12 +59,11 @@ def run_stream(unet, mode="off", calls=20, t_index_list=(32, 45), prompt_at=None
     return torch.cat(out), pipe
 
 
-@pytest.fixture(scope="module")
-def unet():
+def build_mini_unet():
     """A two-level streaming UNet: every kind of block the tiny model has (cross-attention down and
     up blocks, plain ones, the mid block, motion modules with their KV-cache), one of each, so that
     dynamo traces it in a third of the tiny model's time. The whole tiny model is traced below
-    (graph breaks) and through the frame pipeline."""
+    (graph breaks, and with styles through the frame pipeline)."""
     from live2diff_engine.models.motion import MotionConfig
     from live2diff_engine.models.tiny import TINY_UNET_CONFIG
     from live2diff_engine.models.unet import build_streaming_unet
@@ -72,6 +73,18 @@ def unet():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return build_streaming_unet(config, MotionConfig()).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_mini_unet()
+
+
+@pytest.fixture(scope="module")
+def mini_comps(comps):
+    """The tiny models in real formats (VAE, text encoder, depth) around a two-level UNet of their
+    own: the frame pipeline and the engine with a compiled stream call, where no style is needed."""
+    return dataclasses.replace(comps, unet=build_mini_unet())
 
 
 @pytest.fixture(scope="module")
@@ -164,17 +177,17 @@ def test_a_failed_capture_falls_back_to_the_compiled_call(unet, capsys, monkeypa
     assert len(warnings) == 1 and "without CUDA graphs" in warnings[0]
 
 
-def test_a_module_call_that_fails_to_compile_runs_uncompiled_with_one_warning_line(comps, capsys):
+def test_a_module_call_that_fails_to_compile_runs_uncompiled_with_one_warning_line(mini_comps, capsys):
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no kernel for this op")
 
-    accelerator_for(comps.unet, "compile", backend=CompileCounterWithBackend("eager"))
-    fp = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
-    decode = fp.stream.accelerator.wrap(comps.vae.decode, "VAE decoder")
-    assert fp.stream.accelerator.wrap(comps.vae.decode, "VAE decoder") is decode  # made once
-    decode.compiled = torch.compile(comps.vae.decode, backend=broken_backend)
+    accelerator_for(mini_comps.unet, "compile", backend=CompileCounterWithBackend("eager"))
+    fp = FramePipeline(mini_comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
+    decode = fp.stream.accelerator.wrap(mini_comps.vae.decode, "VAE decoder")
+    assert fp.stream.accelerator.wrap(mini_comps.vae.decode, "VAE decoder") is decode  # made once
+    decode.compiled = torch.compile(mini_comps.vae.decode, backend=broken_backend)
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(decode(latent, return_dict=False)[0], comps.vae.decode(latent, return_dict=False)[0])
+    torch.testing.assert_close(decode(latent, return_dict=False)[0], mini_comps.vae.decode(latent, return_dict=False)[0])
     decode(latent, return_dict=False)
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
     assert warnings == ["warning: compiling the VAE decoder failed (RuntimeError: no kernel for this op); it goes on uncompiled"]
@@ -215,12 +228,12 @@ def test_prompt_style_and_strength_changes_never_recompile_and_frames_match_eage
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1
 
 
-def test_the_frame_pipeline_compiles_while_loading_not_on_the_first_live_frames(comps):
+def test_the_frame_pipeline_compiles_while_loading_not_on_the_first_live_frames(mini_comps):
     counter = CompileCounterWithBackend("eager")
-    accelerator_for(comps.unet, "compile", backend=counter)
-    fp = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
+    accelerator_for(mini_comps.unet, "compile", backend=counter)
+    fp = FramePipeline(mini_comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
     assert counter.frame_count == 1  # compiled before the first frame arrives
-    eager = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1, accelerate="off")
+    eager = FramePipeline(mini_comps, width=64, height=64, prompt="a cat", seed=1, accelerate="off")
     frames = clip(12, seed=4)
     a = [img for f in frames for _, img in fp.push(f)] + [img for _, img in fp.flush()]
     b = [img for f in frames for _, img in eager.push(f)] + [img for _, img in eager.flush()]
@@ -252,14 +265,14 @@ def test_cuda_graph_stream_matches_eager_on_the_gpu():
     torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-4)
 
 
-def test_the_engine_status_says_compiling_while_a_steps_change_compiles(comps, capsys):
+def test_the_engine_status_says_compiling_while_a_steps_change_compiles(mini_comps, capsys):
     from live2diff_engine.bench import _cycled
     from live2diff_engine.engine import Engine
     from live2diff_engine.io.sinks import NullSink
 
     counter = CompileCounterWithBackend("eager")
-    accelerator_for(comps.unet, "compile", backend=counter)
-    fp = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
+    accelerator_for(mini_comps.unet, "compile", backend=counter)
+    fp = FramePipeline(mini_comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
     frames = clip(24, seed=3)
     states = []
     engine = Engine(fp, _cycled(frames, 24), [NullSink()], output_size=(64, 64), status=False,
