@@ -134,6 +134,22 @@ class _CliServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def build_mini_unet():
+    """A two-level streaming UNet: every kind of block the tiny model has (cross-attention down and
+    up blocks, plain ones, the mid block, motion modules with their KV-cache), one of each, so that
+    dynamo traces it in a third of the tiny model's time and a frame takes about half the tiny
+    model's (test_accelerate still traces the whole tiny model, for graph breaks and with styles)."""
+    from live2diff_engine.models.motion import MotionConfig
+    from live2diff_engine.models.tiny import TINY_UNET_CONFIG
+    from live2diff_engine.models.unet import build_streaming_unet
+
+    config = dict(TINY_UNET_CONFIG, block_out_channels=[32, 64], layers_per_block=1,
+                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_streaming_unet(config, MotionConfig()).eval().requires_grad_(False)
+
+
 @pytest.fixture
 def fixture_copy(tmp_path):
     """A writable copy of the golden fixture."""

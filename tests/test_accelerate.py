@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from conftest import FIXTURE_A, run_cli
+from conftest import FIXTURE_A, build_mini_unet, run_cli
 from live2diff_engine.errors import ConfigError
 from live2diff_engine.models.tiny import build_tiny_unet, tiny_prompt_embeds
 from live2diff_engine.pipeline import accelerate
@@ -57,22 +57,6 @@ def run_stream(unet, mode="off", calls=20, t_index_list=(32, 45), prompt_at=None
             pipe.set_prompt_embeds(tiny_prompt_embeds(9))
         out.append(pipe.step(x[i % 8 : i % 8 + 1], x[(i + 3) % 8 : (i + 3) % 8 + 1]).clone())
     return torch.cat(out), pipe
-
-
-def build_mini_unet():
-    """A two-level streaming UNet: every kind of block the tiny model has (cross-attention down and
-    up blocks, plain ones, the mid block, motion modules with their KV-cache), one of each, so that
-    dynamo traces it in a third of the tiny model's time. The whole tiny model is traced below
-    (graph breaks, and with styles through the frame pipeline)."""
-    from live2diff_engine.models.motion import MotionConfig
-    from live2diff_engine.models.tiny import TINY_UNET_CONFIG
-    from live2diff_engine.models.unet import build_streaming_unet
-
-    config = dict(TINY_UNET_CONFIG, block_out_channels=[32, 64], layers_per_block=1,
-                  down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build_streaming_unet(config, MotionConfig()).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
