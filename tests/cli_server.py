@@ -43,6 +43,10 @@ PRELOAD = (
 )
 
 
+# This server was started by the test process, so it came in with that process's SIGINT handling.
+SIGINT_CAME_IGNORED = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
 def import_time_env(env):
     return {k: v for k, v in env.items() if k.startswith(IMPORT_TIME_ENV_PREFIXES)}
 
@@ -90,8 +94,9 @@ def run_command(req, import_noise: bytes) -> None:
                                       write_through=False)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
                                       line_buffering=True)
-        # As a fresh interpreter starts: Ctrl-C raises KeyboardInterrupt, the rest as the OS gives.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # As a fresh interpreter would start here: Ctrl-C raises KeyboardInterrupt unless SIGINT came
+        # in ignored (a suite started in the background), the rest as the OS gives.
+        signal.signal(signal.SIGINT, signal.SIG_IGN if SIGINT_CAME_IGNORED else signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         import live2diff_engine
