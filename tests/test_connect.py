@@ -137,10 +137,8 @@ def test_at_the_end_of_its_input_connect_publishes_every_frame_the_server_finish
     server = Server()
     stats = tmp_path / "connect.json"
     try:
-        r = subprocess.run([sys.executable, "-m", "live2diff_engine", "connect", server.url, "--source", "synthetic",
-                            "--camera-size", "64x48", "--camera-fps", "10", "--sink", "null", "--no-api",
-                            "--max-frames", "24", "--stats", str(stats)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+        r = run_cli("connect", server.url, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
+                    "--sink", "null", "--no-api", "--max-frames", "24", "--stats", stats, timeout=WAIT)
         assert r.returncode == 0, r.stderr
         wait_until(lambda: any(" ended: " in l for l in server.lines), "the session's end on the server", log=server.log)
     finally:

@@ -23,7 +23,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 sys.path.insert(0, str(ROOT / "tests"))
 from hostile_sender import hostile_messages  # noqa: E402
@@ -82,8 +82,7 @@ def test_while_no_stream_runs_the_api_says_so_and_refuses_commands_in_one_line(s
     with urllib.request.urlopen(server.url + "/api/status", timeout=60) as resp:
         status = json.loads(resp.read())
     assert status["state"] == "waiting for a stream" and status["max_sessions"] == 1
-    r = subprocess.run([sys.executable, "-m", "live2diff_engine", "ctl", "prompt", "a fox", "--api", server.url],
-                       cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    r = run_cli("ctl", "prompt", "a fox", "--api", server.url, timeout=WAIT)
     assert r.returncode == 1 and "no stream yet" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -384,8 +383,7 @@ def test_https_with_tls_cert_and_key(tmp_path):
         run(go())
     finally:
         s.stop()
-    r = subprocess.run([sys.executable, "-m", "live2diff_engine", "serve", "--model", "tiny", "--tls-cert", str(cert)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=WAIT)
+    r = run_cli("serve", "--model", "tiny", "--tls-cert", cert, timeout=WAIT)
     assert r.returncode != 0 and "--tls-key" in r.stderr and "Traceback" not in r.stderr
 
 
