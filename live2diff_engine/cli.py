@@ -454,8 +454,6 @@ def _cmd_translate(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    import os
-
     from .models import hub
 
     action = args.models_command or "list"
