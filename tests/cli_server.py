@@ -17,7 +17,6 @@ out, err: the files for stdout and stderr); the server answers {"pid": N} when t
 and {"rc": N} when it has ended (N < 0: killed by signal -N).
 """
 
-import contextlib
 import importlib
 import io
 import json
@@ -42,6 +41,8 @@ PRELOAD = (
     "live2diff_engine.quality", "live2diff_engine.threads", "live2diff_engine.saved_settings",
 )
 
+
+IS_RUN = False  # set in the forked copy that becomes a command-line run
 
 # This server was started by the test process, so it came in with that process's SIGINT handling.
 SIGINT_CAME_IGNORED = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
@@ -120,16 +121,15 @@ def run_command(req, import_noise: bytes) -> None:
 
             traceback.print_exc()
             code = 1
-        import atexit
-        import logging
+    except BaseException:  # setting the run up failed: as an interpreter that could not start
+        import traceback
 
-        atexit._run_exitfuncs()
-        logging.shutdown()
-    finally:
-        with contextlib.suppress(BaseException):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code & 0xFF if code >= 0 else 1)
+        traceback.print_exc()
+    # The interpreter's own way out, as a fresh one ends: waiting for the run's non-daemon threads,
+    # then the exit handlers, then finalization (main() lets this SystemExit through in a run).
+    global IS_RUN
+    IS_RUN = True
+    raise SystemExit(code)
 
 
 def handle(conn: socket.socket, import_noise: bytes) -> None:
@@ -166,7 +166,8 @@ def main(path: str) -> None:
             try:
                 handle(conn, noise)
             finally:
-                os._exit(0)
+                if not IS_RUN:  # the per-connection copy; a run ends as an interpreter does
+                    os._exit(0)
         conn.close()
 
 
