@@ -9,7 +9,9 @@
   const HISTORY_KEY = 'live2diff.dock.history';
   const HISTORY_MAX = 20;
   const REPLY_TIMEOUT_MS = 60000;
-  const STALE_MS = 5000; // the engine sends status every second
+  // The engine sends status every second; ten missed in a row mean a frozen engine or a sleeping
+  // machine. Fewer would also drop a healthy connection on a streaming PC busy encoding.
+  const STALE_MS = 10000;
   const RETRY_MIN_MS = 500;
   const RETRY_MAX_MS = 10000;
   const TOAST_MS = 6000;

@@ -106,9 +106,15 @@ def browser(running, tmp_path_factory):
     driver.set_page_load_timeout(20)
     try:
         driver.get(f"{running.api.url}/dock")
+        watch_connection(driver)
+        PAGE[0] = driver
         yield driver
     finally:
+        PAGE[0] = None
         driver.quit()
+
+
+PAGE = [None]  # the browser, while there is one: a failed wait says what the dock's connection did
 
 
 # Waiting is not judging: a busy machine may take long; only a wait that never ends is a failure.
@@ -126,7 +132,33 @@ def wait_for(fn, timeout=10.0, what="condition"):
         if last and not isinstance(last, Exception):
             return last
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r}){dock_state(PAGE[0])}")
+
+
+def watch_connection(driver):
+    """Keeps, in the page, the dock's connection states in order (for a failure's message)."""
+    driver.execute_script("""
+        const conn = document.getElementById('conn');
+        window.l2dConnLog = [[Date.now(), conn.dataset.state]];
+        new MutationObserver(() => {
+          const log = window.l2dConnLog, state = conn.dataset.state;
+          if (log[log.length - 1][1] !== state) log.push([Date.now(), state]);
+        }).observe(conn, {attributes: true, attributeFilter: ['data-state']});
+    """)
+
+
+def dock_state(driver):
+    """The dock's connection history and its message, or '' without a page."""
+    if driver is None:
+        return ""
+    try:
+        log = driver.execute_script("return window.l2dConnLog || []")
+        toast = driver.execute_script("const t = document.getElementById('toast'); return t.hidden ? '' : t.textContent")
+        now = driver.execute_script("return Date.now()")
+    except Exception as exc:
+        return f"; the dock's state could not be read ({exc})"
+    seen = ", ".join(f"{state} {(now - at) / 1000:.1f} s ago" for at, state in log)
+    return f"; the dock's connection: {seen}; its message: {toast!r}"
 
 
 def by_id(driver, id_):
@@ -142,6 +174,19 @@ def text_of(driver, id_):
 def connected(driver):
     wait_for(lambda: by_id(driver, "conn").get_attribute("data-state") == "connected", 15, "the dock to connect")
     wait_for(lambda: text_of(driver, "f-style") == "default", 10, "the status to show")
+
+
+def live(driver):
+    """Waits until the dock is connected: while it reconnects (a loaded machine can hold its status
+    past the dock's stale limit) its controls are disabled and a click on them does nothing."""
+    wait_for(lambda: by_id(driver, "conn").get_attribute("data-state") == "connected", 15, "the dock to be connected")
+
+
+def press(driver, element):
+    """Clicks a control of the dock once it is connected and the control enabled, as a user would."""
+    live(driver)
+    wait_for(lambda: element.is_enabled(), 5, "the control to be enabled")
+    element.click()
 
 
 def style_button(driver, name):
@@ -185,7 +230,7 @@ def test_prompt_apply_history_and_edits_kept(running, browser):
     box = by_id(d, "prompt")
     box.clear()
     box.send_keys("a watercolor fox")
-    by_id(d, "prompt-apply").click()
+    press(d, by_id(d, "prompt-apply"))
     wait_for(lambda: running.frames.prompt == "a watercolor fox", 10, "the engine's prompt")
     wait_for(lambda: d.find_elements("css selector", '#history button[data-prompt="a watercolor fox"]'), 5, "the history entry")
     stored = json.loads(d.execute_script("return localStorage.getItem('live2diff.dock.history')"))
@@ -194,6 +239,7 @@ def test_prompt_apply_history_and_edits_kept(running, browser):
     # Ctrl+Enter applies too.
     box.clear()
     box.send_keys("an origami crane")
+    live(d)
     box.send_keys(Keys.CONTROL, Keys.ENTER)
     wait_for(lambda: running.frames.prompt == "an origami crane", 10, "the prompt from Ctrl+Enter")
     wait_for(lambda: len(d.find_elements("css selector", "#history button")) == 2, 5, "two history entries")
@@ -211,14 +257,14 @@ def test_prompt_apply_history_and_edits_kept(running, browser):
 
     # A history entry applies again.
     d.find_element("css selector", "#history-box summary").click()
-    d.find_element("css selector", '#history button[data-prompt="a watercolor fox"]').click()
+    press(d, d.find_element("css selector", '#history button[data-prompt="a watercolor fox"]'))
     wait_for(lambda: running.frames.prompt == "a watercolor fox", 10, "the prompt from the history")
     wait_for(lambda: box.get_attribute("value") == "a watercolor fox", 5, "the box to show it")
 
     neg = by_id(d, "negative")
     neg.clear()
     neg.send_keys("blurry")
-    by_id(d, "negative-apply").click()
+    press(d, by_id(d, "negative-apply"))
     wait_for(lambda: running.frames.negative_prompt == "blurry", 10, "the negative prompt")
 
 
@@ -228,30 +274,33 @@ def test_settings_strength_steps_seed(running, browser):
 
     d = browser
     connected(d)
+    live(d)
     Select(by_id(d, "steps")).select_by_value("3")
     wait_for(lambda: running.controller.schedule()["steps"] == 3, 10, "3 steps")
     slider = by_id(d, "strength")
+    live(d)
     slider.send_keys(Keys.END)  # to 1.0: a change event, as on release
     wait_for(lambda: running.controller.schedule()["strength"] == 1.0, 10, "strength 1")
     wait_for(lambda: by_id(d, "strength-value").text == "1.00", 5, "the strength shown")
     seed = by_id(d, "seed")
     seed.clear()
     seed.send_keys("1234")
-    by_id(d, "seed-apply").click()
+    press(d, by_id(d, "seed-apply"))
     wait_for(lambda: running.frames.seed == 1234, 10, "the seed")
     # A refused value shows its reason in the page (and never an alert()).
     seed.clear()
     seed.send_keys("-5")
-    by_id(d, "seed-apply").click()
+    press(d, by_id(d, "seed-apply"))
     wait_for(lambda: by_id(d, "toast").is_displayed() and "Seed" in text_of(d, "toast"), 5, "the seed error")
     assert running.frames.seed == 1234
     guidance = by_id(d, "guidance")
     guidance.clear()
     guidance.send_keys("1.5")
-    by_id(d, "guidance-apply").click()
+    press(d, by_id(d, "guidance-apply"))
     wait_for(lambda: running.frames.guidance_scale == 1.5, 10, "the guidance")
     guidance.clear()
     guidance.send_keys("1.0")
+    live(d)
     guidance.send_keys(Keys.ENTER)
     wait_for(lambda: running.frames.guidance_scale == 1.0, 10, "guidance back to 1")
 
@@ -270,7 +319,7 @@ def test_styles_without_weights_are_marked_and_say_how_to_get_them(running, brow
         else:
             assert b.get_attribute("data-missing") is None
     other = sorted(missing)[0]
-    style_button(d, other).click()  # nothing to switch to: the page says how to get it
+    press(d, style_button(d, other))  # nothing to switch to: the page says how to get it
     wait_for(lambda: by_id(d, "style-fetch").is_displayed(), 5, "the how-to-get-it box")
     assert text_of(d, "style-fetch-command") == f"live2diff-engine models download --style {other}"
     assert other in text_of(d, "style-fetch-text")
@@ -301,10 +350,10 @@ def test_a_style_downloads_from_the_dock_with_its_progress(running, browser, mon
     try:
         connected(d)
         wait_for(lambda: style_button(d, "tinytoon").get_attribute("data-missing") == "true", 10, "the new style, marked")
-        style_button(d, "tinytoon").click()
+        press(d, style_button(d, "tinytoon"))
         button = wait_for(lambda: by_id(d, "style-download").is_displayed() and by_id(d, "style-download"), 5, "Download")
         assert button.text == "Download tinytoon" and not by_id(d, "style-fetch-note").is_displayed()
-        button.click()
+        press(d, button)
         wait_for(lambda: "Downloading tinytoon" in text_of(d, "download-text"), 10, "the progress line")
         wait_for(lambda: float(by_id(d, "download-progress").get_attribute("value") or 0) > 0, 20, "the progress bar to move")
         assert by_id(d, "download-progress").get_attribute("max") == str(len(FILES["/api/download/models/9001"]))
@@ -339,7 +388,7 @@ def test_the_dock_shows_a_style_loading_while_the_current_one_streams(running, b
         connected(d)
         wait_for(lambda: style_button(d, "slowload"), 10, "the new style's button")
         assert not by_id(d, "style-loading").is_displayed()
-        style_button(d, "slowload").click()
+        press(d, style_button(d, "slowload"))
         assert loaded.wait(60), "the loader never ran"
         notice = wait_for(lambda: by_id(d, "style-loading").is_displayed() and text_of(d, "style-loading"), 15, "the loading line")
         assert notice == "Loading style slowload\u2026 default keeps streaming until it is in"
@@ -357,7 +406,7 @@ def test_the_dock_shows_a_style_loading_while_the_current_one_streams(running, b
     finally:
         release.set()
         running.controller.style_load_hook = None
-        style_button(d, "default").click()
+        press(d, style_button(d, "default"))
         wait_for(lambda: running.manager.current.name == "default", 30, "the default style back")
         del styles["slowload"]
 
@@ -366,16 +415,16 @@ def test_pause_and_resume(running, browser):
     d = browser
     connected(d)
     button = by_id(d, "pause")
-    button.click()
+    press(d, button)
     wait_for(lambda: running.controller.paused, 10, "the engine to pause")
     wait_for(lambda: text_of(d, "f-state") == "paused", 5, "the page to show paused")
     assert button.text == "Resume" and button.get_attribute("aria-pressed") == "true"
     with urllib.request.urlopen(f"{running.api.url}/api/status", timeout=5) as r:
         assert json.load(r)["paused"] is True
-    button.click()
+    press(d, button)
     wait_for(lambda: not running.controller.paused, 10, "the engine to resume")
     wait_for(lambda: by_id(d, "pause").text == "Pause", 5, "the page to show it running")
-    by_id(d, "reset").click()
+    press(d, by_id(d, "reset"))
     wait_for(lambda: "Reset" in text_of(d, "toast") and "ok" in by_id(d, "toast").get_attribute("class"), 10, "the reset")
     by_id(d, "toast").click()  # dismissed by a click
     assert not by_id(d, "toast").is_displayed()
@@ -406,6 +455,7 @@ def test_dock_passes_the_page_token_on(running, browser):
     finally:
         api.stop()
         browser.get(f"{running.api.url}/dock")
+        watch_connection(browser)
 
 
 def test_dock_reconnects_when_the_engine_api_restarts(running, browser):

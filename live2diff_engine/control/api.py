@@ -490,10 +490,21 @@ class ApiServer:
                 text = json.dumps(self.status())
                 for ws in list(self._sockets):
                     try:
+                        # Waits only when the client left tens of statuses unread: it is gone or
+                        # stuck. Closing it (rather than just no longer sending) lets a client
+                        # that recovers see the close and reconnect at once.
                         await asyncio.wait_for(ws.send_str(text), 2.0)
                     except Exception:
                         self._sockets.discard(ws)
+                        asyncio.get_running_loop().create_task(self._close_quietly(ws))
             await asyncio.sleep(0.1)
+
+    @staticmethod
+    async def _close_quietly(ws) -> None:
+        try:
+            await asyncio.wait_for(ws.close(), 5.0)
+        except Exception:
+            pass
 
     # -- pages and the stream ----------------------------------------------------------------------
 
