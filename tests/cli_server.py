@@ -13,8 +13,9 @@ fixed here at start: a run that sets them differently goes to a fresh interprete
 decides).
 
 Protocol, one connection a run on a Unix socket: the client sends one JSON line (args, env, cwd,
-out, err: the files for stdout and stderr); the server answers {"pid": N} when the run has started
-and {"rc": N} when it has ended (N < 0: killed by signal -N).
+out, err: the files for stdout and stderr; or "fds": true, and the run's stdout and stderr come as
+two file descriptors with the line, for a run the caller talks to while it runs); the server answers
+{"pid": N} when the run has started and {"rc": N} when it has ended (N < 0: killed by signal -N).
 """
 
 import importlib
@@ -76,7 +77,7 @@ def preload() -> bytes:
     return noise
 
 
-def run_command(req, import_noise: bytes) -> None:
+def run_command(req, import_noise: bytes, fds=()) -> None:
     """In the forked copy: becomes the command line run and never returns."""
     code = 1
     try:
@@ -84,8 +85,11 @@ def run_command(req, import_noise: bytes) -> None:
         os.environ.clear()
         os.environ.update(req["env"])
         stdin = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        err = os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if req.get("fds"):
+            out, err = fds
+        else:
+            out = os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            err = os.open(req["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.write(err, import_noise)
         for fd, target in ((stdin, 0), (out, 1), (err, 2)):
             os.dup2(fd, target)
@@ -135,12 +139,19 @@ def run_command(req, import_noise: bytes) -> None:
 def handle(conn: socket.socket, import_noise: bytes) -> None:
     """In a forked copy per connection: starts the run, reports its pid, waits, reports its status."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    reader = conn.makefile("rb")
-    req = json.loads(reader.readline())
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 2)
+    while not data.endswith(b"\n"):
+        more = conn.recv(1 << 16)
+        if not more:
+            raise EOFError("the request ended early")
+        data += more
+    req = json.loads(data)
     pid = os.fork()
     if pid == 0:
         conn.close()
-        run_command(req, import_noise)
+        run_command(req, import_noise, fds)
+    for fd in fds:
+        os.close(fd)
     conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
     _, status = os.waitpid(pid, 0)
     conn.sendall(json.dumps({"rc": os.waitstatus_to_exitcode(status)}).encode() + b"\n")

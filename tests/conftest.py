@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import cli_server
@@ -71,6 +73,81 @@ def run_cli(*args, timeout=300, env=None, fresh=False):
     return server.run(cmd, full_env, timeout)
 
 
+def spawn_cli(*args, env=None, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, fresh=False):
+    """Start the installed command line and return at once, as ``subprocess.Popen`` would (text
+    mode, in the project folder; ``stdout``/``stderr``: PIPE or DEVNULL). As with run_cli, the
+    process is forked from tests/cli_server.py unless ``fresh`` or ``env`` changes what is read
+    while importing; either way the caller gets a process of its own to read, signal and wait for."""
+    cmd = [sys.executable, "-m", "live2diff_engine", *map(str, args)]
+    full_env = {**os.environ, **(env or {})}
+    server = None if fresh else _CliServer.get()
+    if server is None or server.import_env != cli_server.import_time_env(full_env):
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
+                                env=full_env)
+    return server.spawn(cmd, full_env, stdout, stderr)
+
+
+class ForkedProcess:
+    """A run started by tests/cli_server.py, with the part of ``subprocess.Popen`` the tests use:
+    pid, stdout/stderr (text, when PIPE), poll, wait, send_signal, terminate, kill, communicate,
+    returncode. Its exit status comes over the server connection."""
+
+    def __init__(self, args, conn, reader, pid, stdout, stderr):
+        self.args, self.pid, self.stdout, self.stderr = args, pid, stdout, stderr
+        self.returncode = None
+        self._conn, self._reader = conn, reader
+        self._ended = threading.Event()
+        threading.Thread(target=self._wait_for_rc, name=f"forked-{pid}", daemon=True).start()
+
+    def _wait_for_rc(self):
+        try:
+            line = self._reader.readline()
+            self.returncode = json.loads(line)["rc"] if line else -signal.SIGKILL
+        except (OSError, ValueError):
+            self.returncode = -signal.SIGKILL  # the server went away, and its runs with it
+        finally:
+            self._ended.set()
+            with contextlib.suppress(OSError):
+                self._conn.close()
+
+    def poll(self):
+        return self.returncode if self._ended.is_set() else None
+
+    def wait(self, timeout=None):
+        if not self._ended.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if not self._ended.is_set():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout=None):
+        got = {}
+
+        def drain(name, f):
+            got[name] = f.read() if f is not None else None
+
+        readers = [threading.Thread(target=drain, args=(n, f), daemon=True)
+                   for n, f in (("out", self.stdout), ("err", self.stderr))]
+        for t in readers:
+            t.start()
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in readers:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
+            if t.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if end is None else max(0.0, end - time.monotonic()))
+        return got["out"], got["err"]
+
+
 class _CliServer:
     """This test process's tests/cli_server.py, started at the first run_cli."""
 
@@ -126,6 +203,39 @@ class _CliServer:
         if timed_out:
             raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr)
         return subprocess.CompletedProcess(cmd, rc, stdout, stderr)
+
+    def spawn(self, cmd, env, stdout, stderr):
+        self.runs += 1
+        ours, theirs = [], []
+        for how in (stdout, stderr):
+            if how == subprocess.PIPE:
+                r, w = os.pipe()
+                ours.append(open(r, encoding="utf-8", errors="replace"))
+            elif how == subprocess.DEVNULL:
+                w = os.open(os.devnull, os.O_WRONLY)
+                ours.append(None)
+            else:
+                raise ValueError("spawn_cli takes PIPE or DEVNULL for stdout and stderr")
+            theirs.append(w)
+        request = {"args": cmd[3:], "env": env, "cwd": str(ROOT), "fds": True}
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(self.path)
+            data = json.dumps(request).encode() + b"\n"
+            sent = socket.send_fds(conn, [data], theirs)
+            conn.sendall(data[sent:])
+            reader = conn.makefile("rb")
+            pid = json.loads(reader.readline())["pid"]
+        except BaseException:
+            conn.close()
+            for f in ours:
+                if f is not None:
+                    f.close()
+            raise
+        finally:
+            for w in theirs:
+                os.close(w)
+        return ForkedProcess(cmd, conn, reader, pid, *ours)
 
     def close(self):
         if self.proc.poll() is None:

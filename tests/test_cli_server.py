@@ -30,3 +30,50 @@ def test_a_forked_run_reads_the_environment_and_an_import_time_variable_gets_a_f
 def test_a_forked_run_that_runs_past_its_timeout_is_ended():
     with pytest.raises(subprocess.TimeoutExpired):
         run_cli("run", "--model", "tiny", "--source", "synthetic", "--sink", "null", "--no-api", timeout=3)
+
+
+def test_a_spawned_run_is_a_process_to_read_signal_and_wait_for(tmp_path):
+    """spawn_cli (Popen's way: the caller reads the run while it runs) through the server: the
+    run's stderr arrives line by line while it runs, a signal reaches the run itself, and its exit
+    status is the run's; the same run started fresh behaves the same."""
+    import signal
+    import time
+
+    from conftest import ForkedProcess, spawn_cli
+
+    server = _CliServer.get()
+    assert server is not None, "the server did not start"
+    for fresh in (False, True):
+        out = tmp_path / f"out{int(fresh)}.mp4"
+        proc = spawn_cli("run", "--model", "tiny", "--source", "synthetic", "--camera-size", "64x48", "--sink", "null",
+                         "--sink", f"file:{out}", "--no-api", fresh=fresh)
+        assert isinstance(proc, ForkedProcess) != fresh
+        assert proc.poll() is None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "[streaming]" in line:
+                break
+        assert any("[streaming]" in line for line in lines), "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+        assert proc.returncode == 0, "".join(lines) + (rest or "")
+        assert out.is_file() and out.stat().st_size > 0
+
+    # A run that ignores nothing is ended by SIGKILL with the status a fresh process gets.
+    proc = spawn_cli("run", "--model", "tiny", "--source", "synthetic", "--sink", "null", "--no-api",
+                     stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    proc.kill()
+    assert proc.wait(60) == -signal.SIGKILL
+    # stdout as a pipe too, and a wait that runs out raises as Popen's does.
+    proc = spawn_cli("--version", stdout=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() and "Traceback" not in err
+    slow = spawn_cli("run", "--model", "tiny", "--source", "synthetic", "--sink", "null", "--no-api")
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            slow.wait(0.5)
+    finally:
+        slow.kill()
+        slow.wait(60)

@@ -23,7 +23,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, spawn_cli
 
 sys.path.insert(0, str(ROOT / "tests"))
 from hostile_sender import hostile_messages  # noqa: E402
@@ -35,11 +35,7 @@ WAIT = 240  # generous: the 2-core machine is shared with other tests
 class Server:
     def __init__(self, *args, env=None):
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "live2diff_engine", "serve", "--model", "tiny", "--api-port", "0", *args],
-            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            env={**os.environ, **(env or {})},
-        )
+        self.proc = spawn_cli("serve", "--model", "tiny", "--api-port", "0", *args, env=env)
         threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
         deadline = time.monotonic() + WAIT
         while not any(l.startswith("serving: ") for l in self.lines):

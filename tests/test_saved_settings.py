@@ -7,8 +7,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -16,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import run_cli, spawn_cli
 from live2diff_engine import saved_settings
 from live2diff_engine.cli import build_parser
 from live2diff_engine.control.schema import command_message
@@ -175,11 +173,8 @@ class EngineProcess:
     """`live2diff-engine run` (tiny model, synthetic source, API on a free port) in a subprocess."""
 
     def __init__(self, *options):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "live2diff_engine", "run", "--model", "tiny", "--source", "synthetic", "--camera-fps", "10",
-             "--sink", "null", "--api-port", "0", *options],
-            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        )
+        self.proc = spawn_cli("run", "--model", "tiny", "--source", "synthetic", "--camera-fps", "10", "--sink", "null",
+                              "--api-port", "0", *options)
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
         deadline = time.monotonic() + 240
