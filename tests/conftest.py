@@ -66,8 +66,8 @@ def run_cli(*args, timeout=300, env=None, fresh=False):
     unless ``fresh`` or ``env`` changes what is read while importing; then it is a new interpreter."""
     cmd = [sys.executable, "-m", "live2diff_engine", *map(str, args)]
     full_env = {**os.environ, **(env or {})}
-    server = None if fresh else _CliServer.get()
-    if server is None or server.import_env != cli_server.import_time_env(full_env):
+    server = _server_for(full_env, fresh)
+    if server is None:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                               env=None if env is None else full_env)
     return server.run(cmd, full_env, timeout)
@@ -80,11 +80,19 @@ def spawn_cli(*args, env=None, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     while importing; either way the caller gets a process of its own to read, signal and wait for."""
     cmd = [sys.executable, "-m", "live2diff_engine", *map(str, args)]
     full_env = {**os.environ, **(env or {})}
-    server = None if fresh else _CliServer.get()
-    if server is None or server.import_env != cli_server.import_time_env(full_env):
+    server = _server_for(full_env, fresh)
+    if server is None:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True,
                                 env=full_env)
     return server.spawn(cmd, full_env, stdout, stderr)
+
+
+def _server_for(env, fresh):
+    """The server to fork a run from, or None where the run needs a fresh interpreter."""
+    server = None if fresh else _CliServer.get()
+    if server is None or server.import_env != cli_server.import_time_env(env):
+        return None
+    return server
 
 
 class ForkedProcess:
