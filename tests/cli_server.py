@@ -29,7 +29,7 @@ import sys
 # Read from the environment while these are imported, so a run with other values needs a fresh
 # interpreter (conftest.run_cli compares them).
 IMPORT_TIME_ENV_PREFIXES = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH", "PYTORCH_", "OMP_",
-                            "MKL_", "KMP_", "CUDA", "PYTHON", "LD_", "TOKENIZERS_", "XDG_CACHE_HOME")
+                            "MKL_", "KMP_", "ATEN_", "CUDA", "PYTHON", "LD_", "TOKENIZERS_", "XDG_CACHE_HOME")
 
 PRELOAD = (
     "torch", "diffusers", "transformers", "cv2", "numpy",

@@ -33,6 +33,21 @@ atexit.register(shutil.rmtree, os.environ["LIVE2DIFF_HOME"], True)
 def _own_live2diff_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("LIVE2DIFF_HOME", str(tmp_path_factory.mktemp("l2d_home")))
 
+
+# The engine sets TORCHINDUCTOR_CACHE_DIR in its own process when it compiles
+# (accelerate.configure_cache); a test that compiles in this process would leave it set for every
+# later test of the worker, whose command-line runs would then each need a fresh interpreter (the
+# variable is read while torch imports, see run_cli). Each test ends with it as it began.
+@pytest.fixture(autouse=True)
+def _keep_inductor_cache_env():
+    name = "TORCHINDUCTOR_CACHE_DIR"
+    before = os.environ.get(name)
+    yield
+    if before is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = before
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 FIXTURE_A = GOLDEN / "live2diff_tiny_a"  # the shared golden fixture (its .ckpt copy is rebuilt by tests)
