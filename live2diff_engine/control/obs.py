@@ -181,23 +181,24 @@ class ObsBridge:
             try:
                 self._connect()
             except ObsAuthError as exc:
-                self._set_state("auth failed")
+                # The reason first, then the state: whoever sees "auth failed" finds why in the log.
                 self._say(logging.ERROR, str(exc))
+                self._set_state("auth failed")
                 self._stop.wait(max(self.retry_max_s, 5.0))  # the user has to fix it; check now and then
                 continue
             except Exception as exc:
-                self._set_state("waiting for OBS")
                 self._say(logging.WARNING, f"OBS is not reachable at ws://{self.host}:{self.port} ({_why(exc)}); "
                           "retrying (start OBS and turn on Tools > WebSocket Server Settings)")
+                self._set_state("waiting for OBS")
                 self._stop.wait(delay)
                 delay = min(self.retry_max_s, delay * 2)
                 continue
             delay = 0.5
             self.connects += 1
             self._watch.reset()
-            self._set_state("connected")
             self._said = None
             log.warning("connected to OBS at ws://%s:%d", self.host, self.port)
+            self._set_state("connected")
             try:
                 self._serve()
             except Exception as exc:
