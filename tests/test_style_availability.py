@@ -94,9 +94,12 @@ def test_the_civitai_token_comes_from_the_environment_or_the_config_file(monkeyp
 
 
 class Civitai(http.server.BaseHTTPRequestHandler):
-    """Serves FILES slowly (so that progress can be seen) and records the requests."""
+    """Serves FILES slowly (so that progress can be seen) and records the requests. With ``gate``
+    set to an Event, the first file stops after its first megabyte until the test has seen that partial
+    progress and sets it: the test then does not depend on catching a window in time."""
 
     seen: list[str] = []
+    gate: threading.Event | None = None
 
     def log_message(self, *a):
         pass
@@ -116,16 +119,22 @@ class Civitai(http.server.BaseHTTPRequestHandler):
         for i in range(0, len(body), 256 * 1024):
             self.wfile.write(body[i:i + 256 * 1024])
             self.wfile.flush()
+            # The downloader reads a megabyte at a time (models/download.py: CHUNK), so the hold
+            # comes once the first one is out.
+            if i + 256 * 1024 == 1 << 20 and path == "/api/download/models/9001" and Civitai.gate is not None:
+                Civitai.gate.wait(60)
             time.sleep(0.15)
 
 
 @pytest.fixture
 def civitai(monkeypatch):
-    Civitai.seen = []
+    Civitai.seen, Civitai.gate = [], None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Civitai)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("LIVE2DIFF_CIVITAI_URL", f"http://127.0.0.1:{server.server_address[1]}")
     yield server
+    if Civitai.gate is not None:
+        Civitai.gate.set()
     server.shutdown()
     server.server_close()
 
@@ -152,6 +161,7 @@ def test_a_style_downloads_in_the_background_with_its_progress_in_the_status(com
         s = status(url)
         assert s["styles_missing"]["tinytoon"] == "live2diff-engine models download --style tinytoon"
         assert "tinytoon" in s["styles_downloadable"] and "toonyou" in s["styles_downloadable"]
+        Civitai.gate = threading.Event()  # the first file waits after its first megabyte until we saw it
         r = run_cli("ctl", "download", "tinytoon", "--api", url, timeout=60)
         assert r.returncode == 0 and "downloading style tinytoon" in r.stdout, r.stderr
         seen = []
@@ -160,6 +170,8 @@ def test_a_style_downloads_in_the_background_with_its_progress_in_the_status(com
             seen.append(d)
             if d["state"] != "downloading":
                 break
+            if d["file_index"] == 0 and 0 < d["bytes"] < d["total"]:
+                Civitai.gate.set()
             assert len(seen) < 2000, seen[-1]
             time.sleep(0.05)
         assert d["state"] == "done" and d["style"] == "tinytoon", d

@@ -165,10 +165,13 @@ class ObsBridge:
 
     # -- the bridge thread -------------------------------------------------------------------
 
-    def _say(self, level: int, text: str) -> None:
-        if text != self._said:
+    def _say(self, level: int, text: str, kind: str | None = None) -> None:
+        """Log ``text`` unless the last line said was of the same ``kind`` (default: the same
+        text): one line per outage, even where the retries fail for different reasons."""
+        kind = kind or text
+        if kind != self._said:
             log.log(level, "%s", text)
-            self._said = text
+            self._said = kind
 
     def _set_state(self, state: str) -> None:
         if state != self.state:
@@ -188,7 +191,7 @@ class ObsBridge:
                 continue
             except Exception as exc:
                 self._say(logging.WARNING, f"OBS is not reachable at ws://{self.host}:{self.port} ({_why(exc)}); "
-                          "retrying (start OBS and turn on Tools > WebSocket Server Settings)")
+                          "retrying (start OBS and turn on Tools > WebSocket Server Settings)", kind="unreachable")
                 self._set_state("waiting for OBS")
                 self._stop.wait(delay)
                 delay = min(self.retry_max_s, delay * 2)
