@@ -189,6 +189,15 @@ def press(driver, element):
     element.click()
 
 
+def retype(element, text):
+    """Replaces a field's text as a user does (select all, type) in one action that keeps the focus.
+    WebDriver's clear() blurs the field and fires no input event, so a status update arriving
+    between clear() and the typing would put the engine's value back in front of the new text."""
+    from selenium.webdriver.common.keys import Keys
+
+    element.send_keys(Keys.CONTROL, "a", Keys.NULL, text)
+
+
 def style_button(driver, name):
     from selenium.webdriver.common.by import By
 
@@ -228,8 +237,7 @@ def test_prompt_apply_history_and_edits_kept(running, browser):
     d = browser
     connected(d)
     box = by_id(d, "prompt")
-    box.clear()
-    box.send_keys("a watercolor fox")
+    retype(box, "a watercolor fox")
     press(d, by_id(d, "prompt-apply"))
     wait_for(lambda: running.frames.prompt == "a watercolor fox", 10, "the engine's prompt")
     wait_for(lambda: d.find_elements("css selector", '#history button[data-prompt="a watercolor fox"]'), 5, "the history entry")
@@ -237,8 +245,7 @@ def test_prompt_apply_history_and_edits_kept(running, browser):
     assert stored[0] == "a watercolor fox"
 
     # Ctrl+Enter applies too.
-    box.clear()
-    box.send_keys("an origami crane")
+    retype(box, "an origami crane")
     live(d)
     box.send_keys(Keys.CONTROL, Keys.ENTER)
     wait_for(lambda: running.frames.prompt == "an origami crane", 10, "the prompt from Ctrl+Enter")
@@ -246,8 +253,7 @@ def test_prompt_apply_history_and_edits_kept(running, browser):
     assert d.find_elements("css selector", "#history button")[0].get_attribute("data-prompt") == "an origami crane"
 
     # A prompt being typed survives the status that arrives every second (focused, then not).
-    box.clear()
-    box.send_keys("half typed")
+    retype(box, "half typed")
     time.sleep(1.3)
     assert box.get_attribute("value") == "half typed"
     by_id(d, "seed").click()  # focus elsewhere: the edit is still not applied, so it stays
@@ -262,8 +268,7 @@ def test_prompt_apply_history_and_edits_kept(running, browser):
     wait_for(lambda: box.get_attribute("value") == "a watercolor fox", 5, "the box to show it")
 
     neg = by_id(d, "negative")
-    neg.clear()
-    neg.send_keys("blurry")
+    retype(neg, "blurry")
     press(d, by_id(d, "negative-apply"))
     wait_for(lambda: running.frames.negative_prompt == "blurry", 10, "the negative prompt")
 
@@ -283,23 +288,19 @@ def test_settings_strength_steps_seed(running, browser):
     wait_for(lambda: running.controller.schedule()["strength"] == 1.0, 10, "strength 1")
     wait_for(lambda: by_id(d, "strength-value").text == "1.00", 5, "the strength shown")
     seed = by_id(d, "seed")
-    seed.clear()
-    seed.send_keys("1234")
+    retype(seed, "1234")
     press(d, by_id(d, "seed-apply"))
     wait_for(lambda: running.frames.seed == 1234, 10, "the seed")
     # A refused value shows its reason in the page (and never an alert()).
-    seed.clear()
-    seed.send_keys("-5")
+    retype(seed, "-5")
     press(d, by_id(d, "seed-apply"))
     wait_for(lambda: by_id(d, "toast").is_displayed() and "Seed" in text_of(d, "toast"), 5, "the seed error")
     assert running.frames.seed == 1234
     guidance = by_id(d, "guidance")
-    guidance.clear()
-    guidance.send_keys("1.5")
+    retype(guidance, "1.5")
     press(d, by_id(d, "guidance-apply"))
     wait_for(lambda: running.frames.guidance_scale == 1.5, 10, "the guidance")
-    guidance.clear()
-    guidance.send_keys("1.0")
+    retype(guidance, "1.0")
     live(d)
     guidance.send_keys(Keys.ENTER)
     wait_for(lambda: running.frames.guidance_scale == 1.0, 10, "guidance back to 1")
