@@ -59,6 +59,7 @@ def comps():
 def make_engine(comps, source, sinks, size=(96, 80), seed=0, **kw):
     frames = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=seed, output_size=size)
     outputs = []
+    source.open()  # as the CLI does before the engine starts: the engine only reopens
     for s in sinks:
         s.open(size[0], size[1], kw.pop("fps", 30.0) if "fps" in kw else 30.0)
     engine = Engine(frames, source, sinks, output_size=size, status=False, on_output=outputs.append, **kw)
@@ -182,6 +183,7 @@ def test_a_source_that_fails_and_comes_back(comps, live):
     engine.run(install_signals=False)
     backend = RecordingBackend.instances[-1]
     assert engine.stats.source_failures == 1
+    assert src.opens >= 4  # opened, two failed reopens, then away until the card was seen
     if live:  # the newest frame wins: some may be skipped, none is queued
         assert 12 <= len(outputs) + engine.stats.dropped and len(outputs) <= 24
     else:
