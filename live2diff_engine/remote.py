@@ -504,7 +504,8 @@ def add_connect_parser(sub, add_control_args, size_arg) -> None:
     c.add_argument("url", help="the remote engine's address, e.g. http://gpu-box:8765")
     c.add_argument("--token", default=None, help="the remote engine's token (or LIVE2DIFF_API_TOKEN); never printed")
     c.add_argument("--ice-server", action="append", default=[], metavar="URL",
-                   help="a STUN or TURN server, e.g. turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none)")
+                   help="a STUN or TURN server, e.g. turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none). "
+                   "A TURN password here is visible in the process list: put such servers in LIVE2DIFF_ICE_SERVERS")
     from .assemble import add_io_args
 
     add_io_args(c, size_arg)
@@ -515,7 +516,7 @@ def cmd_connect(args) -> int:
     import os
 
     from .cli import control_settings, warn_secrets_on_command_line
-    from .control.webrtc import parse_ice_server
+    from .control.webrtc import ice_servers_from
     from .engine import Engine
     from .io.sinks import SinkUnavailable, no_signal_card, parse_sink
     from .io.sources import SourceError, parse_source
@@ -524,10 +525,7 @@ def cmd_connect(args) -> int:
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.max_frames is not None and args.max_frames < 1:
         raise ConfigError("--max-frames must be at least 1")
-    try:
-        ice = [parse_ice_server(u) for u in args.ice_server]
-    except ValueError as exc:
-        raise ConfigError(f"--ice-server: {exc}") from None
+    ice = ice_servers_from(args.ice_server, os.environ, say)
     token = args.token or os.environ.get("LIVE2DIFF_API_TOKEN") or None
     if args.token:
         say("warning: --token is visible to every user of this machine in the process list; "

@@ -28,7 +28,8 @@ def add_serve_parser(sub, add_model_args, add_control_args) -> None:
                    "each more holds another copy of the model)")
     g.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="a STUN or TURN server for connections across networks, e.g. stun:stun.example.org:3478 or "
-                   "turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none: nothing is contacted)")
+                   "turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none: nothing is contacted). A TURN "
+                   "password here is visible in the process list: put such servers in LIVE2DIFF_ICE_SERVERS (space-separated)")
     g.add_argument("--tls-cert", metavar="FILE", default=None, help="serve HTTPS with this certificate (PEM); with --tls-key")
     g.add_argument("--tls-key", metavar="FILE", default=None, help="the certificate's private key (PEM)")
     g.add_argument("--fps", type=float, default=30.0, help="the frame rate the clients send (default 30)")
@@ -111,11 +112,12 @@ class IdleController:
 
 def cmd_serve(args) -> int:
     import logging
+    import os
 
     from .assemble import build_frame_pipeline, model_size, preflight
     from .cli import control_settings, warn_secrets_on_command_line
     from .control.api import ApiServer
-    from .control.webrtc import Slot, WebRtcService, parse_ice_server
+    from .control.webrtc import Slot, WebRtcService, ice_servers_from
     from .engine import Engine
     from .errors import ConfigError
 
@@ -123,10 +125,7 @@ def cmd_serve(args) -> int:
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.max_sessions < 1:
         raise ConfigError("--max-sessions must be at least 1")
-    try:
-        ice = [parse_ice_server(u) for u in args.ice_server]
-    except ValueError as exc:
-        raise ConfigError(f"--ice-server: {exc}") from None
+    ice = ice_servers_from(args.ice_server, os.environ, say)
     model_size(args)
     preflight(args)
     warn_secrets_on_command_line(args, say)

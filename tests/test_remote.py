@@ -391,3 +391,31 @@ def test_ice_server_urls():
         "urls": "turn:turn.example.org:3478?transport=tcp", "username": "me", "credential": "p@ss:w"}
     with pytest.raises(ValueError):
         parse_ice_server("http://example.org")
+
+
+def test_a_turn_password_goes_in_the_environment_and_is_never_shown():
+    from live2diff_engine.control.webrtc import ice_servers_from
+    from live2diff_engine.errors import ConfigError
+
+    said = []
+    env = {"LIVE2DIFF_ICE_SERVERS": "  turn:me:hunter2@turn.example.org:3478   stun:stun.example.org:3478 "}
+    servers = ice_servers_from(["stun:a.example.org:3478"], env, said.append)
+    assert [s["urls"] for s in servers] == ["stun:a.example.org:3478", "turn:turn.example.org:3478", "stun:stun.example.org:3478"]
+    assert servers[1]["credential"] == "hunter2" and said == []  # from the environment: nothing to warn about
+    servers = ice_servers_from(["turn:me:hunter2@turn.example.org:3478"], {}, said.append)
+    assert servers == [{"urls": "turn:turn.example.org:3478", "username": "me", "credential": "hunter2"}]
+    assert len(said) == 1 and "process list" in said[0] and "LIVE2DIFF_ICE_SERVERS" in said[0] and "hunter2" not in said[0]
+    for options, env in ((["turm:me:hunter2@h:3478"], {}), ([], {"LIVE2DIFF_ICE_SERVERS": "turm:me:hunter2@h:3478"})):
+        with pytest.raises(ConfigError) as err:
+            ice_servers_from(options, env, said.append)
+        assert "hunter2" not in str(err.value) and "me:***@h:3478" in str(err.value)
+        assert str(err.value).startswith("--ice-server:" if options else "LIVE2DIFF_ICE_SERVERS:")
+
+
+def test_connect_warns_about_a_turn_password_on_its_command_line_without_showing_it():
+    secret = "hunter2-not-for-ps"
+    r = run_cli("connect", "http://127.0.0.1:9", "--ice-server", f"turn:me:{secret}@turn.example.org:3478",
+                "--source", "nonsense:1", "--sink", "null", "--no-api")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert secret not in r.stdout + r.stderr
+    assert any(line.startswith("warning: --ice-server with a TURN password") for line in r.stderr.splitlines()), r.stderr
