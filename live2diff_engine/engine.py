@@ -475,6 +475,9 @@ class Engine:
         self._emit(ready)
 
     def _passthrough(self, frame: np.ndarray) -> np.ndarray:
+        framed = getattr(self.pipeline, "framed", None)
+        if framed is not None:  # the pipeline's framing (crop or letterbox), as its outputs have it
+            frame = framed(frame)
         size = self.output_size or getattr(self.pipeline, "output_size", None) or (frame.shape[1], frame.shape[0])
         if (frame.shape[1], frame.shape[0]) == tuple(size):
             return frame

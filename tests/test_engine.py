@@ -216,7 +216,11 @@ def test_a_frame_that_raises_is_passed_through_and_the_stream_goes_on(comps):
     assert engine.stats.frames_in == 30
     assert len(outputs) == 30 - engine.stats.dropped
     failed = int(engine.stats.last_error.split()[1].rstrip(":"))
-    assert any(np.array_equal(o, frames_in[failed]) for o in outputs)  # shown as it came in
+    # Shown as it came in, framed as every output (the model's square from the 96x80 frame, with
+    # bars where the crop cut), not stretched to the output size.
+    shown = engine.pipeline.framed(frames_in[failed])
+    assert shown[:, :8].max() == 0 and shown[:, -8:].max() == 0 and np.array_equal(shown[:, 8:-8], frames_in[failed][:, 8:-8])
+    assert any(np.array_equal(o, shown) for o in outputs)
 
 
 def test_the_virtual_camera_shows_a_card_while_the_models_load():

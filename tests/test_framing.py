@@ -210,6 +210,44 @@ def test_pipeline_letterbox_frames_warmup_and_stream_alike(comps):
         assert black_columns(out[i]) == [] and black_rows(out[i]) == []
 
 
+@pytest.mark.parametrize("mode", ["crop", "letterbox"])
+def test_a_paused_stream_shows_the_camera_framed_as_its_outputs(comps, mode):
+    """Pause (and a frame that fails) shows the camera unstylised: the same picture area as the
+    stylised frames, at the camera's own resolution, not the whole frame stretched."""
+    from live2diff_engine.engine import Engine
+    from live2diff_engine.io.sinks import NullSink
+    from live2diff_engine.io.sources import Source
+
+    frames = [marked_frame(160, 120, square=40) for _ in range(12)]
+
+    class Frames(Source):
+        name, live = "frames", False
+
+        def __init__(self):
+            self.left = list(frames)
+
+        def read(self):
+            if not self.left:
+                from live2diff_engine.io.sources import SourceEnded
+
+                raise SourceEnded
+            return self.left.pop(0)
+
+    fp = FramePipeline(comps, width=64, height=64, fit=mode, prompt="a cat")
+    outputs = []
+    engine = Engine(fp, Frames(), [NullSink()], status=False, on_output=outputs.append)
+    engine.paused = True
+    engine.run(install_signals=False)
+    assert len(outputs) == 12
+    expected = through(frames[0], 64, 64, mode)[2]  # the warmup frames' picture: the framing of every output
+    for out in outputs:
+        assert out.shape == (120, 160, 3)
+        assert black_columns(out) == black_columns(expected) and surviving_edges(out) == surviving_edges(expected)
+        assert np.array_equal(out, fp.framed(frames[0]))
+    sw, sh = square_size(outputs[0])
+    assert abs(sw - 40) <= 1 and abs(sh - 40) <= 1  # at the camera's own scale
+
+
 def test_translate_crop_is_not_zoomed(tmp_path):
     frames = [marked_frame(160, 120, square=40) for _ in range(10)]
     folder = tmp_path / "in"

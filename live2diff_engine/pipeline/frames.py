@@ -553,6 +553,15 @@ class FramePipeline:
     def _out_size(self, frame: np.ndarray) -> tuple[int, int]:
         return self.output_size or (frame.shape[1], frame.shape[0])
 
+    def framed(self, frame: np.ndarray) -> np.ndarray:
+        """The frame unstylised, framed as every output is (the part the model sees, at the output
+        size, never zoomed again), at the frame's own resolution: what a pause or a failed frame
+        shows, so that neither jumps to another picture area or stretches the picture."""
+        frame = check_frame(frame)
+        ow, oh = self._out_size(frame)
+        sx, sy, sw, sh = fit_rect(frame.shape[1], frame.shape[0], self.width, self.height, self.fit).src_rect
+        return _place(frame[sy : sy + sh, sx : sx + sw], fit_rect(sw, sh, ow, oh, "letterbox"), ow, oh)
+
     def _emit(self, indices: list[int], model_img: np.ndarray) -> list[tuple[int, np.ndarray]]:
         out = []
         for i in indices:
