@@ -38,6 +38,7 @@ import queue
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -835,6 +836,13 @@ class Controller:
         try:
             reply = self._http.command(msg)
         except (OSError, ValueError) as e:
+            if _timed_out(e):  # the engine took the request and is still at it: not unreachable
+                self.log(
+                    f"{LOG_PREFIX} sent {cmd}; no answer from the engine within {self._http.timeout:g} s yet (it applies "
+                    "commands between frames, and a style can take longer to load); the status shows when it is done",
+                    "info",
+                )
+                return
             self.log(
                 f"{LOG_PREFIX} could not send {cmd}: the engine is not reachable "
                 f"(obs-websocket: {self._ws_error or 'not connected'}; HTTP API {self._http.api_url}: {_reason(e)})",
@@ -937,6 +945,14 @@ def _reason(e) -> str:
     if isinstance(e, ConnectionRefusedError):
         text = "connection refused"
     return _short(text, 120)
+
+
+def _timed_out(e) -> bool:
+    """Whether a request failed by waiting too long for the answer (socket.timeout is an OSError of
+    its own before Python 3.10)."""
+    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        e = e.reason
+    return isinstance(e, (TimeoutError, socket.timeout))
 
 
 def _is_auth_error(e) -> bool:

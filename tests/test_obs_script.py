@@ -484,6 +484,26 @@ def test_http_fallback_wrong_token_and_unreachable():
         ctl.stop()
 
 
+def test_a_command_the_engine_is_slow_to_answer_is_not_called_unreachable():
+    """A real socket that takes the connection and never answers (an engine busy with a long frame
+    or a style load): the command went out, and the log says so instead of 'not reachable'."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(16)
+        ctl = _http_controller(f"http://127.0.0.1:{busy.getsockname()[1]}")
+        ctl._http.timeout = 0.5
+        ctl.start()
+        try:
+            ctl.send("pause")
+            logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "pause" in t], what="a log line about pause")
+            assert logs[0].startswith("[live2diff] sent pause; no answer from the engine within 0.5 s yet"), logs
+            assert not any("could not send" in t or "not reachable" in t for t in logs)
+        finally:
+            ctl.stop()
+
+
 class FakeWs:
     """Stands in for WsTransport (obs-websocket) in the controller's routing tests."""
 
