@@ -474,6 +474,23 @@ def test_dock_reconnects_when_the_engine_api_restarts(running, browser):
     assert by_id(d, "prompt-apply").get_attribute("disabled") is None
 
 
+def test_a_connection_that_goes_quiet_is_replaced(running, browser):
+    """An engine that freezes with its socket still open (here: its API's event loop held, as a
+    hung process or a machine waking from sleep holds it) sends nothing: the dock says so within
+    its 10 s limit and connects again once the engine answers, with no reload."""
+    d = browser
+    connected(d)
+    release = threading.Event()
+    running.api._loop.call_soon_threadsafe(release.wait, 120)  # nothing is sent while this holds
+    try:
+        wait_for(lambda: by_id(d, "conn").get_attribute("data-state") == "disconnected", 40, "the dock to notice the silence")
+        assert by_id(d, "prompt-apply").get_attribute("disabled") is not None
+    finally:
+        release.set()
+    connected(d)
+    assert by_id(d, "prompt-apply").get_attribute("disabled") is None
+
+
 def test_the_dock_says_when_obs_does_not_pull_the_stream(running, browser):
     """'OBS connected' is not 'OBS shows the output': the engine's source in OBS may exist and read
     nothing. Against the protocol-faithful obs-websocket server of tests/fake_obs.py, which reads
