@@ -90,7 +90,7 @@ def ice_servers_from(options: list[str], env, say) -> list[dict]:
                 servers.append(parse_ice_server(url))
             except ValueError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
-    if any("credential" in parse_ice_server(url) for url in options):
+    if any("credential" in server for server in servers[: len(options)]):  # the options' come first
         say("warning: --ice-server with a TURN password is visible to every user of this machine in the process "
             f"list; put the server in the environment variable {ICE_SERVERS_ENV} instead")
     return servers
