@@ -84,15 +84,13 @@ class _Timer:
 
 
 def _snapshot(pipe: StreamPipeline):
-    return [c.clone() for c in pipe.unet.cache_tensors()], pipe._latents.clone(), pipe._depth.clone(), pipe.calls
+    return [t.clone() for t in pipe.state_tensors()], pipe.calls
 
 
 def _restore(pipe: StreamPipeline, snap) -> None:
-    caches, latents, depth, calls = snap
-    for live, saved in zip(pipe.unet.cache_tensors(), caches):
-        live.copy_(saved)
-    pipe._latents.copy_(latents)
-    pipe._depth.copy_(depth)
+    saved, calls = snap
+    for live, t in zip(pipe.state_tensors(), saved):
+        live.copy_(t)
     pipe.calls = calls
 
 

@@ -97,13 +97,19 @@ def configure_cache() -> str:
     return folder
 
 
-def stream_call(unet, latents, depth, text, timesteps, alpha, beta, c_skip, c_out, noise, guidance, row, tables):
+def stream_call(unet, latents, depth, text, timesteps, alpha, beta, c_skip, c_out, noise, carry, guidance, row, tables):
     """One stream call on the pipeline's buffers; returns (noise prediction, x0 of every row).
 
-    ``latents``/``depth`` ``[T, 4, h, w]`` are rolled in place for the next call; ``text`` has one
-    row per UNet batch item (``T`` or ``2T`` with guidance); ``noise`` ``[T-1, 4, h, w]`` moves the
-    unfinished rows on; ``guidance`` is a 0-dim scale (unused without the second branch); ``row``
-    is a 1-element index into the bookkeeping ``tables`` (bias, pe_idx, update_idx, q_idx, rows)."""
+    ``latents``/``depth`` ``[T, 4, h, w]`` are the batch of this call, read only; the rows that move
+    on to their next step (``alpha[1:] * x0[:-1] + beta[1:] * noise``) are written to ``carry``
+    ``[T-1, 4, h, w]``, a buffer of their own, and the pipeline moves them (and the depth rows) into
+    place after the call. The call never writes one part of a buffer from another part of the same
+    buffer: inductor (torch 2.13) compiles such a shifted self-copy into a loop that reads rows it
+    has already overwritten (BENCHMARKS.md, "A compiler can be wrong"). ``text`` has one row per
+    UNet batch item (``T`` or ``2T`` with guidance); ``guidance`` is a 0-dim scale (unused without
+    the second branch); ``row`` is a 1-element index into the bookkeeping ``tables`` (bias, pe_idx,
+    update_idx, q_idx, rows). The KV-cache rows are written inside the UNet, from new keys and
+    values."""
     from ..models.motion import StreamContext
 
     T = latents.shape[0]
@@ -121,8 +127,7 @@ def stream_call(unet, latents, depth, text, timesteps, alpha, beta, c_skip, c_ou
         eps = uncond + guidance * (cond - uncond)
     x0 = c_out * ((latents - beta * eps) / alpha) + c_skip * latents
     if T > 1:
-        latents[1:].copy_(alpha[1:] * x0[:-1] + beta[1:] * noise)
-        depth[1:].copy_(depth[:-1].clone())
+        carry.copy_(alpha[1:] * x0[:-1] + beta[1:] * noise)
     return eps, x0
 
 
@@ -154,13 +159,69 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+# Where the stream call's arguments sit (see stream_call); the carry is the one buffer it writes.
+CARRY = 9
+
+# How far an accelerated call may stray from eager before it is not trusted: the largest
+# |accelerated - eager| / (|eager| + rms(eager)) over every output and every buffer the call writes.
+# Reordered float arithmetic stays far below these (measured: about 1e-5 in float32 on the CPU);
+# a wrong kernel (a row read after it was overwritten, a cache slot written to the wrong place) is
+# of the order of the values themselves.
+CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+
+
+def _tensors_of(obj, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors in a call's result (a tensor, tuples and dicts of them, diffusers' output
+    objects, a distribution's parameters), in a stable order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 4 or obj is None:
+        return []
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors_of(v, depth + 1)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors_of(v, depth + 1)]
+    if hasattr(obj, "__dict__"):
+        return [t for v in vars(obj).values() for t in _tensors_of(v, depth + 1)]
+    return []
+
+
+@torch.no_grad()
+def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The largest ``|got - want| / (|want| + rms(want))`` over all tensors (inf if the shapes
+    differ or a value is not finite where eager's is). Computed a slice at a time, so a large cache
+    needs no full-size temporary."""
+    if len(got) != len(want):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(got, want):
+        if a.shape != b.shape:
+            return float("inf")
+        if a.numel() == 0:
+            continue
+        a2, b2 = a.reshape(a.shape[0] if a.dim() else 1, -1), b.reshape(b.shape[0] if b.dim() else 1, -1)
+        rms = b2.float().pow(2).mean().sqrt()
+        for x, y in zip(a2, b2):
+            x, y = x.float(), y.float()
+            err = ((x - y).abs() / (y.abs() + rms + 1e-12)).nan_to_num(nan=float("inf")).max()
+            worst = max(worst, float(err))
+    return worst
+
+
 class StreamAccelerator:
     """Runs :func:`stream_call` for one UNet in the requested mode, falling back on failure.
 
     One accelerator per UNet (see :func:`accelerator_for`): the compiled function is shared by
     every stream on that UNet, so a new stream of the same shapes (after a strength change or a
     reset) reuses the compiled code. ``backend`` and ``compile_options`` exist for tests and
-    benchmarks (e.g. dynamo's counting backends)."""
+    benchmarks (e.g. dynamo's counting backends).
+
+    A compiler can be wrong, so nothing accelerated is trusted unchecked: the first live call of
+    each compiled version (and the first replay of each CUDA graph) runs on the stream's state, and
+    then the same call runs eagerly on a copy of the state it started from (the KV-cache and the
+    carry: the stream advances once). Every output and every buffer the call wrote must match
+    eager within :data:`CHECK_TOLERANCE`; if not, one warning line names the mode and the error,
+    the eager state and outputs are kept, and the stream goes on eager (or without CUDA graphs)."""
 
     def __init__(self, unet, mode: str, *, say: Callable[[str], None] | None = None, backend=None, compile_options=None,
                  emulate_graphs: bool = False):
@@ -175,11 +236,14 @@ class StreamAccelerator:
         self.compile_options = dict(compile_options or {})
         self._compiled = None
         self._signatures: set[tuple] = set()  # shapes compiled so far (a new one compiles once more)
+        self._checked: set[tuple] = set()  # shapes whose compiled call was checked against eager
         self._graph = None
         self._graph_key: tuple | None = None
         self._graph_out = None
         self._graph_runs = 0  # real calls made with the current key before capture
+        self._graph_checked = False  # the current graph's first replay was checked
         self.compile_seconds: dict[tuple, float] = {}
+        self.checks: list[dict] = []  # every check made: what, relative error, passed, seconds
         self._wrapped: dict[tuple, _CompiledCall] = {}
         self.captures = 0
         if self.mode != "off":
@@ -198,6 +262,9 @@ class StreamAccelerator:
 
     def _fallback(self, to: str, what: str, exc: BaseException) -> None:
         self.say(f"warning: {what} failed ({_one_line(exc)}); the stream goes on {'uncompiled' if to == 'off' else 'without CUDA graphs'}")
+        self._lower(to)
+
+    def _lower(self, to: str) -> None:
         self.mode = to
         self._graph = self._graph_out = self._graph_key = None
 
@@ -205,12 +272,69 @@ class StreamAccelerator:
     def signature(args) -> tuple:
         return tuple((tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor))
 
-    def _run_compiled(self, args):
+    # -- the check against eager -------------------------------------------------------------
+
+    def _state(self, args) -> list[torch.Tensor]:
+        """What a stream call writes: the carry and every temporal layer's KV-cache."""
+        return [args[CARRY], *self.unet.cache_tensors()]
+
+    def _save_state(self, args) -> list[torch.Tensor] | None:
+        try:
+            return [t.clone() for t in self._state(args)]
+        except torch.OutOfMemoryError:
+            self.say("warning: not enough device memory for a copy of the stream's state to check the accelerated "
+                     "stream step against eager; it runs unchecked")
+            return None
+
+    def _eager_on(self, saved: list[torch.Tensor], args):
+        """The eager stream call on the saved state (which it advances), leaving the live one alone."""
+        args = list(args)
+        args[CARRY] = saved[0]
+        layers = self.unet.temporal_layers
+        live = [layer.kv_cache for layer in layers]
+        for layer, cache in zip(layers, saved[1:]):
+            layer.kv_cache = cache
+        try:
+            return stream_call(self.unet, *args)
+        finally:
+            for layer, cache in zip(layers, live):
+                layer.kv_cache = cache
+
+    def _verify(self, out, args, saved, what: str, to: str):
+        """Compare an accelerated call's outputs and writes with eager's on the saved state; on a
+        mismatch keep eager's and lower the mode to ``to``. Returns the outputs to use."""
+        if saved is None:
+            return out
+        start = time.perf_counter()
+        ref = self._eager_on(saved, args)
+        live = self._state(args)
+        err = relative_error([*out, *live], [*ref, *saved])
+        tol = CHECK_TOLERANCE.get(args[0].dtype, 5e-2)
+        ok = err <= tol
+        if not ok:
+            for dst, src in zip(live, saved):
+                dst.copy_(src)
+        if self.unet.device.type == "cuda":
+            torch.cuda.synchronize(self.unet.device)
+        self.checks.append({"what": what, "error": err, "tolerance": tol, "passed": ok,
+                            "seconds": time.perf_counter() - start})
+        if ok:
+            return out
+        self.say(f"warning: the {what} does not match eager (relative error {err:.2g}, tolerance {tol:g}, "
+                 f"{self._describe(args)}); the stream goes on {'uncompiled' if to == 'off' else 'without CUDA graphs'}")
+        self._lower(to)
+        return ref
+
+    # -- compiled ----------------------------------------------------------------------------
+
+    def _run_compiled(self, args, check: bool = True):
         sig = self.signature(args)
         first = sig not in self._signatures
+        verify = check and sig not in self._checked
         if first:
             self.say(f"compiling the stream step for {self._describe(args)} (once per size and step count; cached in {configure_cache()}) ...")
             start = time.perf_counter()
+        saved = self._save_state(args) if verify else None
         try:
             if not first and len(self._signatures) == 1 and self._single_cache_entry():
                 # Compiled once for these shapes and nothing else: every guard passes by construction
@@ -222,6 +346,9 @@ class StreamAccelerator:
             else:
                 out = self._compiled_fn()(*args)
         except Exception as exc:  # any compiler failure: eager from now on
+            if saved is not None:  # a failure part-way may have written some of the state
+                for dst, src in zip(self._state(args), saved):
+                    dst.copy_(src)
             self._fallback("off", "compiling the stream step", exc)
             return stream_call(self.unet, *args)
         if first:
@@ -231,6 +358,9 @@ class StreamAccelerator:
             self.compile_seconds[sig] = took
             self._signatures.add(sig)
             self.say(f"stream step compiled in {took:.1f} s")
+        if verify:
+            self._checked.add(sig)
+            out = self._verify(out, args, saved, "compiled stream step", "off")
         return out
 
     def _single_cache_entry(self) -> bool:
@@ -248,32 +378,48 @@ class StreamAccelerator:
         T, _, h, w = latents.shape
         return f"{T} step{'s' if T != 1 else ''} at latent {h}x{w}{' with guidance' if text.shape[0] > T else ''}"
 
-    def _run_graph(self, args):
+    # -- CUDA graphs -------------------------------------------------------------------------
+
+    def _run_graph(self, args, check: bool = True):
         key = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else id(a) for a in args[:-1])
         key += tuple(t.data_ptr() for t in args[-1])
         if key != self._graph_key:  # new buffers (a new stream): warm up with real calls, then capture
             self._graph = self._graph_out = None
-            self._graph_key, self._graph_runs = key, 0
+            self._graph_key, self._graph_runs, self._graph_checked = key, 0, False
         if self._graph is not None:
-            self._graph.replay()
-            return self._graph_out
+            return self._replay(args, check)
         if self._graph_runs < 2:  # real stream calls first (lazy initialisation, autotuning, compiling)
             with self._side_stream():
-                out = self._run_compiled(args)
+                out = self._run_compiled(args, check)
             self._graph_runs += 1
             return out
         if self.mode != "cudagraph":  # compiling fell back during the warm-up calls
             return self(*args)
         graph = _EmulatedGraph() if self.emulate_graphs else _CudaGraph(self.unet.device)
+        saved = self._save_state(args) if check else None  # the capture itself may touch the state
         try:
             out = graph.capture(self._compiled_fn(), args)
         except Exception as exc:
+            if saved is not None:
+                for dst, src in zip(self._state(args), saved):
+                    dst.copy_(src)
             self._fallback("compile", "capturing the stream step in a CUDA graph", exc)
             return self._run_compiled(args)
+        if saved is not None:  # capturing records kernels without running them: the state is as it was
+            for dst, src in zip(self._state(args), saved):
+                dst.copy_(src)
         self._graph, self._graph_out = graph, out
         self.captures += 1
-        graph.replay()  # the capture only recorded this call; now run it
-        return out
+        return self._replay(args, check, saved)  # the capture only recorded this call; now run it
+
+    def _replay(self, args, check: bool, saved=None):
+        if self._graph_checked or not check:
+            self._graph.replay()
+            return self._graph_out
+        saved = saved if saved is not None else self._save_state(args)
+        self._graph.replay()
+        self._graph_checked = True
+        return self._verify(self._graph_out, args, saved, "CUDA-graph stream step", "compile")
 
     @contextmanager
     def _side_stream(self):
@@ -291,8 +437,9 @@ class StreamAccelerator:
 
     def wrap(self, fn, label: str):
         """``fn`` (e.g. the VAE's encode or decode) compiled with this accelerator's backend when it
-        compiles at all, falling back to ``fn`` itself with one warning line if compiling fails.
-        Made once per function and shared, like the stream call."""
+        compiles at all, falling back to ``fn`` itself with one warning line if compiling fails or
+        its first compiled call does not match ``fn``'s. Made once per function and shared, like
+        the stream call."""
         if self.mode == "off":
             return fn
         key = (id(getattr(fn, "__self__", None)), getattr(fn, "__name__", label))
@@ -304,15 +451,26 @@ class StreamAccelerator:
     # -- entry -------------------------------------------------------------------------------
 
     def __call__(self, *args):
+        """A live stream call: the first of each compiled version is checked against eager."""
         if self.mode == "off":
             return stream_call(self.unet, *args)
         if self.mode == "compile":
             return self._run_compiled(args)
         return self._run_graph(args)
 
+    def precompile(self, *args):
+        """A call made only to compile (on a stream's empty buffers, before its warmup): not
+        checked, since the state it starts from is all zeros; the first live call is."""
+        if self.mode == "off":
+            return stream_call(self.unet, *args)
+        if self.mode == "compile":
+            return self._run_compiled(args, check=False)
+        return self._run_graph(args, check=False)
+
 
 class _CompiledCall:
-    """A compiled module call (no CUDA graph: its callers hand it new tensors every frame)."""
+    """A compiled module call (no CUDA graph: its callers hand it new tensors every frame). Its
+    first compiled call is checked against ``fn`` on the same inputs (these calls keep no state)."""
 
     def __init__(self, accel: StreamAccelerator, fn, label: str):
         self.accel, self.fn, self.label = accel, fn, label
@@ -322,16 +480,33 @@ class _CompiledCall:
         kwargs.update(accel.compile_options)
         self.compiled = torch.compile(fn, **kwargs)
         self.failed = False
+        self.checked = False
 
     def __call__(self, *args, **kwargs):
         if self.failed:
             return self.fn(*args, **kwargs)
         try:
-            return self.compiled(*args, **kwargs)
+            out = self.compiled(*args, **kwargs)
         except Exception as exc:
             self.failed = True
             self.accel.say(f"warning: compiling the {self.label} failed ({_one_line(exc)}); it goes on uncompiled")
             return self.fn(*args, **kwargs)
+        if not self.checked:
+            self.checked = True
+            start = time.perf_counter()
+            ref = self.fn(*args, **kwargs)
+            got, want = _tensors_of(out), _tensors_of(ref)
+            err = relative_error(got, want) if want else 0.0
+            tol = CHECK_TOLERANCE.get(want[0].dtype, 5e-2) if want else 0.0
+            ok = err <= tol
+            self.accel.checks.append({"what": f"compiled {self.label}", "error": err, "tolerance": tol, "passed": ok,
+                                      "seconds": time.perf_counter() - start})
+            if not ok:
+                self.failed = True
+                self.accel.say(f"warning: the compiled {self.label} does not match eager (relative error {err:.2g}, "
+                               f"tolerance {tol:g}); it goes on uncompiled")
+                return ref
+        return out
 
 
 class _CudaGraph:

@@ -90,6 +90,11 @@ class StreamPipeline:
         self._latents = torch.zeros(T, 4, self.height, self.width, device=dev, dtype=dt)
         self._depth = torch.zeros_like(self._latents)
         self._noise = torch.zeros(max(T - 1, 0), 4, self.height, self.width, device=dev, dtype=dt)
+        # The call writes the rows that move on into the carry; step() moves them (and the depth
+        # rows, through _depth_prev) into place after it, so the call never copies a buffer onto
+        # itself (see accelerate.stream_call).
+        self._carry = torch.zeros_like(self._noise)
+        self._depth_prev = torch.zeros_like(self._noise)
         self._guidance = torch.tensor(self.guidance_scale, device=dev, dtype=dt)
         self._text: torch.Tensor | None = None  # [branches * T, tokens, dim]: prompt rows, then negative rows
         self._prompt: torch.Tensor | None = None  # [1, tokens, dim] as last set
@@ -179,7 +184,13 @@ class StreamPipeline:
 
     def _call_args(self) -> tuple:
         return (self._latents, self._depth, self._text_batch(), self.timesteps, self.alpha, self.beta, self.c_skip,
-                self.c_out, self._noise, self._guidance, self._row, self._tables)
+                self.c_out, self._noise, self._carry, self._guidance, self._row, self._tables)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Everything a stream carries from one call to the next, besides the call count: the
+        latent and depth batches and every temporal layer's KV-cache (to set a stream aside and
+        resume it, as the benchmarks do)."""
+        return [self._latents, self._depth, *self.unet.cache_tensors()]
 
     @torch.no_grad()
     def precompile(self) -> float:
@@ -194,7 +205,7 @@ class StreamPipeline:
         start = time.perf_counter()
         self.unet.allocate_cache(self.steps * self.branches, self.height, self.width)
         self._row.zero_()
-        self._accel(*self._call_args())
+        self._accel.precompile(*self._call_args())
         return time.perf_counter() - start
 
     @torch.no_grad()
@@ -218,6 +229,7 @@ class StreamPipeline:
         self.unet.allocate_cache(T * self.branches, self.height, self.width)
         self._latents.zero_()
         self._depth.zero_()
+        self._carry.zero_()
         self.calls = 0
         ctx_of = [SequenceContext(num_frames=self.sink, mask=None, cache_row=s) for s in range(T)]
         x0 = x
@@ -279,6 +291,10 @@ class StreamPipeline:
                 self._noise.copy_(noise)
         self._row.fill_(self.bookkeeping.index(self.calls))
         eps, x0 = self._accel(*self._call_args())
+        if T > 1:  # the next call's rows 1..T-1: this call's rows 0..T-2 one step further, same depth
+            self._latents[1:].copy_(self._carry)
+            self._depth_prev.copy_(self._depth[:-1])
+            self._depth[1:].copy_(self._depth_prev)
         self.last_model_pred, self.last_x0_batch = eps, x0
         self.calls += 1
         return x0[T - 1 : T]
