@@ -247,7 +247,11 @@ class TemporalTransformer(nn.Module):
             x = block(x, ctx)
         x = self.proj_out(x)
         x = x.reshape(n, h, w, -1).permute(0, 3, 1, 2)
-        return x + residual
+        # The residual first: an element-wise result takes the memory layout of its first operand
+        # where they differ, and ``x`` is channels-last here. A channels-last feature map would make
+        # every later convolution re-layout its weight on every call (about a tenth of a full-size
+        # frame on the CPU; tests/test_stream.py counts the copies).
+        return residual + x
 
 
 class MotionModule(nn.Module):
