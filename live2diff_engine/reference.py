@@ -230,5 +230,7 @@ def run_check(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.
             check(f"final {name}", getattr(state, name if name != "attn_bias" else "bias"), key, exact=True)
 
     how = f"stream step {pipe.accelerated}" + ("" if pipe.accelerated == accelerate else f" (asked: {accelerate})")
+    for c in pipe.accelerator.checks:  # the first accelerated call of each kind, against eager on its state
+        how += f"; {c['what']} {'matched' if c['passed'] else 'did NOT match'} eager (relative error {c['error']:.1e})"
     print(f"{matched}/{fx.calls} frames match (max abs err {worst:.3e}; rtol {rtol:g}, atol {atol:g}; {how})", file=out)
     return 0 if failures == 0 and matched == fx.calls else 1
