@@ -59,7 +59,7 @@ FIXTURE_A = GOLDEN / "live2diff_tiny_a"  # the shared golden fixture (its .ckpt 
 # a plain run keeps the same order. The README's command keeps this order with
 # `--no-loadscope-reorder`: by default `--dist loadfile` hands out the files with the most tests
 # first, which put these one-test files last.
-LONG_FILES_FIRST = ("test_compiled_golden.py", "test_install_script.py", "test_accelerate.py", "test_sizes.py",
+LONG_FILES_FIRST = ("test_compiled_golden.py", "test_compiled_matrix.py", "test_install_script.py", "test_accelerate.py", "test_sizes.py",
                     "test_engine.py", "test_reference.py", "test_control.py", "test_obs_real.py")
 
 
@@ -267,11 +267,19 @@ class _CliServer:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def build_mini_unet():
+def build_mini_unet(extras_like_the_fixtures: bool = False):
     """A two-level streaming UNet: every kind of block the tiny model has (cross-attention down and
     up blocks, plain ones, the mid block, motion modules with their KV-cache), one of each, so that
     dynamo traces it in a third of the tiny model's time and a frame takes about half the tiny
-    model's (test_accelerate still traces the whole tiny model, for graph breaks and with styles)."""
+    model's (test_accelerate still traces the whole tiny model, for graph breaks and with styles).
+
+    ``extras_like_the_fixtures``: the motion modules and the depth branch drawn as the golden
+    fixtures draw them (tests/golden/README.md: N(0, gain/sqrt(fan_in)), gain sqrt(2) in the depth
+    branch, norm scales 1 + N(0, 0.1), biases N(0, 0.05)) instead of PyTorch's default, whose small
+    weights leave the temporal and depth paths nearly silent: a wrong depth row or cache slot then
+    moves the frames by 1e-4, inside any float32 tolerance. Drawn this way they move them by O(1)."""
+    import math
+
     from live2diff_engine.models.motion import MotionConfig
     from live2diff_engine.models.tiny import TINY_UNET_CONFIG
     from live2diff_engine.models.unet import build_streaming_unet
@@ -280,7 +288,23 @@ def build_mini_unet():
                   down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return build_streaming_unet(config, MotionConfig()).eval().requires_grad_(False)
+        unet = build_streaming_unet(config, MotionConfig()).eval().requires_grad_(False)
+    if extras_like_the_fixtures:
+        g = torch.Generator().manual_seed(7919)
+        base = unet.base_state_keys()
+        with torch.no_grad():
+            for name, p in sorted(unet.named_parameters()):
+                if name in base:
+                    continue
+                if name.endswith("bias"):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                elif p.dim() == 1:  # a norm's scale
+                    p.copy_(1 + torch.randn(p.shape, generator=g) * 0.1)
+                else:
+                    gain = math.sqrt(2) if name.startswith("flow_conv_in") else 1.0
+                    p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(p[0].numel()))
+        unet.refresh_positions()
+    return unet
 
 
 @pytest.fixture
