@@ -132,6 +132,66 @@ def test_a_compiler_failure_falls_back_to_eager_with_one_warning_line(unet, caps
     assert not any("Traceback" in line or "second line" in line for line in err)
 
 
+def _wrong_kernel(unet, where):
+    """A compiler backend that runs the traced graph and then gets one thing wrong, as a broken
+    kernel would: the noise prediction (``output``), or a KV-cache slot no call should write
+    (``cache``: the frames of this call are right, the state it leaves is not)."""
+    def backend(gm, example_inputs):
+        def run(*args):
+            out = gm(*args)
+            if where == "output":
+                out[0].add_(0.5)
+            else:
+                unet.cache_tensors()[3][:, 0, :, 2].add_(1.0)  # a sink slot of one layer
+            return out
+        return run
+    return backend
+
+
+@pytest.mark.parametrize("where", ["output", "cache"])
+def test_a_wrong_compiled_kernel_is_caught_at_its_first_call_and_the_stream_goes_on_eager(unet, where, capsys):
+    """A live engine never trusts a compiler unchecked: the first compiled call runs, then eager
+    runs on a copy of the state it started from, and everything it wrote is compared. A mismatch
+    keeps eager's frame and state, says so in one line and streams on eager, frame for frame."""
+    eager, _ = run_stream(unet, "off", prompt_at=7)
+    out, pipe = run_stream(unet, "compile", prompt_at=7, backend=_wrong_kernel(unet, where))
+    assert pipe.accelerated == "off"
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)  # the wrong call's results never reached the stream
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert "compiled stream step does not match eager (relative error" in warnings[0]
+    assert "2 steps at latent 8x8" in warnings[0] and "goes on uncompiled" in warnings[0]
+    [check] = pipe.accelerator.checks
+    assert not check["passed"] and check["error"] > 1e-2
+
+
+def test_a_right_compiled_call_is_checked_once_and_kept(unet, capsys):
+    out, pipe = run_stream(unet, "compile", calls=12, backend=CompileCounterWithBackend("eager"))
+    eager, _ = run_stream(unet, "off", calls=12)
+    assert pipe.accelerated == "compile"
+    [check] = pipe.accelerator.checks  # the first call only
+    assert check["passed"] and check["error"] < 1e-5 and check["what"] == "compiled stream step"
+    assert not [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_a_wrong_graph_replay_is_caught_and_the_stream_goes_on_compiled(unet, capsys, monkeypatch):
+    class WrongGraph(accelerate._EmulatedGraph):
+        def replay(self):
+            super().replay()
+            self.args[accelerate.CARRY].mul_(1.5)  # the rows moved on to their next step, wrong
+
+    monkeypatch.setattr(accelerate, "_EmulatedGraph", WrongGraph)
+    eager, _ = run_stream(unet, "off", prompt_at=9)
+    out, pipe = run_stream(unet, "cudagraph", prompt_at=9, backend=CompileCounterWithBackend("eager"), emulate_graphs=True)
+    assert pipe.accelerated == "compile"
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "CUDA-graph stream step does not match eager" in warnings[0]
+    assert "without CUDA graphs" in warnings[0]
+    assert [c["what"] for c in pipe.accelerator.checks] == ["compiled stream step", "CUDA-graph stream step"]
+
+
 def test_graph_capture_replays_real_calls_only_and_recaptures_for_new_buffers(unet):
     """The CUDA-graph logic on the CPU (emulated graph: capture records, replay runs): two real
     warm-up calls, then one capture replayed for every later call; the frames are the eager ones
@@ -175,6 +235,21 @@ def test_a_module_call_that_fails_to_compile_runs_uncompiled_with_one_warning_li
     decode(latent, return_dict=False)
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
     assert warnings == ["warning: compiling the VAE decoder failed (RuntimeError: no kernel for this op); it goes on uncompiled"]
+
+
+def test_a_wrong_compiled_vae_call_is_caught_and_runs_uncompiled(mini_comps, capsys):
+    accelerator_for(mini_comps.unet, "compile", backend=CompileCounterWithBackend("eager"))
+    fp = FramePipeline(mini_comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
+    decode = fp.stream.accelerator.wrap(mini_comps.vae.decode, "VAE decoder")
+    right = decode.compiled
+    decode.compiled = lambda *a, **k: (right(*a, **k)[0] * 0.5,)  # a kernel that halves the picture
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    want = mini_comps.vae.decode(latent, return_dict=False)[0]
+    torch.testing.assert_close(decode(latent, return_dict=False)[0], want, rtol=0, atol=0)
+    torch.testing.assert_close(decode(latent, return_dict=False)[0], want, rtol=0, atol=0)  # uncompiled from now on
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: the compiled VAE decoder does not match eager")
+    assert warnings[0].endswith("it goes on uncompiled")
 
 
 def _frames_through_live_changes(comps, ws, mode):
@@ -281,3 +356,34 @@ def test_the_cpu_stream_attention_computes_what_sdpa_computes():
     bias[1, ..., 12:] = float("-inf")
     torch.testing.assert_close(stream_attention(q, k, v, bias, sdpa=False), stream_attention(q, k, v, bias, sdpa=True),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_check_accelerate_judges_each_step_count_against_eager_and_reports_a_fallback():
+    """The GPU check's accelerated-against-eager pass (check-accelerate), rehearsed on the CPU with
+    the two-level UNet and dynamo's eager backend: a right compiler passes every case; a wrong
+    kernel is caught by the engine's first-call check, and the case says it fell back."""
+    from live2diff_engine import check_accelerate as ca
+
+    settings = ca.Settings(device=torch.device("cpu"), dtypes=[torch.float32], steps=[3, 1], modes=["compile"],
+                           guidance=[1.0, 2.0], geometry="tiny", width=64, height=64, calls=10, unet=build_mini_unet(),
+                           accelerator_options={"backend": CompileCounterWithBackend("eager")})
+    result = ca.run(settings)
+    assert [(c["steps"], c["guidance"]) for c in result["cases"]] == [(3, 1.0), (3, 2.0), (1, 1.0), (1, 2.0)]
+    assert all(c["ok"] and c["in_use"] == "compile" and c["max_relative_error"] < 1e-5 for c in result["cases"])
+    assert all(c["engine_checks"][0]["passed"] for c in result["cases"])
+    assert ca.table(result).splitlines()[-1] == "4/4 accelerated streams match eager"
+
+    wrong = ca.run(dataclasses.replace(settings, steps=[1], guidance=[1.0],
+                                       accelerator_options={"backend": _wrong_kernel(None, "output")}))
+    [case] = wrong["cases"]
+    assert not case["ok"] and case["in_use"] == "off" and not case["engine_checks"][0]["passed"]
+    assert "FELL BACK to off" in ca.table(wrong) and ca.table(wrong).endswith("0/1 accelerated streams match eager")
+
+
+def test_check_accelerate_options_are_checked_in_one_line():
+    for args, says in ((["--steps", "5"], "--steps takes step counts from 1 to 4"),
+                       (["--dtypes", "float8"], "--dtypes takes"),
+                       (["--modes", "cudagraph", "--device", "cpu"], "cudagraph needs a CUDA device"),
+                       (["--guidance", "0.5"], "--guidance takes")):
+        result = run_cli("check-accelerate", "--geometry", "tiny", *args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
