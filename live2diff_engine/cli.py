@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Build the model from a fixture's files, replay its recorded noise, and compare each finished "
         "frame with the original implementation's. Exit 0 when all match, 1 when not, 2 when the fixture cannot be read.",
     )
-    check.add_argument("fixture", metavar="DIR", help="fixture folder (format: shared/golden/README.md)")
+    check.add_argument("fixture", metavar="DIR", nargs="+", help="fixture folder(s) (format: shared/golden/README.md), "
+                       "checked in turn in one process")
     check.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N, mps")
     check.add_argument("--dtype", default="float32", choices=DTYPES, help="compute precision (default float32)")
     check.add_argument("--accelerate", default="auto", metavar="MODE", help=ACCELERATE_HELP)
@@ -197,6 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
     bg.add_argument("--seed", type=int, default=0)
     bg.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
 
+    ca = sub.add_parser(
+        "check-accelerate",
+        help="judge the compiled and CUDA-graph stream steps against eager, per step count and dtype (random weights)",
+        description="For each denoising step count, dtype and guidance scale: one stream eagerly, then one per "
+        "acceleration mode with the same inputs; report each one's largest relative error against eager, whether the "
+        "mode stayed in use (the engine falls back when its first-call check fails) and the first call's time. Full-size "
+        "random weights by default (nothing downloaded). Exit 0 when every case matches, 1 when one does not.",
+    )
+    ca.add_argument("--geometry", choices=["full", "tiny"], default="full", help="full: SD1.5 + Live2Diff sizes (default); tiny: the test miniature")
+    ca.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    ca.add_argument("--dtypes", default=None, help="comma-separated (default float16,float32 on CUDA, float32 elsewhere)")
+    ca.add_argument("--steps", type=_int_list, default=[3, 4, 1, 2], help="denoising step counts, in the order to check (default 3,4,1,2)")
+    ca.add_argument("--modes", default=None, help="comma-separated: compile, cudagraph (default: both on CUDA, compile elsewhere)")
+    ca.add_argument("--guidance", default="1", help="comma-separated guidance scales (default 1: none)")
+    ca.add_argument("--size", type=_size_arg, default=None, metavar="WxH", help="model size (default 512x512; 64x64 with --geometry tiny)")
+    ca.add_argument("--calls", type=int, default=12, help="stream calls per case (default 12: past the cache window's wrap)")
+    ca.add_argument("--budget-s", type=float, default=300.0, help="skip the remaining cases after this many seconds (default 300)")
+    ca.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+
     st = sub.add_parser("styles", help="list the styles, or print where your styles file is")
     st.add_argument("action", choices=["list", "path"], nargs="?", default="list")
     st.add_argument("--styles", metavar="FILE", default=None)
@@ -279,7 +299,13 @@ def _cmd_check_reference(args) -> int:
     from .threads import apply_threads
 
     apply_threads(device, args.threads)  # quietly: its output is the verdict (and one line on a bad fixture)
-    return run_check(args.fixture, device=str(device), dtype=_torch_dtype(args.dtype), accelerate=mode, rtol=args.rtol, atol=args.atol)
+    status = 0
+    for fixture in args.fixture:
+        if len(args.fixture) > 1:
+            print(f"== {fixture}", flush=True)
+        status = max(status, run_check(fixture, device=str(device), dtype=_torch_dtype(args.dtype), accelerate=mode,
+                                       rtol=args.rtol, atol=args.atol))
+    return status
 
 
 def _load_model(args):
@@ -1037,6 +1063,58 @@ def _cmd_bench_gpu(args) -> int:
     return 130 if result["interrupted"] else 1 if result["errors"] else 0
 
 
+def _cmd_check_accelerate(args) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here; never reach for the hub
+    import torch
+
+    from . import check_accelerate as ca
+
+    device = resolve_device(args.device)
+    names = [d.strip() for d in (args.dtypes or ("float16,float32" if device.type == "cuda" else "float32")).split(",") if d.strip()]
+    if not names or any(n not in DTYPES for n in names):
+        raise ConfigError(f"--dtypes takes {', '.join(DTYPES)} (comma-separated), got {args.dtypes!r}")
+    dtypes = [_torch_dtype(n) for n in names]
+    modes = [m.strip() for m in (args.modes or ("compile,cudagraph" if device.type == "cuda" else "compile")).split(",") if m.strip()]
+    if not modes or any(m not in ("compile", "cudagraph") for m in modes):
+        raise ConfigError(f"--modes takes compile, cudagraph (comma-separated), got {args.modes!r}")
+    if "cudagraph" in modes and device.type != "cuda":
+        raise ConfigError(f"mode cudagraph needs a CUDA device, not {device.type}; use --modes compile")
+    bad = [t for t in args.steps if t not in ca.T_INDEX]
+    if bad or not args.steps:
+        raise ConfigError(f"--steps takes step counts from 1 to 4 (comma-separated), got {','.join(map(str, args.steps))}")
+    try:
+        guidance = [float(g) for g in args.guidance.split(",") if g.strip()]
+    except ValueError:
+        raise ConfigError(f"--guidance takes comma-separated numbers of at least 1, got {args.guidance!r}") from None
+    if not guidance or any(g < 1 for g in guidance):
+        raise ConfigError(f"--guidance takes comma-separated numbers of at least 1, got {args.guidance!r}")
+    if args.calls < 1 or args.budget_s <= 0:
+        raise ConfigError("--calls must be at least 1 and --budget-s positive")
+    width, height = args.size or ((64, 64) if args.geometry == "tiny" else (512, 512))
+    if width % 8 or height % 8:
+        raise ConfigError(f"--size must be multiples of 8 (the VAE's factor), got {width}x{height}")
+    settings = ca.Settings(device=device, dtypes=dtypes, steps=list(args.steps), modes=modes, guidance=guidance,
+                           geometry=args.geometry, width=width, height=height, calls=args.calls, budget_s=args.budget_s)
+    import signal
+
+    def stop(signum, frame):  # `timeout` ending the slot: keep the cases so far
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    result = ca.run(settings)
+    print(ca.table(result))
+    if args.json:
+        try:
+            ca.write_json(result, args.json)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {args.json}: {exc.strerror or exc}") from None
+    if result["interrupted"]:
+        return 130
+    return 0 if result["cases"] and all(c["ok"] for c in result["cases"]) else 1
+
+
 def _cmd_eval(args) -> int:
     from .eval_command import cmd_eval
 
@@ -1045,6 +1123,7 @@ def _cmd_eval(args) -> int:
 
 COMMANDS = {
     "bench-gpu": _cmd_bench_gpu,
+    "check-accelerate": _cmd_check_accelerate,
     "run": _cmd_run,
     "ctl": _cmd_ctl,
     "bench-engine": _cmd_bench_engine,
