@@ -192,6 +192,10 @@ def bench_modes(make_pipe, warmup_latents, warmup_depth, modes: list[str], frame
         ordered = sorted(durations[m])
         results[m] = {"median": ordered[len(ordered) // 2], "mean": sum(ordered) / len(ordered),
                       "first_call_s": first_call[m], "in_use": pipes[m].accelerated}
+        checks = pipes[m].accelerator.checks if m != "off" else []
+        if checks:  # the first compiled call's check against eager (part of first_call_s)
+            results[m]["check_s"] = sum(c["seconds"] for c in checks)
+            results[m]["check_error"] = max(c["error"] for c in checks)
     return results
 
 

@@ -389,7 +389,9 @@ def _cmd_bench(args) -> int:
         print("", file=sys.stderr)
         base = figures[modes[0]]["median"]
         rows = head + [f"  {m:>9}: {f['median']:8.3f} ms/frame (median; mean {f['mean']:.3f})  x{f['median'] / base:.3f} of {modes[0]}"
-                       f"  first call {f['first_call_s']:.1f} s{'' if f['in_use'] == m else '  (fell back to ' + f['in_use'] + ')'}"
+                       f"  first call {f['first_call_s']:.1f} s"
+                       + (f" (of which {f['check_s']:.2f} s checking it against eager: relative error {f['check_error']:.1e})" if "check_s" in f else "")
+                       + f"{'' if f['in_use'] == m else '  (fell back to ' + f['in_use'] + ')'}"
                        for m, f in figures.items()]
         print("\n".join(rows))
         if args.json:

@@ -1,9 +1,10 @@
 """Acceleration of the stream call: ``torch.compile`` and CUDA graphs around one static function.
 
 The stream call (:func:`stream_call`: the batched UNet pass, LCM's boundary scalings, classifier-free
-guidance, the re-noise of the unfinished rows, the roll of the latent and depth buffers and the
-KV-cache writes) reads and writes only tensors that :class:`~.stream.StreamPipeline` allocates
-once: the bookkeeping row is picked on the device from a 0-dim index buffer, the noise is drawn
+guidance, the re-noise of the unfinished rows into a carry buffer, and the KV-cache writes) reads
+and writes only tensors that :class:`~.stream.StreamPipeline` allocates once, and never writes one
+part of a buffer from another part of it (the pipeline moves the carry and the depth rows into
+place after the call); the bookkeeping row is picked on the device from a 0-dim index buffer, the noise is drawn
 into a buffer outside the call, and every scalar is a tensor. It therefore has static shapes and
 no data-dependent Python control flow, so
 
@@ -19,7 +20,9 @@ rebinds each weight to a tensor of the same shape, dtype and strides, which the 
 as an input; while a CUDA graph holds the weights' addresses it copies into them instead); a change of denoising steps or size changes the shapes and compiles once more (the
 compiled code is cached on disk, see :func:`configure_cache`). Any failure to compile or capture
 falls back to the next slower path with one warning line: a live stream never dies because a
-compiler did. ``off`` runs the same function eagerly and is the reference path.
+compiler did. ``off`` runs the same function eagerly and is the reference path, and the first
+live call of every compiled version and every CUDA graph is checked against it (see
+:class:`StreamAccelerator`).
 """
 
 from __future__ import annotations
