@@ -180,7 +180,7 @@ def run_check(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.
         # rtol instead, which still catches any layout or bookkeeping mistake by orders of magnitude.
         bad_layers = []
         cache_worst = 0.0
-        for i, layer in enumerate(unet.cache_tensors()):
+        for i, layer in enumerate(layer.cache_by_slot() for layer in unet.temporal_layers):
             key = f"after_warmup/{i:02d}"
             if key not in fx.cache:
                 continue

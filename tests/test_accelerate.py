@@ -142,7 +142,7 @@ def _wrong_kernel(unet, where):
             if where == "output":
                 out[0].add_(0.5)
             else:
-                unet.cache_tensors()[3][:, 0, :, 2].add_(1.0)  # a sink slot of one layer
+                unet.cache_tensors()[3][0, :, :, :, 2].add_(1.0)  # a sink slot of one layer
             return out
         return run
     return backend
@@ -347,15 +347,25 @@ def test_the_engine_status_says_compiling_while_a_steps_change_compiles(mini_com
 
 
 def test_the_cpu_stream_attention_computes_what_sdpa_computes():
+    """The CPU's stream attention adds the slots' positions to the scores and the output instead of
+    to the cached keys and values; the same numbers as SDPA on keys and values with positions, and
+    as attention written out by hand."""
     from live2diff_engine.models.motion import stream_attention
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 64, n, 8, generator=g) for n in (1, 16, 16))
-    bias = torch.zeros(3, 1, 1, 16)
-    bias[0, ..., 9:] = float("-inf")  # closed slots, as the bookkeeping marks them
-    bias[1, ..., 12:] = float("-inf")
-    torch.testing.assert_close(stream_attention(q, k, v, bias, sdpa=False), stream_attention(q, k, v, bias, sdpa=True),
-                               rtol=1e-5, atol=1e-6)
+    T, d, heads, hd, W = 3, 64, 4, 8, 16
+    q = torch.randn(T, d, heads, hd, generator=g)
+    k, v = (torch.randn(T, d, heads, W, hd, generator=g) for _ in range(2))
+    pk, pv = (torch.randn(T, W, heads, hd, generator=g) for _ in range(2))
+    bias = torch.zeros(T, W)
+    bias[0, 9:] = float("-inf")  # closed slots, as the bookkeeping marks them
+    bias[1, 12:] = float("-inf")
+    cpu = stream_attention(q, k, v, pk, pv, bias, sdpa=False)
+    torch.testing.assert_close(cpu, stream_attention(q, k, v, pk, pv, bias, sdpa=True), rtol=1e-5, atol=1e-6)
+    keys, values = k + pk.transpose(1, 2)[:, None], v + pv.transpose(1, 2)[:, None]  # [T, d, heads, W, hd]
+    scores = (q.unsqueeze(-2) * keys).sum(-1) / hd**0.5 + bias[:, None, None, :]
+    by_hand = (scores.softmax(-1).unsqueeze(-1) * values).sum(-2)
+    torch.testing.assert_close(cpu, by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_check_accelerate_judges_each_step_count_against_eager_and_reports_a_fallback():

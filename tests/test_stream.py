@@ -116,7 +116,7 @@ def test_cache_is_preallocated_and_never_grows(unet):
     pipe.prepare(warm, warm, tiny_prompt_embeds(0))
     caches = unet.cache_tensors()
     before = [(c.data_ptr(), tuple(c.shape)) for c in caches]
-    assert all(c.shape[0] == 3 and c.shape[3] == 16 for c in caches)
+    assert all(c.shape[1] == 3 and c.shape[4] == 16 for c in caches)  # [2, T, hw, heads, window, hd]
     table_len = len(pipe.bookkeeping)
     # The window (16) fills at call 16; from there the cache's states repeat every 8 calls (the
     # frames past the 8 warmup ones), so 64 calls go through every state six times over.
@@ -253,7 +253,7 @@ def test_guidance_with_the_prompt_as_negative_is_the_unguided_stream(unet, t_ind
     diffs = [float((a - b).abs().max()) for a, b in zip(base, guided)]
     assert max(diffs) < 1e-2 and sorted(diffs)[len(diffs) // 2] < 1e-3, diffs
     T = len(t_index_list)
-    assert all(c.shape[0] == 2 * T for c in unet.cache_tensors())  # one row per step and branch
+    assert all(c.shape[1] == 2 * T for c in unet.cache_tensors())  # one row per step and branch
 
 
 def test_a_negative_prompt_steers_the_guided_stream(unet):

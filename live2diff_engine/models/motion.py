@@ -93,8 +93,10 @@ class TemporalAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
         self.pos_encoder = PositionalTable(dim, max_positions)
         self.layer_index = -1  # set by the UNet: position in the model's list of temporal layers
-        # Allocated by allocate_cache(); not part of the checkpoint.
-        self.register_buffer("kv_cache", None, persistent=False)  # [T, 2, hw, window, inner]
+        # Allocated by allocate_cache(); not part of the checkpoint. Keys and values apart, heads
+        # outside the slots: all keys are one contiguous batch of [window, head_dim] matrices, which
+        # attention reads as they lie, never copied into another layout (see _stream).
+        self.register_buffer("kv_cache", None, persistent=False)  # [2, T, hw, heads, window, head_dim]
         self.register_buffer("pos_qkv", None, persistent=False)  # [3, window, inner]
 
     # -- cache -------------------------------------------------------------------------------
@@ -103,7 +105,7 @@ class TemporalAttention(nn.Module):
     def allocate_cache(self, steps: int, tokens: int) -> None:
         """Allocate (or reuse) a zeroed cache for ``steps`` denoising steps and ``tokens`` positions."""
         weight = self.to_q.weight
-        shape = (steps, 2, tokens, self.window, self.heads * self.head_dim)
+        shape = (2, steps, tokens, self.heads, self.window, self.head_dim)
         if self.kv_cache is None or tuple(self.kv_cache.shape) != shape or self.kv_cache.dtype != weight.dtype:
             self.kv_cache = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         else:
@@ -131,6 +133,11 @@ class TemporalAttention(nn.Module):
         self.kv_cache = None
         self.pos_qkv = None
 
+    def cache_by_slot(self) -> torch.Tensor:
+        """The cache as ``[T, 2, hw, window, heads * head_dim]`` (the original's layout: keys and
+        values of each slot side by side), a copy."""
+        return self.kv_cache.transpose(0, 1).transpose(3, 4).flatten(-2)
+
     # -- forward -----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, ctx: TemporalContext) -> torch.Tensor:
@@ -152,8 +159,9 @@ class TemporalAttention(nn.Module):
         if ctx.cache_row is not None:
             if self.kv_cache is None:
                 raise RuntimeError("temporal KV-cache is not allocated; call allocate_cache first")
-            self.kv_cache[ctx.cache_row, 0, :, :frames] = k[0]
-            self.kv_cache[ctx.cache_row, 1, :, :frames] = v[0]
+            heads, hd = self.heads, self.head_dim
+            self.kv_cache[0, ctx.cache_row, :, :, :frames] = k[0].unflatten(-1, (heads, hd)).transpose(1, 2)
+            self.kv_cache[1, ctx.cache_row, :, :, :frames] = v[0].unflatten(-1, (heads, hd)).transpose(1, 2)
         pe = self.pos_encoder.pe[0, :frames].to(x.dtype)
         q = q + F.linear(pe, self.to_q.weight)
         k = k + F.linear(pe, self.to_k.weight)
@@ -169,38 +177,50 @@ class TemporalAttention(nn.Module):
         if cache is None:
             raise RuntimeError("temporal KV-cache is not allocated; call allocate_cache first")
         rows, tokens, dim = x.shape
+        heads, hd, window = self.heads, self.head_dim, self.window
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)  # [T, d, c]
         # Write the new frame of row r into slot update_idx[r] of cache row r, then attend to the row.
-        cache[ctx.rows, :, :, ctx.update_idx] = torch.stack((k, v), dim=1)
+        cache[:, ctx.rows, :, :, ctx.update_idx] = torch.stack((k, v), dim=1).unflatten(-1, (heads, hd))
         pos_q, pos_k, pos_v = self.pos_qkv[0], self.pos_qkv[1], self.pos_qkv[2]
-        q = q + pos_q[ctx.q_idx].unsqueeze(1)  # [T, d, c]
-        keys = cache[:, 0] + pos_k[ctx.pe_idx].unsqueeze(1)  # [T, d, window, c]
-        values = cache[:, 1] + pos_v[ctx.pe_idx].unsqueeze(1)
-        heads, hd = self.heads, self.head_dim
-        # [T, d, c] -> [T, d*heads, 1, hd]; [T, d, W, c] -> [T, d*heads, W, hd]
-        q = q.view(rows, tokens * heads, 1, hd)
-        keys = keys.view(rows, tokens, self.window, heads, hd).transpose(2, 3).reshape(rows, tokens * heads, self.window, hd)
-        values = values.view(rows, tokens, self.window, heads, hd).transpose(2, 3).reshape(rows, tokens * heads, self.window, hd)
-        bias = ctx.bias.to(q.dtype)[:, None, None, :]  # [T, 1, 1, W]
-        out = stream_attention(q, keys, values, bias)  # [T, d*heads, 1, hd]
-        out = out.view(rows, tokens, heads * hd)
-        return self.to_out[1](self.to_out[0](out))
+        q = (q + pos_q[ctx.q_idx].unsqueeze(1)).view(rows, tokens, heads, hd)
+        # Each slot's positional projection, per row: [T, window, heads, hd] (small: no tokens axis).
+        pk = pos_k[ctx.pe_idx].view(rows, window, heads, hd)
+        pv = pos_v[ctx.pe_idx].view(rows, window, heads, hd)
+        out = stream_attention(q, cache[0], cache[1], pk, pv, ctx.bias.to(q.dtype))  # [T, d, heads, hd]
+        return self.to_out[1](self.to_out[0](out.reshape(rows, tokens, heads * hd)))
 
 
-def stream_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, sdpa: bool | None = None) -> torch.Tensor:
-    """One query per sequence against the ``window`` cached slots.
+def stream_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos_k: torch.Tensor,
+                     pos_v: torch.Tensor, bias: torch.Tensor, sdpa: bool | None = None) -> torch.Tensor:
+    """One query per sequence against the ``window`` cached slots, keys and values being the
+    cached ones plus each slot's positional projection.
 
-    Scaled-dot-product attention on accelerators. On the CPU, two batched matmuls: with a query
-    length of 1 and 16 keys, the CPU's fused attention kernel costs about 1.5x the matmuls
-    (0.29 vs 0.17 ms at the tiny model's shapes, 16 vs 11 ms at SD1.5's largest, measured eager
-    on this project's 2-core machine), and the matmuls compile into fused loops. Same numbers
-    to float32 rounding (tested)."""
+    ``q`` ``[T, d, heads, hd]``; ``k_cache``/``v_cache`` ``[T, d, heads, window, hd]`` (the cache as
+    it lies); ``pos_k``/``pos_v`` ``[T, window, heads, hd]``; ``bias`` ``[T, window]``. Returns
+    ``[T, d, heads, hd]``.
+
+    On accelerators: keys and values with positions added (one pass over the row), then
+    scaled-dot-product attention. On the CPU the positional terms are never added to the cache:
+    ``q.(k + p) = q.k + q.p`` and ``sum_w a_w (v_w + p_w) = sum_w a_w v_w + sum_w a_w p_w``, where the
+    ``p`` terms have no tokens axis, so the row is read once by two batched matmuls and nothing the
+    size of the cache is written (at SD1.5's largest layer, 256x256, that was 0.57 s of a 5.7 s
+    frame: the keys and values with positions, then their transposed copy). Same numbers to
+    float32 rounding (tested)."""
     if sdpa is None:
         sdpa = q.device.type != "cpu"
+    rows, tokens, heads, hd = q.shape
+    window = k_cache.shape[-2]
     if sdpa:
-        return F.scaled_dot_product_attention(q, keys, values, bias)
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * (q.shape[-1] ** -0.5) + bias
-    return torch.matmul(scores.softmax(-1), values)
+        keys = k_cache + pos_k.transpose(1, 2).unsqueeze(1)  # [T, d, heads, W, hd]
+        values = v_cache + pos_v.transpose(1, 2).unsqueeze(1)
+        out = F.scaled_dot_product_attention(q.reshape(rows, tokens * heads, 1, hd), keys.view(rows, tokens * heads, window, hd),
+                                             values.view(rows, tokens * heads, window, hd), bias[:, None, None, :])
+        return out.view(rows, tokens, heads, hd)
+    scores = torch.matmul(q.reshape(rows, tokens * heads, 1, hd), k_cache.reshape(rows, tokens * heads, window, hd).transpose(-1, -2))
+    scores = scores.view(rows, tokens, heads, window) + torch.einsum("tdhe,twhe->tdhw", q, pos_k)
+    attn = (scores * (hd ** -0.5) + bias[:, None, None, :]).softmax(-1)  # [T, d, heads, W]
+    out = torch.matmul(attn.reshape(rows, tokens * heads, 1, window), v_cache.reshape(rows, tokens * heads, window, hd))
+    return out.view(rows, tokens, heads, hd) + torch.einsum("tdhw,twhe->tdhe", attn, pos_v)
 
 
 class TemporalTransformerBlock(nn.Module):

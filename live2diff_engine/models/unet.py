@@ -112,7 +112,7 @@ class StreamingUNet(nn.Module):
             layer.release_cache()
 
     def cache_tensors(self) -> list[torch.Tensor]:
-        """The per-layer caches ``[T, 2, hw, window, c]`` in layer order."""
+        """The per-layer caches ``[2, T, hw, heads, window, head_dim]`` (keys, values) in layer order."""
         return [layer.kv_cache for layer in self.temporal_layers]
 
     def _tokens_per_layer(self, h: int, w: int) -> list[int]:

@@ -190,10 +190,10 @@ def _tensors_of(obj, depth: int = 0) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+def relative_error(got: list[torch.Tensor], want: list[torch.Tensor], chunk: int = 1 << 22) -> float:
     """The largest ``|got - want| / (|want| + rms(want))`` over all tensors (inf if the shapes
-    differ or a value is not finite where eager's is). Computed a slice at a time, so a large cache
-    needs no full-size temporary."""
+    differ or a value is not finite where eager's is). Computed ``chunk`` elements at a time, so a
+    large cache needs no full-size temporary."""
     if len(got) != len(want):
         return float("inf")
     worst = 0.0
@@ -202,10 +202,10 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
             return float("inf")
         if a.numel() == 0:
             continue
-        a2, b2 = a.reshape(a.shape[0] if a.dim() else 1, -1), b.reshape(b.shape[0] if b.dim() else 1, -1)
-        rms = b2.float().pow(2).mean().sqrt()
-        for x, y in zip(a2, b2):
-            x, y = x.float(), y.float()
+        a, b = a.reshape(-1), b.reshape(-1)
+        rms = torch.linalg.vector_norm(b, dtype=torch.float32) / b.numel() ** 0.5
+        for i in range(0, a.numel(), chunk):
+            x, y = a[i : i + chunk].float(), b[i : i + chunk].float()
             err = ((x - y).abs() / (y.abs() + rms + 1e-12)).nan_to_num(nan=float("inf")).max()
             worst = max(worst, float(err))
     return worst
