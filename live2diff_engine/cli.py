@@ -1013,6 +1013,14 @@ def _cmd_bench_threads(args) -> int:
     return 1 if result["failures"] else 0
 
 
+def _geometry_size(args) -> tuple[int, int]:
+    """--size for the random-weight checks: 512x512 full size, 64x64 with --geometry tiny."""
+    width, height = args.size or ((64, 64) if args.geometry == "tiny" else (512, 512))
+    if width % 8 or height % 8:
+        raise ConfigError(f"--size must be multiples of 8 (the VAE's factor), got {width}x{height}")
+    return width, height
+
+
 def _cmd_bench_gpu(args) -> int:
     import os
 
@@ -1037,9 +1045,7 @@ def _cmd_bench_gpu(args) -> int:
         raise ConfigError(f"--vae takes taesd, full or taesd,full, got {args.vae!r}")
     if args.frames < 1 or args.budget_s <= 0:
         raise ConfigError("--frames must be at least 1 and --budget-s positive")
-    width, height = args.size or ((64, 64) if args.geometry == "tiny" else (512, 512))
-    if width % 8 or height % 8:
-        raise ConfigError(f"--size must be multiples of 8 (the VAE's factor), got {width}x{height}")
+    width, height = _geometry_size(args)
     from .pipeline.schedule import make_schedule
 
     make_schedule(args.num_inference_steps, t_index_list=args.t_index_list)  # a bad schedule is one line now
@@ -1094,9 +1100,7 @@ def _cmd_check_accelerate(args) -> int:
         raise ConfigError(f"--guidance takes comma-separated numbers of at least 1, got {args.guidance!r}")
     if args.calls < 1 or args.budget_s <= 0:
         raise ConfigError("--calls must be at least 1 and --budget-s positive")
-    width, height = args.size or ((64, 64) if args.geometry == "tiny" else (512, 512))
-    if width % 8 or height % 8:
-        raise ConfigError(f"--size must be multiples of 8 (the VAE's factor), got {width}x{height}")
+    width, height = _geometry_size(args)
     settings = ca.Settings(device=device, dtypes=dtypes, steps=list(args.steps), modes=modes, guidance=guidance,
                            geometry=args.geometry, width=width, height=height, calls=args.calls, budget_s=args.budget_s)
     import signal

@@ -30,7 +30,7 @@ step() {
     (( rc == 0 )) || failed=1
     echo "$name: exit $rc in $(( $(date +%s) - start )) s (limit $give s)$([ $rc = 124 ] && echo ', CUT OFF')" | tee -a "$out/summary.txt"
     # the verdicts: a fixture's summary, a case's line, a mismatch, a fallback, a skip, the bench table
-    grep -E "^(== |[0-9]+/[0-9]+ )|max rel err|MISMATCH|FELL BACK|skipped|warning|error|fps|FPS" "$out/$name.txt" | tail -40
+    grep -E "^(== |[0-9]+/[0-9]+ )|worst frame rel err|MISMATCH|FELL BACK|skipped|warning|error|fps|FPS" "$out/$name.txt" | tail -40
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"

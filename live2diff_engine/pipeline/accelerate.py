@@ -165,12 +165,15 @@ def _say(text: str) -> None:
 # Where the stream call's arguments sit (see stream_call); the carry is the one buffer it writes.
 CARRY = 9
 
-# How far an accelerated call may stray from eager before it is not trusted: the largest
-# |accelerated - eager| / (|eager| + rms(eager)) over every output and every buffer the call writes.
-# Reordered float arithmetic stays far below these (measured: about 1e-5 in float32 on the CPU);
-# a wrong kernel (a row read after it was overwritten, a cache slot written to the wrong place) is
-# of the order of the values themselves.
-CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+# How far an accelerated call may stray from eager before it is not trusted: the relative L2 error
+# ||accelerated - eager|| / ||eager|| of each output and of each buffer the call writes (every
+# layer's KV-cache on its own), the worst of them. Reordered float arithmetic stays well below:
+# in float32 up to 3e-3, seen on the tiny random model compiled with AVX, where a 1x1 layer's
+# 32-group norm sees two values a group and amplifies rounding (elementwise that layer strays by
+# 4e-2 of its scale, which is why the measure is not elementwise); elsewhere 1e-5 to 1e-4. A wrong
+# kernel (a row read after it was overwritten, a cache slot written to the wrong place) gives
+# errors of 0.1 to 1.
+CHECK_TOLERANCE = {torch.float32: 1e-2, torch.float64: 1e-6, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 
 def _tensors_of(obj, depth: int = 0) -> list[torch.Tensor]:
@@ -191,23 +194,25 @@ def _tensors_of(obj, depth: int = 0) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def relative_error(got: list[torch.Tensor], want: list[torch.Tensor], chunk: int = 1 << 22) -> float:
-    """The largest ``|got - want| / (|want| + rms(want))`` over all tensors (inf if the shapes
-    differ or a value is not finite where eager's is). Computed ``chunk`` elements at a time, so a
-    large cache needs no full-size temporary."""
+    """The worst relative L2 error ``||got - want|| / ||want||`` over pairs of tensors (inf if the
+    shapes differ or a value is not finite where eager's is; 0 for two all-zero tensors). Summed
+    ``chunk`` elements at a time, so a large cache needs no full-size temporary."""
     if len(got) != len(want):
         return float("inf")
     worst = 0.0
     for a, b in zip(got, want):
         if a.shape != b.shape:
             return float("inf")
-        if a.numel() == 0:
-            continue
         a, b = a.reshape(-1), b.reshape(-1)
-        rms = torch.linalg.vector_norm(b, dtype=torch.float32) / b.numel() ** 0.5
+        diff = norm = 0.0
         for i in range(0, a.numel(), chunk):
-            x, y = a[i : i + chunk].float(), b[i : i + chunk].float()
-            err = ((x - y).abs() / (y.abs() + rms + 1e-12)).nan_to_num(nan=float("inf")).max()
-            worst = max(worst, float(err))
+            x, y = a[i : i + chunk].double(), b[i : i + chunk].double()
+            diff += float((x - y).square().sum())
+            norm += float(y.square().sum())
+        if diff != diff:  # NaN somewhere
+            return float("inf")
+        err = 0.0 if diff == 0 else (diff / norm) ** 0.5 if norm > 0 else float("inf")
+        worst = max(worst, err)
     return worst
 
 
@@ -223,7 +228,7 @@ class StreamAccelerator:
     each compiled version (and the first replay of each CUDA graph) runs on the stream's state, and
     then the same call runs eagerly on a copy of the state it started from (the KV-cache and the
     carry: the stream advances once). Every output and every buffer the call wrote must match
-    eager within :data:`CHECK_TOLERANCE`; if not, one warning line names the mode and the error,
+    eager within :data:`CHECK_TOLERANCE` (relative L2 error); if not, one warning line names the mode and the error,
     the eager state and outputs are kept, and the stream goes on eager (or without CUDA graphs)."""
 
     def __init__(self, unet, mode: str, *, say: Callable[[str], None] | None = None, backend=None, compile_options=None,
