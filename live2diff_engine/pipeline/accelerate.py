@@ -205,10 +205,12 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor], chunk: int
             return float("inf")
         a, b = a.reshape(-1), b.reshape(-1)
         diff = norm = 0.0
-        for i in range(0, a.numel(), chunk):
-            x, y = a[i : i + chunk].double(), b[i : i + chunk].double()
-            diff += float((x - y).square().sum())
-            norm += float(y.square().sum())
+        for i in range(0, a.numel(), chunk):  # float32 norms of each chunk, summed as Python floats
+            x, y = a[i : i + chunk], b[i : i + chunk]
+            if x.dtype != torch.float32:
+                x, y = x.float(), y.float()
+            diff += float(torch.linalg.vector_norm(x - y)) ** 2
+            norm += float(torch.linalg.vector_norm(y)) ** 2
         if diff != diff:  # NaN somewhere
             return float("inf")
         err = 0.0 if diff == 0 else (diff / norm) ** 0.5 if norm > 0 else float("inf")
