@@ -211,10 +211,14 @@ def stream_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     rows, tokens, heads, hd = q.shape
     window = k_cache.shape[-2]
     if sdpa:
+        # Rows and tokens in the batch dimension, heads in the heads dimension: CUDA's kernels
+        # launch a grid over heads that is capped at 65535, and tokens * heads passes that from
+        # about 1024x512 pixels on.
         keys = k_cache + pos_k.transpose(1, 2).unsqueeze(1)  # [T, d, heads, W, hd]
         values = v_cache + pos_v.transpose(1, 2).unsqueeze(1)
-        out = F.scaled_dot_product_attention(q.reshape(rows, tokens * heads, 1, hd), keys.view(rows, tokens * heads, window, hd),
-                                             values.view(rows, tokens * heads, window, hd), bias[:, None, None, :])
+        mask = bias.repeat_interleave(tokens, dim=0)[:, None, None, :]  # [T*d, 1, 1, W]
+        out = F.scaled_dot_product_attention(q.reshape(rows * tokens, heads, 1, hd), keys.view(rows * tokens, heads, window, hd),
+                                             values.view(rows * tokens, heads, window, hd), mask)
         return out.view(rows, tokens, heads, hd)
     scores = torch.matmul(q.reshape(rows, tokens * heads, 1, hd), k_cache.reshape(rows, tokens * heads, window, hd).transpose(-1, -2))
     scores = scores.view(rows, tokens, heads, window) + torch.einsum("tdhe,twhe->tdhw", q, pos_k)
