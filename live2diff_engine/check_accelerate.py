@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .pipeline.accelerate import CHECK_TOLERANCE, relative_error
+from .pipeline.accelerate import CHECK_TOLERANCE, exact_float32, relative_error
 
 T_INDEX = {1: [45], 2: [32, 45], 3: [18, 30, 42], 4: [10, 25, 35, 45]}
 
@@ -103,6 +103,32 @@ def _stream(s: Settings, unet, steps: int, guidance: float, mode: str) -> tuple[
     return torch.cat(out), pipe, first
 
 
+def _cases(s: Settings, unet, steps: int, dtype: torch.dtype, guidance: float, label: str, start: float, result: dict) -> None:
+    """One stream eagerly, then in each mode, compared frame by frame."""
+    say(f"{label}: eager")
+    eager, _, eager_first = _stream(s, unet, steps, guidance, "off")
+    for mode in s.modes:
+        if time.perf_counter() - start > s.budget_s:
+            result["skipped"].append(f"{label} {mode}")
+            say(f"budget spent: {label} {mode} skipped")
+            continue
+        say(f"{label}: {mode}")
+        got, pipe, first = _stream(s, unet, steps, guidance, mode)
+        err = max(relative_error([got[i]], [eager[i]]) for i in range(s.calls))
+        tol = CHECK_TOLERANCE.get(dtype, 5e-2)
+        checks = pipe.accelerator.checks
+        case = {
+            "dtype": str(dtype).replace("torch.", ""), "steps": steps, "guidance": guidance, "mode": mode,
+            "in_use": pipe.accelerated, "worst_frame_error": err, "stream_error": relative_error([got], [eager]),
+            "tolerance": tol, "finite": bool(torch.isfinite(got).all()),
+            "first_call_s": round(first, 3), "eager_first_call_s": round(eager_first, 3),
+            "engine_checks": [dict(c) for c in checks[-2:]],
+        }
+        case["ok"] = case["in_use"] == mode and err <= tol and case["finite"]
+        result["cases"].append(case)
+        say(_line(case))
+
+
 def run(s: Settings) -> dict:
     start = time.perf_counter()
     result = {"device": str(s.device), "geometry": s.geometry, "size": [s.width, s.height], "calls": s.calls,
@@ -110,6 +136,7 @@ def run(s: Settings) -> dict:
     if s.device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(s.device)
     unets: dict = {}
+    noted = False
     try:
         for steps in s.steps:
             for dtype in s.dtypes:
@@ -123,28 +150,10 @@ def run(s: Settings) -> dict:
                     if dtype not in unets:
                         unets[dtype] = _build_unet(s, dtype)
                     unet = unets[dtype]
-                    say(f"{label}: eager")
-                    eager, _, eager_first = _stream(s, unet, steps, guidance, "off")
-                    for mode in s.modes:
-                        if time.perf_counter() - start > s.budget_s:
-                            result["skipped"].append(f"{label} {mode}")
-                            say(f"budget spent: {label} {mode} skipped")
-                            continue
-                        say(f"{label}: {mode}")
-                        got, pipe, first = _stream(s, unet, steps, guidance, mode)
-                        err = max(relative_error([got[i]], [eager[i]]) for i in range(s.calls))
-                        tol = CHECK_TOLERANCE.get(dtype, 5e-2)
-                        checks = pipe.accelerator.checks
-                        case = {
-                            "dtype": str(dtype).replace("torch.", ""), "steps": steps, "guidance": guidance, "mode": mode,
-                            "in_use": pipe.accelerated, "worst_frame_error": err, "stream_error": relative_error([got], [eager]),
-                            "tolerance": tol, "finite": bool(torch.isfinite(got).all()),
-                            "first_call_s": round(first, 3), "eager_first_call_s": round(eager_first, 3),
-                            "engine_checks": [dict(c) for c in checks[-2:]],
-                        }
-                        case["ok"] = case["in_use"] == mode and err <= tol and case["finite"]
-                        result["cases"].append(case)
-                        say(_line(case))
+                    tf32 = exact_float32(s.device, dtype, None if noted else say)  # float32 on a GPU: TF32 off
+                    noted = noted or (s.device.type == "cuda" and dtype in (torch.float32, torch.float64))
+                    with tf32:
+                        _cases(s, unet, steps, dtype, guidance, label, start, result)
     except KeyboardInterrupt:
         result["interrupted"] = True
     result["seconds"] = round(time.perf_counter() - start, 1)

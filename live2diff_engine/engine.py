@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import DeviceLost, UserError, device_failure
 from .io.sinks import Sink, no_signal_card
 from .io.sources import Source, SourceEnded, SourceError
 from .pipeline.frames import FrameError
@@ -399,8 +399,9 @@ class Engine:
         try:
             import torch
 
-            if torch.cuda.is_available():
-                s.gpu_memory_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            device = getattr(getattr(self.pipeline, "comps", None), "device", None)
+            if device is not None and torch.device(device).type == "cuda":  # that card's, not the first one's
+                s.gpu_memory_mb = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         except Exception:
             pass
         if self.stats_path is not None:
@@ -456,10 +457,17 @@ class Engine:
             log.warning("skipping a bad frame: %s", exc)
             return
         except Exception as exc:
-            if _is_oom(exc):
+            failure = device_failure(exc)
+            if failure == "oom":
                 raise OutOfMemory(
                     "the GPU ran out of memory; lower --width/--height (e.g. 512x512), use fewer --steps, "
                     "--vae taesd, or --dtype float16"
+                ) from None
+            if failure == "lost":  # every later call on this CUDA context fails too: passing frames through forever helps no one
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise DeviceLost(
+                    f"the GPU failed and cannot go on in this process ({type(exc).__name__}: {first}); restart the "
+                    "engine, and if it happens again run it with --accelerate off and report it"
                 ) from None
             self.stats.errors += 1
             self.stats.last_error = f"frame {index}: {type(exc).__name__}: {exc}"
@@ -587,14 +595,3 @@ class Engine:
             self.controller.changed()  # "stopped" reaches the dock before the API closes
         if self._status_shown:
             print(file=sys.stderr)
-
-
-def _is_oom(exc: Exception) -> bool:
-    try:
-        import torch
-
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            return True
-    except Exception:
-        pass
-    return "out of memory" in str(exc).lower() and "cuda" in str(exc).lower()

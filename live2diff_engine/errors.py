@@ -37,3 +37,49 @@ class ModelLoadError(UserError):
 
 class ConfigError(UserError):
     """A setting is out of range or inconsistent with the model."""
+
+
+class DeviceLost(UserError):
+    """The GPU hit an error its CUDA context cannot recover from (an illegal address, a device-side
+    assert, a launch failure): every later call on it fails too, so the engine stops."""
+
+    exit_code = 3
+
+
+# cudaGetErrorString's texts for the "sticky" errors: after one of these the CUDA context is
+# corrupt and every later call in the process fails with the same error (CUDA runtime API docs).
+_STICKY_CUDA_ERRORS = (
+    "an illegal memory access was encountered",
+    "device-side assert triggered",
+    "unspecified launch failure",
+    "an illegal instruction was encountered",
+    "misaligned address",
+    "operation not supported on global/shared address space",
+    "invalid program counter",
+    "the launch timed out and was terminated",
+    "uncorrectable ecc error encountered",
+    "hardware stack error",
+)
+
+
+def device_failure(exc: BaseException) -> str | None:
+    """What a GPU error is, so that nothing takes it for a compiler's failure: ``"oom"`` (out of
+    device memory: the caller may free memory or stop with advice), ``"lost"`` (a sticky CUDA
+    error: the context is dead, stop), or None (not a device failure). Follows the chain of causes
+    (a compiler wraps what its kernels raised)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        try:
+            import torch
+
+            if isinstance(exc, torch.OutOfMemoryError):
+                return "oom"
+        except Exception:  # torch not importable: judge by the text alone
+            pass
+        text = str(exc).lower()
+        if "out of memory" in text and ("cuda" in text or "hip" in text or "device" in text):
+            return "oom"
+        if any(s in text for s in _STICKY_CUDA_ERRORS):
+            return "lost"
+        exc, seen = getattr(exc, "inner_exception", None) or exc.__cause__, seen + 1
+    return None

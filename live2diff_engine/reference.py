@@ -19,6 +19,7 @@ from .errors import UserError
 from .models.loading import load_streaming_unet
 from .models.motion import MotionConfig
 from .pipeline.schedule import make_schedule
+from .pipeline.accelerate import exact_float32
 from .pipeline.stream import StreamPipeline
 
 
@@ -117,7 +118,14 @@ def run_check(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.
     """Replay the fixture; print a line per frame and a summary. Returns the exit status (0 or 1).
 
     ``rtol``/``atol`` override the fixture's tolerance (e.g. a looser one for a float16 GPU run);
-    ``accelerate`` runs the stream calls compiled or captured, judged against the same numbers."""
+    ``accelerate`` runs the stream calls compiled or captured, judged against the same numbers.
+    On a GPU in float32 the check runs with TF32 off (see :func:`exact_float32`)."""
+    with exact_float32(device, dtype, lambda line: print(line, file=out)):
+        return _run_check(path, device, dtype, out, accelerate=accelerate, rtol=rtol, atol=atol)
+
+
+def _run_check(path: str | Path, device: str, dtype: torch.dtype, out, *, accelerate: str,
+               rtol: float | None, atol: float | None) -> int:
     fx = read_fixture(path)
     cfg = fx.config
     rtol = fx.rtol if rtol is None else float(rtol)

@@ -583,7 +583,11 @@ class StyleManager:
 
         @contextlib.contextmanager
         def ctx():
-            with torch.cuda.stream(stream):
+            # The frames' stream may still have a swap's copies queued (with CUDA graphs a swap
+            # copies the new values into the weights): wait for them, or this load would read
+            # weights half-way through their copy. An event wait on the GPU; the host goes on.
+            stream.wait_stream(torch.cuda.default_stream(device))
+            with torch.cuda.device(device), torch.cuda.stream(stream):
                 yield stream
 
         return ctx()

@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, device_failure
 
 MODES = ("off", "compile", "cudagraph", "auto")
 # What `auto` does on the CPU. Compiled, the tiny model's step costs well under half the eager one
@@ -100,6 +100,35 @@ def configure_cache() -> str:
     return folder
 
 
+@contextmanager
+def exact_float32(device, dtype, say: Callable[[str], None] | None = None):
+    """TF32 off for a float32 or float64 check on a GPU, restored after. cuDNN convolutions use
+    TF32 by default on Ampere and later cards: a 10-bit mantissa, far coarser than a fixture's
+    1e-3/1e-4 tolerance, so a mismatch there would mean nothing. With it off, one does mean a bug.
+    Through the flags' first API (``allow_tf32``): torch 2.9's ``fp32_precision`` set beside it
+    makes the first API's getters raise, and other code (inductor) still reads them."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.float32, torch.float64):
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    try:
+        saved = (cudnn.allow_tf32, matmul.allow_tf32)
+    except RuntimeError:  # the user mixed the two APIs; leave the flags as they are, and say so
+        if say:
+            say("note: TF32 flags set through both of torch's APIs; this float32 check leaves them as they are")
+        yield
+        return
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    if say:
+        say("note: TF32 off for this float32 check (cuDNN convolutions use it by default on this card; "
+            "its 10-bit mantissa is far coarser than the check's tolerance)")
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def stream_call(unet, latents, depth, text, timesteps, alpha, beta, c_skip, c_out, noise, carry, guidance, row, tables):
     """One stream call on the pipeline's buffers; returns (noise prediction, x0 of every row).
 
@@ -161,6 +190,9 @@ def _one_line(exc: BaseException) -> str:
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
+
+# See _CudaGraph: other threads (the style loader) may allocate and synchronise during a capture.
+CAPTURE_ERROR_MODE = "thread_local"
 
 # Where the stream call's arguments sit (see stream_call); the carry is the one buffer it writes.
 CARRY = 9
@@ -287,6 +319,15 @@ class StreamAccelerator:
     def signature(args) -> tuple:
         return tuple((tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor))
 
+    def graph_key(self, args) -> tuple:
+        """What a CUDA graph is bound to: the address, shape, strides and dtype of every tensor it
+        reads or writes (the call's buffers, the bookkeeping tables, every layer's KV-cache). A new
+        stream can get its buffers at the old addresses with another step count or size (the
+        caching allocator reuses freed blocks), so addresses alone would replay a stale graph."""
+        tensors = [a for a in args[:-1] if isinstance(a, torch.Tensor)] + list(args[-1]) + [t for t in self.unet.cache_tensors() if t is not None]
+        others = tuple(id(a) for a in args[:-1] if not isinstance(a, torch.Tensor))
+        return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype) for t in tensors) + others
+
     # -- the check against eager -------------------------------------------------------------
 
     def _state(self, args) -> list[torch.Tensor]:
@@ -360,10 +401,14 @@ class StreamAccelerator:
                     out = self._compiled_fn()(*args)
             else:
                 out = self._compiled_fn()(*args)
-        except Exception as exc:  # any compiler failure: eager from now on
+        except Exception as exc:  # a compiler's failure: eager from now on
+            if device_failure(exc) == "lost":  # a dead CUDA context: nothing more can run on it
+                raise
             if saved is not None:  # a failure part-way may have written some of the state
                 for dst, src in zip(self._state(args), saved):
                     dst.copy_(src)
+            if device_failure(exc):  # out of memory: eager needs more, so it is the engine's to handle
+                raise
             self._fallback("off", "compiling the stream step", exc)
             return stream_call(self.unet, *args)
         if first:
@@ -396,8 +441,7 @@ class StreamAccelerator:
     # -- CUDA graphs -------------------------------------------------------------------------
 
     def _run_graph(self, args, check: bool = True):
-        key = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else id(a) for a in args[:-1])
-        key += tuple(t.data_ptr() for t in args[-1])
+        key = self.graph_key(args)
         if key != self._graph_key:  # new buffers (a new stream): warm up with real calls, then capture
             self._graph = self._graph_out = None
             self._graph_key, self._graph_runs, self._graph_checked = key, 0, False
@@ -415,9 +459,13 @@ class StreamAccelerator:
         try:
             out = graph.capture(self._compiled_fn(), args)
         except Exception as exc:
+            if device_failure(exc) == "lost":
+                raise
             if saved is not None:
                 for dst, src in zip(self._state(args), saved):
                     dst.copy_(src)
+            if device_failure(exc):  # out of memory: compiled without graphs is no smaller
+                raise
             self._fallback("compile", "capturing the stream step in a CUDA graph", exc)
             return self._run_compiled(args)
         if saved is not None:  # capturing records kernels without running them: the state is as it was
@@ -442,11 +490,12 @@ class StreamAccelerator:
             yield
             return
         device = self.unet.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.cuda.device(device):  # the stream's own card, not the current one
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                yield
+            torch.cuda.current_stream(device).wait_stream(side)
 
     # -- other modules -----------------------------------------------------------------------
 
@@ -505,6 +554,8 @@ class _CompiledCall:
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as exc:
+            if device_failure(exc):  # out of memory or a dead CUDA context: not the compiler's doing
+                raise
             self.failed = True
             self.accel.say(f"warning: compiling the {self.label} failed ({_one_line(exc)}); it goes on uncompiled")
             return self.fn(*args, **kwargs)
@@ -527,16 +578,33 @@ class _CompiledCall:
 
 
 class _CudaGraph:
+    """A CUDA graph of one call on ``device``, captured on a side stream of that device.
+
+    * The device's context around the capture and every replay: ``torch.cuda.graph`` otherwise
+      captures on a stream of the *current* device (cuda:0), while the call's kernels run on the
+      tensors' device (``--device cuda:1``): the graph would hold nothing and every replay would
+      do nothing.
+    * ``capture_error_mode="thread_local"`` (as inductor's own CUDA graphs do): in the default
+      "global" mode a capture forbids allocation and synchronisation on *every* thread, so a style
+      loading beside the stream (its ``.to(device)`` copies and its side stream's synchronise)
+      would break the capture and the load; thread_local forbids them on the capturing thread only."""
+
     def __init__(self, device):
-        self.device = device
+        self.device = torch.device(device)
         self.graph = torch.cuda.CUDAGraph()
 
     def capture(self, fn, args):
-        with torch.cuda.graph(self.graph):
-            return fn(*args)
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.graph(self.graph, stream=stream, capture_error_mode=CAPTURE_ERROR_MODE):
+                out = fn(*args)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        return out
 
     def replay(self) -> None:
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.graph.replay()
 
 
 class _EmulatedGraph:
