@@ -5,10 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import GOLDEN, ROOT
+from conftest import GOLDEN, ROOT, run_cli
 
 STAGES = ("upload", "depth", "encode", "unet", "decode", "download")
 
@@ -81,9 +82,14 @@ def test_bench_gpu_tiny_on_cpu(tmp_path):
     r = json.loads(out.read_text())
     assert r["card"] and r["torch"] and r["dtype"] == "float32" and r["size"] == "64x64"
     assert not r["errors"] and not r["skipped"]
+    # The warmup's memory, per size, dtype and VAE: measured on CUDA only; here the fields are there, empty.
+    assert [(m["size"], m["dtype"], m["vae"]) for m in r["warmup_memory"]] == [("64x64", "float32", "taesd"), ("64x64", "float32", "full")]
+    assert all(m["warm"] and m["warmup_s"] > 0 and m["needs_mb"] is None and m["fits"] is None for m in r["warmup_memory"])
+    assert "warmup memory" in result.stdout
     stream = r["stream"]["off"]
     assert stream["effective"] == "off" and stream["frames"] == 3 and stream["finite"]
-    assert stream["ms_per_frame"] > 0 and stream["fps"] > 0 and stream["first_call_s"] > 0
+    assert stream["ms_per_frame"] > 0 and stream["fps"] > 0 and stream["first_call_s"] > 0 and stream["first_calls"] == 1
+    assert "warmup_peak_mb" in stream and stream["warmup_peak_mb"] is None
     for vae in ("taesd", "full"):
         f = r["pipeline"][vae]["off"]
         assert f["frames"] == 3 and f["fps"] > 0 and f["ms_per_frame"] > 0 and f["first_call_s"] > 0 and f["outputs"]
@@ -97,8 +103,9 @@ def test_bench_gpu_budget_and_errors(tmp_path):
     result = _bench(tmp_path, "--device", "cpu", "--geometry", "tiny", "--modes", "off", "--budget-s", "0.001", "--json", out)
     assert result.returncode == 0, result.stderr
     r = json.loads(out.read_text())
-    assert not r["stream"] and not r["pipeline"] and len(r["skipped"]) == 3
+    assert not r["stream"] and not r["pipeline"] and not r["warmup_memory"] and len(r["skipped"]) == 5
     assert "budget" in result.stderr and "skipped: stream step (off): budget" in result.stdout
+    assert "skipped: warmup memory (64x64, float32, taesd VAE): budget" in result.stdout
 
     bad = _bench(tmp_path, "--device", "cpu", "--modes", "cudagraph")
     assert bad.returncode == 2 and "cudagraph needs a CUDA device" in bad.stderr
@@ -107,6 +114,10 @@ def test_bench_gpu_budget_and_errors(tmp_path):
     (tmp_path / "a_file").write_text("")
     unwritable = _bench(tmp_path, "--device", "cpu", "--geometry", "tiny", "--json", tmp_path / "a_file" / "bench.json")
     assert unwritable.returncode == 2 and "cannot write" in unwritable.stderr and "Traceback" not in unwritable.stderr
+
+    for option, value in (("--memory-sizes", "64x60"), ("--memory-dtypes", "half"), ("--parts", "memory,frames")):
+        bad = run_cli("bench-gpu", "--device", "cpu", "--geometry", "tiny", option, value)
+        assert bad.returncode == 2 and option in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_spent_budget_stops_a_timed_loop_after_one_frame():
@@ -151,3 +162,52 @@ def test_sigterm_keeps_the_figures_so_far(tmp_path):
     assert "interrupted" in stdout and "Traceback" not in stderr
     r = json.loads(out.read_text())
     assert r["interrupted"] and r["pipeline"]["taesd"]["off"]["frames"] == 30 and "full" not in r["pipeline"]
+
+
+def test_card_fit():
+    from live2diff_engine.bench_gpu import OTHERS_MB, card_fit
+
+    assert card_fit(None) is None
+    assert card_fit(8 * 1024 - OTHERS_MB) == {"8": True, "12": True, "24": True}
+    assert card_fit(8 * 1024 - OTHERS_MB + 1) == {"8": False, "12": True, "24": True}
+    assert card_fit(30_000) == {"8": False, "12": False, "24": False}
+
+
+def test_modes_in_order_and_a_cuda_graphs_capture_in_its_first_call(monkeypatch):
+    """The modes run in the order given (cudagraph before compile); a CUDA graph's first calls run
+    until its capture (two real calls, then the capture, emulated here) and are timed as one
+    figure; each measurement starts with the last one's graph released. torch.compile is left out
+    (the identity): what is checked is the bench's own logic, not a compiler."""
+    import torch
+
+    from live2diff_engine import bench_gpu
+    from live2diff_engine.pipeline import accelerate
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    capture = accelerate._EmulatedGraph.capture
+    captured = []
+
+    def slow_capture(self, fn, args):
+        time.sleep(0.3)  # a capture that takes time: it must be inside first_call_s
+        captured.append(1)
+        return capture(self, fn, args)
+
+    monkeypatch.setattr(accelerate._EmulatedGraph, "capture", slow_capture)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        s = bench_gpu.Settings(device=torch.device("cpu"), dtype=torch.float32, geometry="tiny", width=64, height=64,
+                               frames=2, modes=["off", "cudagraph", "compile"], vaes=["taesd"], parts=["stream", "pipeline"],
+                               accelerator_options={"emulate_graphs": True})
+        r = bench_gpu.run(s)
+    finally:
+        torch.set_num_threads(threads)
+    assert not r["errors"] and not r["skipped"], r
+    assert list(r["modes"]) == ["off", "cudagraph", "compile"] and list(r["stream"]) == ["off", "cudagraph", "compile"]
+    assert {m: f["effective"] for m, f in r["modes"].items()} == {"off": "off", "cudagraph": "cudagraph", "compile": "compile"}
+    graph = r["stream"]["cudagraph"]
+    assert graph["first_calls"] == 3 and graph["first_call_s"] >= 0.3  # two real calls, then the capture and its replay
+    assert r["stream"]["compile"]["first_calls"] == r["stream"]["off"]["first_calls"] == 1
+    piped = r["pipeline"]["taesd"]["cudagraph"]
+    assert piped["first_call_s"] >= 0.3 and piped["outputs"] and len(captured) == 2  # one capture per stream
+    assert r["pipeline"]["taesd"]["off"]["first_calls"] == 2  # the first output comes a call later (2 steps)
