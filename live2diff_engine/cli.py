@@ -625,7 +625,7 @@ def _cmd_run(args) -> int:
     from .assemble import build_frame_pipeline
     from .engine import Engine
     from .io.sinks import SinkUnavailable, parse_sink
-    from .io.sources import SourceError, parse_source
+    from .io.sources import open_at_start, parse_source
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.max_frames is not None and args.max_frames < 1:
@@ -641,12 +641,7 @@ def _cmd_run(args) -> int:
         synthetic_size=args.camera_size or (640, 480), seed=args.seed,
     )
     sinks = [parse_sink(s, vcam_device=args.vcam_device, vcam_fps=args.vcam_fps, mirror=args.mirror) for s in (args.sink or ["virtualcam"])]
-    try:
-        source.open()
-    except SourceError as exc:
-        raise UserError(
-            f"{exc}: check --source camera:N (0 is the default camera) and that no other app is using it"
-        ) from None
+    open_at_start(source, lambda line: print(line, file=sys.stderr, flush=True))
     size = args.output_size or source.frame_size() or (640, 480)
     fps = args.vcam_fps or source.fps or 30.0
     opened = []

@@ -288,6 +288,10 @@ class Engine:
 
     def _capture_loop(self) -> None:
         seq = 0
+        # A camera that did not open at start (held by another app, or waiting for the user's
+        # permission): 'no signal' and retries from the first frame on, as for a lost one.
+        if not getattr(self.source, "is_open", True) and not self._open_source_with_retry():
+            return
         while not self.stopping:
             try:
                 frame = self.source.read()

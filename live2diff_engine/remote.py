@@ -519,7 +519,7 @@ def cmd_connect(args) -> int:
     from .control.webrtc import ice_servers_from
     from .engine import Engine
     from .io.sinks import SinkUnavailable, no_signal_card, parse_sink
-    from .io.sources import SourceError, parse_source
+    from .io.sources import open_at_start, parse_source
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
@@ -537,10 +537,7 @@ def cmd_connect(args) -> int:
                           synthetic_size=args.camera_size or (640, 480))
     sinks = [parse_sink(s, vcam_device=args.vcam_device, vcam_fps=args.vcam_fps, mirror=args.mirror)
              for s in (args.sink or ["virtualcam"])]
-    try:
-        source.open()
-    except SourceError as exc:
-        raise UserError(f"{exc}: check --source camera:N (0 is the default camera) and that no other app is using it") from None
+    open_at_start(source, say)
     size = source.frame_size() or (640, 480)
     fps = args.vcam_fps or source.fps or 30.0
     opened, api = [], None

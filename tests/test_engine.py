@@ -550,3 +550,76 @@ def test_the_mjpeg_stream_never_runs_faster_than_the_output_frame_rate():
     assert len(served) <= 10.0 * (took + 0.5) * 1.2 + 1, f"{len(served)} parts in {took:.1f} s at 10 fps"
     last = cv2.imdecode(np.frombuffer(served[-1], np.uint8), cv2.IMREAD_GRAYSCALE)
     assert abs(int(last.mean()) - i % 250) <= 3  # the newest frame went out last
+
+
+class BusyCamera(LiveListSource):
+    """A webcam another app holds (Windows) or that waits for the user's permission (macOS): it
+    cannot be opened at first, then it can."""
+
+    def __init__(self, frames, until):
+        super().__init__(frames)
+        self.until = until
+        self.opened = False
+        self.name = "camera 0"
+
+    def open(self):
+        self.opens += 1
+        if not self.until():
+            raise SourceError("camera 0 cannot be opened")
+        self.opened = True
+
+    @property
+    def is_open(self):
+        return self.opened
+
+    def certainly_missing(self):
+        return False
+
+    def advice(self):
+        from live2diff_engine.io.sources import camera_advice
+
+        return camera_advice("darwin")
+
+
+def test_a_camera_busy_at_start_shows_no_signal_then_streams(comps):
+    """The first open failing is not the end: one warning line says what to do, the camera
+    shows 'no signal' while the engine retries, then the stream starts."""
+    from live2diff_engine.io.sources import open_at_start
+
+    RecordingBackend.instances.clear()
+    src = BusyCamera(synthetic_frames(16), until=a_card_was_shown)
+    said = []
+    open_at_start(src, said.append)
+    assert len(said) == 1 and said[0].startswith("warning: camera 0 cannot be opened: macOS may be asking")
+    assert said[0].endswith("showing 'no signal' and retrying until it opens")
+    vcam = VirtualCameraSink(backend="l2dtest", fps=120)
+    vcam.open(96, 80, 30.0)
+    frames = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=0, output_size=(96, 80))
+    outputs = []
+    engine = Engine(frames, src, [vcam], output_size=(96, 80), status=False, on_output=outputs.append, retry_max_s=0.2)
+    engine.run(install_signals=False)
+    shown = RecordingBackend.instances[-1].frames
+    assert src.opens >= 2 and outputs  # retried until it opened, then streamed
+    first_card = next(i for i, f in enumerate(shown) if is_card(f))
+    assert first_card < max(i for i, f in enumerate(shown) if not is_card(f))  # the card, then pictures
+
+
+def test_a_camera_that_cannot_exist_is_one_line_and_one_that_may_be_busy_is_retried(monkeypatch, tmp_path):
+    from live2diff_engine.errors import UserError
+    from live2diff_engine.io import sources
+
+    class Unopenable(sources.CameraSource):
+        def open(self):
+            raise SourceError(f"camera {self.index} cannot be opened")
+
+    cam = Unopenable(7)
+    monkeypatch.setattr(sources, "_platform", lambda: "linux")
+    monkeypatch.setattr(sources.os.path, "exists", lambda p: p != "/dev/video7")
+    with pytest.raises(UserError, match="camera 7 cannot be opened: check --source camera:N"):
+        sources.open_at_start(cam, print)
+    for platform, needle in (("win32", "in OBS, remove or deactivate its Video Capture Device source"),
+                             ("darwin", "System Settings > Privacy & Security > Camera")):
+        monkeypatch.setattr(sources, "_platform", lambda: platform)
+        said = []
+        sources.open_at_start(cam, said.append)  # may be busy or not allowed yet: retried, not fatal
+        assert len(said) == 1 and needle in said[0] and not cam.is_open

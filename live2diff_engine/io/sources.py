@@ -8,6 +8,8 @@ when asked, so every frame is processed, in order.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -37,6 +39,19 @@ class Source:
 
     def close(self) -> None:
         pass
+
+    @property
+    def is_open(self) -> bool:
+        """Whether reads can succeed now (a camera that could not be opened yet says no)."""
+        return True
+
+    def certainly_missing(self) -> bool:
+        """Whether a failed open means the source cannot exist (not merely busy or not allowed yet)."""
+        return True
+
+    def advice(self) -> str:
+        """What the user can do about a failed open."""
+        return "check the --source"
 
     def frame_size(self) -> tuple[int, int] | None:
         """(width, height) of the frames, when known before reading one."""
@@ -82,6 +97,19 @@ class CameraSource(Source):
             self._cap.release()
             self._cap = None
 
+    @property
+    def is_open(self) -> bool:
+        return self._cap is not None
+
+    def certainly_missing(self) -> bool:
+        # Only Linux names its cameras as files. On Windows and macOS a camera that fails to open
+        # may be held by another app or waiting for the user's permission: that cannot be told
+        # from a missing one, so it is retried.
+        return _platform() == "linux" and not os.path.exists(f"/dev/video{self.index}")
+
+    def advice(self) -> str:
+        return camera_advice(_platform())
+
     def frame_size(self):
         if self._cap is None:
             return self.size
@@ -103,9 +131,36 @@ class _opencv_quiet:
 
 
 def _is_windows() -> bool:
-    import os
-
     return os.name == "nt"
+
+
+def _platform() -> str:
+    return "linux" if sys.platform.startswith("linux") else sys.platform
+
+
+def camera_advice(platform: str) -> str:
+    """Why a camera that exists may not open, and what to do, on ``platform`` (sys.platform)."""
+    if platform == "win32":
+        return ("Windows lets one app use a webcam at a time: close the app that has it (in OBS, remove or "
+                "deactivate its Video Capture Device source: OBS shows the engine's output instead), and check "
+                "Settings > Privacy & security > Camera > Let desktop apps access your camera")
+    if platform == "darwin":
+        return ("macOS may be asking whether this app may use the camera: allow Terminal (or OBS, when OBS "
+                "started the engine) under System Settings > Privacy & Security > Camera; or another app has it")
+    return "check --source camera:N (0 is the default camera) and that no other app holds it"
+
+
+def open_at_start(source: Source, say) -> None:
+    """Open ``source`` before the stream starts. One that cannot exist (a missing file, a camera
+    index Linux does not have) is one line and an exit. A camera that exists but does not open yet
+    (held by another app, or waiting for the user's permission on macOS) is a warning line that
+    says what to do; the engine then shows 'no signal' and retries it, as for a lost camera."""
+    try:
+        source.open()
+    except SourceError as exc:
+        if not source.live or source.certainly_missing():
+            raise UserError(f"{exc}: {source.advice()}") from None
+        say(f"warning: {exc}: {source.advice()}; showing 'no signal' and retrying until it opens")
 
 
 class VideoSource(Source):
