@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("value", nargs="?", default=None, help="the new value, where the action takes one")
     ctl.add_argument("--api", default=None, help="the engine's API address (default http://127.0.0.1:8765, or the config file's)")
     ctl.add_argument("--token", default=None, help="API token, where the engine has one (or LIVE2DIFF_API_TOKEN)")
-    ctl.add_argument("--config", metavar="FILE", default=None, help="config file (default: ~/.config/live2diff/config.toml)")
+    ctl.add_argument("--config", metavar="FILE", default=None, help=f"config file (default: {_default_config_shown()})")
     ctl.add_argument("--json", action="store_true", help="print the engine's reply as JSON")
 
     be = sub.add_parser(
@@ -259,7 +259,7 @@ CTL_ACTIONS = {
 
 def _add_control_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("live control (local API, OBS)")
-    g.add_argument("--config", metavar="FILE", default=None, help="config file (default: ~/.config/live2diff/config.toml)")
+    g.add_argument("--config", metavar="FILE", default=None, help=f"config file (default: {_default_config_shown()})")
     g.add_argument("--api-host", default=None, help="address of the local API and dock (default 127.0.0.1; beyond it needs --api-token)")
     g.add_argument("--api-port", type=int, default=None, help="port of the local API (default 8765; 0 picks a free one)")
     g.add_argument("--api-token", default=None, help="token the API asks for (or LIVE2DIFF_API_TOKEN); never printed")
@@ -617,6 +617,16 @@ def _size_arg(text: str):
     from .assemble import _size
 
     return _size(text)
+
+
+def _default_config_shown() -> str:
+    """The config file's default place as this OS has it (%APPDATA% on Windows), for --help."""
+    from .config import config_file
+
+    try:
+        return str(config_file()).replace("%", "%%")  # argparse formats help with %
+    except Exception:  # no home folder: say where it would be
+        return "live2diff/config.toml in the user's config folder"
 
 
 def _cmd_run(args) -> int:

@@ -68,3 +68,19 @@ def test_ci_runs_exactly_the_readme_commands():
     commands = [line for block in blocks[:2] for line in block.strip().splitlines()]
     ci = [l for l in (ROOT / ".ci" / "run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
     assert commands == ci
+
+
+def test_config_help_names_this_oss_config_folder(monkeypatch):
+    """--help shows where the config file is on the OS it runs on (%APPDATA% on Windows), not
+    Linux's ~/.config everywhere."""
+    import types
+
+    from live2diff_engine import cli, config
+
+    monkeypatch.delenv("LIVE2DIFF_HOME", raising=False)
+    monkeypatch.delenv("LIVE2DIFF_CONFIG", raising=False)
+    fake_os = types.SimpleNamespace(name="nt", environ={"APPDATA": "C:\\Users\\José 100%\\AppData\\Roaming"})
+    monkeypatch.setattr(config, "os", fake_os)
+    parser = cli.build_parser()
+    run_help = next(a for a in parser._subparsers._group_actions[0].choices["run"]._actions if "--config" in a.option_strings)
+    assert run_help.help % {} == "config file (default: C:\\Users\\José 100%\\AppData\\Roaming/live2diff/config.toml)"

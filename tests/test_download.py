@@ -68,3 +68,46 @@ def test_an_interrupted_download_resumes_where_it_stopped(server, tmp_path, caps
 def test_http_errors_are_one_line(server, tmp_path):
     with pytest.raises(ModelLoadError, match="cannot download"):
         download_url("http://127.0.0.1:9/nothing-listens-here", tmp_path / "x.safetensors", progress=False)
+
+
+def _https_server(tmp_path):
+    """A real HTTPS server on 127.0.0.1 whose certificate a CA of the test's own signed: no
+    trust store on the machine knows that CA."""
+    import shutil
+    import ssl
+    import subprocess
+
+    if shutil.which("openssl") is None:  # pragma: no cover - the openssl CLI is on every machine here
+        pytest.skip("needs the openssl command")
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test root",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "srv.key", "-out", "srv.csr")
+    (tmp_path / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-extfile", "ext.cnf", "-out", "srv.pem")
+    Handler.seen, Handler.cut_first = [], False
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "srv.pem", tmp_path / "srv.key")
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, tmp_path / "ca.pem"
+
+
+def test_https_downloads_trust_certifis_roots(tmp_path, monkeypatch):
+    """python.org's macOS Pythons trust no root until their 'Install Certificates' step: the
+    download trusts certifi's bundle as well as the system's. Here certifi's bundle is replaced by
+    the test's own CA, which the system does not know: the download succeeds only through it."""
+    import certifi
+
+    httpd, ca = _https_server(tmp_path)
+    url = f"https://127.0.0.1:{httpd.server_address[1]}/api/download/models/1"
+    try:
+        with pytest.raises(ModelLoadError, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            download_url(url, tmp_path / "refused.safetensors", progress=False)  # the real certifi: not trusted
+        monkeypatch.setattr(certifi, "where", lambda: str(ca))
+        done = download_url(url, tmp_path / "style.safetensors", progress=False)
+        assert done.read_bytes() == PAYLOAD
+    finally:
+        httpd.shutdown()

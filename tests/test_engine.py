@@ -623,3 +623,20 @@ def test_a_camera_that_cannot_exist_is_one_line_and_one_that_may_be_busy_is_retr
         said = []
         sources.open_at_start(cam, said.append)  # may be busy or not allowed yet: retried, not fatal
         assert len(said) == 1 and needle in said[0] and not cam.is_open
+
+
+class RefusingBackend:
+    def __init__(self, *a, **k):
+        raise RuntimeError("OBS Virtual Camera device not found!\nDid you install OBS Studio 30 or newer?")
+
+
+pyvirtualcam.register_backend("l2drefuses", RefusingBackend)
+
+
+def test_the_virtual_cameras_own_reason_is_kept():
+    from live2diff_engine.io.sinks import SinkUnavailable
+
+    with pytest.raises(SinkUnavailable) as caught:
+        VirtualCameraSink(backend="l2drefuses").open(96, 80, 30.0)
+    assert "(the virtual camera said: 'l2drefuses' backend: OBS Virtual Camera device not found!)" in str(caught.value)
+    assert "\n" not in str(caught.value)

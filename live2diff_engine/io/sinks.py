@@ -70,7 +70,9 @@ class VirtualCameraSink(Sink):
             detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
             if self.device and "device" in detail.lower():
                 raise SinkUnavailable(f"virtual camera device {self.device} cannot be used ({detail}); check --vcam-device") from None
-            raise SinkUnavailable(virtual_camera_help()) from None
+            # pyvirtualcam's own reason (a driver missing, a camera another app has, a version too
+            # old for this macOS) beside what to do
+            raise SinkUnavailable(virtual_camera_help() + (f" (the virtual camera said: {detail})" if detail else "")) from None
         self.name = f"virtual camera {self.cam.device}"
 
     @property

@@ -26,6 +26,23 @@ def _with_token(url: str, token: str | None) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
 
 
+def tls_context():
+    """The system's trusted certificates plus certifi's. The Pythons from python.org on macOS
+    trust nothing until the user runs their "Install Certificates" step, so every HTTPS download
+    would fail with CERTIFICATE_VERIFY_FAILED; a company's own root in the system store stays
+    trusted too."""
+    import ssl
+
+    context = ssl.create_default_context()
+    try:
+        import certifi
+
+        context.load_verify_locations(cafile=certifi.where())
+    except (ImportError, OSError):  # certifi absent or unreadable: the system's store alone
+        pass
+    return context
+
+
 def download_url(url: str, dest: Path, token: str | None = None, progress: bool = True, timeout: float = 30.0,
                  on_progress=None) -> Path:
     """``on_progress(done_bytes, total_bytes_or_None)``, when given, is called as the file grows."""
@@ -39,7 +56,8 @@ def download_url(url: str, dest: Path, token: str | None = None, progress: bool 
     if have:
         request.add_header("Range", f"bytes={have}-")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        https = urllib.parse.urlsplit(request.full_url).scheme == "https"
+        response = urllib.request.urlopen(request, timeout=timeout, context=tls_context() if https else None)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and have:  # the .part is already complete
             shutil.move(part, dest)
