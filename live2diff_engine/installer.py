@@ -42,6 +42,20 @@ CUDA_WHEELS: list[tuple[str, str, str]] = [
     ("cu121", "525.60.13", "528.33"),
 ]
 BLACKWELL_MIN_WHEEL = "cu128"
+# Which compute capabilities each build has kernels for (PyTorch's RELEASE.md support matrix and its
+# .ci/manywheel/build_cuda.sh, .ci/pytorch/windows/cuda12x.bat). cu128 dropped Maxwell and Pascal (sm_50,
+# sm_60) in torch 2.8 and Volta (sm_70) in 2.11, and the cu128 index ends at 2.11, which an unpinned install
+# gets: it starts at Turing (7.5). cu126 carries 5.0 to 9.0 (plus 6.1 on Windows) in every release that has
+# it, up to torch 2.14, its last; cu124 (torch 2.4-2.6) and cu121 (2.1-2.5) carry 5.0 to 9.0 as well. A card
+# runs kernels built for an older minor of its own major (a 6.1 GTX 1080 runs sm_60, a 5.2 GTX 970 sm_50).
+WHEEL_MIN_CAP = {"cu128": (7, 5), "cu126": (5, 0), "cu124": (5, 0), "cu121": (5, 0)}
+OLD_CARD_WHEEL = "cu126"  # for cards below 7.5 on drivers that would get cu128
+MIN_CUDA_CAP = (5, 0)  # no current PyTorch CUDA build runs below Maxwell
+# Names of pre-Turing cards, for the rare nvidia-smi that does not report compute_cap: GTX 9xx/10xx, the
+# Maxwell/Pascal/Volta Titans, Quadro M/P/GV, Tesla M/P/V, MX1xx/2xx/330/350.
+PRE_TURING_NAMES = re.compile(
+    r"\bGTX\s*(9\d0|10[1-8]0)|\bTITAN\s*(X|Xp|V)\b|\bQuadro\s*(M|P|GV)\d|\bTesla\s*(M|P|V)\d|\bMX\s*(1[1-5]0|2[1-5]0|330|350)\b",
+    re.I)
 
 OBS_FLATPAK_ID = "com.obsproject.Studio"
 MAC_CAMERA_EXTENSION = "com.obsproject.obs-studio.mac-camera-extension"
@@ -86,10 +100,26 @@ class Gpu:
     compute_cap: str = ""
 
     @property
+    def cap(self) -> tuple[int, int] | None:
+        """(major, minor) from nvidia-smi's compute_cap, or None when it did not report one."""
+        v = version_tuple(self.compute_cap)
+        return (v[0], v[1]) if len(v) >= 2 else None
+
+    @property
     def is_blackwell(self) -> bool:
-        if self.compute_cap:
-            return version_tuple(self.compute_cap)[:1] >= (10,)
+        if self.cap:
+            return self.cap >= (10, 0)
         return bool(re.search(r"RTX\s*(PRO\s*)?50\d0|RTX\s*PRO\s*\d+\s*Blackwell|\bB\d00\b", self.name, re.I))
+
+    @property
+    def pre_turing(self) -> bool:
+        """Below compute capability 7.5 (Maxwell, Pascal, Volta): no kernels in the cu128 builds."""
+        if self.cap:
+            return self.cap < WHEEL_MIN_CAP["cu128"]
+        return bool(PRE_TURING_NAMES.search(self.name))
+
+    def describe(self) -> str:
+        return f"{self.name} (compute capability {self.compute_cap})" if self.cap else self.name
 
 
 def parse_nvidia_smi(text: str | None) -> list[Gpu]:
@@ -163,20 +193,41 @@ def choose_torch(os_name: str, arch: str, gpus: list[Gpu], env: dict[str, str], 
             "check that `nvidia-smi` works, and run the installer again."])
 
     gpu = max(gpus, key=lambda g: version_tuple(g.driver))
-    wheel = pick_cuda_wheel(os_name, gpu.driver)
     floor = CUDA_WHEELS[-1][2 if os_name == "windows" else 1]
+    too_old = [g for g in gpus if g.cap and g.cap < MIN_CUDA_CAP]
+    if len(too_old) == len(gpus):
+        return TorchPlan("error", "", None, None, [
+            f"{too_old[0].describe()} is older than every current PyTorch CUDA build supports (they start at 5.0, "
+            "Maxwell): run the installer with --cpu (or use a newer card)."])
+    wheel = pick_cuda_wheel(os_name, gpu.driver)
     if wheel is None:
         return TorchPlan("error", "", None, None, [
             f"NVIDIA driver {gpu.driver} is too old for current PyTorch CUDA builds (needs >= {floor}). "
             "Update the driver (https://www.nvidia.com/Download/index.aspx) and run the installer again, "
             "or run it with --cpu."])
-    msgs = [f"{gpu.name}, driver {gpu.driver}: PyTorch CUDA build {wheel}."]
-    if any(g.is_blackwell for g in gpus) and wheel != BLACKWELL_MIN_WHEEL:
+    blackwell = [g for g in gpus if g.is_blackwell]
+    if blackwell and wheel != BLACKWELL_MIN_WHEEL:
         need = dict((w, (lin, win)) for w, lin, win in CUDA_WHEELS)[BLACKWELL_MIN_WHEEL]
         return TorchPlan("error", "", None, None, [
-            f"{gpu.name} (RTX 50-series, Blackwell) needs CUDA 12.8, which needs driver >= "
+            f"{blackwell[0].name} (RTX 50-series, Blackwell) needs CUDA 12.8, which needs driver >= "
             f"{need[1] if os_name == 'windows' else need[0]}; yours is {gpu.driver}. Update the driver "
             "(https://www.nvidia.com/Download/index.aspx) and run the installer again."])
+    msgs = []
+    old = [g for g in gpus if g.pre_turing and g not in too_old]
+    if old and WHEEL_MIN_CAP[wheel] > MIN_CUDA_CAP:
+        if blackwell:  # no one build has kernels for both: the Blackwell card wins
+            msgs.append(f"{old[0].describe()} has no kernels in the {wheel} build that {blackwell[0].name} needs: "
+                        f"the engine can use only the {blackwell[0].name} (if it is not GPU 0, set "
+                        "CUDA_VISIBLE_DEVICES to its index).")
+        else:
+            msgs.append(f"{old[0].describe()}: PyTorch's {wheel} builds have no kernels below compute capability "
+                        f"7.5, so this is the {OLD_CARD_WHEEL} build (kernels for 5.0 to 9.0; torch 2.14 is its last "
+                        "release).")
+            wheel = OLD_CARD_WHEEL
+    shown = blackwell[0] if blackwell else (old[0] if old else gpu)
+    msgs.insert(0, f"{shown.name}, driver {gpu.driver}: PyTorch CUDA build {wheel}.")
+    for g in too_old:
+        msgs.append(f"{g.describe()} is too old for any PyTorch CUDA build: the engine cannot use it.")
     if os_name == "linux" and arm:
         msgs.append("ARM Linux with an NVIDIA GPU: using PyTorch's CUDA index; if no wheel matches, set "
                     "TORCH_INDEX_URL to your platform's index (e.g. NVIDIA's Jetson wheels).")

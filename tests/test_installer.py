@@ -95,6 +95,43 @@ def test_choose_torch(os_name, arch, smi, env, cpu, kind, spec, index):
         assert "good for" in " ".join(plan.messages)
 
 
+# (driver, compute capability) -> the index and the requirement pip gets. cu128 (every driver >= 570) has no
+# kernels below 7.5 (torch 2.8 dropped sm_50/sm_60, 2.11 sm_70, and the cu128 index ends at 2.11); cu126 carries
+# 5.0 to 9.0, and so do the older builds lower drivers get.
+@pytest.mark.parametrize("os_name, smi, kind, index, says", [
+    ("Linux", "NVIDIA GeForce GTX 1080, 575.64.03, 6.1", "cuda", "https://download.pytorch.org/whl/cu126", "cu126 build"),
+    ("Windows", "NVIDIA GeForce GTX 970, 576.02, 5.2", "cuda", "https://download.pytorch.org/whl/cu126", "no kernels below compute capability 7.5"),
+    ("Windows", "NVIDIA TITAN V, 581.57, 7.0", "cuda", "https://download.pytorch.org/whl/cu126", "compute capability 7.0"),
+    ("Linux", "Tesla V100-SXM2-16GB, 570.172.08, 7.0", "cuda", "https://download.pytorch.org/whl/cu126", "cu126"),
+    ("Linux", "NVIDIA GeForce GTX 1660 SUPER, 575.64.03, 7.5", "cuda", "https://download.pytorch.org/whl/cu128", "cu128"),
+    ("Linux", "NVIDIA GeForce RTX 3060, 580.95.05, 8.6", "cuda", "https://download.pytorch.org/whl/cu128", "cu128"),
+    # Below 570 the driver already picks a build with the old kernels: nothing changes.
+    ("Linux", "NVIDIA GeForce GTX 1080 Ti, 550.144.03, 6.1", "cuda", "https://download.pytorch.org/whl/cu124", "cu124"),
+    ("Windows", "Quadro M4000, 538.78, 5.2", "cuda", "https://download.pytorch.org/whl/cu121", "cu121"),
+    # No compute_cap column: the card's name tells a Pascal card.
+    ("Linux", "NVIDIA GeForce GTX 1070, 575.64.03", "cuda", "https://download.pytorch.org/whl/cu126", "cu126"),
+    ("Linux", "NVIDIA TITAN Xp, 575.64.03", "cuda", "https://download.pytorch.org/whl/cu126", "cu126"),
+    ("Linux", "NVIDIA GeForce RTX 2080, 575.64.03", "cuda", "https://download.pytorch.org/whl/cu128", "cu128"),
+    # Kepler: no build at all, whatever the driver: --cpu, not "update the driver".
+    ("Linux", "Tesla K80, 470.256.02, 3.7", "error", None, "--cpu"),
+    ("Linux", "Tesla K80, 575.64.03, 3.7", "error", None, "--cpu"),
+    # Two cards: one build for both where there is one, else the Blackwell card wins and the other is named.
+    ("Linux", "NVIDIA GeForce RTX 4090, 575.64.03, 8.9\nNVIDIA GeForce GTX 1080, 575.64.03, 6.1", "cuda",
+     "https://download.pytorch.org/whl/cu126", "cu126"),
+    ("Linux", "NVIDIA GeForce RTX 5090, 575.64.03, 12.0\nNVIDIA GeForce GTX 1080, 575.64.03, 6.1", "cuda",
+     "https://download.pytorch.org/whl/cu128", "can use only the NVIDIA GeForce RTX 5090"),
+    ("Linux", "NVIDIA GeForce RTX 3090, 575.64.03, 8.6\nTesla K80, 575.64.03, 3.7", "cuda",
+     "https://download.pytorch.org/whl/cu128", "Tesla K80 (compute capability 3.7) is too old"),
+])
+def test_choose_torch_for_the_card(os_name, smi, kind, index, says):
+    plan = I.choose_torch(os_name, "x86_64", I.parse_nvidia_smi(smi), {})
+    assert (plan.kind, plan.index_url) == (kind, index), plan.messages
+    assert plan.spec == ("torch" if kind == "cuda" else "")
+    assert says in " ".join(plan.messages)
+    if kind == "cuda":
+        assert plan.wheel in plan.messages[0], "the first line says which build"
+
+
 def test_torch_pip_args():
     plan = I.choose_torch("Linux", "x86_64", I.parse_nvidia_smi(SMI_4090), {})
     assert plan.pip_args() == ["install", "--upgrade", "torch", "--index-url", "https://download.pytorch.org/whl/cu126"]
