@@ -11,11 +11,14 @@ Three threads:
 * **publisher** (paced sinks only): sends the latest output to the virtual camera at its own frame
   rate, repeating the last one when inference is slower, so a video call never sees a stall.
 
-A file or test pattern (not live) is read at its own frame rate when ``pace`` is set (`run`), paused
-or not; otherwise as fast as the pipeline goes (`translate`, benchmarks).
+A file or test pattern (not live) stands for a camera when ``pace`` is set (`run`): the capture
+thread reads it at its own frame rate, paused or not, and the newest frame wins, so a model slower
+than the video drops frames as it would a camera's instead of playing the video in slow motion.
+Without ``pace`` every frame is processed, as fast as the pipeline goes (`translate`, benchmarks).
 
-Stop (``stop()``, ``max_frames``) is seen between frames. A stop signal (Ctrl-C, SIGTERM) is seen
-at once: the model work of the frame in flight is cut short (on a busy machine it can take
+Stop (``stop()``, ``max_frames``) is seen between frames. A stop signal (Ctrl-C, SIGTERM, and
+SIGBREAK on Windows: Ctrl-Break, or a launcher's CTRL_BREAK_EVENT) or a ``quit`` through the local
+API (``api_quit``, the same stop) is seen at once: the model work of the frame in flight is cut short (on a busy machine it can take
 seconds, and its result would be dropped anyway); commands already taken are applied and saved. Threads get one short
 shared deadline; the sinks are closed (a file is complete) and then the source.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import _thread
 import signal
 import sys
 import threading
@@ -124,6 +128,16 @@ def rss_mb() -> float | None:
         return None
 
 
+def stop_signals() -> list[int]:
+    """The signals that stop the engine as Ctrl-C does: SIGINT, SIGTERM and, on Windows (the only
+    platform whose signal module has it), SIGBREAK: Ctrl-Break, and the CTRL_BREAK_EVENT a
+    launcher sends to the engine's process group."""
+    sigs = [signal.SIGINT, signal.SIGTERM]
+    if hasattr(signal, "SIGBREAK"):
+        sigs.append(signal.SIGBREAK)
+    return sigs
+
+
 class Engine:
     """Runs ``pipeline`` (anything with ``push(frame) -> [(index, image)]``, ``frame_index``,
     ``flush()`` and ``abandon_in_flight()``, e.g. a FramePipeline) from ``source`` to ``sinks``."""
@@ -158,9 +172,11 @@ class Engine:
         self.on_output = on_output
         self.controller = controller
         # A file or a test pattern could be read as fast as the model goes (thousands of frames a
-        # second while paused): with ``pace`` it is read at its own frame rate, as a camera would
-        # deliver it. `run` paces; `translate` and the benchmarks do not.
+        # second while paused): with ``pace`` it is read at its own frame rate on the capture
+        # thread, as a camera would deliver it (the newest frame wins). `run` paces; `translate`
+        # and the benchmarks do not.
         self.pace = pace and not source.live
+        self._captured = source.live or self.pace  # read on the capture thread
         self._due: float | None = None
         if controller is not None:
             controller.engine = self
@@ -168,6 +184,11 @@ class Engine:
         self.paused = False
         self._pause_changed = False
         self._may_abandon = False  # the inference thread is in work a stop signal may cut short
+        # While run() holds the process's stop signals (main thread): the stop they make, callable
+        # from any thread (the local API's quit, through the controller); None otherwise.
+        self.api_quit = None
+        self._signals_lock = threading.Lock()
+        self._signals_held = False
         self.stats = Stats()
         self._stop = threading.Event()
         self._new_frame = threading.Condition()
@@ -293,6 +314,8 @@ class Engine:
         if not getattr(self.source, "is_open", True) and not self._open_source_with_retry():
             return
         while not self.stopping:
+            if self.pace and not self._wait_for_due():
+                break
             try:
                 frame = self.source.read()
             except SourceEnded:
@@ -312,7 +335,7 @@ class Engine:
 
     def _next_frame(self) -> tuple[float, np.ndarray] | None:
         """The next frame to process, or None when the stream should end."""
-        if self.source.live:
+        if self._captured:
             while not self.stopping:
                 with self._new_frame:
                     if self._latest is not None and self._latest[0] > self._seq_taken:
@@ -326,8 +349,6 @@ class Engine:
                 self._update_stats()  # and the rates fall to 0 while no frame comes
             return None
         while not self.stopping:
-            if self.pace and not self._wait_for_due():
-                return None
             try:
                 frame = self.source.read()
                 if self._no_signal:
@@ -513,15 +534,18 @@ class Engine:
         try:
             return self._run()
         finally:
-            for sig, old in handlers.items():
-                signal.signal(sig, old)
+            with self._signals_lock:  # (signal.signal runs a pending handler first: ours, still)
+                self.api_quit = None
+                self._signals_held = False
+                for sig, old in handlers.items():
+                    signal.signal(sig, old)
             self._shutdown()
 
     def _run(self) -> int:
         if self.status:
             print(f"streaming from {self.source.name} to {', '.join(s.name for s in self.sinks) or 'nowhere'}", file=sys.stderr, flush=True)
         self.stats.state = "warming up"
-        if self.source.live:
+        if self._captured:
             self._threads.append(threading.Thread(target=self._capture_loop, name="capture", daemon=True))
         for sink in self.sinks:
             if sink.paced:
@@ -570,9 +594,20 @@ class Engine:
             if self._may_abandon:  # the stop is seen at once, not after the frame in flight
                 raise _Abandon
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop_signals():
             old[sig] = signal.signal(sig, handler)
+        with self._signals_lock:
+            self._signals_held = True
+            self.api_quit = self._quit_from_api
         return old
+
+    def _quit_from_api(self) -> None:
+        """A quit through the local API (any thread): the stop a stop signal makes. The frame in
+        flight is cut short as on Ctrl-C: the signal's own handler runs on the main thread."""
+        self.stop()
+        with self._signals_lock:
+            if self._signals_held and self._may_abandon:
+                _thread.interrupt_main(signal.SIGINT)
 
     def _shutdown(self) -> None:
         """Within a second of a stop (the frame in flight excepted), however busy the machine: the

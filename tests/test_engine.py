@@ -640,3 +640,39 @@ def test_the_virtual_cameras_own_reason_is_kept():
         VirtualCameraSink(backend="l2drefuses").open(96, 80, 30.0)
     assert "(the virtual camera said: 'l2drefuses' backend: OBS Virtual Camera device not found!)" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_video_in_run_stands_for_a_camera_and_a_slow_model_drops_frames(comps):
+    """`run --source video:FILE` (pace): the video goes on in real time while the model works
+    and the newest frame wins, as with a camera; it never plays in slow motion. Here the model
+    waits, each frame, until the video has moved on by three frames (an event, not a clock), so
+    it is slower than the video whatever the machine's load."""
+    src = ListSource(synthetic_frames(40))
+    src.fps = 60.0
+    frames = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=0, output_size=(96, 80))
+    push = frames.push
+    seen = []
+
+    def slow_push(frame):
+        start = src.i
+        deadline = time.monotonic() + 20
+        while src.i < min(start + 3, len(src.frames)) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        seen.append(src.i)
+        return push(frame)
+
+    frames.push = slow_push
+    src.open()
+    engine = Engine(frames, src, [NullSink()], output_size=(96, 80), status=False, pace=True)
+    engine.run(install_signals=False)
+    assert src.i == 40  # the whole video went by
+    assert engine.stats.frames_in < 40 and engine.stats.dropped > 0  # frames the model was too slow for were skipped
+    assert engine.stats.frames_in <= 40 // 3 + 2
+
+
+def test_without_pace_every_frame_of_a_video_is_processed(comps):
+    src = ListSource(synthetic_frames(12))
+    src.fps = 60.0
+    engine, outputs = make_engine(comps, src, [NullSink()])
+    engine.run(install_signals=False)
+    assert engine.stats.frames_in == 12 and engine.stats.dropped == 0 and len(outputs) == 12
