@@ -278,3 +278,26 @@ def test_float32_checks_on_a_gpu_run_without_tf32_and_say_so():
         assert len(said) == 1
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def test_a_long_compile_says_how_long_it_has_been_running(unet, monkeypatch):
+    """Issue 24: a 3.5-minute compile showed one line at its start. The compiler here waits until
+    the progress line has been said (an event, not a clock), so the test holds on a busy machine."""
+    import threading
+
+    monkeypatch.setattr(accelerate, "TICK_S", 0.05)
+    said, ticked = [], threading.Event()
+
+    def say(line):
+        said.append(line)
+        if "compiling the stream step:" in line:
+            ticked.set()
+
+    def slow_backend(gm, example_inputs):
+        ticked.wait(60)
+        return gm.forward
+
+    run_stream(unet, "compile", calls=2, backend=slow_backend, say=say)
+    ticks = [ln for ln in said if ln.strip().startswith("compiling the stream step:")]
+    assert ticked.is_set() and ticks and ticks[0].endswith("s so far ...")
+    assert said.index(ticks[0]) < next(i for i, ln in enumerate(said) if ln.startswith("stream step compiled in"))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Callable
@@ -189,6 +190,31 @@ def _one_line(exc: BaseException) -> str:
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+# While a compile runs (minutes on a CPU, tens of seconds on a GPU), a line this often says how
+# long it has been running, so that a long compile never looks like a hang.
+TICK_S = 15.0
+
+
+@contextmanager
+def elapsed(say: Callable[[str], None], what: str):
+    """Say every :data:`TICK_S` seconds how long ``what`` has been running, until the block ends."""
+    stop = threading.Event()
+    start = time.perf_counter()
+    every = TICK_S
+
+    def tick():
+        while not stop.wait(every):
+            say(f"  {what}: {time.perf_counter() - start:.0f} s so far ...")
+
+    ticker = threading.Thread(target=tick, name="compile progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join(timeout=1.0)
 
 
 # See _CudaGraph: other threads (the style loader) may allocate and synchronise during a capture.
@@ -399,6 +425,9 @@ class StreamAccelerator:
                 # entries the guards pick the right one.
                 with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                     out = self._compiled_fn()(*args)
+            elif first:
+                with elapsed(self.say, "compiling the stream step"):
+                    out = self._compiled_fn()(*args)
             else:
                 out = self._compiled_fn()(*args)
         except Exception as exc:  # a compiler's failure: eager from now on
@@ -552,7 +581,11 @@ class _CompiledCall:
         if self.failed:
             return self.fn(*args, **kwargs)
         try:
-            out = self.compiled(*args, **kwargs)
+            if self.checked:
+                out = self.compiled(*args, **kwargs)
+            else:  # the first call compiles
+                with elapsed(self.accel.say, f"compiling the {self.label}"):
+                    out = self.compiled(*args, **kwargs)
         except Exception as exc:
             if device_failure(exc):  # out of memory or a dead CUDA context: not the compiler's doing
                 raise
