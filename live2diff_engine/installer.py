@@ -404,15 +404,87 @@ def obs_python_setting(ini_texts: dict[str, str]) -> str | None:
     return None
 
 
-def obs_python_executable(os_name: str, python_home: str) -> str:
+# The Pythons OBS loads, newest first: deps/obs-scripting/obs-scripting-python-import.c tries 3.12 down to 3.6
+# (PY_MINOR_VERSION_MAX 12) and takes the first library it finds in the folder set in Tools > Scripts > Python
+# Settings. Newer ones are looked for only to say why OBS cannot load them (python.org offers them first).
+OBS_PYTHON_VERSIONS = tuple((3, m) for m in range(12, 5, -1))
+NEWER_PYTHON_VERSIONS = ((3, 15), (3, 14), (3, 13))
+OBS_PYTHON_ADVICE = ("a 64-bit Python 3.12 or older (OBS loads 3.6 to 3.12; python.org's download page offers "
+                     "newer ones first: take a 3.12 installer)")
+
+
+def obs_python_layout(os_name: str, python_home: str) -> list[tuple[tuple[int, int], str, str]]:
+    """(version, the library OBS loads, the interpreter beside it) for each version, newest first (3.15 to 3.6).
+
+    Windows: OBS's folder holds ``python3X.dll`` and ``python.exe``. macOS: OBS's folder is the one that holds
+    ``Python.framework`` (``/Library/Frameworks`` for python.org's installer) and it loads
+    ``Python.framework/Versions/3.X/lib/libpython3.X.dylib`` (OBS 31.0+; older ones went through
+    ``Versions/Current``, the same folder for a python.org install); the interpreter is ``Versions/3.X/bin/python3.X``.
+    """
+    os_name = normalize_os(os_name)
+    rows = []
+    for major, minor in (*NEWER_PYTHON_VERSIONS, *OBS_PYTHON_VERSIONS):
+        if os_name == "windows":
+            rows.append(((major, minor), _join("windows", python_home, f"python{major}{minor}.dll"),
+                         _join("windows", python_home, "python.exe")))
+        else:
+            ver = _join(os_name, python_home, "Python.framework", "Versions", f"{major}.{minor}")
+            rows.append(((major, minor), _join(os_name, ver, "lib", f"libpython{major}.{minor}.dylib"),
+                         _join(os_name, ver, "bin", f"python{major}.{minor}")))
+    return rows
+
+
+def obs_python_paths(os_name: str, python_home: str) -> list[str]:
+    """Every path obs_python_interpreter looks at (main checks which exist)."""
+    return list(dict.fromkeys(p for _, lib, exe in obs_python_layout(os_name, python_home) for p in (lib, exe)))
+
+
+def obs_python_interpreter(os_name: str, python_home: str, existing: set[str]) -> tuple[tuple[int, int], str] | None:
+    """(version, interpreter) of the Python OBS would load from python_home, or None when it loads none."""
+    for version, lib, exe in obs_python_layout(os_name, python_home):
+        if version in OBS_PYTHON_VERSIONS and lib in existing:
+            return version, exe
+    return None
+
+
+PYTHON_PROBE = "import sys; print(sys.version_info[0], sys.version_info[1], sys.maxsize > 2**32)"
+
+
+def parse_python_probe(text: str | None) -> dict | None:
+    """``PYTHON_PROBE``'s output ("3 11 True") -> {"version": (3, 11), "bits": 64}; None when unreadable."""
+    m = re.fullmatch(r"\s*(\d+) (\d+) (True|False)\s*", text or "")
+    if not m:
+        return None
+    return {"version": (int(m.group(1)), int(m.group(2))), "bits": 64 if m.group(3) == "True" else 32}
+
+
+def obs_python_home_of(os_name: str, base_prefix: str) -> str | None:
+    """The folder OBS's Python Settings wants for a Python installed at base_prefix (``sys.base_prefix``):
+    the folder itself on Windows, the one that holds ``Python.framework`` on macOS (None for a Python that is
+    not a framework build: OBS cannot load those)."""
     os_name = normalize_os(os_name)
     if os_name == "windows":
-        return _join("windows", python_home, "python.exe")
-    return _join(os_name, python_home, "bin", "python3")
+        return base_prefix
+    if os_name == "macos" and "/Python.framework/" in base_prefix.rstrip("/") + "/":
+        return base_prefix.split("/Python.framework")[0] or "/"
+    return None
 
 
-def obsws_plan(os_name: str, obs: dict | None, ini_texts: dict[str, str], existing: set[str]) -> tuple[list[str] | None, str]:
-    """(command to install obsws-python into OBS's Python, or None; the message to show)."""
+def obs_python_suggestion(os_name: str, folder: str | None, version: tuple[int, int], bits: int,
+                          existing: set[str]) -> str | None:
+    """folder, when OBS would load this very Python (version, bits) from it."""
+    if not folder or bits != 64:
+        return None
+    found = obs_python_interpreter(os_name, folder, existing)
+    return folder if found and found[0] == tuple(version[:2]) and found[1] in existing else None
+
+
+def obsws_plan(os_name: str, obs: dict | None, ini_texts: dict[str, str], existing: set[str],
+               probe: dict | None = None, suggestion: str | None = None) -> tuple[list[str] | None, str]:
+    """(command to install obsws-python into OBS's Python, or None; the message to show).
+
+    ``existing``: which of ``obs_python_paths`` exist; ``probe``: what OBS's interpreter says of itself
+    (``parse_python_probe``); ``suggestion``: a folder OBS could be pointed at (``obs_python_suggestion``)."""
     os_name = normalize_os(os_name)
     if obs is None:
         return None, "OBS not found: skipped the OBS script setup. Install OBS (https://obsproject.com) and run the installer again."
@@ -422,15 +494,35 @@ def obsws_plan(os_name: str, obs: dict | None, ini_texts: dict[str, str], existi
                           "obsws-python: use OBS from your distribution's packages for the script, or use the dock alone.")
         return None, ("OBS on Linux uses the system Python 3: install obsws-python for it with "
                       "`python3 -m pip install --user obsws-python` (add --break-system-packages on Debian/Ubuntu 23+).")
+    then = ", restart OBS and run the installer again"
+    hint = f" ({suggestion} will do)" if suggestion else ""
     home = obs_python_setting(ini_texts)
     if home is None:
-        return None, ("OBS has no Python set: in OBS open Tools > Scripts > Python Settings, pick a Python 3 install "
-                      "folder, restart OBS, then run the installer again (or `PYTHON -m pip install obsws-python` yourself).")
-    exe = obs_python_executable(os_name, home)
+        return None, ("OBS has no Python set: in OBS open Tools > Scripts > Python Settings and pick the folder of "
+                      f"{OBS_PYTHON_ADVICE}{hint}{then}.")
+    if os_name == "macos" and "/Python.framework" in home.rstrip("/") + "/":
+        folder = home.split("/Python.framework")[0] or "/"
+        return None, (f"OBS's Python setting is {home}, but OBS wants the folder that holds Python.framework: set "
+                      f"Tools > Scripts > Python Settings to {folder}{then}.")
+    found = obs_python_interpreter(os_name, home, existing)
+    if found is None:
+        newer = next((v for v, lib, _ in obs_python_layout(os_name, home) if lib in existing), None)
+        if newer:
+            return None, (f"OBS's Python folder {home} holds Python {newer[0]}.{newer[1]}, which OBS cannot load: install "
+                          f"{OBS_PYTHON_ADVICE}{hint} and pick its folder in Tools > Scripts > Python Settings{then}.")
+        lib = obs_python_layout(os_name, home)[len(NEWER_PYTHON_VERSIONS)][1]
+        return None, (f"OBS's Python setting points at {home}, but no Python OBS can load is there (e.g. {lib}): pick "
+                      f"the folder of {OBS_PYTHON_ADVICE}{hint} in Tools > Scripts > Python Settings{then}.")
+    version, exe = found
     if exe not in existing:
-        return None, (f"OBS's Python setting points at {home}, but {exe} is not there: fix it in Tools > Scripts > "
-                      "Python Settings and run the installer again.")
-    return [exe, "-m", "pip", "install", "--upgrade", "obsws-python"], f"Installing obsws-python into OBS's Python ({exe})."
+        return None, (f"OBS would load Python {version[0]}.{version[1]} from {home}, but its interpreter {exe} is not "
+                      f"there: reinstall that Python, or pick {OBS_PYTHON_ADVICE}{hint} in Tools > Scripts > Python "
+                      f"Settings{then}.")
+    if probe and probe.get("bits") != 64:
+        return None, (f"OBS's Python ({exe}) is 32-bit, which 64-bit OBS cannot load: install {OBS_PYTHON_ADVICE}"
+                      f"{hint} and pick its folder in Tools > Scripts > Python Settings{then}.")
+    return ([exe, "-m", "pip", "install", "--upgrade", "obsws-python"],
+            f"Installing obsws-python into OBS's Python {version[0]}.{version[1]} ({exe}).")
 
 
 def dock_url(port: int = DEFAULT_PORT) -> str:
@@ -722,10 +814,18 @@ def main(argv: list[str] | None = None) -> int:
                     ini[name] = Path(obs["config"], name).read_text(encoding="utf-8-sig", errors="replace")
                 except OSError:
                     pass
-            py_home = obs_python_setting(ini)
-            if py_home and Path(obs_python_executable(os_name, py_home)).exists():
-                existing.add(obs_python_executable(os_name, py_home))
-        obsws_cmd, obs_msg = obsws_plan(os_name, obs, ini, existing)
+        probe = suggestion = None
+        py_home = obs_python_setting(ini) if obs else None
+        if py_home and os_name in ("windows", "macos"):
+            existing |= {p for p in obs_python_paths(os_name, py_home) if Path(p).exists()}
+            found = obs_python_interpreter(os_name, py_home, existing)
+            if found and found[1] in existing:
+                probe = parse_python_probe(_run_text([found[1], "-c", PYTHON_PROBE]))
+        own = obs_python_home_of(os_name, _join(os_name, sys.base_prefix)) if obs else None
+        if own and own != py_home:  # the Python running this installer, offered when OBS could load it
+            existing |= {p for p in obs_python_paths(os_name, own) if Path(p).exists()}
+            suggestion = obs_python_suggestion(os_name, own, sys.version_info[:2], 64 if sys.maxsize > 2**32 else 32, existing)
+        obsws_cmd, obs_msg = obsws_plan(os_name, obs, ini, existing, probe, suggestion)
         print("  " + obs_msg)
         src = Path(repo, "obs_scripts")
         if obs and src.is_dir():

@@ -231,8 +231,8 @@ def test_obs_script_dir(os_name, config, expected):
     ({"global.ini": "[General]\nFirstRun=true\n\n[Python]\nPath64bit=C:/Python311\n"}, "C:/Python311"),
     ({"user.ini": "\ufeff[Python]\nPath64bit=C:/Users/ann/AppData/Local/Programs/Python/Python312\n",
       "global.ini": "[Python]\nPath64bit=C:/Python36\n"}, "C:/Users/ann/AppData/Local/Programs/Python/Python312"),
-    ({"user.ini": "[General]\nX=1\n", "global.ini": "[Python]\nPath64bit=/Library/Frameworks/Python.framework/Versions/3.11\n"},
-     "/Library/Frameworks/Python.framework/Versions/3.11"),
+    ({"user.ini": "[General]\nX=1\n", "global.ini": "[Python]\nPath64bit=/Library/Frameworks\n"},
+     "/Library/Frameworks"),
     ({"global.ini": "[Python]\nPath64bit=\n"}, None),
     ({"global.ini": "[Basic]\nProfile=Untitled\n"}, None),
     ({"global.ini": "not an ini file ]["}, None),
@@ -242,22 +242,90 @@ def test_obs_python_setting(ini, expected):
     assert I.obs_python_setting(ini) == expected
 
 
-@pytest.mark.parametrize("os_name, obs, ini, existing, runs, says", [
-    ("Windows", None, {}, set(), False, "OBS not found"),
-    ("Windows", {"config": "c", "flatpak": False}, {}, set(), False, "Python Settings"),
-    ("Windows", {"config": "c", "flatpak": False}, {"global.ini": "[Python]\nPath64bit=C:/Python311\n"}, set(), False, "is not there"),
-    ("Windows", {"config": "c", "flatpak": False}, {"global.ini": "[Python]\nPath64bit=C:/Python311\n"},
-     {r"C:\Python311\python.exe"}, True, "Installing obsws-python"),
-    ("Darwin", {"config": "c", "flatpak": False}, {"user.ini": "[Python]\nPath64bit=/opt/py311\n"}, {"/opt/py311/bin/python3"}, True, "Installing"),
-    ("Linux", {"config": "c", "flatpak": False}, {}, set(), False, "python3 -m pip install --user obsws-python"),
-    ("Linux", {"config": "c", "flatpak": True}, {}, set(), False, "Flatpak"),
+OBS = {"config": "c", "flatpak": False}
+PY311_WIN = {r"C:\Python311\python311.dll", r"C:\Python311\python.exe"}
+FW = "/Library/Frameworks/Python.framework/Versions"
+MAC_311 = {f"{FW}/3.11/lib/libpython3.11.dylib", f"{FW}/3.11/bin/python3.11"}
+MAC_313 = {f"{FW}/3.13/lib/libpython3.13.dylib", f"{FW}/3.13/bin/python3.13"}
+BREW = "/opt/homebrew/opt/python@3.12/Frameworks"
+
+
+def _ini(path):
+    return {"user.ini": f"[Python]\nPath64bit={path}\n"}
+
+
+@pytest.mark.parametrize("os_name, obs, ini, existing, probe, runs, says", [
+    ("Windows", None, {}, set(), None, None, "OBS not found"),
+    ("Windows", OBS, {}, set(), None, None, "3.12 or older"),
+    ("Windows", OBS, {"global.ini": "[Python]\nPath64bit=C:/Python311\n"}, set(), None, None, "no Python OBS can load"),
+    ("Windows", OBS, {"global.ini": "[Python]\nPath64bit=C:/Python311\n"}, PY311_WIN, None, r"C:\Python311\python.exe", "Python 3.11"),
+    ("Windows", OBS, _ini("C:/Python311"), PY311_WIN, {"version": (3, 11), "bits": 64}, r"C:\Python311\python.exe", "Installing"),
+    # python.org's 32-bit installer: OBS (64-bit) cannot load it.
+    ("Windows", OBS, _ini("C:/Python311"), PY311_WIN, {"version": (3, 11), "bits": 32}, None, "32-bit"),
+    ("Windows", OBS, _ini("C:/Python311"), {r"C:\Python311\python311.dll"}, None, None, "is not there"),
+    # What python.org offers first: OBS loads 3.6 to 3.12 only.
+    ("Windows", OBS, _ini("C:/Python313"), {r"C:\Python313\python313.dll", r"C:\Python313\python.exe"}, None, None,
+     "holds Python 3.13, which OBS cannot load"),
+    # macOS: OBS's setting is the folder that holds Python.framework, and it loads Versions/3.X from it.
+    ("Darwin", OBS, _ini("/Library/Frameworks"), MAC_311, None, f"{FW}/3.11/bin/python3.11", "Python 3.11"),
+    ("Darwin", OBS, _ini(BREW), {f"{BREW}/Python.framework/Versions/3.12/lib/libpython3.12.dylib",
+                                 f"{BREW}/Python.framework/Versions/3.12/bin/python3.12"}, None,
+     f"{BREW}/Python.framework/Versions/3.12/bin/python3.12", "Installing"),
+    # python.org installs 3.13 beside 3.11: OBS skips 3.13 and loads 3.11, so obsws-python goes there.
+    ("Darwin", OBS, _ini("/Library/Frameworks"), MAC_311 | MAC_313, None, f"{FW}/3.11/bin/python3.11", "Python 3.11"),
+    ("Darwin", OBS, _ini("/Library/Frameworks"), MAC_313, None, None, "holds Python 3.13, which OBS cannot load"),
+    # The framework's own folder instead of the one holding it: OBS loads nothing; say which folder to pick.
+    ("Darwin", OBS, _ini(f"{FW}/3.11"), MAC_311, None, None, "to /Library/Frameworks,"),
+    # <folder>/bin/python3 is not what OBS loads.
+    ("Darwin", OBS, _ini("/opt/py311"), {"/opt/py311/bin/python3"}, None, None, "no Python OBS can load"),
+    ("Linux", OBS, {}, set(), None, None, "python3 -m pip install --user obsws-python"),
+    ("Linux", {"config": "c", "flatpak": True}, {}, set(), None, None, "Flatpak"),
 ])
-def test_obsws_plan(os_name, obs, ini, existing, runs, says):
-    cmd, msg = I.obsws_plan(os_name, obs, ini, existing)
-    assert (cmd is not None) == runs
+def test_obsws_plan(os_name, obs, ini, existing, probe, runs, says):
+    cmd, msg = I.obsws_plan(os_name, obs, ini, existing, probe)
+    assert (cmd[0] if cmd else None) == runs, msg
     assert says in msg
     if cmd:
         assert cmd[1:] == ["-m", "pip", "install", "--upgrade", "obsws-python"]
+    else:
+        assert "installer again" in msg or "OBS not found" in msg or "Linux" in msg or "Flatpak" in msg
+
+
+def test_obs_python_paths_cover_what_obs_tries():
+    """OBS tries 3.12 down to 3.6 (obs-scripting-python-import.c); we also look for 3.13-3.15 to say why not."""
+    libs = [lib for _, lib, _ in I.obs_python_layout("Darwin", "/Library/Frameworks")]
+    assert libs[3] == f"{FW}/3.12/lib/libpython3.12.dylib" and libs[-1] == f"{FW}/3.6/lib/libpython3.6.dylib"
+    assert [v for v in I.OBS_PYTHON_VERSIONS] == [(3, m) for m in range(12, 5, -1)]
+    win = I.obs_python_paths("Windows", "C:/Python312")
+    assert r"C:\Python312\python312.dll" in win and r"C:\Python312\python36.dll" in win and r"C:\Python312\python.exe" in win
+
+
+@pytest.mark.parametrize("os_name, base_prefix, home", [
+    ("Windows", r"C:\Users\ann\AppData\Local\Programs\Python\Python311", r"C:\Users\ann\AppData\Local\Programs\Python\Python311"),
+    ("Darwin", f"{FW}/3.11", "/Library/Frameworks"),
+    ("Darwin", f"{BREW}/Python.framework/Versions/3.12", BREW),
+    ("Darwin", "/Users/ann/.pyenv/versions/3.11.9", None),  # not a framework build: OBS cannot load it
+    ("Linux", "/usr", None),
+])
+def test_obs_python_home_of(os_name, base_prefix, home):
+    assert I.obs_python_home_of(os_name, base_prefix) == home
+
+
+def test_obs_python_suggestion_when_obs_has_none():
+    assert I.obs_python_suggestion("Darwin", "/Library/Frameworks", (3, 11), 64, MAC_311) == "/Library/Frameworks"
+    assert I.obs_python_suggestion("Darwin", "/Library/Frameworks", (3, 13), 64, MAC_313) is None
+    assert I.obs_python_suggestion("Windows", r"C:\Python311", (3, 11), 32, PY311_WIN) is None
+    _, msg = I.obsws_plan("Darwin", OBS, {}, set(), None, "/Library/Frameworks")
+    assert "(/Library/Frameworks will do)" in msg
+
+
+def test_python_probe_runs_and_parses():
+    """The probe main runs in OBS's interpreter, run here in this one."""
+    out = subprocess.run([sys.executable, "-c", I.PYTHON_PROBE], capture_output=True, text=True, timeout=60).stdout
+    assert I.parse_python_probe(out) == {"version": sys.version_info[:2], "bits": 64 if sys.maxsize > 2**32 else 32}
+    assert I.parse_python_probe("3 12 False\n") == {"version": (3, 12), "bits": 32}
+    assert I.parse_python_probe("Python was not found; run without arguments to install from the Microsoft Store") is None
+    assert I.parse_python_probe(None) is None
 
 
 def test_dock_url_and_next_steps():
