@@ -561,17 +561,107 @@ def venv_executable(os_name: str, venv: str, name: str) -> str:
     return _join(os_name, venv, "bin", name)
 
 
-def launcher_files(os_name: str, prefix: str, venv: str, home: str, env: dict[str, str], shortcut: bool = True) -> dict[str, str]:
-    """{path: content} for the start launcher in the prefix and (shortcut=True) a menu/desktop entry."""
+# The launcher is a .bat that cmd.exe reads in the OEM code page (850, 437, ...) while Python writes text in the
+# ANSI one (1252, ...): 'é' written by one is another letter to the other, and a name outside the code page
+# cannot be written at all. So the .bat holds plain ASCII only and no absolute path: cmd expands %~dp0 (the
+# .bat's own folder) and environment variables itself, in Unicode, at run time.
+BAT_ENV_VARS = ("LOCALAPPDATA", "APPDATA", "USERPROFILE")
+WINDOWS_LAUNCHER = "Start Live2Diff.bat"
+
+
+def bat_path(target: str, bat_dir: str, env: dict[str, str], prefer_env: bool = False) -> str | None:
+    r"""What to write in a .bat kept in bat_dir so that cmd.exe reaches target: ``%~dp0`` plus a relative path, or
+    an environment variable that holds the start of target (``%LOCALAPPDATA%\...``), whichever is plain ASCII
+    (prefer_env: the variable first, for a copy that may be moved, like the Desktop one); an absolute path only
+    when nothing relative reaches target (another drive) and it is plain ASCII. None when no form is."""
+    import ntpath
+
+    def lit(text: str) -> str:
+        return text.replace("%", "%%")
+
+    target = ntpath.normpath(target)
+    inside, up, by_env = [], [], []
+    try:
+        rel = ntpath.relpath(target, ntpath.normpath(bat_dir))
+        (up if rel.startswith("..") else inside).append("%~dp0" + lit(rel))
+    except ValueError:  # another drive
+        pass
+    for var in BAT_ENV_VARS:
+        root = ntpath.normpath(env.get(var) or "").rstrip("\\")
+        if root and root != "." and ntpath.normcase(target).startswith(ntpath.normcase(root) + "\\"):
+            by_env.append(f"%{var}%" + lit(target[len(root):]))
+    forms = by_env + inside + up if prefer_env else inside + by_env + up
+    forms.append(lit(target))  # last: absolute, only where nothing relative reaches it (another drive)
+    return next((f for f in forms if f.isascii()), None)
+
+
+FOLDERID_DESKTOP = "B4BFCC3A-DB2C-424C-B029-7FE99A87C641"
+
+
+def _guid(text: str):
+    """A Windows GUID structure (ctypes) for a known-folder id."""
+    import ctypes
+    import uuid
+
+    class GUID(ctypes.Structure):
+        _fields_ = [("Data1", ctypes.c_uint32), ("Data2", ctypes.c_uint16), ("Data3", ctypes.c_uint16),
+                    ("Data4", ctypes.c_ubyte * 8)]
+
+    return GUID.from_buffer_copy(uuid.UUID(text).bytes_le)
+
+
+def known_folder_path(folder_id: str) -> str | None:
+    r"""SHGetKnownFolderPath(folder_id): where Windows really keeps that folder (the Desktop may be redirected into
+    OneDrive or onto another drive). None off Windows or when the call fails."""
+    try:
+        import ctypes
+        from ctypes import wintypes
+
+        shell32, ole32 = ctypes.windll.shell32, ctypes.windll.ole32
+    except (ImportError, AttributeError, OSError):
+        return None
+    shell32.SHGetKnownFolderPath.argtypes = [ctypes.c_void_p, wintypes.DWORD, wintypes.HANDLE, ctypes.POINTER(ctypes.c_wchar_p)]
+    shell32.SHGetKnownFolderPath.restype = ctypes.c_long
+    ole32.CoTaskMemFree.argtypes = [ctypes.c_void_p]
+    guid = _guid(folder_id)
+    out = ctypes.c_wchar_p()
+    hr = shell32.SHGetKnownFolderPath(ctypes.byref(guid), 0, None, ctypes.byref(out))
+    try:
+        return out.value if hr == 0 and out.value else None
+    finally:
+        ole32.CoTaskMemFree(ctypes.cast(out, ctypes.c_void_p))  # freed whether the call succeeded or not
+
+
+def windows_desktop(home: str, env: dict[str, str], known_folder=known_folder_path) -> str:
+    r"""The user's real Desktop folder: the known-folder API, else %USERPROFILE%\Desktop."""
+    try:
+        found = known_folder(FOLDERID_DESKTOP)
+    except OSError:
+        found = None
+    return found or _join("windows", env.get("USERPROFILE") or home, "Desktop")
+
+
+def launcher_files(os_name: str, prefix: str, venv: str, home: str, env: dict[str, str], shortcut: bool = True,
+                   desktop: str | None = None) -> dict[str, str]:
+    r"""{path: content} for the start launcher in the prefix and (shortcut=True) a menu/desktop entry.
+    desktop: the Windows Desktop folder (``windows_desktop()``; %USERPROFILE%\Desktop when not given)."""
     os_name = normalize_os(os_name)
     exe = venv_executable(os_name, venv, "live2diff-engine")
     files = {}
     if os_name == "windows":
-        bat = f'@echo off\r\n"{exe}" run %*\r\nif errorlevel 1 pause\r\n'
-        files[_join("windows", prefix, "Start Live2Diff.bat")] = bat
+        main_bat = _join("windows", prefix, WINDOWS_LAUNCHER)
+        to_exe = bat_path(exe, prefix, env)
+        if to_exe is None:
+            raise InstallError(f"the launcher cannot reach {exe} in plain ASCII (cmd.exe would misread the name): "
+                               r"install into a folder whose path is plain ASCII, e.g. --prefix C:\l2d")
+        files[main_bat] = f'@echo off\r\n"{to_exe}" run %*\r\nif errorlevel 1 pause\r\n'
         if shortcut:
-            desktop = _join("windows", env.get("USERPROFILE") or home, "Desktop", "Start Live2Diff.bat")
-            files[desktop] = bat
+            desk = desktop or _join("windows", env.get("USERPROFILE") or home, "Desktop")
+            to_main = bat_path(main_bat, desk, env, prefer_env=True)
+            if to_main is None:
+                raise InstallError(f"the Desktop launcher cannot reach {main_bat} in plain ASCII (cmd.exe would misread "
+                                   r"the name): run the installer with --no-shortcut, or with a plain-ASCII --prefix, e.g. C:\l2d")
+            files[_join("windows", desk, WINDOWS_LAUNCHER)] = f'@echo off\r\ncall "{to_main}" %*\r\n'
         return files
     sh = f'#!/bin/sh\nexec "{exe}" run "$@"\n'
     if os_name == "macos":
@@ -833,7 +923,11 @@ def main(argv: list[str] | None = None) -> int:
         elif obs:
             print("  This version has no obs_scripts/ folder yet: no OBS script to install (the dock works without it).")
 
-    launchers = launcher_files(os_name, prefix, venv, home, env, opts.shortcut)
+    try:
+        desktop = windows_desktop(home, env) if os_name == "windows" and opts.shortcut else None
+        launchers = launcher_files(os_name, prefix, venv, home, env, opts.shortcut, desktop)
+    except InstallError as e:
+        return _fail(str(e))
     python = venv_executable(os_name, venv, "python")
     if not Path(python).exists():
         python = sys.executable
@@ -883,7 +977,8 @@ def main(argv: list[str] | None = None) -> int:
             elif s.action == "write_launchers":
                 for path, content in s.data["files"].items():
                     Path(path).parent.mkdir(parents=True, exist_ok=True)
-                    Path(path).write_text(content, newline="")
+                    # .bat: plain ASCII by construction (launcher_files), so no code page can misread it
+                    Path(path).write_text(content, encoding="ascii" if os_name == "windows" else "utf-8", newline="")
                     if os_name != "windows":
                         Path(path).chmod(0o755)
                     state["files"] = sorted(set(state["files"]) | {path})

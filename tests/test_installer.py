@@ -353,15 +353,112 @@ def test_default_prefix(os_name, home, env, expected):
     ("Linux", True, ["/p/start-live2diff", "/home/ann/.local/share/applications/live2diff-engine.desktop"]),
     ("Linux", False, ["/p/start-live2diff"]),
     ("Darwin", True, ["/p/start-live2diff.command", "/home/ann/Applications/Start Live2Diff.command"]),
-    ("Windows", True, [r"\p\Start Live2Diff.bat", r"C:\Users\ann\Desktop\Start Live2Diff.bat"]),
 ])
 def test_launcher_files(os_name, shortcut, names):
-    home = r"C:\Users\ann" if os_name == "Windows" else "/home/ann"
-    prefix = r"\p" if os_name == "Windows" else "/p"
-    files = I.launcher_files(os_name, prefix, prefix + ("\\venv" if os_name == "Windows" else "/venv"), home, {}, shortcut)
+    files = I.launcher_files(os_name, "/p", "/p/venv", "/home/ann", {}, shortcut)
     assert list(files) == names
     assert " run" in files[names[0]]
     assert all(" run" in c or f'Exec="{names[0]}"' in c for c in files.values())
+
+
+def cmd_expand(line: str, bat: str, env: dict[str, str]) -> str:
+    """What cmd.exe makes of a quoted path in a .bat: %~dp0 is the .bat's folder with a trailing backslash,
+    %VAR% the variable, %% a percent sign; then Windows resolves the '..'s."""
+    import ntpath
+    import re as re_
+
+    def sub(m):
+        tok = m.group(0)
+        if tok == "%%":
+            return "%"
+        if tok == "%~dp0":
+            return ntpath.dirname(bat) + "\\"
+        return env[tok.strip("%")]
+
+    return ntpath.normpath(re_.sub(r"%%|%~dp0|%[A-Za-z_]+%", sub, line))
+
+
+def _quoted(content: str, line: int) -> str:
+    return content.split("\r\n")[line].split('"')[1]
+
+
+@pytest.mark.parametrize("user", ["ann", "José", "Dmitrij Šostakovič", "山田太郎", "Дмитрий"])
+@pytest.mark.parametrize("desktop", [None, r"C:\Users\{user}\OneDrive\Desktop", r"D:\OneDrive - Contoso\Bureau"])
+def test_windows_launcher_is_ascii_and_reaches_the_engine(user, desktop):
+    """The launcher holds no absolute path and no byte a code page could misread: cmd.exe reads a .bat in the OEM
+    code page (850, 437), Python wrote it in the ANSI one (1252); a name outside both raised UnicodeEncodeError."""
+    home = rf"C:\Users\{user}"
+    env = {"USERPROFILE": home, "LOCALAPPDATA": home + r"\AppData\Local", "APPDATA": home + r"\AppData\Roaming"}
+    prefix = I.default_prefix("Windows", home, env)
+    venv = prefix + r"\venv"
+    desk = desktop.format(user=user) if desktop else None
+    files = I.launcher_files("Windows", prefix, venv, home, env, True, desk)
+    main_bat = prefix + r"\Start Live2Diff.bat"
+    desk_bat = (desk or home + r"\Desktop") + r"\Start Live2Diff.bat"
+    assert list(files) == [main_bat, desk_bat]
+    for content in files.values():
+        assert content.isascii() and content.encode("cp850") == content.encode("cp1252")
+        assert user not in content and "C:" not in content and "D:" not in content
+        assert content.startswith("@echo off\r\n") and content.endswith("\r\n")
+    assert _quoted(files[main_bat], 1) == r"%~dp0venv\Scripts\live2diff-engine.exe"
+    assert files[main_bat].split("\r\n")[1].endswith(" run %*")
+    assert cmd_expand(_quoted(files[main_bat], 1), main_bat, env) == venv + r"\Scripts\live2diff-engine.exe"
+    # The Desktop copy calls the one in the install folder, through %LOCALAPPDATA%: it works wherever the
+    # Desktop is (OneDrive, another drive) and if it is moved.
+    assert files[desk_bat].split("\r\n")[1] == r'call "%LOCALAPPDATA%\live2diff-engine\Start Live2Diff.bat" %*'
+    assert cmd_expand(_quoted(files[desk_bat], 1), desk_bat, env) == main_bat
+
+
+def test_windows_launcher_odd_prefixes():
+    env = {"USERPROFILE": r"C:\Users\José", "LOCALAPPDATA": r"C:\Users\José\AppData\Local"}
+    home = env["USERPROFILE"]
+    # A prefix of the user's own: %USERPROFILE% reaches it.
+    files = I.launcher_files("Windows", home + r"\l2d", home + r"\l2d\venv", home, env, True)
+    assert files[home + r"\Desktop\Start Live2Diff.bat"].split("\r\n")[1] == r'call "%USERPROFILE%\l2d\Start Live2Diff.bat" %*'
+    # A '%' in a folder name is doubled, so cmd reads it as one.
+    files = I.launcher_files("Windows", r"C:\100%\l2d", r"C:\100%\l2d\venv", home, env, True)
+    desk_bat = home + r"\Desktop\Start Live2Diff.bat"
+    line = _quoted(files[desk_bat], 1)
+    assert "%%" in line and cmd_expand(line, desk_bat, env) == r"C:\100%\l2d\Start Live2Diff.bat"
+    # The short prefix offered for long paths: the Desktop copy reaches it relative to itself.
+    files = I.launcher_files("Windows", r"C:\l2d", r"C:\l2d\venv", home, env, True)
+    line = _quoted(files[desk_bat], 1)
+    assert line.startswith("%~dp0..") and cmd_expand(line, desk_bat, env) == r"C:\l2d\Start Live2Diff.bat"
+    # A venv on another drive, plain ASCII: only then an absolute path.
+    files = I.launcher_files("Windows", r"C:\l2d", r"D:\envs\l2d", home, env, False)
+    assert _quoted(files[r"C:\l2d\Start Live2Diff.bat"], 1) == r"D:\envs\l2d\Scripts\live2diff-engine.exe"
+    # Nothing plain ASCII reaches it: one line saying what to do, not a launcher cmd.exe would misread.
+    with pytest.raises(I.InstallError, match=r"--no-shortcut"):
+        I.launcher_files("Windows", r"D:\Jösé\l2d", r"D:\Jösé\l2d\venv", home, env, True)
+    assert list(I.launcher_files("Windows", r"D:\Jösé\l2d", r"D:\Jösé\l2d\venv", home, env, False)) == [r"D:\Jösé\l2d\Start Live2Diff.bat"]
+    with pytest.raises(I.InstallError, match=r"--prefix C:\\l2d"):
+        I.launcher_files("Windows", r"C:\l2d", r"D:\Jösé\venv", home, env, False)
+
+
+def test_windows_desktop_from_the_known_folder_api():
+    env = {"USERPROFILE": r"C:\Users\ann"}
+    asked = []
+
+    def onedrive(folder_id):
+        asked.append(folder_id)
+        return r"C:\Users\ann\OneDrive - Contoso\Desktop"
+
+    def failing(folder_id):
+        raise OSError("E_FAIL")
+
+    assert I.windows_desktop(r"C:\Users\ann", env, onedrive) == r"C:\Users\ann\OneDrive - Contoso\Desktop"
+    assert asked == [I.FOLDERID_DESKTOP]
+    assert I.windows_desktop(r"C:\Users\ann", env, failing) == r"C:\Users\ann\Desktop"
+    assert I.windows_desktop(r"C:\Users\ann", env, lambda f: None) == r"C:\Users\ann\Desktop"
+    assert I.known_folder_path(I.FOLDERID_DESKTOP) is None, "no shell32 here: the fallback, not an error"
+
+
+def test_folderid_desktop_guid_layout():
+    """The GUID handed to SHGetKnownFolderPath, field by field as KnownFolders.h spells FOLDERID_Desktop:
+    {0xB4BFCC3A, 0xDB2C, 0x424C, {0xB0, 0x29, 0x7F, 0xE9, 0x9A, 0x87, 0xC6, 0x41}}."""
+    g = I._guid(I.FOLDERID_DESKTOP)
+    assert (g.Data1, g.Data2, g.Data3) == (0xB4BFCC3A, 0xDB2C, 0x424C)
+    assert bytes(g.Data4) == bytes([0xB0, 0x29, 0x7F, 0xE9, 0x9A, 0x87, 0xC6, 0x41])
 
 
 def _plan(os_name="linux", **kw):
