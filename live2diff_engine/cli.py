@@ -685,7 +685,7 @@ def _cmd_run(args) -> int:
             comps, frames, manager, style = build_frame_pipeline(args)
         print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}", file=sys.stderr, flush=True)
         controller = control.attach(frames, manager, comps.label)
-        start_saving(controller, saved_seed)
+        start_saving(controller, saved_seed, fresh=bool(getattr(args, 'fresh', False)))
         engine = Engine(frames, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps,
                         controller=controller, pace=True)
         loading.over()
@@ -832,6 +832,32 @@ def warn_secrets_on_command_line(args, say) -> None:
                 f"put it in the environment variable {env} or as {key} in {args.config or config_file()} instead")
 
 
+def ctl_hint(api_url: str, config_path: str | None) -> str:
+    """The `ctl status` command that reaches this engine: with ``--api`` where ctl's default
+    address (the config file's, else 127.0.0.1:8765) is another one (``--api-port 0``, another
+    port), and with ``--config`` where the engine read another config file than the default."""
+    from .config import load_config
+
+    try:
+        cfg = load_config(config_path).get("api", {})
+    except Exception:  # the engine read it already; a hint is never worth an error
+        cfg = {}
+    default = f"http://{cfg.get('host', '127.0.0.1')}:{cfg.get('port', 8765)}"
+    parts = ["live2diff-engine", "ctl"]
+    if config_path:
+        parts += ["--config", _quoted(str(config_path))]
+    if api_url.rstrip("/") != default:
+        parts += ["--api", api_url.rstrip("/")]
+    return " ".join(parts + ["status"])
+
+
+def _quoted(text: str) -> str:
+    import os
+    import shlex
+
+    return shlex.quote(text) if os.name != "nt" else (f'"{text}"' if " " in text else text)
+
+
 def _start_control(args, size) -> _Control:
     warn_secrets_on_command_line(args, lambda line: print(line, file=sys.stderr, flush=True))
     settings = control_settings(args)
@@ -843,7 +869,7 @@ def _start_control(args, size) -> _Control:
         a = settings["api"]
         api = ApiServer(a["host"], a["port"], a["token"]).start()
         api.stream.send(no_signal_card(size[0], size[1], "Live2Diff is starting", "loading models ..."))
-        print(f"control: dock {api.url}/dock | output for OBS {api.url}/stream.mjpg | `live2diff-engine ctl status`",
+        print(f"control: dock {api.url}/dock | output for OBS {api.url}/stream.mjpg | `{ctl_hint(api.url, args.config)}`",
               file=sys.stderr, flush=True)
     return _Control(args, api, settings)
 

@@ -4,7 +4,7 @@ Prompt, negative prompt, guidance, style, strength, steps (as the exact schedule
 written to ``last_settings.json`` in the user's folder (``live2diff_engine.config.home()``) when
 `run` starts and after every change that a command applies. The file is written whole to a
 temporary file beside it and moved over the old one (``os.replace``), so a crash or a full disk
-never leaves half a file. `run` starts from it unless ``--fresh`` is given; options given on the
+never leaves half a file. `run` starts from it unless ``--fresh`` is given (which leaves the file as it is until a change); options given on the
 command line win over it. A file that cannot be read or holds values out of range is one warning
 line and a clean start, never an error.
 """
@@ -212,9 +212,14 @@ def restore_into_args(args, say) -> int | None:
     return None if "seed" in given else saved["seed"]
 
 
-def start_saving(controller, seed: int | None) -> None:
-    """After the pipeline is built: apply the saved seed, save now and after every change."""
+def start_saving(controller, seed: int | None, fresh: bool = False) -> None:
+    """After the pipeline is built: apply the saved seed, save now and after every change. With
+    ``fresh`` (``run --fresh``) the stream starts from the defaults and the saved file stays as it
+    is until the user changes something: a look tried once must not destroy the one they keep."""
     if seed is not None and seed != controller.frames.seed:
         controller.frames.set_seed(seed)
     controller.settings_file = settings_file()
+    if fresh:
+        controller._saved = snapshot(controller)  # what is running now counts as written: no write until a change
+        return
     controller.save_settings()

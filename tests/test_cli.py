@@ -84,3 +84,16 @@ def test_config_help_names_this_oss_config_folder(monkeypatch):
     parser = cli.build_parser()
     run_help = next(a for a in parser._subparsers._group_actions[0].choices["run"]._actions if "--config" in a.option_strings)
     assert run_help.help % {} == "config file (default: C:\\Users\\José 100%\\AppData\\Roaming/live2diff/config.toml)"
+
+
+def test_the_banner_names_the_ctl_command_that_reaches_this_engine(tmp_path, monkeypatch):
+    """With --api-port 0 (which the port-conflict message suggests) the banner said `ctl status`,
+    which then controlled another engine on 8765."""
+    from live2diff_engine.cli import ctl_hint
+
+    monkeypatch.setenv("LIVE2DIFF_HOME", str(tmp_path))
+    assert ctl_hint("http://127.0.0.1:8765", None) == "live2diff-engine ctl status"
+    assert ctl_hint("http://127.0.0.1:41234", None) == "live2diff-engine ctl --api http://127.0.0.1:41234 status"
+    cfg = tmp_path / "my config.toml"
+    cfg.write_text("[api]\nport = 9000\n")
+    assert ctl_hint("http://127.0.0.1:9000", str(cfg)) == f"live2diff-engine ctl --config '{cfg}' status"

@@ -232,10 +232,19 @@ def test_a_restarted_engine_comes_back_with_the_last_applied_settings():
     finally:
         second.stop()
 
+    kept = (home() / "last_settings.json").read_text()
     third = EngineProcess("--fresh")
     try:
         s = third.status()
         assert (s["prompt"], s["negative_prompt"], s["guidance"], s["strength"], s["steps"], s["seed"]) == \
             ("", "", 1.0, 0.36, 2, 0)
+        # started from the defaults, the saved look is not destroyed until the user changes something
+        assert (home() / "last_settings.json").read_text() == kept
+        third.command("set_prompt", prompt="a green owl")
+        deadline = time.monotonic() + 60  # written between two frames, after the reply
+        while "a green owl" not in (home() / "last_settings.json").read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        saved = json.loads((home() / "last_settings.json").read_text())
+        assert saved["prompt"] == "a green owl" and saved["steps"] == 2 and saved["seed"] == 0
     finally:
         third.stop()
