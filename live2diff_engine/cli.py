@@ -370,6 +370,10 @@ def _cmd_bench(args) -> int:
     schedule = make_schedule(args.num_inference_steps, t_index_list=t_index_list, strength=args.strength)
     if args.model is None and not (args.base and args.motion):
         raise ConfigError("choose a model: --model tiny or sd15-random, or --base DIR and --motion FILE")
+    ignored = [option for option, value in (("--base", args.base), ("--motion", args.motion)) if value]
+    if args.model is not None and ignored:
+        raise ConfigError(f"--model {args.model} builds its own random-weight model, so {' and '.join(ignored)} would be "
+                          f"ignored; drop {'it' if len(ignored) == 1 else 'them'}, or drop --model to load the files")
     print("loading model ...", file=sys.stderr, flush=True)
     unet, prompt, (h, w), label, device, dtype = _load_model(args)
     modes = [resolve_mode(m, device) for m in modes]
@@ -439,8 +443,10 @@ def _cmd_translate(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from .assemble import build_frame_pipeline
-    from .io.video import FrameSource, VideoWriter
+    from .assemble import build_frame_pipeline, check_options
+
+    check_options(args)  # before torch loads
+    from .io.video import FrameSource, VideoWriter, frames_word
 
     source = FrameSource(args.input, fps=args.fps)
     if not args.output.lower().endswith((".mp4", ".m4v", ".mov", ".avi", ".mkv")):
@@ -482,7 +488,7 @@ def _cmd_translate(args) -> int:
                 print(f"live2diff-engine: translate did not finish; no output written to {final}", file=sys.stderr, flush=True)
     if writer is None:
         raise ConfigError(f"{args.input} holds no frames")
-    print(f"wrote {writer.count} frames to {args.output}", file=sys.stderr)
+    print(f"wrote {frames_word(writer.count)} to {args.output}", file=sys.stderr)
     return 0
 
 
@@ -630,6 +636,13 @@ def _default_config_shown() -> str:
 
 
 def _cmd_run(args) -> int:
+    if args.max_frames is not None and args.max_frames < 1:
+        raise ConfigError("--max-frames must be at least 1")
+    from .assemble import preflight
+
+    # Option values, --lora files, model paths and the models still to download: one line each
+    # before torch loads (seconds) and before the camera opens.
+    preflight(args)
     import logging
 
     from .assemble import build_frame_pipeline
@@ -638,14 +651,6 @@ def _cmd_run(args) -> int:
     from .io.sources import open_at_start, parse_source
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if args.max_frames is not None and args.max_frames < 1:
-        raise ConfigError("--max-frames must be at least 1")
-    from .assemble import model_size
-
-    model_size(args)  # a size that cannot work: one line before the camera opens or any model loads
-    from .assemble import preflight
-
-    preflight(args)  # a missing --lora file, or (offline) all the models not downloaded: before the camera opens
     source = parse_source(
         args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
         synthetic_size=args.camera_size or (640, 480), seed=args.seed,

@@ -272,3 +272,28 @@ def test_translate_crop_is_not_zoomed(tmp_path):
         assert abs(sw - 40) <= 3 and abs(sh - 40) <= 3
     for f in out[8:]:
         assert f[:, :18].max() < 40 and f[:, 142:].max() < 40 and f[:, 24:136].std() > 1
+
+
+def test_an_odd_size_for_a_video_file_is_cut_to_even_and_said_once(tmp_path):
+    """641x361 came out 640x360 without a word (the encoders take even sizes only)."""
+    import cv2
+    import numpy as np
+
+    from live2diff_engine.io.video import VideoWriter, frames_word
+
+    said = []
+    writer = VideoWriter(tmp_path / "out.mp4", 10.0, (641, 361), say=said.append)
+    frame = np.zeros((361, 641, 3), np.uint8)
+    frame[:, :320] = 255  # the left half white: cut, not scaled, it stays where it was
+    for _ in range(3):
+        writer.write(frame)
+    writer.close()
+    assert said == ["note: out.mp4 is 640x360, not 641x361: video files take even sizes (the last column or row is left out)"]
+    cap = cv2.VideoCapture(str(tmp_path / "out.mp4"))
+    ok, got = cap.read()
+    assert ok and got.shape == (360, 640, 3)
+    assert got[:, 300:316].mean() > 200 and got[:, 324:340].mean() < 50
+    even = VideoWriter(tmp_path / "even.mp4", 10.0, (640, 360), say=said.append)
+    even.close()
+    assert len(said) == 1
+    assert (frames_word(1), frames_word(3)) == ("1 frame", "3 frames")

@@ -57,23 +57,42 @@ class FrameSource:
             self._cap.release()
 
 
+def _stderr(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
+def frames_word(n: int) -> str:
+    """'1 frame', '3 frames'."""
+    return f"{n} frame{'' if n == 1 else 's'}"
+
+
 class VideoWriter:
     """An RGB frame sink into a video file (OpenCV's pip wheel writes MPEG-4 part 2 in .mp4)."""
 
-    def __init__(self, path: str | Path, fps: float, size: tuple[int, int]):
+    def __init__(self, path: str | Path, fps: float, size: tuple[int, int], say=None):
         self.path = Path(path)
         suffix = self.path.suffix.lower()
         if suffix not in VIDEO_FOURCC:
             raise UserError(f"output {self.path} must end in one of {', '.join(sorted(VIDEO_FOURCC))}")
         if not self.path.parent.exists():
             raise UserError(f"output folder does not exist: {self.path.parent}")
-        self.size = size
-        self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*VIDEO_FOURCC[suffix]), fps, size)
+        # The encoders behind OpenCV's writer take even sizes only and cut an odd one down without
+        # a word (641x361 came out 640x360): cut it here, where it can be said once.
+        even = (size[0] - size[0] % 2, size[1] - size[1] % 2)
+        if even != tuple(size):
+            (say or _stderr)(f"note: {self.path.name} is {even[0]}x{even[1]}, not {size[0]}x{size[1]}: video files take "
+                             "even sizes (the last column or row is left out)")
+        self.asked, self.size = tuple(size), even
+        self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*VIDEO_FOURCC[suffix]), fps, even)
         if not self._writer.isOpened():
             raise UserError(f"cannot write video {self.path} (codec {VIDEO_FOURCC[suffix]} unavailable?)")
         self.count = 0
 
     def write(self, frame: np.ndarray) -> None:
+        if (frame.shape[1], frame.shape[0]) == self.asked and self.asked != self.size:
+            frame = frame[: self.size[1], : self.size[0]]  # the odd last column or row cut, not the picture scaled
         if (frame.shape[1], frame.shape[0]) != self.size:
             frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
         self._writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
