@@ -32,9 +32,9 @@ done
 
 [ -f "$installer" ] || die "$installer not found; run this script from a complete live2diff-engine folder"
 
-# A Python 3.10, 3.11 or 3.12 (the versions the package supports).
+# A 64-bit Python 3.10, 3.11 or 3.12 (the versions the package supports; torch has no 32-bit wheels).
 suitable() {
-    "$1" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 12) else 1)' >/dev/null 2>&1
+    "$1" -c 'import sys; sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 12) and sys.maxsize > 2**32 else 1)' >/dev/null 2>&1
 }
 
 find_python() {
@@ -55,7 +55,7 @@ find_python() {
 }
 
 if [ -n "$python" ]; then
-    suitable "$python" || die "$python is not a Python 3.10-3.12; pass another with --python"
+    suitable "$python" || die "$python is not a 64-bit Python 3.10-3.12; pass another with --python"
 else
     python="$(find_python)" || {
         case "$(uname -s)" in

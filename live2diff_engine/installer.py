@@ -760,6 +760,63 @@ def uninstall_plan(state: dict, prefix: str) -> tuple[list[str], list[str]]:
     return paths, tell
 
 
+# ---------------------------------------------------------------------------------------------- before the venv
+
+
+PYTHON_RANGE = ((3, 10), (3, 12))
+# The deepest file torch's wheel installs, counted from site-packages: 173 characters in torch 2.13.0 (a licence,
+# torch-2.13.0+cpu.dist-info/licenses/third_party/kineto/.../duktape-1.8.0/LICENSE.txt), a few more for a longer
+# version tag (+cu126).
+TORCH_DEEPEST = 180
+WINDOWS_MAX_PATH = 259  # MAX_PATH, 260 with the terminating NUL
+LONG_PATHS_KEY = r"SYSTEM\CurrentControlSet\Control\FileSystem"
+
+
+def python_problem(version: tuple[int, ...], bits: int, executable: str) -> str | None:
+    """One line when this Python cannot run the engine: the wrong version, or 32-bit (torch has no 32-bit
+    wheels; on Windows ``py -3.11`` can return a 32-bit install)."""
+    lo, hi = PYTHON_RANGE
+    v = ".".join(map(str, version[:2]))
+    if not lo <= tuple(version[:2]) <= hi:
+        return (f"{executable} is Python {v}; live2diff-engine needs a 64-bit Python 3.10 to 3.12: install one "
+                "and run the installer again")
+    if bits != 64:
+        return (f"{executable} is a 32-bit Python {v}, and torch has no 32-bit builds: install the 64-bit Python "
+                f"{v} (python.org: 'Windows installer (64-bit)') and run the installer again")
+    return None
+
+
+def windows_long_paths_enabled(winreg=None) -> bool | None:
+    r"""HKLM\SYSTEM\CurrentControlSet\Control\FileSystem LongPathsEnabled == 1; False when it is not set (the
+    default); None off Windows (no winreg)."""
+    if winreg is None:
+        try:
+            import winreg
+        except ImportError:
+            return None
+    try:
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, LONG_PATHS_KEY) as key:
+            value, kind = winreg.QueryValueEx(key, "LongPathsEnabled")
+    except OSError:
+        return False
+    return kind == winreg.REG_DWORD and value == 1
+
+
+def long_path_problem(venv: str, long_paths: bool | None, env: dict[str, str]) -> str | None:
+    """One line when pip would fail with WinError 206 (path too long) unpacking torch into venv: long paths off
+    and torch's deepest file past 259 characters. It offers a short prefix on the system drive."""
+    if long_paths is None or long_paths:
+        return None
+    deepest = len(_join("windows", venv, "Lib", "site-packages")) + 1 + TORCH_DEEPEST
+    if deepest <= WINDOWS_MAX_PATH:
+        return None
+    short = (env.get("SystemDrive") or "C:") + r"\l2d"
+    return (f"Windows long paths are off, and torch's files would reach {deepest} characters under {venv} (Windows "
+            f"stops at {WINDOWS_MAX_PATH + 1}): run install.bat --prefix {short} (a short folder), or turn long paths "
+            r"on (PowerShell as administrator: Set-ItemProperty HKLM:\SYSTEM\CurrentControlSet\Control\FileSystem "
+            "LongPathsEnabled 1) and run install.bat again")
+
+
 # ---------------------------------------------------------------------------------------------- gathering facts
 
 
@@ -851,11 +908,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", "-y", action="store_true", help="no questions; steps that need root are printed, never run")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     p.add_argument("--uninstall", action="store_true", help="remove what the installer added")
+    p.add_argument("--preflight", action="store_true",
+                   help="only check this Python and (Windows) the path length for PREFIX; the wrappers run it before making the venv")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a path outside the console's code page must not stop the install
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     os_name = normalize_os(platform.system())
     env = dict(os.environ)
     home = str(Path.home())
@@ -867,6 +929,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.uninstall:
         return _uninstall(state_path, prefix, args.yes)
 
+    long_paths = windows_long_paths_enabled() if os_name == "windows" else None
+    problems = [python_problem(sys.version_info, 64 if sys.maxsize > 2**32 else 32, sys.executable),
+                long_path_problem(venv, long_paths, env)]
+    problem = next(filter(None, problems), None)
+    if problem:
+        return _fail(problem)
+    if args.preflight:
+        return 0
     if not Path(repo, "pyproject.toml").exists():
         return _fail(f"no project found at {repo}; run the installer from the live2diff-engine folder or pass --repo DIR")
     upgrade = state_path.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -558,8 +559,139 @@ def test_shell_scripts_are_shellcheck_clean():
 
 def test_powershell_wrapper_is_small_and_documented():
     ps1 = (ROOT / "installers" / "windows" / "install.ps1").read_text()
-    assert len(ps1.splitlines()) <= 60
+    assert len(ps1.splitlines()) <= 70
     header = [ln for ln in ps1.splitlines() if ln.startswith("#")][:8]
     assert any("1." in ln for ln in header) and any("4." in ln for ln in header)
     bat = (ROOT / "installers" / "windows" / "install.bat").read_text()
     assert "install.ps1" in bat and "pause" in bat
+
+
+def test_windows_wrappers_are_ascii():
+    """Windows PowerShell 5.1 reads a .ps1 without BOM in the ANSI code page, cmd.exe a .bat in the OEM one."""
+    for name in ("install.ps1", "install.bat"):
+        assert (ROOT / "installers" / "windows" / name).read_bytes().isascii(), name
+
+
+def _ps1_check() -> str:
+    ps1 = (ROOT / "installers" / "windows" / "install.ps1").read_text()
+    return re.search(r"^\$Check = '(.*)'$", ps1, re.M).group(1).replace("''", "'")
+
+
+@pytest.mark.parametrize("fake, ok", [
+    ({}, True),  # this interpreter: 64-bit 3.10-3.12
+    ({"sys.maxsize": "(2**31 - 1)"}, False),  # what a 32-bit Python answers
+    ({"sys.version_info[:2]": "(3, 13)"}, False),
+    ({"sys.version_info[:2]": "(3, 9)"}, False),
+])
+def test_ps1_python_check(fake, ok):
+    """The check install.ps1 runs in each candidate (py -3.X can return a 32-bit install), run here with this
+    interpreter; a 32-bit or other-version Python is stood in for by replacing the fact it reads."""
+    check = _ps1_check()
+    assert '"' not in check, "Windows PowerShell 5.1 passes double quotes to python.exe unescaped"
+    for fact, value in fake.items():
+        assert fact in check
+        check = check.replace(fact, value)
+    res = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert (res.returncode == 0) == ok
+    assert res.stdout.strip() == (sys.executable if ok else "")
+
+
+def test_ps1_finds_python_after_winget_and_checks_before_the_venv():
+    ps1 = (ROOT / "installers" / "windows" / "install.ps1").read_text()
+    winget = ps1.index("winget install -e --id Python.Python.3.11 --scope user")
+    refresh = ps1.index("$env:Path = [Environment]::GetEnvironmentVariable('Path', 'Machine')")
+    assert winget < refresh < ps1.index("$Python = Find-Python", refresh), "PATH is read again before looking again"
+    # winget's per-user Python.Python.3.11 lands in %LOCALAPPDATA%\Programs\Python\Python311: looked at directly.
+    assert r'"$env:LOCALAPPDATA\Programs\Python\Python311\python.exe"' in ps1
+    for tag in ('"-$v-64"', '"-$v"'):
+        assert tag in ps1
+    pre = ps1.index("--preflight")
+    assert pre < ps1.index("New-Item") < ps1.index("-m venv"), "nothing is made before the checks pass"
+
+
+def test_preflight_checks_and_makes_nothing(tmp_path):
+    prefix = tmp_path / "p"
+    res = subprocess.run([sys.executable, str(ROOT / "live2diff_engine" / "installer.py"), "--prefix", str(prefix), "--preflight"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert not prefix.exists()
+
+
+@pytest.mark.parametrize("version, bits, says", [
+    ((3, 11, 9), 64, None),
+    ((3, 10, 0), 64, None),
+    ((3, 12, 7), 32, "32-bit"),
+    ((3, 13, 1), 64, "3.10 to 3.12"),
+    ((3, 9, 18), 64, "3.10 to 3.12"),
+])
+def test_python_problem(version, bits, says):
+    problem = I.python_problem(version, bits, r"C:\Python\python.exe")
+    if says is None:
+        assert problem is None
+    else:
+        assert says in problem and "\n" not in problem and "installer again" in problem
+
+
+class FakeWinreg:
+    """winreg's calls the installer makes, answering from a dict {(key path, value name): (value, type)}."""
+    HKEY_LOCAL_MACHINE = 0x80000002
+    REG_SZ, REG_DWORD = 1, 4
+
+    def __init__(self, values):
+        self.values = values
+        self.opened = []
+
+    def OpenKey(self, root, path):
+        self.opened.append((root, path))
+        if not any(k == path for k, _ in self.values):
+            raise FileNotFoundError(2, "The system cannot find the file specified")
+        import contextlib
+        return contextlib.nullcontext(path)
+
+    def QueryValueEx(self, key, name):
+        if (key, name) not in self.values:
+            raise FileNotFoundError(2, "The system cannot find the file specified")
+        return self.values[(key, name)]
+
+
+@pytest.mark.parametrize("values, enabled", [
+    ({(I.LONG_PATHS_KEY, "LongPathsEnabled"): (1, FakeWinreg.REG_DWORD)}, True),
+    ({(I.LONG_PATHS_KEY, "LongPathsEnabled"): (0, FakeWinreg.REG_DWORD)}, False),  # Windows' default
+    ({(I.LONG_PATHS_KEY, "Win31FileSystem"): (0, FakeWinreg.REG_DWORD)}, False),  # value not set
+    ({}, False),
+    ({(I.LONG_PATHS_KEY, "LongPathsEnabled"): ("1", FakeWinreg.REG_SZ)}, False),  # Windows reads a DWORD only
+])
+def test_windows_long_paths_enabled(values, enabled):
+    reg = FakeWinreg(values)
+    assert I.windows_long_paths_enabled(reg) is enabled
+    assert reg.opened == [(FakeWinreg.HKEY_LOCAL_MACHINE, r"SYSTEM\CurrentControlSet\Control\FileSystem")]
+    assert I.windows_long_paths_enabled() is None, "no winreg here"
+
+
+def test_torch_deepest_file_is_measured():
+    """TORCH_DEEPEST covers the deepest file of the torch installed here, counted from site-packages."""
+    import torch
+    site = Path(torch.__file__).parent.parent
+    deepest = max(len(str(p.relative_to(site))) for d in site.glob("torch*") for p in d.rglob("*"))
+    assert deepest <= I.TORCH_DEEPEST
+
+
+@pytest.mark.parametrize("user, long_paths, fails", [
+    ("ann", False, False),
+    ("annemarie.vanderberg", False, True),  # 20 characters: a common corporate account name
+    ("annemarie.vanderberg", True, False),
+    ("annemarie.vanderberg", None, False),  # not Windows
+])
+def test_long_path_problem(user, long_paths, fails):
+    home = rf"C:\Users\{user}"
+    env = {"LOCALAPPDATA": home + r"\AppData\Local", "SystemDrive": "C:"}
+    venv = I.default_prefix("Windows", home, env) + r"\venv"
+    problem = I.long_path_problem(venv, long_paths, env)
+    if not fails:
+        assert problem is None
+        return
+    assert "long paths are off" in problem and r"--prefix C:\l2d" in problem and "LongPathsEnabled" in problem
+    assert "\n" not in problem
+    deepest = len(venv + r"\Lib\site-packages") + 1 + I.TORCH_DEEPEST
+    assert str(deepest) in problem and deepest > 259
+    assert I.long_path_problem(r"C:\l2d\venv", False, env) is None, "the offered prefix fits"

@@ -1,7 +1,8 @@
 # live2diff-engine installer for Windows: a thin wrapper. What it does, and nothing else:
-#   1. finds Python 3.12, 3.11 or 3.10 with the py launcher (or python on PATH);
-#   2. if there is none, asks, then installs Python 3.11 for this user with winget (no admin);
-#   3. creates the venv PREFIX\venv (default %LOCALAPPDATA%\live2diff-engine\venv) unless it is there;
+#   1. finds a 64-bit Python 3.12, 3.11 or 3.10 (py launcher, python on PATH, winget's folder; py -3.X can be 32-bit);
+#   2. if there is none, asks, then installs Python 3.11 for this user with winget (no admin) and reads PATH again;
+#   3. has installer.py check that Python and the path length (--preflight), then creates the venv PREFIX\venv
+#      (default %LOCALAPPDATA%\live2diff-engine\venv) unless it is there;
 #   4. hands over to live2diff_engine\installer.py with all other arguments (--uninstall runs it with the
 #      outer Python, because it deletes the venv).
 # Usage: install.ps1 [-Prefix DIR | --prefix DIR] [any installer option: --cpu --no-models --no-obs --yes --uninstall ...]
@@ -12,36 +13,48 @@ for ($i = 0; $i -lt $args.Count; $i++) {
     elseif ($args[$i] -eq '--uninstall') { $Uninstall = $true }
     else { $Rest += $args[$i] }
 }
+$Prefix = $ExecutionContext.SessionState.Path.GetUnresolvedProviderPathFromPSPath($Prefix)
 $Repo = (Resolve-Path "$PSScriptRoot\..\..").Path
 $Installer = Join-Path $Repo 'live2diff_engine\installer.py'
-$Check = 'import sys; sys.exit(0 if (3,10) <= sys.version_info[:2] <= (3,12) else 1)'
+# Prints the interpreter when it is 3.10-3.12 and 64-bit (torch has no 32-bit wheels). No double quotes inside:
+# Windows PowerShell 5.1 hands them to python.exe unescaped.
+$Check = 'import sys; ok = (3,10) <= sys.version_info[:2] <= (3,12) and sys.maxsize > 2**32; ok and print(sys.executable); sys.exit(not ok)'
 function Fail($msg) { Write-Host "install.ps1: error: $msg" -ForegroundColor Red; exit 1 }
 function Find-Python {
-    foreach ($v in '3.12', '3.11', '3.10') {
-        if (Get-Command py -ErrorAction SilentlyContinue) {
-            $exe = & py "-$v" -c 'import sys; print(sys.executable)' 2>$null
-            if ($LASTEXITCODE -eq 0 -and $exe) { return $exe.Trim() }
+    if (Get-Command py -ErrorAction SilentlyContinue) {
+        foreach ($v in '3.12', '3.11', '3.10') { foreach ($tag in "-$v-64", "-$v") {
+            $exe = & py $tag -c $Check 2>$null
+            if ($LASTEXITCODE -eq 0 -and $exe) { return "$exe".Trim() }
+        } }
+    }
+    $found = @(Get-Command python -All -ErrorAction SilentlyContinue | ForEach-Object { $_.Source })
+    foreach ($c in $found + "$env:LOCALAPPDATA\Programs\Python\Python311\python.exe") {
+        if ($c -and $c -notlike '*WindowsApps*' -and (Test-Path $c)) {
+            $exe = & $c -c $Check 2>$null
+            if ($LASTEXITCODE -eq 0 -and $exe) { return "$exe".Trim() }
         }
     }
-    $p = Get-Command python -ErrorAction SilentlyContinue
-    if ($p -and $p.Source -notlike '*WindowsApps*') { & $p.Source -c $Check; if ($LASTEXITCODE -eq 0) { return $p.Source } }
     return $null
 }
 if (-not (Test-Path $Installer)) { Fail "$Installer not found; unpack the whole live2diff-engine folder and run this again" }
 $Python = Find-Python
 if (-not $Python) {
-    if (-not (Get-Command winget -ErrorAction SilentlyContinue)) { Fail 'no Python 3.10-3.12 found. Install Python 3.11 from https://www.python.org/downloads/windows/ (tick "Add to PATH"), then run this again' }
-    $a = Read-Host 'No Python 3.10-3.12 found. Install Python 3.11 for this user with winget now? [y/N]'
-    if ($a -notmatch '^(y|yes)$') { Fail 'Python is needed. Install Python 3.11 from https://www.python.org/downloads/windows/, then run this again' }
+    $Get = 'Install the 64-bit Python 3.11 from https://www.python.org/downloads/windows/ (tick "Add to PATH"), then run this again'
+    if (-not (Get-Command winget -ErrorAction SilentlyContinue)) { Fail "no 64-bit Python 3.10-3.12 found. $Get" }
+    $a = Read-Host 'No 64-bit Python 3.10-3.12 found. Install Python 3.11 for this user with winget now? [y/N]'
+    if ($a -notmatch '^(y|yes)$') { Fail "Python is needed. $Get" }
     winget install -e --id Python.Python.3.11 --scope user --accept-package-agreements --accept-source-agreements
+    # This window's PATH predates the install: read it again from the registry (Find-Python also looks in winget's folder).
+    $env:Path = [Environment]::GetEnvironmentVariable('Path', 'Machine') + ';' + [Environment]::GetEnvironmentVariable('Path', 'User')
     $Python = Find-Python
     if (-not $Python) { Fail 'Python was installed but not found yet; close this window, open a new one and run this again' }
 }
-New-Item -ItemType Directory -Force -Path $Prefix | Out-Null
-$Prefix = (Resolve-Path $Prefix).Path
 $Venv = Join-Path $Prefix 'venv'
 $Common = @('--prefix', $Prefix, '--venv', $Venv, '--repo', $Repo)
 if ($Uninstall) { & $Python $Installer @Common --uninstall @Rest; exit $LASTEXITCODE }
+& $Python $Installer @Common --preflight
+if ($LASTEXITCODE -ne 0) { exit $LASTEXITCODE }
+New-Item -ItemType Directory -Force -Path $Prefix | Out-Null
 $VenvPy = Join-Path $Venv 'Scripts\python.exe'
 if (-not (Test-Path $VenvPy)) {
     Write-Host "Creating the virtual environment $Venv"
