@@ -265,6 +265,24 @@ def v4l2loopback_install_command(os_release: dict[str, str]) -> list[str] | None
     return None
 
 
+MAC_DAL_PLUGIN = "/Library/CoreMediaIO/Plug-Ins/DAL/obs-mac-virtualcam.plugin"
+
+
+def mac_camera_extension_state(sysext_text: str) -> str | None:
+    """OBS's camera extension in ``systemextensionsctl list``: "enabled", "waiting" (installed, not yet allowed by
+    the user) or None (absent, or on its way out: "[terminated waiting to uninstall on reboot]")."""
+    states = []
+    for line in (sysext_text or "").splitlines():
+        if MAC_CAMERA_EXTENSION + " " in line or line.rstrip().endswith(MAC_CAMERA_EXTENSION):
+            m = re.search(r"\[([^\]]*)\]\s*$", line)
+            states.append(m.group(1) if m else "")
+    if any(s_ == "activated enabled" for s_ in states):
+        return "enabled"
+    if any("waiting for user" in s_ for s_ in states):
+        return "waiting"
+    return None
+
+
 def vcam_plan(
     os_name: str,
     *,
@@ -274,8 +292,13 @@ def vcam_plan(
     os_release: dict[str, str] | None = None,
     obs_vcam: bool = False,
     unity_capture: bool = False,
+    macos_version: str = "",
+    sysext: str = "",
+    dal_plugin: bool = False,
 ) -> VcamPlan:
-    """What to do (or tell the user) so the engine has a virtual camera to write to."""
+    """What to do (or tell the user) so the engine has a virtual camera to write to. Facts per OS: Linux the
+    v4l2loopback ones; Windows obs_vcam/unity_capture; macOS its version, ``systemextensionsctl list``'s text and
+    whether OBS's old DAL plugin is there (macOS 13+ loads camera extensions only)."""
     os_name = normalize_os(os_name)
     if os_name == "linux":
         opts = v4l2loopback_options()
@@ -327,12 +350,28 @@ def vcam_plan(
             "Then run the installer again."])
 
     if os_name == "macos":
-        if obs_vcam:
-            return VcamPlan(True, ["Virtual camera ready: OBS Virtual Camera found."])
-        return VcamPlan(False, [
-            "No virtual camera found. Install OBS Studio 30 or newer (https://obsproject.com), open it, click "
-            "'Start Virtual Camera' once and allow the system extension in System Settings > Privacy & Security "
-            "(General > Login Items & Extensions on newer macOS). Then run the installer again."])
+        state = mac_camera_extension_state(sysext)
+        if state == "enabled":
+            return VcamPlan(True, ["Virtual camera ready: OBS's camera extension (OBS Virtual Camera) is enabled."])
+        if state == "waiting":
+            return VcamPlan(False, [
+                "OBS's camera extension is installed but not allowed yet: open System Settings > Privacy & Security "
+                "(General > Login Items & Extensions > Camera Extensions on macOS 15 and newer), allow OBS Virtual "
+                "Camera, then run the installer again."])
+        modern = not macos_version or version_tuple(macos_version)[:1] >= (13,)
+        if dal_plugin and not modern:
+            return VcamPlan(True, [f"Virtual camera ready: OBS's DAL plugin ({MAC_DAL_PLUGIN}), which macOS "
+                                   f"{macos_version} still loads."])
+        install = ("Install OBS Studio 30 or newer (https://obsproject.com), open it, click 'Start Virtual Camera' once "
+                   "and allow the system extension in System Settings > Privacy & Security (General > Login Items & "
+                   "Extensions on newer macOS). Then run the installer again.")
+        if dal_plugin:
+            return VcamPlan(False, [
+                f"Only OBS's old DAL plugin is here ({MAC_DAL_PLUGIN}, from OBS 29 or older), and macOS 13 and newer"
+                + (f" (this is {macos_version})" if macos_version else "")
+                + " load camera extensions only: the engine cannot use it. " + install
+                + f" (The old plugin can go: sudo rm -r '{MAC_DAL_PLUGIN}'.)"])
+        return VcamPlan(False, ["No virtual camera found. " + install])
 
     return VcamPlan(False, [f"No known virtual camera for OS {os_name!r}; use --sink window or file:PATH."])
 
@@ -872,9 +911,8 @@ def windows_vcam_facts(env: dict[str, str]) -> dict:
 
 
 def macos_vcam_facts() -> dict:
-    out = _run_text(["systemextensionsctl", "list"]) or ""
-    dal = Path("/Library/CoreMediaIO/Plug-Ins/DAL/obs-mac-virtualcam.plugin").exists()
-    return {"obs_vcam": MAC_CAMERA_EXTENSION in out or dal}
+    return {"macos_version": platform.mac_ver()[0], "sysext": _run_text(["systemextensionsctl", "list"]) or "",
+            "dal_plugin": Path(MAC_DAL_PLUGIN).exists()}
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -142,12 +142,32 @@ def test_torch_pip_args():
 # ------------------------------------------------------------------------------------- virtual camera
 
 
+# `systemextensionsctl list` as macOS prints it (tab-separated), OBS 30's camera extension in three states.
+_SYSEXT_HEAD = ("1 extension(s)\n--- com.apple.system_extension.cmio (Go to 'System Settings > General > Login Items & "
+                "Extensions > Camera Extensions' to modify these system extension(s))\n"
+                "enabled\tactive\tteamID\tbundleID (version)\tname\t[state]\n")
+SYSEXT_ENABLED = _SYSEXT_HEAD + ("*\t*\t2MMRE5MTB8\tcom.obsproject.obs-studio.mac-camera-extension (30.2.3/30.2.3)\t"
+                                 "OBS Virtual Camera\t[activated enabled]\n")
+SYSEXT_WAITING = _SYSEXT_HEAD + ("\t\t2MMRE5MTB8\tcom.obsproject.obs-studio.mac-camera-extension (31.0.0/31.0.0)\t"
+                                 "OBS Virtual Camera\t[activated waiting for user]\n")
+SYSEXT_REMOVED = ("\t\t2MMRE5MTB8\tcom.obsproject.obs-studio.mac-camera-extension (30.0.0/30.0.0)\t"
+                  "OBS Virtual Camera\t[terminated waiting to uninstall on reboot]\n")
+
+
 @pytest.mark.parametrize("os_name, facts, ready, says, root_cmds", [
     ("Windows", {}, False, ["OBS Studio", "Unity Capture"], 0),
     ("Windows", {"obs_vcam": True}, True, ["OBS Virtual Camera"], 0),
     ("Windows", {"unity_capture": True}, True, ["Unity Capture"], 0),
-    ("Darwin", {}, False, ["OBS Studio", "Start Virtual Camera", "Privacy & Security"], 0),
-    ("Darwin", {"obs_vcam": True}, True, ["OBS Virtual Camera"], 0),
+    ("Darwin", {}, False, ["OBS Studio 30", "Start Virtual Camera", "Privacy & Security"], 0),
+    ("Darwin", {"macos_version": "14.6.1", "sysext": SYSEXT_ENABLED}, True, ["camera extension"], 0),
+    ("Darwin", {"macos_version": "15.1", "sysext": SYSEXT_WAITING}, False, ["not allowed yet", "Camera Extensions"], 0),
+    # An old version on its way out beside a new one that is enabled: ready.
+    ("Darwin", {"macos_version": "14.6.1", "sysext": SYSEXT_ENABLED + SYSEXT_REMOVED}, True, ["camera extension"], 0),
+    ("Darwin", {"macos_version": "14.6.1", "sysext": SYSEXT_REMOVED}, False, ["OBS Studio 30"], 0),
+    # A DAL plugin left from OBS 27-29: macOS 13+ no longer loads it, so it does not count there.
+    ("Darwin", {"macos_version": "13.6.9", "dal_plugin": True}, False, ["old DAL plugin", "OBS Studio 30", "sudo rm -r"], 0),
+    ("Darwin", {"macos_version": "14.6.1", "sysext": "0 extension(s)\n", "dal_plugin": True}, False, ["camera extensions only"], 0),
+    ("Darwin", {"macos_version": "12.7.6", "dal_plugin": True}, True, ["DAL plugin"], 0),
     ("Linux", {"os_release": {"ID": "ubuntu", "ID_LIKE": "debian"}}, False, ["not installed", "/etc/modprobe.d"], 2),
     ("Linux", {"os_release": {"ID": "fedora"}}, False, ["RPM Fusion"], 2),
     ("Linux", {"os_release": {"ID": "gentoo"}}, False, ["v4l2loopback", "/etc/modules-load.d"], 0),
