@@ -4,6 +4,8 @@ its guards, and `live2diff-engine ctl`, against a running tiny-model engine."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,11 +20,12 @@ import websocket
 
 from conftest import ROOT, run_cli
 from live import GateSource, LiveEngine, PacedSource, reference_outputs, wait_for
-from live2diff_engine.control.api import ApiServer
+from live2diff_engine.control.api import ApiServer, peer_is_local
 from live2diff_engine.control.controller import live_strength, live_t_index
 from live2diff_engine.control.schema import (
     COMMANDS, MAX_MESSAGE_BYTES, CommandError, command_message, parse_command,
 )
+from live2diff_engine.engine import stop_signals
 from live2diff_engine.errors import ConfigError
 from live2diff_engine.models.components import build_tiny_components
 
@@ -111,6 +114,10 @@ def test_every_command_parses_with_good_arguments():
     ({"app": "live2diff", "v": 1, "cmd": "set_guidance", "guidance": float("inf")}, "must be a number"),
     ({"app": "live2diff", "v": 1, "cmd": "pause", "id": "x" * 65}, "id must be"),
     ({"app": "live2diff", "v": 1, "kind": "status", "cmd": "pause"}, "expected a command"),
+    ({"app": "live2diff", "v": 1, "cmd": "quit", "instance": "../x"}, "instance must be"),
+    ({"app": "live2diff", "v": 1, "cmd": "quit", "instance": "ab12\n"}, "instance must be"),
+    ({"app": "live2diff", "v": 1, "cmd": "quit", "instance": 7}, "instance must be"),
+    ({"app": "live2diff", "v": 1, "cmd": "quit", "code": "import os"}, "does not take 'code'"),
     ("{" * 5000 + "}" * 5000, "too large"),
 ])
 def test_bad_commands_are_refused_with_a_reason(msg, words):
@@ -350,6 +357,120 @@ def test_port_in_use_is_one_clear_line():
             ApiServer("127.0.0.1", first.port).start()
     finally:
         first.stop()
+
+
+# -- quit: only from this machine, with the token, for the instance it names (issue 23) -------------
+
+
+def test_only_a_request_from_this_machine_itself_is_local():
+    for remote in ("127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"):
+        assert peer_is_local(remote, {}), remote
+    for remote in ("192.168.1.20", "10.0.0.1", "203.0.113.9", "::ffff:192.168.1.20", "fe80::1%eth0", "0.0.0.0", "", None,
+                   "localhost", "not an address"):
+        assert not peer_is_local(remote, {}), remote
+    for header in ("Forwarded", "X-Forwarded-For", "X-Real-IP"):  # relayed by a proxy on this machine
+        assert not peer_is_local("127.0.0.1", {header: "for=203.0.113.9"})
+
+
+def test_quit_is_taken_only_from_this_machine_with_the_token_for_its_own_instance(comps, monkeypatch):
+    monkeypatch.setenv("LIVE2DIFF_INSTANCE", "obs-started-1")
+    with LiveEngine(comps, PacedSource(fps=30), api_token="tok-23") as live:
+        live.wait_outputs(2, timeout=120)
+        quits = []
+        # The engine on a thread here does not own the process; run() on the main thread sets this
+        # (test_quit_through_the_api_stops_the_engine_as_ctrl_c_does): record instead of stopping.
+        live.engine.api_quit = lambda: quits.append(1)
+        url = live.api.url
+        quit_msg = command_message("quit", id="q", instance="obs-started-1")
+        assert post(url, quit_msg)[0] == 401  # no token
+        code, reply = post(url, command_message("quit", id="q", instance="someone-else"), token="tok-23")
+        assert code == 400 and "not the engine instance" in reply["error"]
+        req = urllib.request.Request(url + "/api/command", data=json.dumps(quit_msg).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": "Bearer tok-23",
+                                              "X-Forwarded-For": "203.0.113.9"})
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=30)
+        assert exc.value.code == 400 and "only from this machine" in json.loads(exc.value.read())["error"]
+        # what obs-websocket and a remote data channel hand over: never local
+        replies = []
+        assert live.controller.submit(json.dumps(quit_msg), replies.append) is None
+        assert not replies[0]["ok"] and "only from this machine" in replies[0]["error"]
+        assert quits == [] and not live.engine.stopping and live.controller.refused == 3
+        ws = websocket.create_connection(url.replace("http", "ws") + "/api/ws?token=tok-23", timeout=30)
+        try:
+            ws.recv()  # the status on connect
+            ws.send(json.dumps(quit_msg))
+            reply = json.loads(ws.recv())
+            while reply.get("kind") != "reply":  # statuses go out meanwhile
+                reply = json.loads(ws.recv())
+        finally:
+            ws.close()
+        assert reply["ok"] and reply["id"] == "q" and quits == [1]
+        code, reply = post(url, command_message("quit"), token="tok-23")  # no instance named: any launcher's
+        assert code == 200 and reply["ok"] and quits == [1, 1]
+
+
+def _main_thread_engine(comps, **kw):
+    """A LiveEngine whose engine the test runs on its own (main) thread, where it holds the process's
+    stop signals, as `live2diff-engine run` does."""
+    import threading
+
+    assert threading.current_thread() is threading.main_thread(), "run this test in the main thread"
+    return LiveEngine(comps, PacedSource(fps=30), **kw)
+
+
+def _run_until(live, stop_it):
+    """Runs the engine on this (main) thread; ``stop_it()`` on a helper once frames flow."""
+    import threading
+
+    def helper():
+        live.wait_outputs(3, timeout=120)
+        stop_it()
+
+    t = threading.Thread(target=helper, daemon=True)
+    t.start()
+    try:
+        return live.engine.run()
+    finally:
+        t.join(60)
+        live.api.stop()
+
+
+def test_quit_through_the_api_stops_the_engine_as_ctrl_c_does(comps):
+    live = _main_thread_engine(comps)
+    before = {sig: signal.getsignal(sig) for sig in stop_signals()}
+    replies = []
+    assert live.engine.api_quit is None  # not yet running: nothing to stop
+    code = _run_until(live, lambda: replies.append(post(live.api.url, command_message("quit", id="bye"))))
+    assert code == 0 and replies[0] == (200, replies[0][1]) and replies[0][1]["ok"]
+    assert live.engine.stats.state == "stopped" and live.engine.stopping
+    assert live.engine.api_quit is None  # run() let go of the process's signals
+    assert {sig: signal.getsignal(sig) for sig in stop_signals()} == before
+
+
+def test_sigbreak_stops_the_engine_where_the_platform_has_it(comps, monkeypatch):
+    assert not hasattr(signal, "SIGBREAK")  # Linux: only SIGINT and SIGTERM
+    assert stop_signals() == [signal.SIGINT, signal.SIGTERM]
+    # Windows' signal module has SIGBREAK (Ctrl-Break, a launcher's CTRL_BREAK_EVENT): stand in a
+    # real signal for it, so the handler is installed and the signal really delivered. SIGWINCH's
+    # default is to ignore it: without the engine's handler nothing would stop it (no crash).
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGWINCH, raising=False)
+    assert stop_signals() == [signal.SIGINT, signal.SIGTERM, signal.SIGWINCH]
+    before = signal.getsignal(signal.SIGWINCH)
+    live = _main_thread_engine(comps)
+    missed = []
+
+    def send_sigbreak():
+        os.kill(os.getpid(), signal.SIGWINCH)
+        try:
+            wait_for(lambda: live.engine.stopping, what="the engine stopping on SIGBREAK")
+        except TimeoutError:
+            missed.append(1)
+            live.engine.stop()
+
+    code = _run_until(live, send_sigbreak)
+    assert not missed and code == 0 and live.engine.stats.state == "stopped"
+    assert signal.getsignal(signal.SIGWINCH) == before
 
 
 # -- ctl ---------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@
     GET  /stream.mjpg    the output as multipart MJPEG (an OBS Media Source, a browser <img>)
     GET  /snapshot.jpg   the latest output frame
 
+``quit`` (stop the engine as Ctrl-C does) is taken only from a peer on this machine's loopback
+whose request no proxy relayed (no Forwarded/X-Forwarded-For/X-Real-IP header), with the token
+where the API has one; never over obs-websocket or a remote data channel.
+
 Bound beyond loopback, every request needs the token (``Authorization: Bearer TOKEN`` or
 ``?token=TOKEN``). On loopback the Host header must name this machine (a web page elsewhere cannot
 reach the API through DNS rebinding), commands must be JSON (a cross-site form cannot post one),
@@ -68,6 +72,25 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+# Headers a reverse proxy adds: a request carrying one came from elsewhere, whatever its peer.
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+
+
+def peer_is_local(remote: str | None, headers=None) -> bool:
+    """Whether a request comes from this machine itself: its peer address is loopback (an
+    IPv4-mapped IPv6 one too) and no proxy relayed it. An unknown peer is not local."""
+    if not remote:
+        return False
+    try:
+        addr = ipaddress.ip_address(remote.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    if not (addr.is_loopback or (mapped is not None and mapped.is_loopback)):
+        return False
+    return not any(h in (headers or {}) for h in PROXY_HEADERS)
 
 
 def dock_dir() -> Path | None:
@@ -395,8 +418,9 @@ class ApiServer:
         styles = self.controller.manager.styles
         return web.json_response({"styles": [{"name": n, "description": styles[n].description} for n in sorted(styles)]})
 
-    def _submit(self, raw, deliver) -> None:
-        """Hands ``raw`` to the controller; ``deliver(reply)`` runs on this loop."""
+    def _submit(self, raw, deliver, local: bool = False) -> None:
+        """Hands ``raw`` to the controller; ``deliver(reply)`` runs on this loop. ``local``: the
+        request came from this machine (``peer_is_local``), past the token check."""
         loop = asyncio.get_running_loop()
         self.commands_seen += 1
         if self.controller is None:
@@ -409,7 +433,7 @@ class ApiServer:
             except RuntimeError:
                 pass
 
-        self.controller.submit(raw, reply)
+        self.controller.submit(raw, reply, local=local)
 
     async def _command(self, request):
         from aiohttp import web
@@ -430,7 +454,7 @@ class ApiServer:
         if wait:
             await asyncio.sleep(wait)
 
-        self._submit(raw, deliver)
+        self._submit(raw, deliver, local=peer_is_local(request.remote, request.headers))
         try:
             msg = await asyncio.wait_for(fut, 120)
         except asyncio.TimeoutError:
@@ -461,6 +485,7 @@ class ApiServer:
 
         w = asyncio.get_running_loop().create_task(writer())
         pacer = Pacer()
+        local = peer_is_local(request.remote, request.headers)
         try:
             await ws.send_str(json.dumps(self.status()))
             async for msg in ws:
@@ -468,9 +493,9 @@ class ApiServer:
                 if wait:
                     await asyncio.sleep(wait)
                 if msg.type == WSMsgType.TEXT:
-                    self._submit(msg.data, deliver)
+                    self._submit(msg.data, deliver, local)
                 elif msg.type == WSMsgType.BINARY:
-                    self._submit(bytes(msg.data), deliver)
+                    self._submit(bytes(msg.data), deliver, local)
                 elif msg.type == WSMsgType.ERROR:
                     break
         finally:
@@ -600,4 +625,4 @@ def api_token_from_env(value: str | None) -> str | None:
     return value or os.environ.get("LIVE2DIFF_API_TOKEN") or None
 
 
-__all__ = ["ApiServer", "StreamSink", "DEFAULT_PORT", "APP", "VERSION", "dock_dir", "is_loopback"]
+__all__ = ["ApiServer", "StreamSink", "DEFAULT_PORT", "APP", "VERSION", "dock_dir", "is_loopback", "peer_is_local"]

@@ -24,7 +24,9 @@ import time
 from typing import Any, Callable
 
 from .. import __version__
-from .schema import Command, CommandError, decode, message_id, parse_command, reply_message, status_message
+from .schema import (
+    INSTANCE_ENV, Command, CommandError, decode, message_id, parse_command, reply_message, status_message,
+)
 
 log = logging.getLogger("live2diff.control")
 
@@ -122,6 +124,9 @@ class Controller:
         self._queue: queue.Queue[tuple[Command, Reply]] = queue.Queue(MAX_PENDING)
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        # The name its launcher gave this engine (the OBS script sets it): a quit naming another
+        # instance is refused, so a launcher never stops an engine it did not start.
+        self.instance: str | None = os.environ.get(INSTANCE_ENV) or None
 
     # -- receiving (any thread) ----------------------------------------------------------------
 
@@ -129,9 +134,11 @@ class Controller:
     def style_names(self) -> list[str]:
         return sorted(self.manager.styles)
 
-    def submit(self, raw: Any, reply: Reply | None = None) -> Command | None:
+    def submit(self, raw: Any, reply: Reply | None = None, *, local: bool = False) -> Command | None:
         """Validate and queue a command (JSON text, bytes or a decoded object). ``reply`` is called
-        exactly once, from whichever thread settles it. Returns the command, or None if refused."""
+        exactly once, from whichever thread settles it. Returns the command, or None if refused.
+        ``local``: it came from this machine's own local API (loopback, with the API's token where
+        it has one); only such a message may ``quit`` the engine."""
         reply = reply or (lambda msg: None)
         try:
             obj = decode(raw)
@@ -145,6 +152,8 @@ class Controller:
             self.refused += 1
             reply(reply_message(message_id(obj), False, str(exc)))
             return None
+        if cmd.cmd == "quit":
+            return self._quit(cmd, reply, local)
         self.accepted += 1
         if cmd.cmd == "status":
             reply(reply_message(cmd.id, True, status=self.status()))
@@ -163,6 +172,31 @@ class Controller:
                 self.refused += 1
                 reply(reply_message(cmd.id, False, "busy: too many commands waiting; try again in a moment"))
                 return None
+        return cmd
+
+    def _quit(self, cmd: Command, reply: Reply, local: bool) -> Command | None:
+        """Stops the engine as Ctrl-C does, through the stop the engine's signal handler makes
+        (``Engine.api_quit``: set while the engine runs its own process's main loop)."""
+        engine = self.engine
+        error = None
+        if not local:
+            error = "quit is taken only from this machine's local API (http://127.0.0.1)"
+        elif "instance" in cmd.args and cmd.args["instance"] != self.instance:
+            error = "quit refused: this is not the engine instance that was asked to stop"
+        elif engine is None:
+            error = "the engine is still starting; try again in a moment"
+        quit_now = getattr(engine, "api_quit", None)
+        if error is None and quit_now is None and not getattr(engine, "stopping", False):
+            error = "this engine cannot be stopped through its API (it runs inside another program)"
+        if error is not None:
+            self.refused += 1  # (not logged: the reply says why, and a flood must not fill the log)
+            reply(reply_message(cmd.id, False, error))
+            return None
+        self.accepted += 1
+        log.warning("quit asked for through the local API: stopping")
+        reply(reply_message(cmd.id, True))
+        if quit_now is not None:
+            quit_now()
         return cmd
 
     # -- applying (the inference thread, between frames) --------------------------------------

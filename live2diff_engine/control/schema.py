@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Collection
 
@@ -36,6 +37,8 @@ MAX_ID_CHARS = 64
 MAX_SEED = 2**32 - 1
 STEP_CHOICES = (1, 2, 3, 4)
 MAX_GUIDANCE = 20.0
+INSTANCE_ENV = "LIVE2DIFF_INSTANCE"  # set by a launcher: names the engine it started (see "quit")
+_INSTANCE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class CommandError(ValueError):
@@ -95,6 +98,12 @@ def _style(value: Any, ctx) -> str:
     return name
 
 
+def _instance(value: Any) -> str:
+    if not isinstance(value, str) or not _INSTANCE.fullmatch(value):
+        raise CommandError(f"instance must be 1 to {MAX_ID_CHARS} letters, digits, '-' or '_', got {value!r:.40}")
+    return value
+
+
 # command -> {field: (required, validator(value, ctx) -> clean value)}
 COMMANDS: dict[str, dict[str, tuple[bool, Any]]] = {
     "set_prompt": {"prompt": (True, lambda v, c: _text(v, "prompt", MAX_PROMPT_CHARS))},
@@ -114,6 +123,12 @@ COMMANDS: dict[str, dict[str, tuple[bool, Any]]] = {
     # Starts a background download of a style's files (by the style's name only: where they come
     # from and where they go is the styles file's business); progress is in the status.
     "download_style": {"style": (True, _style)},
+    # Ends the engine as Ctrl-C does (outputs closed, a file complete, then the API). Taken only
+    # from this machine's own local API (a loopback peer, not relayed by a proxy; with the API's
+    # token where it has one), never over obs-websocket or a remote data channel. ``instance``:
+    # the LIVE2DIFF_INSTANCE its launcher started it with; a quit naming another instance is
+    # refused, so a launcher (the OBS script) stops only the engine it started.
+    "quit": {"instance": (False, lambda v, c: _instance(v))},
 }
 ENVELOPE = {"app", "v", "kind", "cmd", "id"}
 
