@@ -391,11 +391,88 @@ def venv_bin(venv: str) -> str:
     return os.path.join(os.path.expanduser(venv), "Scripts" if os.name == "nt" else "bin")
 
 
+def split_windows_command_line(text: str) -> list[str]:
+    r"""A command line split as Windows programs split theirs (the Microsoft C runtime's rules, which
+    CommandLineToArgvW shares), the inverse of ``subprocess.list2cmdline``:
+
+    * whitespace (space, tab) outside quotes separates arguments;
+    * a double quote starts or ends a quoted part and is removed; quoted parts and unquoted text
+      join into one argument (``"a b"c`` is ``a bc``); inside quotes ``""`` is a literal quote;
+    * backslashes are literal, except before a double quote: 2n backslashes and a quote are n
+      backslashes and a delimiting quote, 2n+1 backslashes and a quote are n backslashes and a
+      literal quote (``a\\\"b`` is ``a\"b``; ``"C:\dir\\"`` is ``C:\dir\``);
+    * the program (the first argument) is a path: quotes group and are removed there, and its
+      backslashes are always literal (``"C:\Program Files\x.exe"`` is ``C:\Program Files\x.exe``).
+    """
+    text = text or ""
+    n = len(text)
+    i = 0
+    while i < n and text[i] in " \t":
+        i += 1
+    if i >= n:
+        return []
+    args = []
+    prog, quoted = [], False
+    while i < n and (quoted or text[i] not in " \t"):
+        if text[i] == '"':
+            quoted = not quoted
+        else:
+            prog.append(text[i])
+        i += 1
+    args.append("".join(prog))
+    while True:
+        while i < n and text[i] in " \t":
+            i += 1
+        if i >= n:
+            return args
+        arg, quoted = [], False
+        while i < n:
+            c = text[i]
+            if c == "\\":
+                j = i
+                while j < n and text[j] == "\\":
+                    j += 1
+                if j < n and text[j] == '"':
+                    arg.append("\\" * ((j - i) // 2))
+                    if (j - i) % 2:  # an escaped, literal quote
+                        arg.append('"')
+                        j += 1
+                else:
+                    arg.append("\\" * (j - i))
+                i = j
+            elif c == '"':
+                if quoted and i + 1 < n and text[i + 1] == '"':
+                    arg.append('"')  # "" inside quotes: a literal quote, still quoted
+                    i += 2
+                else:
+                    quoted = not quoted
+                    i += 1
+            elif c in " \t" and not quoted:
+                break
+            else:
+                arg.append(c)
+                i += 1
+        args.append("".join(arg))
+
+
+def split_command_line(cmdline: str, windows: bool | None = None) -> list[str]:
+    """The script's command line setting as an argv: Windows rules on Windows, POSIX shell rules
+    (shlex) elsewhere. Raises ValueError for an unbalanced POSIX quote."""
+    if os.name == "nt" if windows is None else windows:
+        return split_windows_command_line(cmdline)
+    return shlex.split(cmdline or "")
+
+
+def join_command_line(argv: list[str]) -> str:
+    """An argv as the user would type it here (for the log)."""
+    return subprocess.list2cmdline(argv) if os.name == "nt" else " ".join(shlex.quote(a) for a in argv)
+
+
 def resolve_engine_command(cmdline: str, venv: str = "", search_defaults: bool = True) -> list[str]:
     """The engine's argv: the command line's program found in the configured venv, on PATH, or in
     the installers' default venv. Never OBS's ``sys.executable`` (not OBS's interpreter)."""
     try:
-        argv = shlex.split(cmdline or "", posix=os.name != "nt")
+        argv = split_command_line(cmdline or "")
     except ValueError as e:
         raise ValueError(f"cannot read the engine command line: {e}") from None
     if not argv:
@@ -1149,7 +1226,7 @@ def _on_start_engine(props, prop):
         return True
     global _exit_code_logged
     _exit_code_logged = None
-    _log(f"{LOG_PREFIX} engine started (pid {eng.pid}): {' '.join(shlex.quote(a) for a in argv)}; output in {log_path}")
+    _log(f"{LOG_PREFIX} engine started (pid {eng.pid}): {join_command_line(argv)}; output in {log_path}")
     return True
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -351,6 +352,57 @@ def test_engine_process_stops_with_sigint(tmp_path):
     assert eng.stop(grace=5) == 0
     assert "interrupted" in marker.read_text()
     assert not eng.running() and eng.stop() == 0
+
+
+# ------------------------------------------------------- the engine's command line (issue 23)
+
+
+def test_windows_command_lines_split_as_windows_programs_split_them():
+    split = L.split_windows_command_line
+    # a quoted program path with a space, a quoted prompt: quotes group and are removed
+    assert split(r'"C:\Users\John Smith\AppData\Local\live2diff-engine\venv\Scripts\live2diff-engine.exe" run '
+                 r'--prompt "a fox"') == [
+        r"C:\Users\John Smith\AppData\Local\live2diff-engine\venv\Scripts\live2diff-engine.exe", "run", "--prompt", "a fox"]
+    assert split(r'"C:\Program Files\x.exe" run --prompt "a fox"') == [r"C:\Program Files\x.exe", "run", "--prompt", "a fox"]
+    # Microsoft's table ("Parsing C command-line arguments"), after a program name
+    assert split(r'x "a b c" d e') == ["x", "a b c", "d", "e"]
+    assert split(r'x "ab\"c" "\\" d') == ["x", 'ab"c', "\\", "d"]
+    assert split(r'x a\\\b d"e f"g h') == ["x", r"a\\\b", "de fg", "h"]
+    assert split(r'x a\\\"b c d') == ["x", r'a\"b', "c", "d"]  # odd backslashes: a literal quote
+    assert split(r'x a\\\\"b c" d e') == ["x", r"a\\b c", "d", "e"]  # even: a delimiting quote
+    assert split(r'x a"b"" c d') == ["x", 'ab" c d']  # "" inside quotes: a literal quote
+    assert split(r'x "a b"c') == ["x", "a bc"]  # a quoted part joins the text after it
+    # a trailing backslash before the closing quote: doubled it is one backslash, single it escapes the quote
+    assert split(r'x --out "C:\my dir\\" next') == ["x", "--out", "C:\\my dir\\", "next"]
+    assert split(r'x "C:\my dir\" next') == ["x", 'C:\\my dir" next']
+    # in the program name backslashes are always literal (a path)
+    assert split(r'"C:\dir\" run') == ["C:\\dir\\", "run"]
+    assert split('x "" \t y  ') == ["x", "", "y"]  # an empty quoted argument; tabs separate
+    assert split('x "unterminated quote') == ["x", "unterminated quote"]
+    assert split("   ") == [] and split("") == []
+    # the inverse of what subprocess (list2cmdline) writes: whatever the argv, it comes back whole
+    import random
+
+    rng = random.Random(23)
+    for _ in range(3000):
+        argv = ["prog"] + ["".join(rng.choice(' \ta"\\b') for _ in range(rng.randrange(0, 7))) for _ in range(rng.randrange(1, 4))]
+        assert split(subprocess.list2cmdline(argv)) == argv, subprocess.list2cmdline(argv)
+
+
+def test_command_lines_split_by_the_platforms_rules(tmp_path, monkeypatch):
+    assert L.split_command_line('live2diff-engine run --prompt "a fox"', windows=False) == [
+        "live2diff-engine", "run", "--prompt", "a fox"]
+    assert L.split_command_line(r"'/opt/my engine/live2diff-engine' run --prompt a\ fox", windows=False) == [
+        "/opt/my engine/live2diff-engine", "run", "--prompt", "a fox"]  # POSIX keeps its shell rules
+    assert L.split_command_line(r'"C:\a b\e.exe" run --prompt "a fox"', windows=True) == [
+        r"C:\a b\e.exe", "run", "--prompt", "a fox"]
+    with pytest.raises(ValueError):
+        L.split_command_line('e run --prompt "a fox', windows=False)
+    # the start button's path: a quoted program path with a space is found, the prompt has no quotes
+    folder = tmp_path / "John Smith" / "bin"
+    exe = _fake_engine(folder, tmp_path / "m")
+    argv = L.resolve_engine_command(f'"{exe}" run --prompt "a fox"')
+    assert argv == [str(exe), "run", "--prompt", "a fox"]
 
 
 # ------------------------------------------------------------------- HTTP fallback, stdlib server
