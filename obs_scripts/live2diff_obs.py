@@ -18,8 +18,10 @@ style list, strength) are refreshed from the latest status whenever OBS rebuilds
 (opening the script, or any of its buttons, which all ask OBS for a refresh).
 
 The engine process ("Start engine") runs in its own process group and keeps running when the script
-is reloaded (the handle survives Python's module reload); it is stopped (SIGINT or CTRL_BREAK, then
-terminate) by "Stop engine" and, if "Stop the engine when OBS exits" is on (default), when OBS
+is reloaded (the handle survives Python's module reload). Its output reaches OBS through its local
+stream (the Live2Diff source reads http://127.0.0.1:8765/stream.mjpg), so it publishes no virtual
+camera unless "Also publish a virtual camera" is on: on Windows and macOS that camera would take OBS's
+own Virtual Camera. It is stopped (SIGINT or CTRL_BREAK, then terminate) by "Stop engine" and, if "Stop the engine when OBS exits" is on (default), when OBS
 exits. An engine started some other way is never stopped by the script.
 
 Passwords and tokens are never logged. Everything below the OBS section runs without OBS (tests).
@@ -30,6 +32,7 @@ from __future__ import annotations
 import atexit
 import collections
 import configparser
+import ipaddress
 import itertools
 import json
 import logging
@@ -43,6 +46,7 @@ import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import webbrowser
 
@@ -59,7 +63,7 @@ except Exception:  # Not installed for OBS's Python: the HTTP API is used.
 APP = "live2diff"
 VERSION = 1
 DEFAULT_API_URL = "http://127.0.0.1:8765"
-DEFAULT_ENGINE_COMMAND = "live2diff-engine run --obs"
+DEFAULT_ENGINE_COMMAND = "live2diff-engine run --obs"  # the sink is added at start (engine_output_args)
 DEFAULT_WS_PORT = 4455
 LOG_PREFIX = "[live2diff]"
 STATUS_STALE_S = 3.5  # no status for this long: the engine is not seen on that path
@@ -466,6 +470,89 @@ def split_command_line(cmdline: str, windows: bool | None = None) -> list[str]:
 def join_command_line(argv: list[str]) -> str:
     """An argv as the user would type it here (for the log)."""
     return subprocess.list2cmdline(argv) if os.name == "nt" else " ".join(shlex.quote(a) for a in argv)
+
+
+def _subcommand(argv: list[str]) -> str | None:
+    return next((a for a in argv[1:] if not a.startswith("-")), None)
+
+
+def _option_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name VALUE`` or ``--name=VALUE`` in argv (the last one given), or None."""
+    value = None
+    for k, a in enumerate(argv):
+        if a == name and k + 1 < len(argv):
+            value = argv[k + 1]
+        elif a.startswith(name + "="):
+            value = a[len(name) + 1:]
+    return value
+
+
+def engine_output_args(argv: list[str], virtual_camera: bool = False) -> list[str]:
+    """Where the engine started from OBS sends its output. OBS reads it from the engine's local
+    stream, so with no --sink in the command line it gets ``--sink null`` (the engine's default
+    sink is the virtual camera, which on Windows and macOS is OBS's own: it would take OBS's
+    Virtual Camera away from OBS); ``virtual_camera`` (the script's "Also publish a virtual camera")
+    asks for ``--sink virtualcam`` instead. A --sink the user wrote is kept as it is."""
+    if _subcommand(argv) not in ("run", "connect"):
+        return list(argv)
+    if any(a == "--sink" or a.startswith("--sink=") for a in argv):
+        return list(argv)
+    return list(argv) + ["--sink", "virtualcam" if virtual_camera else "null"]
+
+
+def _loopback_name(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def engine_api_args(argv: list[str], api_url: str) -> tuple[list[str], str | None]:
+    """(argv, the URL of the started engine's local API, or None where the script cannot reach it
+    from loopback). The command line's --api-port and --api-host count; without --api-port the
+    script's 'Engine API URL' (an http URL on this machine) becomes ``--api-port``, so that the
+    script talks to, and stops, the engine it started."""
+    argv = list(argv)
+    if _subcommand(argv) not in ("run", "connect") or "--no-api" in argv:
+        return argv, None
+    port = _option_value(argv, "--api-port")
+    if port is None:
+        try:
+            parts = urllib.parse.urlsplit((api_url or DEFAULT_API_URL).strip())
+            port = parts.port
+        except ValueError:
+            return argv, None
+        if parts.scheme != "http" or not parts.hostname or not _loopback_name(parts.hostname) or not port:
+            return argv, None
+        argv += ["--api-port", str(port)]
+    try:
+        port = int(port)
+    except ValueError:
+        return argv, None
+    if not 0 < port < 65536:
+        return argv, None  # 0: a free port the script cannot know
+    host = _option_value(argv, "--api-host") or "127.0.0.1"
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    elif not _loopback_name(host):
+        return argv, None  # a request from this machine to that address would not come from loopback
+    host = f"[{host.strip('[]')}]" if ":" in host else host
+    return argv, f"http://{host}:{port}"
+
+
+def engine_launch(ui: dict, ws_target: dict, environ: dict | None = None) -> tuple[list[str], dict, str | None]:
+    """What "Start engine" runs: (argv, environment, the URL of the engine's local API or None),
+    from the script's settings (engine_command, engine_venv, engine_virtual_camera, api_url) and
+    OBS's websocket target."""
+    argv = resolve_engine_command(ui.get("engine_command") or DEFAULT_ENGINE_COMMAND, ui.get("engine_venv", ""))
+    argv = engine_output_args(argv, bool(ui.get("engine_virtual_camera")))
+    argv, api_url = engine_api_args(argv, ui.get("api_url") or DEFAULT_API_URL)
+    argv, env = engine_obs_connection(argv, ws_target, environ)
+    return argv, env, api_url
 
 
 def resolve_engine_command(cmdline: str, venv: str = "", search_defaults: bool = True) -> list[str]:
@@ -1093,6 +1180,7 @@ def _read_settings(settings) -> dict:
         "engine_command": g(settings, "engine_command").strip() or DEFAULT_ENGINE_COMMAND,
         "engine_venv": g(settings, "engine_venv").strip(),
         "stop_engine_on_exit": obs.obs_data_get_bool(settings, "stop_engine_on_exit"),
+        "engine_virtual_camera": obs.obs_data_get_bool(settings, "engine_virtual_camera"),
     }
 
 
@@ -1217,8 +1305,8 @@ def _on_start_engine(props, prop):
         _log(f"{LOG_PREFIX} the engine is already running (pid {eng.pid})")
         return True
     try:
-        argv = resolve_engine_command(_ui.get("engine_command", DEFAULT_ENGINE_COMMAND), _ui.get("engine_venv", ""))
-        argv, env = engine_obs_connection(argv, websocket_target(_ui.get("ws_password", ""), _ui.get("ws_port", 0), obs_config_dir()))
+        target = websocket_target(_ui.get("ws_password", ""), _ui.get("ws_port", 0), obs_config_dir())
+        argv, env, api_url = engine_launch(_ui, target)
         log_path = _engine_log_path()
         eng.start(argv, log_path, env)
     except (ValueError, OSError, RuntimeError) as e:
@@ -1322,6 +1410,7 @@ def script_defaults(settings):
     obs.obs_data_set_default_double(settings, "guidance", 1.0)
     obs.obs_data_set_default_int(settings, "ws_port", 0)
     obs.obs_data_set_default_bool(settings, "stop_engine_on_exit", True)
+    obs.obs_data_set_default_bool(settings, "engine_virtual_camera", False)
 
 
 def _text_info(props, name, description, text=None):
@@ -1425,6 +1514,13 @@ def script_properties():
     obs.obs_properties_add_text(eng, "engine_command", "Command line", obs.OBS_TEXT_DEFAULT)
     obs.obs_properties_add_path(eng, "engine_venv", "Engine venv folder (optional)", obs.OBS_PATH_DIRECTORY, None, None)
     obs.obs_properties_add_bool(eng, "stop_engine_on_exit", "Stop the engine when OBS exits")
+    vc = obs.obs_properties_add_bool(eng, "engine_virtual_camera", "Also publish a virtual camera")
+    if hasattr(obs, "obs_property_set_long_description"):
+        obs.obs_property_set_long_description(
+            vc, "Off: OBS shows the engine through its Live2Diff source and OBS's own Virtual Camera stays free "
+                "(Start Virtual Camera sends your whole scene). On: the engine also publishes a virtual camera "
+                "itself; on Windows and macOS that is OBS's Virtual Camera, which OBS then cannot start. "
+                "Ignored when the command line names a --sink.")
     running = _S["engine"].running()
     b = obs.obs_properties_add_button(eng, "start_engine", "Start engine", _on_start_engine)
     obs.obs_property_set_enabled(b, not running)

@@ -405,6 +405,55 @@ def test_command_lines_split_by_the_platforms_rules(tmp_path, monkeypatch):
     assert argv == [str(exe), "run", "--prompt", "a fox"]
 
 
+def _engine_venv(tmp_path):
+    venv = tmp_path / "venv"
+    exe = _fake_engine(venv / ("Scripts" if os.name == "nt" else "bin"), tmp_path / "m")
+    return venv, exe
+
+
+def test_the_engine_started_from_obs_publishes_no_virtual_camera_unless_asked(tmp_path):
+    venv, exe = _engine_venv(tmp_path)
+    target = {"port": 4455, "password": "pw"}
+    ui = {"engine_command": L.DEFAULT_ENGINE_COMMAND, "engine_venv": str(venv), "api_url": L.DEFAULT_API_URL,
+          "engine_virtual_camera": False}
+    argv, env, api_url = L.engine_launch(ui, target, {})
+    # OBS reads the engine's local stream: no virtual camera, which on Windows/macOS is OBS's own
+    assert argv == [str(exe), "run", "--obs", "--sink", "null", "--api-port", "8765", "--obs-port", "4455"]
+    assert not any("virtualcam" in a for a in argv)
+    assert api_url == "http://127.0.0.1:8765" and env["OBS_WEBSOCKET_PASSWORD"] == "pw"
+    # the script's setting asks for the virtual camera explicitly
+    argv, _, _ = L.engine_launch(dict(ui, engine_virtual_camera=True), target, {})
+    assert argv[argv.index("--sink") + 1] == "virtualcam" and "null" not in argv
+    # a sink the user wrote is theirs (either way); the setting never adds a second one
+    for vcam in (False, True):
+        argv, _, _ = L.engine_launch(dict(ui, engine_command="live2diff-engine run --obs --sink file:rec.mp4",
+                                          engine_virtual_camera=vcam), target, {})
+        assert [a for a in argv if "sink" in a or a.startswith(("null", "virtualcam", "file:"))] == ["--sink", "file:rec.mp4"]
+    argv, _, _ = L.engine_launch(dict(ui, engine_command="live2diff-engine run --sink=virtualcam"), target, {})
+    assert argv.count("--sink") == 0 and "--sink=virtualcam" in argv
+    # only `run` and `connect` take sinks
+    argv, _, api_url = L.engine_launch(dict(ui, engine_command="live2diff-engine serve"), target, {})
+    assert "--sink" not in argv and api_url is None
+    assert L.engine_output_args(["e", "connect", "http://gpu:8765"]) == ["e", "connect", "http://gpu:8765", "--sink", "null"]
+
+
+def test_the_script_stops_the_engine_at_the_api_address_the_engine_listens_on():
+    run = ["e", "run"]
+    assert L.engine_api_args(run, "http://127.0.0.1:9001") == (run + ["--api-port", "9001"], "http://127.0.0.1:9001")
+    # the engine binds 127.0.0.1 by default (localhost may name ::1 first)
+    assert L.engine_api_args(run, "http://localhost:9002/") == (run + ["--api-port", "9002"], "http://127.0.0.1:9002")
+    # the command line's own port and host win
+    assert L.engine_api_args(run + ["--api-port", "9100"], "http://127.0.0.1:9001")[1] == "http://127.0.0.1:9100"
+    assert L.engine_api_args(run + ["--api-port=9100", "--api-host", "0.0.0.0"], "")[1] == "http://127.0.0.1:9100"
+    assert L.engine_api_args(run + ["--api-port=9100", "--api-host", "::"], "")[1] == "http://[::1]:9100"
+    # no API, a port the script cannot know, an address beyond this machine: nothing to ask
+    assert L.engine_api_args(run + ["--no-api"], L.DEFAULT_API_URL) == (run + ["--no-api"], None)
+    assert L.engine_api_args(run + ["--api-port", "0"], L.DEFAULT_API_URL)[1] is None
+    assert L.engine_api_args(run + ["--api-port", "9100", "--api-host", "192.168.1.20"], "")[1] is None
+    assert L.engine_api_args(run, "http://gpu-box:8765") == (run, None)  # not an engine the script starts here
+    assert L.engine_api_args(run, "https://127.0.0.1:8765") == (run, None)
+
+
 # ------------------------------------------------------------------- HTTP fallback, stdlib server
 
 
@@ -799,7 +848,7 @@ def script_load(settings):
 PROPERTY_NAMES = (
     "status_text", "refresh", "prompt", "negative_prompt", "apply_prompt", "style", "strength", "seed", "apply_seed",
     "pause_resume", "reset", "add_to_scene", "open_dock", "dock_note", "engine_group", "engine_command", "engine_venv",
-    "stop_engine_on_exit", "start_engine", "stop_engine", "connection_group", "api_url", "api_token", "ws_password",
+    "stop_engine_on_exit", "engine_virtual_camera", "start_engine", "stop_engine", "connection_group", "api_url", "api_token", "ws_password",
     "ws_port",
 )
 
