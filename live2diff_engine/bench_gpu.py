@@ -162,9 +162,9 @@ def _fits_text(fits: dict | None) -> str:
     return f"{ok[0]} GB and up" if ok else f"none of {', '.join(fits)} GB"
 
 
-def _weights_bytes(comps) -> int:
-    """The device bytes of the weights a pipeline on ``comps`` uses (UNet, VAE, text encoder,
-    depth estimator; each tensor once)."""
+def _weights_bytes(comps, device_type: str = "cuda") -> int:
+    """The bytes of the weights on ``device_type`` that a pipeline on ``comps`` uses (UNet, VAE,
+    text encoder, depth estimator; each tensor once, shared ones too)."""
     seen: set[int] = set()
     total = 0
     mods = []
@@ -175,7 +175,7 @@ def _weights_bytes(comps) -> int:
             mods += [v for v in vars(value).values() if isinstance(v, torch.nn.Module)]
     for mod in mods:
         for t in list(mod.parameters()) + list(mod.buffers()):
-            if t is None or t.device.type != "cuda" or t.data_ptr() in seen:
+            if t is None or t.device.type != device_type or t.data_ptr() in seen:
                 continue
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()

@@ -173,6 +173,21 @@ def test_card_fit():
     assert card_fit(30_000) == {"8": False, "12": False, "24": False}
 
 
+def test_weights_of_a_pipeline_counted_once():
+    import torch
+
+    from live2diff_engine import bench_gpu
+
+    s = bench_gpu.Settings(device=torch.device("cpu"), dtype=torch.float32, geometry="tiny", width=64, height=64)
+    comps = bench_gpu.build_models(s)["comps"]
+    mods = lambda c: [c.unet, c.vae, c.text_encoder, c.depth]  # noqa: E731
+    params = lambda c: {t.data_ptr(): t.numel() * t.element_size() for m in mods(c) for t in [*m.parameters(), *m.buffers()] if t is not None}  # noqa: E731
+    for vae in ("taesd", "full"):
+        assert bench_gpu._weights_bytes(comps[vae], "cpu") == sum(params(comps[vae]).values()) > 0
+    assert bench_gpu._weights_bytes(comps["taesd"], "cpu") < bench_gpu._weights_bytes(comps["full"], "cpu")
+    assert bench_gpu._weights_bytes(comps["full"]) == 0  # nothing on CUDA here
+
+
 def test_modes_in_order_and_a_cuda_graphs_capture_in_its_first_call(monkeypatch):
     """The modes run in the order given (cudagraph before compile); a CUDA graph's first calls run
     until its capture (two real calls, then the capture, emulated here) and are timed as one
