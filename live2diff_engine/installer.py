@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 DEFAULT_PORT = 8765
 CPU_TORCH_SPEC = "torch==2.13.0"  # the CPU build these checks use; LIVE2DIFF_TORCH_SPEC overrides
+INTEL_MAC_TORCH_SPEC = "torch==2.2.2 numpy<2"  # torch's last macOS x86_64 wheel, built against NumPy 1
 PYTORCH_INDEX = "https://download.pytorch.org/whl"
 STATE_FILE = "install-state.json"
 VCAM_LABEL = "Live2Diff Camera"
@@ -183,8 +184,9 @@ def choose_torch(os_name: str, arch: str, gpus: list[Gpu], env: dict[str, str], 
             return TorchPlan("mps", spec_override or "torch", index_override, None, [
                 "Apple silicon: torch with Metal (MPS). It works but is several times slower than an RTX card; "
                 "expect a low frame rate at small sizes (try --camera-size 512x512)."])
-        return TorchPlan("cpu", spec_override or "torch", index_override, None, [
-            "Intel Mac: no supported GPU, so this is a CPU install. " + CPU_USES])
+        return TorchPlan("cpu", spec_override or INTEL_MAC_TORCH_SPEC, index_override, None, [
+            "Intel Mac: no supported GPU, so this is a CPU install, with torch 2.2.2 (the last build for Intel Macs) "
+            "and NumPy 1, which it was built against (pyproject.toml pins the rest to match). " + CPU_USES])
 
     if not gpus:
         return TorchPlan("cpu", spec_override or CPU_TORCH_SPEC, index_override, None, [

@@ -82,7 +82,7 @@ def test_pick_cuda_wheel(os_name, driver, wheel):
     ("Linux", "x86_64", "", {"TORCH_INDEX_URL": "https://download.pytorch.org/whl/cpu"}, True, "cpu", "torch==2.13.0", "https://download.pytorch.org/whl/cpu"),
     # Macs: MPS on Apple silicon (with a speed warning), CPU on Intel.
     ("Darwin", "arm64", None, {}, False, "mps", "torch", None),
-    ("Darwin", "x86_64", None, {}, False, "cpu", "torch", None),
+    ("Darwin", "x86_64", None, {}, False, "cpu", "torch==2.2.2 numpy<2", None),  # torch's last Intel build, NumPy 1
 ])
 def test_choose_torch(os_name, arch, smi, env, cpu, kind, spec, index):
     plan = I.choose_torch(os_name, arch, I.parse_nvidia_smi(smi), env, force_cpu=cpu)
@@ -137,6 +137,7 @@ def test_torch_pip_args():
     plan = I.choose_torch("Linux", "x86_64", I.parse_nvidia_smi(SMI_4090), {})
     assert plan.pip_args() == ["install", "--upgrade", "torch", "--index-url", "https://download.pytorch.org/whl/cu126"]
     assert I.choose_torch("Linux", "x86_64", [], {}, True).pip_args() == ["install", "--upgrade", "torch==2.13.0"]
+    assert I.choose_torch("Darwin", "x86_64", [], {}).pip_args() == ["install", "--upgrade", "torch==2.2.2", "numpy<2"]
 
 
 # ------------------------------------------------------------------------------------- virtual camera
