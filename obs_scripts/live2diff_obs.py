@@ -21,8 +21,12 @@ The engine process ("Start engine") runs in its own process group and keeps runn
 is reloaded (the handle survives Python's module reload). Its output reaches OBS through its local
 stream (the Live2Diff source reads http://127.0.0.1:8765/stream.mjpg), so it publishes no virtual
 camera unless "Also publish a virtual camera" is on: on Windows and macOS that camera would take OBS's
-own Virtual Camera. It is stopped (SIGINT or CTRL_BREAK, then terminate) by "Stop engine" and, if "Stop the engine when OBS exits" is on (default), when OBS
-exits. An engine started some other way is never stopped by the script.
+own Virtual Camera. It is stopped by "Stop engine" and, if "Stop the engine when OBS exits" is on
+(default), when OBS exits: first a ``quit`` through its local API (only this machine may send it;
+the engine then stops as on Ctrl-C, closing its outputs), then the platform's stop signal (SIGINT to
+its group; CTRL_BREAK on Windows, which reaches it only from a shared console: OBS has none), then
+terminate and kill, each with a bounded wait. An engine started some other way is never stopped by
+the script: the quit names the instance the script started (LIVE2DIFF_INSTANCE in its environment).
 
 Passwords and tokens are never logged. Everything below the OBS section runs without OBS (tests).
 """
@@ -38,6 +42,7 @@ import json
 import logging
 import os
 import queue
+import secrets
 import shlex
 import shutil
 import signal
@@ -64,6 +69,7 @@ APP = "live2diff"
 VERSION = 1
 DEFAULT_API_URL = "http://127.0.0.1:8765"
 DEFAULT_ENGINE_COMMAND = "live2diff-engine run --obs"  # the sink is added at start (engine_output_args)
+INSTANCE_ENV = "LIVE2DIFF_INSTANCE"  # names the engine the script started (the engine's quit checks it)
 DEFAULT_WS_PORT = 4455
 LOG_PREFIX = "[live2diff]"
 STATUS_STALE_S = 3.5  # no status for this long: the engine is not seen on that path
@@ -589,10 +595,27 @@ def resolve_engine_command(cmdline: str, venv: str = "", search_defaults: bool =
 
 
 class EngineProcess:
-    """The engine started by the script: its own process group, output to a log file."""
+    """The engine started by the script: its own process group, output to a log file.
 
-    def __init__(self, proc: subprocess.Popen | None = None):
+    ``stop()`` tries, each with a bounded wait: (1) a ``quit`` through the engine's local API (only
+    this machine may send it; it names the instance started here, so no other engine is stopped),
+    after which the engine stops as on Ctrl-C and closes its outputs; (2) the platform's stop
+    signal: SIGINT to its process group, or CTRL_BREAK_EVENT on Windows, which reaches the engine
+    only from a console it shares (OBS has none, so there it usually cannot be sent); (3) terminate,
+    then kill. ``stopped_by`` says which step ended it; ``stop_notes`` why earlier steps did not."""
+
+    API_TIMEOUT_S = 3.0  # the quit request itself
+    API_RETRY_S = 0.5  # while the engine says it is still starting (loading its models)
+    WINDOWS_SIGNAL_WAIT_S = 2.0  # CTRL_BREAK that Windows accepted may still reach no one
+
+    def __init__(self, proc: subprocess.Popen | None = None, windows: bool | None = None):
         self.proc = proc
+        self.windows = os.name == "nt" if windows is None else windows
+        self.api_url: str | None = None
+        self.api_token = ""
+        self.instance: str | None = None
+        self.stopped_by: str | None = None  # "api", "signal", "terminate", "kill", "itself"
+        self.stop_notes: list[str] = []
 
     @property
     def pid(self) -> int | None:
@@ -601,15 +624,21 @@ class EngineProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, argv: list[str], log_path: str | None = None, env: dict | None = None) -> subprocess.Popen:
+    def start(self, argv: list[str], log_path: str | None = None, env: dict | None = None,
+              api_url: str | None = None, api_token: str = "") -> subprocess.Popen:
+        """Start the engine. ``api_url``: its local API (engine_api_args), where "Stop engine" asks
+        it to quit; ``api_token``: the token that API asks for, if any."""
         if self.running():
             raise RuntimeError(f"the engine is already running (pid {self.proc.pid})")
         out = subprocess.DEVNULL
         if log_path:
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             out = open(log_path, "ab")
+        instance = secrets.token_hex(8)
+        env = dict(os.environ if env is None else env)
+        env[INSTANCE_ENV] = instance
         kwargs = {}
-        if os.name == "nt":
+        if self.windows:
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
         else:
             kwargs["start_new_session"] = True
@@ -618,45 +647,107 @@ class EngineProcess:
         finally:
             if out is not subprocess.DEVNULL:
                 out.close()
+        self.instance, self.api_url, self.api_token = instance, api_url, api_token or ""
+        self.stopped_by, self.stop_notes = None, []
         return self.proc
 
-    def interrupt(self) -> None:
-        """SIGINT to the engine's group (CTRL_BREAK on Windows): its clean shutdown."""
-        if not self.running():
-            return
+    def quit_via_api(self) -> tuple[bool, str]:
+        """Ask the engine to quit through its local API: (taken, why not). Taken: the engine said
+        yes, or the request went out and the answer was lost (the engine may be exiting)."""
+        if not self.api_url:
+            return False, "no local API to ask (--no-api, --api-port 0, or an address not on this machine)"
+        msg = command_message("quit", id="obs-quit", **({"instance": self.instance} if self.instance else {}))
         try:
-            if os.name == "nt":
+            reply = HttpTransport(self.api_url, self.api_token, timeout=self.API_TIMEOUT_S).command(msg)
+        except Exception as e:  # (http.client's errors are not all OSErrors)
+            reason = e.reason if isinstance(e, urllib.error.URLError) else e
+            if isinstance(reason, (ConnectionRefusedError, socket.gaierror)) or not isinstance(reason, OSError):
+                return False, f"{self.api_url}: {_reason(e)}"
+            return True, ""  # sent; the answer was cut off (reset, timeout): wait for the exit
+        if reply.get("ok"):
+            return True, ""
+        return False, f"{self.api_url}: {reply.get('error') or 'refused'}"
+
+    def interrupt(self) -> bool:
+        """The platform's stop signal: SIGINT to the engine's group, CTRL_BREAK_EVENT on Windows.
+        False when it could not be sent."""
+        if not self.running():
+            return False
+        try:
+            if self.windows:
                 self.proc.send_signal(signal.CTRL_BREAK_EVENT)
             else:
                 os.killpg(self.proc.pid, signal.SIGINT)
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
+        except (ProcessLookupError, PermissionError, OSError, ValueError, AttributeError) as e:
+            self.stop_notes.append(f"signal: {_reason(e)}")
+            return False
+        return True
 
-    def stop(self, grace: float = 10.0, term_grace: float = 5.0) -> int | None:
-        """Interrupt, wait ``grace`` s, terminate, wait, kill. Returns the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.interrupt()
-            try:
-                return self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                if os.name == "nt":
-                    self.proc.terminate()
-                else:
-                    os.killpg(self.proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError, OSError):
-                pass
-            try:
-                return self.proc.wait(term_grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    def _wait(self, seconds: float) -> int | None:
         try:
-            return self.proc.wait(5)
+            return self.proc.wait(max(0.0, seconds))
         except subprocess.TimeoutExpired:
             return None
+
+    def _ended(self, code: int | None, how: str) -> int | None:
+        if code is not None and self.stopped_by is None:
+            self.stopped_by = how
+        return code
+
+    def stop(self, grace: float = 10.0, term_grace: float = 5.0) -> int | None:
+        """API quit (wait ``grace``), stop signal (wait ``grace``; ``term_grace`` after a quit the
+        engine took but did not finish in time), terminate (wait ``term_grace``), kill. Returns the
+        exit code (None if it could not be had)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is not None:
+            return self._ended(self.proc.returncode, "itself")
+        self.stop_notes = []
+        taken, why = self.quit_via_api()
+        if taken:
+            code = self._wait(grace)
+            if code is not None:
+                return self._ended(code, "api")
+            self.stop_notes.append(f"API: the engine took the quit but had not exited after {grace:g} s")
+        else:
+            self.stop_notes.append(f"API: {why}")
+        signalled = self.interrupt()
+        if signalled:
+            wait = term_grace if taken else grace
+            if self.windows:
+                wait = min(wait, self.WINDOWS_SIGNAL_WAIT_S)
+            code = self._wait(wait)
+            if code is not None:
+                return self._ended(code, "signal")
+        if not taken and "starting" in why and (self.windows or not signalled):
+            # Loading its models, the engine has no quit to take yet: ask again until it has one
+            # (where no signal reaches it, as from OBS on Windows, that is the only clean stop).
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                code = self._wait(self.API_RETRY_S)
+                if code is not None:
+                    return self._ended(code, "signal" if signalled else "itself")
+                taken, why = self.quit_via_api()
+                if taken:
+                    code = self._wait(deadline - time.monotonic())
+                    if code is not None:
+                        return self._ended(code, "api")
+                    break
+        try:
+            if self.windows:
+                self.proc.terminate()
+            else:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError, OSError):
+            pass
+        code = self._wait(term_grace)
+        if code is not None:
+            return self._ended(code, "terminate")
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        return self._ended(self._wait(5), "kill")
 
 
 # --------------------------------------------------------------------------------- transports
@@ -1130,6 +1221,8 @@ _S = globals().get("_S")  # survives OBS's "Reload Scripts" (a module reload kee
 if _S is None:
     _S = {"engine": EngineProcess(), "stop_on_exit": True}
 _S.setdefault("engine", EngineProcess())
+if not hasattr(_S["engine"], "quit_via_api"):  # a handle from an older version of this script: adopt its process
+    _S["engine"] = EngineProcess(getattr(_S["engine"], "proc", None))
 
 
 def _stop_engine_at_exit():
@@ -1308,7 +1401,7 @@ def _on_start_engine(props, prop):
         target = websocket_target(_ui.get("ws_password", ""), _ui.get("ws_port", 0), obs_config_dir())
         argv, env, api_url = engine_launch(_ui, target)
         log_path = _engine_log_path()
-        eng.start(argv, log_path, env)
+        eng.start(argv, log_path, env, api_url=api_url, api_token=_ui.get("api_token", ""))
     except (ValueError, OSError, RuntimeError) as e:
         _log(f"{LOG_PREFIX} could not start the engine: {e}", "error")
         return True
@@ -1367,10 +1460,21 @@ def _tick():
     eng: EngineProcess = _S["engine"]
     if eng.proc is not None and eng.proc.poll() is not None and _exit_code_logged != eng.pid:
         _exit_code_logged = eng.pid
-        _log(f"{LOG_PREFIX} engine process {eng.pid} exited with code {eng.proc.returncode}")
+        _log(f"{LOG_PREFIX} engine process {eng.pid} exited with code {eng.proc.returncode}{stop_summary(eng)}")
     _S["ticks"] = _S.get("ticks", 0) + 1
     if _S["ticks"] % MIXER_CHECK_EVERY == 0:
         _keep_source_out_of_mixer()
+
+
+def stop_summary(eng) -> str:
+    """How a stop ended the engine, for the log line of its exit ("" when it ended by itself)."""
+    how = getattr(eng, "stopped_by", None)
+    text = {"api": "stopped through its local API", "signal": "stopped by its stop signal",
+            "terminate": "terminated: it did not stop cleanly", "kill": "killed: it did not stop cleanly"}.get(how)
+    if not text:
+        return ""
+    notes = [n for n in getattr(eng, "stop_notes", []) if n] if how != "api" else []
+    return f" ({text}" + (f"; {'; '.join(notes)}" if notes else "") + ")"
 
 
 def _keep_source_out_of_mixer() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -351,6 +352,9 @@ def test_engine_process_stops_with_sigint(tmp_path):
     assert os.getpgid(eng.pid) == eng.pid  # its own process group: OBS's signals do not reach it
     assert eng.stop(grace=5) == 0
     assert "interrupted" in marker.read_text()
+    # no API to ask (none given at start): the signal came next, and the log line says so
+    assert eng.stopped_by == "signal" and eng.stop_notes[0].startswith("API: no local API")
+    assert L.stop_summary(eng).startswith(" (stopped by its stop signal; API: no local API")
     assert not eng.running() and eng.stop() == 0
 
 
@@ -454,6 +458,99 @@ def test_the_script_stops_the_engine_at_the_api_address_the_engine_listens_on():
     assert L.engine_api_args(run, "https://127.0.0.1:8765") == (run, None)
 
 
+# --------------------------------------------- stopping the engine: API, signal, terminate (issue 23)
+
+
+def _fake_engine_ignoring_sigint(folder: Path, marker: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "stubborn-engine"
+    exe.write_text(
+        f"#!{sys.executable}\n"
+        "import signal, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        f"open({str(marker)!r}, 'w').write('started')\n"
+        "while True:\n"
+        "    time.sleep(0.05)\n"
+    )
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return exe
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_an_engine_that_ignores_its_stop_signal_is_terminated_after_a_bounded_wait(tmp_path):
+    marker = tmp_path / "started"
+    exe = _fake_engine_ignoring_sigint(tmp_path / "bin", marker)
+    eng = L.EngineProcess()
+    eng.start([str(exe)], api_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    wait_until(marker.exists, what="stubborn engine start")
+    code = eng.stop(grace=0.5, term_grace=30)
+    assert code == -signal.SIGTERM and eng.stopped_by == "terminate"
+    assert eng.stop_notes[0].startswith("API: http://127.0.0.1:") and "connection refused" in eng.stop_notes[0]
+    assert "terminated: it did not stop cleanly" in L.stop_summary(eng)
+
+
+class FakeWindowsProc:
+    """The part of a Windows Popen the stop uses, with the OS calls faked: CTRL_BREAK_EVENT fails as
+    GenerateConsoleCtrlEvent does for a caller without a console (OBS), or reaches the engine."""
+
+    def __init__(self, break_reaches: bool):
+        self.pid, self.returncode, self.calls = 4242, None, []
+        self.break_reaches = break_reaches
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        self.calls.append(("wait", timeout))
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired("engine", timeout)
+        return self.returncode
+
+    def send_signal(self, sig):
+        self.calls.append(("send_signal", sig))
+        if not self.break_reaches:
+            raise OSError(6, "The handle is invalid")
+        self.returncode = 0
+
+    def terminate(self):
+        self.calls.append(("terminate",))
+        self.returncode = 1
+
+    def kill(self):
+        self.calls.append(("kill",))
+        self.returncode = 1
+
+
+def test_windows_stop_skips_the_wait_when_ctrl_break_cannot_be_sent(monkeypatch):
+    monkeypatch.setattr(signal, "CTRL_BREAK_EVENT", 1, raising=False)  # Windows' value; absent here
+    # From OBS (no console): the break fails, so no 10 s wait for it: terminate at once
+    eng = L.EngineProcess(FakeWindowsProc(break_reaches=False), windows=True)
+    assert eng.stop(grace=10.0, term_grace=5.0) == 1
+    assert eng.proc.calls == [("send_signal", 1), ("terminate",), ("wait", 5.0)]
+    assert eng.stopped_by == "terminate" and any("The handle is invalid" in n for n in eng.stop_notes)
+    # From a shared console the break arrives (the engine handles SIGBREAK): a short bounded wait
+    eng = L.EngineProcess(FakeWindowsProc(break_reaches=True), windows=True)
+    assert eng.stop(grace=10.0, term_grace=5.0) == 0
+    assert eng.proc.calls == [("send_signal", 1), ("wait", L.EngineProcess.WINDOWS_SIGNAL_WAIT_S)]
+    assert eng.stopped_by == "signal"
+
+
+def test_windows_stop_asks_again_while_the_engine_is_still_loading(monkeypatch):
+    monkeypatch.setattr(signal, "CTRL_BREAK_EVENT", 1, raising=False)
+    proc = FakeWindowsProc(break_reaches=False)
+    with FakeEngineAPI() as api:
+        api.quit_replies = [(503, "the engine is still starting; try again in a moment")] * 2
+
+        def on_quit(cmd):
+            proc.returncode = 0  # the engine, loaded, takes the quit and exits cleanly
+        api.on_quit = on_quit
+        eng = L.EngineProcess(proc, windows=True)
+        eng.api_url = api.url
+        assert eng.stop(grace=60.0, term_grace=5.0) == 0
+    assert eng.stopped_by == "api" and len(api.commands("quit")) == 3
+    assert ("terminate",) not in proc.calls
+
+
 # ------------------------------------------------------------------- HTTP fallback, stdlib server
 
 
@@ -465,6 +562,8 @@ class FakeEngineAPI:
         self.status = dict(status or STATUS)
         self.posts: list[dict] = []
         self.gets = 0
+        self.quit_replies: list[tuple[int, str]] = []  # (HTTP code, error) for the next quits, then ok
+        self.on_quit = None  # called with each quit it takes
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -506,6 +605,12 @@ class FakeEngineAPI:
                     outer.status["prompt"] = cmd.args["prompt"]
                 elif cmd.cmd in ("pause", "resume"):
                     outer.status["paused"] = cmd.cmd == "pause"
+                elif cmd.cmd == "quit":
+                    if outer.quit_replies:
+                        code, error = outer.quit_replies.pop(0)
+                        return self._send(code, schema.reply_message(cmd.id, False, error))
+                    if outer.on_quit is not None:
+                        outer.on_quit(cmd)
                 self._send(200, schema.reply_message(cmd.id, True))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -955,3 +1060,88 @@ def test_real_obs_panel_follows_the_engine_pause_prompt_and_missing_styles(tmp_p
                 client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.previous_style"})
                 wait_until(lambda: len(api.commands("set_style")) == 2, what="previous style")
             assert [c["style"] for c in api.commands("set_style")] == ["toon", "zen"]
+
+
+def _frames_out(http) -> int:
+    try:
+        return int(http.get_status().get("frames_out") or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_stop_engine_quits_a_real_engine_through_its_api_and_every_output_is_closed(tmp_path):
+    """Start and stop a real engine (tiny model) with the script's own functions: the quit goes
+    through the engine's local API, and the engine stops as on Ctrl-C: its video file is complete,
+    its API's last word is 'stopped', it exits 0; no signal was needed (none reaches it from OBS on
+    Windows)."""
+    import cv2
+    import websocket
+
+    out = tmp_path / "out.mp4"
+    ui = {"engine_command": f"live2diff-engine run --model tiny --source synthetic --camera-size 64x48 --sink file:{out}",
+          "engine_venv": str(Path(sys.executable).parent.parent), "api_url": f"http://127.0.0.1:{free_port()}"}
+    argv, env, api_url = L.engine_launch(ui, {"port": 0, "password": ""})
+    assert api_url == ui["api_url"] and argv[argv.index("--api-port") + 1] == api_url.rsplit(":", 1)[1]
+    log = tmp_path / "engine.log"
+    eng = L.EngineProcess()
+    eng.start(argv, str(log), env, api_url=api_url)
+    states, ws = [], None
+    try:
+        http = L.HttpTransport(api_url)
+        wait_until(lambda: _frames_out(http) >= 3 or not eng.running(), timeout=300, what="the engine streaming")
+        assert eng.running(), log.read_text()
+        ws = websocket.create_connection(api_url.replace("http", "ws", 1) + "/api/ws", timeout=120)
+
+        def read():
+            try:
+                while True:
+                    states.append(json.loads(ws.recv()).get("state"))
+            except Exception:
+                pass
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        code = eng.stop(grace=120, term_grace=10)
+        reader.join(60)
+    finally:
+        if eng.running():
+            eng.proc.kill()
+            eng.proc.wait(30)
+        if ws is not None:
+            ws.close()
+    text = log.read_text()
+    assert code == 0, text
+    assert eng.stopped_by == "api" and eng.stop_notes == [], (eng.stopped_by, eng.stop_notes)
+    assert "quit asked for through the local API" in text and "Traceback" not in text
+    assert states and states[-1] == "stopped", states  # the API closed last, after the outputs
+    cap = cv2.VideoCapture(str(out))
+    frames = 0
+    while cap.read()[0]:
+        frames += 1
+    cap.release()
+    assert frames >= 3  # the file was finalised (an unclosed mp4 has no index and does not open)
+    assert L.stop_summary(eng) == " (stopped through its local API)"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_the_script_never_stops_an_engine_it_did_not_start(tmp_path):
+    """The script's engine handle points at an API where another engine (started elsewhere)
+    listens: that engine refuses the quit, which names another instance, and keeps streaming; the
+    script's own process is stopped by its signal."""
+    from live import LiveEngine, PacedSource
+
+    from live2diff_engine.models.components import build_tiny_components
+
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=30)) as other:
+        other.wait_outputs(2, timeout=120)
+        marker = tmp_path / "marker.txt"
+        exe = _fake_engine(tmp_path / "bin", marker)
+        eng = L.EngineProcess()
+        eng.start([str(exe), "run"], api_url=other.api.url)
+        wait_until(lambda: marker.exists() and "args: run" in marker.read_text(), what="fake engine start")
+        assert eng.stop(grace=30) == 0 and eng.stopped_by == "signal"
+        assert "interrupted" in marker.read_text()
+        assert "not the engine instance that was asked to stop" in eng.stop_notes[0]
+        n = len(other.outputs)
+        other.wait_outputs(n + 2, timeout=120)  # still streaming
+        assert not other.engine.stopping and other.controller.refused == 1
