@@ -230,12 +230,15 @@ def test_models_download_names_every_model_it_could_not_fetch(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     line = _one_error_line(run_cli("models", "download", env=env))
     assert "4 models are not downloaded: sd15" in line and "lcm-lora" in line and "`live2diff-engine models download`" in line
-    # Online but unreachable (a closed local port as the hub): the first failure, and the rest named.
+    # Online but unreachable (a closed local port as the hub): found once, all of them named, and
+    # none of the hub client's retry lines.
     env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
     result = run_cli("models", "download", env=env)
     line = _one_error_line(result)
     assert line.count("`live2diff-engine models download`") == 1, line
-    assert "cannot download sd15" in line and "not downloaded yet either: live2diff (Leoxing/Live2Diff), midas" in line
+    assert "cannot reach the Hugging Face hub at http://127.0.0.1:9 (connection refused), and 4 models are not downloaded: " \
+        "sd15 (stable-diffusion-v1-5/stable-diffusion-v1-5), live2diff (Leoxing/Live2Diff), midas" in line, line
+    assert result.stderr.strip().splitlines() == [line], result.stderr
 
 
 # -- --lora FILE[:SCALE] ----------------------------------------------------------------------------

@@ -183,3 +183,135 @@ def test_unknown_motion_settings_are_rejected():
         MotionConfig.from_kwargs({"motion_module_kwargs": {"num_attention_heads": 8, "wobble": 1}})
     with pytest.raises(ConfigError, match="window_size"):
         MotionConfig.from_kwargs({"motion_module_kwargs": {"attention_kwargs": {"window_size": 8, "sink_size": 8}}})
+
+
+# -- model paths and the hub before anything loads (issue 24, point 8) --------------------------------
+
+
+class _Hub:
+    """A stand-in Hugging Face hub on a local port: HEAD / answers 200 (the engine's reachability
+    probe), every file answers 503 with Retry-After 0 (the hub client retries those, saying so)."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                self.send_response(200 if self.path == "/" else 503)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_HEAD
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+@pytest.fixture
+def hub_at(tmp_path, monkeypatch):
+    """Point the hub client at ``url`` (an empty cache of this test's own, online) and return the
+    engine's hub module; its remembered reachability starts empty."""
+    from huggingface_hub import constants
+
+    from live2diff_engine.models import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_unreachable", {})
+
+    def at(url):
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+        return hub
+
+    return at
+
+
+def test_local_model_paths_are_judged_from_their_files_before_the_hub_is_asked(tmp_path, hub_at, monkeypatch):
+    """An empty folder or a file that is no checkpoint as --base (or --motion) is one line at once,
+    naming the option and what to pass instead; the hub is not asked even though models are
+    missing from the cache (they are named too)."""
+    hub = hub_at("http://127.0.0.1:9")
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: pytest.fail("the hub was asked"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "model.safetensors"
+    corrupt.write_bytes(b"this is not a model, just some text " * 40)
+    with pytest.raises(ModelLoadError) as info:
+        hub.resolve_all(hub.model_requests(base=str(empty)))
+    line = str(info.value)
+    assert line.startswith(f"--base {empty} has no model_index.json, unet/ folder or config.json (the folder is empty)"), line
+    assert "point --base at a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or a .safetensors file" in line
+    assert line.endswith("also not downloaded: live2diff (Leoxing/Live2Diff), midas (Intel/dpt-hybrid-midas), "
+                         "lcm-lora (latent-consistency/lcm-lora-sdv1-5)"), line
+    with pytest.raises(ModelLoadError) as info:
+        hub.resolve_all(hub.model_requests(base=str(corrupt), motion=str(empty)))
+    line = str(info.value)
+    assert f"--base {corrupt} is not a readable safetensors/checkpoint file (it is neither safetensors nor a torch checkpoint)" in line
+    assert f"--motion {empty} is a folder; give the Live2Diff motion checkpoint" in line
+
+
+def test_what_counts_as_a_readable_checkpoint(tmp_path):
+    """safetensors (a file cut short is found from its header), torch.save's zip, the legacy pickle."""
+    from live2diff_engine.models.hub import weight_file_problem
+
+    good = tmp_path / "good.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, str(good))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    torch.save({"w": torch.zeros(2)}, tmp_path / "zip.ckpt")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    assert weight_file_problem(good) is None
+    assert weight_file_problem(tmp_path / "zip.ckpt") is None
+    assert weight_file_problem(tmp_path / "legacy.ckpt") is None
+    assert weight_file_problem(cut).startswith(f"it is cut short: {cut.stat().st_size:,} of its {good.stat().st_size:,} bytes")
+    assert weight_file_problem(tmp_path / "empty.ckpt") == "the file is empty"
+    assert weight_file_problem(FIXTURE_A / "manifest.json") == "it is neither safetensors nor a torch checkpoint"
+
+
+def test_an_unreachable_hub_is_found_once_and_every_missing_model_is_named(hub_at, monkeypatch, capfd):
+    """No network (a closed local port as the hub): one quick request finds it, remembered for the
+    process; the one line names every model missing from the cache, and the hub's retry lines
+    (half a minute of them per model) never come."""
+    from huggingface_hub.utils import _http
+
+    hub = hub_at("http://127.0.0.1:9")
+    monkeypatch.setattr(_http, "time", None)  # a retry's sleep would fail the test
+    for _ in range(2):
+        with pytest.raises(ModelLoadError) as info:
+            hub.resolve_all(hub.model_requests(), progress=print)
+        line = str(info.value)
+        assert line.startswith("cannot reach the Hugging Face hub at http://127.0.0.1:9 (connection refused), and 4 models "
+                               "are not downloaded: sd15 (stable-diffusion-v1-5/stable-diffusion-v1-5), live2diff "
+                               "(Leoxing/Live2Diff), midas (Intel/dpt-hybrid-midas), lcm-lora (latent-consistency/lcm-lora-sdv1-5)"), line
+        assert line.endswith("run `live2diff-engine models download`"), line
+        monkeypatch.setattr("huggingface_hub.utils.get_session", lambda: pytest.fail("the hub was asked twice"))
+    out, err = capfd.readouterr()
+    assert "downloading" not in out and err == ""
+
+
+def test_the_hubs_retry_lines_never_reach_the_terminal(hub_at, monkeypatch, capfd, caplog):
+    """A hub that answers but fails every file (HTTP 503, which its client retries five times,
+    logging each): one line of the engine's, nothing of the client's on the terminal or in the log."""
+    import types
+
+    from huggingface_hub.utils import _http
+
+    server = _Hub()
+    try:
+        hub = hub_at(server.url)
+        monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda s: None))
+        with pytest.raises(ModelLoadError) as info:
+            hub.resolve_all([("live2diff", "live2diff")])
+    finally:
+        server.server.shutdown()
+    assert str(info.value) == "cannot download live2diff (Leoxing/Live2Diff): HTTP 503"
+    assert capfd.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records if r.name.startswith(("huggingface_hub", "httpx"))] == []

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from .hub import resolve
+from .hub import model_requests, resolve  # noqa: F401  (model_requests lives in hub: no torch)
 from .loading import load_streaming_unet, read_weight_file
 from .unet import StreamingUNet
 
@@ -105,17 +105,6 @@ class library_bars_off:
             dlog.enable_progress_bar()
         if hub_off:
             self._hub_off()
-
-
-def model_requests(base="sd15", motion="live2diff", depth="midas", depth_source=None, vae="full", lcm_lora="lcm-lora"):
-    """The ``(source, role)`` of every model :func:`load_components` loads, in its order: base,
-    motion, depth, then the LCM-LoRA and TAESD when used."""
-    wanted = [(base, "sd15"), (motion, "live2diff"), (depth_source or depth, depth)]
-    if lcm_lora:
-        wanted.append((lcm_lora, "lcm-lora"))
-    if vae != "full":
-        wanted.append((vae, "taesd"))
-    return wanted
 
 
 def load_components(

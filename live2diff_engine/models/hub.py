@@ -3,12 +3,23 @@
 Hub models are cached by huggingface_hub (resumable downloads with progress bars). Offline, or
 when a download fails, a missing model is one line: what is missing, where it was looked for,
 and the command that fetches it.
+
+Before anything is fetched, every local path is checked from its files (a folder that is no
+model, a file that is neither safetensors nor a torch checkpoint: one line at once, no network,
+no torch), and an unreachable hub is found by one quick request, remembered for the process:
+then all the models that are not downloaded are named together, instead of the hub's retries
+(half a minute a model) ending in an error about one of them. The hub's own warnings and retry
+lines never reach the terminal (LIVE2DIFF_VERBOSE=1 brings them back).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +37,7 @@ class ModelSpec:
     filename: str | None = None  # a single file inside the repository (the result is that file)
     optional: bool = False  # not needed by the default setup
     extra: dict = field(default_factory=dict)
+    size: int | None = None  # about how many bytes the download is (the published files), None: not known
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -46,6 +58,7 @@ MODELS: dict[str, ModelSpec] = {
                 "tokenizer/*",
                 "scheduler/*",
             ),
+            size=4_270_000_000,  # UNet 3.44 GB, VAE 335 MB, text encoder 492 MB (float32)
         ),
         ModelSpec("live2diff", "Leoxing/Live2Diff", "Live2Diff motion modules and depth branch", filename="live2diff.ckpt"),
         ModelSpec(
@@ -53,12 +66,14 @@ MODELS: dict[str, ModelSpec] = {
             "Intel/dpt-hybrid-midas",
             "MiDaS DPT-Hybrid 384 depth estimator (what Live2Diff was trained with)",
             allow_patterns=("config.json", "*.safetensors", "preprocessor_config.json"),
+            size=490_000_000,
         ),
         ModelSpec(
             "lcm-lora",
             "latent-consistency/lcm-lora-sdv1-5",
             "LCM-LoRA for SD1.5 (few-step denoising)",
             filename="pytorch_lora_weights.safetensors",
+            size=135_000_000,
         ),
         ModelSpec(
             "taesd",
@@ -66,6 +81,7 @@ MODELS: dict[str, ModelSpec] = {
             "TAESD tiny autoencoder (fast VAE option)",
             allow_patterns=("config.json", "diffusion_pytorch_model.safetensors"),
             optional=True,
+            size=9_800_000,
         ),
         ModelSpec(
             "depth-anything",
@@ -73,6 +89,7 @@ MODELS: dict[str, ModelSpec] = {
             "Depth Anything V2 Small (fast depth option)",
             allow_patterns=("config.json", "model.safetensors", "preprocessor_config.json"),
             optional=True,
+            size=99_000_000,
         ),
         ModelSpec(
             "clip",
@@ -80,6 +97,7 @@ MODELS: dict[str, ModelSpec] = {
             "CLIP ViT-L/14 image encoder (for `eval`: CLIP temporal consistency)",
             allow_patterns=("config.json", "model.safetensors", "preprocessor_config.json"),
             optional=True,
+            size=1_710_000_000,
         ),
     )
 }
@@ -155,17 +173,222 @@ def _from_hub(repo_id: str, spec: ModelSpec | None, name: str | None, *, downloa
             f"run `{command}` while online"
         )
     try:
-        return fetch(local_only=False)
-    except HfHubHTTPError as exc:
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        hint = " (log in with `hf auth login` if it is gated)" if status in (401, 403) else ""
-        raise ModelLoadError(f"cannot download {label} ({repo_id}): HTTP {status or 'error'}{hint}") from None
-    except Exception as exc:  # connection refused, DNS, timeouts
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        with quiet_hub():
+            return fetch(local_only=False)
+    except Exception as exc:  # an HTTP status; or connection refused, DNS, timeouts
+        status = _http_status(exc)
+        if status is not None or isinstance(exc, HfHubHTTPError):
+            hint = " (log in with `hf auth login` if it is gated)" if status in (401, 403) else ""
+            raise ModelLoadError(f"cannot download {label} ({repo_id}): HTTP {status or 'error'}{hint}") from None
+        why = _network_reason(exc)
+        if why is not None:
+            _unreachable[_endpoint()] = why  # the next model does not wait for the same failure
         raise ModelLoadError(
-            f"cannot download {label} ({repo_id}): {first}; looked in {where}; "
+            f"cannot download {label} ({repo_id}): {why or _words(_first_line(exc))}; looked in {where}; "
             f"check the network and run `{command}`"
         ) from None
+
+
+# -- the hub's chatter, and whether it answers at all ------------------------------------------------
+
+_QUIET = ("huggingface_hub", "httpx2", "httpx", "httpcore", "urllib3", "filelock")
+
+
+class quiet_hub:
+    """huggingface_hub's warnings and retry lines ("'...' thrown while requesting HEAD ...",
+    "Retrying in 2s [Retry 2/5]") and the HTTP libraries' logs off while it works: the engine says
+    what failed in its own line. The hub's download progress bars stay. LIVE2DIFF_VERBOSE=1 keeps
+    them all. Levels are set on entry, not once: importing huggingface_hub resets its own."""
+
+    def __enter__(self):
+        self._levels = []
+        self._warnings = None
+        if os.environ.get("LIVE2DIFF_VERBOSE"):
+            return self
+        import huggingface_hub.utils.logging  # noqa: F401  (it sets its level when first imported)
+
+        for name in _QUIET:
+            logger = logging.getLogger(name)
+            self._levels.append((logger, logger.level))
+            logger.setLevel(logging.ERROR)
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", module=r"huggingface_hub(\.|$)")
+        return self
+
+    def __exit__(self, *exc):
+        for logger, level in self._levels:
+            logger.setLevel(level)
+        if self._warnings is not None:
+            self._warnings.__exit__(*exc)
+
+
+_unreachable: dict[str, str | None] = {}  # hub address -> why it cannot be reached (None: it answered)
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, or None when it answers: one quick request (any HTTP answer
+    will do) through the hub's own session (its proxies, its certificates), asked once a process
+    per address; a download that failed on the network counts too."""
+    endpoint = _endpoint()
+    if endpoint in _unreachable:
+        return _unreachable[endpoint]
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    timeout = min(10.0, float(getattr(constants, "HF_HUB_ETAG_TIMEOUT", 10) or 10))
+    why = None
+    try:
+        with quiet_hub():
+            get_session().head(endpoint, timeout=timeout)
+    except Exception as exc:
+        why = _network_reason(exc, timeout) or _words(_first_line(exc))
+    _unreachable[endpoint] = why
+    return why
+
+
+_NETWORK_MODULES = ("httpx2", "httpx", "httpcore", "requests", "urllib3", "socket", "ssl")
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and what it was raised from (or while handling), outermost first."""
+    chain: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in chain) and len(chain) < 12:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status the hub answered with, anywhere under what its client raised."""
+    for e in _chain(exc):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _network_reason(exc: BaseException, timeout: float | None = None) -> str | None:
+    """What a network failure was, in a few words ("connection refused", "name or service not
+    known"), from the deepest network error under what the hub raised; None when it was none
+    (an HTTP answer is no network failure)."""
+    chain = _chain(exc)
+    if _http_status(exc) is not None:
+        return None
+    for e in reversed(chain):
+        mro = {c.__name__ for c in type(e).__mro__}
+        module = type(e).__module__.split(".")[0]
+        network = module in _NETWORK_MODULES or isinstance(e, (ConnectionError, TimeoutError))
+        if not network:
+            continue
+        if isinstance(e, TimeoutError) or any("Timeout" in name for name in mro):
+            return f"no answer within {timeout:g} s" if timeout else "no answer (timed out)"
+        text = re.sub(r"^<urlopen error (.*)>$", r"\1", _first_line(e))
+        text = re.sub(r"^\[Errno -?\d+\]\s*", "", text)
+        if text[:1].isupper() and text[1:2].islower():
+            text = text[0].lower() + text[1:]
+        return _words(text or type(e).__name__)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def _words(text: str, limit: int = 160) -> str:
+    """``text`` cut to ``limit`` characters at a word's end, with '...' when cut."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
+# -- local paths: judged from their files, before anything is fetched ------------------------------
+
+# The option a role's model is given by (for the messages).
+_OPTION = {"sd15": "--base", "live2diff": "--motion", "midas": "--depth", "depth-anything": "--depth", "taesd": "--vae"}
+
+
+def weight_file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a safetensors file or a torch checkpoint (zip or legacy pickle), judged
+    from its first bytes (a safetensors header is read whole: a file cut short is found), or None.
+    Nothing is loaded and torch is not needed."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "the file is empty"
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if 2 <= n <= min(size - 8, 100 << 20):
+                try:
+                    header = json.loads(f.read(n))
+                except ValueError:
+                    header = None
+                if isinstance(header, dict):
+                    try:
+                        need = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+                    except (TypeError, KeyError, IndexError, ValueError):
+                        return "its safetensors header is damaged"
+                    if need > size:
+                        return f"it is cut short: {size:,} of its {need:,} bytes are there, as from an unfinished download"
+                    return None
+    except OSError as exc:
+        return f"it cannot be read: {exc.strerror or type(exc).__name__}"
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                if any(name.endswith("data.pkl") for name in z.namelist()):
+                    return None
+        except (OSError, zipfile.BadZipFile, RuntimeError):
+            return "it is a damaged zip archive"
+        return "it is a zip archive without a torch checkpoint in it"
+    if head[:1] == b"\x80":  # a pickle: torch's legacy format (read later, tensors only)
+        return None
+    return "it is neither safetensors nor a torch checkpoint"
+
+
+def local_problem(path: Path, role: str | None) -> str | None:
+    """What makes the existing ``path`` unusable as the ``role`` model, judged from its files
+    without loading them, with what to pass instead; None when it looks right."""
+    option = _OPTION.get(role or "", f"the {role} model" if role else "the model")
+    if role == "sd15":
+        fix = f"point {option} at a diffusers folder (unet/, vae/, text_encoder/, tokenizer/) or a .safetensors file"
+        if path.is_dir():
+            if (path / "unet" / "config.json").is_file() or (path / "config.json").is_file():
+                return None
+            empty = " (the folder is empty)" if not any(path.iterdir()) else ""
+            return f"{option} {path} has no model_index.json, unet/ folder or config.json{empty}: it is no Stable Diffusion model; {fix}"
+    elif role == "live2diff":
+        fix = "give the Live2Diff motion checkpoint (live2diff.ckpt or a .safetensors), or `live2diff-engine models download live2diff`"
+        if path.is_dir():
+            return f"{option} {path} is a folder; {fix}"
+    elif role in ("midas", "depth-anything", "taesd", "clip"):
+        repo = MODELS[role].repo_id
+        if not path.is_dir():
+            return f"{option} {path} is a file; pass the model's folder (config.json and its weights), such as a download of {repo}"
+        if not (path / "config.json").is_file():
+            return f"{option} {path} has no config.json; pass the model's folder (config.json and its weights), such as a download of {repo}"
+        return None
+    elif role == "lcm-lora":
+        fix = "download it again (`live2diff-engine models download lcm-lora`)"
+        if path.is_dir():
+            return None if any(path.glob("*.safetensors")) else f"the LCM-LoRA folder {path} has no .safetensors file; {fix}"
+    else:
+        return None
+    problem = weight_file_problem(path) if path.is_file() else None
+    if problem is None:
+        return None
+    return f"{option} {path} is not a readable safetensors/checkpoint file ({problem}); {fix}"
+
+
+# -- several models at once ----------------------------------------------------------------------
 
 
 def download_command(names: list[str]) -> str:
@@ -176,16 +399,22 @@ def download_command(names: list[str]) -> str:
     return "live2diff-engine models download " + " ".join(names)
 
 
-def resolve_all(wanted: list[tuple[str, str | None]], *, download: bool = True, progress=None) -> list[Path]:
-    """Resolve several models at once: ``wanted`` is ``(source, role)`` pairs as for :func:`resolve`.
+def model_requests(base="sd15", motion="live2diff", depth="midas", depth_source=None, vae="full", lcm_lora="lcm-lora"):
+    """The ``(source, role)`` of every model :func:`load_components` loads, in its order: base,
+    motion, depth, then the LCM-LoRA and TAESD when used."""
+    wanted = [(base, "sd15"), (motion, "live2diff"), (depth_source or depth, depth)]
+    if lcm_lora:
+        wanted.append((lcm_lora, "lcm-lora"))
+    if vae != "full":
+        wanted.append((vae, "taesd"))
+    return wanted
 
-    Local paths and models already in the hub cache come first; those not downloaded are then
-    fetched (unless offline or ``download`` is false). Whatever is still missing is named in one
-    :class:`ModelLoadError`, all of them together, with one command that fetches them all: a run
-    never stops on the first missing model only to stop on the next one the time after."""
-    say = progress or (lambda text: None)
+
+def _survey(wanted: list[tuple[str, str | None]]):
+    """(found, problems, to_fetch) without the network: local paths checked from their files,
+    hub models looked up in the cache. ``found[i]`` is None for what is not usable here."""
     found: list[Path | None] = []
-    not_found: list[str] = []  # local paths that do not exist (no download can help)
+    problems: list[str] = []  # local paths that do not exist or are no such model (no download can help)
     to_fetch: list[tuple[int, str, ModelSpec | None, str | None]] = []
     for i, (source, role) in enumerate(wanted):
         text = os.fspath(source)
@@ -196,29 +425,95 @@ def resolve_all(wanted: list[tuple[str, str | None]], *, download: bool = True, 
         elif role in MODELS and MODELS[role].repo_id == text:
             spec = MODELS[role]
         path = Path(text).expanduser()
-        if path.exists():
-            found.append(path)
-            continue
         found.append(None)
+        if path.exists():
+            problem = local_problem(path, role)
+            if problem is None:
+                found[i] = path
+            else:
+                problems.append(problem)
+            continue
         if not looks_like_hub_id(text):
-            not_found.append(f"{role + ' model' if role else 'model'} {path} (no such file or folder)")
+            option = _OPTION.get(role or "", f"the {role} model" if role else "the model")
+            problems.append(f"{option} {path} does not exist; pass an existing path or a hub id like owner/name")
             continue
         try:
             found[i] = _from_hub(text, spec, name, download=False)
         except ModelLoadError:
             to_fetch.append((i, text, spec, name))
-    if not_found:
-        more = f"; also not downloaded: {_names(to_fetch)}" if to_fetch else ""
-        raise ModelLoadError(f"not found: {', '.join(not_found)}{more}; pass existing paths or hub ids like owner/name")
+    return found, problems, to_fetch
+
+
+def _local_problems_error(problems: list[str], to_fetch) -> ModelLoadError:
+    more = f"; also not downloaded: {_names(to_fetch)}" if to_fetch else ""
+    return ModelLoadError("; ".join(problems) + more)
+
+
+def _missing_error(to_fetch, why_offline: str) -> ModelLoadError:
+    command = download_command([_label(spec, repo_id) for _, repo_id, spec, _ in to_fetch])
+    return ModelLoadError(
+        f"{_count(to_fetch)} not downloaded: {_names(to_fetch)}; {why_offline} (looked in the Hugging Face cache {cache_dir()}); "
+        f"run `{command}` while online to fetch {'it' if len(to_fetch) == 1 else 'them all'}"
+    )
+
+
+def _unreachable_error(to_fetch, why: str) -> ModelLoadError:
+    command = download_command([_label(spec, repo_id) for _, repo_id, spec, _ in to_fetch])
+    return ModelLoadError(
+        f"cannot reach the Hugging Face hub at {_endpoint()} ({why}), and {_count(to_fetch)} not downloaded: "
+        f"{_names(to_fetch)} (looked in the Hugging Face cache {cache_dir()}); check the network (a proxy goes in "
+        f"HTTPS_PROXY) and run `{command}`"
+    )
+
+
+def check_all(wanted: list[tuple[str, str | None]], say) -> None:
+    """What :func:`resolve_all` would find, found without downloading and before anything opens:
+    local paths that are wrong, and models that are not downloaded while offline or with the hub
+    unreachable, are one :class:`ModelLoadError`; models that will be downloaded are one line
+    through ``say``, with their sizes where known."""
+    _, problems, to_fetch = _survey(wanted)
+    if problems:
+        raise _local_problems_error(problems, to_fetch)
+    if not to_fetch:
+        return
+    if is_offline():
+        raise _missing_error(to_fetch, "this machine is offline")
+    why = hub_unreachable()
+    if why is not None:
+        raise _unreachable_error(to_fetch, why)
+    sizes = [spec.size if spec is not None else None for _, _, spec, _ in to_fetch]
+    total = f"; about {_bytes(sum(sizes))} in all" if len(sizes) > 1 and None not in sizes else ""
+    items = ", ".join(
+        f"{_label(spec, repo_id)} ({repo_id}{', about ' + _bytes(spec.size) if spec is not None and spec.size else ''})"
+        for _, repo_id, spec, _ in to_fetch
+    )
+    say(f"{_count(to_fetch)} not downloaded yet and will be downloaded before the stream starts: {items}{total}")
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{max(1, round(n / 1e6))} MB"
+
+
+def resolve_all(wanted: list[tuple[str, str | None]], *, download: bool = True, progress=None) -> list[Path]:
+    """Resolve several models at once: ``wanted`` is ``(source, role)`` pairs as for :func:`resolve`.
+
+    Local paths (checked from their files) and models already in the hub cache come first; those
+    not downloaded are then fetched (unless offline, ``download`` is false, or the hub does not
+    answer one quick request). Whatever is wrong or still missing is named in one
+    :class:`ModelLoadError`, all of them together, with one command that fetches them all: a run
+    never stops on the first missing model only to stop on the next one the time after."""
+    say = progress or (lambda text: None)
+    found, problems, to_fetch = _survey(wanted)
+    if problems:
+        raise _local_problems_error(problems, to_fetch)
     if not to_fetch:
         return found  # type: ignore[return-value]
-    command = download_command([_label(spec, repo_id) for _, repo_id, spec, _ in to_fetch])
     if is_offline() or not download:
-        why = "this machine is offline" if is_offline() else "downloads are off"
-        raise ModelLoadError(
-            f"{_count(to_fetch)} not downloaded: {_names(to_fetch)}; {why} (looked in the Hugging Face cache {cache_dir()}); "
-            f"run `{command}` while online to fetch {'it' if len(to_fetch) == 1 else 'them all'}"
-        )
+        raise _missing_error(to_fetch, "this machine is offline" if is_offline() else "downloads are off")
+    why = hub_unreachable()
+    if why is not None:
+        raise _unreachable_error(to_fetch, why)
+    command = download_command([_label(spec, repo_id) for _, repo_id, spec, _ in to_fetch])
     for k, (i, repo_id, spec, name) in enumerate(to_fetch):
         say(f"downloading {_label(spec, repo_id)} ({repo_id})")
         try:
