@@ -152,20 +152,130 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     f.add_argument("--similarity-threshold", type=float, default=None, help="skip diffusion for frames this similar to the last (e.g. 0.98)")
 
 
-def preflight(args) -> None:
-    """What can be checked before a camera opens or any model loads: the --lora files, and, on a
-    machine that is offline, every model that is not downloaded (all named at once)."""
+DEPTH_KINDS = ("midas", "depth-anything")
+
+
+def ignored_with_tiny(args) -> list[str]:
+    """The model options that --model tiny would leave unused (it builds every model itself)."""
+    if getattr(args, "model", None) != "tiny":
+        return []
+    kind, sep, _ = (getattr(args, "depth", None) or "midas").partition("=")
+    given = [
+        ("--base", getattr(args, "base", "sd15") not in (None, "sd15")),
+        ("--base-config", getattr(args, "base_config", None) is not None),
+        ("--motion", getattr(args, "motion", "live2diff") not in (None, "live2diff")),
+        ("--vae", getattr(args, "vae", "full") not in (None, "full")),
+        ("--depth KIND=PATH", bool(sep)),
+        ("--no-lcm-lora", bool(getattr(args, "no_lcm_lora", False))),
+    ]
+    return [option for option, on in given if on]
+
+
+def style_from_options(args, styles):
+    """The style the options ask for: --style (default: default), with --lora, --steps,
+    --t-index-list, --strength and --num-inference-steps laid over it."""
+    style_name = args.style or "default"
+    if style_name not in styles:
+        raise ConfigError(f"unknown style {style_name!r}; known styles: {', '.join(sorted(styles))}")
+    style = styles[style_name]
+    if args.lora:
+        from .styles import LoraRef
+
+        style = replace(style, loras=style.loras + tuple(LoraRef(path, scale) for path, scale in args.lora))
+    if args.steps is not None:
+        if args.steps not in STEPS_TO_T_INDEX:
+            raise ConfigError(f"--steps must be 1 to 4, got {args.steps}; use --t-index-list for other choices")
+        style = replace(style, t_index_list=tuple(STEPS_TO_T_INDEX[args.steps]), strength=None, num_inference_steps=50)
+    elif args.t_index_list is not None:
+        style = replace(style, t_index_list=tuple(args.t_index_list), strength=None)
+    elif args.strength is not None:
+        style = replace(style, strength=args.strength, t_index_list=None)
+    if args.num_inference_steps is not None:
+        style = replace(style, num_inference_steps=args.num_inference_steps)
+    return style
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def check_options(args) -> None:
+    """Every model, style and frame option's value, judged before torch or any model library is
+    imported (seconds on a busy machine) and before a camera opens: one line for the first that
+    cannot work. What needs the device (--device, --dtype on it) is judged where torch is."""
+    ignored = ignored_with_tiny(args)
+    if ignored:
+        raise ConfigError(
+            f"--model tiny builds its own random-weight models, so {_and(ignored)} would be ignored; "
+            f"drop {'it' if len(ignored) == 1 else 'them'}, or drop --model tiny to use the real models"
+        )
+    model_size(args)
+    kind, sep, source = (args.depth or "midas").partition("=")
+    if kind not in DEPTH_KINDS:
+        raise ConfigError(f"--depth takes midas, depth-anything or KIND=PATH (KIND: midas or depth-anything), got {args.depth!r}")
+    if sep and not source:
+        raise ConfigError(f"--depth {args.depth} names no folder after the '='; e.g. --depth {kind}=/path/to/{kind}")
+    from .control.schema import MAX_GUIDANCE
+
+    if not 1.0 <= args.guidance <= MAX_GUIDANCE:
+        raise ConfigError(f"--guidance must be 1 to {MAX_GUIDANCE:g} (1: no guidance), got {args.guidance:g}")
+    if args.similarity_threshold is not None and not 0.0 < args.similarity_threshold < 1.0:
+        raise ConfigError(f"--similarity-threshold must be between 0 and 1 (e.g. 0.98), got {args.similarity_threshold:g}")
     for path, _ in getattr(args, "lora", None) or []:
         _check_lora_file(path)
+    from .pipeline.schedule import check_schedule
+    from .styles import load_styles
+
+    style = style_from_options(args, load_styles(args.styles))
+    steps, t_index_list, strength = style.schedule_args()
+    try:
+        check_schedule(steps, t_index_list, strength)
+    except ConfigError as exc:
+        text = str(exc)
+        for name in ("strength", "t_index_list", "num_inference_steps"):
+            if text.startswith(name + " ") and getattr(args, name) is not None:  # the option as typed
+                raise ConfigError("--" + name.replace("_", "-") + text[len(name):]) from None
+        raise ConfigError(f"style {style.name!r}: {text}") from None
+
+
+def preflight(args, say=None) -> None:
+    """What can be checked before a camera opens or any model loads, without torch: the option
+    values (:func:`check_options`), the --lora files, every local model path (from its files), and
+    the models that are not downloaded, found in the hub cache without the network: offline, or
+    with the hub not answering one quick request, they are one line naming all of them; else one
+    line through ``say`` says they will be downloaded (with their sizes)."""
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
+    check_options(args)
     if args.model == "tiny":
         return
-    from .models.components import model_requests
-    from .models.hub import is_offline, resolve_all
+    from .models.hub import check_all, model_requests
 
-    if is_offline():
-        kind, _, source = args.depth.partition("=")
-        resolve_all(model_requests(args.base, args.motion, kind, source or None, args.vae,
-                                   None if args.no_lcm_lora else "lcm-lora"), download=False)
+    kind, _, source = args.depth.partition("=")
+    wanted = model_requests(args.base, args.motion, kind, source or None, args.vae, None if args.no_lcm_lora else "lcm-lora")
+    try:
+        check_all(wanted, say)
+    except ModelLoadError as exc:
+        camera = _no_camera_note(args)
+        if camera is None:
+            raise
+        raise ModelLoadError(f"{exc}; and {camera}") from None
+
+
+def _no_camera_note(args) -> str | None:
+    """A few words when the --source is a camera this machine certainly lacks (so that a run with
+    both problems names both), else None."""
+    spec = getattr(args, "source", None)
+    if not spec or spec.partition(":")[0] != "camera":
+        return None
+    try:
+        from .io.sources import parse_source
+
+        source = parse_source(spec)
+        if source.live and source.certainly_missing():
+            return f"{source.name} cannot be opened: {source.advice()}"
+    except Exception:  # the source's own check says what is wrong with it, later
+        return None
+    return None
 
 
 def _dtype(args, device):
@@ -181,10 +291,11 @@ def build_frame_pipeline(args, say=None):
     from .cli import resolve_device
     from .models.components import build_tiny_components, load_components
     from .pipeline.frames import FramePipeline
-    from .styles import LoraRef, StyleManager, load_styles
+    from .styles import StyleManager, load_styles
 
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
-    width, height = model_size(args)  # a size that cannot work is one line before any model loads
+    check_options(args)  # a value that cannot work is one line before torch loads
+    width, height = model_size(args)
     device = resolve_device(args.device)
     from .threads import apply_threads
 
@@ -196,24 +307,9 @@ def build_frame_pipeline(args, say=None):
 
     accelerate = resolve_mode(getattr(args, "accelerate", "off"), device)  # a bad choice fails before any model loads
     styles = load_styles(args.styles)
-    style_name = args.style or "default"
-    if style_name not in styles:
-        raise ConfigError(f"unknown style {style_name!r}; known styles: {', '.join(sorted(styles))}")
-    style = styles[style_name]
+    style = style_from_options(args, styles)
     for path, _ in args.lora:
         _check_lora_file(path)
-    if args.lora:
-        style = replace(style, loras=style.loras + tuple(LoraRef(path, scale) for path, scale in args.lora))
-    if args.steps is not None:
-        if args.steps not in STEPS_TO_T_INDEX:
-            raise ConfigError(f"--steps must be 1 to 4, got {args.steps}; use --t-index-list for other choices")
-        style = replace(style, t_index_list=tuple(STEPS_TO_T_INDEX[args.steps]), strength=None, num_inference_steps=50)
-    elif args.t_index_list is not None:
-        style = replace(style, t_index_list=tuple(args.t_index_list), strength=None)
-    elif args.strength is not None:
-        style = replace(style, strength=args.strength, t_index_list=None)
-    if args.num_inference_steps is not None:
-        style = replace(style, num_inference_steps=args.num_inference_steps)
 
     if args.model == "tiny":
         from .models.tiny import TINY_LABEL

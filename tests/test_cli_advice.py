@@ -76,3 +76,124 @@ def test_an_explicit_size_wins_over_the_tiny_default():
     args = build_parser().parse_args(["run", "--model", "tiny"])
     _, frames, _, _ = build_frame_pipeline(args, say=lambda line: None)
     assert (frames.width, frames.height) == (64, 64)
+
+
+# -- option values, model options with --model tiny, models and the camera before anything loads ---
+# (issue 24, points 12, 14, 15)
+
+# Runs the command line in a fresh interpreter for each argv in argv[1] (JSON), as the installed
+# command does, and prints [[exit status, stderr lines], ...] and whether torch was imported.
+JUDGE_ALL = """
+import contextlib, io, json, sys
+from live2diff_engine.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    results.append([rc, err.getvalue().splitlines()])
+print(json.dumps({"results": results, "torch": "torch" in sys.modules, "cv2": "cv2" in sys.modules}))
+"""
+
+
+def test_option_values_are_judged_before_torch_loads(tmp_path, env):
+    """Each value that cannot work is one line and exit 2, and torch was never imported for it
+    (seconds on a busy machine) nor a camera opened."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    cases = {
+        ("run", "--width", "0"): "model size 0x512 cannot work: --width and --height must be multiples of 8",
+        ("run", "--steps", "9"): "--steps must be 1 to 4, got 9",
+        ("run", "--strength", "3"): "--strength must be in (0, 1], got 3.0",
+        ("run", "--t-index-list", "10,60"): "--t-index-list [10, 60] is out of range",
+        ("run", "--num-inference-steps", "0"): "--num-inference-steps must be at least 1",
+        ("run", "--guidance", "50"): "--guidance must be 1 to 20",
+        ("run", "--similarity-threshold", "2"): "--similarity-threshold must be between 0 and 1",
+        ("run", "--depth", "zoe"): "--depth takes midas, depth-anything or KIND=PATH",
+        ("run", "--model", "tiny", "--motion", "corrupt.safetensors"): "--model tiny builds its own random-weight models, so --motion would be ignored",
+        ("translate", "in.mp4", "out.mp4", "--height", "100"): "model size 512x100 cannot work",
+    }
+    argvs = [[*argv, *(["--source", "synthetic", "--sink", "null", "--no-api", "--max-frames", "1"] if argv[0] == "run" else [])]
+             for argv in cases]
+    r = subprocess.run([sys.executable, "-c", JUDGE_ALL, json.dumps(argvs)], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**__import__("os").environ, **env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    for (argv, needle), (rc, lines) in zip(cases.items(), got["results"]):
+        assert rc == 2 and len(lines) == 1 and needle in lines[0], (argv, rc, lines)
+        assert lines[0].startswith("live2diff-engine: error: ")
+    assert got["torch"] is False and got["cv2"] is False
+
+
+def test_model_options_the_tiny_model_would_ignore_are_refused_in_one_line():
+    from live2diff_engine.assemble import check_options
+    from live2diff_engine.errors import ConfigError
+
+    def judge(*argv):
+        check_options(build_parser().parse_args(["run", "--model", "tiny", *argv]))
+
+    with pytest.raises(ConfigError) as info:
+        judge("--motion", "corrupt.safetensors", "--base", "sd", "--vae", "taesd", "--depth", "midas=/x", "--no-lcm-lora")
+    assert str(info.value) == ("--model tiny builds its own random-weight models, so --base, --motion, --vae, --depth KIND=PATH "
+                               "and --no-lcm-lora would be ignored; drop them, or drop --model tiny to use the real models")
+    judge("--depth", "depth-anything", "--steps", "2", "--width", "96")  # what the tiny model does use
+    judge("--base", "sd15", "--motion", "live2diff", "--vae", "full")  # the defaults, spelled out
+
+
+def test_the_preflight_names_the_models_to_download_with_their_sizes(monkeypatch, tmp_path):
+    """Before the camera opens, without downloading: online, one line names the models that will
+    be downloaded (sizes where known); offline, one error names them all, and a camera this
+    machine lacks in the same line."""
+    from huggingface_hub import constants
+
+    from live2diff_engine.assemble import preflight
+    from live2diff_engine.errors import ModelLoadError
+    from live2diff_engine.io import sources
+    from live2diff_engine.models import hub
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)  # the hub answers
+    said = []
+    preflight(build_parser().parse_args(["run", "--vae", "taesd"]), said.append)
+    assert said == ["5 models are not downloaded yet and will be downloaded before the stream starts: sd15 "
+                    "(stable-diffusion-v1-5/stable-diffusion-v1-5, about 4.3 GB), live2diff (Leoxing/Live2Diff), midas "
+                    "(Intel/dpt-hybrid-midas, about 490 MB), lcm-lora (latent-consistency/lcm-lora-sdv1-5, about 135 MB), "
+                    "taesd (madebyollin/taesd, about 10 MB)"]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(sources, "_platform", lambda: "linux")
+    monkeypatch.setattr(sources.os.path, "exists", lambda p: not p.startswith("/dev/video"))
+    with pytest.raises(ModelLoadError) as info:
+        preflight(build_parser().parse_args(["run", "--source", "camera:1"]), said.append)
+    line = str(info.value)
+    assert line.startswith("4 models are not downloaded: sd15 (stable-diffusion-v1-5/stable-diffusion-v1-5), live2diff"), line
+    assert "; this machine is offline" in line and "`live2diff-engine models download`" in line
+    assert line.endswith("; and camera 1 cannot be opened: this machine has no camera at all (no /dev/video* device); plug one "
+                         "in, or run without one: --source synthetic (a moving test pattern) or --source video:PATH (a video file)")
+
+
+def test_a_machine_without_any_camera_is_told_what_to_use_instead(monkeypatch):
+    from live2diff_engine.errors import UserError
+    from live2diff_engine.io import sources
+
+    class Unopenable(sources.CameraSource):
+        def open(self):
+            raise sources.SourceError(f"camera {self.index} cannot be opened")
+
+    monkeypatch.setattr(sources, "_platform", lambda: "linux")
+    virtual = "/sys/devices/virtual/video4linux/video10"
+    monkeypatch.setattr(sources.os.path, "exists", lambda p: p == "/dev/video10" or not p.startswith("/dev/video"))
+    monkeypatch.setattr(sources.os.path, "realpath", lambda p: virtual if p.endswith("/video10") else p)
+    with pytest.raises(UserError) as info:
+        sources.open_at_start(Unopenable(0), print)
+    assert str(info.value) == (
+        "camera 0 cannot be opened: this machine has no camera at all (no /dev/video* device but the virtual camera "
+        "/dev/video10); plug one in, or run without one: --source synthetic (a moving test pattern) or --source video:PATH (a video file)"
+    )
+    monkeypatch.setattr(sources.os.path, "exists", lambda p: p == "/dev/video0" or not p.startswith("/dev/video"))
+    with pytest.raises(UserError, match="camera 1 cannot be opened: check --source camera:N"):
+        sources.open_at_start(Unopenable(1), print)  # another camera is here: the index is the mistake

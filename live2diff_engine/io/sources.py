@@ -108,6 +108,8 @@ class CameraSource(Source):
         return _platform() == "linux" and not os.path.exists(f"/dev/video{self.index}")
 
     def advice(self) -> str:
+        if self.certainly_missing() and not linux_cameras():
+            return no_camera_advice()
         return camera_advice(_platform())
 
     def frame_size(self):
@@ -148,6 +150,25 @@ def camera_advice(platform: str) -> str:
         return ("macOS may be asking whether this app may use the camera: allow Terminal (or OBS, when OBS "
                 "started the engine) under System Settings > Privacy & Security > Camera; or another app has it")
     return "check --source camera:N (0 is the default camera) and that no other app holds it"
+
+
+def _is_virtual_video(index: int) -> bool:
+    """Whether /dev/video``index`` is a virtual device (v4l2loopback: a virtual camera's output,
+    such as the engine's own), not a camera."""
+    return "/devices/virtual/" in os.path.realpath(f"/sys/class/video4linux/video{index}")
+
+
+def linux_cameras(limit: int = 64) -> list[int]:
+    """The N of every /dev/videoN on this Linux machine that may be a camera (virtual devices left out)."""
+    return [i for i in range(limit) if os.path.exists(f"/dev/video{i}") and not _is_virtual_video(i)]
+
+
+def no_camera_advice() -> str:
+    """What to do on a Linux machine without any camera."""
+    virtual = [f"/dev/video{i}" for i in range(64) if os.path.exists(f"/dev/video{i}") and _is_virtual_video(i)]
+    but = f" but the virtual camera{'s' if len(virtual) > 1 else ''} {', '.join(virtual)}" if virtual else ""
+    return (f"this machine has no camera at all (no /dev/video* device{but}); plug one in, or run without one: "
+            "--source synthetic (a moving test pattern) or --source video:PATH (a video file)")
 
 
 def open_at_start(source: Source, say) -> None:
