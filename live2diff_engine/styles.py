@@ -159,9 +159,14 @@ def _local_file(name: str, url: str | None, style: str, what: str) -> Path:
     cached = styles_cache() / p.name
     if cached.is_file():
         return cached
-    how = (f"get it with `live2diff-engine models download --style {style} --token YOUR_CIVITAI_TOKEN`" if url
-           else "put the file in one of those places")
-    raise ModelLoadError(f"{what} for style {style!r} is missing: {p.name} not found at {p} nor in {styles_cache()}; {how}")
+    # Where it looked, in full: a relative name is taken from the folder the engine runs in.
+    here = f"{p.resolve()}" if p.is_absolute() else f"{Path.cwd() / p} ({p} relative to the current folder {Path.cwd()})"
+    how = (f"get it with `live2diff-engine models download --style {style} --token YOUR_CIVITAI_TOKEN` "
+           "(it downloads into that folder)" if url
+           else f"put {p.name} into that folder, or give its full path in the styles file (`live2diff-engine styles path` "
+                "says where that file is)")
+    raise ModelLoadError(f"{what} for style {style!r} is missing: {p.name} is neither at {here} "
+                         f"nor in the styles folder {styles_cache()}; {how}")
 
 
 def style_files(style: Style) -> list[tuple[Path, str | None]]:

@@ -517,3 +517,30 @@ def test_models_verify_says_what_is_missing(tmp_path):
     assert result.returncode == 1
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 2 and all("FAIL" in l and "models download" in l for l in lines)
+
+
+def test_a_missing_style_file_says_where_it_looked_in_full_and_how_to_fix_it(tmp_path, monkeypatch):
+    """A relative name in a style is taken from the current folder: the line names that folder and
+    the full path it tried, the styles folder, and what puts the file there (was: "toonyou_beta6.
+    safetensors not found at toonyou_beta6.safetensors")."""
+    from live2diff_engine.styles import Style, StyleManager
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("LIVE2DIFF_HOME", str(home))
+    monkeypatch.chdir(work)
+    check = StyleManager.check_files  # reads no weights: a manager is not needed for it
+    toonyou = load_styles()["toonyou"]
+    with pytest.raises(ModelLoadError) as err:
+        check(None, toonyou)
+    line = str(err.value)
+    name = toonyou.dreambooth
+    assert f"neither at {work / name} ({name} relative to the current folder {work})" in line, line
+    assert f"nor in the styles folder {home / 'styles'}" in line, line
+    assert "live2diff-engine models download --style toonyou" in line, line
+    mine = Style(name="mine", dreambooth="weights/mine.safetensors")
+    with pytest.raises(ModelLoadError) as err:
+        check(None, mine)
+    line = str(err.value)
+    assert f"neither at {work / 'weights' / 'mine.safetensors'} (weights/mine.safetensors relative to the current folder {work})" in line
+    assert "put mine.safetensors into that folder, or give its full path in the styles file" in line, line
