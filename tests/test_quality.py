@@ -421,6 +421,26 @@ def test_eval_missing_models_and_a_bad_file_are_one_line(tmp_path, models):
     _one_error_line(run_cli("eval", tmp_path / "bad.mp4", src, "--metrics", "warp", env=env), "cannot open")
 
 
+def test_a_damaged_video_source_is_our_one_line_without_ffmpegs_own(tmp_path, monkeypatch, capfd):
+    """`--source video:FILE` with a file cut short: FFmpeg's own "[mov,mp4,... @ 0x...] moov atom
+    not found" no longer comes above our line; its reason is quoted in our one line instead."""
+    from live2diff_engine.io.sources import _ffmpeg_quiet
+
+    monkeypatch.delenv("OPENCV_FFMPEG_LOGLEVEL", raising=False)  # FFmpeg as a user's process has it
+    whole = write_mp4(tmp_path / "whole.mp4", blob_on_still_background(n=4))
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[:600])  # mp4v writes the index (moov) last: a recording cut off
+    result = run_cli("run", "--model", "tiny", "--source", f"video:{cut}", "--sink", "null", "--no-api", "--max-frames", "1")
+    _one_error_line(result, f"cannot open {cut} as a video")
+    assert "FFmpeg says: moov atom not found (the file is damaged or incomplete)" in result.stderr
+    # What other threads write to stderr meanwhile is written back; only FFmpeg's lines are held.
+    with _ffmpeg_quiet() as quiet:
+        os.write(2, b"[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55e9d0b1ff80] moov atom not found\n")
+        os.write(2, b"status: 12 fps\n")
+    assert quiet.ffmpeg == ["moov atom not found"]
+    assert capfd.readouterr().err == "status: 12 fps\n"
+
+
 @pytest.mark.parametrize("args, needle", [
     (["{dir}/missing.mp4", "--metrics", "warp"], "not found"),
     (["{src}", "--metrics", "warp,speed"], "--metrics"),

@@ -132,6 +132,63 @@ class _opencv_quiet:
             cv2.utils.logging.setLogLevel(self._level)
 
 
+class _ffmpeg_quiet(_opencv_quiet):
+    """OpenCV's logging silenced, and what FFmpeg writes while a file opens held back: FFmpeg logs
+    to the process's stderr itself (file descriptor 2), past OpenCV's log level, so a damaged
+    file printed "[mov,mp4,m4a,3gp,3g2,mj2 @ 0x...] moov atom not found" above our own line. fd 2
+    goes to a temporary file while the file opens; afterwards ``ffmpeg`` holds FFmpeg's lines
+    (for our one line to quote) and every other line written meanwhile (another thread's) is
+    written back to stderr. Where fd 2 cannot be redirected (no console) nothing is held back."""
+
+    ffmpeg: list[str]
+
+    def __enter__(self):
+        import tempfile
+
+        super().__enter__()
+        self.ffmpeg, self._saved, self._tmp = [], None, None
+        try:
+            sys.stderr.flush()
+            self._tmp = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._tmp.fileno(), 2)
+        except (OSError, ValueError, AttributeError):
+            self._restore()
+        return self
+
+    def _restore(self) -> str:
+        text = ""
+        if self._saved is not None:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._saved = None
+        if self._tmp is not None:
+            self._tmp.seek(0)
+            text = self._tmp.read().decode("utf-8", "replace")
+            self._tmp.close()
+            self._tmp = None
+        return text
+
+    def __exit__(self, *exc):
+        text = self._restore()
+        super().__exit__(*exc)
+        others = []
+        for line in text.splitlines(keepends=True):
+            # FFmpeg's own lines: "[demuxer @ 0x55...] message"
+            (self.ffmpeg if line.startswith("[") and " @ 0x" in line.split("]", 1)[0] else others).append(line)
+        self.ffmpeg = [line.split("]", 1)[1].strip() for line in self.ffmpeg]
+        if others:
+            try:
+                sys.stderr.write("".join(others))
+                sys.stderr.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+
+
 def _is_windows() -> bool:
     return os.name == "nt"
 
@@ -190,7 +247,14 @@ class VideoSource(Source):
 
         self.path, self.loop = Path(path), loop
         self._make = lambda: FrameSource(self.path)
-        self._src = self._make()  # fails now, with one line, if the file is unusable
+        quiet = _ffmpeg_quiet()
+        try:
+            with quiet:  # fails now, with one line of ours, if the file is unusable (FFmpeg's own lines held back)
+                self._src = self._make()
+        except UserError as exc:
+            reason = "; ".join(dict.fromkeys(quiet.ffmpeg))
+            damaged = " (the file is damaged or incomplete)" if "moov atom not found" in reason else ""
+            raise UserError(f"{exc}" + (f" FFmpeg says: {reason}{damaged}" if reason else "")) from None
         self.fps = self._src.fps
         self.name = f"video {self.path.name}" if self.path.is_file() else f"images {self.path}"
         self._it = iter(self._src)
