@@ -104,7 +104,8 @@ step() {
     local took=$(( $(date +%s) - now )) verdict
     case $rc in
         0) verdict=passed ;;
-        124 | 137) verdict="CUT OFF" ;;
+        124) verdict="CUT OFF" ;;  # timeout's TERM at the limit
+        137) (( took >= limit )) && verdict="CUT OFF" || verdict="FAILED (killed)" ;;  # the KILL 5 s later, or another's (memory)
         *) verdict=FAILED ;;
     esac
     (( rc == 0 )) || failed+=("$name")
