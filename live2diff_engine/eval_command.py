@@ -63,12 +63,15 @@ def _labels(paths: list[str]) -> list[str]:
     return out
 
 
-def _per_frame_video(args, dest: Path) -> None:
-    """The per-frame baseline of INPUT into ``dest``: translate's loop with ``temporal=False``."""
+def _per_frame_video(args, dest: Path) -> tuple[int, int, int, int]:
+    """The per-frame baseline of INPUT into ``dest``: translate's loop with ``temporal=False``.
+    Returns where its picture lies in its frames (x, y, w, h): the pipeline's framing (in crop mode
+    the centre it kept, between black bars where it cut), so that eval compares that area only."""
     from tqdm.auto import tqdm
 
     from .assemble import build_frame_pipeline
     from .io.video import FrameSource, VideoWriter
+    from .pipeline.frames import fit_rect
 
     args.accelerate = "off"  # the per-frame path runs eager; nothing to compile
     comps, frames, _, style = build_frame_pipeline(args, say=_say)
@@ -76,6 +79,7 @@ def _per_frame_video(args, dest: Path) -> None:
     _say(f"per-frame baseline: {comps.label}; style {style.name}; {frames.steps} denoising steps; no temporal attention")
     source = FrameSource(args.input)
     writer = None
+    picture = None
     try:
         with tqdm(total=source.length, unit="frame", desc="per-frame") as bar:
             for frame in source:
@@ -83,6 +87,9 @@ def _per_frame_video(args, dest: Path) -> None:
                     size = args.output_size or (frame.shape[1], frame.shape[0])
                     frames.output_size = size
                     writer = VideoWriter(dest, source.fps, size)
+                    # as unfit_frame places the model's content (the crop, or the picture inside the letterbox)
+                    content = fit_rect(frame.shape[1], frame.shape[0], frames.width, frames.height, frames.fit).dst_rect
+                    picture = fit_rect(content[2], content[3], size[0], size[1], "letterbox").dst_rect
                 for _, image in frames.push(frame):
                     writer.write(image)
                 bar.update(1)
@@ -92,6 +99,7 @@ def _per_frame_video(args, dest: Path) -> None:
             writer.close()
     if writer is None:
         raise ConfigError(f"{args.input} holds no frames")
+    return picture
 
 
 def cmd_eval(args) -> int:
@@ -155,15 +163,17 @@ def cmd_eval(args) -> int:
             hf_logging.enable_progress_bar()
 
     outputs = list(zip(_labels(args.outputs), args.outputs))
+    framing = {}  # the pictures whose framing eval knows (it made them); other outputs' bars are found
     with tempfile.TemporaryDirectory(prefix="live2diff-eval-") as tmp:
         if args.compare == "per-frame":
             dest = Path(args.compare_output) if args.compare_output else Path(tmp) / "per-frame.mp4"
-            _per_frame_video(args, dest)
+            framing["per-frame"] = _per_frame_video(args, dest)
             outputs.append(("per-frame", str(dest)))
         total = min(known) - args.start if len(known) == len(lengths) else None
         with tqdm(total=total, unit="frame", desc="eval") as bar:
             ev = quality.evaluate(args.input, outputs, metrics=keys, clip=clip, depth=depth, rows=args.rows, cols=args.cols,
-                                  start=args.start, progress=bar.update, say=lambda line: bar.write(line, file=sys.stderr))
+                                  start=args.start, progress=bar.update, say=lambda line: bar.write(line, file=sys.stderr),
+                                  framing=framing)
     if args.compare and not args.compare_output:
         ev.videos[-1].path = "(not kept; --compare-output FILE keeps it)"
     print(quality.table(ev))

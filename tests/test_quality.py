@@ -482,6 +482,64 @@ def test_eval_outputs_of_another_size_are_noted_and_an_input_of_mixed_sizes_is_o
                    "the input's frames must all have one size"], err
 
 
+def test_bars_are_left_out_an_output_with_bars_scores_as_its_picture_alone(tmp_path, capsys, depth):
+    """Crop mode's black bars (or any constant border) are not picture: a bar never moves and never
+    flickers, so counted as pixels it made a barred output look steadier than a full-frame one. The
+    metrics compare the picture area only, the same area in every video, and a note says so."""
+    from live2diff_engine.cli import main
+    from live2diff_engine.io.video import FrameSource
+    from live2diff_engine.quality.evaluate import inside_bars
+
+    frames = blob_on_still_background(n=8)
+    styled = with_flicker(frames, 6)
+    x, y, w, h = 16, 4, 64, 54  # black bars left and right, grey ones above and below, as no engine makes them
+    barred = []
+    for f in styled:
+        b = np.zeros_like(f)
+        b[y : y + h] = 128
+        b[y : y + h, x : x + w] = f[y : y + h, x : x + w]
+        barred.append(b)
+    src = write_frames(tmp_path / "in", frames)
+    write_frames(tmp_path / "barred", barred)
+    write_frames(tmp_path / "full", styled)  # the same stylised picture with no bars
+    alone_in = write_frames(tmp_path / "in_area", [f[y : y + h, x : x + w] for f in frames])
+    alone_out = write_frames(tmp_path / "out_area", [f[y : y + h, x : x + w] for f in styled])
+    keys = ("warp_error", "flicker", "depth_mse")
+
+    notes = []
+    ev = quality.evaluate(src, [("barred.mp4", str(tmp_path / "barred")), ("full", str(tmp_path / "full"))], metrics=keys,
+                          depth=depth, say=notes.append)
+    alone = quality.evaluate(alone_in, [("area", str(alone_out))], metrics=keys, depth=depth)
+    assert ev.area == (x, y, w, h) and ev.bars == {"barred.mp4": "constant over every frame"}
+    for key in keys:  # both, bars or none, score what the picture area alone scores
+        assert ev.videos[0].mean(key) == pytest.approx(alone.videos[0].mean(key), rel=1e-6, abs=1e-9), key
+        assert ev.videos[1].mean(key) == pytest.approx(alone.videos[0].mean(key), rel=1e-6, abs=1e-9), key
+    assert notes == [f"note: compared the picture area {w}x{h} of {W}x{H} (x {x}..{x + w - 1}, y {y}..{y + h - 1}) in every "
+                     "video: constant bars left out (barred.mp4: constant over every frame)"]
+    # Counted as pixels, the bars made the barred output flicker less than the same picture without them.
+    whole = quality.evaluate(src, [("barred", str(tmp_path / "barred"))], metrics=("flicker",), bars=False)
+    assert whole.videos[0].mean("flicker") < 0.8 * alone.videos[0].mean("flicker")
+    assert ev.xt[H // 2][1].shape == (8, W, 3)  # the slices still show whole frames, bars and all
+    assert quality.table(ev).splitlines()[0].endswith(f"(the picture area {w}x{h} at x {x}, y {y} of {W}x{H}: bars left out)")
+    assert quality.as_dict(ev)["area"] == {"x": x, "y": y, "width": w, "height": h, "bars_left_out": ev.bars}
+    assert quality.as_dict(alone)["area"] is None
+
+    # Through a codec the bars are not exactly constant (MPEG-4 rings in the blocks beside the
+    # picture): found to within a pixel, at a border on no 8-pixel block.
+    write_mp4(tmp_path / "barred.mp4", [np.pad(f[:, 13:83], ((0, 0), (13, 13), (0, 0))) for f in styled])
+    lo = hi = None
+    for f in FrameSource(tmp_path / "barred.mp4"):
+        lo = f.copy() if lo is None else np.minimum(lo, f)
+        hi = f.copy() if hi is None else np.maximum(hi, f)
+    bx, by, bw, bh = inside_bars(lo, hi)
+    assert abs(bx - 13) <= 1 and abs(bx + bw - 83) <= 1 and (by, bh) == (0, H)
+    # ... and the command prints the note.
+    assert main(["eval", str(src), str(tmp_path / "barred.mp4"), "--metrics", "warp,flicker"]) == 0
+    captured = capsys.readouterr()
+    assert f" of {W}x{H} (x {bx}..{bx + bw - 1}, y 0..{H - 1}) in every video: constant bars left out (barred.mp4: " in captured.err
+    assert f"compared (the picture area {bw}x{H} at x {bx}, y 0 of {W}x{H}: bars left out)" in captured.out
+
+
 def test_eval_compare_per_frame_with_the_tiny_model(tmp_path, models):
     frames = blob_on_still_background(n=10)
     src = write_mp4(tmp_path / "in.mp4", frames)
@@ -498,6 +556,11 @@ def test_eval_compare_per_frame_with_the_tiny_model(tmp_path, models):
     assert [v["label"] for v in report["videos"]] == ["stream.mp4", "per-frame"]
     assert report["videos"][1]["path"] == str(tmp_path / "pf.mp4")
     assert report["start"] == 8 and report["frames"] == 2
+    # The tiny model is square: in crop mode both outputs are the input's centre square between black
+    # bars. The stream's bars are found in its file, the per-frame video's come from its framing.
+    assert report["area"] == {"x": 16, "y": 0, "width": 64, "height": 64,
+                              "bars_left_out": {"stream.mp4": "constant over every frame", "per-frame": "the framing it was made with"}}
+    assert "note: compared the picture area 64x64 of 96x64 (x 16..79, y 0..63) in every video" in result.stderr
     for v in report["videos"]:
         assert all(x is not None for x in v["per_frame"]["depth_mse"])
         assert v["per_frame"]["warp_error"][1] is not None

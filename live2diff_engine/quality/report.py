@@ -20,7 +20,10 @@ def table(ev: Evaluation) -> str:
     names = [v.label for v in ev.videos]
     first = max([len("video"), len("better:")] + [len(n) for n in names])
     widths = [max(len(TITLES[k]), 10) for k in ev.metrics]
-    lines = [f"{ev.input}: {ev.frames} frame{'' if ev.frames == 1 else 's'} compared ({ev.size[0]}x{ev.size[1]}"
+    size = f"{ev.size[0]}x{ev.size[1]}"
+    if ev.area:
+        size = f"the picture area {ev.area[2]}x{ev.area[3]} at x {ev.area[0]}, y {ev.area[1]} of {size}: bars left out"
+    lines = [f"{ev.input}: {ev.frames} frame{'' if ev.frames == 1 else 's'} compared ({size}"
              + (f", the first {ev.start} left out" if ev.start else "") + ")"]
     lines.append("  ".join([f"{'video':<{first}}"] + [f"{TITLES[k]:>{w}}" for k, w in zip(ev.metrics, widths)]))
     for v in ev.videos:
@@ -40,6 +43,8 @@ def as_dict(ev: Evaluation) -> dict:
         "fps": ev.fps,
         "start": ev.start,
         "frames": ev.frames,
+        # the part of the frame the metrics compared (input pixels); null: the whole frame
+        "area": None if ev.area is None else dict(zip(("x", "y", "width", "height"), ev.area), bars_left_out=ev.bars),
         "better": {k: BETTER[k] for k in ev.metrics},
         "videos": [
             {
