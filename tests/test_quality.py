@@ -572,3 +572,23 @@ def test_eval_compare_per_frame_with_the_tiny_model(tmp_path, models):
     assert "per-frame" in result.stdout.splitlines()[3]
     xt = cv2.imread(str(tmp_path / "pics" / f"xt_row{H // 2}.png"))
     assert xt is not None and xt.shape[1] >= 3 * W
+
+
+def test_the_readme_says_how_to_reach_its_commands_and_what_eval_leaves_out_and_its_floor():
+    """The set-up installs into .venv/bin, which is not on PATH: the README says so before its
+    first bare `live2diff-engine` or `python` example (its first two commands stay as CI runs them).
+    Its eval section says that bars are left out and what a clip scores against itself."""
+    import re
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    setup_end = [m.end() for m in re.finditer(r"```bash\n.*?```", readme, re.S)][1]  # the first two commands
+    bare = min(m.start() for m in re.finditer(r"(?<![/\w-])(live2diff-engine|python) ", readme[setup_end:])) + setup_end
+    note = readme.index("source .venv/bin/activate")
+    assert setup_end < note < bare
+    assert ".venv/bin/live2diff-engine" in readme[setup_end:bare]
+    eval_section = readme[readme.index("## Measuring quality: `eval`"):readme.index("## Speed: `--threads`")]
+    assert "compared the picture area 360x360 of 640x360 (x 140..499, y 0..359) in every\nvideo: constant bars left out" in eval_section
+    assert "Even a video against itself is not 0" in eval_section
+    assert "warp error 1.9e-4, flicker 7.2e-4" in eval_section

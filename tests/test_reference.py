@@ -20,6 +20,23 @@ def test_golden_fixture_matches_frame_for_frame():
     err = float(lines[-1].split("max abs err ")[1].split(";")[0])
     assert lines[-1].endswith("; rtol 0.001, atol 0.0001; stream step off)")  # the CPU's auto: eager
     assert err < 1e-4
+    # Each line says what it measures, against which tolerance, said once above them: the frames
+    # element by element, the kv-cache by its relative L2 error per layer (its max abs err, above
+    # atol, is not what is judged).
+    assert lines[0] == ("tolerance: the warmup and every frame element by element, |ours - theirs| <= atol 0.0001 + rtol 0.001 "
+                        "* |theirs| (their lines show the max abs err, which may exceed atol where the values are large); the "
+                        "kv-cache layer by layer, relative L2 err ||ours - theirs|| / ||theirs|| <= rtol 0.001")
+    kv = next(l for l in lines if l.startswith("kv-cache"))
+    assert kv.startswith("kv-cache  relative L2 err ") and "(the worst of 40 layers, against rtol 0.001; max abs err " in kv
+    assert kv.endswith(", not judged)  ok")
+    assert float(kv.split("relative L2 err ")[1].split()[0]) <= 1e-3 < float(kv.split("max abs err ")[1].split(",")[0])
+    # "(placeholder)" is explained once: which frames, and why.
+    tagged = [l.split()[1] for l in frame_lines if l.endswith("(placeholder)")]
+    assert tagged == ["000"]
+    notes = [l for l in lines if l.startswith("placeholder:")]
+    assert notes == ["placeholder: frame 000, marked below, is no finished frame: with 2 denoising steps an output trails "
+                     "its input by 1 stream call, so the first output comes from the zero buffers the stream starts with, "
+                     "not from an input frame. The original emits the same, and it is compared all the same."]
 
 
 def test_ckpt_layout_gives_the_same_result(fixture_copy):
@@ -145,6 +162,11 @@ def test_four_step_fixture_past_the_window_matches():
     result = run_cli("check-reference", FIXTURE_A.parent / "live2diff_tiny_c")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith("36/36 frames match")
+    notes = [l for l in result.stdout.splitlines() if l.startswith("placeholder:")]
+    assert len(notes) == 1 and notes[0].startswith("placeholder: frames 000, 001, 002, marked below, are no finished frames: "
+                                                   "with 4 denoising steps an output trails its input by 3 stream calls, "
+                                                   "so the first 3 outputs come from the zero buffers"), notes
+    assert [l.split()[1] for l in result.stdout.splitlines() if l.endswith("(placeholder)")] == ["000", "001", "002"]
 
 
 def test_three_step_fixture_matches():
