@@ -119,8 +119,7 @@ def _release_graphs(unet) -> None:
     """Drop the CUDA graph each of the UNet's accelerators still holds from the last stream (and
     with it the graph's private memory pool): the next stream captures its own anyway."""
     for accel in getattr(unet, "__dict__", {}).get("_stream_accelerators", {}).values():
-        if getattr(accel, "_graph", None) is not None:
-            accel._graph = accel._graph_out = accel._graph_key = None
+        accel.release_graph()
 
 
 def _fresh(device: torch.device, unets=()) -> None:

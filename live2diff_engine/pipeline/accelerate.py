@@ -341,6 +341,11 @@ class StreamAccelerator:
         self.mode = to
         self._graph = self._graph_out = self._graph_key = None
 
+    def release_graph(self) -> None:
+        """Drop the CUDA graph of the last stream (and with it the graph's private memory pool);
+        the next stream call warms up and captures again. The compiled code stays."""
+        self._graph = self._graph_out = self._graph_key = None
+
     @staticmethod
     def signature(args) -> tuple:
         return tuple((tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor))
