@@ -479,7 +479,12 @@ def join_command_line(argv: list[str]) -> str:
 
 
 def _subcommand(argv: list[str]) -> str | None:
-    return next((a for a in argv[1:] if not a.startswith("-")), None)
+    """The engine's command (run, connect, serve ...): the first word after the program, or after
+    ``-m live2diff_engine`` where the program is a Python."""
+    rest = list(argv[1:])
+    if "-m" in rest and rest.index("-m") + 1 < len(rest):
+        rest = rest[rest.index("-m") + 2:]
+    return next((a for a in rest if not a.startswith("-")), None)
 
 
 def _option_value(argv: list[str], name: str) -> str | None:

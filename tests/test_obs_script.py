@@ -439,6 +439,8 @@ def test_the_engine_started_from_obs_publishes_no_virtual_camera_unless_asked(tm
     argv, _, api_url = L.engine_launch(dict(ui, engine_command="live2diff-engine serve"), target, {})
     assert "--sink" not in argv and api_url is None
     assert L.engine_output_args(["e", "connect", "http://gpu:8765"]) == ["e", "connect", "http://gpu:8765", "--sink", "null"]
+    assert L.engine_output_args(["py", "-u", "-m", "live2diff_engine", "run"]) == [
+        "py", "-u", "-m", "live2diff_engine", "run", "--sink", "null"]  # the engine as a Python module
 
 
 def test_the_script_stops_the_engine_at_the_api_address_the_engine_listens_on():
