@@ -23,17 +23,18 @@ so the picture never stops for a new warmup.
 On the device, per frame: the fitted frame goes up as uint8 (on CUDA from a pinned host buffer,
 allocated once and reused, with a non-blocking copy) and becomes [-1, 1] in the compute dtype
 there; the depth estimator runs on it at its own working size; the frame and its depth image are
-VAE-encoded in one batched call (the warmup: its 8 frames and 8 depth images in one call of 16);
-one stream step; VAE decode; the picture becomes uint8 on the device and comes down in one copy
-(into a pinned buffer on CUDA). That copy is the frame's only host synchronisation; the optional
-similarity filter adds one more (its score is read on the host).
+VAE-encoded in one batched call (the warmup: its 8 frames and 8 depth images, :data:`ENCODE_CHUNK`
+images a call); one stream step; VAE decode; the picture becomes uint8 on the device and comes
+down in one copy (into a pinned buffer on CUDA). That copy is the frame's only host
+synchronisation; the optional similarity filter adds one more (its score is read on the host).
 
 Random draws, all from the pipeline's generator (``seed``), in this order. Warmup: the VAE
-latent sample of the 16-image batch (8 frames, then 8 depth images) in one draw, the noise that
-takes the 8 frame latents to the first step, then the stream's own warmup draws. Each later
-frame: the VAE latent sample of its [frame, depth] batch in one draw, the first-step noise, then
-the stream step's draws. (Before the batching the depth latents were drawn after the first-step
-noise; the same seed gives the same frames as before only up to that change.)
+latent sample of the 16-image batch (8 frames, then 8 depth images) in one draw (encoded in
+chunks, sampled once over the whole batch), the noise that takes the 8 frame latents to the first
+step, then the stream's own warmup draws. Each later frame: the VAE latent sample of its [frame,
+depth] batch in one draw, the first-step noise, then the stream step's draws. (Before the
+batching the depth latents were drawn after the first-step noise; the same seed gives the same
+frames as before only up to that change.)
 
 ``FramePipeline(profile_stages=True)`` times every stream frame's stages (upload, depth, encode,
 unet, decode, download); see :meth:`FramePipeline.stage_medians`. Off by default, and then it
@@ -139,6 +140,17 @@ def unfit_frame(img: np.ndarray, fit: Fit, out_w: int, out_h: int) -> np.ndarray
 
 
 STAGES = ("upload", "depth", "encode", "unet", "decode", "download")
+
+# The warmup VAE-encodes its 16 images (8 frames, 8 depth images) this many at a time. In one call
+# of 16 the encoder's activations were the warmup's memory peak (at 512x512 its first convolutions
+# alone hold 16 x 128 x 512 x 512 values), repeated at every re-warm mid-stream; in chunks of 4 that
+# part is a quarter. The latent sample stays one draw over the whole batch (see _encode_batch), so
+# the random stream is what one call of 16 drew. The encoder's values are each image's own, up to a
+# kernel that rounds the last bit differently at another batch size (the SD VAE's 1x1 shortcut
+# convolutions on the CPU: 5e-6 in latents up to 3; the tiny VAEs: bit for bit, see
+# tests/test_frames_warmup.py).
+ENCODE_CHUNK = 4
+
 _NOT_TIMED = nullcontext()
 
 
@@ -500,15 +512,29 @@ class FramePipeline:
         return F.interpolate(img, (x.shape[2], x.shape[3]), mode="bilinear", align_corners=False)
 
     def _encode_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """VAE latents (scaled) of ``[N, 3, H, W]`` images in one call. The full VAE samples its
-        latent distribution in one draw of ``[N, 4, h, w]`` from the generator; TAESD draws nothing."""
+        """VAE latents (scaled) of ``[N, 3, H, W]`` images. The full VAE samples its latent
+        distribution in one draw of ``[N, 4, h, w]`` from the generator; TAESD draws nothing.
+
+        A streamed batch (a frame and its depth image) is one call, through the compiled encoder
+        when the stream step is compiled. The warmup's batch of 16 stays eager (warmup never
+        compiles) and is encoded :data:`ENCODE_CHUNK` images a call: the chunks' distribution
+        parameters are joined and sampled once, with the same generator, so the draw is the one a
+        single call of N makes (see :data:`ENCODE_CHUNK`); TAESD's latents are joined."""
         vae = self.comps.vae
-        # The warmup's batch of 16 stays eager (DESIGN.md: warmup never compiles); streamed frames
-        # (one shape) go through the compiled encoder when the stream step is compiled.
-        encode = vae.encode if self.warming_up else self.stream.accelerator.wrap(vae.encode, "VAE encoder")
-        out = encode(images)
-        dist = getattr(out, "latent_dist", None)
-        latents = dist.sample(generator=self.generator) if dist is not None else out.latents
+        if self.warming_up:
+            outs = [vae.encode(part) for part in images.split(ENCODE_CHUNK)]
+        else:
+            outs = [self.stream.accelerator.wrap(vae.encode, "VAE encoder")(images)]
+        dists = [getattr(out, "latent_dist", None) for out in outs]
+        if dists[0] is not None:
+            dist = dists[0]
+            if len(dists) > 1:
+                from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+                dist = DiagonalGaussianDistribution(torch.cat([d.parameters for d in dists]), deterministic=dist.deterministic)
+            latents = dist.sample(generator=self.generator)
+        else:
+            latents = outs[0].latents if len(outs) == 1 else torch.cat([out.latents for out in outs])
         return latents * getattr(vae.config, "scaling_factor", 1.0)
 
     def _encode_with_depth(self, x: torch.Tensor, depth: torch.Tensor, out: torch.Tensor | None = None):

@@ -1,0 +1,97 @@
+"""The frame pipeline's warmup: its VAE encode in chunks (ENCODE_CHUNK images a call) draws the
+noise one call drew, and on the tiny models gives that call's latents and frames bit for bit
+(issue 22, point 11)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import live2diff_engine.pipeline.frames as frames_mod
+from conftest import build_mini_unet
+from live2diff_engine.models.components import build_tiny_components
+from live2diff_engine.pipeline.frames import ENCODE_CHUNK, FramePipeline, fit_frame
+from test_frames import clip
+
+
+@pytest.fixture(scope="module")
+def comps():
+    return build_tiny_components(seed=0)
+
+
+def tiny_taesd():
+    from diffusers import AutoencoderTiny
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return AutoencoderTiny(
+            encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4,
+        ).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module", params=["full VAE", "TAESD"])
+def vae_comps(request, comps):
+    return comps if request.param == "full VAE" else dataclasses.replace(comps, vae=tiny_taesd())
+
+
+# -- point 11: the warmup's encode in chunks -----------------------------------------------------
+
+
+def _warmup_batch(fp, n=8):
+    x = torch.cat([fp._upload(fit_frame(f, 64, 64, "crop")[0]) for f in clip(n, seed=5)])
+    return torch.cat([x, fp._depth_images(x).expand(-1, 3, -1, -1)])  # 8 frames, then 8 depth images
+
+
+@torch.no_grad()
+def test_the_warmup_encodes_in_chunks_and_samples_once_as_one_call_did(vae_comps):
+    fp = FramePipeline(vae_comps, width=64, height=64, seed=3)
+    images = _warmup_batch(fp)
+    assert images.shape[0] == 16 and ENCODE_CHUNK < 16
+    sizes = []
+    encode = vae_comps.vae.encode
+    vae_comps.vae.encode = lambda part: sizes.append(part.shape[0]) or encode(part)
+    try:
+        fp.generator.manual_seed(11)
+        chunked = fp._encode_batch(images)
+        after = torch.randn(8, generator=fp.generator)  # where the random stream stands afterwards
+    finally:
+        del vae_comps.vae.encode
+    assert sizes == [ENCODE_CHUNK] * (16 // ENCODE_CHUNK)
+    # One call of 16, sampled (the full VAE) from a generator at the same seed: the same bits.
+    g = torch.Generator().manual_seed(11)
+    out = vae_comps.vae.encode(images)
+    dist = getattr(out, "latent_dist", None)
+    whole = (dist.sample(generator=g) if dist is not None else out.latents) * getattr(vae_comps.vae.config, "scaling_factor", 1.0)
+    assert torch.equal(chunked, whole)
+    assert torch.equal(after, torch.randn(8, generator=g))  # the same draws were taken, no more
+    if dist is not None:  # the full VAE's sample is noise indeed: not the mean
+        assert not torch.equal(chunked, dist.mean * vae_comps.vae.config.scaling_factor)
+
+
+@pytest.fixture(scope="module")
+def mini_comps(comps):
+    """The tiny VAE, text encoder and depth model around a two-level UNet (half the tiny UNet's time)."""
+    return dataclasses.replace(comps, unet=build_mini_unet())
+
+
+def _frames(fp):
+    out = []
+    for f in clip(10, seed=1):
+        out += fp.push(f)
+    fp.request_reset()  # a re-warm mid-stream encodes its 16 images again
+    for f in clip(2, seed=2):
+        out += fp.push(f)
+    out += fp.flush()
+    assert [i for i, _ in out] == list(range(12))
+    return np.stack([img for _, img in out])
+
+
+def test_frames_warmed_up_in_chunks_are_the_frames_of_one_call(vae_comps, mini_comps, monkeypatch):
+    both = dataclasses.replace(mini_comps, vae=vae_comps.vae)
+    chunked = _frames(FramePipeline(both, width=64, height=64, prompt="a cat", seed=4))
+    monkeypatch.setattr(frames_mod, "ENCODE_CHUNK", 16)  # the warmup in one call, as before
+    whole = _frames(FramePipeline(both, width=64, height=64, prompt="a cat", seed=4))
+    assert np.array_equal(chunked, whole)
+    assert chunked[8:].std() > 1  # stylised frames, not the camera
