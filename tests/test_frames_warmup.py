@@ -1,16 +1,22 @@
-"""The frame pipeline's warmup: its VAE encode in chunks (ENCODE_CHUNK images a call) draws the
-noise one call drew, and on the tiny models gives that call's latents and frames bit for bit
-(issue 22, point 11)."""
+"""The frame pipeline's warmup and build. The warmup's VAE encode in chunks (ENCODE_CHUNK images
+a call) draws the noise one call drew, and on the tiny models gives that call's latents and frames
+bit for bit (issue 22, point 11). With acceleration on, the VAE's encode and decode compile while
+the pipeline is built, announced, never on the first live frame (point 10).
+
+The compile tests trace with dynamo and run the traced graphs with its "eager" backend behind a
+counter (as test_accelerate.py does): what compiles, and when, in seconds."""
 
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import live2diff_engine.pipeline.frames as frames_mod
 from conftest import build_mini_unet
 from live2diff_engine.models.components import build_tiny_components
+from live2diff_engine.pipeline.accelerate import accelerator_for
 from live2diff_engine.pipeline.frames import ENCODE_CHUNK, FramePipeline, fit_frame
 from test_frames import clip
 
@@ -95,3 +101,61 @@ def test_frames_warmed_up_in_chunks_are_the_frames_of_one_call(vae_comps, mini_c
     whole = _frames(FramePipeline(both, width=64, height=64, prompt="a cat", seed=4))
     assert np.array_equal(chunked, whole)
     assert chunked[8:].std() > 1  # stylised frames, not the camera
+
+
+# -- point 10: the VAE compiles while the pipeline is built --------------------------------------
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiles(text):
+    return [ln for ln in text.splitlines() if "compil" in ln]
+
+
+def test_the_vae_compiles_while_the_pipeline_is_built_not_on_the_first_frames(mini_comps, fresh_dynamo, capsys):
+    counter = CompileCounterWithBackend("eager")
+    accel = accelerator_for(mini_comps.unet, "compile", backend=counter)
+    fp = FramePipeline(mini_comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
+    said = _compiles(capsys.readouterr().err)
+    assert [ln.split(" in ")[0] if "compiled in" in ln else ln for ln in said[2:]] == [
+        "compiling the VAE encoder for 64x64 (once per size) ...", "VAE encoder compiled",
+        "compiling the VAE decoder for 64x64 (once per size) ...", "VAE decoder compiled"]
+    assert said[0].startswith("compiling the stream step") and said[1].startswith("stream step compiled in")
+    assert counter.frame_count == 3  # the stream step, the encoder, the decoder
+    # Each compiled VAE call was checked against eager on the build's inputs, and passed.
+    assert {c["what"]: c["passed"] for c in accel.checks} == {"compiled VAE encoder": True, "compiled VAE decoder": True}
+    # Nothing drawn from the pipeline's generator: its random stream is where the seed put it.
+    assert torch.equal(fp.generator.get_state(), torch.Generator().manual_seed(1).get_state())
+
+    frames = clip(12, seed=4)
+    got = [img for f in frames for _, img in fp.push(f)] + [img for _, img in fp.flush()]
+    assert len(got) == 12 and fp.stream.accelerated == "compile"
+    assert counter.frame_count == 3  # the streamed frames compiled nothing more
+    assert _compiles(capsys.readouterr().err) == []
+    # (That the compiled frames are eager's: test_accelerate.py, with the same pipeline.)
+    FramePipeline(mini_comps, width=64, height=48, prompt="a cat", seed=1, accelerate="off")
+    assert counter.frame_count == 3 and _compiles(capsys.readouterr().err) == []  # off: nothing compiles, nothing said
+
+
+def test_a_new_size_compiles_the_vae_once_more_and_a_new_stream_of_the_same_size_does_not(mini_comps, fresh_dynamo, capsys):
+    counter = CompileCounterWithBackend("eager")
+    accelerator_for(mini_comps.unet, "compile", backend=counter)
+    fp = FramePipeline(mini_comps, width=64, height=64, prompt="a cat", seed=1, accelerate="compile")
+    assert counter.frame_count == 3
+    capsys.readouterr()
+    fp.restart()  # a new stream, the same size and mode
+    FramePipeline(mini_comps, width=64, height=64, prompt="a dog", seed=2, accelerate="compile")
+    assert counter.frame_count == 3 and _compiles(capsys.readouterr().err) == []
+    wide = FramePipeline(mini_comps, width=64, height=48, prompt="a cat", seed=1, accelerate="compile")
+    said = _compiles(capsys.readouterr().err)
+    assert "compiling the VAE encoder for 64x48 (once per size) ..." in said
+    assert "compiling the VAE decoder for 64x48 (once per size) ..." in said
+    assert counter.frame_count == 6  # each of the three once more, for the new shapes
+    for f in clip(10, seed=4):  # 8 warmup frames, then the first stream frames: one encoded, one decoded
+        wide.push(f)
+    assert counter.frame_count == 6 and _compiles(capsys.readouterr().err) == []

@@ -36,6 +36,10 @@ depth] batch in one draw, the first-step noise, then the stream step's draws. (B
 batching the depth latents were drawn after the first-step noise; the same seed gives the same
 frames as before only up to that change.)
 
+With acceleration on, the VAE's encode and decode are compiled while the pipeline is built,
+beside the stream step, on inputs of the streamed shapes (:meth:`FramePipeline._precompile_vae`),
+each announced with a progress line: the first live frames never wait for a compiler.
+
 ``FramePipeline(profile_stages=True)`` times every stream frame's stages (upload, depth, encode,
 unet, decode, download); see :meth:`FramePipeline.stage_medians`. Off by default, and then it
 costs nothing.
@@ -44,6 +48,7 @@ costs nothing.
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -150,6 +155,11 @@ STAGES = ("upload", "depth", "encode", "unet", "decode", "download")
 # convolutions on the CPU: 5e-6 in latents up to 3; the tiny VAEs: bit for bit, see
 # tests/test_frames_warmup.py).
 ENCODE_CHUNK = 4
+
+# The compiled VAE calls already compiled for a shape by _precompile_vae: {wrapped call: {shapes}}.
+# The wrapped calls are the accelerator's (one per VAE function and accelerator, shared by every
+# stream on the UNet), so a new stream of the same size and mode compiles nothing more.
+_VAE_PRECOMPILED: "weakref.WeakKeyDictionary[object, set]" = weakref.WeakKeyDictionary()
 
 _NOT_TIMED = nullcontext()
 
@@ -359,7 +369,46 @@ class FramePipeline:
         stream.set_prompt_embeds(self._embeds)
         stream.set_negative_embeds(self._negative)
         stream.precompile()  # the compiler's wait (if any) falls here, not on the first live frames
+        self._precompile_vae(stream)
         return stream
+
+    @torch.no_grad()
+    def _precompile_vae(self, stream: StreamPipeline) -> None:
+        """Compile the VAE's encode and decode for this size now, beside the stream step, so that
+        the first streamed frame does not freeze on the compiler unannounced: each wrapped call is
+        made once on inputs of the streamed shapes and dtype (encode: the ``[2, 3, H, W]`` batch of
+        a frame and its depth image; decode: a ``[1, 4, H/8, W/8]`` latent), with a progress line.
+        These calls keep no state, so the wrapped call's first-call check against eager runs on
+        them. Only ``encode`` is called, never a sample: the pipeline's generator is not touched
+        (the inputs come from a generator of their own). Nothing when the stream is not accelerated;
+        once per size and mode (a new stream of the same size and mode compiles nothing)."""
+        if stream.accelerated == "off":
+            return
+        accel, vae = stream.accelerator, self.comps.vae
+        lh, lw = self.height // self.comps.vae_scale_factor, self.width // self.comps.vae_scale_factor
+        g = torch.Generator(device=self.device).manual_seed(0)
+        calls = []
+        if self.temporal:  # per-frame (temporal=False) encodes in the eager path, as the warmup does
+            images = torch.rand((2, 3, self.height, self.width), generator=g, device=self.device, dtype=self.comps.dtype)
+            calls.append(("VAE encoder", vae.encode, (images.mul_(2).sub_(1),), {}))
+        latent = torch.randn((1, 4, lh, lw), generator=g, device=self.device, dtype=stream.dtype)
+        calls.append(("VAE decoder", vae.decode, (latent,), {"return_dict": False}))  # as _decode calls it
+        for label, fn, args, kwargs in calls:
+            wrapped = accel.wrap(fn, label)
+            if wrapped is fn:  # the accelerator went back to eager
+                continue
+            done = _VAE_PRECOMPILED.setdefault(wrapped, set())
+            shapes = tuple((tuple(a.shape), a.dtype) for a in args)
+            if shapes in done:
+                continue
+            accel.say(f"compiling the {label} for {self.width}x{self.height} (once per size) ...")
+            start = time.perf_counter()
+            wrapped(*args, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            done.add(shapes)
+            if not getattr(wrapped, "failed", False):  # a failure said so in its own warning line
+                accel.say(f"{label} compiled in {time.perf_counter() - start:.1f} s")
 
     def _encode_text(self, text: str) -> torch.Tensor:
         ahead = getattr(self, "_encoded_ahead", None)
