@@ -1,12 +1,15 @@
 """An oversized message (100 KB) gets the same one-line refusal on every control path, and the
 connection it came on stays open: the next command on it is applied. Paths: HTTP POST, the API's
-WebSocket (the dock's), OBS CustomEvents (a protocol-faithful obs-websocket, and a real OBS)."""
+WebSocket (the dock's), OBS CustomEvents (a protocol-faithful obs-websocket, and a real OBS).
+Beyond what the API's WebSocket reads at all (16 MiB), the same line comes as a message and as the
+reason of the close (1009)."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import logging
+import threading
 import time
 
 import obsws_python as obsws
@@ -15,6 +18,7 @@ import websocket
 
 from fake_obs import FakeOBS
 from live import LiveEngine, PacedSource, wait_for
+from live2diff_engine.control.api import MAX_TRANSPORT_BYTES
 from live2diff_engine.control.schema import MAX_MESSAGE_BYTES, command_message
 from live2diff_engine.models.components import build_tiny_components
 from obs_real import RealOBS, require_obs
@@ -60,6 +64,38 @@ def test_the_docks_websocket_refuses_100_kb_in_one_line_and_stays_open(comps):
         finally:
             ws.close()
         wait_for(lambda: live.frames.prompt == "a lighthouse at dusk", what="the command after the refusal")
+        # Beyond what the transport reads at all (a runaway client, not a command): the socket is
+        # closed, as obs-websocket closes beyond its own limit, but the client hears why first:
+        # the same one-line refusal as a message, then the close (1009) with that reason.
+        ws = websocket.create_connection(url.replace("http", "ws") + "/api/ws", origin=url, timeout=20)
+        try:
+            assert json.loads(ws.recv())["kind"] == "status"
+            huge = b"z" * (MAX_TRANSPORT_BYTES + 4 * 1024 * 1024)  # 20 MiB
+            # The server stops reading at the frame's header: the rest of it may never be taken.
+            threading.Thread(target=_send_quietly, args=(ws, huge), daemon=True).start()
+            said, closed = [], None
+            end = time.monotonic() + 60
+            while closed is None:
+                assert time.monotonic() < end, said
+                frame = ws.recv_frame()  # as it comes (recv() would answer the close on a dead socket)
+                if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
+                    closed = (int.from_bytes(frame.data[:2], "big"), frame.data[2:].decode())
+                elif frame.opcode == websocket.ABNF.OPCODE_TEXT:
+                    m = json.loads(frame.data)
+                    if m["kind"] == "reply":
+                        said.append(m)
+            assert [(r["ok"], r.get("error")) for r in said] == [(False, LINE)]
+            assert closed == (1009, LINE)
+        finally:
+            ws.close()
+        live.wait_outputs(len(live.outputs) + 2)  # the engine goes on
+
+
+def _send_quietly(ws, data: bytes) -> None:
+    try:
+        ws.send_binary(data)
+    except Exception:  # the server closed the connection mid-message
+        pass
 
 
 def test_http_refuses_100_kb_in_the_same_line_and_keeps_the_connection(comps):

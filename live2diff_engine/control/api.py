@@ -41,7 +41,7 @@ from .schema import APP, TOO_LARGE, VERSION, reply_message, status_message
 # What the HTTP and WebSocket transports read in one message before the command schema judges it:
 # a message over MAX_MESSAGE_BYTES gets the schema's one-line refusal and the connection stays;
 # only a message beyond this (a runaway client, not a command) closes the socket, as obs-websocket
-# does beyond its own limit.
+# does beyond its own limit: the same line as a reply first, then the close (1009) with it as reason.
 MAX_TRANSPORT_BYTES = 16 * 1024 * 1024
 
 log = logging.getLogger("live2diff.api")
@@ -467,7 +467,7 @@ class ApiServer:
 
         if not self._origin_ok(request):
             return web.json_response({"ok": False, "error": "WebSocket from another site refused"}, status=403)
-        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=MAX_TRANSPORT_BYTES)
+        ws = _ApiWebSocket(heartbeat=20, max_msg_size=MAX_TRANSPORT_BYTES)
         await ws.prepare(request)
         self._sockets.add(ws)
         outbox: asyncio.Queue = asyncio.Queue(maxsize=4096)
@@ -617,6 +617,37 @@ class ApiServer:
     def _readers_changed(self) -> None:
         if self.controller is not None:  # the status carries the count; the OBS bridge watches it
             self.controller.changed()
+
+
+def _api_websocket_class():
+    from aiohttp import WSCloseCode, web
+
+    class ApiWebSocket(web.WebSocketResponse):
+        """The API's WebSocket. A message beyond MAX_TRANSPORT_BYTES makes aiohttp close the
+        socket (1009) from inside ``receive()``, with no word of why; this says it first, as HTTP
+        does with its 413: the schema's one-line refusal as a reply on the socket, then the close
+        with that line as its reason."""
+
+        async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+            if code == WSCloseCode.MESSAGE_TOO_BIG and not message and not self.closed:
+                try:
+                    await asyncio.wait_for(self.send_str(json.dumps(reply_message(None, False, TOO_LARGE))), 2.0)
+                except Exception:  # the client is gone: the close says the rest, if it can
+                    pass
+                message = TOO_LARGE.encode()[:123]  # a close reason holds at most 123 bytes
+            return await super().close(code=code, message=message, drain=drain)
+
+    return ApiWebSocket
+
+
+_API_WS = None
+
+
+def _ApiWebSocket(**kw):
+    global _API_WS
+    if _API_WS is None:  # aiohttp is imported only once the API runs
+        _API_WS = _api_websocket_class()
+    return _API_WS(**kw)
 
 
 def api_token_from_env(value: str | None) -> str | None:
