@@ -301,3 +301,29 @@ def test_a_long_compile_says_how_long_it_has_been_running(unet, monkeypatch):
     ticks = [ln for ln in said if ln.strip().startswith("compiling the stream step:")]
     assert ticked.is_set() and ticks and ticks[0].endswith("s so far ...")
     assert said.index(ticks[0]) < next(i for i, ln in enumerate(said) if ln.startswith("stream step compiled in"))
+
+
+def test_each_size_of_a_compiled_module_call_is_checked_against_eager(unet, capsys):
+    """A new size compiles a new version: its first call is checked too, not only the first
+    call ever (a wrong kernel for the second size would otherwise stream unchecked)."""
+    calls = []
+
+    def wrong_for_wide_inputs(gm, example_inputs):
+        def run(*args):
+            out = gm(*args)
+            if any(isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[-1] > 3 for t in example_inputs):
+                calls.append("wrong")
+                return [o * 2 for o in out] if isinstance(out, (list, tuple)) else out * 2
+            return out
+
+        return run
+
+    accel = accelerate.accelerator_for(unet, "compile", backend=wrong_for_wide_inputs)
+    conv = torch.nn.Conv2d(2, 2, 1)
+    call = accel.wrap(conv.forward, "VAE decoder")
+    narrow, wide = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 5, 5)
+    torch.testing.assert_close(call(narrow), conv(narrow))
+    torch.testing.assert_close(call(wide), conv(wide))  # the wrong second version caught at its first call
+    assert calls and call.failed
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and "the compiled VAE decoder does not match eager" in warnings[0]

@@ -567,8 +567,9 @@ class StreamAccelerator:
 
 
 class _CompiledCall:
-    """A compiled module call (no CUDA graph: its callers hand it new tensors every frame). Its
-    first compiled call is checked against ``fn`` on the same inputs (these calls keep no state)."""
+    """A compiled module call (no CUDA graph: its callers hand it new tensors every frame). The
+    first compiled call of each input signature (shapes and dtypes: a new size compiles a new
+    version) is checked against ``fn`` on the same inputs (these calls keep no state)."""
 
     def __init__(self, accel: StreamAccelerator, fn, label: str):
         self.accel, self.fn, self.label = accel, fn, label
@@ -580,13 +581,14 @@ class _CompiledCall:
         kwargs.update(accel.compile_options)
         self.compiled = torch.compile(fn, **kwargs)
         self.failed = False
-        self.checked = False
+        self.checked: set[tuple] = set()  # input signatures whose compiled call matched ``fn``
 
     def __call__(self, *args, **kwargs):
         if self.failed:
             return self.fn(*args, **kwargs)
+        sig = StreamAccelerator.signature(_tensors_of([args, kwargs]))
         try:
-            if self.checked:
+            if sig in self.checked:
                 out = self.compiled(*args, **kwargs)
             else:  # the first call compiles
                 with elapsed(self.accel.say, f"compiling the {self.label}"):
@@ -597,8 +599,8 @@ class _CompiledCall:
             self.failed = True
             self.accel.say(f"warning: compiling the {self.label} failed ({_one_line(exc)}); it goes on uncompiled")
             return self.fn(*args, **kwargs)
-        if not self.checked:
-            self.checked = True
+        if sig not in self.checked:
+            self.checked.add(sig)
             start = time.perf_counter()
             ref = self.fn(*args, **kwargs)
             got, want = _tensors_of(out), _tensors_of(ref)
