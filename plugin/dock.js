@@ -127,6 +127,7 @@
     }
     if (lost) toast('Connection lost before the engine answered');
     setLive(false);
+    figures({}); // no frame rate or latency from an engine not heard from
     retry();
   }
 
@@ -303,12 +304,23 @@
     return typeof v === 'number' && isFinite(v) ? v.toFixed(digits) : '\u2013';
   }
 
+  // States in which frames go out: the others (starting, stopped) have no frame rate or latency.
+  const FLOWING = ['warming up', 'streaming', 'paused', 'no signal', 'compiling'];
+
+  function figures(s) {
+    const flowing = FLOWING.indexOf(s.state) >= 0;
+    el.fps.textContent = flowing ? num(s.fps, 1) : '\u2013';
+    let latency = '\u2013';
+    if (flowing && typeof s.latency_ms === 'number') latency = Math.round(s.latency_ms) + ' ms';
+    else if (s.state === 'streaming') latency = 'measuring\u2026'; // the stream's first frames are on their way
+    el.latency.textContent = latency;
+  }
+
   function render(s) {
     status = s;
     el.state.textContent = s.state || '\u2013';
     el.state.dataset.state = s.state || '';
-    el.fps.textContent = num(s.fps, 1);
-    el.latency.textContent = typeof s.latency_ms === 'number' ? Math.round(s.latency_ms) + ' ms' : '\u2013';
+    figures(s);
     el.style.textContent = s.style || '\u2013';
     el.frames.textContent = typeof s.frames_out === 'number' ? String(s.frames_out) : '\u2013';
     el.lastError.hidden = !s.last_error;
@@ -508,9 +520,11 @@
     }
     b.classList.add('busy');
     b.setAttribute('aria-busy', 'true');
-    send('set_style', { style: b.dataset.style }, () => {
+    send('set_style', { style: b.dataset.style }, (r) => {
       b.classList.remove('busy');
       b.removeAttribute('aria-busy');
+      // What the style changed beside the look (its strength, steps, template): the engine says.
+      if (r.ok && !r.superseded && r.note) toast(r.note, 'ok');
     });
   });
 

@@ -28,6 +28,7 @@ from live2diff_engine.control.schema import (
 from live2diff_engine.engine import stop_signals
 from live2diff_engine.errors import ConfigError
 from live2diff_engine.models.components import build_tiny_components
+from live2diff_engine.styles import Style
 
 STYLES = ["default", "toonyou"]
 
@@ -204,6 +205,20 @@ def test_style_strength_steps_seed_pause_resume_reset_apply_between_frames(comps
         code, reply = post(url, command_message("set_style", style="toonyou"))
         assert code == 400 and not reply["ok"] and "toonyou" in reply["error"]
         assert live.manager.current.name == "default"
+        # A style brings its own schedule, template and clip skip: the reply, and the status for
+        # everyone else, say what it changed, not only "ok".
+        live.manager.styles["inked"] = Style("inked", "a test style", template="ink, {}", clip_skip=2, t_index_list=(25, 45))
+        code, reply = post(url, command_message("set_style", style="inked", id="s"))
+        assert code == 200 and reply["ok"] and live.manager.current.name == "inked"
+        note = "style inked: strength 0.6 -> 0.5, steps 3 -> 2, clip skip 1 -> 2, prompt template '{}' -> 'ink, {}'"
+        assert reply["note"] == note
+        assert reply["changes"] == {"strength": [0.6, 0.5], "steps": [3, 2], "clip_skip": [1, 2], "template": ["{}", "ink, {}"]}
+        st = json.loads(get(url, "/api/status")[1])
+        assert (st["style"], st["strength"], st["steps"]) == ("inked", 0.5, 2)
+        assert st["style_change"]["note"] == note and st["style_change"]["style"] == "inked"
+        code, reply = post(url, command_message("set_style", style="inked"))  # again: nothing else moves
+        assert code == 200 and reply["note"] == "style inked: nothing else changed (strength 0.5, steps 2)"
+        assert reply["changes"] == {}
         # Pause: the camera goes out as it is.
         assert post(url, command_message("pause"))[0] == 200
         wait_for(lambda: json.loads(get(url, "/api/status")[1])["state"] == "paused", what="paused state")
@@ -221,7 +236,10 @@ def test_style_strength_steps_seed_pause_resume_reset_apply_between_frames(comps
 
 
 def test_status_snapshot_and_mjpeg_stream(comps):
-    with LiveEngine(comps, PacedSource(fps=30)) as live:
+    live = LiveEngine(comps, PacedSource(fps=30))
+    at_changes = []  # the status as it goes out at each change (the engine's state moving on)
+    live.controller.add_listener(lambda: at_changes.append(live.controller.status()))
+    with live:
         live.wait_outputs(5)
         code, body = get(live.api.url, "/api/status")
         st = json.loads(body)
@@ -242,6 +260,14 @@ def test_status_snapshot_and_mjpeg_stream(comps):
         assert len(set(jpegs)) > 1
         code, page = get(live.api.url, "/output")
         assert code == 200 and b"stream.mjpg" in page
+        wait_for(lambda: live.engine.stats.latency_ms_p50 is not None, what="a latency figure")
+    # The status sent as the stream starts carries the frame rate at which the warmup's frames
+    # went out, not the '0.0' of the engine's stats from before them.
+    first = next(st for st in at_changes if st["state"] == "streaming")
+    assert first["fps"] > 0 and first["frames_out"] >= 8, first
+    # A stopped engine shows no frame rate or latency (it showed those of its last second).
+    st = live.controller.status()
+    assert (st["state"], st["fps"], st["fps_in"], st["latency_ms"]) == ("stopped", 0.0, 0.0, None)
 
 
 def test_websocket_status_on_connect_and_replies(comps):

@@ -400,6 +400,10 @@ def test_the_dock_shows_a_style_loading_while_the_current_one_streams(running, b
         wait_for(lambda: int(text_of(d, "f-frames")) > frames, 30, "frames to go on while it loads")
         release.set()
         wait_for(lambda: text_of(d, "f-style") == "slowload", 30, "the new style in place")
+        # The reply says what the style changed beside the look, and the page shows it.
+        said = wait_for(lambda: by_id(d, "toast").is_displayed() and text_of(d, "toast"), 15, "what the style changed")
+        assert said.startswith("style slowload: ") and "prompt template '{}' -> 'slow, {}'" in said, said
+        assert "ok" in by_id(d, "toast").get_attribute("class")
         wait_for(lambda: not by_id(d, "style-loading").is_displayed(), 10, "the loading line to go")
         button = style_button(d, "slowload")
         assert "loading" not in button.get_attribute("class") and button.get_attribute("aria-busy") is None
@@ -463,9 +467,13 @@ def test_dock_reconnects_when_the_engine_api_restarts(running, browser):
     d = browser
     connected(d)
     port = running.api.port
+    wait_for(lambda: text_of(d, "f-fps") not in ("", "\u2013"), 10, "a frame rate")
     running.api.stop()
     wait_for(lambda: by_id(d, "conn").get_attribute("data-state") == "disconnected", 10, "the dock to notice")
     assert "retry" in text_of(d, "conn")
+    # Its last word was 'stopped': no frame rate or latency stays on show from before.
+    assert text_of(d, "f-state") == "stopped"
+    assert (text_of(d, "f-fps"), text_of(d, "f-latency")) == ("\u2013", "\u2013")
     assert by_id(d, "prompt-apply").get_attribute("disabled") is not None
     api = ApiServer("127.0.0.1", port).start()
     running.api = api  # stopped by the fixture

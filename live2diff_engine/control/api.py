@@ -342,7 +342,8 @@ class ApiServer:
             # "changed"); the loop ends by itself on _closing, and this wait is bounded either way.
             task.cancel()
             await asyncio.wait({task}, timeout=0.5)
-        last = json.dumps({**self.status(), "state": "stopped"})  # the dock's last word: stopped, not lost
+        # The dock's last word: stopped, not lost; and no frame rate or latency of a stream that ended.
+        last = json.dumps({**self.status(), "state": "stopped", "fps": 0.0, "fps_in": 0.0, "latency_ms": None})
         for ws in list(self._sockets):
             try:
                 await asyncio.wait_for(ws.send_str(last), 0.5)

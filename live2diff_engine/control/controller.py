@@ -77,6 +77,22 @@ def live_strength(t_index_list, n: int) -> float:
     return round(1.0 - t_index_list[0] / n, 3)
 
 
+def _schedule_of(schedule_args) -> dict:
+    """{"strength", "steps"} of (num_inference_steps, t_index_list, strength), as the live controls
+    show them."""
+    steps, t_index, strength = schedule_args
+    if t_index is None:  # a style given by strength over its own schedule
+        from ..pipeline.schedule import make_schedule
+
+        t_index = list(make_schedule(steps, strength=strength).t_index_list)
+    return {"strength": live_strength(t_index, steps), "steps": len(t_index)}
+
+
+def _quote(text, limit: int = 60) -> str:
+    text = "" if text is None else str(text)
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 LOADER_NICE = 10  # how far the style loader's priority sits below the stream's (Linux)
 
 
@@ -118,6 +134,9 @@ class Controller:
         self._style_load: dict | None = None
         self._style_next: dict | None = None
         self._schedule_changes = 0  # strength/steps commands applied: a style arriving later keeps theirs
+        # What the last style switch changed beside the weights ({"style", "note", "changes", "time"}),
+        # in its reply and in the status, so that whoever switched (and everyone else) can see it.
+        self.style_change: dict | None = None
         # Called on the loader thread with the style once its weights are read, before the swap is
         # due (tests hold it there to watch the stream go on meanwhile).
         self.style_load_hook: Callable[[Any], None] | None = None
@@ -313,9 +332,10 @@ class Controller:
             return 0
         error = load["error"]
         if error is None:
+            before = self._style_settings()
+            keep_schedule = load["mark"] != self._schedule_changes
             try:
-                self.manager.apply(load["style"], self.frames, prepared=load["prepared"],
-                                   schedule=load["mark"] == self._schedule_changes)
+                self.manager.apply(load["style"], self.frames, prepared=load["prepared"], schedule=not keep_schedule)
             except Exception as exc:  # the manager has put the previous style back
                 error = str(exc) if not isinstance(exc, (KeyError, AttributeError)) else f"{type(exc).__name__}: {exc}"
         load["prepared"] = None  # the converted weights go now
@@ -326,9 +346,42 @@ class Controller:
             self.changed()
             return 0
         self.applied += 1
+        change = self._describe_style_change(load["style"], before, self._style_settings(), keep_schedule)
+        self.style_change = change
+        log.info("%s", change["note"])
         for cmd, reply in load["replies"]:
-            reply(reply_message(cmd.id, True))
+            reply(reply_message(cmd.id, True, note=change["note"], changes=change["changes"]))
         return 1
+
+    def _style_settings(self) -> dict:
+        """What a style sets beside the weights, as it is now (the live strength and steps, the
+        prompt template, clip skip)."""
+        sched = self.schedule()
+        return {"strength": sched["strength"], "steps": sched["steps"],
+                "clip_skip": getattr(self.frames, "clip_skip", None), "template": getattr(self.frames, "template", None) or "{}"}
+
+    def _describe_style_change(self, style, before: dict, after: dict, kept_schedule: bool) -> dict:
+        """{"style", "note", "changes", "time"}: ``changes`` {setting: [before, after]} for each one
+        the switch changed; ``note`` in one line: "style toonyou: strength 0.7 -> 0.36, steps 2 -> 3,
+        clip skip 1 -> 3, prompt template '{}' -> 'masterpiece, {}'"."""
+        changes = {k: [before[k], after[k]] for k in after if before.get(k) != after[k]}
+        names = {"strength": "strength", "steps": "steps", "clip_skip": "clip skip", "template": "prompt template"}
+        parts = []
+        for key, (old, new) in changes.items():
+            if key == "template":
+                parts.append(f"{names[key]} {_quote(old)} -> {_quote(new)}")
+            else:
+                numbers = all(isinstance(v, (int, float)) for v in (old, new))
+                parts.append(f"{names[key]} {old:g} -> {new:g}" if numbers else f"{names[key]} {old} -> {new}")
+        if kept_schedule:
+            own = _schedule_of(style.schedule_args())
+            if (own["strength"], own["steps"]) != (after["strength"], after["steps"]):
+                parts.append(f"strength {after['strength']:g} and steps {after['steps']} kept (set while it loaded; "
+                             f"the style's own: {own['strength']:g}, {own['steps']})")
+        if not parts:
+            parts.append(f"nothing else changed (strength {after['strength']:g}, steps {after['steps']})")
+        note = f"style {style.name}: " + ", ".join(parts)
+        return {"style": style.name, "note": note, "changes": changes, "time": round(time.time(), 3)}
 
     # -- saved settings ------------------------------------------------------------------------
 
@@ -458,12 +511,7 @@ class Controller:
 
     def schedule(self) -> dict:
         """The live strength and steps of the current schedule."""
-        steps, t_index, strength = self.frames.schedule_args
-        if t_index is None:  # a style given by strength over its own schedule
-            from ..pipeline.schedule import make_schedule
-
-            t_index = list(make_schedule(steps, strength=strength).t_index_list)
-        return {"strength": live_strength(t_index, steps), "steps": len(t_index)}
+        return _schedule_of(self.frames.schedule_args)
 
     def add_listener(self, fn: Callable[[], None]) -> None:
         """``fn()`` is called (from the changing thread; it must not block) on every change."""
@@ -476,10 +524,32 @@ class Controller:
             except Exception as exc:
                 log.debug("status listener failed: %s", exc)
 
+    def _live_figures(self, stats) -> tuple[float, float, float | None]:
+        """(fps out, fps in, latency p50 in ms) as of now. The engine refreshes its stats once a
+        second from its frame loop, so a status sent at a state change (the warmup's first frames
+        going out, the stream starting) carried the values of a second before: '0.0 fps' while the
+        warmup's frames reached OBS, no latency while streaming. The rates are read from the
+        engine's counters instead, the latency from its newest samples; a stopped engine has
+        neither."""
+        if stats.state == "stopped":
+            return 0.0, 0.0, None
+        fps, fps_in, latency = stats.fps_out, stats.fps_in, stats.latency_ms_p50
+        engine, now = self.engine, time.monotonic()
+        try:
+            fps = round(engine._rate_out.rate(now), 2)
+            fps_in = round(engine._rate_in.rate(now), 2)
+            samples = sorted(list(engine._latencies))  # (a copy made in one step: the frame loop appends)
+            if samples:
+                latency = round(samples[len(samples) // 2] * 1000, 1)
+        except (AttributeError, IndexError, TypeError, RuntimeError):
+            pass  # an engine without those counters (remote sessions): its stats as they are
+        return fps, fps_in, latency
+
     def status(self) -> dict:
         engine = self.engine
         stats = engine.stats if engine is not None else None
         state = "paused" if self.paused else (stats.state if stats is not None else "starting")
+        fps, fps_in, latency = self._live_figures(stats) if stats is not None else (0.0, 0.0, None)
         current = self.manager.current
         sched = self.schedule()
         missing, downloadable = self.style_availability()
@@ -495,12 +565,13 @@ class Controller:
             "styles_missing": missing,
             "styles_downloadable": downloadable,
             "download": dict(self._download) if self._download is not None else None,
+            "style_change": dict(self.style_change) if self.style_change is not None else None,
             "strength": sched["strength"],
             "steps": sched["steps"],
             "seed": self.frames.seed,
-            "fps": stats.fps_out if stats else 0.0,
-            "fps_in": stats.fps_in if stats else 0.0,
-            "latency_ms": stats.latency_ms_p50 if stats else None,
+            "fps": fps,
+            "fps_in": fps_in,
+            "latency_ms": latency,
             "frames_out": stats.frames_out if stats else 0,
             "dropped": stats.dropped if stats else 0,
             "errors": stats.errors if stats else 0,
@@ -511,6 +582,9 @@ class Controller:
             # while OBS is not connected or there is no stream to pull
             "obs_source": getattr(self.obs, "source_state", None),
             "stream_clients": self.stream_clients() if self.stream_clients is not None else None,
+            # of which OBS's source (it reads /stream.mjpg?client=obs): the OBS script judges from it
+            # whether OBS pulls the stream where the engine has no OBS connection of its own
+            "stream_clients_obs": self.stream_clients("obs") if self.stream_clients is not None else None,
             "lipsync_ms": getattr(self.obs, "lipsync_ms", None),
             "api_url": self.api_url,
             "model": self.label,
