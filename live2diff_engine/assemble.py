@@ -165,7 +165,8 @@ def ignored_with_tiny(args) -> list[str]:
         ("--base-config", getattr(args, "base_config", None) is not None),
         ("--motion", getattr(args, "motion", "live2diff") not in (None, "live2diff")),
         ("--vae", getattr(args, "vae", "full") not in (None, "full")),
-        ("--depth KIND=PATH", bool(sep)),
+        # eval's depth probe reads --depth KIND=PATH beside the tiny model: used there, not ignored
+        ("--depth KIND=PATH", bool(sep) and getattr(args, "command", None) != "eval"),
         ("--no-lcm-lora", bool(getattr(args, "no_lcm_lora", False))),
     ]
     return [option for option, on in given if on]

@@ -443,9 +443,9 @@ def _cmd_translate(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from .assemble import build_frame_pipeline, check_options
+    from .assemble import build_frame_pipeline, preflight
 
-    check_options(args)  # before torch loads
+    preflight(args)  # option values, model paths, the models to download: before torch loads
     from .io.video import FrameSource, VideoWriter, frames_word
 
     source = FrameSource(args.input, fps=args.fps)

@@ -114,20 +114,20 @@ def cmd_serve(args) -> int:
     import logging
     import os
 
-    from .assemble import build_frame_pipeline, model_size, preflight
+    from .assemble import build_frame_pipeline, preflight
+    from .errors import ConfigError
+
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    if args.max_sessions < 1:
+        raise ConfigError("--max-sessions must be at least 1")
+    preflight(args, say)  # option values, model paths, the models to download: before torch loads
     from .cli import control_settings, warn_secrets_on_command_line
     from .control.api import ApiServer
     from .control.webrtc import Slot, WebRtcService, ice_servers_from
     from .engine import Engine
-    from .errors import ConfigError
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
-    if args.max_sessions < 1:
-        raise ConfigError("--max-sessions must be at least 1")
     ice = ice_servers_from(args.ice_server, os.environ, say)
-    model_size(args)
-    preflight(args)
     warn_secrets_on_command_line(args, say)
     settings = control_settings(args)
     if settings["api"] is None:

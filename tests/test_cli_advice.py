@@ -116,6 +116,7 @@ def test_option_values_are_judged_before_torch_loads(tmp_path, env):
         ("run", "--depth", "zoe"): "--depth takes midas, depth-anything or KIND=PATH",
         ("run", "--model", "tiny", "--motion", "corrupt.safetensors"): "--model tiny builds its own random-weight models, so --motion would be ignored",
         ("translate", "in.mp4", "out.mp4", "--height", "100"): "model size 512x100 cannot work",
+        ("serve", "--model", "tiny", "--steps", "7"): "--steps must be 1 to 4, got 7",
     }
     argvs = [[*argv, *(["--source", "synthetic", "--sink", "null", "--no-api", "--max-frames", "1"] if argv[0] == "run" else [])]
              for argv in cases]
@@ -142,6 +143,8 @@ def test_model_options_the_tiny_model_would_ignore_are_refused_in_one_line():
                                "and --no-lcm-lora would be ignored; drop them, or drop --model tiny to use the real models")
     judge("--depth", "depth-anything", "--steps", "2", "--width", "96")  # what the tiny model does use
     judge("--base", "sd15", "--motion", "live2diff", "--vae", "full")  # the defaults, spelled out
+    # eval's depth probe reads --depth KIND=PATH beside the tiny model
+    check_options(build_parser().parse_args(["eval", "in.mp4", "out.mp4", "--model", "tiny", "--depth", "midas=/x"]))
 
 
 def test_the_preflight_names_the_models_to_download_with_their_sizes(monkeypatch, tmp_path):

@@ -438,7 +438,7 @@ def test_translate_with_real_formats_and_a_style(ws, tmp_path):
     assert n == 12
     _one_line(run_cli("translate", src, tmp_path / "o.mp4", *args, "--style", "other"), "does not fit")
     _one_line(run_cli("translate", src, tmp_path / "o.mp4", *args, "--style", "broken"), "not_a_checkpoint")
-    _one_line(run_cli("translate", src, tmp_path / "o.mp4", *[a if a != ws / "live2diff.ckpt" else ws / "sd" / "model_index.json" for a in args]), "cannot read checkpoint")
+    _one_line(run_cli("translate", src, tmp_path / "o.mp4", *[a if a != ws / "live2diff.ckpt" else ws / "sd" / "model_index.json" for a in args]), "is not a readable safetensors/checkpoint file")
 
 
 def test_a_hub_id_while_offline_is_one_line(tmp_path):
