@@ -446,9 +446,10 @@ def _cmd_translate(args) -> int:
     from .assemble import build_frame_pipeline, preflight
 
     preflight(args)  # option values, model paths, the models to download: before torch loads
-    from .io.video import FrameSource, VideoWriter, frames_word
+    from .io.sources import open_frames
+    from .io.video import VideoWriter, frames_word
 
-    source = FrameSource(args.input, fps=args.fps)
+    source = open_frames(args.input, fps=args.fps)  # a damaged file: one line of ours, FFmpeg's held back
     if not args.output.lower().endswith((".mp4", ".m4v", ".mov", ".avi", ".mkv")):
         raise ConfigError(f"output {args.output} must be a video file ending in .mp4, .avi or .mkv")
     comps, frames, manager, style = build_frame_pipeline(args)

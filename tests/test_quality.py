@@ -433,6 +433,9 @@ def test_a_damaged_video_source_is_our_one_line_without_ffmpegs_own(tmp_path, mo
     result = run_cli("run", "--model", "tiny", "--source", f"video:{cut}", "--sink", "null", "--no-api", "--max-frames", "1")
     _one_error_line(result, f"cannot open {cut} as a video")
     assert "FFmpeg says: moov atom not found (the file is damaged or incomplete)" in result.stderr
+    translated = run_cli("translate", cut, tmp_path / "out.mp4", "--model", "tiny")  # translate opens files too
+    _one_error_line(translated, f"cannot open {cut} as a video")
+    assert "FFmpeg says: moov atom not found" in translated.stderr
     # What other threads write to stderr meanwhile is written back; only FFmpeg's lines are held.
     with _ffmpeg_quiet() as quiet:
         os.write(2, b"[mov,mp4,m4a,3gp,3g2,mj2 @ 0x55e9d0b1ff80] moov atom not found\n")

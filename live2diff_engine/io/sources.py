@@ -241,20 +241,28 @@ def open_at_start(source: Source, say) -> None:
         say(f"warning: {exc}: {source.advice()}; showing 'no signal' and retrying until it opens")
 
 
+def open_frames(path: str | Path, fps: float | None = None):
+    """A video file's or image folder's frames (:class:`~.video.FrameSource`); an unusable file is
+    one line of ours, with what FFmpeg said about it, and FFmpeg's own lines held back."""
+    from .video import FrameSource
+
+    quiet = _ffmpeg_quiet()
+    try:
+        with quiet:
+            return FrameSource(path, fps=fps) if fps is not None else FrameSource(path)
+    except UserError as exc:
+        reason = "; ".join(dict.fromkeys(quiet.ffmpeg))
+        damaged = " (the file is damaged or incomplete)" if "moov atom not found" in reason else ""
+        raise UserError(f"{exc}" + (f" FFmpeg says: {reason}{damaged}" if reason else "")) from None
+
+
 class VideoSource(Source):
     def __init__(self, path: str | Path, loop: bool = False):
         from .video import FrameSource
 
         self.path, self.loop = Path(path), loop
         self._make = lambda: FrameSource(self.path)
-        quiet = _ffmpeg_quiet()
-        try:
-            with quiet:  # fails now, with one line of ours, if the file is unusable (FFmpeg's own lines held back)
-                self._src = self._make()
-        except UserError as exc:
-            reason = "; ".join(dict.fromkeys(quiet.ffmpeg))
-            damaged = " (the file is damaged or incomplete)" if "moov atom not found" in reason else ""
-            raise UserError(f"{exc}" + (f" FFmpeg says: {reason}{damaged}" if reason else "")) from None
+        self._src = open_frames(self.path)  # fails now, with one line of ours, if the file is unusable
         self.fps = self._src.fps
         self.name = f"video {self.path.name}" if self.path.is_file() else f"images {self.path}"
         self._it = iter(self._src)
