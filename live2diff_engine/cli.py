@@ -646,8 +646,6 @@ def _cmd_run(args) -> int:
     preflight(args)
     import logging
 
-    from .assemble import build_frame_pipeline
-    from .engine import Engine
     from .io.sinks import SinkUnavailable, parse_sink
     from .io.sources import open_at_start, parse_source
 
@@ -658,6 +656,9 @@ def _cmd_run(args) -> int:
     )
     sinks = [parse_sink(s, vcam_device=args.vcam_device, vcam_fps=args.vcam_fps, mirror=args.mirror) for s in (args.sink or ["virtualcam"])]
     open_at_start(source, lambda line: print(line, file=sys.stderr, flush=True))
+    from .assemble import build_frame_pipeline  # after the camera: a missing one is said before torch loads (seconds)
+    from .engine import Engine
+
     size = args.output_size or source.frame_size() or (640, 480)
     fps = args.vcam_fps or source.fps or 30.0
     opened = []

@@ -3,8 +3,10 @@ given as an option (never the secret), and the tiny model's small default size f
 
 from __future__ import annotations
 
+import os
 import re
 import socket
+import sys
 
 import pytest
 
@@ -128,6 +130,25 @@ def test_option_values_are_judged_before_torch_loads(tmp_path, env):
         assert rc == 2 and len(lines) == 1 and needle in lines[0], (argv, rc, lines)
         assert lines[0].startswith("live2diff-engine: error: ")
     assert got["torch"] is False and got["cv2"] is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.path.exists("/dev/video7"), reason="Linux names its cameras as files; this needs camera 7 absent")
+def test_a_missing_camera_is_said_before_torch_loads(tmp_path, env):
+    """`run` without the camera: its one line comes before the model code (and torch) is imported,
+    not seconds later."""
+    import json
+    import subprocess
+
+    from conftest import ROOT
+
+    argv = ["run", "--model", "tiny", "--source", "camera:7", "--sink", "null", "--no-api"]
+    r = subprocess.run([sys.executable, "-c", JUDGE_ALL, json.dumps([argv])], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT, env={**os.environ, **env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    (rc, lines), = got["results"]
+    assert rc == 2 and len(lines) == 1 and "camera 7 cannot be opened" in lines[0], lines
+    assert got["torch"] is False
 
 
 def test_model_options_the_tiny_model_would_ignore_are_refused_in_one_line():
