@@ -358,7 +358,7 @@ def _load_model(args):
 def _cmd_bench(args) -> int:
     import torch
 
-    from .bench import BenchResult, bench_modes, bench_stream, machine_name
+    from .bench.stream import BenchResult, bench_modes, bench_stream, machine_name
     from .pipeline.accelerate import parse_modes, resolve_mode
     from .pipeline.schedule import make_schedule
     from .pipeline.stream import StreamPipeline
@@ -970,7 +970,7 @@ def _cmd_bench_engine(args) -> int:
     import copy
 
     from .assemble import build_frame_pipeline
-    from .bench import bench_engine, machine_name
+    from .bench.stream import bench_engine, machine_name
     from .io.sources import SyntheticSource
 
     if args.frames < 16 or args.rounds < 1:
@@ -994,7 +994,7 @@ def _cmd_bench_engine(args) -> int:
     print(f"machine: {machine_name(comps.device)}; model: {comps.label}; model size {first.width}x{first.height}; "
           f"input {args.input_size[0]}x{args.input_size[1]}; {args.frames} frames x {args.rounds} rounds")
     if args.control:
-        from .bench import bench_control
+        from .bench.stream import bench_control
 
         r = bench_control(make, manager, frames, args.frames, args.rounds)
         print(f"  engine alone:                 {r['engine_fps']:.2f} frames/s")
@@ -1012,7 +1012,7 @@ def _cmd_bench_style(args) -> int:
     import numpy as np
 
     from .assemble import build_frame_pipeline
-    from .bench import bench_style_switch, machine_name
+    from .bench.stream import bench_style_switch, machine_name
 
     names = [n for n in args.switch.split(",") if n]
     if len(names) < 2:
@@ -1036,8 +1036,8 @@ def _cmd_bench_style(args) -> int:
 
 
 def _cmd_bench_threads(args) -> int:
-    from .bench import machine_name
-    from .bench_threads import bench_threads, table
+    from .bench.stream import machine_name
+    from .bench.threads import bench_threads, table
     from .threads import choose_threads, parse_threads, usable_cpus
 
     choices = [parse_threads(c) for c in args.choices.split(",") if c.strip()]
@@ -1070,7 +1070,7 @@ def _cmd_bench_gpu(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here; never reach for the hub
     import torch
 
-    from . import bench_gpu
+    from .bench import gpu as bench_gpu
 
     device = resolve_device(args.device)
     dtype = _torch_dtype(args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
@@ -1137,7 +1137,7 @@ def _cmd_check_accelerate(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here; never reach for the hub
     import torch
 
-    from . import check_accelerate as ca
+    from .bench import accelerate as ca
 
     device = resolve_device(args.device)
     names = [d.strip() for d in (args.dtypes or ("float16,float32" if device.type == "cuda" else "float32")).split(",") if d.strip()]

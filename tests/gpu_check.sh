@@ -153,7 +153,7 @@ except Exception as exc:
 if want.startswith("cuda") and not torch.cuda.is_available():
     sys.exit(f"gpu check: cannot start: torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device")
 try:
-    import live2diff_engine.bench_gpu, live2diff_engine.check_accelerate, live2diff_engine.cli, live2diff_engine.reference
+    import live2diff_engine.bench.gpu, live2diff_engine.bench.accelerate, live2diff_engine.cli, live2diff_engine.reference
     import live2diff_engine.models.full_random
 except Exception as exc:
     sys.exit(f"gpu check: cannot start: the engine does not import: {type(exc).__name__}: {exc}")

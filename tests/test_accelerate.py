@@ -329,7 +329,7 @@ def test_cuda_graph_stream_matches_eager_on_the_gpu():
 
 
 def test_the_engine_status_says_compiling_while_a_steps_change_compiles(mini_comps, capsys):
-    from live2diff_engine.bench import _cycled
+    from live2diff_engine.bench.stream import _cycled
     from live2diff_engine.engine import Engine
     from live2diff_engine.io.sinks import NullSink
 
@@ -376,7 +376,7 @@ def test_check_accelerate_judges_each_step_count_against_eager_and_reports_a_fal
     """The GPU check's accelerated-against-eager pass (check-accelerate), rehearsed on the CPU with
     the two-level UNet and dynamo's eager backend: a right compiler passes every case; a wrong
     kernel is caught by the engine's first-call check, and the case says it fell back."""
-    from live2diff_engine import check_accelerate as ca
+    from live2diff_engine.bench import accelerate as ca
 
     settings = ca.Settings(device=torch.device("cpu"), dtypes=[torch.float32], steps=[3, 1], modes=["compile"],
                            guidance=[1.0, 2.0], geometry="tiny", width=64, height=64, calls=10, unet=build_mini_unet(),

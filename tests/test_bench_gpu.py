@@ -123,7 +123,7 @@ def test_bench_gpu_budget_and_errors(tmp_path):
 def test_spent_budget_stops_a_timed_loop_after_one_frame():
     import torch
 
-    from live2diff_engine import bench_gpu
+    from live2diff_engine.bench import gpu as bench_gpu
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -165,7 +165,7 @@ def test_sigterm_keeps_the_figures_so_far(tmp_path):
 
 
 def test_card_fit():
-    from live2diff_engine.bench_gpu import OTHERS_MB, card_fit
+    from live2diff_engine.bench.gpu import OTHERS_MB, card_fit
 
     assert card_fit(None) is None
     assert card_fit(8 * 1024 - OTHERS_MB) == {"8": True, "12": True, "24": True}
@@ -176,7 +176,7 @@ def test_card_fit():
 def test_weights_of_a_pipeline_counted_once():
     import torch
 
-    from live2diff_engine import bench_gpu
+    from live2diff_engine.bench import gpu as bench_gpu
 
     s = bench_gpu.Settings(device=torch.device("cpu"), dtype=torch.float32, geometry="tiny", width=64, height=64)
     comps = bench_gpu.build_models(s)["comps"]
@@ -195,7 +195,7 @@ def test_modes_in_order_and_a_cuda_graphs_capture_in_its_first_call(monkeypatch)
     (the identity): what is checked is the bench's own logic, not a compiler."""
     import torch
 
-    from live2diff_engine import bench_gpu
+    from live2diff_engine.bench import gpu as bench_gpu
     from live2diff_engine.pipeline import accelerate
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .pipeline.accelerate import CHECK_TOLERANCE, exact_float32, relative_error
+from ..pipeline.accelerate import CHECK_TOLERANCE, exact_float32, relative_error
 
 T_INDEX = {1: [45], 2: [32, 45], 3: [18, 30, 42], 4: [10, 25, 35, 45]}
 
@@ -56,10 +56,10 @@ def _build_unet(s: Settings, dtype: torch.dtype):
     if s.unet is not None:
         return s.unet
     if s.geometry == "tiny":
-        from .models.tiny import build_tiny_unet
+        from ..models.tiny import build_tiny_unet
 
         return build_tiny_unet(s.seed, device=s.device, dtype=dtype)
-    from .models import full_random as fr
+    from ..models import full_random as fr
 
     say(f"building the full-size streaming UNet in {str(dtype).replace('torch.', '')} (random weights)")
     return fr.build_full_unet(s.device, dtype, s.seed)
@@ -67,8 +67,8 @@ def _build_unet(s: Settings, dtype: torch.dtype):
 
 def _stream(s: Settings, unet, steps: int, guidance: float, mode: str) -> tuple[torch.Tensor, object, float]:
     """One stream: the finished latents of every call, the pipeline, the first call's seconds."""
-    from .pipeline.schedule import make_schedule
-    from .pipeline.stream import StreamPipeline
+    from ..pipeline.schedule import make_schedule
+    from ..pipeline.stream import StreamPipeline
 
     dev, dt = s.device, unet.dtype
     h, w = s.height // 8, s.width // 8

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .bench import _Timer, machine_name
+from .stream import _Timer, machine_name
 
 STAGES = ("upload", "depth", "encode", "unet", "decode", "download", "other")
 MODES = ("off", "compile", "cudagraph")
@@ -239,15 +239,15 @@ def _tiny_taesd():
 
 def build_models(s: Settings) -> dict:
     """Components per VAE (sharing UNet, text encoder and depth) and the prompt for the stream bench."""
-    from .models.components import Components
+    from ..models.components import Components
 
     if s.geometry == "tiny":
-        from .models.components import build_tiny_components
+        from ..models.components import build_tiny_components
 
         base = build_tiny_components(s.seed, device=s.device, dtype=s.dtype)
         vaes = {"full": base.vae, "taesd": torch.nn.Module.to(_tiny_taesd(), device=s.device, dtype=s.dtype).eval().requires_grad_(False)}
     else:
-        from .models import full_random as fr
+        from ..models import full_random as fr
 
         say("building the streaming UNet (SD1.5 geometry + Live2Diff motion modules, random weights)")
         unet = fr.build_full_unet(s.device, s.dtype, s.seed)
@@ -270,13 +270,13 @@ def build_models(s: Settings) -> dict:
 
 
 def _schedule(s: Settings):
-    from .pipeline.schedule import make_schedule
+    from ..pipeline.schedule import make_schedule
 
     return make_schedule(s.num_inference_steps, t_index_list=s.t_index_list)
 
 
 def bench_stream_step(s: Settings, base, prompt: torch.Tensor, mode: str, budget: Budget) -> dict:
-    from .pipeline.stream import StreamPipeline
+    from ..pipeline.stream import StreamPipeline
 
     device = s.device
     factor = base.vae_scale_factor
@@ -399,7 +399,7 @@ def bench_frame_pipeline(s: Settings, comps, vae: str, mode: str, budget: Budget
 
 
 def _frame_pipeline(s: Settings, comps, mode: str, width: int, height: int):
-    from .pipeline.frames import FramePipeline
+    from ..pipeline.frames import FramePipeline
 
     return FramePipeline(
         comps, width=width, height=height, num_inference_steps=s.num_inference_steps,
@@ -549,7 +549,7 @@ def _measure(s: Settings, result: dict, budget: Budget, update) -> None:
                 mode = arg
                 _fresh(device, [models["base"].unet])
                 if s.accelerator_options and mode != "off" and mode not in installed:
-                    from .pipeline.accelerate import accelerator_for
+                    from ..pipeline.accelerate import accelerator_for
 
                     accelerator_for(models["base"].unet, mode, **s.accelerator_options)
                 installed.add(mode)

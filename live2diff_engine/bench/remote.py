@@ -1,7 +1,7 @@
 """What WebRTC adds: capture-to-publish latency through `connect` + `serve` over loopback against
 `run`, on the same synthetic frames, in one run; and frames lost on the way back.
 
-    python -m live2diff_engine.bench_remote [--size 512x512] [--fps 10] [--seconds 60] [--model-size 64]
+    python -m live2diff_engine.bench.remote [--size 512x512] [--fps 10] [--seconds 60] [--model-size 64]
 
 Runs `run` (synthetic source, null sink) for the given time, then `serve` and `connect` (the same
 source and sink) for the same time, each a process of its own with the tiny model, and prints one

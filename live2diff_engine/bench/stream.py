@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .pipeline.stream import StreamPipeline
+from ..pipeline.stream import StreamPipeline
 
 
 @dataclass
@@ -214,7 +214,7 @@ def bench_style_switch(manager, frames, names: list[str], rounds: int, feed) -> 
 
 def _cycled(frames: list, count: int):
     """A source of ``count`` frames cycling through ``frames`` (not live: read as fast as asked)."""
-    from .io.sources import Source, SourceEnded
+    from ..io.sources import Source, SourceEnded
 
     class Frames(Source):
         name = "frames"
@@ -236,8 +236,8 @@ def bench_engine(make_pipeline, frames: list, count: int, rounds: int = 2, sinks
 
     Rounds alternate (bare, engine, bare, engine, ...) so drift in the machine's speed lands on
     both; each round uses a fresh pipeline (same seed) and the median round is reported."""
-    from .engine import Engine
-    from .io.sinks import NullSink
+    from ..engine import Engine
+    from ..io.sinks import NullSink
 
     bare, engine = [], []
     for _ in range(rounds):
@@ -282,10 +282,10 @@ def bench_control(make_pipeline, manager, frames: list, count: int, rounds: int 
     import subprocess
     import sys
 
-    from .control.api import ApiServer
-    from .control.controller import Controller
-    from .engine import Engine
-    from .io.sinks import NullSink
+    from ..control.api import ApiServer
+    from ..control.controller import Controller
+    from ..engine import Engine
+    from ..io.sinks import NullSink
 
     size = (frames[0].shape[1], frames[0].shape[0])
     api = ApiServer("127.0.0.1", 0).start()

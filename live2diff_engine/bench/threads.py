@@ -26,8 +26,8 @@ HOG = "while True: pass"
 def threads_worker() -> None:
     """In the measuring process: the parsed options (pickled) on stdin, a JSON line on stdout."""
     args = pickle.loads(sys.stdin.buffer.read())
-    from .assemble import build_frame_pipeline
-    from .io.sources import SyntheticSource
+    from ..assemble import build_frame_pipeline
+    from ..io.sources import SyntheticSource
 
     comps, frames, manager, style = build_frame_pipeline(args, say=lambda line: None)
     src = SyntheticSource(args.input_size, 30.0, args.seed)
@@ -80,7 +80,7 @@ def bench_threads(args, choices: list[int | None], auto: int, progress=None) -> 
                 worker_args = pickle.dumps(_with(args, threads=n))
                 env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
                 done = subprocess.run(
-                    [sys.executable, "-c", "from live2diff_engine.bench_threads import threads_worker; threads_worker()"],
+                    [sys.executable, "-c", "from live2diff_engine.bench.threads import threads_worker; threads_worker()"],
                     input=worker_args, capture_output=True, env=env,
                 )
                 lines = done.stdout.decode(errors="replace").strip().splitlines()
