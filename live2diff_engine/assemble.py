@@ -6,49 +6,15 @@ engine), so they accept the same model and style options and mean the same by th
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from .errors import ConfigError, ModelLoadError
+from .options import resolve_device
 
 # t_index_list per number of denoising steps for --steps (the Live2Diff configs' choices).
 STEPS_TO_T_INDEX = {1: [45], 2: [32, 45], 3: [30, 36, 42], 4: [25, 31, 37, 43]}
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT like 512x512, got {text!r}") from None
-    if w < 1 or h < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return w, h
-
-
-_SCALE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-
-
-def _lora(text: str) -> tuple[str, float]:
-    """``FILE`` or ``FILE:SCALE``: the scale is what follows the last colon, a plain number. A colon
-    that belongs to the path is no scale: a Windows drive (``C:\\loras\\x.safetensors``,
-    ``C:/x.safetensors``, ``C:x.safetensors``) or a file that exists under the whole name."""
-    head, sep, tail = text.rpartition(":")
-    if not sep or "/" in tail or "\\" in tail or (len(head) == 1 and head.isalpha()) or Path(text).expanduser().is_file():
-        return text, 1.0
-    example = f"{head or 'style.safetensors'}:0.8"
-    if not head:
-        raise argparse.ArgumentTypeError(f"{text!r} names no file; expected FILE or FILE:SCALE, e.g. {example}")
-    if not tail:
-        raise argparse.ArgumentTypeError(f"{text!r} has no scale after the ':'; expected FILE or FILE:SCALE, e.g. {example}")
-    if not _SCALE.fullmatch(tail):
-        raise argparse.ArgumentTypeError(f"the LoRA scale {tail!r} in {text!r} is not a number; expected FILE or FILE:SCALE, e.g. {example}")
-    scale = float(tail)
-    if scale != scale or abs(scale) == float("inf"):
-        raise argparse.ArgumentTypeError(f"the LoRA scale {tail!r} in {text!r} is not a finite number; e.g. {example}")
-    return head, scale
 
 
 def _check_lora_file(name: str) -> None:
@@ -61,13 +27,6 @@ def _check_lora_file(name: str) -> None:
     if p.is_dir():
         raise ConfigError(f"--lora {name}: that is a folder; give the LoRA's .safetensors file")
     raise ConfigError(f"--lora {name}: file not found (looked at {p.absolute()} and in {styles_cache()})")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 # Model sizes named when a size is refused: the square default and the webcam shapes (16:9, 4:3).
@@ -89,67 +48,6 @@ def model_size(args) -> tuple[int, int]:
             f"e.g. {SIZE_EXAMPLES})"
         )
     return w, h
-
-
-def add_io_args(p: argparse.ArgumentParser, size_arg) -> None:
-    """Where frames come from and go to: the same options for `run` and `connect`."""
-    io = p.add_argument_group("input and output")
-    io.add_argument("--source", default="camera:0", help="camera[:INDEX] (default camera:0), video:PATH, images:DIR, synthetic")
-    io.add_argument("--camera-size", type=size_arg, default=None, metavar="WxH", help="ask the camera (or synthetic source) for this size")
-    io.add_argument("--camera-fps", type=float, default=None, help="ask the camera (or synthetic source) for this rate")
-    io.add_argument("--loop", action="store_true", help="restart a video or image folder when it ends")
-    io.add_argument("--sink", action="append", default=None, help="virtualcam[:BACKEND] (default), window, file:PATH, null; repeatable")
-    io.add_argument("--vcam-device", default=None, help="virtual camera device (e.g. /dev/video10 on Linux)")
-    io.add_argument("--vcam-fps", type=float, default=None, help="virtual camera frame rate (default: the source's)")
-    io.add_argument("--mirror", action="store_true", help="mirror the virtual camera picture")
-    io.add_argument("--max-frames", type=int, default=None, help="stop after this many input frames")
-    io.add_argument("--stats", metavar="FILE", default=None, help="write live figures as JSON every few seconds and on exit")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    from .threads import add_threads_arg
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=["tiny"], help="tiny: a random-weight miniature for checks (its output is noise, not a style)")
-    g.add_argument("--base", default="sd15",
-                   help="Stable Diffusion 1.5: a diffusers folder, its unet/ folder, a single-file checkpoint (.safetensors, "
-                   "e.g. from civitai) or a hub id (default: sd15 = stable-diffusion-v1-5/stable-diffusion-v1-5)")
-    g.add_argument("--base-config", metavar="FOLDER", default=None,
-                   help="a diffusers folder whose configs describe a single-file --base (default: SD1.5's, shipped with the engine)")
-    g.add_argument("--motion", default="live2diff", help="Live2Diff motion checkpoint: file or hub id (default: live2diff = Leoxing/Live2Diff)")
-    g.add_argument("--depth", default="midas", help="depth estimator: midas (default), depth-anything, or KIND=PATH")
-    g.add_argument("--vae", default="full", help="full (SD's VAE, default) or taesd (fast) or a TAESD folder")
-    g.add_argument("--no-lcm-lora", action="store_true", help="do not apply the LCM-LoRA few-step adapter")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when present)")
-    g.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="default float16 on CUDA, float32 elsewhere")
-    g.add_argument("--accelerate", default="auto", choices=["off", "compile", "cudagraph", "auto"],
-                   help="how the stream step runs: off (eager), compile (torch.compile), cudagraph (compile + CUDA graph, "
-                   "CUDA only), auto (default: cudagraph on CUDA, off on the CPU, where compiling costs minutes)")
-    add_threads_arg(g)
-    s = p.add_argument_group("style")
-    s.add_argument("--style", default=None, help="a style name from the styles file (default: default)")
-    s.add_argument("--styles", metavar="FILE", default=None, help="your styles file (default: see `live2diff-engine styles path`)")
-    s.add_argument("--lora", action="append", type=_lora, default=[], metavar="FILE[:SCALE]", help="an extra LoRA (repeatable)")
-    s.add_argument("--prompt", default="", help="what the picture shows, e.g. 'a man with glasses'")
-    s.add_argument("--negative-prompt", default="", help="what it should not show; takes effect with --guidance above 1")
-    s.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale (default 1: none, as Live2Diff; above 1 costs a second UNet branch)")
-    steps = s.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=int, help="number of denoising steps (1-4) with the configs' usual timesteps")
-    steps.add_argument("--t-index-list", type=_int_list, help="denoising steps as schedule indices, e.g. 32,45")
-    steps.add_argument("--strength", type=float, help="denoise the last int(num_inference_steps * strength) steps")
-    s.add_argument("--num-inference-steps", type=int, default=None, help="length of the LCM schedule (default 50)")
-    s.add_argument("--seed", type=int, default=0)
-    f = p.add_argument_group("frames")
-    f.add_argument("--width", type=int, default=None, help="model width, any multiple of 8 (default 512; 64 for tiny)")
-    f.add_argument("--height", type=int, default=None, help="model height, any multiple of 8 (default 512; 64 for tiny), "
-                   "e.g. 640x360 or 768x432 for a 16:9 camera")
-    f.add_argument("--fit", choices=["crop", "letterbox"], default="crop",
-                   help="how frames of another shape fit the model size: crop (default) keeps the centre with the "
-                   "model's aspect ratio, letterbox keeps the whole frame between black bars; the output shows what the "
-                   "model saw, fitted inside the output size, never cropped again (at the input's size: not zoomed)")
-    f.add_argument("--output-size", type=_size, default=None, metavar="WxH", help="output frame size (default: the input's)")
-    f.add_argument("--similarity-threshold", type=float, default=None, help="skip diffusion for frames this similar to the last (e.g. 0.98)")
 
 
 DEPTH_KINDS = ("midas", "depth-anything")
@@ -289,7 +187,6 @@ def _dtype(args, device):
 
 def build_frame_pipeline(args, say=None):
     """(components, frame pipeline, style manager, style) from parsed options."""
-    from .cli import resolve_device
     from .models.components import build_tiny_components, load_components
     from .pipeline.frames import FramePipeline
     from .styles import StyleManager, load_styles

@@ -155,11 +155,10 @@ def given_options(args) -> set[str] | None:
     argv = getattr(args, "_argv", None)
     if argv is None or "run" not in argv:
         return None
-    from .cli import build_parser
+    from .options import Parser, add_run_args
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    run = sub.choices["run"]
+    run = Parser(prog="live2diff-engine run")
+    add_run_args(run)
     for action in run._actions:
         action.default = argparse.SUPPRESS
     try:

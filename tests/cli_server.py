@@ -38,7 +38,7 @@ PRELOAD = (
     "live2diff_engine.models.tiny", "live2diff_engine.models.components", "live2diff_engine.models.hub",
     "live2diff_engine.pipeline.frames", "live2diff_engine.pipeline.stream", "live2diff_engine.pipeline.accelerate",
     "live2diff_engine.styles", "live2diff_engine.depth", "live2diff_engine.io.video", "live2diff_engine.io.sinks",
-    "live2diff_engine.io.sources", "live2diff_engine.bench.stream", "live2diff_engine.eval_command",
+    "live2diff_engine.io.sources", "live2diff_engine.bench.stream", "live2diff_engine.commands.eval",
     "live2diff_engine.quality", "live2diff_engine.threads", "live2diff_engine.saved_settings",
 )
 

@@ -89,7 +89,7 @@ def test_config_help_names_this_oss_config_folder(monkeypatch):
 def test_the_banner_names_the_ctl_command_that_reaches_this_engine(tmp_path, monkeypatch):
     """With --api-port 0 (which the port-conflict message suggests) the banner said `ctl status`,
     which then controlled another engine on 8765."""
-    from live2diff_engine.cli import ctl_hint
+    from live2diff_engine.options import ctl_hint
 
     monkeypatch.setenv("LIVE2DIFF_HOME", str(tmp_path))
     assert ctl_hint("http://127.0.0.1:8765", None) == "live2diff-engine ctl status"

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from conftest import run_cli
-from live2diff_engine.cli import build_parser, warn_secrets_on_command_line
+from live2diff_engine.cli import build_parser
+from live2diff_engine.options import warn_secrets_on_command_line
 
 SECRET = "hunter2-not-for-ps"
 

@@ -210,7 +210,7 @@ def _run_args(*extra):
 
 
 def test_obs_settings_come_from_options_then_environment_then_config_then_obs_itself(tmp_path, monkeypatch):
-    from live2diff_engine.cli import control_settings
+    from live2diff_engine.options import control_settings
 
     xdg = tmp_path / "xdg"
     (xdg / "obs-studio").mkdir(parents=True)

@@ -15,17 +15,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .assemble import _int_list
-from .errors import ConfigError
+from ..options import add_model_args, int_list, resolve_device
+from ..errors import ConfigError
 
 
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def add_eval_parser(sub) -> argparse.ArgumentParser:
-    from .assemble import add_model_args
-
+def add_parser(sub) -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval",
         help="measure stylised videos against their input: warp error, CLIP consistency, depth MSE, flicker, X-T slices",
@@ -40,8 +38,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="FILE", default=None, help="also write the means and every per-frame value as JSON")
     ev.add_argument("--slices", metavar="DIR", default=None,
                     help="write X-T and Y-T slices (input and outputs side by side) and a per-frame plot of each metric, as PNG")
-    ev.add_argument("--rows", type=_int_list, default=None, metavar="Y[,Y...]", help="rows for X-T slices, in input pixels (default: the middle)")
-    ev.add_argument("--cols", type=_int_list, default=None, metavar="X[,X...]", help="columns for Y-T slices (default: the middle)")
+    ev.add_argument("--rows", type=int_list, default=None, metavar="Y[,Y...]", help="rows for X-T slices, in input pixels (default: the middle)")
+    ev.add_argument("--cols", type=int_list, default=None, metavar="X[,X...]", help="columns for Y-T slices (default: the middle)")
     ev.add_argument("--start", type=int, default=0, metavar="N",
                     help="leave out the first N frames (8 for `translate` outputs: its warmup frames are the input as it is)")
     ev.add_argument("--metrics", default=None, metavar="LIST", help="comma-separated choice of warp, clip, depth, flicker (default: all)")
@@ -69,9 +67,9 @@ def _per_frame_video(args, dest: Path) -> tuple[int, int, int, int]:
     the centre it kept, between black bars where it cut), so that eval compares that area only."""
     from tqdm.auto import tqdm
 
-    from .assemble import build_frame_pipeline
-    from .io.video import FrameSource, VideoWriter
-    from .pipeline.frames import fit_rect
+    from ..assemble import build_frame_pipeline
+    from ..io.video import FrameSource, VideoWriter
+    from ..pipeline.frames import fit_rect
 
     args.accelerate = "off"  # the per-frame path runs eager; nothing to compile
     comps, frames, _, style = build_frame_pipeline(args, say=_say)
@@ -105,10 +103,9 @@ def _per_frame_video(args, dest: Path) -> tuple[int, int, int, int]:
 def cmd_eval(args) -> int:
     from tqdm.auto import tqdm
 
-    from . import quality
-    from .cli import resolve_device
-    from .io.video import FrameSource
-    from .quality.evaluate import check_positions
+    from .. import quality
+    from ..io.video import FrameSource
+    from ..quality.evaluate import check_positions
 
     keys = quality.parse_metrics(args.metrics)
     if not args.outputs and not args.compare:
@@ -184,3 +181,6 @@ def cmd_eval(args) -> int:
         files = quality.write_pictures(ev, args.slices)
         _say(f"wrote {len(files)} pictures to {args.slices}: {', '.join(f.name for f in files)}")
     return 0
+
+
+COMMANDS = {"eval": (add_parser, cmd_eval)}

@@ -1,0 +1,131 @@
+"""`live2diff-engine ctl`: control a running engine through its local API."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import ConfigError, UserError
+from ..options import default_config_shown
+
+
+def add_parser(sub) -> None:
+    ctl = sub.add_parser(
+        "ctl",
+        help="control a running engine: prompt, style, strength, pause, status ...",
+        description="Talk to a running engine through its local API. Actions: status, styles, prompt TEXT, "
+        "negative TEXT, guidance X (1-20), style NAME, strength X (0-1], steps N (1-4), seed N, pause, resume, reset, add-to-scene [SCENE], "
+        "download STYLE (fetch a style's weights in the engine; needs a civitai token there for civitai styles).",
+    )
+    ctl.add_argument("action", choices=sorted(CTL_ACTIONS), metavar="ACTION", help=", ".join(sorted(CTL_ACTIONS)))
+    ctl.add_argument("value", nargs="?", default=None, help="the new value, where the action takes one")
+    ctl.add_argument("--api", default=None, help="the engine's API address (default http://127.0.0.1:8765, or the config file's)")
+    ctl.add_argument("--token", default=None, help="API token, where the engine has one (or LIVE2DIFF_API_TOKEN)")
+    ctl.add_argument("--config", metavar="FILE", default=None, help=f"config file (default: {default_config_shown()})")
+    ctl.add_argument("--json", action="store_true", help="print the engine's reply as JSON")
+
+
+CTL_ACTIONS = {
+    # action: (command, field, type)
+    "status": ("status", None, None),
+    "styles": ("status", None, None),
+    "prompt": ("set_prompt", "prompt", str),
+    "negative": ("set_negative_prompt", "negative_prompt", str),
+    "guidance": ("set_guidance", "guidance", float),
+    "style": ("set_style", "style", str),
+    "strength": ("set_strength", "strength", float),
+    "steps": ("set_steps", "steps", int),
+    "seed": ("set_seed", "seed", int),
+    "pause": ("pause", None, None),
+    "resume": ("resume", None, None),
+    "reset": ("reset", None, None),
+    "add-to-scene": ("add_to_scene", "scene", str),
+    "download": ("download_style", "style", str),
+}
+
+
+def _cmd_ctl(args) -> int:
+    import json
+    import os
+    import urllib.error
+    import urllib.request
+
+    from ..config import load_config
+    from ..control.schema import command_message
+
+    cmd, field, kind = CTL_ACTIONS[args.action]
+    msg_args = {}
+    if field is not None:
+        if args.value is None and args.action != "add-to-scene":
+            raise ConfigError(f"`ctl {args.action}` needs a value, e.g. `ctl {args.action} {_CTL_EXAMPLES[args.action]}`")
+        if args.value is not None:
+            try:
+                msg_args[field] = kind(args.value)
+            except ValueError:
+                raise ConfigError(f"`ctl {args.action}` needs a {kind.__name__}, got {args.value!r}") from None
+    elif args.value is not None:
+        raise ConfigError(f"`ctl {args.action}` takes no value")
+    cfg = load_config(args.config).get("api", {})
+    base = (args.api or f"http://{cfg.get('host', '127.0.0.1')}:{cfg.get('port', 8765)}").rstrip("/")
+    token = args.token or os.environ.get("LIVE2DIFF_API_TOKEN") or cfg.get("token")
+    body = json.dumps(command_message(cmd, **msg_args)).encode()
+    req = urllib.request.Request(f"{base}/api/command", data=body, method="POST", headers={"Content-Type": "application/json"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=130) as resp:
+            reply = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            reply = json.loads(exc.read())
+        except ValueError:
+            raise UserError(f"the engine at {base} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(f"no engine answers at {base} ({getattr(exc, 'reason', exc)}): start one with `live2diff-engine run`, "
+                        "or give --api") from None
+    except ValueError:
+        raise UserError(f"{base} did not answer like a live2diff engine") from None
+    if args.json:
+        print(json.dumps(reply, indent=1))
+    if not reply.get("ok"):
+        if not args.json:
+            print(f"live2diff-engine: refused: {reply.get('error', 'unknown error')}", file=sys.stderr)
+        return 1
+    if args.json:
+        return 0
+    status = reply.get("status") or {}
+    if args.action == "styles":
+        missing = status.get("styles_missing") or {}
+        for name in status.get("styles", []):
+            line = ("* " if name == status.get("style") else "  ") + name
+            print(f"{line:24} missing: {missing[name]}" if name in missing else line)
+    elif args.action == "status":
+        lat = status.get("latency_ms")
+        print(f"state: {status.get('state')}  fps: {status.get('fps')}  latency: {lat if lat is not None else '-'} ms  "
+              f"frames: {status.get('frames_out')}")
+        loading = f" (loading {status['style_loading']} ...)" if status.get("style_loading") else ""
+        print(f"style: {status.get('style')}{loading}  strength: {status.get('strength')}  steps: {status.get('steps')}  "
+              f"seed: {status.get('seed')}")
+        print(f"prompt: {status.get('prompt')!r}")
+        if status.get("negative_prompt") or status.get("guidance", 1) > 1:
+            print(f"negative prompt: {status.get('negative_prompt')!r}  guidance: {status.get('guidance')}")
+        obs_source = {"pulling": " (pulls the stream)", "not pulling": " (OBS source not pulling the stream)",
+                      "absent": " (no Live2Diff source: `ctl add-to-scene`)"}.get(status.get("obs_source"), "")
+        print(f"OBS: {status.get('obs')}{obs_source}  model: {status.get('model')}  {status.get('size')}")
+        dl = status.get("download")
+        if isinstance(dl, dict):
+            got = f"{dl.get('bytes', 0) / 1e6:.1f}" + (f" of {dl['total'] / 1e6:.1f}" if dl.get("total") else "") + " MB"
+            what = {"downloading": f"{got}, file {dl.get('file_index', 0) + 1} of {dl.get('files')}", "done": "done",
+                    "failed": f"failed: {dl.get('error')}"}.get(dl.get("state"), dl.get("state"))
+            print(f"download of style {dl.get('style')}: {what}")
+    elif args.action == "download":
+        print(f"downloading style {args.value}; `live2diff-engine ctl status` shows the progress")
+    else:
+        print("ok")
+    return 0
+
+
+_CTL_EXAMPLES = {"download": "toonyou", "prompt": "'a watercolor portrait'", "negative": "'blurry'", "guidance": "1.5", "style": "toonyou", "strength": "0.5",
+                 "steps": "2", "seed": "7"}
+
+
+COMMANDS = {"ctl": (add_parser, _cmd_ctl)}

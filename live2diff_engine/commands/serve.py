@@ -1,0 +1,133 @@
+"""`live2diff-engine serve`: the engine on a GPU box, for cameras elsewhere, over WebRTC (WHIP).
+Its options and its run; the sessions themselves are in `serve.py`."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from ..options import add_control_args, add_model_args, control_settings, warn_secrets_on_command_line
+
+
+def add_parser(sub) -> None:
+    sv = sub.add_parser(
+        "serve",
+        help="the engine as a server: cameras elsewhere send video over WebRTC (WHIP), the stylised video goes back",
+        description="Serve the engine over the network: a laptop (`live2diff-engine connect`), a browser (/studio) or "
+        "OBS 30+ (WHIP) sends its camera; the stylised video comes back on the same WebRTC connection. The local API "
+        "and dock are there too. Bound beyond 127.0.0.1 (--api-host), every request needs --api-token.",
+    )
+    g = sv.add_argument_group("sessions and network")
+    g.add_argument("--max-sessions", type=int, default=1,
+                   help="streams served at once, each with its own model state (default 1: one stream per GPU; "
+                   "each more holds another copy of the model)")
+    g.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="a STUN or TURN server for connections across networks, e.g. stun:stun.example.org:3478 or "
+                   "turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none: nothing is contacted). A TURN "
+                   "password here is visible in the process list: put such servers in LIVE2DIFF_ICE_SERVERS (space-separated)")
+    g.add_argument("--tls-cert", metavar="FILE", default=None, help="serve HTTPS with this certificate (PEM); with --tls-key")
+    g.add_argument("--tls-key", metavar="FILE", default=None, help="the certificate's private key (PEM)")
+    g.add_argument("--fps", type=float, default=30.0, help="the frame rate the clients send (default 30)")
+    add_model_args(sv)
+    add_control_args(sv)
+
+
+def _ssl_context(args):
+    if not args.tls_cert and not args.tls_key:
+        return None
+    from ..errors import ConfigError
+
+    if not (args.tls_cert and args.tls_key):
+        raise ConfigError("HTTPS needs both --tls-cert and --tls-key")
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot use --tls-cert/--tls-key: {getattr(exc, 'strerror', None) or exc}") from None
+    return ctx
+
+
+def cmd_serve(args) -> int:
+    import logging
+    import os
+
+    from ..assemble import build_frame_pipeline, preflight
+    from ..errors import ConfigError
+
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    if args.max_sessions < 1:
+        raise ConfigError("--max-sessions must be at least 1")
+    preflight(args, say)  # option values, model paths, the models to download: before torch loads
+    from ..control.api import ApiServer
+    from ..control.webrtc import Slot, WebRtcService, ice_servers_from
+    from ..engine import Engine
+    from ..serve import IdleController
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    ice = ice_servers_from(args.ice_server, os.environ, say)
+    warn_secrets_on_command_line(args, say)
+    settings = control_settings(args)
+    if settings["api"] is None:
+        raise ConfigError("serve needs its API (the WHIP endpoint lives there); drop --no-api")
+    ssl_context = _ssl_context(args)
+    a = settings["api"]
+    api = ApiServer(a["host"], a["port"], a["token"])  # refuses a host beyond loopback without a token
+    api.ssl_context = ssl_context
+
+    slots = []
+    for i in range(args.max_sessions):
+        comps, frames, manager, style = build_frame_pipeline(args, say=say if i == 0 else (lambda text: None))
+        slots.append(Slot(frames, manager, comps.label))
+    say(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}; "
+        f"{args.max_sessions} session{'s' if args.max_sessions != 1 else ''}")
+
+    def make_engine(session, pipeline, sinks):
+        return Engine(pipeline, session.source, sinks, fps=args.fps, status=False, controller=session.controller)
+
+    idle = IdleController(slots[0], args.max_sessions)
+
+    def sessions_changed():
+        current = service.current()
+        wanted = current.controller if current is not None else idle
+        if api.controller is not wanted:
+            wanted.api_url = api.url
+            api.set_controller(wanted)
+        api.notify_changed()
+
+    service = WebRtcService(slots, ice_servers=ice, make_engine=make_engine, on_change=sessions_changed, say=say,
+                            fps=args.fps)
+    service.view_sinks.append(api.stream)
+    api.extra_routes.append(service.add_routes)
+    api.start()
+    sessions_changed()
+    say(f"serving: WHIP {api.url}/whip | dock {api.url}/dock | output {api.url}/stream.mjpg"
+        + (" | token required" if api.token else ""))
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        say("stopping")
+        if service.loop is not None:
+            import asyncio
+
+            try:
+                asyncio.run_coroutine_threadsafe(service.close(), service.loop).result(15)
+            except Exception:
+                pass
+        api.stop()
+    return 0
+
+
+COMMANDS = {"serve": (add_parser, cmd_serve)}
