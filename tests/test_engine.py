@@ -362,7 +362,7 @@ def test_soak_memory_stays_flat(comps):
     import dataclasses
 
     from conftest import build_mini_unet
-    from live2diff_engine.engine import rss_mb
+    from live2diff_engine.engine.stats import rss_mb
 
     comps = dataclasses.replace(comps, unet=build_mini_unet())
 
@@ -384,7 +384,7 @@ def test_soak_memory_stays_flat(comps):
 
 
 def test_the_rate_is_measured_over_the_last_frames_not_a_fixed_window():
-    from live2diff_engine.engine import _Rate
+    from live2diff_engine.engine.stats import _Rate
 
     slow = _Rate()
     for t in (0.0, 1.5, 3.0, 4.5):  # a frame every 1.5 s: a slow machine, not a hang

@@ -25,7 +25,6 @@ shared deadline; the sinks are closed (a file is complete) and then the source.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import _thread
@@ -34,15 +33,17 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DeviceLost, UserError, device_failure
-from .io.sinks import Sink, no_signal_card
-from .io.sources import Source, SourceEnded, SourceError
-from .pipeline.frames import FrameError
+from ..errors import DeviceLost, UserError, device_failure
+from ..io.sinks import Sink, no_signal_card
+from ..io.sources import Source, SourceEnded, SourceError
+from ..pipeline.frames import FrameError
+from .pacing import Pacer
+from .publisher import Publisher
+from .stats import Stats, _Rate, rss_mb, status_line, write_stats
 
 log = logging.getLogger("live2diff.engine")
 LOG_EVERY_S = 10.0  # the status line, when stderr is a log file rather than a terminal
@@ -58,74 +59,6 @@ class _Abandon(BaseException):
     (the model work of the frame in flight): on a busy machine it can take seconds, and its
     result would be thrown away anyway. Not an Exception, so no ``except Exception`` on the way
     swallows it."""
-
-
-@dataclass
-class Stats:
-    state: str = "starting"
-    frames_in: int = 0
-    frames_out: int = 0
-    frames_published: int = 0
-    dropped: int = 0
-    errors: int = 0
-    source_failures: int = 0
-    fps_in: float = 0.0
-    fps_out: float = 0.0
-    latency_ms_p50: float | None = None
-    latency_ms_p95: float | None = None
-    gpu_memory_mb: float | None = None
-    rss_mb: float | None = None
-    uptime_s: float = 0.0
-    last_error: str | None = None
-    extra: dict = field(default_factory=dict)
-
-
-class _Rate:
-    """Events per second over the last ``n`` events, however slow they come: ``(k - 1) / (t_last -
-    t_first)`` over the newest ``k <= n`` ticks (those within ``span_s`` of the newest, at least the
-    newest ``min_ticks``). A fixed time window reads 0 once events are further apart than the
-    window; this reads 0.67 for a frame every 1.5 s. When events stop, the rate falls as the gap
-    grows past one interval, and reads 0 once no event has come for ``idle_intervals`` intervals
-    (and at least ``idle_min_s``)."""
-
-    def __init__(self, n: int = 30, span_s: float = 5.0, min_ticks: int = 4, idle_intervals: float = 3.0, idle_min_s: float = 1.0):
-        self.span_s, self.min_ticks = span_s, min_ticks
-        self.idle_intervals, self.idle_min_s = idle_intervals, idle_min_s
-        self.times: deque[float] = deque(maxlen=n)
-
-    def tick(self, now: float) -> None:
-        self.times.append(now)
-
-    def clear(self) -> None:
-        self.times.clear()
-
-    def rate(self, now: float) -> float:
-        times = self.times
-        if len(times) < 2:
-            return 0.0
-        last = times[-1]
-        k = len(times)
-        while k > self.min_ticks and last - times[-k] > self.span_s:
-            k -= 1
-        span = last - times[-k]
-        if span <= 0:
-            return 0.0
-        interval = span / (k - 1)
-        gap = now - last
-        if gap > max(self.idle_intervals * interval, self.idle_min_s):
-            return 0.0  # nothing for several intervals: stopped, not slow
-        if gap > interval:  # overdue: count the wait so far as part of the next interval
-            span += gap - interval
-        return (k - 1) / span
-
-
-def rss_mb() -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except Exception:
-        return None
 
 
 def stop_signals() -> list[int]:
@@ -177,7 +110,7 @@ class Engine:
         # and the benchmarks do not.
         self.pace = pace and not source.live
         self._captured = source.live or self.pace  # read on the capture thread
-        self._due: float | None = None
+        self._pacer = Pacer()
         if controller is not None:
             controller.engine = self
             self.stats_every_s = min(stats_every_s, 1.0)  # live status goes out once a second
@@ -194,15 +127,13 @@ class Engine:
         self._new_frame = threading.Condition()
         self._latest: tuple[int, float, np.ndarray] | None = None  # (seq, capture time, frame)
         self._seq_taken = -1
-        self._published = threading.Lock()
-        self._out_frame: np.ndarray | None = None
         self._no_signal = False
         self._capture_times: dict[int, float] = {}
         self._latencies: deque[float] = deque(maxlen=600)
         self._rate_in, self._rate_out = _Rate(), _Rate()
         self._started = time.monotonic()
         self._threads: list[threading.Thread] = []
-        self._sink_size = output_size or (640, 480)
+        self.publisher = Publisher(sinks, output_size or (640, 480), self.stats, self._stop)
         self._last_stats = 0.0
         self._last_print = 0.0
         self._status_shown = False
@@ -303,8 +234,9 @@ class Engine:
     def _size_or_default(self) -> tuple[int, int]:
         if self.output_size:
             return self.output_size
-        if self._out_frame is not None:
-            return self._out_frame.shape[1], self._out_frame.shape[0]
+        latest = self.publisher.latest()
+        if latest is not None:
+            return latest.shape[1], latest.shape[0]
         return 640, 480
 
     def _capture_loop(self) -> None:
@@ -365,45 +297,14 @@ class Engine:
         return None
 
     def _wait_for_due(self) -> bool:
-        """Holds a paced source to its frame rate; False when a stop came meanwhile. A late frame
-        moves the schedule on rather than making up for it with a burst."""
-        period = 1.0 / (self.source.fps or self.fps or 30.0)
-        if self._due is not None:
-            wait = self._due - time.monotonic()
-            if wait > 0 and self._stop.wait(wait):
-                return False
-        start = time.monotonic()
-        self._due = start + period if self._due is None else max(self._due + period, start)
-        return True
+        return self._pacer.wait(1.0 / (self.source.fps or self.fps or 30.0), self._stop)
 
     # -- sinks -------------------------------------------------------------------------------
 
     def _deliver(self, image: np.ndarray, paced_only: bool = False, count: bool = True) -> None:
-        with self._published:
-            self._out_frame = image
-        for sink in self.sinks:
-            if not sink.paced and (not paced_only or getattr(sink, "takes_cards", False)):
-                sink.send(image)
+        self.publisher.deliver(image, paced_only)
         if count and self.on_output is not None:
             self.on_output(image)
-
-    def _publish_loop(self, sink) -> None:
-        while not self.stopping:
-            with self._published:
-                frame = self._out_frame
-            if frame is not None:
-                if (frame.shape[1], frame.shape[0]) != self._sink_size:
-                    import cv2
-
-                    frame = cv2.resize(frame, self._sink_size, interpolation=cv2.INTER_AREA)
-                try:
-                    sink.send(frame)
-                    self.stats.frames_published += 1
-                except Exception as exc:  # a driver hiccup must not end the stream
-                    self.stats.errors += 1
-                    self.stats.last_error = f"{sink.name}: {exc}"
-                    log.warning("sending to %s failed: %s", sink.name, exc)
-            sink.wait()
 
     # -- stats -------------------------------------------------------------------------------
 
@@ -430,24 +331,13 @@ class Engine:
         except Exception:
             pass
         if self.stats_path is not None:
-            tmp = self.stats_path.with_name(self.stats_path.name + ".tmp")
-            try:
-                tmp.write_text(json.dumps(asdict(s), indent=1))
-                os.replace(tmp, self.stats_path)
-            except OSError as exc:
-                log.warning("cannot write stats to %s: %s", self.stats_path, exc)
+            write_stats(self.stats_path, s)
         if self.status and (force or sys.stderr.isatty() or now - self._last_print >= LOG_EVERY_S):
             self._last_print = now
             self._show_status()
 
     def _show_status(self) -> None:
-        s = self.stats
-        lat = f"{s.latency_ms_p50:.0f}/{s.latency_ms_p95:.0f} ms" if s.latency_ms_p50 is not None else "-"
-        mem = f" | GPU {s.gpu_memory_mb / 1024:.1f} GB" if s.gpu_memory_mb else ""
-        line = (
-            f"[{s.state}] in {s.fps_in:.1f} fps | out {s.fps_out:.1f} fps | latency p50/p95 {lat} | "
-            f"dropped {s.dropped} | errors {s.errors}{mem}"
-        )
+        line = status_line(self.stats)
         if sys.stderr.isatty():
             print("\r" + line.ljust(110), end="", file=sys.stderr, flush=True)
             self._status_shown = True
@@ -549,7 +439,7 @@ class Engine:
             self._threads.append(threading.Thread(target=self._capture_loop, name="capture", daemon=True))
         for sink in self.sinks:
             if sink.paced:
-                self._threads.append(threading.Thread(target=self._publish_loop, args=(sink,), name="publisher", daemon=True))
+                self._threads.append(threading.Thread(target=self.publisher.loop, args=(sink,), name="publisher", daemon=True))
         for t in self._threads:
             t.start()
         while not self.stopping:
