@@ -384,7 +384,7 @@ def test_https_with_tls_cert_and_key(tmp_path):
 
 
 def test_ice_server_urls():
-    from live2diff_engine.control.webrtc import parse_ice_server
+    from live2diff_engine.remote.ice import parse_ice_server
 
     assert parse_ice_server("stun:stun.example.org:3478") == {"urls": "stun:stun.example.org:3478"}
     assert parse_ice_server("turn:me:p@ss:w@turn.example.org:3478?transport=tcp") == {
@@ -394,7 +394,7 @@ def test_ice_server_urls():
 
 
 def test_a_turn_password_goes_in_the_environment_and_is_never_shown():
-    from live2diff_engine.control.webrtc import ice_servers_from
+    from live2diff_engine.remote.ice import ice_servers_from
     from live2diff_engine.errors import ConfigError
 
     said = []

@@ -21,7 +21,7 @@ import numpy as np
 
 CLOCK = 90_000
 PERIOD = 3000  # pts between frames
-PTS_SHIFT = 3000  # what the engine adds to the pts of each output (live2diff_engine/io/webrtc.py)
+PTS_SHIFT = 3000  # what the engine adds to the pts of each output (live2diff_engine/remote/media.py)
 
 
 def pattern(i: int, size) -> np.ndarray:
@@ -91,7 +91,7 @@ class WhipClient:
                 return frame
 
         self.channel_open = asyncio.Event()
-        from live2diff_engine.io.webrtc import install_prompt_jitter_buffer
+        from live2diff_engine.remote.media import install_prompt_jitter_buffer
 
         install_prompt_jitter_buffer()  # the last frame comes without waiting for a next one
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))

@@ -1,5 +1,5 @@
 """`live2diff-engine connect`: `run` with the model on another machine (`serve`), over WebRTC.
-Its options and its run; the remote end (RemotePipeline, the forwarding controller) is in `remote.py`."""
+Its options and its run; the remote end (RemotePipeline, the forwarding controller) is in `remote/client.py`."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def add_parser(sub) -> None:
 def cmd_connect(args) -> int:
     import os
 
-    from ..remote import ForwardingController, RemotePipeline
-    from ..control.webrtc import ice_servers_from
+    from ..remote.client import ForwardingController, RemotePipeline
+    from ..remote.ice import ice_servers_from
     from ..engine import Engine
     from ..io.sinks import SinkUnavailable, no_signal_card, parse_sink
     from ..io.sources import open_at_start, parse_source

@@ -1,5 +1,5 @@
 """`live2diff-engine serve`: the engine on a GPU box, for cameras elsewhere, over WebRTC (WHIP).
-Its options and its run; the sessions themselves are in `serve.py`."""
+Its options and its run; the sessions and the WHIP endpoint are in `remote/`."""
 
 from __future__ import annotations
 
@@ -62,9 +62,10 @@ def cmd_serve(args) -> int:
         raise ConfigError("--max-sessions must be at least 1")
     preflight(args, say)  # option values, model paths, the models to download: before torch loads
     from ..control.api import ApiServer
-    from ..control.webrtc import Slot, WebRtcService, ice_servers_from
+    from ..remote.ice import ice_servers_from
+    from ..remote.server import Slot, WebRtcService
     from ..engine import Engine
-    from ..serve import IdleController
+    from ..remote.idle import IdleController
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     ice = ice_servers_from(args.ice_server, os.environ, say)

@@ -21,12 +21,12 @@ import threading
 import time
 import urllib.parse
 
-from .control.schema import CommandError, decode, message_id, reply_message, status_message
-from .errors import ConfigError, UserError
+from ..control.schema import CommandError, decode, message_id, reply_message, status_message
+from ..errors import ConfigError, UserError
 
 log = logging.getLogger("live2diff.connect")
 
-# io.webrtc (numpy, OpenCV, aiortc) is imported where it is used: `--help` stays quick.
+# remote.media (numpy, OpenCV, aiortc) is imported where it is used: `--help` stays quick.
 PERIOD = 90_000 // 30  # pts between two sent frames (the 90 kHz RTP clock at 30 fps)
 LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the connection is lost
 DRAIN_ON_STOP_S = 2.0  # a stop (Ctrl-C) waits at most this long for the frames still on their way back
@@ -192,8 +192,8 @@ class RemotePipeline:
         from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
         from aiortc.mediastreams import MediaStreamError
 
-        from .control.webrtc import rtc_configuration
-        from .io.webrtc import LatestFrames
+        from .ice import rtc_configuration
+        from .media import LatestFrames
 
         outbox = LatestFrames(keep=2)
         state = {"base": None, "last_back": None, "closed": False}
@@ -202,7 +202,7 @@ class RemotePipeline:
             kind = "video"
 
             async def recv(self):
-                from .io.webrtc import to_video_frame
+                from .media import to_video_frame
 
                 item = await outbox.get()
                 if item is None:
@@ -304,7 +304,7 @@ class RemotePipeline:
             self._first_done.set()
 
     async def _receive(self, track, state) -> None:
-        from .io.webrtc import PTS_SHIFT, frame_pts
+        from .media import PTS_SHIFT, frame_pts
 
         try:
             while True:

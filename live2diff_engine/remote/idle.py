@@ -1,11 +1,6 @@
-"""`live2diff-engine serve`: the engine on a GPU box, for cameras elsewhere, over WebRTC.
-
-The local API (dock, status, commands, /stream.mjpg) plus the WHIP endpoint (control/webrtc.py):
-a laptop (`connect`), a browser (/studio) or OBS 30+ sends its camera, the stylised video comes
-back on the same peer connection. Each stream runs the ordinary engine with the arriving track as
-its source and the returned track as its sink; the model state of each stream (cache, prompt,
-style) is a slot built here at start, one per --max-sessions.
-"""
+"""What serve's local API talks to while no stream runs (`live2diff-engine serve`, see
+commands/serve.py): the status says so, commands are refused with one line saying how to send a
+stream. The streams themselves are server.py's sessions."""
 
 from __future__ import annotations
 
@@ -32,7 +27,7 @@ class IdleController:
             fn()
 
     def submit(self, raw, reply=None):
-        from .control.schema import decode, message_id, reply_message
+        from ..control.schema import decode, message_id, reply_message
 
         reply = reply or (lambda msg: None)
         try:
@@ -51,7 +46,7 @@ class IdleController:
     def status(self) -> dict:
         import time
 
-        from . import __version__
+        from .. import __version__
 
         frames = self.slot.frames
         return {"state": "waiting for a stream", "paused": False, "prompt": frames.prompt, "style": getattr(
@@ -61,6 +56,6 @@ class IdleController:
             "size": [frames.width, frames.height], "obs": "off", "version": __version__, "time": round(time.time(), 3)}
 
     def status_message(self) -> dict:
-        from .control.schema import status_message
+        from ..control.schema import status_message
 
         return status_message(self.status())

@@ -23,8 +23,8 @@ from collections import OrderedDict, deque
 
 import numpy as np
 
-from .sinks import Sink, no_signal_card
-from .sources import Source, SourceEnded
+from ..io.sinks import Sink, no_signal_card
+from ..io.sources import Source, SourceEnded
 
 CLOCK = 90_000  # the RTP video clock
 TIME_BASE = fractions.Fraction(1, CLOCK)

@@ -38,10 +38,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..control.controller import Controller, Pacer
+from ..control.schema import reply_message
 from ..io.sinks import Sink
-from ..io.webrtc import PtsBook, PtsPipeline, TrackSink, TrackSource, outgoing_track
-from .controller import Controller, Pacer
-from .schema import reply_message
+from .ice import rtc_configuration
+from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, outgoing_track
 
 log = logging.getLogger("live2diff.webrtc")
 
@@ -50,60 +51,6 @@ FIRST_FRAME_S = 20.0  # a new session that never sends video is freed after this
 RETRY_AFTER_S = 5
 MAX_SDP_BYTES = 64 * 1024
 MAX_CHANNEL_PENDING = 1024  # data-channel messages waiting for the pacer; beyond: refused at once
-
-
-ICE_SERVERS_ENV = "LIVE2DIFF_ICE_SERVERS"
-
-
-def _without_credential(text: str) -> str:
-    """The URL as it may be shown: a ``USER:PASSWORD@`` part reads ``USER:***@``."""
-    head, at, where = text.rpartition("@")
-    if not at:
-        return text
-    scheme, _, cred = head.partition(":")
-    return f"{scheme}:{cred.partition(':')[0]}:***@{where}"
-
-
-def parse_ice_server(text: str) -> dict:
-    """``stun:host:port`` or ``turn:user:password@host:port[?transport=tcp]`` (also turns:)."""
-    scheme, sep, rest = text.partition(":")
-    if not sep or scheme not in ("stun", "turn", "turns"):
-        raise ValueError(f"expected stun:HOST:PORT or turn:USER:PASSWORD@HOST:PORT, got {_without_credential(text)!r}")
-    if "@" in rest and scheme != "stun":
-        cred, _, where = rest.rpartition("@")
-        user, _, password = cred.partition(":")
-        return {"urls": f"{scheme}:{where}", "username": user, "credential": password}
-    return {"urls": text}
-
-
-def ice_servers_from(options: list[str], env, say) -> list[dict]:
-    """The ICE servers of ``--ice-server`` (repeatable) and of the environment variable
-    LIVE2DIFF_ICE_SERVERS (URLs separated by spaces). A TURN password given as an option is in the
-    process list, where every user of the machine can read it: that gets one warning (never the
-    password) saying where it goes instead. A malformed URL is a ConfigError that never shows one."""
-    from ..errors import ConfigError
-
-    servers = []
-    for where, urls in (("--ice-server", list(options)), (ICE_SERVERS_ENV, env.get(ICE_SERVERS_ENV, "").split())):
-        for url in urls:
-            try:
-                servers.append(parse_ice_server(url))
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-    if any("credential" in server for server in servers[: len(options)]):  # the options' come first
-        say("warning: --ice-server with a TURN password is visible to every user of this machine in the process "
-            f"list; put the server in the environment variable {ICE_SERVERS_ENV} instead")
-    return servers
-
-
-def rtc_configuration(ice_servers: list[dict]):
-    from aiortc import RTCConfiguration, RTCIceServer
-
-    from ..io.webrtc import install_prompt_jitter_buffer
-
-    install_prompt_jitter_buffer()
-
-    return RTCConfiguration(iceServers=[RTCIceServer(**s) for s in ice_servers])
 
 
 @dataclass
@@ -366,7 +313,7 @@ class WebRtcService:
         """The studio page (plugin/studio.html): the browser's camera to the engine and back."""
         from aiohttp import web
 
-        from .api import dock_dir
+        from ..control.api import dock_dir
 
         folder = dock_dir()
         page = folder / "studio.html" if folder is not None else None
