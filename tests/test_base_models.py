@@ -115,7 +115,8 @@ def test_the_shipped_config_fits_a_full_size_sd15_checkpoint():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from live2diff_engine.models.full_random import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG, _parameters_on_meta
+    from live2diff_engine.models.building import parameters_on_meta as _parameters_on_meta
+    from live2diff_engine.models.full_random import SD15_TEXT_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
     from live2diff_engine.models.loading import load_base_state
     from live2diff_engine.models.motion import MotionConfig
     from live2diff_engine.models.unet import build_streaming_unet

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from .building import byte_vocab
 from .hub import model_requests, resolve  # noqa: F401  (model_requests lives in hub: no torch)
-from .loading import load_streaming_unet, read_weight_file
+from .files import read_weight_file
+from .loading import load_streaming_unet
 from .unet import StreamingUNet
 
 
@@ -214,20 +216,6 @@ def to_device(comps: Components, device, dtype) -> Components:
 # -- tiny preset -------------------------------------------------------------------------------
 
 
-def _byte_vocab() -> dict[str, int]:
-    """A CLIP-style byte-level vocabulary without merges (514 tokens): real tokenizer code, tiny table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in codes]
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}
-
-
 TINY_VAE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
@@ -254,7 +242,7 @@ def build_tiny_components(seed: int = 0, device="cpu", dtype=torch.float32, dept
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 11)
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
-        vocab = _byte_vocab()
+        vocab = byte_vocab()
         text_cfg = CLIPTextConfig(
             vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
             num_attention_heads=4, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],

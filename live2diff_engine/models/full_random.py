@@ -20,12 +20,13 @@ front of the full 49,408-token encoder: ids differ from the real tokenizer's, sh
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .building import byte_vocab, parameters_on_meta
+from .components import Components
 from .motion import MotionConfig
 from .unet import StreamingUNet, build_streaming_unet
 
@@ -112,28 +113,10 @@ MIDAS_BIT_CONFIG = {
 # -- meta construction and cheap init ---------------------------------------------------------
 
 
-@contextmanager
-def _parameters_on_meta():
-    """Construct modules with every parameter on the meta device (no memory, no init cost) while
-    buffers are made for real: positional tables and index buffers keep their computed values."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def _built(make: Callable[[], nn.Module], device, dtype, seed: int) -> nn.Module:
     """``make()`` with meta parameters, materialised on ``device`` in ``dtype`` and randomly filled
     (``device="meta"``: left on the meta device, for counting and layout checks)."""
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = make()
     if dtype is not None:
         # Free on meta; floating buffers are cast as well. nn.Module's own `to`: diffusers' warns
@@ -209,9 +192,7 @@ def build_full_text(device="cpu", dtype=None, seed: int = 3):
     """(CLIP ViT-L/14 text encoder, byte-level tokenizer); see the module's note on the tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .components import _byte_vocab
-
-    vocab = _byte_vocab()
+    vocab = byte_vocab()
     config = CLIPTextConfig(
         **SD15_TEXT_CONFIG, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
@@ -243,8 +224,6 @@ def build_full_components(device="cpu", dtype=torch.float32, seed: int = 0, vae:
 
     ``vae`` is "full" (SD1.5's AutoencoderKL) or "taesd"; :func:`build_full_vae` and
     :func:`build_full_taesd` make the other one for benchmarks that swap them."""
-    from .components import Components
-
     say = progress or (lambda text: None)
     say("building the streaming UNet (SD1.5 + motion modules)")
     unet = build_full_unet(device, dtype, seed)

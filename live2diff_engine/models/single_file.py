@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from .loading import read_unet_config, read_weight_file
+from .building import parameters_on_meta
+from .files import read_unet_config, read_weight_file
 
 SD15_CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "sd15"
 
@@ -176,9 +177,7 @@ def _read_config(cls, folder: Path, what: str) -> dict:
 def _on_meta(make):
     """Build a module with its parameters on the meta device (no random init that the checkpoint
     overwrites); buffers are made for real."""
-    from .full_random import _parameters_on_meta
-
-    with _parameters_on_meta():
+    with parameters_on_meta():
         return make()
 
 
