@@ -219,8 +219,6 @@ def control_settings(args) -> dict:
             "lipsync_extra_ms": int(pick(args.obs_lipsync_extra_ms, None, obs_cfg, "lipsync_extra_ms", 0)),
         }
         if not obs["password"]:  # none given: the one in OBS's own settings, if OBS is on this machine
-            from .control.obs import obs_own_settings
-
             own = obs_own_settings()
             if own is not None:
                 obs["password"] = own["password"] if own.get("auth_required", True) else ""
@@ -271,3 +269,21 @@ def _quoted(text: str) -> str:
 
     return shlex.quote(text) if os.name != "nt" else (f'"{text}"' if " " in text else text)
 
+
+def obs_own_settings(environ: dict | None = None, home: str | None = None) -> dict | None:
+    """obs-websocket's port and password as OBS itself keeps them on this machine, for a user who
+    gave none: {"port", "password", "auth_required", "source"} or None. The same reader as the OBS
+    script's (which must stay one self-contained file)."""
+    import os
+    import platform
+    from pathlib import Path
+
+    from .installer import obs_config_dirs
+    from .obs_scripts.live2diff_obs import read_websocket_config
+
+    env = dict(os.environ if environ is None else environ)
+    for folder in obs_config_dirs(platform.system(), home or str(Path.home()), env):
+        found = read_websocket_config(folder)
+        if found:
+            return found
+    return None

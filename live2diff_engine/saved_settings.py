@@ -64,7 +64,7 @@ def _check(data) -> dict:
         out["strength"], out["steps"] = float(strength), steps
     sched = data.get("schedule")
     if sched is None and "steps" in out:  # written by hand with strength and steps only
-        from .control.controller import LIVE_SCHEDULE_STEPS, live_t_index
+        from .pipeline.schedule import LIVE_SCHEDULE_STEPS, live_t_index
 
         sched = {"num_inference_steps": LIVE_SCHEDULE_STEPS, "t_index_list": live_t_index(out["strength"], out["steps"]),
                  "strength": None}
@@ -218,6 +218,7 @@ def start_saving(controller, seed: int | None, fresh: bool = False) -> None:
     if seed is not None and seed != controller.frames.seed:
         controller.frames.set_seed(seed)
     controller.settings_file = settings_file()
+    controller.settings_io = (snapshot, save)
     if fresh:
         controller._saved = snapshot(controller)  # what is running now counts as written: no write until a change
         return

@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable
 
 from .. import __version__
+from ..pipeline.schedule import LIVE_SCHEDULE_STEPS, live_strength, live_t_index
 from .schema import (
     INSTANCE_ENV, Command, CommandError, decode, message_id, parse_command, reply_message, status_message,
 )
@@ -32,8 +33,6 @@ log = logging.getLogger("live2diff.control")
 
 Reply = Callable[[dict], None]
 MAX_PENDING = 256
-LIVE_SCHEDULE_STEPS = 50  # the LCM schedule the live strength/steps controls index into
-LAST_STEP = 45  # the original's last denoising index at 50 steps
 
 
 class Pacer:
@@ -57,24 +56,6 @@ class Pacer:
             self.t = now
             self.tokens -= 1.0
             return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
-
-
-def live_t_index(strength: float, steps: int, n: int = LIVE_SCHEDULE_STEPS) -> list[int]:
-    """Timestep indices for a live strength (how much of the picture is re-imagined: how far into
-    the noise the first step starts) and a number of steps (speed). strength 0.36 with 2 steps is
-    the original's default [32, 45]; 0.1 with 1 step its [45]."""
-    first = min(max(round(n * (1.0 - strength)), 0), n - steps)
-    if steps == 1:
-        return [first]
-    last = min(max(LAST_STEP, first + steps - 1), n - 1)
-    idx = [round(first + i * (last - first) / (steps - 1)) for i in range(steps)]
-    for i in range(1, steps):  # strictly increasing even where rounding meets
-        idx[i] = max(idx[i], idx[i - 1] + 1)
-    return idx
-
-
-def live_strength(t_index_list, n: int) -> float:
-    return round(1.0 - t_index_list[0] / n, 3)
 
 
 def _schedule_of(schedule_args) -> dict:
@@ -123,6 +104,7 @@ class Controller:
         self.paused = False
         self.civitai_token: str | None = None  # lets the dock start style downloads from civitai
         self.settings_file = None  # where the live settings are saved after each change (saved_settings)
+        self.settings_io = None  # (snapshot, save): how they are read off and written, from saved_settings.start_saving
         self._saved: dict | None = None
         self._download: dict | None = None  # the style download in progress (or the last one)
         self._download_thread: threading.Thread | None = None
@@ -387,10 +369,9 @@ class Controller:
 
     def save_settings(self) -> None:
         """Write the live settings to ``settings_file`` when they differ from the last written."""
-        if self.settings_file is None:
+        if self.settings_file is None or self.settings_io is None:
             return
-        from ..saved_settings import save, snapshot
-
+        snapshot, save = self.settings_io
         data = snapshot(self)
         if data == self._saved:
             return

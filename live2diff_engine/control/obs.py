@@ -475,25 +475,6 @@ class ObsBridge:
 _PATCH_LOCK = threading.Lock()
 
 
-def obs_own_settings(environ: dict | None = None, home: str | None = None) -> dict | None:
-    """obs-websocket's port and password as OBS itself keeps them on this machine, for a user who
-    gave none: {"port", "password", "auth_required", "source"} or None. The same reader as the OBS
-    script's (which must stay one self-contained file)."""
-    import os
-    import platform
-    from pathlib import Path
-
-    from ..installer import obs_config_dirs
-    from ..obs_scripts.live2diff_obs import read_websocket_config
-
-    env = dict(os.environ if environ is None else environ)
-    for folder in obs_config_dirs(platform.system(), home or str(Path.home()), env):
-        found = read_websocket_config(folder)
-        if found:
-            return found
-    return None
-
-
 def _client(cls, kw: dict):
     """An obsws-python client; if identifying fails, its socket is closed (obsws-python leaves it
     open, out of reach, and a retrying bridge would pile them up)."""

@@ -119,3 +119,27 @@ def check_schedule(num_inference_steps: int = 50, t_index_list=None, strength: f
         raise ConfigError(f"num_inference_steps must be at most {LCM_ORIGINAL_STEPS} (the LCM schedule's length), "
                           f"got {num_inference_steps}")
     pick_steps(num_inference_steps, num_inference_steps, t_index_list, strength)
+
+
+# -- the live controls' schedule: what `strength` and `steps` (dock, ctl, OBS) pick -------------
+
+LIVE_SCHEDULE_STEPS = 50  # the LCM schedule the live strength/steps controls index into
+LAST_STEP = 45  # the original's last denoising index at 50 steps
+
+
+def live_t_index(strength: float, steps: int, n: int = LIVE_SCHEDULE_STEPS) -> list[int]:
+    """Timestep indices for a live strength (how much of the picture is re-imagined: how far into
+    the noise the first step starts) and a number of steps (speed). strength 0.36 with 2 steps is
+    the original's default [32, 45]; 0.1 with 1 step its [45]."""
+    first = min(max(round(n * (1.0 - strength)), 0), n - steps)
+    if steps == 1:
+        return [first]
+    last = min(max(LAST_STEP, first + steps - 1), n - 1)
+    idx = [round(first + i * (last - first) / (steps - 1)) for i in range(steps)]
+    for i in range(1, steps):  # strictly increasing even where rounding meets
+        idx[i] = max(idx[i], idx[i - 1] + 1)
+    return idx
+
+
+def live_strength(t_index_list, n: int) -> float:
+    return round(1.0 - t_index_list[0] / n, 3)
