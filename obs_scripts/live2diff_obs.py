@@ -17,6 +17,13 @@ callback (250 ms) writes the log lines. The settings shown in the Scripts window
 style list, strength) are refreshed from the latest status whenever OBS rebuilds the properties
 (opening the script, or any of its buttons, which all ask OBS for a refresh).
 
+OBS's Live2Diff source (a Media Source reading the engine's stream) is kept reading by the script
+too, whoever started the engine: OBS 29's Media Source gives up for good after one failed
+reconnect, so an engine restarted without its own OBS link (``run`` without ``--obs``, e.g. in a
+terminal) left it black. When an engine (re)appears on the API URL, or OBS has read nothing from it
+for a few seconds, the script re-opens the source through OBS's own API (SourceKeeper), and says
+"OBS source not pulling the stream" meanwhile. An engine with its own OBS link does this itself.
+
 The engine process ("Start engine") runs in its own process group and keeps running when the script
 is reloaded (the handle survives Python's module reload). Its output reaches OBS through its local
 stream (the Live2Diff source reads http://127.0.0.1:8765/stream.mjpg), so it publishes no virtual
@@ -28,6 +35,9 @@ its group; CTRL_BREAK on Windows, which reaches it only from a shared console: O
 terminate and kill, each with a bounded wait. An engine started some other way is never stopped by
 the script: the quit names the instance the script started (LIVE2DIFF_INSTANCE in its environment).
 
+If it fails, the panel and OBS's log give its own reason (its last error line, from its log
+file); while it loads, the panel says "starting", not "offline".
+
 Passwords and tokens are never logged. Everything below the OBS section runs without OBS (tests).
 """
 
@@ -36,12 +46,14 @@ from __future__ import annotations
 import atexit
 import collections
 import configparser
+import http.client
 import ipaddress
 import itertools
 import json
 import logging
 import os
 import queue
+import re
 import secrets
 import shlex
 import shutil
@@ -93,6 +105,10 @@ LINK_WS = "obs-websocket"
 LINK_HTTP = "HTTP API"
 SOURCE_NAME = "Live2Diff"  # the source the engine adds to OBS (live2diff_engine/control/obs.py)
 MIXER_CHECK_EVERY = 4  # timer ticks (of 250 ms) between looks at that source's Audio Mixer strip
+SOURCE_STALE_S = 3.0  # OBS's source has read nothing for this long while the engine runs: not pulling
+SOURCE_KICK_EVERY_S = 10.0  # re-open it at most this often (as the engine's own OBS link does)
+# Engine states in which frames go out; the others (starting, stopped) have no frame rate or latency.
+FLOWING_STATES = ("warming up", "streaming", "paused", "no signal", "compiling")
 
 
 # ------------------------------------------------------------------------------ protocol helpers
@@ -163,34 +179,84 @@ def style_text(status: dict | None) -> str:
     return f"{style} (loading {loading} ...)" if loading else style
 
 
-def status_line(status: dict | None, link: str | None, note: str = "") -> str:
-    """One log line: ``[live2diff] engine streaming | style default | prompt 'a fox' | 12.0 fps``."""
+def fps_text(status: dict | None) -> str | None:
+    """The frame rate as shown ("12.0"), or None where there is none to show: an engine starting or
+    stopped (its last figure would be old), or warming up before its first frames went out."""
+    state = (status or {}).get("state")
+    fps = (status or {}).get("fps")
+    if state not in FLOWING_STATES or not isinstance(fps, (int, float)) or isinstance(fps, bool):
+        return None
+    if state == "warming up" and fps <= 0:
+        return None
+    return format(fps, ".1f")
+
+
+def latency_text(status: dict | None) -> str:
+    """The latency as shown: "84 ms"; "measuring ..." while a stream's first frames are on their
+    way; "-" where there is none (starting, stopped, warming up: the camera passes through)."""
+    state = (status or {}).get("state")
+    latency = (status or {}).get("latency_ms")
+    if state not in FLOWING_STATES:
+        return "-"
+    if isinstance(latency, (int, float)) and not isinstance(latency, bool):
+        return f"{latency:.0f} ms"
+    return "measuring ..." if state == "streaming" else "-"
+
+
+def status_line(status: dict | None, link: str | None, note: str = "", headline: str = "offline",
+                source: str | None = None) -> str:
+    """One log line: ``[live2diff] engine streaming | style default | prompt 'a fox' | 12.0 fps``.
+    With no status: ``[live2diff] engine <headline> (<note>)`` (Controller.view says which).
+    ``source``: the script's own view of OBS's Live2Diff source ("pulling", "not pulling", None)."""
     if not status or not link:
-        return f"{LOG_PREFIX} engine offline" + (f" ({note})" if note else "")
+        return f"{LOG_PREFIX} engine {headline}" + (f" ({note})" if note else "")
+    fps = fps_text(status)
     return (
         f"{LOG_PREFIX} engine {engine_state(status)} | style {style_text(status)} | "
-        f"prompt {_short(status.get('prompt'))!r} | {_fmt_num(status.get('fps'), '.1f')} fps | via {link}"
-        + (" | OBS source not pulling the stream" if obs_not_pulling(status) else "")
+        f"prompt {_short(status.get('prompt'))!r} | " + (f"{fps} fps | " if fps is not None else "") + f"via {link}"
+        + (" | OBS source not pulling the stream" if obs_not_pulling(status, source) else "")
     )
 
 
-def obs_not_pulling(status: dict | None) -> bool:
-    """The engine is connected to OBS and its source there exists, but reads no frames."""
-    return bool(status) and status.get("obs") == "connected" and status.get("obs_source") == "not pulling"
+def obs_not_pulling(status: dict | None, source: str | None = None) -> bool:
+    """OBS's Live2Diff source exists but reads no frames: as the engine's own OBS link sees it, or,
+    where the engine has none, as the script sees it (``source``)."""
+    if not status:
+        return False
+    if status.get("obs") == "connected":
+        return status.get("obs_source") == "not pulling"
+    return source == "not pulling"
 
 
-def status_key(status: dict | None, link: str | None) -> tuple:
+def status_key(status: dict | None, link: str | None, headline: str = "offline", source: str | None = None) -> tuple:
     """What a status line is logged for: connection, state, style, prompt (not fps)."""
     if not status or not link:
-        return ("offline",)
+        return ("offline", headline)
     return (link, status.get("state"), bool(status.get("paused")), status.get("style"), status.get("prompt"),
-            obs_not_pulling(status), style_loading(status))
+            obs_not_pulling(status, source), style_loading(status))
 
 
-def format_status(status: dict | None, link: str | None, note: str = "") -> str:
-    """The multi-line text shown in the script's Engine box."""
+def format_status(status: dict | None, link: str | None, note: str = "", headline: str = "offline",
+                  source: str | None = None, failure: str = "") -> str:
+    """The multi-line text shown in the script's Engine box. ``failure``: why the engine "Start
+    engine" started ended (failure_text), shown beside another engine's status too."""
     if not status or not link:
-        return "Engine: not reachable" + (f"\n{note}" if note else "")
+        return f"Engine: {headline}" + (f"\n{note}" if note else "")
+    text = _format_engine(status, link, source)
+    return text + (f"\nThe engine started here failed: {failure}" if failure else "")
+
+
+def failure_text(eng) -> str:
+    """"exited with code 2: <its last error line> (its output: <log>)" for an engine "Start engine"
+    started that ended with an error by itself; "" otherwise."""
+    code = eng.failed() if eng is not None else None
+    if code is None:
+        return ""
+    where = f" (its output: {eng.log_path})" if eng.log_path else ""
+    return f"exited with code {code}: {eng.exit_reason() or 'it wrote no error line'}{where}"
+
+
+def _format_engine(status: dict, link: str, source: str | None) -> str:
     lines = [
         f"Engine: {engine_state(status)} (via {link})",
         f"Style: {style_text(status)}   Strength: {_fmt_num(status.get('strength'), '.2f')}   "
@@ -205,7 +271,7 @@ def format_status(status: dict | None, link: str | None, note: str = "") -> str:
         lines.append(f"Negative: {_short(status.get('negative_prompt'), 200)}"
                      + (f"   Guidance: {_fmt_num(status.get('guidance'), '.1f')}" if guided else "   (guidance 1: no effect)"))
     lines.append(
-        f"FPS: {_fmt_num(status.get('fps'), '.1f')}   Latency: {_fmt_num(status.get('latency_ms'), '.0f', ' ms')}   "
+        f"FPS: {fps_text(status) or '-'}   Latency: {latency_text(status)}   "
         f"Frames: {status.get('frames_out', '-')}"
     )
     obs_link = status.get("obs")
@@ -213,8 +279,9 @@ def format_status(status: dict | None, link: str | None, note: str = "") -> str:
         obs_link = obs_link.get("state") or obs_link.get("connected")
     if obs_link not in (None, ""):
         lines.append(f"Engine's OBS link: {obs_link}")
-    if obs_not_pulling(status):
-        lines.append(f"OBS source not pulling the stream: OBS shows no new frames (the engine is re-opening "
+    if obs_not_pulling(status, source):
+        who = "the engine is" if obs_link == "connected" else "this script is"
+        lines.append(f"OBS source not pulling the stream: OBS shows no new frames ({who} re-opening "
                      f"its {SOURCE_NAME!r} source)")
     elif obs_link == "connected" and status.get("obs_source") == "absent":
         lines.append(f"OBS source: no {SOURCE_NAME!r} source yet (Add engine output to scene)")
@@ -224,7 +291,16 @@ def format_status(status: dict | None, link: str | None, note: str = "") -> str:
     download = download_line(status)
     if download:
         lines.append(download)
+    change = style_change_note(status)
+    if change:
+        lines.append(f"Last style change: {change}")
     return "\n".join(lines)
+
+
+def style_change_note(status: dict | None) -> str:
+    """What the engine's last style switch changed beside the look, in one line ("" when none)."""
+    change = (status or {}).get("style_change")
+    return _short(change.get("note"), 300) if isinstance(change, dict) and change.get("note") else ""
 
 
 def styles_missing(status: dict | None) -> dict:
@@ -599,6 +675,31 @@ def resolve_engine_command(cmdline: str, venv: str = "", search_defaults: bool =
     return [found] + argv[1:]
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_ENGINE_ERROR = re.compile(r"^live2diff-engine\b[^:]*: error: ")
+LOG_TAIL_BYTES = 64 * 1024
+
+
+def last_error_line(text: str) -> str | None:
+    """The engine's own reason for ending, from its output: its last ``live2diff-engine: error:``
+    line (what it prints for a port in use, a missing model, a bad option); else a traceback's
+    last line (the exception); else the last line that says error or failed; else the last line.
+    Progress bars' carriage-return updates and terminal colours are dropped. None for no output."""
+    lines = []
+    for raw in (text or "").splitlines():
+        line = _ANSI.sub("", raw.rsplit("\r", 1)[-1]).strip()
+        if line:
+            lines.append(line)
+    if not lines:
+        return None
+    found = next((ln for ln in reversed(lines) if _ENGINE_ERROR.match(ln)), None)
+    if found is None and any(ln.startswith("Traceback (most recent call last)") for ln in lines):
+        found = lines[-1]
+    if found is None:
+        found = next((ln for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), lines[-1])
+    return _short(found, 400)
+
+
 class EngineProcess:
     """The engine started by the script: its own process group, output to a log file.
 
@@ -621,6 +722,9 @@ class EngineProcess:
         self.instance: str | None = None
         self.stopped_by: str | None = None  # "api", "signal", "terminate", "kill", "itself"
         self.stop_notes: list[str] = []
+        self.log_path: str | None = None
+        self._log_offset = 0  # where this run's output starts in the log file (appended to)
+        self._reason: tuple[int, str | None] | None = None  # (pid, the reason read from the log)
 
     @property
     def pid(self) -> int | None:
@@ -629,6 +733,30 @@ class EngineProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def failed(self) -> int | None:
+        """The exit code of an engine that ended by itself with an error (not one the script
+        stopped); None otherwise."""
+        if self.proc is None or self.proc.poll() is None or self.stopped_by not in (None, "itself"):
+            return None
+        return self.proc.returncode if self.proc.returncode != 0 else None
+
+    def exit_reason(self) -> str | None:
+        """Why the engine ended: the last error line of its own output in this run (last_error_line),
+        or None (no log, no output)."""
+        if self.proc is None or self.proc.poll() is None or not self.log_path:
+            return None
+        if self._reason is not None and self._reason[0] == self.proc.pid:
+            return self._reason[1]
+        text = ""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(self._log_offset, os.path.getsize(self.log_path) - LOG_TAIL_BYTES))
+                text = f.read(LOG_TAIL_BYTES).decode("utf-8", "replace")
+        except OSError:
+            pass
+        self._reason = (self.proc.pid, last_error_line(text))
+        return self._reason[1]
+
     def start(self, argv: list[str], log_path: str | None = None, env: dict | None = None,
               api_url: str | None = None, api_token: str = "") -> subprocess.Popen:
         """Start the engine. ``api_url``: its local API (engine_api_args), where "Stop engine" asks
@@ -636,9 +764,11 @@ class EngineProcess:
         if self.running():
             raise RuntimeError(f"the engine is already running (pid {self.proc.pid})")
         out = subprocess.DEVNULL
+        self.log_path, self._log_offset, self._reason = log_path, 0, None
         if log_path:
-            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
             out = open(log_path, "ab")
+            self._log_offset = out.seek(0, os.SEEK_END)
         instance = secrets.token_hex(8)
         env = dict(os.environ if env is None else env)
         env[INSTANCE_ENV] = instance
@@ -873,10 +1003,17 @@ class Controller:
 
     ``config``: api_url, api_token, ws_password, ws_port, use_websocket. ``ws_lookup(cfg)`` ->
     {"port", "password", "source"} (default: websocket_target with OBS's config folder).
+    ``local_engine()``: the EngineProcess "Start engine" made (or None), so that an engine the
+    script started says "starting" while it loads and, if it fails, why.
+
+    Whoever started it, an engine that appears on the API URL (after none answered, or restarted:
+    its uptime went back) is counted (``take_appearances``): OBS's Media Source has given up on
+    the stream by then and the OBS side re-opens it.
     """
 
-    def __init__(self, config: dict | None = None, ws_lookup=None, host: str = "127.0.0.1"):
+    def __init__(self, config: dict | None = None, ws_lookup=None, host: str = "127.0.0.1", local_engine=None):
         self.host = host
+        self.local_engine = local_engine
         self.config = dict(config or {})
         self.ws_lookup = ws_lookup or (
             lambda c: websocket_target(c.get("ws_password", ""), c.get("ws_port", 0), obs_config_dir())
@@ -906,6 +1043,12 @@ class Controller:
         self._http = HttpTransport(self.config.get("api_url", DEFAULT_API_URL), self.config.get("api_token", ""))
         self._http_next_poll = 0.0
         self._http_reason = ""
+        self._http_kind: str | None = None  # why the last poll failed: refused, timeout, unauthorized, foreign, other
+        self._headline = "offline"  # what the engine is, with no status (see _update_note)
+        self._appearances = 0  # engines seen (re)appearing, not yet taken by the OBS side
+        self._api_down = False  # a poll found nothing listening since the last status
+        self._style_change_key = None  # the engine's last style change, as last seen
+        self.source_state: str | None = None  # OBS's source as the OBS side sees it (status_line's source)
 
     # -- public, any thread ---------------------------------------------------------------
 
@@ -949,11 +1092,22 @@ class Controller:
 
     def snapshot(self) -> tuple[dict | None, str | None, str]:
         """(latest status or None when stale, the link it came over, a note when offline)."""
+        return self.view()[:3]
+
+    def view(self) -> tuple[dict | None, str | None, str, str]:
+        """snapshot() and, when there is no fresh status, what the engine is: "offline", "starting",
+        "exited with code 2", "not answering", ... (the note then says why)."""
         with self._lock:
             fresh = self._status is not None and time.monotonic() - self._status_at < STATUS_STALE_S
             if fresh:
-                return dict(self._status), self._status_link, ""
-            return None, None, self._note
+                return dict(self._status), self._status_link, "", ""
+            return None, None, self._note, self._headline
+
+    def take_appearances(self) -> int:
+        """How many times an engine (re)appeared since the last call."""
+        with self._lock:
+            n, self._appearances = self._appearances, 0
+            return n
 
     def last_known_status(self) -> dict | None:
         with self._lock:
@@ -1006,9 +1160,22 @@ class Controller:
         kind = msg.get("kind")
         if kind == "status":
             with self._lock:
+                now = time.monotonic()
+                prev, prev_at = self._status, self._status_at
+                gone = prev is None or now - prev_at >= STATUS_STALE_S or self._api_down
+                up, prev_up = msg.get("uptime_s"), (prev or {}).get("uptime_s")
+                restarted = (isinstance(up, (int, float)) and isinstance(prev_up, (int, float))
+                             and up < prev_up - 1.0)  # a new engine between two looks
+                appeared = (gone or restarted) and msg.get("state") != "stopped"
+                if appeared:
+                    self._appearances += 1
+                self._api_down = False
                 self._status = msg
                 self._status_link = link
-                self._status_at = time.monotonic()
+                self._status_at = now
+                said = self._note_style_change(msg, appeared)
+            if said:
+                self.log(f"{LOG_PREFIX} {said}")
         elif kind == "reply":
             with self._lock:
                 cmd = self._pending.pop(msg.get("id"), None)
@@ -1018,6 +1185,16 @@ class Controller:
             if isinstance(status, dict) and is_ours(status):
                 self._on_message(status, link)
         # kind "command": our own broadcasts (and other clients') come back to us: ignored
+
+    def _note_style_change(self, status: dict, appeared: bool) -> str:
+        """What a style switch changed beside the look (the engine's style_change), to be logged
+        once, as it comes; not one made before this engine was seen (under self._lock)."""
+        change = status.get("style_change")
+        key = (change.get("time"), change.get("note")) if isinstance(change, dict) else None
+        if key == self._style_change_key:
+            return ""
+        self._style_change_key = key
+        return _short(change["note"], 300) if key is not None and change.get("note") and not appeared else ""
 
     def _reply(self, cmd: str, reply: dict) -> None:
         if not reply.get("ok") and cmd in ("pause", "resume"):
@@ -1129,24 +1306,53 @@ class Controller:
             self._http_next_poll = now + HTTP_POLL_S
             try:
                 status = self._http.get_status()
-            except (OSError, ValueError) as e:
-                self._set_http(False, _reason(e))
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                self._set_http(False, _reason(e), _failure_kind(e))
             else:
                 self._set_http(True, "")
                 self._on_message(status, LINK_HTTP)
         self._update_note()
 
-    def _set_http(self, ok: bool, reason: str) -> None:
+    def _set_http(self, ok: bool, reason: str, kind: str | None = None) -> None:
         self._http_ok = ok
         self._http_reason = reason
+        self._http_kind = kind
+        if kind == "refused":
+            with self._lock:
+                self._api_down = True
 
     def _update_note(self) -> None:
         ws = "connected, no engine status" if self._ws is not None else (self._ws_error or "connecting")
         http = self._http_reason or ("answering" if self._http_ok else "not polled yet")
         note = f"obs-websocket: {ws}; HTTP API {self._http.api_url}: {http}"
+        headline, why = self._offline_headline()
         with self._lock:
-            self._note = note
+            self._note = why or note
+            self._headline = headline
             self._ws_connected = self._ws is not None
+
+    def _offline_headline(self) -> tuple[str, str]:
+        """(what the engine is when no status comes, why; "" to give the connection note). Only
+        "offline" where nothing answers at the API URL: an API that answers something is not."""
+        url, kind = self._http.api_url, self._http_kind
+        eng = self.local_engine() if self.local_engine is not None else None
+        ours = eng is not None and getattr(eng, "api_url", None) and same_api(eng.api_url, url)
+        if kind in ("refused", None) and ours and eng.running():
+            return "starting", f"engine process {eng.pid} is loading; its API at {url} is not up yet"
+        if ours and eng.failed() is not None:  # (whatever holds its port: its own reason comes first)
+            reason = eng.exit_reason() or "it wrote no error line"
+            where = f"; its output: {eng.log_path}" if eng.log_path else ""
+            return f"exited with code {eng.failed()}", f"{reason}{where}"
+        if kind in ("refused", None) and ours and eng.proc is not None and eng.stopped_by not in (None, "itself"):
+            return "stopped", "stopped by 'Stop engine'"
+        if kind == "unauthorized":
+            return "refuses the script's API token", f"{url} answers, but not without the right token: set 'API token' under Connection"
+        if kind == "timeout":
+            return "not answering", (f"{url} took the request but gave no answer within {self._http.timeout:g} s "
+                                     "(busy loading, or hung)")
+        if kind == "foreign":
+            return "not found", f"something that is not a Live2Diff engine answers at {url} ({self._http_reason})"
+        return "offline", ""
 
     def _connect_ws(self) -> None:
         target = self.ws_lookup(self.config)
@@ -1207,6 +1413,35 @@ def _reason(e) -> str:
     return _short(text, 120)
 
 
+def _failure_kind(e) -> str:
+    """Why a status poll failed: "refused" (nothing listens there), "timeout" (it took the request
+    and did not answer in time), "unauthorized" (the token), "foreign" (something else answers),
+    "other"."""
+    if isinstance(e, PermissionError):
+        return "unauthorized"
+    if isinstance(e, (ValueError, http.client.HTTPException)):
+        return "foreign"
+    if _timed_out(e):
+        return "timeout"
+    if isinstance(e, urllib.error.URLError) and not isinstance(e, urllib.error.HTTPError):
+        e = e.reason
+    if isinstance(e, (ConnectionRefusedError, socket.gaierror)):
+        return "refused"
+    return "other"
+
+
+def same_api(a: str | None, b: str | None) -> bool:
+    """Whether two API URLs name the same engine on this machine (localhost, 127.0.0.1 and ::1 alike)."""
+    try:
+        pa, pb = urllib.parse.urlsplit((a or "").strip()), urllib.parse.urlsplit((b or "").strip())
+        ports = (pa.port or 80, pb.port or 80)
+    except ValueError:
+        return False
+    if pa.scheme != pb.scheme or ports[0] != ports[1] or not pa.hostname or not pb.hostname:
+        return False
+    return pa.hostname == pb.hostname or (_loopback_name(pa.hostname) and _loopback_name(pb.hostname))
+
+
 def _timed_out(e) -> bool:
     """Whether a request failed by waiting too long for the answer (socket.timeout is an OSError of
     its own before Python 3.10)."""
@@ -1218,6 +1453,78 @@ def _timed_out(e) -> bool:
 def _is_auth_error(e) -> bool:
     text = str(e).lower()
     return "password" in text or "authentic" in text or "identify" in text
+
+
+# ------------------------------------------------------------------------- OBS's source, kept open
+
+
+def source_reads_engine(url: str, api_url: str) -> bool:
+    """Whether a source's URL reads the engine at ``api_url``: its /stream.mjpg (a Media Source) or
+    its /output page (a Browser Source). A source pointed elsewhere (another engine, a remote box)
+    is the user's business."""
+    try:
+        parts = urllib.parse.urlsplit((url or "").strip())
+    except ValueError:
+        return False
+    base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+    return parts.path.rstrip("/") in ("/stream.mjpg", "/output") and same_api(base, api_url)
+
+
+def counted_as_obs(url: str) -> bool:
+    """The engine counts this source's reads as OBS's (it asks with ?client=obs): only then does the
+    status's stream_clients_obs tell whether it pulls."""
+    try:
+        return "obs" in urllib.parse.parse_qs(urllib.parse.urlsplit(url or "").query).get("client", [])
+    except ValueError:
+        return False
+
+
+class SourceKeeper:
+    """Keeps OBS's Live2Diff source reading the engine's stream where the engine has no OBS link of
+    its own (started without --obs, e.g. from a terminal): OBS 29's Media Source gives up for good
+    after one failed reconnect, so an engine restart leaves it black. The engine's OBS link
+    (control/obs.py) does the same when it has one; then this keeps out of its way.
+
+    ``look()`` is called about once a second with the engine's status, whether it (re)appeared,
+    and the source ({"kind", "url"} or None); it returns (what to show: "pulling", "not pulling" or
+    None, whether to re-open the source now). Re-opened: when an engine appears and OBS does not
+    read it yet, and whenever OBS has read nothing for ``stale_s`` (at most every ``every_s``)."""
+
+    def __init__(self, stale_s: float = SOURCE_STALE_S, every_s: float = SOURCE_KICK_EVERY_S):
+        self.stale_s, self.every_s = stale_s, every_s
+        self._idle_since: float | None = None
+        self._last_kick: float | None = None
+        self.kicks = 0
+
+    def look(self, now: float, status: dict | None, appeared: bool, source: dict | None,
+             api_url: str) -> tuple[str | None, bool]:
+        if (not status or status.get("obs") == "connected" or source is None
+                or source.get("kind") not in ("ffmpeg_source", "browser_source")
+                or not source_reads_engine(source.get("url", ""), api_url)):
+            self._idle_since = None
+            return None, False
+        readers = status.get("stream_clients_obs")
+        judged = isinstance(readers, int) and not isinstance(readers, bool) and counted_as_obs(source.get("url", ""))
+        if appeared and (not judged or readers == 0):
+            self._idle_since = now  # judged again stale_s from now
+            return self._kick(now)
+        if not judged:
+            return None, False
+        if readers > 0:
+            self._idle_since = None
+            return "pulling", False
+        if self._idle_since is None:
+            self._idle_since = now
+        if now - self._idle_since < self.stale_s:
+            return None, False
+        if self._last_kick is None or now - self._last_kick >= self.every_s:
+            return "not pulling", self._kick(now)[1]
+        return "not pulling", False
+
+    def _kick(self, now: float) -> tuple[None, bool]:
+        self._last_kick = now
+        self.kicks += 1
+        return None, True
 
 
 # ============================================================================= OBS integration
@@ -1252,6 +1559,8 @@ _last_key = None
 _last_styles: list = []
 _engine_text: dict = {}  # the engine's prompt and negative prompt as last copied into the boxes
 _exit_code_logged = None
+_keeper = SourceKeeper()
+_kick_said = False  # the re-open of a source that stopped reading is logged once until it reads again
 
 def _log(text: str, level: str = "info") -> None:
     """Only from OBS callbacks (OBS's log hook for Python needs the current script)."""
@@ -1457,18 +1766,76 @@ def _tick():
         return
     for level, text in _controller.drain_logs():
         _log(text, level)
-    status, link, note = _controller.snapshot()
-    key = status_key(status, link)
-    if key != _last_key:
-        _last_key = key
-        _log(status_line(status, link, note))
+    _S["ticks"] = _S.get("ticks", 0) + 1
+    if _S["ticks"] % 2 == 0:
+        _keep_source_reading()
     eng: EngineProcess = _S["engine"]
     if eng.proc is not None and eng.proc.poll() is not None and _exit_code_logged != eng.pid:
         _exit_code_logged = eng.pid
-        _log(f"{LOG_PREFIX} engine process {eng.pid} exited with code {eng.proc.returncode}{stop_summary(eng)}")
-    _S["ticks"] = _S.get("ticks", 0) + 1
+        failed = eng.failed() is not None
+        reason = eng.exit_reason() if failed else None
+        _log(f"{LOG_PREFIX} engine process {eng.pid} exited with code {eng.proc.returncode}{stop_summary(eng)}"
+             + (f": {reason or 'it wrote no error line'}" + (f" (its output: {eng.log_path})" if eng.log_path else "")
+                if failed else ""), "error" if failed else "info")
+    status, link, note, headline = _controller.view()
+    key = status_key(status, link, headline, _controller.source_state)
+    if key != _last_key:
+        _last_key = key
+        _log(status_line(status, link, note, headline, _controller.source_state))
     if _S["ticks"] % MIXER_CHECK_EVERY == 0:
         _keep_source_out_of_mixer()
+
+
+def _keep_source_reading() -> None:
+    """OBS's Live2Diff source, re-opened where the engine cannot (SourceKeeper): through OBS's own
+    API, as obs-websocket's SetInputSettings does for the engine's OBS link (re-applying a Media
+    Source's settings opens it again; OBS 29's Restart action or hiding it do not)."""
+    global _kick_said
+    status = _controller.view()[0]
+    appeared = _controller.take_appearances() > 0
+    api_url = _ui.get("api_url", DEFAULT_API_URL)
+    src = obs.obs_get_source_by_name(SOURCE_NAME)
+    try:
+        info = None
+        if src is not None:
+            kind = obs.obs_source_get_unversioned_id(src)
+            field = {"ffmpeg_source": "input", "browser_source": "url"}.get(kind)
+            url = ""
+            if field:
+                settings = obs.obs_source_get_settings(src)
+                url = obs.obs_data_get_string(settings, field)
+                obs.obs_data_release(settings)
+            info = {"kind": kind, "url": url}
+        state, kick = _keeper.look(time.monotonic(), status, appeared, info, api_url)
+        _controller.source_state = state
+        if state == "pulling":
+            _kick_said = False
+        if kick:
+            _reopen_source(src, info["kind"], info["url"])
+            if appeared:
+                _log(f"{LOG_PREFIX} re-opened OBS's {SOURCE_NAME!r} source: the engine at {api_url} came back "
+                     "(OBS's Media Source gives up on a stream after one failed reconnect)")
+            elif not _kick_said:
+                _log(f"{LOG_PREFIX} re-opened OBS's {SOURCE_NAME!r} source: it had read nothing from the engine "
+                     f"at {api_url} for {SOURCE_STALE_S:g} s")
+            _kick_said = not appeared
+    finally:
+        if src is not None:
+            obs.obs_source_release(src)
+
+
+def _reopen_source(src, kind: str, url: str) -> None:
+    if kind == "ffmpeg_source":
+        data = obs.obs_data_create()
+        obs.obs_data_set_string(data, "input", url)  # the same URL: applying settings re-opens it
+        obs.obs_source_update(src, data)
+        obs.obs_data_release(data)
+    elif kind == "browser_source" and hasattr(obs, "obs_property_button_clicked"):
+        props = obs.obs_source_properties(src)
+        button = obs.obs_properties_get(props, "refreshnocache")
+        if button is not None:
+            obs.obs_property_button_clicked(button, src)
+        obs.obs_properties_destroy(props)
 
 
 def stop_summary(eng) -> str:
@@ -1568,11 +1935,13 @@ def _mirror_engine_values(status: dict | None) -> None:
 
 def script_properties():
     props = obs.obs_properties_create()
-    status, link, note = _controller.snapshot() if _controller else (None, None, "")
+    status, link, note, headline = _controller.view() if _controller else (None, None, "", "offline")
     known = status or (_controller.last_known_status() if _controller else None)
     _mirror_engine_values(status)
 
-    _text_info(props, "status_text", "Engine", format_status(status, link, note))
+    source = _controller.source_state if _controller else None
+    failure = failure_text(_S["engine"]) if status else ""
+    _text_info(props, "status_text", "Engine", format_status(status, link, note, headline, source, failure))
     obs.obs_properties_add_button(props, "refresh", "Refresh", _on_refresh)
 
     obs.obs_properties_add_text(props, "prompt", "Prompt", obs.OBS_TEXT_MULTILINE)
@@ -1669,14 +2038,15 @@ def script_update(settings):
 
 
 def script_load(settings):
-    global _controller, _settings, _last_key
+    global _controller, _settings, _last_key, _keeper
     _settings = settings
     _last_key = None
+    _keeper = SourceKeeper()
     with _ui_lock:
         _ui.clear()
         _engine_text.clear()
         ui = _read_settings(settings)
-    _controller = Controller(_transport_config(ui)).start()
+    _controller = Controller(_transport_config(ui), local_engine=lambda: _S.get("engine")).start()
     if obsws_python is None:
         _controller.log(f"{LOG_PREFIX} obsws-python is not installed for OBS's Python: using the engine's HTTP API")
     actions = _hotkey_actions()

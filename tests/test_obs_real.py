@@ -18,6 +18,7 @@ from conftest import ROOT
 from live import GateSource, LiveEngine, PacedSource, reference_outputs, wait_for
 from live2diff_engine.control.schema import command_message
 from live2diff_engine.models.components import build_tiny_components
+from live2diff_engine.styles import Style
 from obs_real import RealOBS, require_obs
 from test_control import post
 
@@ -238,6 +239,78 @@ def test_a_source_that_stopped_reading_is_reopened_while_the_engine_stays_connec
                 assert 1 <= live.bridge.source_kicks - kicks <= 2
         finally:
             client.disconnect()
+
+
+MEDIA_SOURCE = {"is_local_file": False, "input_format": "mpjpeg", "buffering_mb": 0, "reconnect_delay_sec": 1,
+                "restart_on_activate": False, "close_when_inactive": False, "hw_decode": False, "clear_on_media_end": False}
+
+
+def test_the_script_reopens_the_source_for_an_engine_started_without_obs(comps, tmp_path):
+    """The engine runs without --obs (the README's `run` in a terminal): no OBS link of its own to
+    re-open OBS's Live2Diff source, which OBS 29 gave up on while no engine answered (it fails
+    once, retries once and never tries again). The script, connected to OBS itself, sees the engine
+    appear on its API URL and re-opens the source; OBS shows the engine's frames. Where OBS's
+    source then reads nothing while the engine runs on, the script says 'OBS source not pulling
+    the stream' and re-opens it, and stops saying so once it reads again. It also logs what
+    a style switch changed."""
+    from obs_real import free_port
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    settings = {"ws_password": PASSWORD, "api_url": api}
+    with RealOBS(tmp_path, password=PASSWORD, script=SCRIPT, script_settings=settings) as real:
+        client = real.client()
+        try:
+            real.wait_for_log("[live2diff] engine offline", timeout=20)
+            client.send("CreateInput", {"sceneName": "Scene", "inputName": "Live2Diff", "inputKind": "ffmpeg_source",
+                                        "inputSettings": dict(MEDIA_SOURCE, input=f"{api}/stream.mjpg?client=obs"),
+                                        "sceneItemEnabled": True})
+            # Nothing there: it fails, tries again once or twice a second apart (failures it does not
+            # log), and gives up: no new attempt for three times its reconnect delay.
+            real.wait_for_log("MP: Failed to open media", timeout=30)
+            _wait_quiet(real, "Set FFmpeg options", 3.0)
+            with LiveEngine(comps, PacedSource(fps=12), api_port=port) as live:  # no OBS link
+                assert live.bridge is None and live.api.url == api
+                wait_for(lambda: _shows(client, live), timeout=60, what="the engine's frames in OBS")
+                real.wait_for_log(f"[live2diff] re-opened OBS's 'Live2Diff' source: the engine at {api} came back",
+                                  timeout=20)
+                assert live.controller.status()["stream_clients_obs"] == 1
+                # What a style switch changed, in OBS's log.
+                live.manager.styles["inked"] = Style("inked", "a test style", template="ink, {}", t_index_list=(25, 45))
+                assert post(api, command_message("set_style", style="inked"))[1]["ok"]
+                real.wait_for_log("[live2diff] style inked: strength 0.36 -> 0.5, prompt template '{}' -> 'ink, {}'",
+                                  timeout=20)
+                # OBS's source stops reading while the engine runs on (its stream ends every reader
+                # and sends nothing, as a stalled API would): the script says so, and once the
+                # stream is back and the source reads again, no longer.
+                live.api._closing = True  # (the stream's handlers end at once; new ones get nothing)
+                wait_for(lambda: live.api.stream_clients("obs") == 0, timeout=30, what="OBS to stop reading")
+                real.wait_for_log("| OBS source not pulling the stream", timeout=20)
+                live.api._closing = False
+                wait_for(lambda: live.api.stream_clients("obs") == 1, timeout=30, what="OBS reading again")
+                wait_for(lambda: _last_status_line(real).endswith("| via HTTP API"), timeout=20,
+                         what="the script to stop saying 'not pulling'")
+                n = len(live.outputs)
+                wait_for(lambda: _shows(client, live, seen_after=n), timeout=30, what="frames in OBS again")
+        finally:
+            client.disconnect()
+
+
+def _wait_quiet(real, needle: str, quiet_s: float) -> None:
+    """Waits until ``needle`` has not been logged anew for ``quiet_s`` seconds."""
+    count, since = real.log_text().count(needle), time.monotonic()
+    end = since + 120
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < end, f"{needle!r} kept coming"
+        time.sleep(0.1)
+        now = real.log_text().count(needle)
+        if now != count:
+            count, since = now, time.monotonic()
+
+
+def _last_status_line(real) -> str:
+    lines = [ln for ln in real.log_text().splitlines() if "[live2diff] engine " in ln]
+    return lines[-1] if lines else ""
 
 
 def test_the_engines_source_stays_out_of_the_audio_mixer(comps, tmp_path):

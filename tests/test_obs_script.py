@@ -131,7 +131,7 @@ def test_status_formatting():
     assert "Style: default" in text and "Strength: 0.50" in text and "Seed: 7" in text
     assert "FPS: 12.0" in text and "Latency: 85 ms" in text
     assert "Prompt: a red fox" in text
-    assert L.format_status(None, None, "why").startswith("Engine: not reachable\nwhy")
+    assert L.format_status(None, None, "why").startswith("Engine: offline\nwhy")
     assert "(guidance 1: no effect)" in L.format_status(dict(STATUS, negative_prompt="blurry", guidance=1.0), L.LINK_HTTP)
     assert "Guidance: 2.5" in L.format_status(dict(STATUS, negative_prompt="blurry", guidance=2.5), L.LINK_HTTP)
     long_prompt = dict(STATUS, prompt="word " * 100)
@@ -142,7 +142,74 @@ def test_status_formatting():
     for changed in (dict(STATUS, style="anime"), dict(STATUS, prompt="b"), dict(STATUS, state="starting")):
         assert L.status_key(changed, L.LINK_WS) != k
     assert L.status_key(STATUS, L.LINK_HTTP) != k
-    assert L.status_key(None, None) == ("offline",)
+    assert L.status_key(None, None) == ("offline", "offline")
+    assert L.status_key(None, None, "starting") != L.status_key(None, None)  # logged when it moves on
+
+
+def test_status_texts_show_no_figure_an_engine_does_not_have():
+    """No old frame rate for an engine starting or stopped; no '0.0 fps' for a warmup whose frames
+    have not gone out yet (its frames are the camera's while they do); the stream's latency being
+    measured is not '-'."""
+    for state in ("starting", "stopped"):
+        st = dict(STATUS, state=state)  # (a status that still carries figures from before)
+        assert L.status_line(st, L.LINK_HTTP) == f"[live2diff] engine {state} | style default | prompt 'a red fox' | via HTTP API"
+        assert "FPS: -   Latency: -   " in L.format_status(st, L.LINK_HTTP)
+    warming = dict(STATUS, state="warming up", fps=0.0, latency_ms=None)
+    assert "fps" not in L.status_line(warming, L.LINK_WS) and "0.0" not in L.format_status(warming, L.LINK_WS)
+    assert "| 9.5 fps |" in L.status_line(dict(warming, fps=9.5), L.LINK_WS)  # its frames going out
+    assert "FPS: 9.5   Latency: -" in L.format_status(dict(warming, fps=9.5), L.LINK_WS)
+    assert "Latency: measuring ..." in L.format_status(dict(STATUS, latency_ms=None), L.LINK_WS)
+    assert "| 0.0 fps |" in L.status_line(dict(STATUS, fps=0.0), L.LINK_WS)  # a stream that stalls says so
+
+
+def test_offline_means_nothing_answers_at_the_api_url(tmp_path):
+    """'engine offline' only where nothing answers: an API that refuses the token, answers as
+    something else, or takes the request and says nothing is named as such; the engine the script
+    started says 'starting' while it loads (nothing listens yet), and after a failure its reason."""
+    import socket
+
+    api = f"http://127.0.0.1:{free_port()}"
+    eng = L.EngineProcess()
+    ctl = _http_controller(api)
+    ctl.local_engine = lambda: eng
+    ctl.start()
+    try:
+        wait_until(lambda: "connection refused" in ctl.view()[2], what="a poll")
+        assert ctl.view()[3] == "offline"
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        eng.proc, eng.api_url = proc, api
+        try:
+            wait_until(lambda: ctl.view()[3] == "starting", what="starting")
+            assert ctl.view()[2] == f"engine process {proc.pid} is loading; its API at {api} is not up yet"
+            assert L.status_line(None, None, *ctl.view()[2:]) == f"[live2diff] engine starting ({ctl.view()[2]})"
+        finally:
+            proc.kill()
+            proc.wait()
+        wait_until(lambda: ctl.view()[3] == f"exited with code {proc.returncode}", what="the exit")
+    finally:
+        ctl.stop()
+    with FakeEngineAPI(token="right") as fake:
+        ctl = _http_controller(fake.url, token="wrong").start()
+        try:
+            wait_until(lambda: ctl.view()[3] == "refuses the script's API token", what="the token")
+            assert "set 'API token'" in ctl.view()[2]
+        finally:
+            ctl.stop()
+        ctl = _http_controller(fake.url.replace("127.0.0.1", "localhost") + "/elsewhere").start()
+        try:  # (HTTP 404: not an engine's API)
+            wait_until(lambda: ctl.view()[3] == "not found", what="something else")
+        finally:
+            ctl.stop()
+    with socket.socket() as busy:  # takes the connection, never answers
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(16)
+        ctl = _http_controller(f"http://127.0.0.1:{busy.getsockname()[1]}")
+        ctl._http.timeout = 0.3
+        ctl.start()
+        try:
+            wait_until(lambda: ctl.view()[3] == "not answering", what="not answering")
+        finally:
+            ctl.stop()
 
 
 def test_the_panel_and_the_log_say_when_obs_does_not_pull_the_stream():
@@ -155,6 +222,69 @@ def test_the_panel_and_the_log_say_when_obs_does_not_pull_the_stream():
     # Only while the engine is connected to OBS: otherwise its OBS link line says what is wrong.
     assert "not pulling" not in L.format_status(dict(idle, obs="waiting for OBS"), L.LINK_HTTP)
     assert "no 'Live2Diff' source yet" in L.format_status(dict(connected, obs_source="absent"), L.LINK_WS)
+
+
+def test_the_source_keeper_reopens_the_engines_source_when_it_does_not_read():
+    """OBS's Live2Diff source, as the script keeps it where the engine has no OBS link: re-opened
+    when an engine (re)appears and OBS does not read it yet, and when OBS has read nothing for
+    3 s (at most every 10 s); 'not pulling' said meanwhile. Never a source that reads another
+    address, never where the engine's own OBS link keeps it."""
+    api = "http://127.0.0.1:8765"
+    src = {"kind": "ffmpeg_source", "url": "http://localhost:8765/stream.mjpg?client=obs"}
+    idle, read = dict(STATUS, obs="off", stream_clients_obs=0), dict(STATUS, obs="off", stream_clients_obs=1)
+    k = L.SourceKeeper()
+    assert k.look(0.0, idle, True, src, api) == (None, True)  # an engine came back, OBS reads nothing
+    assert k.look(1.0, idle, False, src, api) == (None, False)
+    assert k.look(3.5, idle, False, src, api) == ("not pulling", False)  # (re-opened 3.5 s ago)
+    assert k.look(10.0, idle, False, src, api) == ("not pulling", True)
+    assert k.look(11.0, idle, False, src, api) == ("not pulling", False)
+    assert k.look(12.0, read, False, src, api) == ("pulling", False)
+    assert k.look(13.0, read, True, src, api) == ("pulling", False)  # came back and OBS reads it already
+    assert k.look(13.5, idle, False, src, api) == (None, False)
+    assert k.look(16.6, idle, False, src, api) == ("not pulling", False)  # (10 s since the last re-open)
+    assert k.look(20.0, idle, False, src, api) == ("not pulling", True)
+    assert k.kicks == 3
+    for status, source in ((dict(idle, obs="connected"), src),  # the engine's own OBS link keeps it
+                           (None, src),  # no engine
+                           (idle, dict(src, url="http://gpu-box:8765/stream.mjpg?client=obs")),  # another engine's
+                           (idle, dict(src, url="http://127.0.0.1:9000/stream.mjpg?client=obs")),
+                           (idle, dict(src, kind="image_source")), (idle, None)):
+        k = L.SourceKeeper()
+        assert [k.look(t, status, t == 0, source, api) for t in (0.0, 5.0, 20.0)] == [(None, False)] * 3
+    k = L.SourceKeeper()  # a source whose reads the engine does not count as OBS's: re-opened when it comes back only
+    plain = dict(src, url=api + "/stream.mjpg")
+    assert [k.look(t, idle, t == 0, plain, api) for t in (0.0, 5.0, 20.0)] == [(None, True), (None, False), (None, False)]
+    browser = {"kind": "browser_source", "url": api + "/output?client=obs"}
+    assert L.SourceKeeper().look(0.0, idle, True, browser, api) == (None, True)
+    assert L.status_line(idle, L.LINK_HTTP, source="not pulling").endswith("| OBS source not pulling the stream")
+    assert "this script is re-opening its 'Live2Diff' source" in L.format_status(idle, L.LINK_HTTP, source="not pulling")
+
+
+def test_an_engine_appearing_is_counted_and_its_style_changes_logged():
+    ctl = L.Controller({"use_websocket": False})
+    up = dict(STATUS, uptime_s=50.0)
+    ctl._on_message(up, L.LINK_HTTP)  # the first seen
+    assert ctl.take_appearances() == 1 and ctl.take_appearances() == 0
+    ctl._on_message(dict(up, uptime_s=51.0), L.LINK_HTTP)
+    assert ctl.take_appearances() == 0
+    ctl._set_http(False, "connection refused", "refused")  # the API went away and came back
+    ctl._on_message(dict(up, uptime_s=52.0), L.LINK_HTTP)
+    assert ctl.take_appearances() == 1
+    ctl._on_message(dict(up, uptime_s=3.0), L.LINK_HTTP)  # another engine, between two looks
+    assert ctl.take_appearances() == 1
+    ctl._on_message(dict(up, uptime_s=4.0, state="stopped"), L.LINK_HTTP)
+    ctl._status_at -= 10  # (stale)
+    ctl._on_message(dict(up, uptime_s=5.0, state="stopped"), L.LINK_HTTP)  # a stopped one is nothing to show
+    assert ctl.take_appearances() == 0
+    change = {"style": "anime", "note": "style anime: strength 0.36 -> 0.5", "changes": {}, "time": 1.0}
+    ctl.drain_logs()
+    ctl._on_message(dict(up, uptime_s=6.0, style_change=change), L.LINK_HTTP)
+    ctl._on_message(dict(up, uptime_s=7.0, style_change=change), L.LINK_HTTP)
+    assert ctl.drain_logs() == [("info", "[live2diff] style anime: strength 0.36 -> 0.5")]  # once
+    assert "Last style change: style anime: strength 0.36 -> 0.5" in L.format_status(dict(up, style_change=change), L.LINK_HTTP)
+    ctl._status_at -= 10
+    ctl._on_message(dict(up, uptime_s=1.0, style_change=dict(change, time=2.0)), L.LINK_HTTP)
+    assert ctl.drain_logs() == []  # an engine just seen: its last switch is old news
 
 
 def test_cycle_style():
@@ -975,7 +1105,7 @@ def test_real_obs_properties_and_engine_started_from_obs_stops_when_obs_exits(tm
         wait_until(lambda: marker.exists() and "args: run" in marker.read_text(), what="engine start")
         log = real.log_text()
         assert "WRAP props " + ",".join(PROPERTY_NAMES) in log  # every property builds in OBS 29
-        assert "WRAP status 'Engine: not reachable" in log
+        assert "WRAP status 'Engine: offline\\n" in log
         assert f"[live2diff] engine started (pid " in log and "/venv/bin/live2diff-engine run" in log
         assert "WRAP after reload True True" in log  # the engine survives a module reload
     # OBS exited: the script's atexit hook interrupted the engine (SIGINT), nothing is left behind
@@ -1064,6 +1194,57 @@ def test_real_obs_panel_follows_the_engine_pause_prompt_and_missing_styles(tmp_p
             assert [c["style"] for c in api.commands("set_style")] == ["toon", "zen"]
 
 
+# A test-only wrapper: presses "Start engine" once the script runs, then, once that engine has
+# ended and the script says so, builds the panel as OBS does.
+WRAP_START = '''
+import sys
+sys.path.insert(0, {script_dir!r})
+import obspython as obs
+import live2diff_obs as L
+from live2diff_obs import script_defaults, script_update, script_save, script_unload, script_description, script_properties
+
+STEP = [0]
+
+def _tick():
+    if STEP[0] == 0:
+        STEP[0] = 1
+        L._on_start_engine(None, None)
+    elif STEP[0] == 1 and not L._S["engine"].running() and L._controller.view()[3].startswith("exited"):
+        STEP[0] = 2
+        props = L.script_properties()
+        print("WRAP panel " + repr(obs.obs_data_get_string(L._settings, "status_text")))
+        obs.obs_properties_destroy(props)
+
+def script_load(settings):
+    L.script_load(settings)
+    obs.timer_add(_tick, 300)
+'''
+
+
+@pytest.mark.obs
+def test_real_obs_start_engine_that_fails_says_the_engines_own_reason(tmp_path):
+    """'Start engine' in a real OBS with the engine's API port taken: a real engine (tiny model)
+    exits with code 2, and OBS's log and the panel give its own reason, not only the code."""
+    require_obs()
+    import socket
+
+    wrapper = tmp_path / "wrap_start.py"
+    wrapper.write_text(WRAP_START.format(script_dir=str(SCRIPT.parent)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        settings = {"engine_command": "live2diff-engine run --model tiny --source synthetic --camera-size 64x48",
+                    "engine_venv": str(Path(sys.executable).parent.parent), "api_url": f"http://127.0.0.1:{port}"}
+        with RealOBS(tmp_path, password=PASSWORD, script=wrapper, script_settings=settings, obsws_importable=False) as real:
+            text = real.wait_for_log("WRAP panel", timeout=120)
+    reason = f"live2diff-engine: error: cannot listen on 127.0.0.1:{port} (address already in use)"
+    line = next(ln for ln in text.splitlines() if "[live2diff] engine process" in ln and "exited with code 2" in ln)
+    assert f"exited with code 2: {reason}" in line and "(its output: " in line, line
+    panel = next(ln for ln in text.splitlines() if "WRAP panel" in ln)
+    assert f"WRAP panel 'Engine: exited with code 2\\n{reason}" in panel, panel
+
+
 def _frames_out(http) -> int:
     try:
         return int(http.get_status().get("frames_out") or 0)
@@ -1087,7 +1268,7 @@ def test_stop_engine_quits_a_real_engine_through_its_api_and_every_output_is_clo
     log = tmp_path / "engine.log"
     eng = L.EngineProcess()
     eng.start(argv, str(log), env, api_url=api_url)
-    states, ws = [], None
+    states, last, ws = [], [], None
     try:
         http = L.HttpTransport(api_url)
         wait_until(lambda: _frames_out(http) >= 3 or not eng.running(), timeout=300, what="the engine streaming")
@@ -1097,7 +1278,9 @@ def test_stop_engine_quits_a_real_engine_through_its_api_and_every_output_is_clo
         def read():
             try:
                 while True:
-                    states.append(json.loads(ws.recv()).get("state"))
+                    m = json.loads(ws.recv())
+                    states.append(m.get("state"))
+                    last[:] = [m.get("fps"), m.get("latency_ms")]
             except Exception:
                 pass
 
@@ -1116,6 +1299,8 @@ def test_stop_engine_quits_a_real_engine_through_its_api_and_every_output_is_clo
     assert eng.stopped_by == "api" and eng.stop_notes == [], (eng.stopped_by, eng.stop_notes)
     assert "quit asked for through the local API" in text and "Traceback" not in text
     assert states and states[-1] == "stopped", states  # the API closed last, after the outputs
+    assert last == [0.0, None]  # and a stopped engine shows no frame rate or latency from before
+    assert L.format_status(dict(STATUS, state="stopped"), L.LINK_HTTP).count("FPS: -   Latency: -") == 1
     cap = cv2.VideoCapture(str(out))
     frames = 0
     while cap.read()[0]:
@@ -1123,6 +1308,47 @@ def test_stop_engine_quits_a_real_engine_through_its_api_and_every_output_is_clo
     cap.release()
     assert frames >= 3  # the file was finalised (an unclosed mp4 has no index and does not open)
     assert L.stop_summary(eng) == " (stopped through its local API)"
+
+
+def test_a_failed_start_gives_the_engines_own_reason(tmp_path):
+    """'Start engine' with the API port taken: a real engine exits with code 2; the script gives its
+    own reason (its last error line, from the log file the script writes its output to), not only
+    the exit code; a second run appended to the same log is read on its own."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        api_url = f"http://127.0.0.1:{taken.getsockname()[1]}"
+        ui = {"engine_command": "live2diff-engine run --model tiny --source synthetic --camera-size 64x48",
+              "engine_venv": str(Path(sys.executable).parent.parent), "api_url": api_url}
+        argv, env, url = L.engine_launch(ui, {"port": 0, "password": ""})
+        log = tmp_path / "engine.log"
+        log.write_text("live2diff-engine: error: an older run's reason\n")
+        eng = L.EngineProcess()
+        ctl = _http_controller(api_url)
+        ctl.local_engine = lambda: eng
+        ctl.start()
+        try:
+            eng.start(argv, str(log), env, api_url=url)
+            assert eng.proc.wait(300) == 2
+            reason = eng.exit_reason()
+            assert reason.startswith(f"live2diff-engine: error: cannot listen on 127.0.0.1:{taken.getsockname()[1]} "
+                                     "(address already in use)"), log.read_text()
+            assert eng.failed() == 2
+            wait_until(lambda: ctl.view()[3] == "exited with code 2", what="the panel's headline")
+            assert ctl.view()[2] == f"{reason}; its output: {log}"
+            panel = L.format_status(None, None, ctl.view()[2], ctl.view()[3])
+            assert panel.startswith(f"Engine: exited with code 2\n{reason}")
+            # Beside the status of whatever else answers there (another engine), it is still said.
+            panel = L.format_status(STATUS, L.LINK_HTTP, failure=L.failure_text(eng))
+            assert panel.endswith(f"\nThe engine started here failed: exited with code 2: {reason} (its output: {log})")
+        finally:
+            ctl.stop()
+    assert L.last_error_line("loading ...\r 40%\r 100%\nTraceback (most recent call last):\n  File x\n"
+                             "RuntimeError: \x1b[31mboom\x1b[0m\n") == "RuntimeError: boom"
+    assert L.last_error_line("a\nsaving failed: disk full\nbye\n") == "saving failed: disk full"
+    assert L.last_error_line("") is None
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")

@@ -434,7 +434,7 @@ class ForwardingController:
         self._listeners = []
         remote.on_status = lambda msg: self.changed()
 
-    def submit(self, raw, reply=None):
+    def submit(self, raw, reply=None, *, local: bool = False):  # local: as Controller.submit (quit)
         reply = reply or (lambda msg: None)
         try:
             obj = decode(raw)  # size and JSON checked here too: nothing oversized crosses the network

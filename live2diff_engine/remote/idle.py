@@ -26,7 +26,7 @@ class IdleController:
         for fn in list(self._listeners):
             fn()
 
-    def submit(self, raw, reply=None):
+    def submit(self, raw, reply=None, *, local: bool = False):  # local: as Controller.submit (quit)
         from ..control.schema import decode, message_id, reply_message
 
         reply = reply or (lambda msg: None)
