@@ -207,9 +207,10 @@ def build_full_taesd(device="cpu", dtype=None, seed: int = 2) -> nn.Module:
 
 def build_full_text(device="cpu", dtype=None, seed: int = 3):
     """(CLIP ViT-L/14 text encoder, byte-level tokenizer); see the module's note on the tokenizer."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from .components import _byte_vocab
+    from .single_file import clip_tokenizer
 
     vocab = _byte_vocab()
     config = CLIPTextConfig(
@@ -217,7 +218,7 @@ def build_full_text(device="cpu", dtype=None, seed: int = 3):
         pad_token_id=vocab["<|endoftext|>"],
     )
     encoder = _built(lambda: CLIPTextModel(config), device, dtype, seed)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer = clip_tokenizer(vocab, [])
     return encoder, tokenizer
 
 
