@@ -41,4 +41,4 @@ fi
 import diffusers, numpy, torch, transformers
 print(f"intel_mac: torch {torch.__version__}, numpy {numpy.__version__}, transformers {transformers.__version__}, diffusers {diffusers.__version__}")
 '
-"$VENV/bin/python" -m pytest -q -n 2 --dist loadfile -p no:cacheprovider -rs "${TESTS[@]}" "$@"
+"$VENV/bin/python" -m pytest -q -n 2 --dist loadfile -p no:cacheprovider -rfEs "${TESTS[@]}" "$@"
