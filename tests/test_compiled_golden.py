@@ -34,7 +34,8 @@ def test_compiled_kernels_reproduce_the_golden_fixtures(tmp_path):
     assert [v.split(" ")[0] for v in verdicts] == [f"{n}/{n}" for n in FIXTURES.values()], verdicts
     for line in verdicts:
         assert "stream step compile;" in line and "compiled stream step matched eager" in line, line
-    assert result.stderr.count("compiling the stream step") == 3 and "warning" not in result.stderr
+    starts = [ln for ln in result.stderr.splitlines() if ln.startswith("compiling the stream step for")]
+    assert len(starts) == 3 and "warning" not in result.stderr  # once per fixture (progress lines come between)
 
     bench = run_cli("bench", "--model", "tiny", "--accelerate", "off,compile", "--frames", "16",
                     "--json", tmp_path / "bench.json", timeout=1800, env=env)

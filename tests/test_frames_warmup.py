@@ -65,12 +65,14 @@ def test_the_warmup_encodes_in_chunks_and_samples_once_as_one_call_did(vae_comps
     finally:
         del vae_comps.vae.encode
     assert sizes == [ENCODE_CHUNK] * (16 // ENCODE_CHUNK)
-    # One call of 16, sampled (the full VAE) from a generator at the same seed: the same bits.
+    # One call of 16, sampled (the full VAE) from a generator at the same seed.
     g = torch.Generator().manual_seed(11)
     out = vae_comps.vae.encode(images)
     dist = getattr(out, "latent_dist", None)
     whole = (dist.sample(generator=g) if dist is not None else out.latents) * getattr(vae_comps.vae.config, "scaling_factor", 1.0)
-    assert torch.equal(chunked, whole)
+    # The same noise; the encoder's own arithmetic may round its last bit differently in a batch of
+    # 4 than in one of 16 (the CPU's convolution picks its kernel by batch size).
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
     assert torch.equal(after, torch.randn(8, generator=g))  # the same draws were taken, no more
     if dist is not None:  # the full VAE's sample is noise indeed: not the mean
         assert not torch.equal(chunked, dist.mean * vae_comps.vae.config.scaling_factor)
@@ -99,7 +101,8 @@ def test_frames_warmed_up_in_chunks_are_the_frames_of_one_call(vae_comps, mini_c
     chunked = _frames(FramePipeline(both, width=64, height=64, prompt="a cat", seed=4))
     monkeypatch.setattr(frames_mod, "ENCODE_CHUNK", 16)  # the warmup in one call, as before
     whole = _frames(FramePipeline(both, width=64, height=64, prompt="a cat", seed=4))
-    assert np.array_equal(chunked, whole)
+    diff = np.abs(chunked.astype(np.int16) - whole.astype(np.int16))
+    assert diff.max() <= 2 and diff.mean() < 0.01  # the encoder's last-bit rounding at most, never another picture
     assert chunked[8:].std() > 1  # stylised frames, not the camera
 
 
@@ -114,7 +117,8 @@ def fresh_dynamo():
 
 
 def _compiles(text):
-    return [ln for ln in text.splitlines() if "compil" in ln]
+    """The lines about compiling, without the progress lines a long compile adds every few seconds."""
+    return [ln for ln in text.splitlines() if "compil" in ln and not ln.rstrip().endswith("s so far ...")]
 
 
 def test_the_vae_compiles_while_the_pipeline_is_built_not_on_the_first_frames(mini_comps, fresh_dynamo, capsys):

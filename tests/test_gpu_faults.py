@@ -327,3 +327,34 @@ def test_each_size_of_a_compiled_module_call_is_checked_against_eager(unet, caps
     assert calls and call.failed
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
     assert len(warnings) == 1 and "the compiled VAE decoder does not match eager" in warnings[0]
+
+
+def test_two_wrapped_methods_with_one_name_stay_apart(unet):
+    """diffusers < 0.36 with accelerate's hooks names the VAE's encode and decode both "wrapper":
+    keyed by name, the compiled decoder ran the encoder."""
+    import functools
+
+    accel = accelerate.accelerator_for(unet, "compile", backend=CompileCounterWithBackend("eager"))
+
+    class Vae(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encode = self._hooked(lambda x: x + 1)
+            self.decode = self._hooked(lambda x: x * 10)
+
+        @staticmethod
+        def _hooked(fn):
+            @functools.wraps(fn)
+            def wrapper(x):
+                return fn(x)
+
+            wrapper.__name__ = "wrapper"
+            return wrapper
+
+    vae = Vae()
+    x = torch.ones(2)
+    assert vae.encode.__name__ == vae.decode.__name__ == "wrapper"
+    enc, dec = accel.wrap(vae.encode, "VAE encoder"), accel.wrap(vae.decode, "VAE decoder")
+    assert enc is not dec
+    torch.testing.assert_close(dec(x), x * 10)
+    torch.testing.assert_close(enc(x), x + 1)

@@ -217,7 +217,7 @@ class _Hub:
 def hub_at(tmp_path, monkeypatch):
     """Point the hub client at ``url`` (an empty cache of this test's own, online) and return the
     engine's hub module; its remembered reachability starts empty."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants, file_download
 
     from live2diff_engine.models import hub
 
@@ -226,8 +226,11 @@ def hub_at(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "_unreachable", {})
 
     def at(url):
+        template = url + "/{repo_id}/resolve/{revision}/{filename}"
         monkeypatch.setattr(constants, "ENDPOINT", url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        # huggingface_hub < 1.0 (the Intel Mac set: transformers 4) reads its own copy of the template.
+        monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template, raising=False)
         return hub
 
     return at

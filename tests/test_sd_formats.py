@@ -1,6 +1,7 @@
 """Checks that the offline SD1.5-format builders in tests/sd_formats.py produce what the real
 libraries (transformers, diffusers, peft) accept as the real formats."""
 
+import inspect
 import json
 import warnings
 
@@ -113,9 +114,13 @@ def test_clip_tokenizer_ids(sd_dir):
     assert padded == PHOTO_OF_A_CAT + [49407] * 70
     long_ids = tok(" ".join(["cat"] * 100), truncation=True, max_length=77).input_ids
     assert len(long_ids) == 77 and long_ids[0] == 49406 and long_ids[-1] == 49407
-    # transformers 5 trap: vocab_file=/merges_file= are silently ignored; vocab=/merges= work.
+    # transformers 5 trap: vocab_file=/merges_file= are silently ignored; vocab=/merges= work. transformers 4
+    # (Intel Macs) takes only vocab_file=/merges_file=.
     tok_dir = sd_dir / "tokenizer"
-    direct = CLIPTokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"), model_max_length=77)
+    files = {"vocab": str(tok_dir / "vocab.json"), "merges": str(tok_dir / "merges.txt")}
+    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:
+        files = {k + "_file": v for k, v in files.items()}
+    direct = CLIPTokenizer(**files, model_max_length=77)
     assert direct("a photo of a cat").input_ids == PHOTO_OF_A_CAT
 
 
@@ -284,7 +289,7 @@ def test_lora_weight_zero_is_identity_and_one_changes_outputs(sd_dir, files):
     for module in (
         pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q,
         pipe.unet.mid_block.attentions[0].proj_in,  # a 1x1 conv in SD1.5
-        pipe.text_encoder.encoder.layers[0].self_attn.q_proj,
+        _clip_layers(pipe.text_encoder)[0].self_attn.q_proj,
     ):
         assert module.scaling == {"x": 1.0}
     pipe.unload_lora_weights()
@@ -295,7 +300,12 @@ def test_lora_alpha_is_read(sd_dir, files):
     pipe = _pipe(sd_dir)
     pipe.load_lora_weights(str(files["lora_alpha2"]), adapter_name="y")
     assert pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.scaling == {"y": 0.5}
-    assert pipe.text_encoder.encoder.layers[0].self_attn.q_proj.scaling == {"y": 0.5}
+    assert _clip_layers(pipe.text_encoder)[0].self_attn.q_proj.scaling == {"y": 0.5}
+
+
+def _clip_layers(text_encoder):
+    """CLIPTextModel's transformer layers: ``encoder`` on transformers >= 5.6, ``text_model.encoder`` before."""
+    return getattr(text_encoder, "text_model", text_encoder).encoder.layers
 
 
 def test_lora_for_other_model_raises_size_mismatch(sd_dir, files):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from .building import byte_vocab
+from .building import byte_vocab, clip_tokenizer
 from .hub import model_requests, resolve  # noqa: F401  (model_requests lives in hub: no torch)
 from .files import read_weight_file
 from .loading import load_streaming_unet
@@ -233,7 +233,7 @@ TINY_VAE_CONFIG = {
 def build_tiny_components(seed: int = 0, device="cpu", dtype=torch.float32, depth: str = "midas") -> Components:
     """A tiny random-weight Live2Diff with every part, for tests and smoke runs (output is noise)."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from ..depth import build_tiny_depth
     from .tiny import TINY_LABEL, build_tiny_unet
@@ -249,7 +249,7 @@ def build_tiny_components(seed: int = 0, device="cpu", dtype=torch.float32, dept
             eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
         )
         text_encoder = CLIPTextModel(text_cfg)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer = clip_tokenizer(vocab, [])
     # A small working size keeps the miniature fast (the real MiDaS works at 384).
     depth_model = build_tiny_depth(depth, seed=seed, size=64 if depth == "midas" else 56)
     comps = Components(unet, vae, text_encoder, tokenizer, depth_model, label=TINY_LABEL, is_tiny=True)

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .building import byte_vocab, parameters_on_meta
+from .building import byte_vocab, clip_tokenizer, parameters_on_meta
 from .components import Components
 from .motion import MotionConfig
 from .unet import StreamingUNet, build_streaming_unet
@@ -190,7 +190,7 @@ def build_full_taesd(device="cpu", dtype=None, seed: int = 2) -> nn.Module:
 
 def build_full_text(device="cpu", dtype=None, seed: int = 3):
     """(CLIP ViT-L/14 text encoder, byte-level tokenizer); see the module's note on the tokenizer."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     vocab = byte_vocab()
     config = CLIPTextConfig(
@@ -198,7 +198,7 @@ def build_full_text(device="cpu", dtype=None, seed: int = 3):
         pad_token_id=vocab["<|endoftext|>"],
     )
     encoder = _built(lambda: CLIPTextModel(config), device, dtype, seed)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tokenizer = clip_tokenizer(vocab, [])
     return encoder, tokenizer
 
 

@@ -177,10 +177,12 @@ def _from_hub(repo_id: str, spec: ModelSpec | None, name: str | None, *, downloa
             return fetch(local_only=False)
     except Exception as exc:  # an HTTP status; or connection refused, DNS, timeouts
         status = _http_status(exc)
-        if status is not None or isinstance(exc, HfHubHTTPError):
+        why = _network_reason(exc)
+        # huggingface_hub < 1.0 (transformers 4: Intel Macs) raises a network failure as an HfHubHTTPError
+        # (LocalEntryNotFoundError) with no status: the failure under it is named instead.
+        if status is not None or (why is None and isinstance(exc, HfHubHTTPError)):
             hint = " (log in with `hf auth login` if it is gated)" if status in (401, 403) else ""
             raise ModelLoadError(f"cannot download {label} ({repo_id}): HTTP {status or 'error'}{hint}") from None
-        why = _network_reason(exc)
         if why is not None:
             _unreachable[_endpoint()] = why  # the next model does not wait for the same failure
         raise ModelLoadError(

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from .building import parameters_on_meta
+from .building import clip_tokenizer, parameters_on_meta
 from .files import read_unet_config, read_weight_file
 
 SD15_CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "sd15"
@@ -156,10 +156,8 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...
 
 def sd15_tokenizer():
     """The SD1.5 (CLIP ViT-L/14) tokenizer, built from the files shipped with the package."""
-    from transformers import CLIPTokenizer
-
     vocab, merges = _clip_vocab_and_merges()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+    return clip_tokenizer(vocab, merges)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -540,7 +540,9 @@ class StreamAccelerator:
         the stream call."""
         if self.mode == "off":
             return fn
-        key = (id(getattr(fn, "__self__", None)), getattr(fn, "__name__", label))
+        # The function itself, not its name: wrapped methods can share one (diffusers < 0.36 with
+        # accelerate's hooks names both the VAE's encode and decode "wrapper").
+        key = (id(getattr(fn, "__self__", None)), getattr(fn, "__func__", fn), label)
         wrapped = self._wrapped.get(key)
         if wrapped is None:
             wrapped = self._wrapped[key] = _CompiledCall(self, fn, label)

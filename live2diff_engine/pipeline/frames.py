@@ -152,8 +152,8 @@ STAGES = ("upload", "depth", "encode", "unet", "decode", "download")
 # part is a quarter. The latent sample stays one draw over the whole batch (see _encode_batch), so
 # the random stream is what one call of 16 drew. The encoder's values are each image's own, up to a
 # kernel that rounds the last bit differently at another batch size (the SD VAE's 1x1 shortcut
-# convolutions on the CPU: 5e-6 in latents up to 3; the tiny VAEs: bit for bit, see
-# tests/test_frames_warmup.py).
+# convolutions on the CPU: 5e-6 in latents up to 3; the tiny VAE with one thread: up to 1e-5, a
+# frame's pixel by one level at most, see tests/test_frames_warmup.py).
 ENCODE_CHUNK = 4
 
 # The compiled VAE calls already compiled for a shape by _precompile_vae: {wrapped call: {shapes}}.
