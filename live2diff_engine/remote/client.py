@@ -209,7 +209,7 @@ class RemotePipeline:
                 delay = min(delay, RESUME_BACKOFF_S)
             retry_after, self._retry_after = self._retry_after, None
             if retry_after is not None:
-                delay = retry_after
+                delay = max(retry_after, BACKOFF_S[0])  # a Retry-After of 0 must not become a busy loop
             attempt = 0 if why == "lost" else attempt + 1
             if self.on_lost is not None:
                 self.on_lost("remote engine: no signal" if why == "lost" else f"remote engine: {why}")
@@ -283,7 +283,8 @@ class RemotePipeline:
             return status, text
         self.session_url = None
         if status == 404:
-            self.say("connect: the engine has ended the old session (past its --session-grace); starting a new one")
+            self.say("connect: the engine has ended the old session (past its --session-grace, or restarted); "
+                     "starting a new one")
         else:
             line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {status}"
             self.say(f"connect: the engine cannot resume the session ({status}: {line}); ending it and starting a new one")
