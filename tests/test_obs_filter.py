@@ -176,6 +176,14 @@ def test_a_second_filter_is_told_the_engine_is_busy_and_the_first_keeps_it(comps
         second.close()
 
 
+def test_the_links_own_replies_have_the_schemas_envelope():
+    from live2diff_engine.control import schema
+    from live2diff_engine.io import obs_filter
+
+    assert (obs_filter.APP, obs_filter.VERSION, obs_filter.MAX_MESSAGE_BYTES) == (schema.APP, schema.VERSION, schema.MAX_MESSAGE_BYTES)
+    assert obs_filter.reply_message("7", False, "busy") == schema.reply_message("7", False, "busy")
+
+
 def test_a_taken_port_is_one_line_that_says_what_to_do():
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -32,10 +32,15 @@ def _cmd_run(args) -> int:
     from ..io.sources import open_at_start, parse_source
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    source = parse_source(
-        args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
-        synthetic_size=args.camera_size or (640, 480), seed=args.seed, model_size=model_size(args),
-    )
+    if args.source.partition(":")[0] == "obs-filter":
+        from ..io.obs_filter import parse_filter_source
+
+        source = parse_filter_source(args.source, model_size(args))
+    else:
+        source = parse_source(
+            args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
+            synthetic_size=args.camera_size or (640, 480), seed=args.seed,
+        )
     link = getattr(source, "link", None)  # --source obs-filter: the stylised frames go back to the filter
     default_sinks = [] if link is not None else ["virtualcam"]
     sinks = [parse_sink(s, vcam_device=args.vcam_device, vcam_fps=args.vcam_fps, mirror=args.mirror) for s in (args.sink or default_sinks)]

@@ -27,20 +27,42 @@ import time
 
 import numpy as np
 
-from ..control.schema import APP, MAX_MESSAGE_BYTES, VERSION, reply_message
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from .sinks import Sink
 from .sources import Source, SourceEnded
 
 log = logging.getLogger("live2diff.obs_filter")
 
 DEFAULT_PORT = 8766
+# The command schema's envelope and size limit (control/schema.py: io sits below control, so they
+# are repeated here; tests/test_obs_filter.py checks they stay the same).
+APP, VERSION, MAX_MESSAGE_BYTES = "live2diff", 1, 8192
 HEADER = struct.Struct("<4sIIIQII")
 MAGIC = b"L2DF"
 KIND_FRAME, KIND_JSON = 1, 2
 WIRE_VERSION = 1
 MAX_SIDE = 4096
 STATUS_EVERY_S = 1.0
+
+
+def reply_message(id, ok: bool, error: str | None = None) -> dict:
+    """A reply of the schema's shape, for what the link answers itself (busy, still starting)."""
+    msg = {"app": APP, "v": VERSION, "kind": "reply", "id": id, "ok": ok}
+    if error is not None:
+        msg["error"] = error
+    return msg
+
+
+def parse_filter_source(spec: str, model_size: tuple[int, int]) -> "FilterSource":
+    """``obs-filter[:PORT]`` -> a FilterSource listening on 127.0.0.1:PORT (not yet started)."""
+    _, _, rest = spec.partition(":")
+    try:
+        port = int(rest) if rest else DEFAULT_PORT
+    except ValueError:
+        raise ConfigError(f"--source obs-filter:PORT needs a number, got {spec!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--source obs-filter:PORT must be 0 to 65535, got {port}")
+    return FilterSource(FilterLink(port, model_size=model_size))
 
 
 class WireError(ValueError):

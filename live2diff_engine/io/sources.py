@@ -319,19 +319,8 @@ class SyntheticSource(Source):
         return img
 
 
-def parse_source(spec: str, *, camera_size=None, camera_fps=None, loop=False, synthetic_size=(640, 480), seed=0,
-                 model_size=(512, 512)) -> Source:
+def parse_source(spec: str, *, camera_size=None, camera_fps=None, loop=False, synthetic_size=(640, 480), seed=0) -> Source:
     kind, _, rest = spec.partition(":")
-    if kind == "obs-filter":
-        from .obs_filter import DEFAULT_PORT, FilterLink, FilterSource
-
-        try:
-            port = int(rest) if rest else DEFAULT_PORT
-        except ValueError:
-            raise ConfigError(f"--source obs-filter:PORT needs a number, got {spec!r}") from None
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"--source obs-filter:PORT must be 0 to 65535, got {port}")
-        return FilterSource(FilterLink(port, model_size=model_size))
     if kind == "camera":
         try:
             index = int(rest) if rest else 0
@@ -349,4 +338,4 @@ def parse_source(spec: str, *, camera_size=None, camera_fps=None, loop=False, sy
         return VideoSource(p, loop=loop)
     if kind == "synthetic":
         return SyntheticSource(synthetic_size, camera_fps or 30.0, seed)
-    raise ConfigError(f"unknown source {spec!r}; use camera[:INDEX], video:PATH, images:DIR, synthetic or obs-filter[:PORT]")
+    raise ConfigError(f"unknown source {spec!r}; use camera[:INDEX], video:PATH, images:DIR or synthetic (`run` also takes obs-filter[:PORT])")
