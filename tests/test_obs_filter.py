@@ -193,3 +193,29 @@ def test_a_taken_port_is_one_line_that_says_what_to_do():
             FilterLink(port).start()
     assert f"cannot listen for the OBS filter on 127.0.0.1:{port}" in str(err.value)
     assert "--source obs-filter:PORT" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_filter_that_stops_reading_is_dropped_and_the_engine_streams_on(comps):
+    live, link = filter_engine(comps)
+    with live:
+        stuck = FilterClient(link.port)
+        stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        wait_for(lambda: link.connected, 30, "the filter that will stop reading")
+        big = np.zeros((64, 64, 3), np.uint8)
+        # frames go in, stylised frames come back, and this "filter" never reads them
+        end = time.monotonic() + 240
+        while link.connected and time.monotonic() < end:
+            try:
+                stuck.send_frame(big, 5)
+            except OSError:
+                break
+            time.sleep(0.01)
+        assert not link.connected, "the engine kept a filter that never reads"
+        good = FilterClient(link.port)
+        wait_for(lambda: link.connected, 30, "the next filter")
+        kind = None
+        while kind != "frame":
+            good.send_frame(big, 6)
+            kind, *_ = good.receive()  # a stylised frame: the engine streams on, to the next filter
+        stuck.close()
+        good.close()

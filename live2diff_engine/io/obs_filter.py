@@ -22,6 +22,7 @@ import json
 import logging
 import socket
 import struct
+import sys
 import threading
 import time
 
@@ -43,6 +44,10 @@ KIND_FRAME, KIND_JSON = 1, 2
 WIRE_VERSION = 1
 MAX_SIDE = 4096
 STATUS_EVERY_S = 1.0
+# A filter that stops reading (OBS hung, or gone without closing) must not hold the engine's
+# inference thread, which sends the frames: a send that waits longer than this drops the
+# connection (the filter reconnects by itself). Reads have no timeout: a hidden source sends nothing.
+SEND_TIMEOUT_S = 3.0
 
 
 def reply_message(id, ok: bool, error: str | None = None) -> dict:
@@ -89,6 +94,18 @@ def unpack(head: bytes) -> tuple[int, int, int, int, int]:
     else:
         raise WireError(f"unknown message kind {kind}")
     return kind, width, height, stamp, length
+
+
+def _send_timeout(conn: socket.socket, seconds: float) -> None:
+    """SO_SNDTIMEO on a blocking socket: sends give up after ``seconds``, reads still wait."""
+    if sys.platform == "win32":
+        value = struct.pack("I", int(seconds * 1000))
+    else:
+        value = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    except OSError:
+        pass
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
@@ -176,6 +193,7 @@ class FilterLink:
             except OSError:
                 return
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _send_timeout(conn, SEND_TIMEOUT_S)
             if self._conn is not None:
                 self.refused += 1
                 self._send_json_to(conn, reply_message(None, False, "busy: another OBS filter is connected to this engine"))
