@@ -69,6 +69,8 @@ def away_from_source(img) -> float:
 
 
 def test_the_filter_shows_the_engines_frames_the_source_without_the_engine_and_the_engines_frames_again(built, tmp_path):
+    """Also: its seed and pause properties reach the engine as commands, its status line shows
+    FPS and latency, and with "hold" the last stylised frame stays while the engine is away."""
     real = RealOBS(tmp_path)
     so = install(built, real.config_dir)
     assert so.is_file()
@@ -121,6 +123,15 @@ def test_the_filter_shows_the_engines_frames_the_source_without_the_engine_and_t
             engine = start_engine(port, api_port, home)
             wait_for(lambda: away_from_source(shot()) > 25, 240, "the engine's frames after it came back")
             assert real.log_text().count("[live2diff] connected to the engine") >= 2
+
+            # 5. "hold the last stylised frame": the engine gone, its last frame stays
+            cl.send("SetSourceFilterSettings", {"sourceName": SOURCE, "filterName": FILTER, "filterSettings": {"hold_last": True}})
+            stop_engine(engine)
+            wait_for(lambda: "no engine" in settings()["status"], 30, "status: no engine")
+            time.sleep(1.5)  # past the filter's 1 s freshness: only the hold keeps the frame now
+            assert away_from_source(shot()) > 25, "the last stylised frame was not held"
+            cl.send("SetSourceFilterSettings", {"sourceName": SOURCE, "filterName": FILTER, "filterSettings": {"hold_last": False}})
+            wait_for(lambda: away_from_source(shot()) < 3, 20, "the source's own pixels once the hold is off")
     finally:
         if engine.poll() is None:
             stop_engine(engine)
