@@ -49,6 +49,8 @@ struct l2d_filter {
 	gs_texture_t *out_tex;
 	uint32_t out_w, out_h;
 	uint64_t out_arrived; /* os_gettime_ns when the shown frame came */
+	bool captured;        /* this frame's capture is done (the filter may render several times a
+	                       * frame: preview, projectors, screenshots); reset by the tick */
 
 	pthread_mutex_t lock; /* guards everything below */
 	/* to the engine */
@@ -602,8 +604,10 @@ static void l2d_render(void *data, gs_effect_t *effect)
 		obs_source_skip_video_filter(f->context);
 		return;
 	}
-	if (connected && !f->paused)
+	if (connected && !f->paused && !f->captured) {
 		capture(f, target, cx, cy);
+		f->captured = true;
+	}
 	upload_latest(f);
 	bool fresh = connected && f->out_arrived && os_gettime_ns() - f->out_arrived < STALE_NS;
 	if (f->paused || !f->out_tex || !(fresh || f->hold_last)) {
@@ -623,6 +627,7 @@ static void l2d_tick(void *data, float seconds)
 {
 	UNUSED_PARAMETER(seconds);
 	struct l2d_filter *f = data;
+	f->captured = false;
 	uint64_t now = os_gettime_ns();
 	if (now - f->last_status_ns < 1000000000ull)
 		return;
