@@ -108,7 +108,8 @@ def _send_timeout(conn: socket.socket, seconds: float) -> None:
         pass
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+def _recv_exact(conn: socket.socket, n: int) -> bytearray | None:
+    """``n`` bytes (read into one buffer, no copy after), or None when the peer closed."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -117,7 +118,7 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
         if not k:
             return None
         got += k
-    return bytes(buf)
+    return buf
 
 
 class FilterLink:
@@ -223,7 +224,7 @@ class FilterLink:
                 if head is None:
                     break
                 kind, width, height, stamp, length = unpack(head)
-                payload = _recv_exact(conn, length) if length else b""
+                payload = _recv_exact(conn, length) if length else bytearray()
                 if payload is None:
                     break
                 if kind == KIND_FRAME:
