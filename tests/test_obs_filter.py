@@ -219,3 +219,21 @@ def test_a_filter_that_stops_reading_is_dropped_and_the_engine_streams_on(comps)
             kind, *_ = good.receive()  # a stylised frame: the engine streams on, to the next filter
         stuck.close()
         good.close()
+
+
+def test_run_with_a_bad_filter_port_or_a_taken_one_is_one_line_and_exit_2(tmp_path):
+    from conftest import run_cli
+
+    env = {"HOME": str(tmp_path), "LIVE2DIFF_HOME": str(tmp_path / "l2d"), "LIVE2DIFF_CONFIG": "", "OMP_NUM_THREADS": "1"}
+    r = run_cli("run", "--model", "tiny", "--source", "obs-filter:abc", "--no-api", env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [line for line in r.stderr.splitlines() if "error" in line] == [
+        "live2diff-engine: error: --source obs-filter:PORT needs a number, got 'obs-filter:abc'"], r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = run_cli("run", "--model", "tiny", "--source", f"obs-filter:{port}", "--no-api", env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"cannot listen for the OBS filter on 127.0.0.1:{port}" in errors[0], r.stderr
