@@ -10,6 +10,9 @@
  *     source's size. With no engine, or none fresh enough, it draws the source unchanged, or
  *     holds the last stylised frame when "hold" is set.
  */
+/* first: on Windows winsock2.h must come before anything that includes windows.h */
+#include "transport.h"
+
 #include <obs-module.h>
 #include <graphics/graphics.h>
 #include <util/bmem.h>
@@ -19,8 +22,6 @@
 
 #include <stdio.h>
 #include <string.h>
-
-#include "transport.h"
 
 OBS_DECLARE_MODULE()
 OBS_MODULE_USE_DEFAULT_LOCALE("live2diff-filter", "en-US")

@@ -14,6 +14,12 @@
 #include <unistd.h>
 #endif
 
+#if !defined(_WIN32) && defined(MSG_NOSIGNAL)
+#define L2D_SEND_FLAGS MSG_NOSIGNAL
+#else
+#define L2D_SEND_FLAGS 0
+#endif
+
 void l2d_net_init(void)
 {
 #ifdef _WIN32
@@ -38,6 +44,9 @@ l2d_socket_t l2d_connect(uint16_t port)
 	}
 	int one = 1;
 	setsockopt(s, IPPROTO_TCP, TCP_NODELAY, (const char *)&one, sizeof(one));
+#ifdef SO_NOSIGPIPE /* macOS: a closed engine is an error from send, not SIGPIPE (Linux: MSG_NOSIGNAL) */
+	setsockopt(s, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof(one));
+#endif
 	/* A stalled engine must not hold the sender forever: after this long the connection is
 	 * given up and made again. */
 #ifdef _WIN32
@@ -80,7 +89,7 @@ bool l2d_send_all(l2d_socket_t s, const void *data, size_t size)
 #ifdef _WIN32
 		int n = send(s, p, chunk, 0);
 #else
-		ssize_t n = send(s, p, (size_t)chunk, MSG_NOSIGNAL);
+		ssize_t n = send(s, p, (size_t)chunk, L2D_SEND_FLAGS);
 		if (n < 0 && errno == EINTR)
 			continue;
 #endif

@@ -28,6 +28,9 @@
 #define L2D_MAX_JSON 65536u
 
 #ifdef _WIN32
+#ifndef WIN32_LEAN_AND_MEAN
+#define WIN32_LEAN_AND_MEAN
+#endif
 #include <winsock2.h>
 typedef SOCKET l2d_socket_t;
 #define L2D_NO_SOCKET INVALID_SOCKET
