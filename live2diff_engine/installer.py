@@ -1068,7 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
         filter_src = None
     elif os_name != "linux":
         print("  The native OBS filter (plugin/live2diff-filter) is built with CMake against OBS's SDK on this OS; "
-              "see the README (OBS filter). The Media Source path works without it.")
+              "see the README, 'Inside OBS: the Live2Diff filter'. The Media Source path works without it.")
         filter_src = None
     elif not shutil.which("cmake") or not (shutil.which("cc") or shutil.which("gcc")):
         print("  Not building the native OBS filter: " + FILTER_FIX)
