@@ -749,8 +749,9 @@ class Options:
 
 def build_plan(os_name: str, opts: Options, torch: TorchPlan, python: str, vcam: VcamPlan | None,
                obs: dict | None, obs_scripts_src: str | None, obsws_cmd: list[str] | None,
-               launchers: dict[str, str], upgrade: bool) -> list[Step]:
-    """The ordered steps; nothing here touches the machine."""
+               launchers: dict[str, str], upgrade: bool, filter_src: str | None = None) -> list[Step]:
+    """The ordered steps; nothing here touches the machine. ``filter_src``: plugin/live2diff-filter,
+    built and installed into OBS's per-user plugin folder (Linux, OBS from the distribution)."""
     os_name = normalize_os(os_name)
     pip = [python, "-m", "pip"]
     steps = [Step(f"{'Upgrade' if upgrade else 'Install'} torch ({torch.kind}: {torch.spec}"
@@ -779,10 +780,31 @@ def build_plan(os_name: str, opts: Options, torch: TorchPlan, python: str, vcam:
         if obsws_cmd:
             steps.append(Step("Install obsws-python into OBS's Python", cmd=obsws_cmd, fatal=False,
                               fix="run `" + shlex.join(obsws_cmd) + "` yourself (close OBS first)"))
+        if filter_src and os_name == "linux" and not obs.get("flatpak"):
+            steps.extend(filter_steps(filter_src, str(Path(opts.prefix, "filter-build")), obs["config"]))
     if launchers:
         steps.append(Step("Create the start launcher", action="write_launchers", data={"files": launchers},
                           fix="start it yourself with " + exe + " run"))
     return steps
+
+
+FILTER_FIX = ("install CMake, a C compiler and OBS's headers (Debian/Ubuntu: sudo apt-get install cmake gcc make "
+              "libobs-dev; Fedora: sudo dnf install cmake gcc obs-studio-devel) and run the installer again; the "
+              "engine works without the filter (Media Source)")
+
+
+def filter_steps(src: str, build: str, obs_config: str) -> list[Step]:
+    """Build the native OBS filter with CMake and install it where OBS looks for a user's plugins
+    (OBS_CONFIG/plugins/live2diff-filter/{bin/64bit,data}). Not fatal: the Media Source path stays."""
+    return [
+        Step("OBS filter: configure (CMake, libobs)", cmd=["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+                                                        "-DL2D_USER_INSTALL=ON"], fatal=False, fix=FILTER_FIX),
+        Step("OBS filter: build", cmd=["cmake", "--build", build], fatal=False, fix=FILTER_FIX),
+        Step("OBS filter: install into " + _join("linux", obs_config, "plugins", "live2diff-filter"),
+             cmd=["cmake", "--install", build, "--prefix", _join("linux", obs_config, "plugins")], fatal=False,
+             fix="install it yourself: cmake --install " + build + " --prefix " + _join("linux", obs_config, "plugins"),
+             data={"installs": _join("linux", obs_config, "plugins", "live2diff-filter")}),
+    ]
 
 
 def uninstall_plan(state: dict, prefix: str) -> tuple[list[str], list[str]]:
@@ -1041,7 +1063,18 @@ def main(argv: list[str] | None = None) -> int:
     python = venv_executable(os_name, venv, "python")
     if not Path(python).exists():
         python = sys.executable
-    steps = build_plan(os_name, opts, torch, python, vcam, obs, obs_src, obsws_cmd, launchers, upgrade)
+    filter_src = Path(repo, "plugin", "live2diff-filter")
+    if not filter_src.is_dir() or not obs or not opts.obs:
+        filter_src = None
+    elif os_name != "linux":
+        print("  The native OBS filter (plugin/live2diff-filter) is built with CMake against OBS's SDK on this OS; "
+              "see the README, 'Inside OBS: the Live2Diff filter'. The Media Source path works without it.")
+        filter_src = None
+    elif not shutil.which("cmake") or not (shutil.which("cc") or shutil.which("gcc")):
+        print("  Not building the native OBS filter: " + FILTER_FIX)
+        filter_src = None
+    steps = build_plan(os_name, opts, torch, python, vcam, obs, obs_src, obsws_cmd, launchers, upgrade,
+                       str(filter_src) if filter_src else None)
     print("== Plan")
     for i, s in enumerate(steps, 1):
         print(f"  {i}. {s.title}" + ("  [needs root: will ask]" if s.needs_root else ""))
@@ -1078,6 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
                     return _fail(f"step '{s.title}' failed (exit {res.returncode}); next: {s.fix}")
                 if obsws_cmd and s.cmd == obsws_cmd:
                     state["obsws_python"] = obsws_cmd[0]
+                if "installs" in s.data:  # the OBS filter's folder: removed by --uninstall
+                    state["dirs"] = sorted(set(state["dirs"]) | {s.data["installs"]})
             elif s.action == "copy_obs_scripts":
                 Path(s.data["dst"]).mkdir(parents=True, exist_ok=True)
                 for f in Path(s.data["src"]).glob("*.py"):

@@ -88,7 +88,8 @@ def int_list(text: str) -> list[int]:
 def add_io_args(p: argparse.ArgumentParser) -> None:
     """Where frames come from and go to: the same options for `run` and `connect`."""
     io = p.add_argument_group("input and output")
-    io.add_argument("--source", default="camera:0", help="camera[:INDEX] (default camera:0), video:PATH, images:DIR, synthetic")
+    io.add_argument("--source", default="camera:0", help="camera[:INDEX] (default camera:0), video:PATH, images:DIR, synthetic, "
+                    "obs-filter[:PORT] (frames from OBS's Live2Diff filter on 127.0.0.1, default port 8766; they go back to it)")
     io.add_argument("--camera-size", type=parse_size, default=None, metavar="WxH", help="ask the camera (or synthetic source) for this size")
     io.add_argument("--camera-fps", type=float, default=None, help="ask the camera (or synthetic source) for this rate")
     io.add_argument("--loop", action="store_true", help="restart a video or image folder when it ends")

@@ -60,7 +60,7 @@ FIXTURE_A = GOLDEN / "live2diff_tiny_a"  # the shared golden fixture (its .ckpt 
 # `--no-loadscope-reorder`: by default `--dist loadfile` hands out the files with the most tests
 # first, which put these one-test files last.
 LONG_FILES_FIRST = ("test_compiled_golden.py", "test_compiled_matrix.py", "test_install_script.py", "test_accelerate.py", "test_gpu_check.py", "test_sizes.py",
-                    "test_engine.py", "test_reference.py", "test_control.py", "test_obs_real.py")
+                    "test_engine.py", "test_reference.py", "test_control.py", "test_obs_real.py", "test_obs_filter_real.py")
 
 
 def pytest_collection_modifyitems(config, items):

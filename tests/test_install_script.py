@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,11 @@ def test_install_then_run_then_upgrade(tmp_path):
         assert script.is_file() and not (script.parent / "__init__.py").exists()
         assert f"Tools > Scripts > + and pick {script}" in again.stdout
         assert "Custom Browser Docks" in again.stdout and "http://127.0.0.1:8765/dock" in again.stdout
+        # the native OBS filter, built with CMake where the toolchain and libobs-dev are (CI installs them)
+        if shutil.which("cmake") and shutil.which("cc") and Path("/usr/include/obs/obs-module.h").exists():
+            module = obs_config / "plugins" / "live2diff-filter" / "bin" / "64bit" / "live2diff-filter.so"
+            assert module.is_file(), again.stdout[-3000:]
+            assert (obs_config / "plugins" / "live2diff-filter" / "data" / "locale" / "en-US.ini").is_file()
 
 
 def check_installed_engine_serves_the_dock(exe, env):

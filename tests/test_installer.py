@@ -716,3 +716,22 @@ def test_long_path_problem(user, long_paths, fails):
     deepest = len(venv + r"\Lib\site-packages") + 1 + I.TORCH_DEEPEST
     assert str(deepest) in problem and deepest > 259
     assert I.long_path_problem(r"C:\l2d\venv", False, env) is None, "the offered prefix fits"
+
+
+def test_on_linux_with_obs_the_plan_builds_the_obs_filter_into_obs_s_plugin_folder_and_never_fatally():
+    opts = I.Options("/p", "/p/venv", "/repo")
+    torch = I.choose_torch("linux", "x86_64", [], {}, force_cpu=True)
+    obs = {"config": "/home/u/.config/obs-studio", "flatpak": False}
+    steps = I.build_plan("linux", opts, torch, "/p/venv/bin/python", None, obs, None, None, {}, False,
+                         "/repo/plugin/live2diff-filter")
+    cmds = [s.cmd for s in steps if s.title.startswith("OBS filter")]
+    assert cmds == [
+        ["cmake", "-S", "/repo/plugin/live2diff-filter", "-B", "/p/filter-build", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+         "-DL2D_USER_INSTALL=ON"],
+        ["cmake", "--build", "/p/filter-build"],
+        ["cmake", "--install", "/p/filter-build", "--prefix", "/home/u/.config/obs-studio/plugins"],
+    ]
+    assert all(not s.fatal and "libobs-dev" in s.fix or "cmake --install" in s.fix for s in steps if s.title.startswith("OBS filter"))
+    flatpak = I.build_plan("linux", opts, torch, "/p/venv/bin/python", None, {**obs, "flatpak": True}, None, None, {}, False,
+                           "/repo/plugin/live2diff-filter")
+    assert not [s for s in flatpak if s.title.startswith("OBS filter")]

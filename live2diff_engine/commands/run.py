@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 def _cmd_run(args) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         raise ConfigError("--max-frames must be at least 1")
-    from ..assemble import preflight
+    from ..assemble import model_size, preflight
 
     # Option values, --lora files, model paths and the models still to download: one line each
     # before torch loads (seconds) and before the camera opens.
@@ -32,11 +32,22 @@ def _cmd_run(args) -> int:
     from ..io.sources import open_at_start, parse_source
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    source = parse_source(
-        args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
-        synthetic_size=args.camera_size or (640, 480), seed=args.seed,
-    )
-    sinks = [parse_sink(s, vcam_device=args.vcam_device, vcam_fps=args.vcam_fps, mirror=args.mirror) for s in (args.sink or ["virtualcam"])]
+    if args.source.partition(":")[0] == "obs-filter":
+        from ..io.obs_filter import parse_filter_source
+
+        source = parse_filter_source(args.source, model_size(args))
+    else:
+        source = parse_source(
+            args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
+            synthetic_size=args.camera_size or (640, 480), seed=args.seed,
+        )
+    link = getattr(source, "link", None)  # --source obs-filter: the stylised frames go back to the filter
+    default_sinks = [] if link is not None else ["virtualcam"]
+    sinks = [parse_sink(s, vcam_device=args.vcam_device, vcam_fps=args.vcam_fps, mirror=args.mirror) for s in (args.sink or default_sinks)]
+    if link is not None:
+        from ..io.obs_filter import FilterSink
+
+        sinks.insert(0, FilterSink(link))
     open_at_start(source, lambda line: print(line, file=sys.stderr, flush=True))
     from ..assemble import build_frame_pipeline  # after the camera: a missing one is said before torch loads (seconds)
     from ..engine import Engine
@@ -74,6 +85,10 @@ def _cmd_run(args) -> int:
             comps, frames, manager, style = build_frame_pipeline(args)
         print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}", file=sys.stderr, flush=True)
         controller = control.attach(frames, manager, comps.label)
+        if link is not None:
+            link.attach(controller)
+            print(f"OBS filter: listening on 127.0.0.1:{link.port} (add the 'Live2Diff' filter to a source in OBS)",
+                  file=sys.stderr, flush=True)
         start_saving(controller, saved_seed, fresh=bool(getattr(args, 'fresh', False)))
         engine = Engine(frames, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps,
                         controller=controller, pace=True)

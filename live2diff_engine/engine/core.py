@@ -125,7 +125,11 @@ class Engine:
         self.stats = Stats()
         self._stop = threading.Event()
         self._new_frame = threading.Condition()
-        self._latest: tuple[int, float, np.ndarray] | None = None  # (seq, capture time, frame)
+        self._latest: tuple[int, float, np.ndarray, int | None] | None = None  # (seq, capture time, frame, stamp)
+        # A source that stamps its frames (the OBS filter: its own clock) gets each output back with
+        # the stamp of the frame it was made from: the stamp of the frame taken, then by index.
+        self._taken_stamp: int | None = None
+        self._stamps: dict[int, int] = {}
         self._seq_taken = -1
         self._no_signal = False
         self._capture_times: dict[int, float] = {}
@@ -258,10 +262,11 @@ class Engine:
                 if not self._open_source_with_retry():
                     break
                 continue
+            stamp = getattr(self.source, "last_stamp", None)  # read right after its frame, on this thread
             with self._new_frame:
                 if self._latest is not None and self._latest[0] > self._seq_taken:
                     self.stats.dropped += 1  # never processed: a newer frame replaced it
-                self._latest = (seq, time.monotonic(), frame)
+                self._latest = (seq, time.monotonic(), frame, stamp)
                 seq += 1
                 self._new_frame.notify_all()
 
@@ -271,7 +276,7 @@ class Engine:
             while not self.stopping:
                 with self._new_frame:
                     if self._latest is not None and self._latest[0] > self._seq_taken:
-                        seq, t, frame = self._latest
+                        seq, t, frame, self._taken_stamp = self._latest
                         self._seq_taken = seq
                         return t, frame
                     if not any(t.is_alive() for t in self._threads if t.name == "capture"):
@@ -283,6 +288,7 @@ class Engine:
         while not self.stopping:
             try:
                 frame = self.source.read()
+                self._taken_stamp = getattr(self.source, "last_stamp", None)
                 if self._no_signal:
                     self._no_signal = False
                     log.warning("%s is back", self.source.name)
@@ -301,8 +307,8 @@ class Engine:
 
     # -- sinks -------------------------------------------------------------------------------
 
-    def _deliver(self, image: np.ndarray, paced_only: bool = False, count: bool = True) -> None:
-        self.publisher.deliver(image, paced_only)
+    def _deliver(self, image: np.ndarray, paced_only: bool = False, count: bool = True, stamp: int | None = None) -> None:
+        self.publisher.deliver(image, paced_only, stamp=stamp)
         if count and self.on_output is not None:
             self.on_output(image)
 
@@ -350,7 +356,7 @@ class Engine:
         if self.paused:
             self._latencies.append(time.monotonic() - t_capture)
             try:
-                self._deliver(self._passthrough(frame))
+                self._deliver(self._passthrough(frame), stamp=self._taken_stamp)
             except Exception as exc:
                 self.stats.errors += 1
                 self.stats.last_error = f"bad frame: {exc}"
@@ -360,13 +366,20 @@ class Engine:
             return
         index = self.pipeline.frame_index
         self._capture_times[index] = t_capture
+        if self._taken_stamp is not None:
+            self._stamps[index] = self._taken_stamp
+            if len(self._stamps) > 256:  # outputs that never came (a pipeline reset): forget the oldest
+                for old in sorted(self._stamps)[:-128]:
+                    del self._stamps[old]
         try:
             ready = self._abandonable(self.pipeline.push, frame)
         except _Abandon:  # stopping: the frame in flight is dropped, not waited for
             self._capture_times.pop(index, None)
+            self._stamps.pop(index, None)
             return
         except FrameError as exc:  # nothing was touched: skip it, the sinks keep the last picture
             self._capture_times.pop(index, None)
+            self._stamps.pop(index, None)
             self.stats.errors += 1
             self.stats.last_error = f"bad frame: {exc}"
             log.warning("skipping a bad frame: %s", exc)
@@ -391,6 +404,7 @@ class Engine:
             lost = [i for i in self.pipeline.abandon_in_flight() if i != index]
             for i in lost:
                 self._capture_times.pop(i, None)
+                self._stamps.pop(i, None)
             self.stats.dropped += len(lost)
             if self.pipeline.frame_index == index:  # it failed before taking its number
                 self.pipeline.frame_index += 1
@@ -414,7 +428,7 @@ class Engine:
             t0 = self._capture_times.pop(index, None)
             if t0 is not None:
                 self._latencies.append(now - t0)
-            self._deliver(image)
+            self._deliver(image, stamp=self._stamps.pop(index, None))
             self.stats.frames_out += 1
             self._rate_out.tick(now)
 

@@ -27,14 +27,19 @@ class Publisher:
     def latest(self) -> np.ndarray | None:
         return self._out_frame
 
-    def deliver(self, image: np.ndarray, paced_only: bool = False) -> None:
+    def deliver(self, image: np.ndarray, paced_only: bool = False, stamp: int | None = None) -> None:
         """``image`` is the latest output. With ``paced_only`` (a "no signal" card) the sinks fed
-        frame by frame get it only where they take cards (a file records outputs, never the card)."""
+        frame by frame get it only where they take cards (a file records outputs, never the card).
+        ``stamp``: the source's stamp of the frame it was made from, for a sink that keeps them
+        (``send_stamped``: the OBS filter's)."""
         with self._lock:
             self._out_frame = image
         for sink in self.sinks:
             if not sink.paced and (not paced_only or getattr(sink, "takes_cards", False)):
-                sink.send(image)
+                if stamp is not None and hasattr(sink, "send_stamped"):
+                    sink.send_stamped(image, stamp)
+                else:
+                    sink.send(image)
 
     def loop(self, sink) -> None:
         """A paced sink's thread, until the stop."""

@@ -338,4 +338,4 @@ def parse_source(spec: str, *, camera_size=None, camera_fps=None, loop=False, sy
         return VideoSource(p, loop=loop)
     if kind == "synthetic":
         return SyntheticSource(synthetic_size, camera_fps or 30.0, seed)
-    raise ConfigError(f"unknown source {spec!r}; use camera[:INDEX], video:PATH, images:DIR or synthetic")
+    raise ConfigError(f"unknown source {spec!r}; use camera[:INDEX], video:PATH, images:DIR or synthetic (`run` also takes obs-filter[:PORT])")
