@@ -36,13 +36,14 @@ import numpy as np
 from ..errors import ConfigError, UserError
 from ..io.sinks import Sink
 from .controller import Pacer
-from .schema import APP, TOO_LARGE, VERSION, reply_message, status_message
+from .schema import APP, MAX_MESSAGE_BYTES, TOO_LARGE, VERSION, reply_message, status_message
 
 # What the HTTP and WebSocket transports read in one message before the command schema judges it:
 # a message over MAX_MESSAGE_BYTES gets the schema's one-line refusal and the connection stays;
 # only a message beyond this (a runaway client, not a command) closes the socket, as obs-websocket
 # does beyond its own limit: the same line as a reply first, then the close (1009) with it as reason.
 MAX_TRANSPORT_BYTES = 16 * 1024 * 1024
+BODY_TIMEOUT_S = 30.0  # a request body (a command, an SDP offer) not all in by then is refused (408)
 
 log = logging.getLogger("live2diff.api")
 
@@ -105,6 +106,41 @@ def dock_dir() -> Path | None:
         pass
     path = Path(__file__).resolve().parents[2] / "plugin"
     return path if (path / "dock.html").is_file() else None
+
+
+class BodyError(Exception):
+    """A request body that cannot be used: ``status`` (413, 408, 400) and one line saying why."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status, self.text = status, text
+
+
+async def read_body(request, limit: int, what: str = "the request body", timeout: float = BODY_TIMEOUT_S) -> bytes:
+    """The whole body of ``request``, however it comes: with a Content-Length or chunked, in one
+    TCP segment or many with pauses between them (``request.content.read(n)`` would return only
+    what has arrived so far). At most ``limit`` bytes: a Content-Length above it is refused (413)
+    before a byte of the body is read, a chunked body as soon as it passes it. A body not all in
+    within ``timeout`` seconds is refused (408), so a sender that trickles holds nothing for long."""
+    length = request.content_length
+    too_large = BodyError(413, f"{what} is too large (at most {limit} bytes)")
+    if length is not None and length > limit:
+        raise too_large
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    body = bytearray()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise BodyError(408, f"{what} did not arrive within {timeout:.0f} s; send it whole") from None
+        except Exception as exc:  # the sender went away, or its chunked encoding is broken
+            raise BodyError(400, f"{what} could not be read ({type(exc).__name__}); send it again") from None
+        if not chunk:
+            return bytes(body)
+        body.extend(chunk)
+        if len(body) > limit:
+            raise too_large
 
 
 class StreamSink(Sink):
@@ -441,10 +477,11 @@ class ApiServer:
 
         if request.content_type != "application/json":
             return web.json_response(reply_message(None, False, "send the command as JSON (Content-Type: application/json)"), status=415)
-        try:
-            raw = await request.read()
-        except Exception:
-            return web.json_response(reply_message(None, False, TOO_LARGE), status=413)
+        try:  # beyond the schema's limit the schema would refuse it: refused unread, in its words
+            raw = await read_body(request, MAX_MESSAGE_BYTES, "the command")
+        except BodyError as exc:
+            return web.json_response(reply_message(None, False, TOO_LARGE if exc.status == 413 else exc.text),
+                                     status=exc.status)
         fut = asyncio.get_running_loop().create_future()
 
         def deliver(msg):
@@ -657,4 +694,4 @@ def api_token_from_env(value: str | None) -> str | None:
     return value or os.environ.get("LIVE2DIFF_API_TOKEN") or None
 
 
-__all__ = ["ApiServer", "StreamSink", "DEFAULT_PORT", "APP", "VERSION", "dock_dir", "is_loopback", "peer_is_local"]
+__all__ = ["ApiServer", "BodyError", "read_body", "StreamSink", "DEFAULT_PORT", "APP", "VERSION", "dock_dir", "is_loopback", "peer_is_local"]

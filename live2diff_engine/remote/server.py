@@ -38,6 +38,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..control.api import BodyError, read_body
 from ..control.controller import Controller, Pacer
 from ..control.schema import reply_message
 from ..io.sinks import Sink
@@ -226,18 +227,19 @@ class WebRtcService:
         return web.Response(status=204, headers={"Accept-Post": "application/sdp"})
 
     async def _read_offer(self, request):
+        """The offer's text, or the response that refuses it (before any session or slot exists)."""
         from aiohttp import web
 
         if request.content_type != "application/sdp":
-            raise web.HTTPUnsupportedMediaType(text="send the SDP offer with Content-Type: application/sdp\n")
-        body = await request.content.read(MAX_SDP_BYTES + 1)
-        if len(body) > MAX_SDP_BYTES:
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_SDP_BYTES, actual_size=len(body),
-                                                text=f"SDP offer too large (at most {MAX_SDP_BYTES} bytes)\n")
+            return web.Response(status=415, text="send the SDP offer with Content-Type: application/sdp\n")
+        try:  # whole, however many pieces it comes in; over the cap refused unread
+            body = await read_body(request, MAX_SDP_BYTES, "the SDP offer")
+        except BodyError as exc:
+            return web.Response(status=exc.status, text=exc.text + "\n")
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError:
-            raise web.HTTPBadRequest(text="the SDP offer is not UTF-8 text\n") from None
+            return web.Response(status=400, text="the SDP offer is not UTF-8 text\n")
 
     async def _whip(self, request):
         from aiohttp import web
@@ -247,6 +249,8 @@ class WebRtcService:
         if self._watch is None:
             self._watch = self.loop.create_task(self._watchdog())
         sdp = await self._read_offer(request)
+        if not isinstance(sdp, str):
+            return sdp
         slot = next((s for s in self.slots if not s.busy), None)
         if slot is None:
             n = self.max_sessions
@@ -331,6 +335,8 @@ class WebRtcService:
 
         self.loop = asyncio.get_running_loop()
         sdp = await self._read_offer(request)
+        if not isinstance(sdp, str):
+            return sdp
         if len(self.viewers) >= self.max_viewers:
             return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)},
                                 text=f"busy: {self.max_viewers} viewers already watch this engine; try again later\n")
