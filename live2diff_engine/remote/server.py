@@ -495,7 +495,6 @@ class WebRtcService:
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-        for s in list(self.sessions.values()):
-            await self.end(s, "the engine is stopping")
-        for v in list(self.viewers.values()):
-            await self.end_viewer(v)
+        # All at once: each waits for its engine's frame in flight, so one after another would add up.
+        await asyncio.gather(*(self.end(s, "the engine is stopping") for s in list(self.sessions.values())),
+                             *(self.end_viewer(v) for v in list(self.viewers.values())), return_exceptions=True)
