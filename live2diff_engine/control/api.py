@@ -3,6 +3,8 @@
     GET  /api/status     the status message (JSON)
     GET  /api/styles     the style names and descriptions
     POST /api/command    a command message (Content-Type: application/json) -> its reply
+    POST /api/login      the token (Authorization: Bearer) -> an HttpOnly, SameSite=Strict cookie
+                         that stands for it (a browser page's way to keep the token out of URLs)
     GET  /api/ws         WebSocket: status on connect, on change and once a second; send commands,
                          get replies
     GET  /dock           the dock page (plugin/), for OBS's Custom Browser Docks or any browser
@@ -14,8 +16,9 @@
 whose request no proxy relayed (no Forwarded/X-Forwarded-For/X-Real-IP header), with the token
 where the API has one; never over obs-websocket or a remote data channel.
 
-Bound beyond loopback, every request needs the token (``Authorization: Bearer TOKEN`` or
-``?token=TOKEN``). On loopback the Host header must name this machine (a web page elsewhere cannot
+Bound beyond loopback, every request needs the token (``Authorization: Bearer TOKEN``,
+``?token=TOKEN``, or the cookie /api/login sets; control/auth.py). Wrong tokens are slowed down per
+client address after a few. On loopback the Host header must name this machine (a web page elsewhere cannot
 reach the API through DNS rebinding), commands must be JSON (a cross-site form cannot post one),
 and a WebSocket from a browser must come from this server's own pages.
 """
@@ -27,6 +30,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import threading
 from pathlib import Path
@@ -35,6 +39,7 @@ import numpy as np
 
 from ..errors import ConfigError, UserError
 from ..io.sinks import Sink
+from .auth import COOKIE_PREFIX, MAX_WAIT_S, WrongTokenBrake, client_key, cookie_ok, cookie_value
 from .controller import Pacer
 from .schema import APP, MAX_MESSAGE_BYTES, TOO_LARGE, VERSION, reply_message, status_message
 
@@ -95,7 +100,12 @@ def peer_is_local(remote: str | None, headers=None) -> bool:
 
 
 def dock_dir() -> Path | None:
-    """The dock page's folder: in the installed package, or plugin/ of a source checkout."""
+    """The dock page's folder: plugin/ of the source checkout this code runs from, or the installed
+    package's. The checkout's first: an editable install maps the package to the checkout it was
+    made from, which need not be this one (a second worktree run with PYTHONPATH)."""
+    path = Path(__file__).resolve().parents[2] / "plugin"
+    if (path / "dock.html").is_file():
+        return path
     try:
         from importlib.resources import files
 
@@ -104,8 +114,7 @@ def dock_dir() -> Path | None:
             return path
     except Exception:
         pass
-    path = Path(__file__).resolve().parents[2] / "plugin"
-    return path if (path / "dock.html").is_file() else None
+    return None
 
 
 class BodyError(Exception):
@@ -249,6 +258,7 @@ class ApiServer:
         self.frames_served = 0  # MJPEG parts written, over all viewers
         self._readers = {"obs": 0, "other": 0}  # open /stream.mjpg connections (OBS's source asks with ?client=obs)
         self._http_pacer = Pacer()
+        self._brake = WrongTokenBrake()  # wrong tokens per client address: slowed after a few
         # Set before start(): more routes (``fn(app)``, e.g. the WebRTC endpoints of `serve`), and
         # an ssl.SSLContext for HTTPS (--tls-cert/--tls-key).
         self.extra_routes: list = []
@@ -345,6 +355,7 @@ class ApiServer:
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/api/styles", self._styles)
         app.router.add_post("/api/command", self._command)
+        app.router.add_post("/api/login", self._login)
         app.router.add_get("/api/ws", self._ws)
         app.router.add_get("/dock", self._dock_page)
         app.router.add_get("/dock/{name}", self._dock_file)
@@ -361,6 +372,17 @@ class ApiServer:
         if self.port == 0:
             self.port = site._server.sockets[0].getsockname()[1]
         self._broadcast_task = asyncio.get_running_loop().create_task(self._broadcaster())
+
+    async def _login(self, request):
+        """The token (Authorization: Bearer) traded for a cookie a browser keeps out of URLs
+        (control/auth.py says why a cookie); past the guard, so the token is right."""
+        from aiohttp import web
+
+        resp = web.Response(status=204, headers={"Cache-Control": "no-store"})
+        if self.token:
+            resp.set_cookie(self.cookie_name, cookie_value(self.token), path="/", httponly=True, samesite="Strict",
+                            secure=self.ssl_context is not None or request.secure)
+        return resp
 
     async def _root(self, request):
         from aiohttp import web
@@ -394,14 +416,25 @@ class ApiServer:
 
     # -- security ----------------------------------------------------------------------------------
 
-    def _token_ok(self, request) -> bool:
+    @property
+    def cookie_name(self) -> str:
+        return f"{COOKIE_PREFIX}{self.port}"
+
+    def _auth(self, request) -> str | None:
+        """How the request proves it may come in: "open" (no token set), "token" (the Authorization
+        header or ?token=), "cookie" (the one /api/login sets); None: it does not."""
         if not self.token:
-            return True
+            return "open"
         given = request.query.get("token", "")
         auth = request.headers.get("Authorization", "")
         if auth.startswith("Bearer "):
             given = auth[7:].strip()
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        if given:
+            return "token" if hmac.compare_digest(given.encode(), self.token.encode()) else None
+        return "cookie" if cookie_ok(request.cookies.get(self.cookie_name), self.token) else None
+
+    def _token_ok(self, request) -> bool:
+        return self._auth(request) is not None
 
     def _host_ok(self, request) -> bool:
         if not is_loopback(self.host):
@@ -409,6 +442,15 @@ class ApiServer:
         host = request.host or ""
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         return is_loopback(name.strip("[]"))
+
+    @staticmethod
+    def _same_origin(request) -> bool:
+        """No Origin (not a browser's cross-origin request), or this server's own (any scheme: a
+        TLS proxy in front changes it)."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        return origin.split("://", 1)[-1].rstrip("/") == (request.host or "")
 
     def _origin_ok(self, request) -> bool:
         origin = request.headers.get("Origin")
@@ -423,10 +465,21 @@ class ApiServer:
         async def guard(request, handler):
             if not self._host_ok(request):
                 return web.json_response({"ok": False, "error": "unexpected Host header; use http://127.0.0.1"}, status=403)
-            static = request.method == "GET" and (request.path == "/dock" or request.path.startswith("/dock/"))
-            if not static and not self._token_ok(request):  # the dock page holds nothing; it passes the token on
-                return web.json_response({"ok": False, "error": "missing or wrong token (Authorization: Bearer TOKEN or ?token=)"},
-                                         status=401)
+            # The dock and studio pages hold nothing: the dock passes the token on, the studio trades it for a cookie.
+            static = request.method == "GET" and (request.path in ("/dock", "/studio") or request.path.startswith("/dock/"))
+            if static:
+                return await handler(request)
+            how = self._auth(request)
+            key = client_key(request.remote)
+            if how is None:
+                wait = self._brake.failed(key)
+                refusal = {"ok": False, "error": "missing or wrong token (Authorization: Bearer TOKEN or ?token=)"}
+                if not await self._brake.hold(wait):
+                    return web.json_response({**refusal, "error": "too many wrong tokens; try again later"}, status=429,
+                                             headers={"Retry-After": str(int(MAX_WAIT_S))})
+                return web.json_response(refusal, status=401, headers={"Retry-After": str(math.ceil(wait))} if wait else None)
+            if how == "cookie" and not self._same_origin(request):  # a cookie another page of this host sent along
+                return web.json_response({"ok": False, "error": "request from another site refused"}, status=403)
             return await handler(request)
 
         return guard

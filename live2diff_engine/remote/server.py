@@ -323,8 +323,9 @@ class WebRtcService:
         page = folder / "studio.html" if folder is not None else None
         if page is None or not page.is_file():
             return web.Response(status=404, text="the studio page is not installed (plugin/ is missing)\n")
+        # No Referer: the link may hold the token until the page takes it out (plugin/studio.js).
         return web.Response(body=page.read_bytes(), content_type="text/html", charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers={"Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"})
 
     # -- WHEP ---------------------------------------------------------------------------------
 
