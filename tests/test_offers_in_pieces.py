@@ -199,3 +199,57 @@ def test_a_command_in_pieces_and_chunked_is_read_whole_and_an_oversized_one_refu
                          (post_head("/api/command", "application/json", None), chunked(big, 8))):
         status, _, text = request_in_pieces(server.url, head, pieces)
         assert status == 413 and json.loads(text)["error"] == TOO_LARGE, text
+
+
+def test_a_body_that_trickles_past_its_time_is_refused_with_408_and_a_whole_one_read():
+    """read_body itself, on a real aiohttp server on 127.0.0.1 (the same code `serve` runs, with a
+    1 s limit in place of BODY_TIMEOUT_S so the test is quick)."""
+    import threading
+
+    from aiohttp import web
+
+    from live2diff_engine.control.api import BodyError, read_body
+
+    async def handler(request):
+        try:
+            body = await read_body(request, 1000, "the test body", timeout=1.0)
+        except BodyError as exc:
+            return web.Response(status=exc.status, text=exc.text + "\n")
+        return web.Response(text=f"{len(body)} bytes\n")
+
+    ready, loop_box = threading.Event(), {}
+
+    def serve():
+        async def main():
+            app = web.Application()
+            app.router.add_post("/", handler)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            loop_box["port"], loop_box["stop"] = site._server.sockets[0].getsockname()[1], asyncio.Event()
+            ready.set()
+            await loop_box["stop"].wait()
+            await runner.cleanup()
+
+        loop = loop_box["loop"] = asyncio.new_event_loop()
+        loop.run_until_complete(main())
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]  # a connection still lingering
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    assert ready.wait(WAIT)
+    url = f"http://127.0.0.1:{loop_box['port']}"
+    try:
+        head = post_head("/", "text/plain", 100)
+        status, _, text = request_in_pieces(url, head, [b"x" * 40, b"x" * 60], pause=0.2)  # in time: read whole
+        assert status == 200 and text == "100 bytes\n", text
+        status, _, text = request_in_pieces(url, head, [b"x" * 40], pause=0)  # the other 60 never come
+        assert status == 408 and "did not arrive within 1 s" in text, text
+    finally:
+        loop_box["loop"].call_soon_threadsafe(loop_box["stop"].set)
+        t.join(WAIT)
