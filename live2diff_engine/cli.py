@@ -79,14 +79,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry_point() -> None:
     code = main()
-    if run.exit_at_once:  # set by `run` once its outputs are closed
+    if any(m.exit_at_once for m in (run, serve, connect)):  # set by the command once all it opened is closed
         _exit_now(code)
     sys.exit(code)
 
 
 def _exit_now(code: int) -> None:
-    """Ends the process without the interpreter's teardown. After `run` everything the user made
-    is already closed (files, virtual camera, API); what is left is the garbage collector walking
+    """Ends the process without the interpreter's teardown. After `run`, `serve` or `connect`
+    everything the user made is already closed (files, virtual camera, sessions, API); what is left is the garbage collector walking
     every object torch and the models made, which on a busy machine took 10 s and more after a
     Ctrl-C. The exit handlers still run and the output is flushed first."""
     import atexit

@@ -3,15 +3,27 @@
 // carries the engine's command schema (the dock's controls) and its status.
 'use strict';
 (() => {
+  // The token never stays in a URL: one given in the link (?token= or, better, #token=, which no
+  // server or proxy sees) is taken out of the address bar and this history entry at once, then
+  // traded for an HttpOnly, SameSite=Strict cookie (POST /api/login) that every later request of
+  // this page carries by itself. Without one in the link, the page asks for it when the engine
+  // wants one. The script keeps the token no longer than that one request.
   const params = new URLSearchParams(location.search);
-  const token = params.get('token') || '';
+  const hash = new URLSearchParams(location.hash.replace(/^#/, ''));
+  let linkToken = params.get('token') || hash.get('token') || '';
+  if (params.has('token') || hash.has('token')) {
+    params.delete('token');
+    hash.delete('token');
+    const q = params.toString(), h = hash.toString();
+    history.replaceState(history.state, '', location.pathname + (q ? '?' + q : '') + (h ? '#' + h : ''));
+  }
   const camW = parseInt(params.get('w') || '640', 10), camH = parseInt(params.get('h') || '480', 10);
   const $ = (id) => document.getElementById(id);
   const el = {
     conn: $('conn'), local: $('local'), remote: $('remote'), start: $('start'), stop: $('stop'),
     controls: $('controls'), toast: $('toast'), prompt: $('prompt'), promptApply: $('prompt-apply'),
     style: $('style'), strength: $('strength'), strengthValue: $('strength-value'), steps: $('steps'),
-    pause: $('pause'), reset: $('reset'),
+    pause: $('pause'), reset: $('reset'), login: $('login'), tokenInput: $('token'), loginNote: $('login-note'),
     fState: $('f-state'), fFps: $('f-fps'), fLatency: $('f-latency'), fStyle: $('f-style'), fFrames: $('f-frames'),
   };
   let pc = null, channel = null, camera = null, location_ = null, nextId = 1, status = null;
@@ -26,11 +38,47 @@
     el.toast.textContent = text;
     el.toast.hidden = !text;
   }
-  function headers(type) {
-    const h = type ? { 'Content-Type': type } : {};
-    if (token) h.Authorization = 'Bearer ' + token;
-    return h;
+  function headers(type) {  // the cookie carries the token, where the engine wants one
+    return type ? { 'Content-Type': type } : {};
   }
+
+  // -- the token: once, for a cookie ------------------------------------------------------------
+  let authorised = false;
+  function showLogin(note) {
+    el.login.hidden = false;
+    el.loginNote.textContent = note || '';
+    el.tokenInput.focus();
+  }
+  async function login(token) {
+    const resp = await fetch('/api/login', { method: 'POST', headers: { Authorization: 'Bearer ' + token }, cache: 'no-store' });
+    authorised = resp.status === 204;
+    if (authorised) {
+      el.login.hidden = true;
+      el.loginNote.textContent = '';
+    } else {
+      showLogin(resp.status === 401 || resp.status === 429 ? 'wrong token' : 'the engine answered HTTP ' + resp.status);
+    }
+    return authorised;
+  }
+  async function checkAccess() {
+    if (linkToken) {
+      const token = linkToken;
+      linkToken = '';
+      await login(token);
+      return;
+    }
+    const resp = await fetch('/api/status', { cache: 'no-store' });
+    authorised = resp.status !== 401;
+    if (!authorised) showLogin('');
+  }
+  const accessChecked = checkAccess().catch((e) => toast(String(e.message || e)));
+  el.login.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    const token = el.tokenInput.value;
+    el.tokenInput.value = '';
+    if (token) await login(token);
+  });
+
   function send(cmd, fields) {
     if (!channel || channel.readyState !== 'open') { toast('not connected'); return; }
     channel.send(JSON.stringify(Object.assign({ app: 'live2diff', v: 1, kind: 'command', cmd, id: String(nextId++) }, fields || {})));
@@ -74,6 +122,12 @@
   async function start() {
     el.start.disabled = true;
     toast('');
+    await accessChecked;
+    if (!authorised) {
+      showLogin('enter the engine token first');
+      el.start.disabled = false;
+      return;
+    }
     try {
       camera = await navigator.mediaDevices.getUserMedia({ video: { width: { ideal: camW }, height: { ideal: camH } }, audio: false });
       el.local.srcObject = camera;
@@ -97,6 +151,7 @@
       await waitForIce(pc);
       const resp = await fetch('/whip', { method: 'POST', headers: headers('application/sdp'), body: pc.localDescription.sdp });
       const text = await resp.text();
+      if (resp.status === 401) { authorised = false; showLogin('the engine wants its token again'); }
       if (resp.status !== 201) throw new Error(text.trim() || 'HTTP ' + resp.status);
       location_ = resp.headers.get('Location');
       await pc.setRemoteDescription({ type: 'answer', sdp: text });

@@ -40,8 +40,9 @@ def server():
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def browser(server, tmp_path_factory):
+def studio_browser(tmp_path_factory, network_log: bool = False):
+    """A headless Chromium with the fake camera; ``network_log``: its log of every request sent
+    (``driver.get_log("performance")``)."""
     _need_browser()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -53,8 +54,16 @@ def browser(server, tmp_path_factory):
                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
                 "--window-size=900,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         opts.add_argument(arg)
+    if network_log:
+        opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(60)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(server, tmp_path_factory):
+    driver = studio_browser(tmp_path_factory)
     try:
         yield driver
     finally:

@@ -131,6 +131,11 @@ def cmd_connect(args) -> int:
         source.close()
         if api is not None:
             api.stop()
+        global exit_at_once
+        exit_at_once = True
+
+
+exit_at_once = False  # set once connect's link, sinks and API are closed: the process may end without the interpreter's teardown
 
 
 def _status_lines(engine, remote, controller, say) -> None:

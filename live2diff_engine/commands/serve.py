@@ -133,7 +133,12 @@ def cmd_serve(args) -> int:
             except Exception:
                 pass
         api.stop()
+        if not service.sessions:  # every session ended, its engine thread joined: nothing of the user's is open
+            global exit_at_once
+            exit_at_once = True
     return 0
 
+
+exit_at_once = False  # set once every session has ended: the process may end without the interpreter's teardown
 
 COMMANDS = {"serve": (add_parser, cmd_serve)}

@@ -3,6 +3,8 @@
     GET  /api/status     the status message (JSON)
     GET  /api/styles     the style names and descriptions
     POST /api/command    a command message (Content-Type: application/json) -> its reply
+    POST /api/login      the token (Authorization: Bearer) -> an HttpOnly, SameSite=Strict cookie
+                         that stands for it (a browser page's way to keep the token out of URLs)
     GET  /api/ws         WebSocket: status on connect, on change and once a second; send commands,
                          get replies
     GET  /dock           the dock page (plugin/), for OBS's Custom Browser Docks or any browser
@@ -14,8 +16,9 @@
 whose request no proxy relayed (no Forwarded/X-Forwarded-For/X-Real-IP header), with the token
 where the API has one; never over obs-websocket or a remote data channel.
 
-Bound beyond loopback, every request needs the token (``Authorization: Bearer TOKEN`` or
-``?token=TOKEN``). On loopback the Host header must name this machine (a web page elsewhere cannot
+Bound beyond loopback, every request needs the token (``Authorization: Bearer TOKEN``,
+``?token=TOKEN``, or the cookie /api/login sets; control/auth.py). Wrong tokens are slowed down per
+client address after a few. On loopback the Host header must name this machine (a web page elsewhere cannot
 reach the API through DNS rebinding), commands must be JSON (a cross-site form cannot post one),
 and a WebSocket from a browser must come from this server's own pages.
 """
@@ -27,6 +30,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import threading
 from pathlib import Path
@@ -35,14 +39,16 @@ import numpy as np
 
 from ..errors import ConfigError, UserError
 from ..io.sinks import Sink
+from .auth import COOKIE_PREFIX, MAX_WAIT_S, WrongTokenBrake, client_key, cookie_ok, cookie_value
 from .controller import Pacer
-from .schema import APP, TOO_LARGE, VERSION, reply_message, status_message
+from .schema import APP, MAX_MESSAGE_BYTES, TOO_LARGE, VERSION, reply_message, status_message
 
 # What the HTTP and WebSocket transports read in one message before the command schema judges it:
 # a message over MAX_MESSAGE_BYTES gets the schema's one-line refusal and the connection stays;
 # only a message beyond this (a runaway client, not a command) closes the socket, as obs-websocket
 # does beyond its own limit: the same line as a reply first, then the close (1009) with it as reason.
 MAX_TRANSPORT_BYTES = 16 * 1024 * 1024
+BODY_TIMEOUT_S = 30.0  # a request body (a command, an SDP offer) not all in by then is refused (408)
 
 log = logging.getLogger("live2diff.api")
 
@@ -94,7 +100,12 @@ def peer_is_local(remote: str | None, headers=None) -> bool:
 
 
 def dock_dir() -> Path | None:
-    """The dock page's folder: in the installed package, or plugin/ of a source checkout."""
+    """The dock page's folder: plugin/ of the source checkout this code runs from, or the installed
+    package's. The checkout's first: an editable install maps the package to the checkout it was
+    made from, which need not be this one (a second worktree run with PYTHONPATH)."""
+    path = Path(__file__).resolve().parents[2] / "plugin"
+    if (path / "dock.html").is_file():
+        return path
     try:
         from importlib.resources import files
 
@@ -103,8 +114,42 @@ def dock_dir() -> Path | None:
             return path
     except Exception:
         pass
-    path = Path(__file__).resolve().parents[2] / "plugin"
-    return path if (path / "dock.html").is_file() else None
+    return None
+
+
+class BodyError(Exception):
+    """A request body that cannot be used: ``status`` (413, 408, 400) and one line saying why."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(text)
+        self.status, self.text = status, text
+
+
+async def read_body(request, limit: int, what: str = "the request body", timeout: float = BODY_TIMEOUT_S) -> bytes:
+    """The whole body of ``request``, however it comes: with a Content-Length or chunked, in one
+    TCP segment or many with pauses between them (``request.content.read(n)`` would return only
+    what has arrived so far). At most ``limit`` bytes: a Content-Length above it is refused (413)
+    before a byte of the body is read, a chunked body as soon as it passes it. A body not all in
+    within ``timeout`` seconds is refused (408), so a sender that trickles holds nothing for long."""
+    length = request.content_length
+    too_large = BodyError(413, f"{what} is too large (at most {limit} bytes)")
+    if length is not None and length > limit:
+        raise too_large
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    body = bytearray()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(request.content.readany(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise BodyError(408, f"{what} did not arrive within {timeout:.0f} s; send it whole") from None
+        except Exception as exc:  # the sender went away, or its chunked encoding is broken
+            raise BodyError(400, f"{what} could not be read ({type(exc).__name__}); send it again") from None
+        if not chunk:
+            return bytes(body)
+        body.extend(chunk)
+        if len(body) > limit:
+            raise too_large
 
 
 class StreamSink(Sink):
@@ -213,6 +258,7 @@ class ApiServer:
         self.frames_served = 0  # MJPEG parts written, over all viewers
         self._readers = {"obs": 0, "other": 0}  # open /stream.mjpg connections (OBS's source asks with ?client=obs)
         self._http_pacer = Pacer()
+        self._brake = WrongTokenBrake()  # wrong tokens per client address: slowed after a few
         # Set before start(): more routes (``fn(app)``, e.g. the WebRTC endpoints of `serve`), and
         # an ssl.SSLContext for HTTPS (--tls-cert/--tls-key).
         self.extra_routes: list = []
@@ -309,6 +355,7 @@ class ApiServer:
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/api/styles", self._styles)
         app.router.add_post("/api/command", self._command)
+        app.router.add_post("/api/login", self._login)
         app.router.add_get("/api/ws", self._ws)
         app.router.add_get("/dock", self._dock_page)
         app.router.add_get("/dock/{name}", self._dock_file)
@@ -325,6 +372,17 @@ class ApiServer:
         if self.port == 0:
             self.port = site._server.sockets[0].getsockname()[1]
         self._broadcast_task = asyncio.get_running_loop().create_task(self._broadcaster())
+
+    async def _login(self, request):
+        """The token (Authorization: Bearer) traded for a cookie a browser keeps out of URLs
+        (control/auth.py says why a cookie); past the guard, so the token is right."""
+        from aiohttp import web
+
+        resp = web.Response(status=204, headers={"Cache-Control": "no-store"})
+        if self.token:
+            resp.set_cookie(self.cookie_name, cookie_value(self.token), path="/", httponly=True, samesite="Strict",
+                            secure=self.ssl_context is not None or request.secure)
+        return resp
 
     async def _root(self, request):
         from aiohttp import web
@@ -358,14 +416,25 @@ class ApiServer:
 
     # -- security ----------------------------------------------------------------------------------
 
-    def _token_ok(self, request) -> bool:
+    @property
+    def cookie_name(self) -> str:
+        return f"{COOKIE_PREFIX}{self.port}"
+
+    def _auth(self, request) -> str | None:
+        """How the request proves it may come in: "open" (no token set), "token" (the Authorization
+        header or ?token=), "cookie" (the one /api/login sets); None: it does not."""
         if not self.token:
-            return True
+            return "open"
         given = request.query.get("token", "")
         auth = request.headers.get("Authorization", "")
         if auth.startswith("Bearer "):
             given = auth[7:].strip()
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        if given:
+            return "token" if hmac.compare_digest(given.encode(), self.token.encode()) else None
+        return "cookie" if cookie_ok(request.cookies.get(self.cookie_name), self.token) else None
+
+    def _token_ok(self, request) -> bool:
+        return self._auth(request) is not None
 
     def _host_ok(self, request) -> bool:
         if not is_loopback(self.host):
@@ -373,6 +442,15 @@ class ApiServer:
         host = request.host or ""
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         return is_loopback(name.strip("[]"))
+
+    @staticmethod
+    def _same_origin(request) -> bool:
+        """No Origin (not a browser's cross-origin request), or this server's own (any scheme: a
+        TLS proxy in front changes it)."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        return origin.split("://", 1)[-1].rstrip("/") == (request.host or "")
 
     def _origin_ok(self, request) -> bool:
         origin = request.headers.get("Origin")
@@ -387,10 +465,21 @@ class ApiServer:
         async def guard(request, handler):
             if not self._host_ok(request):
                 return web.json_response({"ok": False, "error": "unexpected Host header; use http://127.0.0.1"}, status=403)
-            static = request.method == "GET" and (request.path == "/dock" or request.path.startswith("/dock/"))
-            if not static and not self._token_ok(request):  # the dock page holds nothing; it passes the token on
-                return web.json_response({"ok": False, "error": "missing or wrong token (Authorization: Bearer TOKEN or ?token=)"},
-                                         status=401)
+            # The dock and studio pages hold nothing: the dock passes the token on, the studio trades it for a cookie.
+            static = request.method == "GET" and (request.path in ("/dock", "/studio") or request.path.startswith("/dock/"))
+            if static:
+                return await handler(request)
+            how = self._auth(request)
+            key = client_key(request.remote)
+            if how is None:
+                wait = self._brake.failed(key)
+                refusal = {"ok": False, "error": "missing or wrong token (Authorization: Bearer TOKEN or ?token=)"}
+                if not await self._brake.hold(wait):
+                    return web.json_response({**refusal, "error": "too many wrong tokens; try again later"}, status=429,
+                                             headers={"Retry-After": str(int(MAX_WAIT_S))})
+                return web.json_response(refusal, status=401, headers={"Retry-After": str(math.ceil(wait))} if wait else None)
+            if how == "cookie" and not self._same_origin(request):  # a cookie another page of this host sent along
+                return web.json_response({"ok": False, "error": "request from another site refused"}, status=403)
             return await handler(request)
 
         return guard
@@ -441,10 +530,11 @@ class ApiServer:
 
         if request.content_type != "application/json":
             return web.json_response(reply_message(None, False, "send the command as JSON (Content-Type: application/json)"), status=415)
-        try:
-            raw = await request.read()
-        except Exception:
-            return web.json_response(reply_message(None, False, TOO_LARGE), status=413)
+        try:  # beyond the schema's limit the schema would refuse it: refused unread, in its words
+            raw = await read_body(request, MAX_MESSAGE_BYTES, "the command")
+        except BodyError as exc:
+            return web.json_response(reply_message(None, False, TOO_LARGE if exc.status == 413 else exc.text),
+                                     status=exc.status)
         fut = asyncio.get_running_loop().create_future()
 
         def deliver(msg):
@@ -657,4 +747,4 @@ def api_token_from_env(value: str | None) -> str | None:
     return value or os.environ.get("LIVE2DIFF_API_TOKEN") or None
 
 
-__all__ = ["ApiServer", "StreamSink", "DEFAULT_PORT", "APP", "VERSION", "dock_dir", "is_loopback", "peer_is_local"]
+__all__ = ["ApiServer", "BodyError", "read_body", "StreamSink", "DEFAULT_PORT", "APP", "VERSION", "dock_dir", "is_loopback", "peer_is_local"]

@@ -34,7 +34,12 @@ log = logging.getLogger("live2diff.connect")
 # remote.media (numpy, OpenCV, aiortc) is imported where it is used: `--help` stays quick.
 PERIOD = 90_000 // 30  # pts between two sent frames (the 90 kHz RTP clock at 30 fps)
 LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the connection is lost
-DRAIN_ON_STOP_S = 2.0  # a stop (Ctrl-C) waits at most this long for the frames still on their way back
+# A stop (Ctrl-C) ends connect within 2 s however the link is: it waits at most DRAIN_ON_STOP_S for
+# the frames still on their way back, STOP_NOTICE_S for the server's answer to its DELETE (the server
+# ends the session either way), and STOP_CLOSE_S for the peer connection to close.
+DRAIN_ON_STOP_S = 0.5
+STOP_NOTICE_S = 1.0
+STOP_CLOSE_S = 0.5
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 RESUME_BACKOFF_S = 1.0  # at most this long between tries to resume a session: the server's grace runs meanwhile
 MAX_RETRY_AFTER_S = 120
@@ -234,12 +239,12 @@ class RemotePipeline:
             headers["Authorization"] = f"Bearer {self.token}"
         return headers
 
-    async def _delete(self, http, url: str) -> None:
+    async def _delete(self, http, url: str, timeout: float = 3.0) -> None:
         """Ends a session of ours on the server (a 404: it is gone already)."""
         import aiohttp
 
         try:
-            async with http.delete(url, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=3)):
+            async with http.delete(url, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=timeout)):
                 pass
         except Exception:
             pass
@@ -396,7 +401,7 @@ class RemotePipeline:
                 self.session_url = None
                 try:
                     async with aiohttp.ClientSession() as http:
-                        await self._delete(http, location)
+                        await self._delete(http, location, timeout=STOP_NOTICE_S)
                 except Exception:
                     pass
             if lost and not self._stop.is_set() and self.session_url is not None:
@@ -405,7 +410,7 @@ class RemotePipeline:
                 self._stale_pc = pc
             else:
                 try:
-                    await asyncio.wait_for(pc.close(), 5)
+                    await asyncio.wait_for(pc.close(), STOP_CLOSE_S if self._stop.is_set() else 5)
                 except Exception:
                     pass
             self._first_done.set()

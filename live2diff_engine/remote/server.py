@@ -48,6 +48,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..control.api import BodyError, read_body
 from ..control.controller import Controller, Pacer
 from ..control.schema import reply_message
 from ..io.sinks import Sink
@@ -243,18 +244,19 @@ class WebRtcService:
         return web.Response(status=204, headers={"Accept-Post": "application/sdp"})
 
     async def _read_offer(self, request):
+        """The offer's text, or the response that refuses it (before any session or slot exists)."""
         from aiohttp import web
 
         if request.content_type != "application/sdp":
-            raise web.HTTPUnsupportedMediaType(text="send the SDP offer with Content-Type: application/sdp\n")
-        body = await request.content.read(MAX_SDP_BYTES + 1)
-        if len(body) > MAX_SDP_BYTES:
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_SDP_BYTES, actual_size=len(body),
-                                                text=f"SDP offer too large (at most {MAX_SDP_BYTES} bytes)\n")
+            return web.Response(status=415, text="send the SDP offer with Content-Type: application/sdp\n")
+        try:  # whole, however many pieces it comes in; over the cap refused unread
+            body = await read_body(request, MAX_SDP_BYTES, "the SDP offer")
+        except BodyError as exc:
+            return web.Response(status=exc.status, text=exc.text + "\n")
         try:
             return body.decode("utf-8")
         except UnicodeDecodeError:
-            raise web.HTTPBadRequest(text="the SDP offer is not UTF-8 text\n") from None
+            return web.Response(status=400, text="the SDP offer is not UTF-8 text\n")
 
     def _retry_after(self) -> int:
         """Seconds until a slot may free: the rest of the grace of a session whose link is cut (no
@@ -273,6 +275,8 @@ class WebRtcService:
         if self._watch is None:
             self._watch = self.loop.create_task(self._watchdog())
         sdp = await self._read_offer(request)
+        if not isinstance(sdp, str):
+            return sdp
         slot = next((s for s in self.slots if not s.busy), None)
         if slot is None:
             n = self.max_sessions
@@ -373,6 +377,8 @@ class WebRtcService:
         if session is None or session.ended:
             return web.Response(status=404, text="no such session (it ended): make a new one with POST /whip\n")
         sdp = await self._read_offer(request)
+        if not isinstance(sdp, str):
+            return sdp
         if session.input_ended:
             return web.Response(status=409, text="this session's video has ended: make a new one with POST /whip\n")
         try:
@@ -406,8 +412,9 @@ class WebRtcService:
         page = folder / "studio.html" if folder is not None else None
         if page is None or not page.is_file():
             return web.Response(status=404, text="the studio page is not installed (plugin/ is missing)\n")
+        # No Referer: the link may hold the token until the page takes it out (plugin/studio.js).
         return web.Response(body=page.read_bytes(), content_type="text/html", charset="utf-8",
-                            headers={"Cache-Control": "no-cache"})
+                            headers={"Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"})
 
     # -- WHEP ---------------------------------------------------------------------------------
 
@@ -418,6 +425,8 @@ class WebRtcService:
 
         self.loop = asyncio.get_running_loop()
         sdp = await self._read_offer(request)
+        if not isinstance(sdp, str):
+            return sdp
         if len(self.viewers) >= self.max_viewers:
             return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)},
                                 text=f"busy: {self.max_viewers} viewers already watch this engine; try again later\n")
@@ -580,7 +589,6 @@ class WebRtcService:
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-        for s in list(self.sessions.values()):
-            await self.end(s, "the engine is stopping")
-        for v in list(self.viewers.values()):
-            await self.end_viewer(v)
+        # All at once: each waits for its engine's frame in flight, so one after another would add up.
+        await asyncio.gather(*(self.end(s, "the engine is stopping") for s in list(self.sessions.values())),
+                             *(self.end_viewer(v) for v in list(self.viewers.values())), return_exceptions=True)
