@@ -25,7 +25,10 @@ loopback the Host header must name this machine. Nothing that arrives names a fi
 data channel's messages go through the same validation as every other control path.
 
 ICE servers are the ones given (``ice_servers``), none by default: aiortc would otherwise ask a
-public STUN server.
+public STUN server. Behind a firewall (``udp_ports``) the media sockets take ports of that range
+only; behind 1:1 NAT (``public_ip``) the answer's host candidates carry the public address
+(remote/ice.py). ``codec`` makes the answer accept only that video codec (remote/link.py). Each
+session's link figures (candidate type, RTT, loss, jitter, bitrate) are in its status as ``link``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from dataclasses import dataclass, field
 from ..control.controller import Controller, Pacer
 from ..control.schema import reply_message
 from ..io.sinks import Sink
-from .ice import rtc_configuration
+from .ice import advertise_public_ip, constrain_udp_ports, rtc_configuration
+from .link import LinkStats, prefer_codec
 from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, outgoing_track
 
 log = logging.getLogger("live2diff.webrtc")
@@ -78,6 +82,7 @@ class Session:
     ended: bool = False
     why: str = ""
     input_ended: bool = False  # the client's video ended cleanly: what is in flight still goes back
+    link: LinkStats = field(default_factory=LinkStats)
     finished_at: float | None = None  # when the engine was done with it
 
 
@@ -185,8 +190,10 @@ class WebRtcService:
     engine runs on a thread of its own."""
 
     def __init__(self, slots: list[Slot], *, ice_servers: list[dict] | None = None, make_engine=None,
-                 on_change=None, say=None, fps: float = 30.0):
+                 on_change=None, say=None, fps: float = 30.0, udp_ports: tuple[int, int] | None = None,
+                 public_ip: str | None = None, codec: str | None = None):
         self.slots = slots
+        self.udp_ports, self.public_ip, self.codec = udp_ports, public_ip, codec
         self.ice_servers = list(ice_servers or [])
         self.make_engine = make_engine  # (session, pipeline, sinks) -> Engine
         self.on_change = on_change or (lambda: None)  # sessions started or ended (any thread)
@@ -220,6 +227,27 @@ class WebRtcService:
 
     # -- WHIP --------------------------------------------------------------------------------
 
+    def _peer_connection(self):
+        """A new peer connection on this loop, its sockets in ``udp_ports``; with ``codec``, a
+        video transceiver that accepts only that codec, made before the offer is applied."""
+        from aiortc import RTCPeerConnection
+
+        if self.udp_ports is not None:
+            constrain_udp_ports(asyncio.get_running_loop(), self.udp_ports)
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        if self.codec:
+            prefer_codec(pc.addTransceiver("video", direction="recvonly"), self.codec)
+        return pc
+
+    def _answer(self, pc) -> str:
+        sdp = pc.localDescription.sdp
+        return advertise_public_ip(sdp, self.public_ip) if self.public_ip else sdp
+
+    def _offer_error(self, exc: Exception) -> str:
+        if self.codec and "send parameters" in str(exc):
+            return f"the offer has no {self.codec.upper()} video, and this engine takes only that (serve --codec {self.codec})"
+        return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
     async def _options(self, request):
         from aiohttp import web
 
@@ -241,7 +269,7 @@ class WebRtcService:
 
     async def _whip(self, request):
         from aiohttp import web
-        from aiortc import RTCPeerConnection, RTCSessionDescription
+        from aiortc import RTCSessionDescription
 
         self.loop = asyncio.get_running_loop()
         if self._watch is None:
@@ -257,7 +285,7 @@ class WebRtcService:
             )
         slot.busy = True
         sid = secrets.token_urlsafe(12)
-        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        pc = self._peer_connection()
         book = PtsBook()
         source = TrackSource(book, name=f"remote camera ({sid[:6]})", fps=self.fps)
         track = outgoing_track((slot.frames.width, slot.frames.height, "Live2Diff: connected", "warming up ..."))
@@ -299,14 +327,14 @@ class WebRtcService:
         except Exception as exc:
             slot.busy = False
             await pc.close()
-            msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            return web.Response(status=400, text=f"cannot use this offer: {msg}\n")
+            return web.Response(status=400, text=f"cannot use this offer: {self._offer_error(exc)}\n")
         self.sessions[sid] = session
         self._start_engine(session)
+        self.loop.create_task(self._sample_link(session))
         self.served += 1
         self.say(f"session {sid[:6]} started ({len(self.sessions)} of {self.max_sessions})")
         self.on_change()
-        return web.Response(status=201, text=pc.localDescription.sdp, content_type="application/sdp",
+        return web.Response(status=201, text=self._answer(pc), content_type="application/sdp",
                             headers={"Location": f"/whip/{sid}", "ETag": f'"{sid}"'})
 
     async def _studio(self, request):
@@ -327,7 +355,7 @@ class WebRtcService:
     async def _whep(self, request):
         """A viewer: the current session's stylised stream, read-only (nothing it sends is read)."""
         from aiohttp import web
-        from aiortc import RTCPeerConnection, RTCSessionDescription
+        from aiortc import RTCSessionDescription
 
         self.loop = asyncio.get_running_loop()
         sdp = await self._read_offer(request)
@@ -339,7 +367,7 @@ class WebRtcService:
         size = (current.slot.frames.width, current.slot.frames.height) if current else (640, 360)
         track = outgoing_track((*size, "Live2Diff", "waiting for a stream ..." if current is None else "joining ..."))
         viewer = Viewer(vid, None, track)
-        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        pc = self._peer_connection()
         viewer.pc = pc
 
         @pc.on("connectionstatechange")
@@ -357,11 +385,10 @@ class WebRtcService:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             await pc.close()
-            msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            return web.Response(status=400, text=f"cannot use this offer: {msg}\n")
+            return web.Response(status=400, text=f"cannot use this offer: {self._offer_error(exc)}\n")
         self.viewers[vid] = viewer
         self.view_sinks.append(viewer)
-        return web.Response(status=201, text=pc.localDescription.sdp, content_type="application/sdp",
+        return web.Response(status=201, text=self._answer(pc), content_type="application/sdp",
                             headers={"Location": f"/whep/{vid}", "ETag": f'"{vid}"'})
 
     async def _whep_delete(self, request):
@@ -410,6 +437,19 @@ class WebRtcService:
         except Exception as exc:
             log.warning("session %s: receiving video failed: %s", session.id[:6], exc)
         await self.end(session, "the video track ended")
+
+    async def _sample_link(self, session: Session) -> None:
+        """The session's link figures, once a second, into its engine's status (``link``)."""
+        while not session.ended:
+            await asyncio.sleep(1.0)
+            try:
+                figures = await session.link.sample(session.pc)
+            except Exception as exc:  # a connection closing under the sample
+                log.debug("session %s: link stats: %s", session.id[:6], exc)
+                continue
+            if session.engine is not None:
+                session.engine.stats.extra["link"] = figures
+                session.controller.changed()
 
     @staticmethod
     async def _drain(remote) -> None:
