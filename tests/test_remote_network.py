@@ -1,0 +1,218 @@
+"""`serve` for real networks, checked with real processes in a network namespace of the test's own
+(tests/netns.py: media on loopback only): the UDP port range (the sockets serve holds), the public
+address in its answer, `doctor` (working, wrong token, nothing listening), the link's figures in
+`connect`'s status line and in `ctl status` of both ends, the codec preference in the negotiated SDP
+on both sides, and --max-bitrate bounding the bitrate sent."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+from netns import NETNS_ADDRESS, Netns  # noqa: E402
+
+WAIT = 240  # generous: the 2-core machine is shared with other tests
+PORTS = (41000, 41009)
+PUBLIC = "203.0.113.7"  # a documentation address (RFC 5737): advertised, never reached
+TOKEN = "t0ken-for-the-network-tests"
+
+
+def wait_until(cond, what, timeout=WAIT, log=lambda: ""):
+    t = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t < timeout, f"waited {timeout} s for {what}\n{log()}"
+        time.sleep(0.2)
+
+
+class Proc:
+    """A process inside the namespace, its stderr collected (and stdout, line by line)."""
+
+    def __init__(self, ns: Netns, *args, env=None):
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.proc = subprocess.Popen(ns.cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
+        threading.Thread(target=lambda: self.err.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
+        threading.Thread(target=lambda: self.out.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
+
+    def log(self) -> str:
+        return "".join(self.err)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def engine(ns, *args, env=None) -> Proc:
+    return Proc(ns, sys.executable, "-m", "live2diff_engine", *args, env=env)
+
+
+@pytest.fixture(scope="module")
+def net():
+    try:
+        ns = Netns()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    serve = engine(ns, "serve", "--model", "tiny", "--api-port", "0", "--udp-ports", f"{PORTS[0]}-{PORTS[1]}",
+                   "--public-ip", PUBLIC, "--codec", "h264", env={"LIVE2DIFF_API_TOKEN": TOKEN})
+    try:
+        wait_until(lambda: any(l.startswith("serving: ") for l in serve.err) or serve.proc.poll() is not None,
+                   "serve to start", log=serve.log)
+        line = next((l for l in serve.err if l.startswith("serving: ")), None)
+        assert line is not None, serve.log()
+        serve.url = re.search(r"WHIP (\S+)/whip", line).group(1)
+        yield ns, serve
+    finally:
+        serve.stop()
+        ns.close()
+
+
+def get_json(ns, url, token=TOKEN) -> dict:
+    """GET inside the namespace; {} while nothing answers there yet."""
+    r = subprocess.run(ns.cmd("curl", "-s", "-H", f"Authorization: Bearer {token}", url), capture_output=True,
+                       text=True, timeout=60)
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        return {}
+
+
+def wait_no_session(ns, serve):
+    wait_until(lambda: get_json(ns, serve.url + "/api/status").get("state") == "waiting for a stream",
+               "the last session to end", log=serve.log)
+
+
+def udp_ports_held(pid: int) -> set[int]:
+    """The local ports of the UDP sockets process ``pid`` holds: its fds' socket inodes, looked up
+    in its network namespace's socket tables."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("udp", "udp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for row in f.read().splitlines()[1:]:
+                cols = row.split()
+                if cols[9] in inodes:
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_media_only_on_the_udp_ports_given_and_host_candidates_carry_the_public_address(net):
+    ns, serve = net
+    wait_no_session(ns, serve)
+    client = Proc(ns, sys.executable, str(ROOT / "tests" / "whip_client.py"), serve.url, "--token", TOKEN,
+                  "--fps", "10", "--print-answer")
+    try:
+        wait_until(lambda: any('"received"' in l and json.loads(l)["received"] > 3 for l in client.out),
+                   "frames back", log=lambda: "".join(client.out) + client.log() + serve.log())
+        held = udp_ports_held(serve.proc.pid)
+        assert held, "serve holds no UDP socket while it streams"
+        assert all(PORTS[0] <= p <= PORTS[1] for p in held), (held, PORTS)
+        answer = next(json.loads(l)["answer"] for l in client.out if '"answer"' in l)
+        hosts = [l.split() for l in answer.splitlines() if l.startswith("a=candidate:") and " typ host" in l]
+        assert hosts and all(f[4] == PUBLIC and PORTS[0] <= int(f[5]) <= PORTS[1] for f in hosts), hosts
+        assert NETNS_ADDRESS not in answer  # the private address is not advertised
+        # serve's own preference: the answer takes only H.264 of the VP8-first offer
+        assert re.search(r"a=rtpmap:\d+ H264/90000", answer) and "VP8" not in answer, answer
+    finally:
+        client.stop()
+
+
+def test_doctor_says_in_one_line_that_everything_works(net):
+    ns, serve = net
+    wait_no_session(ns, serve)
+    d = engine(ns, "doctor", serve.url, "--codec", "h264", env={"LIVE2DIFF_API_TOKEN": TOKEN})
+    d.proc.wait(WAIT)
+    lines = d.log().strip().splitlines()
+    assert d.proc.returncode == 0, d.log() + serve.log()
+    assert lines[-1].startswith("doctor: everything works: signalling (http, token accepted)"), d.log()
+    assert "media round trip over" in lines[-1] and "candidates here" in lines[-1], d.log()
+    assert any(l.startswith("candidates there: ") and f"{PUBLIC}:" in l for l in lines), d.log()
+    assert TOKEN not in d.log()
+
+
+def test_doctor_with_a_wrong_token_or_nothing_listening_fails_in_one_line(net):
+    ns, serve = net
+    d = engine(ns, "doctor", serve.url, env={"LIVE2DIFF_API_TOKEN": "not-the-token"})
+    d.proc.wait(WAIT)
+    last = d.log().strip().splitlines()[-1]
+    assert d.proc.returncode == 1 and last.startswith("doctor: FAILED at the token") and "LIVE2DIFF_API_TOKEN" in last, d.log()
+    assert "Traceback" not in d.log() and "not-the-token" not in d.log()
+
+    d = engine(ns, "doctor", "http://127.0.0.1:9")  # nothing listens on the discard port in the namespace
+    d.proc.wait(WAIT)
+    last = d.log().strip().splitlines()[-1]
+    assert d.proc.returncode == 1 and last.startswith("doctor: FAILED at signalling") and "nothing answers" in last, d.log()
+    assert "Traceback" not in d.log()
+
+
+def test_an_offer_without_the_engines_codec_is_refused_in_one_line(net):
+    """doctor --codec vp8 offers VP8 only (the client's preference); serve --codec h264 refuses it."""
+    ns, serve = net
+    wait_no_session(ns, serve)
+    d = engine(ns, "doctor", serve.url, "--codec", "vp8", env={"LIVE2DIFF_API_TOKEN": TOKEN})
+    d.proc.wait(WAIT)
+    last = d.log().strip().splitlines()[-1]
+    assert d.proc.returncode == 1 and "the offer has no H264 video" in last and "serve --codec h264" in last, d.log()
+
+
+def connect(ns, serve, *args) -> tuple[Proc, str]:
+    api_port = 41100 + int(time.monotonic() * 1000) % 800
+    proc = engine(ns, "connect", serve.url, "--source", "synthetic", "--camera-fps", "15", "--sink", "null",
+                  "--api-port", str(api_port), *args, env={"LIVE2DIFF_API_TOKEN": TOKEN})
+    return proc, f"http://127.0.0.1:{api_port}"
+
+
+# serve advertises PUBLIC, which routes nowhere here: the client learns the server's real address
+# from its connectivity checks (a peer-reflexive candidate), which the figures call srflx.
+PAIR_TYPES = ("host", "srflx")
+
+
+def sane(link: dict) -> bool:
+    return (link.get("type") in PAIR_TYPES and isinstance(link.get("rtt_ms"), (int, float)) and 0 < link["rtt_ms"] < 5000
+            and 0 <= link.get("loss_pct", -1) <= 100 and 0 <= link.get("loss_out_pct", -1) <= 100
+            and 0 <= link.get("jitter_ms", -1) < 5000 and link.get("bitrate_kbps", 0) > 0
+            and link.get("bitrate_in_kbps", 0) > 0 and link.get("codec") == "H264")
+
+
+def test_the_link_figures_are_in_connects_status_line_and_both_ends_status_and_max_bitrate_bounds_them(net):
+    ns, serve = net
+    wait_no_session(ns, serve)
+    proc, api = connect(ns, serve, "--camera-size", "320x240", "--max-bitrate", "100", "--codec", "h264")
+    try:
+        wait_until(lambda: sane((get_json(ns, api + "/api/status") or {}).get("link") or {}), "connect's link figures",
+                   log=lambda: proc.log() + serve.log())
+        wait_until(lambda: any(re.search(r" \| link (host|srflx), rtt \d+ ms, loss [\d.]+% in", l) for l in proc.err),
+                   "the status line's link part", timeout=60, log=proc.log)
+        remote = get_json(ns, serve.url + "/api/status")["link"]  # serve's `ctl status` of the session
+        assert remote["type"] in PAIR_TYPES and remote["codec"] == "H264" and remote["bitrate_in_kbps"] > 0, remote
+        assert get_json(ns, api + "/api/status")["remote_link"]["type"] in PAIR_TYPES
+        # --max-bitrate 100 (kbps): what connect sends stays near it (loosely: a keyframe may burst)
+        rates = []
+        for _ in range(6):
+            time.sleep(1.1)
+            rates.append(get_json(ns, api + "/api/status")["link"]["bitrate_kbps"])
+        assert sorted(rates)[len(rates) // 2] < 250, rates
+    finally:
+        proc.stop()
