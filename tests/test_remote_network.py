@@ -231,3 +231,57 @@ def test_the_link_figures_are_in_connects_status_line_and_both_ends_status_and_m
         assert sorted(rates)[len(rates) // 2] < 150, rates
     finally:
         proc.stop()
+
+
+def test_a_range_without_a_free_port_refuses_the_stream_in_one_line():
+    """--udp-ports of one port and two sessions: the second finds the port taken and is refused
+    (503, one line) instead of answering with no candidate it could be reached on."""
+    try:
+        ns = Netns()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    serve = engine(ns, "serve", "--model", "tiny", "--api-port", "0", "--udp-ports", "41050-41050", "--max-sessions", "2")
+    first = None
+    try:
+        wait_until(lambda: any(l.startswith("serving: ") for l in serve.err) or serve.proc.poll() is not None,
+                   "serve to start", log=serve.log)
+        url = re.search(r"WHIP (\S+)/whip", next(l for l in serve.err if l.startswith("serving: "))).group(1)
+        first = Proc(ns, sys.executable, str(ROOT / "tests" / "whip_client.py"), url, "--fps", "10")
+        wait_until(lambda: any('"received"' in l and json.loads(l)["received"] > 0 for l in first.out), "the first stream",
+                   log=lambda: "".join(first.out) + serve.log())
+        second = Proc(ns, sys.executable, str(ROOT / "tests" / "whip_client.py"), url, "--fps", "10")
+        second.proc.wait(WAIT)
+        assert second.proc.returncode == 1 and json.loads(second.out[0])["status"] == 503, second.out + second.err
+        wait_until(lambda: "no free UDP port in --udp-ports 41050-41050" in serve.log(), "serve's line", log=serve.log)
+        assert udp_ports_held(serve.proc.pid) == {41050}
+    finally:
+        if first is not None:
+            first.stop()
+        serve.stop()
+        ns.close()
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--udp-ports", "40100-40000", "--udp-ports must be LO-HI with 1024 <= LO <= HI <= 65535"),
+    ("--udp-ports", "many", "--udp-ports must be a range LO-HI"),
+    ("--public-ip", "gpu-box.example.org", "--public-ip must be an IP address"),
+    ("--max-bitrate", "10", "--max-bitrate is in kilobits per second and must be at least 50"),
+])
+def test_bad_network_options_are_one_line(option, value, says):
+    from conftest import run_cli
+
+    r = run_cli("serve", "--model", "tiny", "--api-port", "0", option, value, timeout=WAIT)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_doctor_says_when_the_turn_server_gives_no_allocation(net):
+    """A TURN server configured where none answers (a closed port in the namespace): doctor says the
+    TURN allocation failed and what to check, in one line, exit 1 (no TURN server here to succeed)."""
+    ns, serve = net
+    d = engine(ns, "doctor", serve.url, env={"LIVE2DIFF_API_TOKEN": TOKEN,
+                                             "LIVE2DIFF_ICE_SERVERS": "turn:user:pw-not-shown@127.0.0.1:9"})
+    d.proc.wait(WAIT)
+    last = d.log().strip().splitlines()[-1]
+    assert d.proc.returncode == 1 and last.startswith("doctor: FAILED at TURN") and "user/password" in last, d.log()
+    assert "works: signalling" in last and "pw-not-shown" not in d.log()

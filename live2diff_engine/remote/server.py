@@ -328,6 +328,13 @@ class WebRtcService:
             slot.busy = False
             await pc.close()
             return web.Response(status=400, text=f"cannot use this offer: {self._offer_error(exc)}\n")
+        if self.udp_ports is not None and "a=candidate:" not in pc.localDescription.sdp:
+            slot.busy = False
+            await pc.close()
+            lo, hi = self.udp_ports
+            self.say(f"a stream was refused: no free UDP port in --udp-ports {lo}-{hi}; widen the range")
+            return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                                text=f"busy: no free UDP port in this engine's --udp-ports {lo}-{hi} for another stream\n")
         self.sessions[sid] = session
         self._start_engine(session)
         self.loop.create_task(self._sample_link(session))
