@@ -285,3 +285,31 @@ def test_doctor_says_when_the_turn_server_gives_no_allocation(net):
     last = d.log().strip().splitlines()[-1]
     assert d.proc.returncode == 1 and last.startswith("doctor: FAILED at TURN") and "user/password" in last, d.log()
     assert "works: signalling" in last and "pw-not-shown" not in d.log()
+
+
+def test_doctor_over_https_says_when_the_certificate_is_not_trusted_or_the_scheme_is_wrong(net, tmp_path):
+    ns, _ = net
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    serve = engine(ns, "serve", "--model", "tiny", "--api-port", "0", "--tls-cert", cert, "--tls-key", key)
+    try:
+        wait_until(lambda: any(l.startswith("serving: ") for l in serve.err) or serve.proc.poll() is not None,
+                   "serve to start", log=serve.log)
+        url = re.search(r"WHIP (\S+)/whip", next(l for l in serve.err if l.startswith("serving: "))).group(1)
+        assert url.startswith("https://")
+
+        def doctor(target, **env):
+            d = engine(ns, "doctor", target, "--media-timeout", "60", env=env)
+            d.proc.wait(WAIT)
+            return d.proc.returncode, d.log().strip().splitlines()
+
+        code, lines = doctor(url)  # a self-signed certificate this machine does not trust
+        assert code == 1 and lines[-1].startswith("doctor: FAILED at TLS") and "not trusted" in lines[-1], lines
+        code, lines = doctor(url.replace("https://", "http://"))  # plain HTTP to an HTTPS port
+        assert code == 1 and lines[-1].startswith("doctor: FAILED at signalling") and "https://" in lines[-1], lines
+        code, lines = doctor(url, SSL_CERT_FILE=str(cert))  # trusted once its certificate is given
+        assert code == 0 and lines[-1].startswith("doctor: everything works: signalling (https"), lines
+    finally:
+        serve.stop()

@@ -97,7 +97,8 @@ class Doctor:
                     status = resp.status
         except aiohttp.ClientConnectorCertificateError as exc:
             return self._fail("TLS", f"the certificate of {self.base} is not trusted here ({exc.certificate_error}); "
-                              "give serve a certificate this machine trusts (--tls-cert/--tls-key)")
+                              "give serve a certificate this machine trusts (--tls-cert/--tls-key), or point "
+                              "SSL_CERT_FILE at the certificate that signed it (connect reads it too)")
         except aiohttp.ClientSSLError as exc:
             return self._fail("TLS", f"the TLS handshake with {self.base} failed ({str(exc)[:120]}); is it HTTPS "
                               "(serve --tls-cert), and is the address http:// for a plain serve?")
