@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
     g.add_argument("--fps", type=float, default=30.0, help="the frame rate the clients send (default 30)")
     g.add_argument("--udp-ports", metavar="LO-HI", default=None,
                    help="media only on these UDP ports, e.g. 40000-40099, so a firewall can open just them (default: any "
-                   "free port). Each stream takes one port per network address of this machine")
+                   "free port). Each stream (and each WHEP viewer) takes one port per network address of this machine")
     g.add_argument("--public-ip", metavar="ADDR", default=None,
                    help="the public address of this machine when it sits behind 1:1 NAT (a cloud VM): the host "
                    "candidates it offers carry ADDR instead of the private address")
