@@ -219,6 +219,9 @@ def test_the_link_figures_are_in_connects_status_line_and_both_ends_status_and_m
                    log=lambda: proc.log() + serve.log())
         wait_until(lambda: any(re.search(r" \| link (host|srflx), rtt \d+ ms, loss [\d.]+% in", l) for l in proc.err),
                    "the status line's link part", timeout=60, log=proc.log)
+        r = subprocess.run(ns.cmd(sys.executable, "-m", "live2diff_engine", "ctl", "status", "--api", api), cwd=ROOT,
+                           capture_output=True, text=True, timeout=WAIT, env={**os.environ, "LIVE2DIFF_API_TOKEN": TOKEN})
+        assert re.search(r"^link (host|srflx), rtt \d+ ms, .* H264$", r.stdout, re.M), r.stdout + r.stderr
         remote = get_json(ns, serve.url + "/api/status")["link"]  # serve's `ctl status` of the session
         assert remote["type"] in PAIR_TYPES and remote["codec"] == "H264" and remote["bitrate_in_kbps"] > 0, remote
         assert get_json(ns, api + "/api/status")["remote_link"]["type"] in PAIR_TYPES
