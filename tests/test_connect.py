@@ -85,6 +85,8 @@ def test_connect_publishes_the_remote_frames_into_a_virtual_camera_ctl_goes_thro
         wait_until(lambda: sum("connect: streaming to" in l for l in lines) >= 2, "the reconnect", log=log)
         before = status(api).get("frames_out", 0)
         wait_until(lambda: status(api).get("frames_out", 0) > before + 5, "frames after the reconnect", log=log)
+        # Out of "no signal" once frames flow again: the status (so the dock and the OBS panel) and the status line.
+        wait_until(lambda: status(api).get("state") == "streaming", "'streaming' again in connect's status", log=log)
         # The status line (every 10 s in a log): the round trip, the engine's part, what the network adds.
         wait_until(lambda: any("capture to publish p50/p95" in l and "network and codecs" in l for l in lines),
                    "a status line while streaming", log=log)

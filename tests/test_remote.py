@@ -60,7 +60,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server()
+    s = Server("--session-grace", "3")  # a vanished client's session is freed 3 s after its video stops
     yield s
     s.stop()
 

@@ -87,7 +87,14 @@ def cmd_connect(args) -> int:
         engine = Engine(remote, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps,
                         controller=controller, pace=True, status=False)
 
+        link = {"down": False}
+
         def emit(ready):  # the delivering thread; it stops once remote.flush (the engine's last call) is over
+            if link["down"]:  # frames flow again: out of "no signal" (the engine leaves it only for its source)
+                link["down"] = False
+                if engine.stats.state == "no signal":
+                    engine.stats.state = "streaming"
+                    controller.changed()
             engine.stats.extra["frames_sent"] = remote.sent
             caps = engine._capture_times
             newest = max(i for i, _ in ready)
@@ -100,6 +107,7 @@ def cmd_connect(args) -> int:
 
         def lost(text):
             engine._deliver(no_signal_card(size[0], size[1], text, "reconnecting ..."), paced_only=True, count=False)
+            link["down"] = True
             engine.stats.state = "no signal"
             controller.changed()
 

@@ -10,7 +10,6 @@ import threading
 from ..options import add_control_args, add_link_args, add_model_args, control_settings, warn_secrets_on_command_line
 
 
-
 def add_parser(sub) -> None:
     sv = sub.add_parser(
         "serve",
@@ -23,6 +22,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-sessions", type=int, default=1,
                    help="streams served at once, each with its own model state (default 1: one stream per GPU; "
                    "each more holds another copy of the model)")
+    g.add_argument("--session-grace", type=float, default=10.0, metavar="S",
+                   help="a cut link (no video) keeps its session this long (default 10 s): its engine, cache, prompt "
+                   "and style wait for `connect` to resume it with no new warmup; past it the session is freed")
     g.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="a STUN or TURN server for connections across networks, e.g. stun:stun.example.org:3478 or "
                    "turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none: nothing is contacted). A TURN "
@@ -68,6 +70,8 @@ def cmd_serve(args) -> int:
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.max_sessions < 1:
         raise ConfigError("--max-sessions must be at least 1")
+    if not 1.0 <= args.session_grace <= 3600.0:
+        raise ConfigError("--session-grace must be 1 to 3600 seconds (how long a cut link keeps its session)")
     from ..remote.ice import check_public_ip, free_port_in, parse_port_range
 
     udp_ports = parse_port_range(args.udp_ports) if args.udp_ports else None
@@ -115,7 +119,8 @@ def cmd_serve(args) -> int:
         api.notify_changed()
 
     service = WebRtcService(slots, ice_servers=ice, make_engine=make_engine, on_change=sessions_changed, say=say,
-                            fps=args.fps, udp_ports=udp_ports, public_ip=public_ip, codec=args.codec)
+                            fps=args.fps, session_grace=args.session_grace, udp_ports=udp_ports, public_ip=public_ip,
+                            codec=args.codec)
     service.view_sinks.append(api.stream)
     api.extra_routes.append(service.add_routes)
     api.start()

@@ -498,6 +498,12 @@ class Controller:
         """``fn()`` is called (from the changing thread; it must not block) on every change."""
         self._listeners.append(fn)
 
+    def remove_listener(self, fn: Callable[[], None]) -> None:
+        try:
+            self._listeners.remove(fn)
+        except ValueError:
+            pass
+
     def changed(self) -> None:
         for fn in list(self._listeners):
             try:

@@ -7,7 +7,12 @@ the sinks, with each frame's capture time, so the status shows the whole round t
 forwards commands over the data channel (``ctl`` works against `connect` as against `run`).
 
 A lost connection (the server gone, the network down, no stylised frame for LOST_AFTER_S) shows
-the "no signal" card and reconnects with backoff.
+the "no signal" card and reconnects with backoff. A reconnect first resumes the session it had: a
+new peer connection whose offer goes to the session's URL (PATCH, see server.py), so a blip within
+the server's grace costs no new warmup; the cut connection is closed only after that answer (its
+close would end the session's video). A session that cannot be resumed is deleted (DELETE on its
+URL) before a new one is made, so connect never waits on its own orphan. A 503's Retry-After is
+the wait before the next try.
 """
 
 from __future__ import annotations
@@ -31,10 +36,29 @@ PERIOD = 90_000 // 30  # pts between two sent frames (the 90 kHz RTP clock at 30
 LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the connection is lost
 DRAIN_ON_STOP_S = 2.0  # a stop (Ctrl-C) waits at most this long for the frames still on their way back
 BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0)
+RESUME_BACKOFF_S = 1.0  # at most this long between tries to resume a session: the server's grace runs meanwhile
+MAX_RETRY_AFTER_S = 120
 
 
 class Refused(UserError):
     """The server answered the offer with a refusal that retrying will not change (401, 404)."""
+
+
+def retry_after(value: str | None) -> float | None:
+    """A Retry-After in seconds (RFC 9110: delay-seconds; an HTTP date is read too), at most
+    MAX_RETRY_AFTER_S; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(min(int(value), MAX_RETRY_AFTER_S))
+    try:
+        import email.utils
+
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return float(min(max(when - time.time(), 0.0), MAX_RETRY_AFTER_S))
 
 
 class RemotePipeline:
@@ -92,6 +116,10 @@ class RemotePipeline:
         self._back_at: float | None = None  # when a frame last came back
         self._back_cond = threading.Condition()
         self._end_input = None  # the current connection's coroutine function that ends the camera track
+        self.session_url: str | None = None  # the session on the server (its Location), while it may be resumed
+        self.resumed = 0  # sessions resumed on a new connection
+        self._stale_pc = None  # a lost connection, closed once the next offer is answered
+        self._retry_after: float | None = None  # the last 503's Retry-After
 
     # -- the engine's side ---------------------------------------------------------------------
 
@@ -180,13 +208,91 @@ class RemotePipeline:
                 break
             self.connected = False
             delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+            if self.session_url is not None:
+                delay = min(delay, RESUME_BACKOFF_S)
+            retry_after, self._retry_after = self._retry_after, None
+            if retry_after is not None:
+                delay = max(retry_after, BACKOFF_S[0])  # a Retry-After of 0 must not become a busy loop
             attempt = 0 if why == "lost" else attempt + 1
             if self.on_lost is not None:
                 self.on_lost("remote engine: no signal" if why == "lost" else f"remote engine: {why}")
-            self.say(f"connect: {'connection lost' if why == 'lost' else why}; trying again in {delay:g} s")
+            self.say(f"connect: {'connection lost' if why == 'lost' else why}; trying again in {delay:g} s"
+                     + (" (the engine's Retry-After)" if retry_after is not None else ""))
             end = time.monotonic() + delay
             while not self._stop.is_set() and time.monotonic() < end:
                 await asyncio.sleep(0.1)
+        await self._close_stale()
+
+    async def _close_stale(self) -> None:
+        stale, self._stale_pc = self._stale_pc, None
+        if stale is not None:
+            try:
+                await asyncio.wait_for(stale.close(), 5)
+            except Exception:
+                pass
+
+    def _headers(self, sdp: bool = False) -> dict:
+        headers = {"Content-Type": "application/sdp"} if sdp else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    async def _delete(self, http, url: str) -> None:
+        """Ends a session of ours on the server (a 404: it is gone already)."""
+        import aiohttp
+
+        try:
+            async with http.delete(url, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=3)):
+                pass
+        except Exception:
+            pass
+
+    async def _create(self, http, offer: str, first: bool):
+        """A new session (POST to the endpoint): (answer, its URL); or why not (a line, tried
+        again; a 503's Retry-After kept for the wait); or None, refused for good on the first try
+        (_first_error set)."""
+        import aiohttp
+
+        async with http.post(self.endpoint, data=offer, headers=self._headers(sdp=True),
+                             timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            text = await resp.text()
+            if resp.status == 201:
+                return text, urllib.parse.urljoin(self.endpoint, resp.headers.get("Location", ""))
+            line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {resp.status}"
+            try:  # the API's guard answers in JSON
+                line = str(json.loads(text)["error"])[:200]
+            except (ValueError, KeyError, TypeError):
+                pass
+            if resp.status in (401, 403, 404) and first:
+                hint = " (give the server's token with --token or LIVE2DIFF_API_TOKEN)" if resp.status == 401 else ""
+                self._first_error = Refused(f"{self.endpoint} refused the stream: {line}{hint}")
+                return None
+            if resp.status == 503:
+                self._retry_after = retry_after(resp.headers.get("Retry-After"))
+            return f"the engine answered {resp.status}: {line}"
+
+    async def _resume(self, http, offer: str) -> tuple[int, str] | None:
+        """Offers ``offer`` to the session held (PATCH on its URL). Returns (status, answer) once
+        resumed; None when the session cannot be resumed: forgotten, and deleted unless the server
+        says it is gone (then a new one is made). Raises what the network raises (tried again)."""
+        import aiohttp
+
+        url = self.session_url
+        async with http.patch(url, data=offer, headers=self._headers(sdp=True),
+                              timeout=aiohttp.ClientTimeout(total=15, sock_connect=5)) as resp:
+            text = await resp.text()
+            status = resp.status
+        if status in (200, 201):
+            return status, text
+        self.session_url = None
+        if status == 404:
+            self.say("connect: the engine has ended the old session (past its --session-grace, or restarted); "
+                     "starting a new one")
+        else:
+            line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {status}"
+            self.say(f"connect: the engine cannot resume the session ({status}: {line}); ending it and starting a new one")
+            await self._delete(http, url)
+        return None
 
     async def _one_connection(self, first: bool) -> str | None:
         """One peer connection, until it is lost ("lost"), cannot be made (the reason), refused
@@ -249,37 +355,33 @@ class RemotePipeline:
                 state["closed"] = True
 
         location = None
+        lost = False
         try:
             await pc.setLocalDescription(await pc.createOffer())
-            headers = {"Content-Type": "application/sdp"}
-            if self.token:
-                headers["Authorization"] = f"Bearer {self.token}"
             try:
                 async with aiohttp.ClientSession() as http:
-                    async with http.post(self.endpoint, data=pc.localDescription.sdp, headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                        text = await resp.text()
-                        if resp.status != 201:
-                            line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {resp.status}"
-                            try:  # the API's guard answers in JSON
-                                line = str(json.loads(text)["error"])[:200]
-                            except (ValueError, KeyError, TypeError):
-                                pass
-                            if resp.status in (401, 403, 404) and first:
-                                hint = " (give the server's token with --token or LIVE2DIFF_API_TOKEN)" if resp.status == 401 else ""
-                                self._first_error = Refused(f"{self.endpoint} refused the stream: {line}{hint}")
-                                return None
-                            return f"the engine answered {resp.status}: {line}"
-                        location = urllib.parse.urljoin(self.endpoint, resp.headers.get("Location", ""))
+                    resumed = await self._resume(http, pc.localDescription.sdp) if self.session_url else None
+                    if resumed is not None:
+                        text, location = resumed[1], self.session_url
+                        self.resumed += 1
+                    else:
+                        made = await self._create(http, pc.localDescription.sdp, first)
+                        if not isinstance(made, tuple):
+                            return made
+                        text, location = made
+                        self.session_url = location
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 return f"cannot reach {self.endpoint} ({type(exc).__name__}: {str(exc)[:120] or 'no answer'})"
+            finally:
+                await self._close_stale()  # answered or not: the next try is a new connection again
             await pc.setRemoteDescription(RTCSessionDescription(sdp=text, type="answer"))
             self._channel = channel
             self._outbox = outbox
             self._end_input = end_input
             self.connected = True
             self.connections += 1
-            self.say(f"connect: streaming to {self.base}")
+            self.say(f"connect: streaming to {self.base}"
+                     + (" (resumed its session: no new warmup)" if resumed is not None else ""))
             state["last_back"] = time.monotonic()
             self._first_done.set()
             sampled = time.monotonic()
@@ -294,6 +396,7 @@ class RemotePipeline:
                 if state["closed"]:
                     return "lost"
                 if time.monotonic() - state["last_back"] > LOST_AFTER_S:
+                    lost = True  # the link may come back: this connection stays open until the next is answered
                     return "lost"
             return None
         finally:
@@ -305,17 +408,21 @@ class RemotePipeline:
             self._fail_pending("the connection to the engine was lost")
             outbox.close()
             if location and self._stop.is_set():  # a clean end: tell the server at once
+                self.session_url = None
                 try:
                     async with aiohttp.ClientSession() as http:
-                        async with http.delete(location, headers={"Authorization": f"Bearer {self.token}"} if self.token else {},
-                                               timeout=aiohttp.ClientTimeout(total=3)):
-                            pass
+                        await self._delete(http, location)
                 except Exception:
                     pass
-            try:
-                await asyncio.wait_for(pc.close(), 5)
-            except Exception:
-                pass
+            if lost and not self._stop.is_set() and self.session_url is not None:
+                # Closed now, it would say goodbye (an RTCP BYE: the end of the session's video)
+                # if the link is up after all: it is closed once the resume is answered.
+                self._stale_pc = pc
+            else:
+                try:
+                    await asyncio.wait_for(pc.close(), 5)
+                except Exception:
+                    pass
             self._first_done.set()
 
     async def _receive(self, track, state) -> None:
@@ -330,6 +437,9 @@ class RemotePipeline:
                 if pts == 0 or state["base"] is None:
                     continue  # the server's "connected" card
                 index = state["base"] + round((pts - PTS_SHIFT) / PERIOD)
+                last = self._last_sent
+                if index < state["base"] or (last is not None and index > last):
+                    continue  # no frame of this connection's (a stale one from before a resume)
                 try:
                     self._back.put_nowait((index, frame))
                 except queue.Full:  # the sinks fell behind: the oldest goes

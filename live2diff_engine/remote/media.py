@@ -93,7 +93,7 @@ class PtsBook:
         self._items: OrderedDict[int, tuple[np.ndarray, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.keep = keep
-        self.latest_in = 0
+        self.latest_in: int | None = 0  # None after forget: no input of the current connection yet
 
     def note(self, image: np.ndarray, pts: int) -> None:
         with self._lock:
@@ -106,15 +106,22 @@ class PtsBook:
             item = self._items.pop(id(image), None)
         return item[1] if item is not None and item[0] is image else None
 
+    def forget(self) -> None:
+        """A new connection: the pts noted so far were counted on the old one."""
+        with self._lock:
+            self._items.clear()
+            self.latest_in = None
+
 
 class PtsPipeline:
     """Wraps a frame pipeline for a WebRTC session: each output is noted in ``book`` with the pts
     of the input it came from. Everything else is the wrapped pipeline's."""
 
-    def __init__(self, inner, book: PtsBook):
+    def __init__(self, inner, book: PtsBook, on_warm=None):
         self.__dict__["inner"] = inner
         self.__dict__["book"] = book
         self.__dict__["_pts_of"] = {}
+        self.__dict__["on_warm"] = on_warm  # called (the engine's thread) when a warmup is done
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -137,7 +144,17 @@ class PtsPipeline:
             if len(self._pts_of) > 512:  # outputs that never came (a reset): forget the oldest
                 for key in sorted(self._pts_of)[:256]:
                     self._pts_of.pop(key, None)
-        return self._noted(self.inner.push(frame))
+        cold = getattr(self.inner, "warming_up", False)
+        ready = self._noted(self.inner.push(frame))
+        if cold and not getattr(self.inner, "warming_up", False) and self.on_warm is not None:
+            self.on_warm()
+        return ready
+
+    def forget(self) -> None:
+        """The session's link changed (a resume): the frames in flight keep going through the
+        engine, but their pts belonged to the old connection; only new inputs' outputs go back."""
+        self._pts_of.clear()
+        self.book.forget()
 
     def flush(self):
         return self._noted(self.inner.flush())
@@ -294,6 +311,8 @@ class TrackSink(Sink):
         pts = self.book.take(frame)
         if pts is None:
             pts = self.book.latest_in
+        if pts is None:  # from before a resume: no pts on this connection to give it
+            return
         self.track.frames.put((frame, pts + PTS_SHIFT))
 
     def close(self) -> None:

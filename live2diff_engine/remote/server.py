@@ -5,6 +5,11 @@
                             sends the stylised video back on the same peer connection; a data
                             channel named ``control`` carries the command schema both ways
                             (commands in, replies and status out).
+    PATCH  /whip/ID         a new SDP offer for that session (Content-Type: application/sdp), from
+                            the client that made it, after its link was cut -> 200 OK, the SDP
+                            answer: a new peer connection takes the place of the old one and the
+                            session goes on where it was (the same engine, cache, prompt and style,
+                            no new warmup). 404 once the session is gone (make a new one with POST).
     DELETE /whip/ID         ends that session.
     POST   /whep            an SDP offer (receive-only video) -> the stylised stream of the current
                             session (the oldest one running), read-only.
@@ -12,8 +17,12 @@
     GET    /studio          a page: the browser's camera to the engine, the stylised video beside it,
                             the dock's controls over the data channel.
 
-Sessions: at most ``max_sessions`` (default 1): another offer gets 503, a Retry-After and one line.
-A session whose peer goes away (closed, failed, or no video for SESSION_IDLE_S) is freed.
+Sessions: at most ``max_sessions`` (default 1): another offer gets 503, a Retry-After (the seconds
+until a slot may free: the rest of a cut session's grace, else RETRY_AFTER_S) and one line.
+A session whose peer closes the connection is freed at once. A cut link (no video, ICE failed) is
+a blip until ``session_grace`` seconds (`serve --session-grace`, default 10) have passed without
+video: meanwhile the session keeps its slot and its engine, and the client resumes it with a new
+offer on the session's URL (PATCH, above); past the grace it is freed.
 
 The end of the client's video (its track stopped: an RTCP BYE, as `connect` sends at the end of
 its input) is an end, not a cut: the session's engine finishes every frame it holds and sends it
@@ -26,9 +35,10 @@ data channel's messages go through the same validation as every other control pa
 
 ICE servers are the ones given (``ice_servers``), none by default: aiortc would otherwise ask a
 public STUN server. Behind a firewall (``udp_ports``) the media sockets take ports of that range
-only; behind 1:1 NAT (``public_ip``) the answer's host candidates carry the public address
-(remote/ice.py). ``codec`` makes the answer accept only that video codec (remote/link.py). Each
-session's link figures (candidate type, RTT, loss, jitter, bitrate) are in its status as ``link``.
+only (an offer that finds none free gets 503); behind 1:1 NAT (``public_ip``) the answer's host
+candidates carry the public address (remote/ice.py). ``codec`` makes the answer accept only that
+video codec (remote/link.py). Each session's link figures (candidate type, RTT, loss, jitter,
+bitrate) are in its status as ``link``.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -50,11 +61,16 @@ from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, outgoing_track
 
 log = logging.getLogger("live2diff.webrtc")
 
-SESSION_IDLE_S = 3.0  # no video from the peer this long: it is gone (ICE consent alone takes 30 s)
+SESSION_IDLE_S = 3.0  # a session whose video ended cleanly is freed this long after its engine is done
+SESSION_GRACE_S = 10.0  # no video from the peer this long: it is gone (ICE consent alone takes 30 s)
 FIRST_FRAME_S = 20.0  # a new session that never sends video is freed after this
 RETRY_AFTER_S = 5
 MAX_SDP_BYTES = 64 * 1024
 MAX_CHANNEL_PENDING = 1024  # data-channel messages waiting for the pacer; beyond: refused at once
+
+
+class NoFreePort(Exception):
+    """--udp-ports has no free port left for another peer connection (the text: the reply's line)."""
 
 
 @dataclass
@@ -76,14 +92,17 @@ class Session:
     track: object
     controller: Controller
     engine: object = None
+    pipeline: object = None  # the PtsPipeline: which input each output came from
+    sink: object = None  # the TrackSink onto the peer's return track (None: a send-only client)
     thread: threading.Thread | None = None
     channel: object = None
     created: float = field(default_factory=time.monotonic)
     ended: bool = False
     why: str = ""
     input_ended: bool = False  # the client's video ended cleanly: what is in flight still goes back
-    link: LinkStats = field(default_factory=LinkStats)
     finished_at: float | None = None  # when the engine was done with it
+    resumed: int = 0  # new peer connections that took the place of a cut one (PATCH)
+    link: LinkStats = field(default_factory=LinkStats)
 
 
 class ChannelControl:
@@ -148,6 +167,7 @@ class ChannelControl:
     def close(self) -> None:
         for t in self.tasks:
             t.cancel()
+        self.controller.remove_listener(self._notify)
 
 
 class ViewSink(Sink):
@@ -190,9 +210,10 @@ class WebRtcService:
     engine runs on a thread of its own."""
 
     def __init__(self, slots: list[Slot], *, ice_servers: list[dict] | None = None, make_engine=None,
-                 on_change=None, say=None, fps: float = 30.0, udp_ports: tuple[int, int] | None = None,
-                 public_ip: str | None = None, codec: str | None = None):
+                 on_change=None, say=None, fps: float = 30.0, session_grace: float = SESSION_GRACE_S,
+                 udp_ports: tuple[int, int] | None = None, public_ip: str | None = None, codec: str | None = None):
         self.slots = slots
+        self.session_grace = session_grace
         self.udp_ports, self.public_ip, self.codec = udp_ports, public_ip, codec
         self.ice_servers = list(ice_servers or [])
         self.make_engine = make_engine  # (session, pipeline, sinks) -> Engine
@@ -218,6 +239,7 @@ class WebRtcService:
     def add_routes(self, app) -> None:
         app.router.add_post("/whip", self._whip)
         app.router.add_delete("/whip/{id}", self._whip_delete)
+        app.router.add_patch("/whip/{id}", self._whip_patch)
         app.router.add_route("OPTIONS", "/whip", self._options)
         app.router.add_get("/studio", self._studio)
         app.router.add_post("/whep", self._whep)
@@ -248,6 +270,14 @@ class WebRtcService:
             return f"the offer has no {self.codec.upper()} video, and this engine takes only that (serve --codec {self.codec})"
         return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
+    def _no_port(self) -> str | None:
+        """With ``udp_ports`` all taken, the line that says so (the answer would have no candidate)."""
+        if self.udp_ports is None:
+            return None
+        lo, hi = self.udp_ports
+        self.say(f"a stream was refused: no free UDP port in --udp-ports {lo}-{hi}; widen the range")
+        return f"busy: no free UDP port in this engine's --udp-ports {lo}-{hi} for another stream\n"
+
     async def _options(self, request):
         from aiohttp import web
 
@@ -267,9 +297,18 @@ class WebRtcService:
         except UnicodeDecodeError:
             raise web.HTTPBadRequest(text="the SDP offer is not UTF-8 text\n") from None
 
+    def _retry_after(self) -> int:
+        """Seconds until a slot may free: the rest of the grace of a session whose link is cut (no
+        video for a while), else RETRY_AFTER_S."""
+        now, waits = time.monotonic(), []
+        for s in self.sessions.values():
+            last = s.source.last_frame_at
+            if not s.ended and not s.input_ended and last is not None and now - last > 1.0:
+                waits.append(self.session_grace - (now - last))
+        return max(1, min(RETRY_AFTER_S, math.ceil(min(waits)))) if waits else RETRY_AFTER_S
+
     async def _whip(self, request):
         from aiohttp import web
-        from aiortc import RTCSessionDescription
 
         self.loop = asyncio.get_running_loop()
         if self._watch is None:
@@ -279,18 +318,44 @@ class WebRtcService:
         if slot is None:
             n = self.max_sessions
             return web.Response(
-                status=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                status=503, headers={"Retry-After": str(self._retry_after())},
                 text=f"busy: this engine serves {n} stream{'s' if n != 1 else ''} at a time (--max-sessions {n}) and "
                 f"{'it is' if n == 1 else 'all are'} in use; try again when one ends\n",
             )
         slot.busy = True
         sid = secrets.token_urlsafe(12)
-        pc = self._peer_connection()
         book = PtsBook()
         source = TrackSource(book, name=f"remote camera ({sid[:6]})", fps=self.fps)
-        track = outgoing_track((slot.frames.width, slot.frames.height, "Live2Diff: connected", "warming up ..."))
         controller = Controller(slot.frames, slot.manager, label=slot.label)
-        session = Session(sid, pc, slot, source, track, controller)
+        session = Session(sid, None, slot, source, None, controller)
+        try:
+            session.pc, session.track = await self._peer(session, sdp, "Live2Diff: connected", "warming up ...")
+        except NoFreePort as exc:
+            slot.busy = False
+            return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)}, text=str(exc))
+        except ValueError as exc:
+            slot.busy = False
+            return web.Response(status=400, text=f"cannot use this offer: {exc}\n")
+        self.sessions[sid] = session
+        self._start_engine(session)
+        self.loop.create_task(self._sample_link(session))
+        self.served += 1
+        self.say(f"session {sid[:6]} started ({len(self.sessions)} of {self.max_sessions})")
+        self.on_change()
+        return web.Response(status=201, text=self._answer(session.pc), content_type="application/sdp",
+                            headers={"Location": f"/whip/{sid}", "ETag": f'"{sid}"'})
+
+    async def _peer(self, session: Session, sdp: str, card: str, subtitle: str):
+        """A peer connection for ``session`` answering ``sdp``: its video goes to the session's
+        source, the stylised video comes back on a new track (first ``card`` at pts 0), its data
+        channel ``control`` to the session's controller. Returns (pc, track or None for a send-only
+        offer); a bad offer raises ValueError (one line) with nothing left open, NoFreePort when
+        --udp-ports has no port left for it."""
+        from aiortc import RTCSessionDescription
+
+        pc = self._peer_connection()
+        slot = session.slot
+        track = outgoing_track((slot.frames.width, slot.frames.height, card, subtitle))
         got_video = False
 
         @pc.on("track")
@@ -298,19 +363,28 @@ class WebRtcService:
             nonlocal got_video
             if remote.kind == "video" and not got_video:
                 got_video = True
-                self.loop.create_task(self._pump(session, remote))
+                self.loop.create_task(self._pump(session, pc, remote))
             else:  # audio (OBS sends its mix), a second video: read and dropped, so nothing piles up
                 self.loop.create_task(self._drain(remote))
 
         @pc.on("datachannel")
         def on_datachannel(channel):
-            if channel.label == "control" and session.channel is None:
-                session.channel = ChannelControl(channel, controller, self.loop)
+            if channel.label == "control" and session.pc is pc:
+                if session.channel is not None:  # the cut connection's
+                    session.channel.close()
+                session.channel = ChannelControl(channel, session.controller, self.loop)
 
         @pc.on("connectionstatechange")
         async def on_state():
-            if pc.connectionState in ("failed", "closed"):
-                await self.end(session, f"connection {pc.connectionState}")
+            if session.pc is not pc or session.ended:  # a connection a resume replaced, or one being set up
+                return
+            if pc.connectionState == "closed":  # the peer closed it: it is done with the session
+                await self.end(session, "connection closed")
+            elif pc.connectionState == "failed":  # a cut link: the session waits out its grace for a resume
+                self.say(f"session {session.id[:6]}: connection failed; kept {self.session_grace:g} s for the "
+                         "client to resume it")
+                session.pc = None
+                self.loop.create_task(self._close_pc(pc))
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -319,30 +393,59 @@ class WebRtcService:
             offered = getattr(video[0], "_offerDirection", None) if video else None
             if offered not in ("sendrecv", "recvonly"):
                 raise ValueError("the offer sends no video to stylise (add the camera track)")
-            if offered == "sendrecv":
+            if offered == "sendrecv" and (session.engine is None or session.sink is not None):
                 pc.addTrack(track)
             else:  # send-only (OBS 30's WHIP output): the stylised video goes to /stream.mjpg and WHEP only
-                session.track = None
+                track = None
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
-            slot.busy = False
-            await pc.close()
-            return web.Response(status=400, text=f"cannot use this offer: {self._offer_error(exc)}\n")
-        if self.udp_ports is not None and "a=candidate:" not in pc.localDescription.sdp:
-            slot.busy = False
-            await pc.close()
-            lo, hi = self.udp_ports
-            self.say(f"a stream was refused: no free UDP port in --udp-ports {lo}-{hi}; widen the range")
-            return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)},
-                                text=f"busy: no free UDP port in this engine's --udp-ports {lo}-{hi} for another stream\n")
-        self.sessions[sid] = session
-        self._start_engine(session)
-        self.loop.create_task(self._sample_link(session))
-        self.served += 1
-        self.say(f"session {sid[:6]} started ({len(self.sessions)} of {self.max_sessions})")
-        self.on_change()
-        return web.Response(status=201, text=self._answer(pc), content_type="application/sdp",
-                            headers={"Location": f"/whip/{sid}", "ETag": f'"{sid}"'})
+            await self._close_pc(pc)
+            raise ValueError(self._offer_error(exc)) from None
+        if "a=candidate:" not in pc.localDescription.sdp and self.udp_ports is not None:
+            await self._close_pc(pc)
+            raise NoFreePort(self._no_port())
+        return pc, track
+
+    @staticmethod
+    async def _close_pc(pc) -> None:
+        try:
+            await asyncio.wait_for(pc.close(), 5)
+        except Exception:
+            pass
+
+    async def _whip_patch(self, request):
+        """A new offer for a session whose link was cut: a new peer connection in place of the old
+        one; the engine, its cache, prompt and style go on (no new warmup)."""
+        from aiohttp import web
+
+        session = self.sessions.get(request.match_info["id"])
+        if session is None or session.ended:
+            return web.Response(status=404, text="no such session (it ended): make a new one with POST /whip\n")
+        sdp = await self._read_offer(request)
+        if session.input_ended:
+            return web.Response(status=409, text="this session's video has ended: make a new one with POST /whip\n")
+        try:
+            pc, track = await self._peer(session, sdp, "Live2Diff: resumed", "")
+        except NoFreePort as exc:
+            return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)}, text=str(exc))
+        except ValueError as exc:
+            return web.Response(status=400, text=f"cannot use this offer: {exc}\n")
+        if session.ended:  # ended while the answer was made
+            await self._close_pc(pc)
+            return web.Response(status=404, text="no such session (it ended): make a new one with POST /whip\n")
+        old, session.pc = session.pc, pc
+        session.resumed += 1
+        # The frames still in the engine came from the old connection: their pts mean nothing on
+        # the new one (its receiver counts pts afresh), so they do not go back on it.
+        session.pipeline.forget()
+        if session.sink is not None and track is not None:
+            stale, session.sink.track, session.track = session.sink.track, track, track
+            stale.frames.close()
+        if old is not None:
+            self.loop.create_task(self._close_pc(old))
+        self.say(f"session {session.id[:6]} resumed on a new connection (the same engine: no new warmup)")
+        return web.Response(status=200, text=self._answer(pc), content_type="application/sdp",
+                            headers={"Location": f"/whip/{session.id}", "ETag": f'"{session.id}"'})
 
     async def _studio(self, request):
         """The studio page (plugin/studio.html): the browser's camera to the engine and back."""
@@ -393,6 +496,9 @@ class WebRtcService:
         except Exception as exc:
             await pc.close()
             return web.Response(status=400, text=f"cannot use this offer: {self._offer_error(exc)}\n")
+        if "a=candidate:" not in pc.localDescription.sdp and self.udp_ports is not None:
+            await pc.close()
+            return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)}, text=self._no_port())
         self.viewers[vid] = viewer
         self.view_sinks.append(viewer)
         return web.Response(status=201, text=self._answer(pc), content_type="application/sdp",
@@ -429,14 +535,17 @@ class WebRtcService:
         await self.end(session, "ended by the client")
         return web.Response(status=200, text="session ended\n")
 
-    async def _pump(self, session: Session, remote) -> None:
+    async def _pump(self, session: Session, pc, remote) -> None:
         from aiortc.mediastreams import MediaStreamError
 
         try:
             while not session.ended:
                 frame = await remote.recv()
-                session.source.feed(frame)
+                if session.pc is pc:  # a replaced connection's last frames are not the session's
+                    session.source.feed(frame)
         except MediaStreamError:  # the track ended: an RTCP BYE, or the connection going (ended elsewhere)
+            if session.pc is not pc:  # a connection that a resume replaced, or a failed one: not an end
+                return
             if not session.ended:
                 session.input_ended = True
                 session.source.end()  # the engine finishes the frames it holds, sends them, and ends
@@ -446,15 +555,18 @@ class WebRtcService:
         await self.end(session, "the video track ended")
 
     async def _sample_link(self, session: Session) -> None:
-        """The session's link figures, once a second, into its engine's status (``link``)."""
+        """The session's link figures, once a second, into its engine's status (``link``); none
+        while its link is cut (no peer connection until the client resumes)."""
         while not session.ended:
             await asyncio.sleep(1.0)
-            try:
-                figures = await session.link.sample(session.pc)
-            except Exception as exc:  # a connection closing under the sample
-                log.debug("session %s: link stats: %s", session.id[:6], exc)
-                continue
-            if session.engine is not None:
+            figures = None
+            if session.pc is not None:
+                try:
+                    figures = await session.link.sample(session.pc)
+                except Exception as exc:  # a connection closing under the sample
+                    log.debug("session %s: link stats: %s", session.id[:6], exc)
+                    continue
+            if session.engine is not None and session.engine.stats.extra.get("link") != figures:
                 session.engine.stats.extra["link"] = figures
                 session.controller.changed()
 
@@ -471,8 +583,11 @@ class WebRtcService:
         slot.frames.restart()  # a fresh stream: nothing of the slot's last session remains in flight
         sinks = [ViewSink(self, session)]
         if session.track is not None:
-            sinks.insert(0, TrackSink(session.track, session.source.book))
-        engine = self.make_engine(session, PtsPipeline(slot.frames, session.source.book), sinks)
+            session.sink = TrackSink(session.track, session.source.book)
+            sinks.insert(0, session.sink)
+        session.pipeline = PtsPipeline(slot.frames, session.source.book, on_warm=lambda: self.say(
+            f"session {session.id[:6]} warmed up"))
+        engine = self.make_engine(session, session.pipeline, sinks)
         session.engine = engine
         session.thread = threading.Thread(target=self._run_engine, args=(session,), name=f"session-{session.id[:6]}",
                                           daemon=True)
@@ -502,10 +617,8 @@ class WebRtcService:
             session.engine.stop()
         if session.channel is not None:
             session.channel.close()
-        try:
-            await asyncio.wait_for(session.pc.close(), 5)
-        except Exception:
-            pass
+        if session.pc is not None:
+            await self._close_pc(session.pc)
         if session.thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, session.thread.join, 10)
         self.sessions.pop(session.id, None)
@@ -527,8 +640,8 @@ class WebRtcService:
                     continue
                 if last is None and now - s.created > FIRST_FRAME_S:
                     await self.end(s, f"no video within {FIRST_FRAME_S:.0f} s")
-                elif last is not None and now - last > SESSION_IDLE_S:
-                    await self.end(s, f"no video for {SESSION_IDLE_S:.0f} s: the peer is gone")
+                elif last is not None and now - last > self.session_grace:
+                    await self.end(s, f"no video for {self.session_grace:g} s (--session-grace): the peer is gone")
 
     async def _on_shutdown(self, app) -> None:
         await self.close()
