@@ -9,15 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import bench, check_reference, connect, ctl, models, run, serve, styles, translate
+from .commands import bench, check_reference, connect, ctl, doctor, models, run, serve, styles, translate
 from .commands import eval as eval_command
 from .errors import UserError
 from .options import Parser
 
-COMMANDS = {name: entry for module in (check_reference, bench, translate, models, run, ctl, styles, eval_command, serve, connect)
+COMMANDS = {name: entry for module in (check_reference, bench, translate, models, run, ctl, styles, eval_command, serve, connect, doctor)
             for name, entry in module.COMMANDS.items()}  # name: (add its subcommand, run it)
 ORDER = ("check-reference", "bench", "translate", "models", "run", "ctl", "bench-engine", "bench-style", "bench-threads",
-         "bench-gpu", "check-accelerate", "styles", "eval", "serve", "connect")  # as --help lists them
+         "bench-gpu", "check-accelerate", "styles", "eval", "serve", "connect", "doctor")  # as --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -288,3 +288,12 @@ def obs_own_settings(environ: dict | None = None, home: str | None = None) -> di
         if found:
             return found
     return None
+
+
+def add_link_args(group) -> None:
+    """--max-bitrate and --codec for the remote commands (serve, connect): the same words on both ends."""
+    group.add_argument("--max-bitrate", type=int, metavar="KBPS", default=None,
+                       help="cap the video this side sends at KBPS kilobits per second (default: aiortc's own, up to "
+                       "1500 for VP8, 3000 for H.264)")
+    group.add_argument("--codec", choices=("vp8", "h264"), default=None,
+                       help="the video codec to use (default: what both ends have, VP8 first)")

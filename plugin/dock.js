@@ -24,7 +24,7 @@
   const el = {
     conn: $('conn'), main: $('main'), controls: $('controls'),
     state: $('f-state'), fps: $('f-fps'), latency: $('f-latency'), style: $('f-style'), frames: $('f-frames'),
-    lastError: $('last-error'), toast: $('toast'), about: $('about'), obsSource: $('obs-source'),
+    lastError: $('last-error'), toast: $('toast'), about: $('about'), obsSource: $('obs-source'), link: $('link'),
     prompt: $('prompt'), promptApply: $('prompt-apply'), history: $('history'), historyEmpty: $('history-empty'),
     negative: $('negative'), negativeApply: $('negative-apply'),
     guidance: $('guidance'), guidanceApply: $('guidance-apply'),
@@ -316,6 +316,15 @@
     el.latency.textContent = latency;
   }
 
+  // The remote link (status "link", from the WebRTC stats: remote/link.py) in one line, or '' without one.
+  function linkText(l) {
+    if (!l || typeof l !== 'object') return '';
+    const n = (v, d) => (typeof v === 'number' && isFinite(v) ? v.toFixed(d) : '\u2013');
+    return 'Link: ' + (l.type || '\u2013') + ' \u00b7 RTT ' + n(l.rtt_ms, 0) + ' ms \u00b7 loss ' + n(l.loss_pct, 1) +
+      '% in, ' + n(l.loss_out_pct, 1) + '% out \u00b7 jitter ' + n(l.jitter_ms, 0) + ' ms \u00b7 ' + n(l.bitrate_kbps, 0) +
+      ' kbps out, ' + n(l.bitrate_in_kbps, 0) + ' in \u00b7 ' + (l.codec || '\u2013');
+  }
+
   function render(s) {
     status = s;
     el.state.textContent = s.state || '\u2013';
@@ -323,6 +332,9 @@
     figures(s);
     el.style.textContent = s.style || '\u2013';
     el.frames.textContent = typeof s.frames_out === 'number' ? String(s.frames_out) : '\u2013';
+    el.link.textContent = linkText(s.link);
+    el.link.hidden = !el.link.textContent;
+    el.link.dataset.type = (s.link && s.link.type) || '';
     el.lastError.hidden = !s.last_error;
     el.lastError.textContent = s.last_error ? 'Last error: ' + s.last_error : '';
     // OBS connected is not OBS showing the output: its source may exist and read nothing.

@@ -25,6 +25,7 @@
     style: $('style'), strength: $('strength'), strengthValue: $('strength-value'), steps: $('steps'),
     pause: $('pause'), reset: $('reset'), login: $('login'), tokenInput: $('token'), loginNote: $('login-note'),
     fState: $('f-state'), fFps: $('f-fps'), fLatency: $('f-latency'), fStyle: $('f-style'), fFrames: $('f-frames'),
+    link: $('link'),
   };
   let pc = null, channel = null, camera = null, location_ = null, nextId = 1, status = null;
   const editing = new Set();  // controls being edited: status updates leave them alone
@@ -84,6 +85,15 @@
     channel.send(JSON.stringify(Object.assign({ app: 'live2diff', v: 1, kind: 'command', cmd, id: String(nextId++) }, fields || {})));
   }
 
+  // The remote link (status "link", from the WebRTC stats: remote/link.py) in one line, or '' without one.
+  function linkText(l) {
+    if (!l || typeof l !== 'object') return '';
+    const n = (v, d) => (typeof v === 'number' && isFinite(v) ? v.toFixed(d) : '\u2013');
+    return 'Link: ' + (l.type || '\u2013') + ' \u00b7 RTT ' + n(l.rtt_ms, 0) + ' ms \u00b7 loss ' + n(l.loss_pct, 1) +
+      '% in, ' + n(l.loss_out_pct, 1) + '% out \u00b7 jitter ' + n(l.jitter_ms, 0) + ' ms \u00b7 ' + n(l.bitrate_kbps, 0) +
+      ' kbps out, ' + n(l.bitrate_in_kbps, 0) + ' in \u00b7 ' + (l.codec || '\u2013');
+  }
+
   function showStatus(s) {
     status = s;
     el.fState.textContent = s.state || '–';
@@ -92,6 +102,9 @@
     el.fLatency.textContent = typeof s.latency_ms === 'number' ? Math.round(s.latency_ms) + ' ms' : '–';
     el.fStyle.textContent = s.style || '–';
     el.fFrames.textContent = s.frames_out != null ? String(s.frames_out) : '–';
+    el.link.textContent = linkText(s.link);  // the engine's view of this page's connection
+    el.link.hidden = !el.link.textContent;
+    el.link.dataset.type = (s.link && s.link.type) || '';
     if (!editing.has('prompt') && document.activeElement !== el.prompt) el.prompt.value = s.prompt || '';
     const names = Array.isArray(s.styles) ? s.styles : [];
     if ([...el.style.options].map((o) => o.value).join('\n') !== names.join('\n')) {

@@ -526,3 +526,22 @@ def test_the_dock_says_when_obs_does_not_pull_the_stream(running, browser):
         finally:
             bridge.stop()
             running.controller.obs = None
+
+
+def test_the_dock_shows_a_remote_streams_link_in_one_line(running, browser):
+    """A remote stream's link figures (status "link": remote/link.py, from the WebRTC stats; real ones
+    in tests/test_remote_network.py) as one line under the figures; nothing without a link."""
+    connected(browser)
+    assert not by_id(browser, "link").is_displayed()
+    running.engine.stats.extra["link"] = {"type": "relay", "rtt_ms": 42.4, "loss_pct": 1.25, "loss_out_pct": 0.0,
+                                          "jitter_ms": 7.6, "bitrate_kbps": 812.0, "bitrate_in_kbps": 95.4, "codec": "VP8"}
+    try:
+        running.controller.changed()
+        wait_for(lambda: by_id(browser, "link").is_displayed(), 15, "the link line")
+        assert text_of(browser, "link") == ("Link: relay \u00b7 RTT 42 ms \u00b7 loss 1.3% in, 0.0% out \u00b7 jitter 8 ms "
+                                            "\u00b7 812 kbps out, 95 in \u00b7 VP8")
+        assert by_id(browser, "link").get_attribute("data-type") == "relay"
+    finally:
+        running.engine.stats.extra.pop("link", None)
+        running.controller.changed()
+    wait_for(lambda: not by_id(browser, "link").is_displayed(), 15, "the link line to go with the link")

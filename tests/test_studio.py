@@ -9,6 +9,7 @@ without them the test skips, except under CI=true where it fails.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 
@@ -100,6 +101,10 @@ def test_studio_sends_the_webcam_and_shows_stylised_frames_and_its_controls_chan
     t = d.execute_script("return document.getElementById('remote').currentTime")
     wait_for(lambda: d.execute_script("return document.getElementById('remote').currentTime") > t, WAIT, "the video to move on")
     wait_for(lambda: by_id(d, "f-state").text.strip() == "streaming", WAIT, "the status over the data channel")
+    # The engine's view of this page's link (remote/link.py), over the same channel: type, RTT, ..., codec.
+    wait_for(lambda: re.match(r"Link: (host|srflx) \u00b7 RTT \d+ ms \u00b7 loss [\d.]+% in, [\d.]+% out \u00b7 jitter "
+                              r"\d+ ms \u00b7 \d+ kbps out, \d+ in \u00b7 VP8$", by_id(d, "link").text.strip()),
+             WAIT, "the link line")
 
     box = by_id(d, "prompt")
     box.clear()

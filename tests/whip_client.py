@@ -4,7 +4,7 @@ the data channel ``control``.
 
 Used in-process (``WhipClient``) and as a process of its own that a test can kill:
 
-    python whip_client.py URL [--token T] [--fps F] [--size WxH]   (runs until killed; prints
+    python whip_client.py URL [--token T] [--fps F] [--size WxH] [--print-answer]   (runs until killed; prints
     one JSON line per second: {"sent": n, "received": m})
 """
 
@@ -190,11 +190,14 @@ async def _main() -> int:
     p.add_argument("--token")
     p.add_argument("--fps", type=float, default=10.0)
     p.add_argument("--size", default="64x48")
+    p.add_argument("--print-answer", action="store_true", help="print the SDP answer as a JSON line too")
     a = p.parse_args()
     w, h = (int(v) for v in a.size.split("x"))
     c = WhipClient(a.url, token=a.token, fps=a.fps, size=(w, h))
     code = await c.start()
     print(json.dumps({"status": code}), flush=True)
+    if a.print_answer:
+        print(json.dumps({"answer": c.answer_text}), flush=True)
     if code != 201:
         return 1
     while True:

@@ -9,7 +9,7 @@ import threading
 from collections import deque
 
 from ..errors import ConfigError
-from ..options import add_control_args, add_io_args, control_settings, warn_secrets_on_command_line
+from ..options import add_control_args, add_io_args, add_link_args, control_settings, warn_secrets_on_command_line
 
 
 def add_parser(sub) -> None:
@@ -25,6 +25,7 @@ def add_parser(sub) -> None:
     c.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="a STUN or TURN server, e.g. turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none). "
                    "A TURN password here is visible in the process list: put such servers in LIVE2DIFF_ICE_SERVERS")
+    add_link_args(c)
     add_io_args(c)
     add_control_args(c)
 
@@ -34,6 +35,7 @@ def cmd_connect(args) -> int:
 
     from ..remote.client import ForwardingController, RemotePipeline
     from ..remote.ice import ice_servers_from
+    from ..remote.link import limit_bitrate
     from ..engine import Engine
     from ..io.sinks import SinkUnavailable, no_signal_card, parse_sink
     from ..io.sources import open_at_start, parse_source
@@ -43,12 +45,13 @@ def cmd_connect(args) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         raise ConfigError("--max-frames must be at least 1")
     ice = ice_servers_from(args.ice_server, os.environ, say)
+    limit_bitrate(args.max_bitrate)
     token = args.token or os.environ.get("LIVE2DIFF_API_TOKEN") or None
     if args.token:
         say("warning: --token is visible to every user of this machine in the process list; "
             "put it in the environment variable LIVE2DIFF_API_TOKEN instead")
     warn_secrets_on_command_line(args, say)
-    remote = RemotePipeline(args.url, token=token, ice_servers=ice, say=say)
+    remote = RemotePipeline(args.url, token=token, ice_servers=ice, say=say, codec=args.codec)
     settings = control_settings(args)
     source = parse_source(args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
                           synthetic_size=args.camera_size or (640, 480))
@@ -140,7 +143,10 @@ exit_at_once = False  # set once connect's link, sinks and API are closed: the p
 
 def _status_lines(engine, remote, controller, say) -> None:
     """The round trip, every few seconds: capture to local publish p50/p95, the remote engine's
-    own part, and what the network (and the codecs) add."""
+    own part, what the network (and the codecs) add, and the link (candidate type, RTT, loss,
+    jitter, bitrate, codec)."""
+    from ..remote.link import describe
+
     window: deque = deque(maxlen=4)
     while not engine.stopping:
         engine._stop.wait(2.0 if sys.stderr.isatty() else 10.0)
@@ -158,7 +164,7 @@ def _status_lines(engine, remote, controller, say) -> None:
         net = s.get("network_ms")
         say(f"[{s.get('state')}] {remote.base} | out {s.get('fps', 0):.1f} fps | capture to publish p50/p95 {rt} | "
             f"engine {eng if eng is not None else '-'} ms | network and codecs {net if net is not None else '-'} ms | "
-            f"sent {remote.sent} back {remote.returned}")
+            f"sent {remote.sent} back {remote.returned} | {describe(remote.link)}")
 
 
 COMMANDS = {"connect": (add_parser, cmd_connect)}

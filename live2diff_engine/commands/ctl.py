@@ -111,6 +111,10 @@ def _cmd_ctl(args) -> int:
         obs_source = {"pulling": " (pulls the stream)", "not pulling": " (OBS source not pulling the stream)",
                       "absent": " (no Live2Diff source: `ctl add-to-scene`)"}.get(status.get("obs_source"), "")
         print(f"OBS: {status.get('obs')}{obs_source}  model: {status.get('model')}  {status.get('size')}")
+        if isinstance(status.get("link"), dict):  # a remote stream (connect, or a serve session)
+            from ..remote.link import describe
+
+            print(describe(status["link"]))
         dl = status.get("download")
         if isinstance(dl, dict):
             got = f"{dl.get('bytes', 0) / 1e6:.1f}" + (f" of {dl['total'] / 1e6:.1f}" if dl.get("total") else "") + " MB"

@@ -573,6 +573,8 @@ class Controller:
             # whether OBS pulls the stream where the engine has no OBS connection of its own
             "stream_clients_obs": self.stream_clients("obs") if self.stream_clients is not None else None,
             "lipsync_ms": getattr(self.obs, "lipsync_ms", None),
+            # a remote session's network figures (remote/link.py): candidate type, RTT, loss, jitter, bitrate
+            "link": stats.extra.get("link") if stats else None,
             "api_url": self.api_url,
             "model": self.label,
             "size": [self.frames.width, self.frames.height],

@@ -81,7 +81,8 @@ class RemotePipeline:
     output_size = None
     drains_on_stop = True
 
-    def __init__(self, url: str, *, token: str | None = None, ice_servers: list[dict] | None = None, say=None):
+    def __init__(self, url: str, *, token: str | None = None, ice_servers: list[dict] | None = None, say=None,
+                 codec: str | None = None):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ConfigError(f"connect URL must be the engine's address, e.g. http://gpu-box:8765, got {url!r}")
@@ -90,6 +91,8 @@ class RemotePipeline:
         self.endpoint = self.base + (path if path.endswith("/whip") else path + "/whip")
         self.token = token
         self.ice_servers = list(ice_servers or [])
+        self.codec = codec  # "vp8", "h264" or None (remote/link.py)
+        self.link: dict | None = None  # the current connection's figures (remote/link.py), once a second
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
         self.frame_index = 0
         self.emit = None  # set by connect: the engine's emit
@@ -304,6 +307,7 @@ class RemotePipeline:
         from aiortc.mediastreams import MediaStreamError
 
         from .ice import rtc_configuration
+        from .link import LinkStats, prefer_codec
         from .media import LatestFrames
 
         outbox = LatestFrames(keep=2)
@@ -326,7 +330,10 @@ class RemotePipeline:
 
         pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
         camera = Camera()
-        sender = pc.addTransceiver(camera, direction="sendrecv").sender
+        transceiver = pc.addTransceiver(camera, direction="sendrecv")
+        prefer_codec(transceiver, self.codec)
+        sender = transceiver.sender
+        link = LinkStats()
 
         async def end_input():
             """No more frames: the last one goes out, then the track ends with an RTCP BYE, on
@@ -382,8 +389,15 @@ class RemotePipeline:
                      + (" (resumed its session: no new warmup)" if resumed is not None else ""))
             state["last_back"] = time.monotonic()
             self._first_done.set()
+            sampled = time.monotonic()
             while not self._stop.is_set():
                 await asyncio.sleep(0.2)
+                if time.monotonic() - sampled >= 1.0:
+                    sampled = time.monotonic()
+                    try:
+                        self.link = await link.sample(pc)
+                    except Exception as exc:  # the connection closing under the sample
+                        log.debug("link stats: %s", exc)
                 if state["closed"]:
                     return "lost"
                 if time.monotonic() - state["last_back"] > LOST_AFTER_S:
@@ -392,6 +406,7 @@ class RemotePipeline:
             return None
         finally:
             self.connected = False
+            self.link = None
             self._outbox = None
             self._end_input = None
             self._channel = None
@@ -597,6 +612,8 @@ class ForwardingController:
             "frames_out": stats.frames_out if stats else 0,
             "dropped": stats.dropped if stats else 0,
             "api_url": self.api_url,
+            "link": self.remote.link,  # this side's view of the network (remote/link.py)
+            "remote_link": remote.get("link"),  # the engine's view of it
             "time": round(time.time(), 3),
         }
         if local["latency_ms"] is not None and remote_latency is not None:

@@ -57,3 +57,114 @@ def rtc_configuration(ice_servers: list[dict]):
     install_prompt_jitter_buffer()
 
     return RTCConfiguration(iceServers=[RTCIceServer(**s) for s in ice_servers])
+
+
+# -- serve behind a firewall: a fixed UDP port range, a public address ------------------------------
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """``LO-HI`` (inclusive, 1024..65535) for ``serve --udp-ports``."""
+    from ..errors import ConfigError
+
+    lo, sep, hi = text.partition("-")
+    try:
+        lo_n, hi_n = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise ConfigError(f"--udp-ports must be a range LO-HI such as 40000-40099, got {text!r}") from None
+    if not 1024 <= lo_n <= hi_n <= 65535:
+        raise ConfigError(f"--udp-ports must be LO-HI with 1024 <= LO <= HI <= 65535, got {text!r}")
+    return lo_n, hi_n
+
+
+def check_public_ip(text: str) -> str:
+    """``serve --public-ip``: a literal address (a 1:1-NAT VM's public one), not a host name."""
+    import ipaddress
+
+    from ..errors import ConfigError
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ConfigError(f"--public-ip must be an IP address such as 203.0.113.7, got {text!r}") from None
+
+
+def constrain_udp_ports(loop, ports: tuple[int, int]) -> None:
+    """Makes every UDP socket that ``loop`` binds to "any free port" take one of ``ports`` instead.
+
+    aioice (0.13, under aiortc) binds each host candidate with ``loop.create_datagram_endpoint(...,
+    local_addr=(address, 0))`` and has no option for a port range (aiortc/aioice issue #47, PR #112
+    still open), so the range is applied at that one call, on the event loop that runs serve's peer
+    connections: a bind to port 0 tries the range's ports in turn, going round from after the last
+    one taken (a port freed a moment ago is not the next one handed out). Binds to a given port (mDNS
+    on 5353) and sockets with only a remote address (the connection to a TURN server, which is
+    outgoing) are left as they are. When every port of the range is in use the bind fails as aioice
+    expects (OSError) and that address yields no candidate."""
+    import errno
+
+    original = loop.create_datagram_endpoint
+    if getattr(original, "udp_ports", None) == ports:
+        return
+    lo, hi = ports
+    count = hi - lo + 1
+    cursor = [0]
+
+    async def create_datagram_endpoint(protocol_factory, local_addr=None, remote_addr=None, **kwargs):
+        if local_addr is None or local_addr[1] != 0 or remote_addr is not None:
+            return await original(protocol_factory, local_addr=local_addr, remote_addr=remote_addr, **kwargs)
+        for k in range(count):
+            port = lo + (cursor[0] + k) % count
+            try:
+                result = await original(protocol_factory, local_addr=(local_addr[0], port, *local_addr[2:]), **kwargs)
+            except OSError:
+                continue
+            cursor[0] = (port - lo + 1) % count
+            return result
+        raise OSError(errno.EADDRINUSE, f"no free UDP port in {lo}-{hi}")
+
+    create_datagram_endpoint.udp_ports = ports
+    loop.create_datagram_endpoint = create_datagram_endpoint
+
+
+def free_port_in(ports: tuple[int, int]) -> int | None:
+    """The first UDP port of the range that can be bound now (on every address), or None."""
+    import socket
+
+    for port in range(ports[0], ports[1] + 1):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    return None
+
+
+def advertise_public_ip(sdp: str, public_ip: str) -> str:
+    """The SDP with its host candidates (of the public address's family) carrying ``public_ip``: a
+    VM behind 1:1 NAT (most clouds) knows only its private address, while a peer elsewhere must
+    send to the public one, which the NAT maps port for port onto the private one. The connection
+    line that named a replaced address names the public one too. Server-reflexive and relay
+    candidates are left as they are."""
+    import ipaddress
+
+    version = ipaddress.ip_address(public_ip).version
+    replaced: set[str] = set()
+    out = []
+    for line in sdp.split("\r\n"):
+        if line.startswith("a=candidate:"):
+            f = line.split(" ")
+            # foundation component transport priority address port "typ" type ...
+            if len(f) >= 8 and f[6] == "typ" and f[7] == "host":
+                try:
+                    same_family = ipaddress.ip_address(f[4]).version == version
+                except ValueError:  # an mDNS name
+                    same_family = False
+                if same_family:
+                    replaced.add(f[4])
+                    f[4] = public_ip
+                    line = " ".join(f)
+        out.append(line)
+    family = "IP4" if version == 4 else "IP6"
+    for i, line in enumerate(out):
+        if line.startswith("c=IN ") and line.split(" ")[-1] in replaced:
+            out[i] = f"c=IN {family} {public_ip}"
+    return "\r\n".join(out)

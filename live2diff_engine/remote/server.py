@@ -34,7 +34,11 @@ loopback the Host header must name this machine. Nothing that arrives names a fi
 data channel's messages go through the same validation as every other control path.
 
 ICE servers are the ones given (``ice_servers``), none by default: aiortc would otherwise ask a
-public STUN server.
+public STUN server. Behind a firewall (``udp_ports``) the media sockets take ports of that range
+only (an offer that finds none free gets 503); behind 1:1 NAT (``public_ip``) the answer's host
+candidates carry the public address (remote/ice.py). ``codec`` makes the answer accept only that
+video codec (remote/link.py). Each session's link figures (candidate type, RTT, loss, jitter,
+bitrate) are in its status as ``link``.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ from ..control.api import BodyError, read_body
 from ..control.controller import Controller, Pacer
 from ..control.schema import reply_message
 from ..io.sinks import Sink
-from .ice import rtc_configuration
+from .ice import advertise_public_ip, constrain_udp_ports, rtc_configuration
+from .link import LinkStats, prefer_codec
 from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, outgoing_track
 
 log = logging.getLogger("live2diff.webrtc")
@@ -63,6 +68,10 @@ FIRST_FRAME_S = 20.0  # a new session that never sends video is freed after this
 RETRY_AFTER_S = 5
 MAX_SDP_BYTES = 64 * 1024
 MAX_CHANNEL_PENDING = 1024  # data-channel messages waiting for the pacer; beyond: refused at once
+
+
+class NoFreePort(Exception):
+    """--udp-ports has no free port left for another peer connection (the text: the reply's line)."""
 
 
 @dataclass
@@ -94,6 +103,7 @@ class Session:
     input_ended: bool = False  # the client's video ended cleanly: what is in flight still goes back
     finished_at: float | None = None  # when the engine was done with it
     resumed: int = 0  # new peer connections that took the place of a cut one (PATCH)
+    link: LinkStats = field(default_factory=LinkStats)
 
 
 class ChannelControl:
@@ -201,9 +211,11 @@ class WebRtcService:
     engine runs on a thread of its own."""
 
     def __init__(self, slots: list[Slot], *, ice_servers: list[dict] | None = None, make_engine=None,
-                 on_change=None, say=None, fps: float = 30.0, session_grace: float = SESSION_GRACE_S):
+                 on_change=None, say=None, fps: float = 30.0, session_grace: float = SESSION_GRACE_S,
+                 udp_ports: tuple[int, int] | None = None, public_ip: str | None = None, codec: str | None = None):
         self.slots = slots
         self.session_grace = session_grace
+        self.udp_ports, self.public_ip, self.codec = udp_ports, public_ip, codec
         self.ice_servers = list(ice_servers or [])
         self.make_engine = make_engine  # (session, pipeline, sinks) -> Engine
         self.on_change = on_change or (lambda: None)  # sessions started or ended (any thread)
@@ -237,6 +249,35 @@ class WebRtcService:
         app.on_shutdown.append(self._on_shutdown)
 
     # -- WHIP --------------------------------------------------------------------------------
+
+    def _peer_connection(self):
+        """A new peer connection on this loop, its sockets in ``udp_ports``; with ``codec``, a
+        video transceiver that accepts only that codec, made before the offer is applied."""
+        from aiortc import RTCPeerConnection
+
+        if self.udp_ports is not None:
+            constrain_udp_ports(asyncio.get_running_loop(), self.udp_ports)
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        if self.codec:
+            prefer_codec(pc.addTransceiver("video", direction="recvonly"), self.codec)
+        return pc
+
+    def _answer(self, pc) -> str:
+        sdp = pc.localDescription.sdp
+        return advertise_public_ip(sdp, self.public_ip) if self.public_ip else sdp
+
+    def _offer_error(self, exc: Exception) -> str:
+        if self.codec and "send parameters" in str(exc):
+            return f"the offer has no {self.codec.upper()} video, and this engine takes only that (serve --codec {self.codec})"
+        return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+    def _no_port(self) -> str | None:
+        """With ``udp_ports`` all taken, the line that says so (the answer would have no candidate)."""
+        if self.udp_ports is None:
+            return None
+        lo, hi = self.udp_ports
+        self.say(f"a stream was refused: no free UDP port in --udp-ports {lo}-{hi}; widen the range")
+        return f"busy: no free UDP port in this engine's --udp-ports {lo}-{hi} for another stream\n"
 
     async def _options(self, request):
         from aiohttp import web
@@ -293,25 +334,30 @@ class WebRtcService:
         session = Session(sid, None, slot, source, None, controller)
         try:
             session.pc, session.track = await self._peer(session, sdp, "Live2Diff: connected", "warming up ...")
+        except NoFreePort as exc:
+            slot.busy = False
+            return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)}, text=str(exc))
         except ValueError as exc:
             slot.busy = False
             return web.Response(status=400, text=f"cannot use this offer: {exc}\n")
         self.sessions[sid] = session
         self._start_engine(session)
+        self.loop.create_task(self._sample_link(session))
         self.served += 1
         self.say(f"session {sid[:6]} started ({len(self.sessions)} of {self.max_sessions})")
         self.on_change()
-        return web.Response(status=201, text=session.pc.localDescription.sdp, content_type="application/sdp",
+        return web.Response(status=201, text=self._answer(session.pc), content_type="application/sdp",
                             headers={"Location": f"/whip/{sid}", "ETag": f'"{sid}"'})
 
     async def _peer(self, session: Session, sdp: str, card: str, subtitle: str):
         """A peer connection for ``session`` answering ``sdp``: its video goes to the session's
         source, the stylised video comes back on a new track (first ``card`` at pts 0), its data
         channel ``control`` to the session's controller. Returns (pc, track or None for a send-only
-        offer); a bad offer raises ValueError (one line) with nothing left open."""
-        from aiortc import RTCPeerConnection, RTCSessionDescription
+        offer); a bad offer raises ValueError (one line) with nothing left open, NoFreePort when
+        --udp-ports has no port left for it."""
+        from aiortc import RTCSessionDescription
 
-        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        pc = self._peer_connection()
         slot = session.slot
         track = outgoing_track((slot.frames.width, slot.frames.height, card, subtitle))
         got_video = False
@@ -358,7 +404,10 @@ class WebRtcService:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             await self._close_pc(pc)
-            raise ValueError(str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__) from None
+            raise ValueError(self._offer_error(exc)) from None
+        if "a=candidate:" not in pc.localDescription.sdp and self.udp_ports is not None:
+            await self._close_pc(pc)
+            raise NoFreePort(self._no_port())
         return pc, track
 
     @staticmethod
@@ -383,6 +432,8 @@ class WebRtcService:
             return web.Response(status=409, text="this session's video has ended: make a new one with POST /whip\n")
         try:
             pc, track = await self._peer(session, sdp, "Live2Diff: resumed", "")
+        except NoFreePort as exc:
+            return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)}, text=str(exc))
         except ValueError as exc:
             return web.Response(status=400, text=f"cannot use this offer: {exc}\n")
         if session.ended:  # ended while the answer was made
@@ -399,7 +450,7 @@ class WebRtcService:
         if old is not None:
             self.loop.create_task(self._close_pc(old))
         self.say(f"session {session.id[:6]} resumed on a new connection (the same engine: no new warmup)")
-        return web.Response(status=200, text=pc.localDescription.sdp, content_type="application/sdp",
+        return web.Response(status=200, text=self._answer(pc), content_type="application/sdp",
                             headers={"Location": f"/whip/{session.id}", "ETag": f'"{session.id}"'})
 
     async def _studio(self, request):
@@ -421,7 +472,7 @@ class WebRtcService:
     async def _whep(self, request):
         """A viewer: the current session's stylised stream, read-only (nothing it sends is read)."""
         from aiohttp import web
-        from aiortc import RTCPeerConnection, RTCSessionDescription
+        from aiortc import RTCSessionDescription
 
         self.loop = asyncio.get_running_loop()
         sdp = await self._read_offer(request)
@@ -435,7 +486,7 @@ class WebRtcService:
         size = (current.slot.frames.width, current.slot.frames.height) if current else (640, 360)
         track = outgoing_track((*size, "Live2Diff", "waiting for a stream ..." if current is None else "joining ..."))
         viewer = Viewer(vid, None, track)
-        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        pc = self._peer_connection()
         viewer.pc = pc
 
         @pc.on("connectionstatechange")
@@ -453,11 +504,13 @@ class WebRtcService:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as exc:
             await pc.close()
-            msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            return web.Response(status=400, text=f"cannot use this offer: {msg}\n")
+            return web.Response(status=400, text=f"cannot use this offer: {self._offer_error(exc)}\n")
+        if "a=candidate:" not in pc.localDescription.sdp and self.udp_ports is not None:
+            await pc.close()
+            return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)}, text=self._no_port())
         self.viewers[vid] = viewer
         self.view_sinks.append(viewer)
-        return web.Response(status=201, text=pc.localDescription.sdp, content_type="application/sdp",
+        return web.Response(status=201, text=self._answer(pc), content_type="application/sdp",
                             headers={"Location": f"/whep/{vid}", "ETag": f'"{vid}"'})
 
     async def _whep_delete(self, request):
@@ -509,6 +562,22 @@ class WebRtcService:
         except Exception as exc:
             log.warning("session %s: receiving video failed: %s", session.id[:6], exc)
         await self.end(session, "the video track ended")
+
+    async def _sample_link(self, session: Session) -> None:
+        """The session's link figures, once a second, into its engine's status (``link``); none
+        while its link is cut (no peer connection until the client resumes)."""
+        while not session.ended:
+            await asyncio.sleep(1.0)
+            figures = None
+            if session.pc is not None:
+                try:
+                    figures = await session.link.sample(session.pc)
+                except Exception as exc:  # a connection closing under the sample
+                    log.debug("session %s: link stats: %s", session.id[:6], exc)
+                    continue
+            if session.engine is not None and session.engine.stats.extra.get("link") != figures:
+                session.engine.stats.extra["link"] = figures
+                session.controller.changed()
 
     @staticmethod
     async def _drain(remote) -> None:
