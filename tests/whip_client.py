@@ -60,7 +60,7 @@ class WhipClient:
     async def start(self) -> int:
         """Offer, answer; returns the HTTP status of the POST (201 when served)."""
         import aiohttp
-        from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+        from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 
         client = self
 
@@ -91,10 +91,11 @@ class WhipClient:
                 return frame
 
         self.channel_open = asyncio.Event()
-        from live2diff_engine.remote.media import install_prompt_jitter_buffer
+        from live2diff_engine.remote.ice import rtc_configuration
 
-        install_prompt_jitter_buffer()  # the last frame comes without waiting for a next one
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        # As the engine's own peers: its jitter buffer (the last frame comes without waiting for a
+        # next one) and, under LIVE2DIFF_ICE_LOOPBACK (tests/conftest.py), media on 127.0.0.1 only.
+        pc = RTCPeerConnection(rtc_configuration([]))
         self.pc = pc
         if self.direction == "recvonly":  # a WHEP viewer
             pc.addTransceiver("video", direction="recvonly")

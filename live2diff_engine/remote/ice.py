@@ -6,6 +6,15 @@ from __future__ import annotations
 
 
 ICE_SERVERS_ENV = "LIVE2DIFF_ICE_SERVERS"
+# LIVE2DIFF_ICE_LOOPBACK=1: media over 127.0.0.1 only. aioice (aiortc's ICE) leaves loopback out of
+# the host candidates it gathers (aioice.ice.get_host_addresses skips 127.0.0.1, and no option of
+# its Connection, nor of aiortc's RTCConfiguration, brings it back), so two peers on one machine
+# meet on its network interface's address, and on a machine (or network namespace) with loopback
+# only they gather nothing and no frame flows. With this set, 127.0.0.1 is the one host candidate:
+# serve and connect on one machine without a network, and the tests (tests/conftest.py sets it, so
+# that no test's media leaves loopback). Not for two machines: they cannot reach each other's
+# 127.0.0.1.
+LOOPBACK_ENV = "LIVE2DIFF_ICE_LOOPBACK"
 
 
 def _without_credential(text: str) -> str:
@@ -49,11 +58,25 @@ def ice_servers_from(options: list[str], env, say) -> list[dict]:
     return servers
 
 
+def use_loopback_candidates() -> None:
+    """Makes 127.0.0.1 the only host address aioice gathers in this process (see LOOPBACK_ENV)."""
+    import aioice.ice
+
+    def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return ["127.0.0.1"] if use_ipv4 else []
+
+    aioice.ice.get_host_addresses = loopback_only  # looked up at each gathering, by Connection.gather_candidates
+
+
 def rtc_configuration(ice_servers: list[dict]):
+    import os
+
     from aiortc import RTCConfiguration, RTCIceServer
 
     from .media import install_prompt_jitter_buffer
 
     install_prompt_jitter_buffer()
+    if os.environ.get(LOOPBACK_ENV, "") not in ("", "0"):
+        use_loopback_candidates()
 
     return RTCConfiguration(iceServers=[RTCIceServer(**s) for s in ice_servers])
