@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections import deque
 
 from ..errors import ConfigError
@@ -84,10 +85,14 @@ def cmd_connect(args) -> int:
         engine = Engine(remote, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps,
                         controller=controller, pace=True, status=False)
 
+        timeline = LatencyTimeline(engine.stats.extra)
+
         def emit(ready):  # the delivering thread; it stops once remote.flush (the engine's last call) is over
             engine.stats.extra["frames_sent"] = remote.sent
+            engine.stats.extra["frames_lost"] = remote.frames_lost()
             caps = engine._capture_times
             newest = max(i for i, _ in ready)
+            timeline.add([caps.get(i) for i, _ in ready])
             try:
                 for k in [k for k in list(caps.keys()) if k < newest]:  # frames the server dropped
                     caps.pop(k, None)
@@ -125,6 +130,37 @@ def cmd_connect(args) -> int:
             api.stop()
 
 
+class LatencyTimeline:
+    """Capture to publish, second by second: ``extra["latency_by_s"]`` (in --stats) is a list of
+    [seconds since the first frame back, p50 ms, frames] for every second with frames, so that a
+    bench sees when latency rose and when it came back (the p50 of the whole run hides both)."""
+
+    def __init__(self, extra: dict, keep: int = 3600):
+        self.extra, self.keep = extra, keep
+        self.t0: float | None = None
+        self.second: int | None = None
+        self.values: list[float] = []
+        extra["latency_by_s"] = []
+
+    def add(self, capture_times) -> None:
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
+        second = int(now - self.t0)
+        if second != self.second:
+            self._close()
+            self.second = second
+        self.values += [now - t for t in capture_times if t is not None]
+
+    def _close(self) -> None:
+        if self.second is not None and self.values:
+            v = sorted(self.values)
+            rows = self.extra["latency_by_s"]
+            rows.append([self.second, round(v[len(v) // 2] * 1000, 1), len(v)])
+            del rows[:-self.keep]
+        self.values = []
+
+
 def _status_lines(engine, remote, controller, say) -> None:
     """The round trip, every few seconds: capture to local publish p50/p95, the remote engine's
     own part, and what the network (and the codecs) add."""
@@ -145,7 +181,7 @@ def _status_lines(engine, remote, controller, say) -> None:
         net = s.get("network_ms")
         say(f"[{s.get('state')}] {remote.base} | out {s.get('fps', 0):.1f} fps | capture to publish p50/p95 {rt} | "
             f"engine {eng if eng is not None else '-'} ms | network and codecs {net if net is not None else '-'} ms | "
-            f"sent {remote.sent} back {remote.returned}")
+            f"sent {remote.sent} back {remote.returned} lost {remote.frames_lost()}")
 
 
 COMMANDS = {"connect": (add_parser, cmd_connect)}

@@ -72,6 +72,9 @@ class RemotePipeline:
         self.sent = 0
         self.returned = 0  # published
         self.received = 0  # came back (the server's card included)
+        self.stale = 0  # came back behind a newer one and dropped (newest wins)
+        self._lost_before = 0  # frames lost on the way back on earlier connections
+        self._pc = None  # the current peer connection
         self._outbox = None  # the current connection's LatestFrames of (image, index)
         self._back: queue.Queue = queue.Queue(maxsize=8)
         self._stop = threading.Event()
@@ -134,6 +137,15 @@ class RemotePipeline:
 
     def abandon_in_flight(self):
         return []
+
+    def frames_lost(self) -> int:
+        """Frames lost on the link both ways (a packet that no retransmission brought in time):
+        on the way back, counted by this side's receiver; on the way up, as the server says."""
+        from .media import frames_lost
+
+        down = self._lost_before + (frames_lost(self._pc) if self._pc is not None else 0)
+        up = (self.remote_status or {}).get("frames_lost")
+        return down + (up if isinstance(up, int) else 0)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -214,6 +226,7 @@ class RemotePipeline:
                 return to_video_frame(image, (index - state["base"]) * PERIOD)
 
         pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        self._pc = pc
         camera = Camera()
         sender = pc.addTransceiver(camera, direction="sendrecv").sender
 
@@ -301,16 +314,21 @@ class RemotePipeline:
                 await asyncio.wait_for(pc.close(), 5)
             except Exception:
                 pass
+            from .media import frames_lost
+
+            self._lost_before += frames_lost(pc)
+            self._pc = None
             self._first_done.set()
 
     async def _receive(self, track, state) -> None:
-        from .media import PTS_SHIFT, frame_pts
+        from .media import PTS_SHIFT, frame_pts, recv_newest
 
         try:
             while True:
-                frame = await track.recv()
+                frame, older = await recv_newest(track)  # newest wins: a backlog is dropped, not shown late
                 state["last_back"] = time.monotonic()
-                self.received += 1
+                self.received += 1 + older
+                self.stale += older
                 pts = frame_pts(frame)
                 if pts == 0 or state["base"] is None:
                     continue  # the server's "connected" card
@@ -333,6 +351,12 @@ class RemotePipeline:
                 index, frame = self._back.get(timeout=0.2)
             except queue.Empty:
                 continue
+            while True:  # newest wins: frames that waited behind a newer one are dropped
+                try:
+                    index, frame = self._back.get_nowait()
+                except queue.Empty:
+                    break
+                self.stale += 1
             image = frame.to_ndarray(format="rgb24")
             with self._back_cond:
                 if not self.publishing:
@@ -481,6 +505,7 @@ class ForwardingController:
             "remote_latency_ms": remote_latency,
             "frames_out": stats.frames_out if stats else 0,
             "dropped": stats.dropped if stats else 0,
+            "frames_lost": self.remote.frames_lost(),  # on the link, both ways
             "api_url": self.api_url,
             "time": round(time.time(), 3),
         }

@@ -42,7 +42,7 @@ from ..control.controller import Controller, Pacer
 from ..control.schema import reply_message
 from ..io.sinks import Sink
 from .ice import rtc_configuration
-from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, outgoing_track
+from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, frames_lost, outgoing_track, recv_newest
 
 log = logging.getLogger("live2diff.webrtc")
 
@@ -85,8 +85,9 @@ class ChannelControl:
     """The data channel ``control`` as one more control transport: each message goes to the
     session's controller (validated there) at most Pacer's rate; replies and status go back."""
 
-    def __init__(self, channel, controller: Controller, loop: asyncio.AbstractEventLoop):
+    def __init__(self, channel, controller: Controller, loop: asyncio.AbstractEventLoop, link=lambda: {}):
         self.channel, self.controller, self.loop = channel, controller, loop
+        self.link = link  # figures of the session's link added to each status (frames lost on the way in)
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.pacer = Pacer()
         self.changed = asyncio.Event()
@@ -132,7 +133,7 @@ class ChannelControl:
 
     async def _status(self) -> None:
         while True:
-            self.send(self.controller.status_message())
+            self.send({**self.controller.status_message(), **self.link()})
             try:
                 await asyncio.wait_for(self.changed.wait(), 1.0)
             except asyncio.TimeoutError:
@@ -277,7 +278,8 @@ class WebRtcService:
         @pc.on("datachannel")
         def on_datachannel(channel):
             if channel.label == "control" and session.channel is None:
-                session.channel = ChannelControl(channel, controller, self.loop)
+                session.channel = ChannelControl(channel, controller, self.loop,
+                                                 lambda: {"frames_lost": frames_lost(pc), "frames_stale": source.stale})
 
         @pc.on("connectionstatechange")
         async def on_state():
@@ -400,7 +402,8 @@ class WebRtcService:
 
         try:
             while not session.ended:
-                frame = await remote.recv()
+                frame, older = await recv_newest(remote)
+                session.source.stale += older
                 session.source.feed(frame)
         except MediaStreamError:  # the track ended: an RTCP BYE, or the connection going (ended elsewhere)
             if not session.ended:
