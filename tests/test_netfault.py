@@ -6,7 +6,7 @@ peer's candidate at it), and media on loopback only.
   loopback it still flows (LIVE2DIFF_ICE_LOOPBACK, set for every test in conftest.py).
 - aiortc's jitter buffer, as the engine installs it: a hole that no retransmission fills is skipped
   to the newest frame with a keyframe request, counted as lost; frames waiting behind a filled hole
-  go on at once.
+  go on at once. A decoder that falls behind drops what waits and starts again at a keyframe.
 - Newest frame wins where decoded frames wait (the remote track's queue, serve's source).
 - Latency recovers after a loss burst: judged against the same run's loss-free round trip with a
   generous factor, never against a clock figure.
@@ -108,6 +108,33 @@ def test_frames_waiting_behind_a_filled_hole_go_on_at_once():
     drained = [frame] + list(iter(jb.next_ready, None))
     assert [(f.timestamp - 1000) // 3000 for f in drained] == [1, 2, 3, 4]  # all at once, not one per later packet
     assert jb.frames_lost == 0
+
+
+def test_a_decoder_that_falls_behind_starts_again_from_a_keyframe_instead_of_working_through_old_frames():
+    from types import SimpleNamespace
+
+    from aiortc.jitterbuffer import JitterFrame
+
+    from live2diff_engine.remote.media import DECODE_BEHIND_S, DecodeQueue
+
+    vp8 = SimpleNamespace(name="VP8")
+    key, delta = b"\x00rest", b"\x01rest"  # the VP8 frame tag's bit 0: 0 for a keyframe
+    q = DecodeQueue()
+    step = 3000  # 30 fps in the 90 kHz clock
+    behind = int(DECODE_BEHIND_S * 30)
+    for i in range(behind + 1):  # nobody decodes: they wait, up to DECODE_BEHIND_S
+        q.put((vp8, JitterFrame(data=key if i == 0 else delta, timestamp=i * step)))
+    assert q.qsize() == behind + 1 and q.frames_stale == 0 and not q.want_keyframe
+    q.put((vp8, JitterFrame(data=delta, timestamp=(behind + 1) * step)))  # now too far behind
+    assert q.qsize() == 0 and q.frames_stale == behind + 2 and q.want_keyframe  # all dropped, a keyframe asked for
+    q.want_keyframe = False
+    q.put((vp8, JitterFrame(data=delta, timestamp=(behind + 2) * step)))  # still no keyframe: dropped
+    assert q.qsize() == 0 and not q.want_keyframe  # asked again only after PLI_EVERY_S
+    q.put((vp8, JitterFrame(data=key, timestamp=(behind + 3) * step)))
+    q.put((vp8, JitterFrame(data=delta, timestamp=(behind + 4) * step)))
+    assert q.qsize() == 2 and q.get()[1].data == key  # the decoder goes on from the keyframe
+    q.put(None)  # the end still reaches the decoder thread
+    assert q.get()[1].data == delta and q.get() is None
 
 
 def test_newest_decoded_frame_wins_where_frames_wait():

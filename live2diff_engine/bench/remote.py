@@ -117,9 +117,13 @@ def main(argv=None) -> int:
     if local is not None and local["latency_ms_p50"] is not None and remote["latency_ms_p50"] is not None:
         print(f"added by WebRTC  p50 {remote['latency_ms_p50'] - local['latency_ms_p50']:+.1f} ms, "
               f"p95 {remote['latency_ms_p95'] - local['latency_ms_p95']:+.1f} ms")
+    reconnects = remote["log"].count("connect: connection lost")
+    if reconnects:
+        print(f"connect lost the connection {reconnects} time(s) and reconnected (no frame back for 5 s); serve's "
+              f"figures below are its first session's")
     lost = extra.get("frames_lost")
     if lost is not None:
-        print(f"frames lost on the link (a hole the retransmissions did not fill in time, skipped): {lost}")
+        print(f"frames lost (skipped at a hole no retransmission filled in time, or left undecoded by a decoder that fell behind), both ways: {lost}")
     own = local["latency_ms_p50"] if local is not None and local["latency_ms_p50"] is not None else extra.get("remote_latency_ms_p50")
     rows = extra.get("latency_by_s") or []
     if own is not None and rows:

@@ -59,13 +59,26 @@ def ice_servers_from(options: list[str], env, say) -> list[dict]:
 
 
 def use_loopback_candidates() -> None:
-    """Makes 127.0.0.1 the only host address aioice gathers in this process (see LOOPBACK_ENV)."""
+    """Media on 127.0.0.1 only, in this process (see LOOPBACK_ENV): 127.0.0.1 is the one host
+    address aioice gathers, and a peer's candidates elsewhere (its interface address, an mDNS
+    name: a browser offers those) are left out, so no pair reaches beyond loopback."""
     import aioice.ice
+
+    if getattr(aioice.ice.get_host_addresses, "loopback_only", False):
+        return
 
     def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
         return ["127.0.0.1"] if use_ipv4 else []
 
+    loopback_only.loopback_only = True
     aioice.ice.get_host_addresses = loopback_only  # looked up at each gathering, by Connection.gather_candidates
+    add_remote = aioice.ice.Connection.add_remote_candidate
+
+    async def add_remote_on_loopback(self, remote_candidate):
+        if remote_candidate is None or remote_candidate.host == "127.0.0.1":
+            return await add_remote(self, remote_candidate)
+
+    aioice.ice.Connection.add_remote_candidate = add_remote_on_loopback
 
 
 def rtc_configuration(ice_servers: list[dict]):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -32,6 +33,60 @@ PTS_SHIFT = 3000  # one frame at 30 fps: room for the card at pts 0 before the f
 
 
 HOLD_S = 0.4  # how long a frame with a missing packet waits for its retransmission (NACK) before it is skipped
+DECODE_BEHIND_S = 1.0  # encoded frames waiting for the decoder beyond this much media time: skip to a keyframe
+PLI_EVERY_S = 1.0  # while waiting for a keyframe, ask again this often
+
+
+def is_keyframe(codec_name: str, data: bytes) -> bool | None:
+    """Whether an encoded (depayloaded) frame is a keyframe: VP8 (RFC 6386: bit 0 of the frame
+    tag is 0) or H.264 (an IDR or SPS NAL unit in the Annex B stream); None for other codecs."""
+    if codec_name == "VP8":
+        return bool(data) and not data[0] & 1
+    if codec_name == "H264":
+        i = data.find(b"\x00\x00\x01")
+        while i >= 0 and i + 3 < len(data):
+            if data[i + 3] & 0x1F in (5, 7):
+                return True
+            i = data.find(b"\x00\x00\x01", i + 3)
+        return False
+    return None
+
+
+class DecodeQueue(queue.Queue):
+    """A receiver's queue of encoded video frames for its decoder thread (aiortc's is unbounded:
+    a decoder short of CPU falls further behind every second, and so does the picture). When the
+    frames waiting span more than DECODE_BEHIND_S of media time, they are dropped (``frames_stale``)
+    and so is every frame until the next keyframe, which the receiver asks for (``want_keyframe``):
+    the decoder starts again from the newest picture instead of working through old ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames_stale = 0
+        self.resync = False
+        self.want_keyframe = False
+        self.asked_at = 0.0
+
+    def put(self, item, block=True, timeout=None):
+        if item is None:  # the end, for the decoder thread
+            return super().put(item, block, timeout)
+        codec, frame = item
+        key = is_keyframe(codec.name, frame.data)
+        with self.mutex:
+            waiting = [x[1] for x in self.queue if x is not None]
+            behind = bool(waiting) and frame.timestamp - waiting[0].timestamp > DECODE_BEHIND_S * CLOCK
+            if behind and key is not None:  # too far behind: what waits goes; start again at a keyframe
+                self.frames_stale += len(waiting)
+                self.queue = type(self.queue)(x for x in self.queue if x is None)
+                self.resync = True
+            if self.resync:
+                if not key:
+                    self.frames_stale += 1
+                    now = time.monotonic()
+                    if now - self.asked_at >= PLI_EVERY_S:
+                        self.want_keyframe, self.asked_at = True, now
+                    return None
+                self.resync = False
+        return super().put(item, block, timeout)
 
 
 def install_prompt_jitter_buffer() -> None:
@@ -131,6 +186,14 @@ def install_prompt_jitter_buffer() -> None:
 
     receiver = rtcrtpreceiver.RTCRtpReceiver
     handle = receiver._handle_rtp_packet
+    init = receiver.__init__
+
+    def init_with_decode_queue(self, kind, transport):
+        init(self, kind, transport)
+        if kind == "video":  # before receive() hands the queue to the decoder thread
+            self._RTCRtpReceiver__decoder_queue = DecodeQueue()
+
+    receiver.__init__ = init_with_decode_queue
 
     async def handle_and_drain(self, packet, arrival_time_ms):
         await handle(self, packet, arrival_time_ms)
@@ -148,16 +211,21 @@ def install_prompt_jitter_buffer() -> None:
                 break
             frame.timestamp = mapper.map(frame.timestamp)
             queue.put((codec, frame))
+        if getattr(queue, "want_keyframe", False):
+            queue.want_keyframe = False
+            await self._send_rtcp_pli(packet.ssrc)
 
     rtcrtpreceiver.JitterBuffer = PromptJitterBuffer
     receiver._handle_rtp_packet = handle_and_drain
 
 
 def frames_lost(pc) -> int:
-    """Video frames this peer connection's receivers skipped for a packet that never came."""
+    """Video frames this peer connection's receivers skipped: for a packet that never came, or
+    left undecoded when the decoder fell behind (DecodeQueue)."""
     total = 0
     for r in pc.getReceivers():
         total += getattr(getattr(r, "_RTCRtpReceiver__jitter_buffer", None), "frames_lost", 0)
+        total += getattr(getattr(r, "_RTCRtpReceiver__decoder_queue", None), "frames_stale", 0)
     return total
 
 
