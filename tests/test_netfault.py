@@ -7,7 +7,8 @@ peer's candidate at it), and media on loopback only.
 - aiortc's jitter buffer, as the engine installs it: a hole that no retransmission fills is skipped
   to the newest frame with a keyframe request, counted as lost; frames waiting behind a filled hole
   go on at once. A decoder that falls behind drops what waits and starts again at a keyframe.
-- Newest frame wins where decoded frames wait (the remote track's queue, serve's source).
+- Where decoded frames wait (the remote track's queue, serve's source), a stale one is dropped
+  for the newest (newest wins); frames that merely came close together all go on.
 - Latency recovers after a loss burst: judged against the same run's loss-free round trip with a
   generous factor, never against a clock figure.
 """
@@ -137,34 +138,37 @@ def test_a_decoder_that_falls_behind_starts_again_from_a_keyframe_instead_of_wor
     assert q.get()[1].data == delta and q.get() is None
 
 
-def test_newest_decoded_frame_wins_where_frames_wait():
+def test_stale_decoded_frames_are_dropped_where_frames_wait_and_close_ones_go_on():
     import av
     import numpy as np
     from aiortc.rtcrtpreceiver import RemoteStreamTrack
 
     from live2diff_engine.remote.media import PtsBook, TrackSource, recv_newest
 
-    def frame(i):
+    def frame(i, step):
         f = av.VideoFrame.from_ndarray(np.full((16, 16, 3), i * 10, np.uint8), format="rgb24")
-        f.pts, f.time_base = i * 3000, fractions.Fraction(1, 90000)
+        f.pts, f.time_base = i * step, fractions.Fraction(1, 90000)
         return f
 
-    async def go():
+    async def go(step):
         track = RemoteStreamTrack("video")
         for i in range(4):
-            await track._queue.put(frame(i))
-        newest, older = await recv_newest(track)
+            await track._queue.put(frame(i, step))
+        first, older = await recv_newest(track)
+        rest = [track._queue.get_nowait().pts for _ in range(track._queue.qsize())]
         await track._queue.put(None)  # the end stays for the next reader
         with pytest.raises(Exception):
             await recv_newest(track)
-        return newest, older
+        return first.pts, older, rest
 
-    newest, older = asyncio.run(go())
-    assert newest.pts == 3 * 3000 and older == 3
+    # A third of a second apart: 1 s of frames waits, more than STALE_S: all but the newest go.
+    assert asyncio.run(go(30000)) == (3 * 30000, 3, [])
+    # Frames that came close together (30 fps, 0.1 s in all) all go on, in order.
+    assert asyncio.run(go(3000)) == (0, 0, [3000, 6000, 9000])
 
     source = TrackSource(PtsBook())
     for i in range(5):
-        source.feed(frame(i))
+        source.feed(frame(i, 30000))
     image = source.read()
     assert int(image[0, 0, 0]) == 40 and source.stale == 4  # the newest, the rest counted
 

@@ -325,7 +325,7 @@ class RemotePipeline:
 
         try:
             while True:
-                frame, older = await recv_newest(track)  # newest wins: a backlog is dropped, not shown late
+                frame, older = await recv_newest(track)  # a stale backlog is dropped, not shown late
                 state["last_back"] = time.monotonic()
                 self.received += 1 + older
                 self.stale += older
@@ -346,17 +346,17 @@ class RemotePipeline:
 
     def _deliver_loop(self) -> None:
         """Converts returned frames and hands them to the engine's sinks, off the event loop."""
+        from .media import CLOCK, STALE_S, frame_pts
+
         while not self._stop.is_set():
             try:
                 index, frame = self._back.get(timeout=0.2)
             except queue.Empty:
                 continue
-            while True:  # newest wins: frames that waited behind a newer one are dropped
-                try:
-                    index, frame = self._back.get_nowait()
-                except queue.Empty:
-                    break
-                self.stale += 1
+            with self._back.mutex:  # stale frames go: more than STALE_S behind the newest one waiting
+                while self._back.queue and frame_pts(self._back.queue[-1][1]) - frame_pts(frame) > STALE_S * CLOCK:
+                    index, frame = self._back.queue.popleft()
+                    self.stale += 1
             image = frame.to_ndarray(format="rgb24")
             with self._back_cond:
                 if not self.publishing:

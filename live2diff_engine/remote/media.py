@@ -229,20 +229,20 @@ def frames_lost(pc) -> int:
     return total
 
 
+STALE_S = 0.3  # a decoded frame waiting this much media time behind the newest one waiting is dropped
+
+
 async def recv_newest(track):
-    """The newest frame a remote track has decoded: ``(frame, older)``, where ``older`` counts the
-    decoded frames waiting before it, dropped here (newest wins: a reader that fell behind catches
-    up at once instead of showing old frames late). aiortc's track queues every decoded frame
-    without bound (``RemoteStreamTrack._queue``); its end (None) stays queued for the next call."""
+    """The next frame of a remote track that is not stale: ``(frame, older)``, where ``older``
+    counts the decoded frames dropped here for being more than STALE_S (media time) behind the
+    newest one waiting. A reader that fell behind catches up at once instead of showing old frames
+    late; frames that merely came close together all go on. aiortc's track queues every decoded
+    frame without bound (``RemoteStreamTrack._queue``); its end (None) stays queued."""
     frame = await track.recv()
-    waiting = getattr(track, "_queue", None)
+    waiting = getattr(getattr(track, "_queue", None), "_queue", None)  # the asyncio.Queue's deque
     older = 0
-    while waiting is not None and not waiting.empty():
-        nxt = waiting.get_nowait()
-        if nxt is None:
-            waiting.put_nowait(None)
-            break
-        frame, older = nxt, older + 1
+    while waiting and waiting[-1] is not None and frame_pts(waiting[-1]) - frame_pts(frame) > STALE_S * CLOCK:
+        frame, older = waiting.popleft(), older + 1
     return frame, older
 
 
@@ -329,8 +329,8 @@ class PtsPipeline:
 
 class TrackSource(Source):
     """Frames that arrive on a remote video track. ``feed`` (the event loop) hands frames in;
-    ``read`` (the engine's capture thread) takes the newest, dropping older ones (``stale``),
-    converting to RGB there so the loop stays light. A live source: the engine keeps the newest. ``end`` makes ``read`` raise
+    ``read`` (the engine's capture thread) takes them in order, dropping those more than STALE_S
+    behind the newest (``stale``), converting to RGB there so the loop stays light. A live source: the engine keeps the newest. ``end`` makes ``read`` raise
     SourceEnded."""
 
     live = True
@@ -364,9 +364,10 @@ class TrackSource(Source):
                 if self._ended:
                     raise SourceEnded
                 self._cond.wait(0.5)
-            frame = self._frames.pop()  # the newest: older ones are stale (a live source)
-            self.stale += len(self._frames)
-            self._frames.clear()
+            frame = self._frames.popleft()
+            while self._frames and frame_pts(self._frames[-1]) - frame_pts(frame) > STALE_S * CLOCK:
+                frame = self._frames.popleft()  # stale: a newer one waits (a live source)
+                self.stale += 1
         image = frame.to_ndarray(format="rgb24")
         self.book.note(image, frame_pts(frame))
         return image
