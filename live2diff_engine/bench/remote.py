@@ -101,6 +101,11 @@ def main(argv=None) -> int:
             serve.wait(60)
         except subprocess.TimeoutExpired:
             serve.kill()
+    (tmp / "serve.log").write_text("".join(slines))
+    (tmp / "connect.log").write_text(remote["log"])
+    ends = [l.split(" ended: ", 1)[1].split(" (")[0].strip() for l in slines if " ended: " in l]
+    if len(ends) > 1:
+        print(f"serve's sessions ended: {', '.join(f'{ends.count(w)}x {w}' for w in dict.fromkeys(ends))} (logs in {tmp})")
     ended = next((l for l in slines if " ended: " in l), "")
     m = re.search(r"\((\d+) frames in, (\d+) out, (\d+) dropped", ended)
     served_in, served_out, served_dropped = (int(g) for g in m.groups()) if m else (None, None, None)

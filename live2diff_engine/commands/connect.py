@@ -109,8 +109,10 @@ def cmd_connect(args) -> int:
         remote.stop_requested = lambda: engine.stopping
 
         def remote_status(msg):  # the remote engine's own part of the round trip, in --stats too
-            engine.stats.extra.update(remote_latency_ms_p50=msg.get("latency_ms"), remote_frames_out=msg.get("frames_out"),
-                                      frames_sent=remote.sent, frames_back=remote.received)
+            if msg.get("latency_ms") is not None:  # a new session's warmup has none yet: the last one stays
+                engine.stats.extra["remote_latency_ms_p50"] = msg["latency_ms"]
+            engine.stats.extra.update(remote_frames_out=msg.get("frames_out"), frames_sent=remote.sent,
+                                      frames_back=remote.received, frames_lost=remote.frames_lost())
             controller.changed()
 
         remote.on_status = remote_status

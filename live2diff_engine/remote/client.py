@@ -73,7 +73,8 @@ class RemotePipeline:
         self.returned = 0  # published
         self.received = 0  # came back (the server's card included)
         self.stale = 0  # came back behind a newer one and dropped (newest wins)
-        self._lost_before = 0  # frames lost on the way back on earlier connections
+        self._lost_before = 0  # frames lost (both ways) on earlier connections
+        self._up_lost = 0  # frames lost on the way up on this connection, as the server last said
         self._pc = None  # the current peer connection
         self._outbox = None  # the current connection's LatestFrames of (image, index)
         self._back: queue.Queue = queue.Queue(maxsize=8)
@@ -143,9 +144,7 @@ class RemotePipeline:
         on the way back, counted by this side's receiver; on the way up, as the server says."""
         from .media import frames_lost
 
-        down = self._lost_before + (frames_lost(self._pc) if self._pc is not None else 0)
-        up = (self.remote_status or {}).get("frames_lost")
-        return down + (up if isinstance(up, int) else 0)
+        return self._lost_before + self._up_lost + (frames_lost(self._pc) if self._pc is not None else 0)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -316,7 +315,8 @@ class RemotePipeline:
                 pass
             from .media import frames_lost
 
-            self._lost_before += frames_lost(pc)
+            self._lost_before += frames_lost(pc) + self._up_lost
+            self._up_lost = 0
             self._pc = None
             self._first_done.set()
 
@@ -382,6 +382,8 @@ class RemotePipeline:
             return
         if msg.get("kind") == "status":
             self.remote_status = msg
+            if isinstance(msg.get("frames_lost"), int):
+                self._up_lost = msg["frames_lost"]  # this session's, counted by the server
             if self.on_status is not None:
                 self.on_status(msg)
         elif msg.get("kind") == "reply":
