@@ -22,6 +22,15 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# Every test's WebRTC media on 127.0.0.1 (house rule: test traffic stays on loopback), in this
+# process and every one it starts: aioice, aiortc's ICE, leaves loopback out of the host
+# candidates it gathers, and no option of aiortc or aioice brings it back, so without this two
+# peers on this machine meet on its network interface's address (and in a namespace with loopback
+# only they meet nowhere). The one place that changes what is gathered is
+# live2diff_engine/remote/ice.py (LOOPBACK_ENV), read by every peer connection the engine and
+# tests/whip_client.py make.
+os.environ["LIVE2DIFF_ICE_LOOPBACK"] = "1"
+
 # The engine's own folder (LIVE2DIFF_HOME: config, styles file, downloaded styles, the settings a
 # run leaves for the next): never the user's real one, and empty for each test (below), so that
 # what one test's engine saved never becomes the next test's starting point.

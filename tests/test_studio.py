@@ -53,6 +53,9 @@ def studio_browser(tmp_path_factory, network_log: bool = False):
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
                 "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                # 127.0.0.1 among the page's ICE candidates (Chromium leaves loopback out otherwise):
+                # the engine takes only loopback candidates in the tests (LIVE2DIFF_ICE_LOOPBACK).
+                "--allow-loopback-in-peer-connection",
                 "--window-size=900,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         opts.add_argument(arg)
     if network_log:

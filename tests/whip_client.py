@@ -37,6 +37,7 @@ class WhipClient:
         self.url, self.token, self.fps, self.size, self.limit = url.rstrip("/"), token, fps, size, frames
         self.direction, self.endpoint = direction, endpoint
         self.sent = 0
+        self.sent_at: dict[int, float] = {}  # frame index -> when it went to the encoder
         self.received: list[tuple[int, tuple[int, int], float]] = []  # (pts, (w, h), monotonic time)
         self.images: list[np.ndarray] = []
         self.messages: list[dict] = []
@@ -60,7 +61,7 @@ class WhipClient:
     async def start(self) -> int:
         """Offer, answer; returns the HTTP status of the POST (201 when served)."""
         import aiohttp
-        from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+        from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 
         client = self
 
@@ -86,15 +87,17 @@ class WhipClient:
                 frame = av.VideoFrame.from_ndarray(pattern(self.i, client.size), format="rgb24")
                 frame.pts = self.i * PERIOD
                 frame.time_base = fractions.Fraction(1, CLOCK)
+                client.sent_at[self.i] = time.monotonic()
                 self.i += 1
                 client.sent = self.i
                 return frame
 
         self.channel_open = asyncio.Event()
-        from live2diff_engine.remote.media import install_prompt_jitter_buffer
+        from live2diff_engine.remote.ice import rtc_configuration
 
-        install_prompt_jitter_buffer()  # the last frame comes without waiting for a next one
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        # As the engine's own peers: its jitter buffer (the last frame comes without waiting for a
+        # next one) and, under LIVE2DIFF_ICE_LOOPBACK (tests/conftest.py), media on 127.0.0.1 only.
+        pc = RTCPeerConnection(rtc_configuration([]))
         self.pc = pc
         if self.direction == "recvonly":  # a WHEP viewer
             pc.addTransceiver("video", direction="recvonly")
@@ -150,6 +153,21 @@ class WhipClient:
         if pts == 0:
             return None
         return round((pts - PTS_SHIFT) / PERIOD)  # the clock conversions on the way round to +-1
+
+    def round_trips(self, since: float = 0.0) -> list[float]:
+        """Seconds from sending to getting back, for each frame back at or after ``since`` (monotonic)."""
+        out = []
+        for pts, _, at in self.received:
+            i = self.sent_index(pts)
+            if i is not None and at >= since and i in self.sent_at:
+                out.append(at - self.sent_at[i])
+        return out
+
+    def selected_pair(self):
+        """The addresses of the ICE candidate pair the media uses: ((local ip, port), (remote ip, port))."""
+        transport = self.pc.getTransceivers()[0].receiver.transport.transport
+        pair = transport._connection._nominated.get(1)  # aioice's nominated pair for the (bundled) component
+        return None if pair is None else (tuple(pair.local_addr), tuple(pair.remote_addr))
 
     async def command(self, msg: dict, timeout: float = 120.0) -> dict:
         await asyncio.wait_for(self.channel_open.wait(), timeout)

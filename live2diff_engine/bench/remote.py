@@ -2,13 +2,17 @@
 `run`, on the same synthetic frames, in one run; and frames lost on the way back.
 
     python -m live2diff_engine.bench.remote [--size 512x512] [--fps 10] [--seconds 60] [--model-size 64]
+        [--delay-ms 50] [--jitter-ms 10] [--loss 0.05] [--burst 3] [--reorder 0.01] [--outage 20:2.5]
 
 Runs `run` (synthetic source, null sink) for the given time, then `serve` and `connect` (the same
 source and sink) for the same time, each a process of its own with the tiny model, and prints one
 line per path from their --stats files: p50/p95 of capture to publish, output fps; for the remote
 path also where every frame connect sent went: dropped by serve for a newer one (the engine
 slower than the camera: by design, counted), finished by serve, published by connect, and lost
-(finished but never published). The session ends as a user ends it (Ctrl-C to connect): connect
+(finished but never published). With link faults (the options of bench/netfault.py), connect
+reaches serve through that relay on 127.0.0.1; the result then also says how the latency went
+second by second: the seconds whose p50 was above the engine's own time + 200 ms, and the
+longest such stretch (the recovery time). The session ends as a user ends it (Ctrl-C to connect): connect
 waits, within its bound, for the frames on their way back.
 """
 
@@ -25,6 +29,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from .netfault import Relay, add_fault_options, faults_from
 
 
 def _cli(*args):
@@ -54,8 +60,11 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="measured time per path (default 60)")
     p.add_argument("--model-size", type=int, default=64, help="the tiny model's width and height (default 64)")
     p.add_argument("--remote-only", action="store_true", help="only connect + serve (e.g. a long session for lost frames)")
+    add_fault_options(p)
     a = p.parse_args(argv)
-    env = {**os.environ}
+    faults = faults_from(a)
+    # The media on 127.0.0.1 (the relay forwards only there): remote/ice.py's LOOPBACK_ENV.
+    env = {**os.environ, "LIVE2DIFF_ICE_LOOPBACK": "1"}
     tmp = Path(tempfile.mkdtemp(prefix="l2d-bench-remote-"))
     common = ["--source", "synthetic", "--camera-size", a.size, "--camera-fps", a.fps, "--sink", "null", "--no-api"]
     model = ["--model", "tiny", "--width", a.model_size, "--height", a.model_size]
@@ -75,8 +84,14 @@ def main(argv=None) -> int:
                 raise SystemExit("".join(slines))
             time.sleep(0.2)
         url = re.search(r"WHIP (\S+)/whip", next(l for l in slines if l.startswith("serving: "))).group(1)
-        remote = _run_for(_cli("connect", url, *common, "--stats", tmp / "connect.json"), a.seconds,
-                          tmp / "connect.json", env)
+        relay = Relay(url, faults).start()
+        print(f"link: {faults.describe()} (relay {relay.url})", flush=True)
+        try:
+            remote = _run_for(_cli("connect", relay.url, *common, "--stats", tmp / "connect.json"), a.seconds,
+                              tmp / "connect.json", env)
+        finally:
+            relay.close()
+        print(f"datagrams through the relay: {relay.counts()}")
         deadline = time.monotonic() + 60
         while not any(" ended: " in l for l in slines) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -86,6 +101,11 @@ def main(argv=None) -> int:
             serve.wait(60)
         except subprocess.TimeoutExpired:
             serve.kill()
+    (tmp / "serve.log").write_text("".join(slines))
+    (tmp / "connect.log").write_text(remote["log"])
+    ends = [l.split(" ended: ", 1)[1].split(" (")[0].strip() for l in slines if " ended: " in l]
+    if len(ends) > 1:
+        print(f"serve's sessions ended: {', '.join(f'{ends.count(w)}x {w}' for w in dict.fromkeys(ends))} (logs in {tmp})")
     ended = next((l for l in slines if " ended: " in l), "")
     m = re.search(r"\((\d+) frames in, (\d+) out, (\d+) dropped", ended)
     served_in, served_out, served_dropped = (int(g) for g in m.groups()) if m else (None, None, None)
@@ -102,6 +122,26 @@ def main(argv=None) -> int:
     if local is not None and local["latency_ms_p50"] is not None and remote["latency_ms_p50"] is not None:
         print(f"added by WebRTC  p50 {remote['latency_ms_p50'] - local['latency_ms_p50']:+.1f} ms, "
               f"p95 {remote['latency_ms_p95'] - local['latency_ms_p95']:+.1f} ms")
+    reconnects = remote["log"].count("connect: connection lost")
+    if reconnects:
+        print(f"connect lost the connection {reconnects} time(s) and reconnected (no frame back for 5 s); serve's "
+              f"figures below are its first session's")
+    lost = extra.get("frames_lost")
+    if lost is not None:
+        print(f"frames lost (skipped at a hole no retransmission filled in time, or left undecoded by a decoder that fell behind), both ways: {lost}")
+    own = local["latency_ms_p50"] if local is not None and local["latency_ms_p50"] is not None else extra.get("remote_latency_ms_p50")
+    rows = extra.get("latency_by_s") or []
+    if own is not None and rows:
+        bound = own + 200
+        over = [s for s, p50, _ in rows if p50 > bound]
+        longest, run, last = 0, 0, None
+        for s in over:
+            run = run + 1 if last is not None and s == last + 1 else 1
+            longest, last = max(longest, run), s
+        tail = rows[len(rows) // 2:]
+        print(f"second by second: {len(over)} of {len(rows)} s with p50 above the engine's own {own:.0f} ms + 200 ms; "
+              f"recovery time (the longest such stretch) {longest} s; p50 of the second half "
+              f"{sorted(p for _, p, _ in tail)[len(tail) // 2]:.0f} ms")
     if served_out is not None:
         sent = extra.get("frames_sent")
         unseen = sent - served_in - served_dropped if sent is not None else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections import deque
 
 from ..errors import ConfigError
@@ -88,6 +89,7 @@ def cmd_connect(args) -> int:
                         controller=controller, pace=True, status=False)
 
         link = {"down": False}
+        timeline = LatencyTimeline(engine.stats.extra)
 
         def emit(ready):  # the delivering thread; it stops once remote.flush (the engine's last call) is over
             if link["down"]:  # frames flow again: out of "no signal" (the engine leaves it only for its source)
@@ -96,8 +98,10 @@ def cmd_connect(args) -> int:
                     engine.stats.state = "streaming"
                     controller.changed()
             engine.stats.extra["frames_sent"] = remote.sent
+            engine.stats.extra["frames_lost"] = remote.frames_lost()
             caps = engine._capture_times
             newest = max(i for i, _ in ready)
+            timeline.add([caps.get(i) for i, _ in ready])
             try:
                 for k in [k for k in list(caps.keys()) if k < newest]:  # frames the server dropped
                     caps.pop(k, None)
@@ -115,8 +119,10 @@ def cmd_connect(args) -> int:
         remote.stop_requested = lambda: engine.stopping
 
         def remote_status(msg):  # the remote engine's own part of the round trip, in --stats too
-            engine.stats.extra.update(remote_latency_ms_p50=msg.get("latency_ms"), remote_frames_out=msg.get("frames_out"),
-                                      frames_sent=remote.sent, frames_back=remote.received)
+            if msg.get("latency_ms") is not None:  # a new session's warmup has none yet: the last one stays
+                engine.stats.extra["remote_latency_ms_p50"] = msg["latency_ms"]
+            engine.stats.extra.update(remote_frames_out=msg.get("frames_out"), frames_sent=remote.sent,
+                                      frames_back=remote.received, frames_lost=remote.frames_lost())
             controller.changed()
 
         remote.on_status = remote_status
@@ -139,6 +145,37 @@ def cmd_connect(args) -> int:
 
 
 exit_at_once = False  # set once connect's link, sinks and API are closed: the process may end without the interpreter's teardown
+
+
+class LatencyTimeline:
+    """Capture to publish, second by second: ``extra["latency_by_s"]`` (in --stats) is a list of
+    [seconds since the first frame back, p50 ms, frames] for every second with frames, so that a
+    bench sees when latency rose and when it came back (the p50 of the whole run hides both)."""
+
+    def __init__(self, extra: dict, keep: int = 3600):
+        self.extra, self.keep = extra, keep
+        self.t0: float | None = None
+        self.second: int | None = None
+        self.values: list[float] = []
+        extra["latency_by_s"] = []
+
+    def add(self, capture_times) -> None:
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
+        second = int(now - self.t0)
+        if second != self.second:
+            self._close()
+            self.second = second
+        self.values += [now - t for t in capture_times if t is not None]
+
+    def _close(self) -> None:
+        if self.second is not None and self.values:
+            v = sorted(self.values)
+            rows = self.extra["latency_by_s"]
+            rows.append([self.second, round(v[len(v) // 2] * 1000, 1), len(v)])
+            del rows[:-self.keep]
+        self.values = []
 
 
 def _status_lines(engine, remote, controller, say) -> None:
@@ -164,7 +201,7 @@ def _status_lines(engine, remote, controller, say) -> None:
         net = s.get("network_ms")
         say(f"[{s.get('state')}] {remote.base} | out {s.get('fps', 0):.1f} fps | capture to publish p50/p95 {rt} | "
             f"engine {eng if eng is not None else '-'} ms | network and codecs {net if net is not None else '-'} ms | "
-            f"sent {remote.sent} back {remote.returned} | {describe(remote.link)}")
+            f"sent {remote.sent} back {remote.returned} lost {remote.frames_lost()} | {describe(remote.link)}")
 
 
 COMMANDS = {"connect": (add_parser, cmd_connect)}

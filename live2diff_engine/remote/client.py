@@ -104,6 +104,10 @@ class RemotePipeline:
         self.sent = 0
         self.returned = 0  # published
         self.received = 0  # came back (the server's card included)
+        self.stale = 0  # came back behind a newer one and dropped (newest wins)
+        self._lost_before = 0  # frames lost (both ways) on earlier connections
+        self._up_lost = 0  # frames lost on the way up on this connection, as the server last said
+        self._pc = None  # the current peer connection
         self._outbox = None  # the current connection's LatestFrames of (image, index)
         self._back: queue.Queue = queue.Queue(maxsize=8)
         self._stop = threading.Event()
@@ -170,6 +174,13 @@ class RemotePipeline:
 
     def abandon_in_flight(self):
         return []
+
+    def frames_lost(self) -> int:
+        """Frames lost on the link both ways (a packet that no retransmission brought in time):
+        on the way back, counted by this side's receiver; on the way up, as the server says."""
+        from .media import frames_lost
+
+        return self._lost_before + self._up_lost + (frames_lost(self._pc) if self._pc is not None else 0)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -329,6 +340,7 @@ class RemotePipeline:
                 return to_video_frame(image, (index - state["base"]) * PERIOD)
 
         pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        self._pc = pc
         camera = Camera()
         transceiver = pc.addTransceiver(camera, direction="sendrecv")
         prefer_codec(transceiver, self.codec)
@@ -428,16 +440,22 @@ class RemotePipeline:
                     await asyncio.wait_for(pc.close(), STOP_CLOSE_S if self._stop.is_set() else 5)
                 except Exception:
                     pass
+            from .media import frames_lost
+
+            self._lost_before += frames_lost(pc) + self._up_lost
+            self._up_lost = 0
+            self._pc = None
             self._first_done.set()
 
     async def _receive(self, track, state) -> None:
-        from .media import PTS_SHIFT, frame_pts
+        from .media import PTS_SHIFT, frame_pts, recv_newest
 
         try:
             while True:
-                frame = await track.recv()
+                frame, older = await recv_newest(track)  # a stale backlog is dropped, not shown late
                 state["last_back"] = time.monotonic()
-                self.received += 1
+                self.received += 1 + older
+                self.stale += older
                 pts = frame_pts(frame)
                 if pts == 0 or state["base"] is None:
                     continue  # the server's "connected" card
@@ -458,11 +476,17 @@ class RemotePipeline:
 
     def _deliver_loop(self) -> None:
         """Converts returned frames and hands them to the engine's sinks, off the event loop."""
+        from .media import CLOCK, STALE_S, frame_pts
+
         while not self._stop.is_set():
             try:
                 index, frame = self._back.get(timeout=0.2)
             except queue.Empty:
                 continue
+            with self._back.mutex:  # stale frames go: more than STALE_S behind the newest one waiting
+                while self._back.queue and frame_pts(self._back.queue[-1][1]) - frame_pts(frame) > STALE_S * CLOCK:
+                    index, frame = self._back.queue.popleft()
+                    self.stale += 1
             image = frame.to_ndarray(format="rgb24")
             with self._back_cond:
                 if not self.publishing:
@@ -488,6 +512,8 @@ class RemotePipeline:
             return
         if msg.get("kind") == "status":
             self.remote_status = msg
+            if isinstance(msg.get("frames_lost"), int):
+                self._up_lost = msg["frames_lost"]  # this session's, counted by the server
             if self.on_status is not None:
                 self.on_status(msg)
         elif msg.get("kind") == "reply":
@@ -611,6 +637,7 @@ class ForwardingController:
             "remote_latency_ms": remote_latency,
             "frames_out": stats.frames_out if stats else 0,
             "dropped": stats.dropped if stats else 0,
+            "frames_lost": self.remote.frames_lost(),  # on the link, both ways
             "api_url": self.api_url,
             "link": self.remote.link,  # this side's view of the network (remote/link.py)
             "remote_link": remote.get("link"),  # the engine's view of it

@@ -6,6 +6,15 @@ from __future__ import annotations
 
 
 ICE_SERVERS_ENV = "LIVE2DIFF_ICE_SERVERS"
+# LIVE2DIFF_ICE_LOOPBACK=1: media over 127.0.0.1 only. aioice (aiortc's ICE) leaves loopback out of
+# the host candidates it gathers (aioice.ice.get_host_addresses skips 127.0.0.1, and no option of
+# its Connection, nor of aiortc's RTCConfiguration, brings it back), so two peers on one machine
+# meet on its network interface's address, and on a machine (or network namespace) with loopback
+# only they gather nothing and no frame flows. With this set, 127.0.0.1 is the one host candidate:
+# serve and connect on one machine without a network, and the tests (tests/conftest.py sets it, so
+# that no test's media leaves loopback). Not for two machines: they cannot reach each other's
+# 127.0.0.1.
+LOOPBACK_ENV = "LIVE2DIFF_ICE_LOOPBACK"
 
 
 def _without_credential(text: str) -> str:
@@ -49,12 +58,39 @@ def ice_servers_from(options: list[str], env, say) -> list[dict]:
     return servers
 
 
+def use_loopback_candidates() -> None:
+    """Media on 127.0.0.1 only, in this process (see LOOPBACK_ENV): 127.0.0.1 is the one host
+    address aioice gathers, and a peer's candidates elsewhere (its interface address, an mDNS
+    name: a browser offers those) are left out, so no pair reaches beyond loopback."""
+    import aioice.ice
+
+    if getattr(aioice.ice.get_host_addresses, "loopback_only", False):
+        return
+
+    def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return ["127.0.0.1"] if use_ipv4 else []
+
+    loopback_only.loopback_only = True
+    aioice.ice.get_host_addresses = loopback_only  # looked up at each gathering, by Connection.gather_candidates
+    add_remote = aioice.ice.Connection.add_remote_candidate
+
+    async def add_remote_on_loopback(self, remote_candidate):
+        if remote_candidate is None or remote_candidate.host == "127.0.0.1":
+            return await add_remote(self, remote_candidate)
+
+    aioice.ice.Connection.add_remote_candidate = add_remote_on_loopback
+
+
 def rtc_configuration(ice_servers: list[dict]):
+    import os
+
     from aiortc import RTCConfiguration, RTCIceServer
 
     from .media import install_prompt_jitter_buffer
 
     install_prompt_jitter_buffer()
+    if os.environ.get(LOOPBACK_ENV, "") not in ("", "0"):
+        use_loopback_candidates()
 
     return RTCConfiguration(iceServers=[RTCIceServer(**s) for s in ice_servers])
 

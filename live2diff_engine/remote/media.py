@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import fractions
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -31,19 +32,131 @@ TIME_BASE = fractions.Fraction(1, CLOCK)
 PTS_SHIFT = 3000  # one frame at 30 fps: room for the card at pts 0 before the first output
 
 
+HOLD_S = 0.4  # how long a frame with a missing packet waits for its retransmission (NACK) before it is skipped
+DECODE_BEHIND_S = 1.0  # encoded frames waiting for the decoder beyond this much media time: skip to a keyframe
+PLI_EVERY_S = 1.0  # while waiting for a keyframe, ask again this often
+
+
+def is_keyframe(codec_name: str, data: bytes) -> bool | None:
+    """Whether an encoded (depayloaded) frame is a keyframe: VP8 (RFC 6386: bit 0 of the frame
+    tag is 0) or H.264 (an IDR or SPS NAL unit in the Annex B stream); None for other codecs."""
+    if codec_name == "VP8":
+        return bool(data) and not data[0] & 1
+    if codec_name == "H264":
+        i = data.find(b"\x00\x00\x01")
+        while i >= 0 and i + 3 < len(data):
+            if data[i + 3] & 0x1F in (5, 7):
+                return True
+            i = data.find(b"\x00\x00\x01", i + 3)
+        return False
+    return None
+
+
+class DecodeQueue(queue.Queue):
+    """A receiver's queue of encoded video frames for its decoder thread (aiortc's is unbounded:
+    a decoder short of CPU falls further behind every second, and so does the picture). When the
+    frames waiting span more than DECODE_BEHIND_S of media time, they are dropped (``frames_stale``)
+    and so is every frame until the next keyframe, which the receiver asks for (``want_keyframe``):
+    the decoder starts again from the newest picture instead of working through old ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.frames_stale = 0
+        self.resync = False
+        self.want_keyframe = False
+        self.asked_at = 0.0
+
+    def put(self, item, block=True, timeout=None):
+        if item is None:  # the end, for the decoder thread
+            return super().put(item, block, timeout)
+        codec, frame = item
+        key = is_keyframe(codec.name, frame.data)
+        with self.mutex:
+            waiting = [x[1] for x in self.queue if x is not None]
+            behind = bool(waiting) and frame.timestamp - waiting[0].timestamp > DECODE_BEHIND_S * CLOCK
+            if behind and key is not None:  # too far behind: what waits goes; start again at a keyframe
+                self.frames_stale += len(waiting)
+                self.queue = type(self.queue)(x for x in self.queue if x is None)
+                self.resync = True
+            if self.resync:
+                if not key:
+                    self.frames_stale += 1
+                    now = time.monotonic()
+                    if now - self.asked_at >= PLI_EVERY_S:
+                        self.want_keyframe, self.asked_at = True, now
+                    return None
+                self.resync = False
+        return super().put(item, block, timeout)
+
+
 def install_prompt_jitter_buffer() -> None:
-    """aiortc's video jitter buffer hands a frame on only when the first packet of the *next*
-    frame arrives, so every received frame waits one frame interval (33 ms at 30 fps) for no
-    reason on a clean link. This one also hands a frame on at its last packet (the RTP marker bit,
-    RFC 7741 for VP8, RFC 6184 for H.264) once all its packets are there in sequence; a frame
-    whose marker is lost still goes on when the next one starts, as before. Audio is untouched."""
+    """aiortc's video jitter buffer, made prompt and bounded (both ends of a remote stream, every
+    peer connection of this process):
+
+    - Prompt: aiortc's hands a frame on only when the first packet of the *next* frame arrives, so
+      every frame waits one frame interval for no reason. This one also hands a frame on at its
+      last packet (the RTP marker bit, RFC 7741 for VP8, RFC 6184 for H.264) once all its packets
+      are there in sequence.
+    - Bounded: aiortc's waits for a missing packet until 512 packets have arrived after it; when the
+      retransmission is lost too, it then drops only as much as it must to fit the newest packet and
+      from there hands on one frame per packet that arrives: a standing queue of 512 packets for the
+      rest of the session (3.7 s at 10 fps of 512x512 VP8). This one waits HOLD_S of media time for
+      the retransmission, then skips to the newest frame it holds (the frames between reference the
+      lost one), counts the frames skipped (``frames_lost``) and asks the sender for a keyframe (PLI).
+    - Drained: every complete frame waiting behind a filled hole goes to the decoder at once, not
+      one per later packet (see the receiver's wrapper below).
+    Audio is untouched."""
     from aiortc import jitterbuffer, rtcrtpreceiver
 
     if getattr(rtcrtpreceiver.JitterBuffer, "prompt", False):
         return
+    hold = int(HOLD_S * CLOCK)
 
     class PromptJitterBuffer(jitterbuffer.JitterBuffer):
         prompt = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.frames_lost = 0
+            self.payload_type: int | None = None
+
+        def add(self, packet):
+            if self._is_video:
+                self.payload_type = packet.payload_type
+            pli, frame = super().add(packet)
+            if frame is None and self._is_video and self._skip_stale(packet.timestamp, packet.sequence_number):
+                pli, frame = True, self._remove_frame(packet.sequence_number)
+            return pli, frame
+
+        def _skip_stale(self, newest_ts: int, newest_seq: int) -> bool:
+            """A hole at the head older than HOLD_S of media time: drop everything before the
+            newest frame held. True when something was dropped."""
+            if self._origin is None:
+                return False
+            head_ts = None
+            first_gap = last_packet = newest_start = None  # offsets from the head
+            seen: set[int] = set()
+            held = min(self.capacity, ((newest_seq - self._origin) & 0xFFFF) + 1)
+            for count in range(held):
+                packet = self._packets[(self._origin + count) % self._capacity]
+                if packet is None:
+                    if first_gap is None:
+                        first_gap = count
+                    continue
+                last_packet = count
+                if head_ts is None:
+                    head_ts = packet.timestamp
+                seen.add(packet.timestamp)
+                if packet.timestamp == newest_ts and newest_start is None:
+                    newest_start = count
+            if head_ts is None or first_gap is None or first_gap > last_packet or not newest_start:
+                return False  # nothing held, or no hole before the newest packet, or the newest frame is the head
+            age = (newest_ts - head_ts) % (1 << 32)
+            if age < hold or age >= 1 << 31:  # not stale yet (or the packet is an old one)
+                return False
+            self.frames_lost += max(1, len(seen) - 1)
+            self.remove(newest_start)
+            return True
 
         def _remove_frame(self, sequence_number):
             if not self._is_video:
@@ -65,7 +178,72 @@ def install_prompt_jitter_buffer() -> None:
                     return jitterbuffer.JitterFrame(data=b"".join(p._data for p in packets), timestamp=timestamp)
             return None
 
+        def next_ready(self):
+            """The next complete frame already held (behind the one just handed on), or None."""
+            if self._origin is None or self._packets[self._origin % self._capacity] is None:
+                return None
+            return self._remove_frame(None)
+
+    receiver = rtcrtpreceiver.RTCRtpReceiver
+    handle = receiver._handle_rtp_packet
+    init = receiver.__init__
+
+    def init_with_decode_queue(self, kind, transport):
+        init(self, kind, transport)
+        if kind == "video":  # before receive() hands the queue to the decoder thread
+            self._RTCRtpReceiver__decoder_queue = DecodeQueue()
+
+    receiver.__init__ = init_with_decode_queue
+
+    async def handle_and_drain(self, packet, arrival_time_ms):
+        await handle(self, packet, arrival_time_ms)
+        buffer = getattr(self, "_RTCRtpReceiver__jitter_buffer", None)
+        queue = getattr(self, "_RTCRtpReceiver__decoder_queue", None)
+        mapper = getattr(self, "_RTCRtpReceiver__timestamp_mapper", None)
+        codecs = getattr(self, "_RTCRtpReceiver__codecs", None) or {}
+        if not isinstance(buffer, PromptJitterBuffer) or queue is None or mapper is None \
+                or not getattr(self, "_RTCRtpReceiver__decoder_thread", None):
+            return
+        codec = codecs.get(buffer.payload_type)
+        while codec is not None:
+            frame = buffer.next_ready()
+            if frame is None:
+                break
+            frame.timestamp = mapper.map(frame.timestamp)
+            queue.put((codec, frame))
+        if getattr(queue, "want_keyframe", False):
+            queue.want_keyframe = False
+            await self._send_rtcp_pli(packet.ssrc)
+
     rtcrtpreceiver.JitterBuffer = PromptJitterBuffer
+    receiver._handle_rtp_packet = handle_and_drain
+
+
+def frames_lost(pc) -> int:
+    """Video frames this peer connection's receivers skipped: for a packet that never came, or
+    left undecoded when the decoder fell behind (DecodeQueue)."""
+    total = 0
+    for r in pc.getReceivers():
+        total += getattr(getattr(r, "_RTCRtpReceiver__jitter_buffer", None), "frames_lost", 0)
+        total += getattr(getattr(r, "_RTCRtpReceiver__decoder_queue", None), "frames_stale", 0)
+    return total
+
+
+STALE_S = 0.3  # a decoded frame waiting this much media time behind the newest one waiting is dropped
+
+
+async def recv_newest(track):
+    """The next frame of a remote track that is not stale: ``(frame, older)``, where ``older``
+    counts the decoded frames dropped here for being more than STALE_S (media time) behind the
+    newest one waiting. A reader that fell behind catches up at once instead of showing old frames
+    late; frames that merely came close together all go on. aiortc's track queues every decoded
+    frame without bound (``RemoteStreamTrack._queue``); its end (None) stays queued."""
+    frame = await track.recv()
+    waiting = getattr(getattr(track, "_queue", None), "_queue", None)  # the asyncio.Queue's deque
+    older = 0
+    while waiting and waiting[-1] is not None and frame_pts(waiting[-1]) - frame_pts(frame) > STALE_S * CLOCK:
+        frame, older = waiting.popleft(), older + 1
+    return frame, older
 
 
 def to_video_frame(image: np.ndarray, pts: int):
@@ -168,8 +346,8 @@ class PtsPipeline:
 
 class TrackSource(Source):
     """Frames that arrive on a remote video track. ``feed`` (the event loop) hands frames in;
-    ``read`` (the engine's capture thread) takes them in order, converting to RGB there so the
-    loop stays light. A live source: the engine keeps the newest. ``end`` makes ``read`` raise
+    ``read`` (the engine's capture thread) takes them in order, dropping those more than STALE_S
+    behind the newest (``stale``), converting to RGB there so the loop stays light. A live source: the engine keeps the newest. ``end`` makes ``read`` raise
     SourceEnded."""
 
     live = True
@@ -180,6 +358,7 @@ class TrackSource(Source):
         self._cond = threading.Condition()
         self._ended = False
         self.received = 0
+        self.stale = 0  # frames that waited here behind a newer one and were dropped
         self.last_frame_at: float | None = None
         self.size: tuple[int, int] | None = None
 
@@ -203,6 +382,9 @@ class TrackSource(Source):
                     raise SourceEnded
                 self._cond.wait(0.5)
             frame = self._frames.popleft()
+            while self._frames and frame_pts(self._frames[-1]) - frame_pts(frame) > STALE_S * CLOCK:
+                frame = self._frames.popleft()  # stale: a newer one waits (a live source)
+                self.stale += 1
         image = frame.to_ndarray(format="rgb24")
         self.book.note(image, frame_pts(frame))
         return image

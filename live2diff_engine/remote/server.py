@@ -58,7 +58,7 @@ from ..control.schema import reply_message
 from ..io.sinks import Sink
 from .ice import advertise_public_ip, constrain_udp_ports, rtc_configuration
 from .link import LinkStats, prefer_codec
-from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, outgoing_track
+from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, frames_lost, outgoing_track, recv_newest
 
 log = logging.getLogger("live2diff.webrtc")
 
@@ -110,8 +110,9 @@ class ChannelControl:
     """The data channel ``control`` as one more control transport: each message goes to the
     session's controller (validated there) at most Pacer's rate; replies and status go back."""
 
-    def __init__(self, channel, controller: Controller, loop: asyncio.AbstractEventLoop):
+    def __init__(self, channel, controller: Controller, loop: asyncio.AbstractEventLoop, link=lambda: {}):
         self.channel, self.controller, self.loop = channel, controller, loop
+        self.link = link  # figures of the session's link added to each status (frames lost on the way in)
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.pacer = Pacer()
         self.changed = asyncio.Event()
@@ -157,7 +158,7 @@ class ChannelControl:
 
     async def _status(self) -> None:
         while True:
-            self.send(self.controller.status_message())
+            self.send({**self.controller.status_message(), **self.link()})
             try:
                 await asyncio.wait_for(self.changed.wait(), 1.0)
             except asyncio.TimeoutError:
@@ -376,7 +377,9 @@ class WebRtcService:
             if channel.label == "control" and session.pc is pc:
                 if session.channel is not None:  # the cut connection's
                     session.channel.close()
-                session.channel = ChannelControl(channel, session.controller, self.loop)
+                session.channel = ChannelControl(
+                    channel, session.controller, self.loop,
+                    lambda: {"frames_lost": frames_lost(session.pc), "frames_stale": session.source.stale})
 
         @pc.on("connectionstatechange")
         async def on_state():
@@ -549,8 +552,9 @@ class WebRtcService:
 
         try:
             while not session.ended:
-                frame = await remote.recv()
+                frame, older = await recv_newest(remote)
                 if session.pc is pc:  # a replaced connection's last frames are not the session's
+                    session.source.stale += older
                     session.source.feed(frame)
         except MediaStreamError:  # the track ended: an RTCP BYE, or the connection going (ended elsewhere)
             if session.pc is not pc:  # a connection that a resume replaced, or a failed one: not an end

@@ -1,0 +1,288 @@
+"""Remote streams over a bad network, made on 127.0.0.1 (live2diff_engine/bench/netfault.py: a UDP
+relay that delays, drops, reorders and cuts datagrams, and is the signalling hop that points each
+peer's candidate at it), and media on loopback only.
+
+- The media goes through the relay and only over 127.0.0.1; in a network namespace with nothing but
+  loopback it still flows (LIVE2DIFF_ICE_LOOPBACK, set for every test in conftest.py).
+- aiortc's jitter buffer, as the engine installs it: a hole that no retransmission fills is skipped
+  to the newest frame with a keyframe request, counted as lost; frames waiting behind a filled hole
+  go on at once. A decoder that falls behind drops what waits and starts again at a keyframe.
+- Where decoded frames wait (the remote track's queue, serve's source), a stale one is dropped
+  for the newest (newest wins); frames that merely came close together all go on.
+- Latency recovers after a loss burst: judged against the same run's loss-free round trip with a
+  generous factor, never against a clock figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from live2diff_engine.bench.netfault import Faults, Relay, rewrite_candidates
+from test_remote import WAIT, Server, wait_no_session
+
+sys.path.insert(0, str(ROOT / "tests"))
+from whip_client import WhipClient, wait_for  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+# -- the jitter buffer -------------------------------------------------------------------------
+
+def _buffer():
+    from aiortc import rtcrtpreceiver
+
+    from live2diff_engine.remote.media import install_prompt_jitter_buffer
+
+    install_prompt_jitter_buffer()
+    return rtcrtpreceiver.JitterBuffer(capacity=512, is_video=True)
+
+
+def _packets(frames: int, per_frame: int = 2, step: int = 3000):
+    """RTP packets of ``frames`` video frames (30 fps clock), the last of each frame marked."""
+    from aiortc.rtp import RtpPacket
+
+    out = []
+    for f in range(frames):
+        for k in range(per_frame):
+            p = RtpPacket(payload_type=96, sequence_number=len(out), timestamp=1000 + f * step,
+                          marker=int(k == per_frame - 1), payload=b"x")
+            p._data = bytes([f, k])
+            out.append(p)
+    return out
+
+
+def test_a_hole_no_retransmission_fills_is_skipped_to_the_newest_frame_with_a_keyframe_request():
+    from live2diff_engine.remote.media import HOLD_S
+
+    jb = _buffer()
+    packets = _packets(40)
+    out = []
+    plis = 0
+    for p in packets:
+        if p.sequence_number == 2:  # frame 1's first packet: lost, and its retransmission too
+            continue
+        pli, frame = jb.add(p)
+        plis += pli
+        if frame is not None:
+            out.append(frame.timestamp)
+    frame_of = lambda ts: (ts - 1000) // 3000  # noqa: E731
+    got = [frame_of(ts) for ts in out]
+    # Frame 0 goes on at its last packet; then frames wait for the hole, but only for HOLD_S of
+    # media time (aiortc's own buffer waits for 512 packets: here that would be every frame after 0).
+    held = int(HOLD_S * 30) + 1
+    assert got[0] == 0 and 1 not in got, got
+    assert got[1] <= held + 2, got  # the skip came within the hold, to the newest frame held then
+    assert got == sorted(got) and got[-1] == 39, got  # and from there every frame, in order
+    assert got[1:] == list(range(got[1], 40)), got
+    assert plis >= 1  # the sender is asked for a keyframe: the frames after the hole reference it
+    assert jb.frames_lost >= got[1] - 1  # every frame skipped is counted
+
+
+def test_frames_waiting_behind_a_filled_hole_go_on_at_once():
+    jb = _buffer()
+    packets = _packets(8)
+    late = packets[2]  # frame 1's first packet, retransmitted after frames 2-4 arrived
+    got = []
+    for p in packets[:10]:
+        if p is late:
+            continue
+        _, frame = jb.add(p)
+        got += [frame] if frame is not None else []
+    assert len(got) == 1  # frame 0; frames 1-4 wait for the hole
+    _, frame = jb.add(late)
+    drained = [frame] + list(iter(jb.next_ready, None))
+    assert [(f.timestamp - 1000) // 3000 for f in drained] == [1, 2, 3, 4]  # all at once, not one per later packet
+    assert jb.frames_lost == 0
+
+
+def test_a_decoder_that_falls_behind_starts_again_from_a_keyframe_instead_of_working_through_old_frames():
+    from types import SimpleNamespace
+
+    from aiortc.jitterbuffer import JitterFrame
+
+    from live2diff_engine.remote.media import DECODE_BEHIND_S, DecodeQueue
+
+    vp8 = SimpleNamespace(name="VP8")
+    key, delta = b"\x00rest", b"\x01rest"  # the VP8 frame tag's bit 0: 0 for a keyframe
+    q = DecodeQueue()
+    step = 3000  # 30 fps in the 90 kHz clock
+    behind = int(DECODE_BEHIND_S * 30)
+    for i in range(behind + 1):  # nobody decodes: they wait, up to DECODE_BEHIND_S
+        q.put((vp8, JitterFrame(data=key if i == 0 else delta, timestamp=i * step)))
+    assert q.qsize() == behind + 1 and q.frames_stale == 0 and not q.want_keyframe
+    q.put((vp8, JitterFrame(data=delta, timestamp=(behind + 1) * step)))  # now too far behind
+    assert q.qsize() == 0 and q.frames_stale == behind + 2 and q.want_keyframe  # all dropped, a keyframe asked for
+    q.want_keyframe = False
+    q.put((vp8, JitterFrame(data=delta, timestamp=(behind + 2) * step)))  # still no keyframe: dropped
+    assert q.qsize() == 0 and not q.want_keyframe  # asked again only after PLI_EVERY_S
+    q.put((vp8, JitterFrame(data=key, timestamp=(behind + 3) * step)))
+    q.put((vp8, JitterFrame(data=delta, timestamp=(behind + 4) * step)))
+    assert q.qsize() == 2 and q.get()[1].data == key  # the decoder goes on from the keyframe
+    q.put(None)  # the end still reaches the decoder thread
+    assert q.get()[1].data == delta and q.get() is None
+
+
+def test_stale_decoded_frames_are_dropped_where_frames_wait_and_close_ones_go_on():
+    import av
+    import numpy as np
+    from aiortc.rtcrtpreceiver import RemoteStreamTrack
+
+    from live2diff_engine.remote.media import PtsBook, TrackSource, recv_newest
+
+    def frame(i, step):
+        f = av.VideoFrame.from_ndarray(np.full((16, 16, 3), i * 10, np.uint8), format="rgb24")
+        f.pts, f.time_base = i * step, fractions.Fraction(1, 90000)
+        return f
+
+    async def go(step):
+        track = RemoteStreamTrack("video")
+        for i in range(4):
+            await track._queue.put(frame(i, step))
+        first, older = await recv_newest(track)
+        rest = [track._queue.get_nowait().pts for _ in range(track._queue.qsize())]
+        await track._queue.put(None)  # the end stays for the next reader
+        with pytest.raises(Exception):
+            await recv_newest(track)
+        return first.pts, older, rest
+
+    # A third of a second apart: 1 s of frames waits, more than STALE_S: all but the newest go.
+    assert asyncio.run(go(30000)) == (3 * 30000, 3, [])
+    # Frames that came close together (30 fps, 0.1 s in all) all go on, in order.
+    assert asyncio.run(go(3000)) == (0, 0, [3000, 6000, 9000])
+
+    source = TrackSource(PtsBook())
+    for i in range(5):
+        source.feed(frame(i, 30000))
+    image = source.read()
+    assert int(image[0, 0, 0]) == 40 and source.stale == 4  # the newest, the rest counted
+
+
+# -- media through the relay, on loopback ------------------------------------------------------
+
+def test_the_relay_rewrites_every_candidate_to_itself_and_leaves_the_others_out():
+    sdp = "\r\n".join(["v=0", "a=candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host",
+                       "a=candidate:2 1 udp 2130706431 10.0.0.5 5001 typ host",
+                       "a=candidate:3 1 tcp 1 127.0.0.1 9 typ host tcptype active", "a=end-of-candidates", ""])
+    out = rewrite_candidates(sdp, {("127.0.0.1", 5000): 6000})
+    assert "a=candidate:1 1 udp 2130706431 127.0.0.1 6000 typ host" in out
+    assert "10.0.0.5" not in out and " tcp " not in out and "a=end-of-candidates" in out
+
+
+def test_media_goes_through_the_relay_on_loopback_and_a_loss_burst_is_counted_and_recovered_from(server):
+    """Round trips through a link of 50 ms each way: loss-free first (the baseline of this run),
+    then a burst of 50 % loss for 2 s (retransmissions lost too), 5 % loss for 3 s, and a clean
+    link again. After the burst the frames come back, with a round trip near the baseline:
+    aiortc's own jitter buffer holds a hole that no retransmission filled until 512 packets have
+    come after it (51 s of these frames) and then stays that far behind."""
+    faults = Faults(delay_ms=50, seed=26)
+    relay = Relay(server.url, faults).start()
+
+    async def go():
+        c = WhipClient(relay.url, fps=10, size=(64, 48))
+        assert await c.start() == 201, c.answer_text
+        try:
+            await wait_for(lambda: len(c.received) >= 20, WAIT, "frames back through the relay")
+            pair = c.selected_pair()
+            t = time.monotonic()
+            await asyncio.sleep(5)
+            baseline = c.round_trips(since=t)
+            faults.loss = 0.5
+            await asyncio.sleep(2)
+            faults.loss = 0.05
+            await asyncio.sleep(3)
+            faults.loss = 0.0  # a clean link again: no later gap makes the receiver ask again for what it misses
+            burst_end = time.monotonic()
+            await asyncio.sleep(2)  # settling: what was held in the burst comes out or is skipped
+            t = time.monotonic()
+            await asyncio.sleep(6)
+            after = c.round_trips(since=t)
+            await wait_for(lambda: c.status is not None, WAIT, "a status message")
+            from live2diff_engine.remote.media import frames_lost
+
+            lost = frames_lost(c.pc) + c.status.get("frames_lost", 0)
+            await c.delete()
+            return c, pair, baseline, after, lost, burst_end
+        finally:
+            await c.close()
+
+    try:
+        c, pair, baseline, after, lost, _ = asyncio.run(go())
+    finally:
+        relay.close()
+    counts = relay.counts()
+    # Only loopback, and through the relay: the client's peer is the relay's socket.
+    assert pair is not None and pair[0][0] == "127.0.0.1" and pair[1][0] == "127.0.0.1", pair
+    assert pair[1][1] == relay.links[0].client_face_port, (pair, relay.links[0].client_face_port)
+    assert counts["up"]["forwarded"] > 50 and counts["down"]["forwarded"] > 50, counts
+    assert counts["up"]["lost"] > 0 and counts["down"]["lost"] > 0, counts
+    assert len(baseline) >= 5 and len(after) >= 5, (len(baseline), len(after), server.log())
+    base, late = statistics.median(baseline), statistics.median(after)
+    # Generous: a loaded machine varies by a lot; a queue that stuck would be seconds above.
+    assert late <= max(3 * base, base + 1.5), (base, late, after)
+    assert lost > 0, "the burst lost frames, and they are counted"
+    wait_no_session(server)
+
+
+NETNS_SCRIPT = r"""
+import asyncio, json, re, subprocess, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from whip_client import WhipClient, wait_for
+proc = subprocess.Popen([sys.executable, "-m", "live2diff_engine", "serve", "--model", "tiny", "--api-port", "0"],
+                        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+lines = []
+threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+try:
+    deadline = time.monotonic() + float(sys.argv[2])
+    while not any(l.startswith("serving: ") for l in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.2)
+    url = re.search(r"WHIP (\S+)/whip", next(l for l in lines if l.startswith("serving: "))).group(1)
+    async def go():
+        c = WhipClient(url, fps=10, size=(64, 48))
+        assert await c.start() == 201
+        try:
+            await wait_for(lambda: len(c.received) >= 10, float(sys.argv[2]), "frames back")
+            return len(c.received), c.selected_pair()
+        finally:
+            await c.close()
+    n, pair = asyncio.run(go())
+    print(json.dumps({"received": n, "pair": pair}))
+finally:
+    proc.terminate()
+    proc.wait(30)
+"""
+
+
+def test_media_flows_in_a_network_namespace_with_loopback_only(tmp_path):
+    """No interface but lo: the peers still meet (on 127.0.0.1) and frames come back. Without
+    LIVE2DIFF_ICE_LOOPBACK aioice gathers nothing here and no frame would flow."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs unshare and ip (util-linux, iproute2)")
+    probe = subprocess.run(["unshare", "-rn", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"user namespaces are not allowed here: {probe.stderr.decode().strip()}")
+    script = tmp_path / "netns_check.py"
+    script.write_text(NETNS_SCRIPT)
+    r = subprocess.run(["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', sys.executable, str(script),
+                        str(ROOT / "tests"), str(WAIT)], capture_output=True, text=True, timeout=2 * WAIT + 60, cwd=ROOT,
+                       env={**os.environ})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["received"] >= 10
+    assert result["pair"][0][0] == "127.0.0.1" and result["pair"][1][0] == "127.0.0.1", result
