@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, run_cli
 
 
@@ -22,7 +24,10 @@ def test_bench_reports_per_frame_cost_for_short_and_long_streams(tmp_path):
     assert re.search(r"40 frames: +[0-9.]+ ms/frame", result.stdout)
     data = json.loads(out.read_text())
     assert set(data["per_frame_ms"]) == {"8", "40"}
-    assert data["ratio_long_to_short"] > 0 and data["machine"]
+    assert data["machine"]
+    # The README: the per-frame cost stays flat as the stream grows (the cache does not grow with
+    # it). Loosely, since the machine may be busy: a cache that grew would be far above this.
+    assert 0 < data["ratio_long_to_short"] < 1.5, data
 
 
 def _one_line(result):
@@ -48,16 +53,18 @@ def test_bench_with_missing_checkpoint(tmp_path):
     assert "motion checkpoint not found" in line
 
 
-def test_unknown_option_is_one_line():
-    _one_line(run_cli("check-reference"))
-    _one_line(run_cli("bench", "--frames", "a,b"))
+def test_unknown_option_missing_argument_and_bad_value_are_one_line_each():
+    assert "--no-such-option" in _one_line(run_cli("check-reference", ROOT / "tests/golden/live2diff_tiny_a", "--no-such-option"))
+    assert "--no-such-option" in _one_line(run_cli("bench", "--model", "tiny", "--no-such-option", "3"))
+    _one_line(run_cli("check-reference"))  # its folder missing
+    assert "--frames" in _one_line(run_cli("bench", "--frames", "a,b"))
 
 
 def test_unavailable_device_is_one_line():
     import torch
 
     if torch.cuda.is_available():
-        return
+        pytest.skip("this machine has CUDA: --device cuda is available here, so there is no error to check")
     line = _one_line(run_cli("check-reference", ROOT / "tests/golden/live2diff_tiny_a", "--device", "cuda"))
     assert "CUDA is not available" in line
 
