@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -229,7 +230,10 @@ def test_style_strength_steps_seed_pause_resume_reset_apply_between_frames(comps
         assert any(np.array_equal(live.outputs[-1], f) for f in frames)
         assert post(url, command_message("resume"))[0] == 200
         wait_for(lambda: json.loads(get(url, "/api/status")[1])["state"] == "streaming", timeout=30, what="streaming again")
+        # Reset: a fresh stream (a new cache), warm again, and the stream goes on.
+        old_stream = live.frames.stream
         assert post(url, command_message("reset"))[0] == 200
+        wait_for(lambda: live.frames.stream is not old_stream and not live.frames.warming_up, what="a fresh, warm stream after the reset")
         before = len(live.outputs)
         live.wait_outputs(before + 10)
         assert live.engine.stats.errors == 0
@@ -303,36 +307,33 @@ def run_hostile_sender(*args) -> dict:
     return json.loads(r.stdout)
 
 
-def test_a_burst_of_1000_hostile_commands_changes_nothing_and_the_stream_keeps_its_rate(comps):
+def test_a_burst_of_1000_hostile_commands_changes_nothing_and_the_stream_goes_on(comps):
     with LiveEngine(comps, PacedSource(fps=15)) as live:
         live.wait_outputs(30)
         prompt, seed, sched = live.frames.prompt, live.frames.seed, live.frames.schedule_args
-        time.sleep(2.0)
         out = run_hostile_sender("ws", live.api.url.replace("http", "ws") + "/api/ws")
         replies = out["replies"]
         assert len(replies) == 1000 and all(r["ok"] is False and r["error"] for r in replies)
         assert live.controller.applied == 0 and live.controller.refused == 1000
         assert (live.frames.prompt, live.frames.seed, live.frames.schedule_args) == (prompt, seed, sched)
-        assert_rate_kept(live, out)
+        assert_stream_went_on(live, out)
         assert live.engine.stats.errors == 0
 
 
-def assert_rate_kept(live, out) -> None:
-    """The stream kept going through the whole burst: frames came out in every third of it.
-
-    Judged by what came out, not by how fast: on a busy 2-core machine the sender, OBS and the
-    engine share the cores, so the rate itself drops for reasons that are not the engine's. A
-    stream that stalled behind the burst (a lock held, a queue drained on the frame thread) has
-    a third with no frame at all; the burst lasts seconds, the source runs at 15 fps.
-    """
-    shift = time.monotonic() - time.time()
-    t1, t2 = out["t0"] + shift, max(out["t1"] + shift, out["t0"] + shift + 3.0)
-    assert live.rate(t1 - 2.0, t1) > 0, "no frames before the burst"
-    while time.monotonic() < t2 + 0.5:
-        time.sleep(0.05)
-    thirds = [t1 + (t2 - t1) * k / 3 for k in range(4)]
-    counts = [round(live.rate(a, b) * (b - a)) for a, b in zip(thirds, thirds[1:])]
-    assert all(c >= 1 for c in counts), (counts, t2 - t1)
+def assert_stream_went_on(live, out, burst: int = 1000) -> None:
+    """The stream went on through the whole burst: frames came out while the engine was refusing
+    it (its refused count, read as each frame came out, between the burst's first and its last
+    command) and after it. Judged by order, not by rate: on a busy 2-core machine the sender, OBS
+    and the engine share the cores, so the rate itself drops for reasons that are not the
+    engine's; a stream stalled behind the burst (a lock held, a queue drained on the frame
+    thread) has no frame while the count moves from 1 to the burst's last."""
+    n = len(live.outputs)
+    live.wait_outputs(n + 3)  # and after it
+    marks = live.refused_at_output
+    assert any(m == 0 for m in marks), "no frames before the burst"
+    during = [m for m in marks if 0 < m < burst]
+    assert during, (f"no frame came out while the burst was refused ({out['t1'] - out['t0']:.2f} s): "
+                    f"refused counts at each output: {sorted(set(marks))}")
 
 
 # -- guards ----------------------------------------------------------------------------------------
@@ -547,4 +548,11 @@ def test_bench_engine_control_measures_the_control_plane():
     r = run_cli("bench-engine", "--model", "tiny", "--control", "--frames", "16", "--rounds", "1", "--input-size", "96x80",
                 timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "engine + API, MJPEG and dock" in r.stdout and "control overhead" in r.stdout
+    # The figures, and that the control plane was really under load (MJPEG frames were served).
+    alone = float(re.search(r"engine alone: +([0-9.]+) frames/s", r.stdout).group(1))
+    m = re.search(r"engine \+ API, MJPEG and dock: +([0-9.]+) frames/s \((\d+) MJPEG frames served\)", r.stdout)
+    assert m, r.stdout
+    with_control, served = float(m.group(1)), int(m.group(2))
+    overhead = float(re.search(r"control overhead: +([-+0-9.]+)%", r.stdout).group(1))
+    assert alone > 0 and with_control > 0 and served > 0, r.stdout
+    assert overhead == pytest.approx((alone / with_control - 1) * 100, abs=0.2 + 100 * 0.01 / with_control), r.stdout

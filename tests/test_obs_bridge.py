@@ -19,7 +19,7 @@ from live import LiveEngine, PacedSource, wait_for
 from live2diff_engine.control.schema import command_message
 from live2diff_engine.models.components import build_tiny_components
 from conftest import ROOT
-from test_control import assert_rate_kept, post, run_hostile_sender
+from test_control import assert_stream_went_on, post, run_hostile_sender
 
 PASSWORD = "correct horse battery staple"
 
@@ -191,13 +191,12 @@ def test_1000_hostile_custom_events_each_get_an_error_and_change_nothing(comps):
             wait_for(lambda: live.bridge.state == "connected", what="connect")
             live.wait_outputs(30)
             prompt = live.frames.prompt
-            time.sleep(2.0)
             out = run_hostile_sender("obs", port, PASSWORD)
             replies = out["replies"]
             assert len(replies) == 1000 and all(r["ok"] is False and r["error"] for r in replies)
             assert sorted(r["id"] for r in replies) == list(range(1000))
             assert live.controller.applied == 0 and live.frames.prompt == prompt
-            assert_rate_kept(live, out)
+            assert_stream_went_on(live, out)
     finally:
         fake.stdin.close()
         fake.wait(10)
