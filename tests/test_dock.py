@@ -1,7 +1,7 @@
 """The dock page (plugin/) in a real headless Chromium against a real engine with the tiny model.
 
 Needs Debian's chromium and chromedriver (selenium never downloads a browser or driver here):
-without them the tests skip, except under CI=true where they fail.
+without them the tests skip, except on CI (conftest.on_ci) where they fail.
 """
 
 import json
@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from conftest import need
 from live2diff_engine.control.api import ApiServer
 from live2diff_engine.control.controller import Controller
 from live2diff_engine.engine import Engine
@@ -33,11 +34,8 @@ def _need_browser():
         import selenium  # noqa: F401
     except ImportError:
         missing.append("the selenium package")
-    if missing:
-        why = f"the dock test needs Debian's chromium and chromedriver and selenium; missing: {', '.join(missing)}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why + " (CI installs them: apt-get install chromium chromium-driver)")
-        pytest.skip(why + " (apt-get install chromium chromium-driver)")
+    need(f"the dock test needs Debian's chromium and chromedriver and selenium; missing: {', '.join(missing)}" if missing else None,
+         "apt-get install chromium chromium-driver")
 
 
 class PacedSynthetic(SyntheticSource):

@@ -934,10 +934,15 @@ def test_websocket_without_password_falls_back_to_http(fake_ws):
 def test_require_obs_skips_or_fails_on_ci(monkeypatch):
     monkeypatch.setattr(obs_real, "OBS_BIN", "obs-binary-that-does-not-exist")
     assert "no `obs` binary" in obs_real.obs_available()
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="OBS is required on CI"):
-        require_obs()
-    monkeypatch.setenv("CI", "false")
+    for value in ("true", "True", "1", "yes"):  # what CI services set: one meaning, read in conftest.on_ci
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.fail.Exception, match="required on CI: OBS: no `obs` binary"):
+            require_obs()
+    for value in ("false", "0", ""):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.skip.Exception):
+            require_obs()
+    monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         require_obs()
 
