@@ -694,6 +694,7 @@ class FakeEngineAPI:
         self.status = dict(status or STATUS)
         self.posts: list[dict] = []
         self.gets = 0
+        self.get_times: list[float] = []  # monotonic time of each status GET
         self.quit_replies: list[tuple[int, str]] = []  # (HTTP code, error) for the next quits, then ok
         self.on_quit = None  # called with each quit it takes
         outer = self
@@ -718,6 +719,7 @@ class FakeEngineAPI:
                     return self._send(404, {"error": "not found"})
                 if not self._authorized():
                     return self._send(401, {"error": "unauthorized"})
+                outer.get_times.append(time.monotonic())
                 outer.gets += 1
                 self._send(200, outer.status)
 
@@ -792,9 +794,13 @@ def test_http_fallback_polls_status_and_posts_commands(monkeypatch):
             logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "refused" in t], what="refusal log")
             assert logs == ["[live2diff] engine refused set_style: unknown style 'no-such-style'; known styles: anime, default, toon"]
             wait_until(lambda: ctl.snapshot()[0]["prompt"] == "a blue whale", what="fresh status")
+            # It keeps polling, and never faster than once a second less scheduling slack (a busy
+            # loop would poll many times a second): judged on the gaps between real requests, which
+            # a busy machine can only lengthen.
             first = api.gets
-            time.sleep(1.5)
-            assert 1 <= api.gets - first <= 3  # about once a second
+            wait_until(lambda: api.gets >= first + 3, what="three more polls")
+            gaps = [b - a for a, b in zip(api.get_times[first:], api.get_times[first + 1:])]
+            assert min(gaps) > 0.5, gaps
         finally:
             ctl.stop()
         assert not ctl._thread
