@@ -83,6 +83,11 @@ class SourceWatch:
         self.now_due = False
         self._last = now
 
+    @property
+    def last_check(self) -> float | None:
+        """When (monotonic) the source was last checked."""
+        return self._last
+
     def stale(self, now: float) -> bool:
         """No OBS reader for ``stale_s`` (as of the last ``due``)."""
         return self._idle_since is not None and now - self._idle_since >= self.stale_s
@@ -120,6 +125,7 @@ class ObsBridge:
         self.state = "connecting"
         self.source_state: str | None = None  # "pulling", "not pulling", "absent"; None: unknown
         self.source_kicks = 0  # times the bridge re-opened OBS's source
+        self.source_kick_times: list[float] = []  # when (monotonic) it did, the last 100
         self._watch = SourceWatch(source_stale_s, source_kick_every_s)
         self._kick_said = False
         self.connects = 0
@@ -395,6 +401,7 @@ class ObsBridge:
                       "output; `live2diff-engine ctl add-to-scene` after removing it")
             return
         self.source_kicks += 1
+        self.source_kick_times = [*self.source_kick_times[-99:], self._watch.last_check]
         self._set_source_state("not pulling")
         if not self._kick_said:
             self._kick_said = True
