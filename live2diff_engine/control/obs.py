@@ -129,6 +129,10 @@ class ObsBridge:
         self._watch = SourceWatch(source_stale_s, source_kick_every_s)
         self._kick_said = False
         self.connects = 0
+        # What the bridge has done, for whoever must know that a window really passed (the tests):
+        # connection attempts, lip-sync checks, looks at OBS's source and the time of the last look.
+        self.attempts = self.lipsync_checks = self.source_looks = 0
+        self.last_source_look: float | None = None
         self.events_in = 0
         self.broadcasts = 0
         self._tasks: queue.Queue = queue.Queue()
@@ -187,6 +191,7 @@ class ObsBridge:
     def _run(self) -> None:
         delay = 0.5
         while not self._stop.is_set():
+            self.attempts += 1
             try:
                 self._connect()
             except ObsAuthError as exc:
@@ -354,6 +359,8 @@ class ObsBridge:
         readers = self._obs_readers()
         if readers is None:
             return  # no local stream (API off)
+        self.source_looks += 1
+        self.last_source_look = now
         due = self._watch.due(now, readers)
         if readers > 0:
             self._kick_said = False
@@ -462,6 +469,7 @@ class ObsBridge:
     def _lipsync(self) -> None:
         from obsws_python.error import OBSSDKRequestError
 
+        self.lipsync_checks += 1
         status = self.controller.status()
         lat = status.get("latency_ms")
         if lat is None or status.get("state") != "streaming":
