@@ -1036,21 +1036,28 @@ def test_real_obs_hotkey_and_status_over_websocket_and_restart(tmp_path):
 
 
 @pytest.mark.obs
-def test_real_obs_password_from_obs_config_and_http_fallback(tmp_path):
-    """No obsws-python for OBS's Python: the script uses the HTTP API (with its token)."""
+def test_real_obs_without_obsws_python_drives_the_real_engine_over_its_http_api_with_its_token(tmp_path):
+    """No obsws-python for OBS's Python: the script uses the engine's HTTP API, with its token. The
+    engine is the real one (tiny model, its API in this process, tests/live.py): a command without
+    the token would be refused, so the prompt arriving shows the token went with it."""
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+
     require_obs()
-    with FakeEngineAPI(token="tok-obs-9") as api:
-        settings = {"prompt": "a red fox", "api_url": api.url, "api_token": "tok-obs-9"}
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10), api_token="tok-obs-9") as live:
+        settings = {"prompt": "a red fox", "api_url": live.api.url, "api_token": "tok-obs-9"}
         with RealOBS(tmp_path, password=PASSWORD, script=SCRIPT, script_settings=settings, obsws_importable=False) as real:
             real.wait_for_log("obsws-python is not installed for OBS's Python", timeout=15)
-            real.wait_for_log("[live2diff] engine streaming | style default | prompt 'a red fox' | 12.0 fps | via HTTP API")
+            real.wait_for_log("[live2diff] engine streaming | style default | prompt 'a cat' |", timeout=60)
+            assert "| via HTTP API" in real.log_text()
+            accepted = live.controller.accepted
             with real.client() as client:
                 client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.apply_prompt"})
-                client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.previous_style"})
-            wait_until(lambda: api.commands("set_prompt") and api.commands("set_style"), what="POSTs from OBS")
-            assert api.commands("set_prompt")[0]["prompt"] == "a red fox"
-            assert api.commands("set_style")[0]["style"] == "toon"
-            assert all(p["authorization"] == "Bearer tok-obs-9" for p in api.posts)
+                client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.pause_resume"})
+            wait_until(lambda: live.frames.prompt == "a red fox" and live.controller.paused, timeout=30,
+                       what="the prompt and the pause from OBS in the engine")
+            assert live.controller.accepted == accepted + 2 and live.controller.refused == 0
+            real.wait_for_log("prompt 'a red fox'", timeout=30)  # the engine's status, back in OBS's log
         log = real.log_text()
         assert "tok-obs-9" not in log and PASSWORD not in log
 
