@@ -556,3 +556,35 @@ def test_bench_engine_control_measures_the_control_plane():
     overhead = float(re.search(r"control overhead: +([-+0-9.]+)%", r.stdout).group(1))
     assert alone > 0 and with_control > 0 and served > 0, r.stdout
     assert overhead == pytest.approx((alone / with_control - 1) * 100, abs=0.2 + 100 * 0.01 / with_control), r.stdout
+
+
+def test_ctl_takes_its_address_and_token_from_the_config_file_the_environment_and_its_options(comps, tmp_path):
+    """README: `ctl` reads `[api]` port and token from the config file (LIVE2DIFF_CONFIG names it);
+    options win over the environment (LIVE2DIFF_API_TOKEN), which wins over the file. Then each
+    action the README lists reaches the engine and does what it says."""
+    with LiveEngine(comps, PacedSource(fps=20), api_token="tok-ctl-27") as live:
+        live.wait_outputs(10)
+        cfg = tmp_path / "my config.toml"
+        cfg.write_text(f'[api]\nport = {live.api.port}\ntoken = "tok-ctl-27"\n')
+        from_file = {"LIVE2DIFF_CONFIG": str(cfg)}
+        r = run_cli("ctl", "negative", "blurry, grey", env=from_file, timeout=60)  # port and token from the file
+        assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+        assert live.frames.negative_prompt == "blurry, grey"
+        wrong_env = {**from_file, "LIVE2DIFF_API_TOKEN": "not-the-token"}
+        r = run_cli("ctl", "seed", "7", env=wrong_env, timeout=60)  # the environment's token wins over the file's
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "token" in r.stderr.lower(), r.stderr
+        assert "not-the-token" not in r.stderr + r.stdout and live.frames.seed != 7
+        r = run_cli("ctl", "seed", "7", "--token", "tok-ctl-27", env=wrong_env, timeout=60)  # the option wins over both
+        assert r.returncode == 0, r.stderr
+        assert live.frames.seed == 7
+        url = ["--api", live.api.url, "--token", "tok-ctl-27"]
+        assert run_cli("ctl", "guidance", "1.5", *url, timeout=60).returncode == 0
+        assert live.frames.guidance_scale == 1.5
+        assert post(live.api.url, command_message("pause"), token="tok-ctl-27")[0] == 200 and live.controller.paused
+        assert run_cli("ctl", "resume", *url, timeout=60).returncode == 0 and not live.controller.paused  # (ctl pause: above)
+        stream = live.frames.stream
+        assert run_cli("ctl", "reset", *url, timeout=60).returncode == 0
+        wait_for(lambda: live.frames.stream is not stream and not live.frames.warming_up, what="a fresh stream after ctl reset")
+        # add-to-scene reaches the engine, which has no OBS link here: its reason, in one line
+        r = run_cli("ctl", "add-to-scene", "Scene", *url, timeout=60)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "OBS" in r.stderr, r.stderr
