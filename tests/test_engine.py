@@ -27,6 +27,7 @@ class RecordingBackend:
 
     def __init__(self, width, height, fps, fourcc, device, **kw):
         self.width, self.height, self.fps = width, height, fps
+        self.asked_device = device
         self.frames = []
         self.closed = False
         RecordingBackend.instances.append(self)
@@ -679,3 +680,92 @@ def test_without_pace_every_frame_of_a_video_is_processed(comps):
     engine, outputs = make_engine(comps, src, [NullSink()])
     engine.run(install_signals=False)
     assert engine.stats.frames_in == 12 and engine.stats.dropped == 0 and len(outputs) == 12
+
+
+def test_run_s_mirror_and_vcam_device_reach_the_virtual_camera():
+    """README: `--vcam-device` names the virtual camera device, `--mirror` mirrors its picture. The
+    run command's own options, through the sink it builds, into a pyvirtualcam camera (the
+    recording backend above: no v4l2loopback here)."""
+    from live2diff_engine import cli
+    from live2diff_engine.io.sinks import parse_sink
+
+    args = cli.build_parser().parse_args(["run", "--model", "tiny", "--sink", "virtualcam:l2dtest",
+                                          "--vcam-device", "/dev/video7", "--mirror"])
+    sinks = [parse_sink(spec, vcam_device=args.vcam_device, vcam_fps=args.vcam_fps, mirror=args.mirror) for spec in args.sink]
+    frame = np.zeros((80, 96, 3), np.uint8)
+    frame[:, :30] = 255  # bright on the left
+    RecordingBackend.instances.clear()
+    sinks[0].open(96, 80, 30.0)
+    try:
+        sinks[0].send(frame)
+    finally:
+        sinks[0].close()
+    cam = RecordingBackend.instances[-1]
+    assert cam.asked_device == "/dev/video7"
+    assert np.array_equal(cam.frames[0], frame[:, ::-1])  # bright on the right
+    args = cli.build_parser().parse_args(["run", "--model", "tiny", "--sink", "virtualcam:l2dtest"])
+    plain = parse_sink(args.sink[0], vcam_device=args.vcam_device, vcam_fps=args.vcam_fps, mirror=args.mirror)
+    plain.open(96, 80, 30.0)
+    try:
+        plain.send(frame)
+    finally:
+        plain.close()
+    assert np.array_equal(RecordingBackend.instances[-1].frames[0], frame)  # not mirrored unless asked
+
+
+def test_run_loops_a_video_with_loop_and_ends_with_it_without(tmp_path):
+    """README: `--loop` restarts a video when it ends."""
+    import cv2
+
+    video = tmp_path / "five.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 30, (96, 80))
+    for i in range(5):
+        writer.write(np.full((80, 96, 3), 40 * i, np.uint8))
+    writer.release()
+
+    def frames_written(*extra):
+        out = tmp_path / f"out{len(extra)}.mp4"
+        r = run_cli("run", "--model", "tiny", "--source", f"video:{video}", "--sink", f"file:{out}", "--no-api",
+                    "--max-frames", "12", *extra, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        cap = cv2.VideoCapture(str(out))
+        n = 0
+        while cap.read()[0]:
+            n += 1
+        return n
+
+    assert frames_written() == 5
+    assert frames_written("--loop") == 12
+
+
+def test_run_writes_its_stats_file_while_it_runs_and_on_exit(tmp_path):
+    """README: `--stats FILE` is written every few seconds and on exit: seen rewritten twice while
+    the engine runs (its uptime moving on), then once more with the final count."""
+    import json
+
+    from conftest import spawn_cli
+
+    stats = tmp_path / "stats.json"
+    proc = spawn_cli("run", "--model", "tiny", "--source", "synthetic", "--camera-size", "96x80", "--sink", "null",
+                     "--no-api", "--stats", stats)
+    try:
+        seen = []
+        deadline = time.monotonic() + 300
+        while len(seen) < 3 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                uptime = json.loads(stats.read_text())["uptime_s"]
+            except (OSError, ValueError, KeyError):
+                uptime = None
+            if uptime is not None and (not seen or uptime != seen[-1]):
+                seen.append(uptime)
+            time.sleep(0.1)
+        assert len(seen) >= 3, seen  # written, then rewritten twice, while running
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    final = json.loads(stats.read_text())
+    assert final["uptime_s"] >= seen[-1] and final["frames_out"] > 0
