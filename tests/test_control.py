@@ -588,3 +588,71 @@ def test_ctl_takes_its_address_and_token_from_the_config_file_the_environment_an
         # add-to-scene reaches the engine, which has no OBS link here: its reason, in one line
         r = run_cli("ctl", "add-to-scene", "Scene", *url, timeout=60)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "OBS" in r.stderr, r.stderr
+
+
+def test_a_burst_of_one_setting_collapses_to_its_last_value_in_the_engine(comps):
+    """README: commands apply between two frames, and a burst of one setting collapses to its last
+    value: ten strengths queued while a frame is held are answered (nine as superseded) and the
+    engine applies the last one, once."""
+    source = GateSource(40, gate_at=12)
+    with LiveEngine(comps, source) as live:
+        assert source.reached.wait(120)
+        ws = websocket.create_connection(live.api.url.replace("http", "ws") + "/api/ws", origin=live.api.url, timeout=30)
+        try:
+            accepted, applied = live.controller.accepted, live.controller.applied
+            values = [round(0.1 * i, 1) for i in range(1, 11)]
+            for i, v in enumerate(values):
+                ws.send(json.dumps(command_message("set_strength", strength=v, id=i)))
+            wait_for(lambda: live.controller.accepted == accepted + 10, what="the ten commands queued")
+            source.gate.set()
+            replies = {}
+            while len(replies) < 10:
+                m = json.loads(ws.recv())
+                if m["kind"] == "reply":
+                    replies[m["id"]] = m
+        finally:
+            ws.close()
+        assert all(replies[i]["ok"] and replies[i].get("superseded") for i in range(9)), replies
+        assert replies[9]["ok"] and not replies[9].get("superseded")
+        assert live.controller.applied == applied + 1
+        assert live.frames.schedule_args[1] == live_t_index(1.0, 2)
+
+
+def test_a_command_flood_is_read_at_100_a_second():
+    """README: a flood is read at a bounded pace, 100 a second after a burst of 50. On the pacer's
+    own clock (set here), then on the wire: 300 commands on the API's WebSocket cannot all be
+    answered in under (300 - 50) / 100 s, however fast the machine (a slow one only takes longer)."""
+    import types
+
+    from live2diff_engine.control import controller as controller_module
+    from live2diff_engine.control.controller import Pacer
+
+    now = [1000.0]
+    real_time = controller_module.time
+    controller_module.time = types.SimpleNamespace(monotonic=lambda: now[0])
+    try:
+        pacer = Pacer()
+        delays = [pacer.delay() for _ in range(250)]  # all at one instant
+        assert delays[:50] == [0.0] * 50
+        assert delays[149] == pytest.approx(1.0) and delays[249] == pytest.approx(2.0)
+        now[0] += 2.0  # two seconds later: the 200 waited for are paid for; 50 more wait again
+        assert pacer.delay() == pytest.approx(0.01)
+    finally:
+        controller_module.time = real_time
+
+
+def test_a_command_flood_on_the_websocket_is_paced(comps):
+    with LiveEngine(comps, PacedSource(fps=10)) as live:
+        ws = websocket.create_connection(live.api.url.replace("http", "ws") + "/api/ws", origin=live.api.url, timeout=60)
+        try:
+            t0 = time.monotonic()
+            for i in range(300):
+                ws.send(json.dumps(command_message("status", id=i)))
+            replies = 0
+            while replies < 300:
+                if json.loads(ws.recv()).get("kind") == "reply":
+                    replies += 1
+            took = time.monotonic() - t0
+        finally:
+            ws.close()
+    assert took >= (300 - 50) / 100 * 0.95, took  # a lower bound: only a missing pacer is faster
