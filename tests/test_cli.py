@@ -104,3 +104,22 @@ def test_the_banner_names_the_ctl_command_that_reaches_this_engine(tmp_path, mon
     cfg = tmp_path / "my config.toml"
     cfg.write_text("[api]\nport = 9000\n")
     assert ctl_hint("http://127.0.0.1:9000", str(cfg)) == f"live2diff-engine ctl --config '{cfg}' status"
+
+
+def test_bench_style_measures_a_switch_to_each_style():
+    """README: `bench-style` measures a style switch: a figure per style it alternates between."""
+    import os
+
+    home = Path(os.environ["LIVE2DIFF_HOME"])  # this test's own (conftest)
+    (home / "styles.toml").write_text('[styles.inked]\ndescription = "a test style"\ntemplate = "ink, {}"\nt_index_list = [25, 45]\n')
+    r = run_cli("bench-style", "--model", "tiny", "--switch", "default,inked", "--rounds", "2", timeout=300)
+    assert r.returncode == 0, r.stderr
+    figures = dict(re.findall(r"switch to (\S+) +([0-9.]+) ms \(median of 2\)", r.stdout))
+    assert set(figures) == {"default", "inked"} and all(float(v) > 0 for v in figures.values()), r.stdout
+    assert "unknown style" in _one_line_any(run_cli("bench-style", "--model", "tiny", "--switch", "default,nosuch", timeout=300))
+
+
+def _one_line_any(result):
+    """A one-line error with any non-zero exit status (a user error: 1 or 2)."""
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
