@@ -769,3 +769,28 @@ def test_run_writes_its_stats_file_while_it_runs_and_on_exit(tmp_path):
             proc.wait()
     final = json.loads(stats.read_text())
     assert final["uptime_s"] >= seen[-1] and final["frames_out"] > 0
+
+
+def test_run_s_window_sink_opens_a_window_on_a_display_and_says_why_not_without_one():
+    """README: `--sink window` is a preview window. Under Xvfb the engine's window (title Live2Diff)
+    appears on the display while it streams; with no display, one clear line and no traceback."""
+    import shutil
+
+    from conftest import need
+
+    need(None if shutil.which("xvfb-run") and shutil.which("xwininfo") else "xvfb-run and xwininfo are needed",
+         "apt-get install xvfb xauth x11-utils")
+    engine = f"'{sys.executable}' -m live2diff_engine run --model tiny --source synthetic --camera-size 96x80 --sink window --no-api --max-frames 3000"
+    script = (f"{engine} & pid=$!; "
+              "until xwininfo -root -tree | grep -q '\"Live2Diff\"'; do kill -0 $pid 2>/dev/null || exit 3; sleep 0.2; done; "
+              "echo WINDOW SHOWN; kill -TERM $pid; wait $pid")  # (a background job of sh ignores SIGINT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(["xvfb-run", "-a", "-s", "-screen 0 640x480x24", "sh", "-c", script], capture_output=True, text=True,
+                       timeout=300, env=env, cwd=ROOT)
+    assert "WINDOW SHOWN" in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr[-2000:]
+    no_display = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    r = subprocess.run([sys.executable, "-m", "live2diff_engine", "run", "--model", "tiny", "--source", "synthetic",
+                        "--sink", "window", "--max-frames", "4", "--no-api"], capture_output=True, text=True, timeout=300,
+                       env=no_display, cwd=ROOT)
+    assert "Traceback" not in r.stderr
+    assert "the preview window needs a display (DISPLAY is not set)" in r.stderr
