@@ -1421,13 +1421,12 @@ def test_the_script_never_stops_an_engine_it_did_not_start(tmp_path):
 
     with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=30)) as other:
         other.wait_outputs(2, timeout=120)
-        marker = tmp_path / "marker.txt"
-        exe = _fake_engine(tmp_path / "bin", marker)
+        exe = _real_engine(tmp_path / "bin", tmp_path / "marker.txt")  # the script's own: the real engine, no API
         eng = L.EngineProcess()
-        eng.start([str(exe), "run"], api_url=other.api.url)
-        wait_until(lambda: marker.exists() and "args: run" in marker.read_text(), what="fake engine start")
-        assert eng.stop(grace=30) == 0 and eng.stopped_by == "signal"
-        assert "interrupted" in marker.read_text()
+        log = tmp_path / "engine.log"
+        eng.start([str(exe), "run", "--sink", "null", "--no-api"], str(log), api_url=other.api.url)
+        wait_until(lambda: "streaming from" in log.read_text(), timeout=120, what="the script's engine to stream")
+        assert eng.stop(grace=60) == 0 and eng.stopped_by == "signal"
         assert "not the engine instance that was asked to stop" in eng.stop_notes[0]
         n = len(other.outputs)
         other.wait_outputs(n + 2, timeout=120)  # still streaming
