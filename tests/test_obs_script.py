@@ -711,7 +711,6 @@ class FakeEngineAPI:
         self.status = dict(status or STATUS)
         self.posts: list[dict] = []
         self.gets = 0
-        self.get_times: list[float] = []  # monotonic time of each status GET
         self.quit_replies: list[tuple[int, str]] = []  # (HTTP code, error) for the next quits, then ok
         self.on_quit = None  # called with each quit it takes
         outer = self
@@ -736,7 +735,6 @@ class FakeEngineAPI:
                     return self._send(404, {"error": "not found"})
                 if not self._authorized():
                     return self._send(401, {"error": "unauthorized"})
-                outer.get_times.append(time.monotonic())
                 outer.gets += 1
                 self._send(200, outer.status)
 
@@ -786,37 +784,39 @@ def _http_controller(api_url, token=""):
 
 
 def test_http_fallback_polls_status_and_posts_commands(monkeypatch):
+    """The script's HTTP fallback against the real engine's API (tiny model, in-process:
+    tests/live.py), which has a token: every command it applies shows the token went with it."""
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+    from live2diff_engine.styles import Style
+
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # localhost never goes through a proxy
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    with FakeEngineAPI(token="tok-123") as api:
-        ctl = _http_controller(api.url, token="tok-123").start()
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10), api_token="tok-123") as live:
+        live.manager.styles["inked"] = Style("inked", "a test style", template="ink, {}")  # the next style with weights
+        ctl = _http_controller(live.api.url, token="tok-123").start()
         try:
             status = wait_until(lambda: ctl.snapshot()[0], what="status over HTTP")
             assert status["style"] == "default" and ctl.snapshot()[1] == L.LINK_HTTP
+            refused = live.controller.refused
             ctl.send("set_prompt", prompt="a blue whale")
             ctl.step_style(+1)
-            for s in (0.3, 0.4, 0.6):  # a slider drag: only the latest strength must arrive
+            for s in (0.3, 0.4, 0.6):  # a slider drag: the latest strength is the one that stays
                 ctl.send("set_strength", strength=s)
             ctl.send("set_style", style="no-such-style")
-            wait_until(lambda: len(api.commands("set_style")) == 2, what="two set_style posts")
-            wait_until(lambda: api.commands("set_strength"), what="set_strength")
-            post = api.posts[0]
-            assert post["path"] == "/api/command"
-            assert post["content_type"] == "application/json"
-            assert post["authorization"] == "Bearer tok-123"
-            assert post["body"]["cmd"] == "set_prompt" and post["body"]["prompt"] == "a blue whale"
-            assert api.commands("set_style")[0]["style"] == "anime"
-            assert [c["strength"] for c in api.commands("set_strength")][-1] == 0.6
-            assert len(api.commands("set_strength")) <= 3
+            wait_until(lambda: live.frames.prompt == "a blue whale" and live.manager.current.name == "inked"
+                       and live.controller.schedule()["strength"] == 0.6, timeout=60, what="the commands in the engine")
             logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "refused" in t], what="refusal log")
-            assert logs == ["[live2diff] engine refused set_style: unknown style 'no-such-style'; known styles: anime, default, toon"]
+            assert len(logs) == 1 and logs[0].startswith("[live2diff] engine refused set_style: unknown style 'no-such-style'"), logs
+            assert live.controller.refused == refused + 1  # that one only: the others carried the token
             wait_until(lambda: ctl.snapshot()[0]["prompt"] == "a blue whale", what="fresh status")
             # It keeps polling, and never faster than once a second less scheduling slack (a busy
-            # loop would poll many times a second): judged on the gaps between real requests, which
-            # a busy machine can only lengthen.
-            first = api.gets
-            wait_until(lambda: api.gets >= first + 3, what="three more polls")
-            gaps = [b - a for a, b in zip(api.get_times[first:], api.get_times[first + 1:])]
+            # loop would poll many times a second): judged on the gaps between the engine's real
+            # status requests, which a busy machine can only lengthen.
+            first = len(live.api.status_times)
+            wait_until(lambda: len(live.api.status_times) >= first + 3, what="three more polls")
+            times = live.api.status_times[first:]
+            gaps = [b - a for a, b in zip(times, times[1:])]
             assert min(gaps) > 0.5, gaps
         finally:
             ctl.stop()
@@ -824,7 +824,12 @@ def test_http_fallback_polls_status_and_posts_commands(monkeypatch):
 
 
 def test_http_fallback_wrong_token_and_unreachable():
-    with FakeEngineAPI(token="right") as api:
+    """Against the real engine's API (tiny model, in-process: tests/live.py), which has a token."""
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10), api_token="right") as api:
+        api.url = api.api.url
         ctl = _http_controller(api.url, token="wrong-token-xyz").start()
         try:
             ctl.send("reset")
