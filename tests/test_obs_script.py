@@ -188,14 +188,18 @@ def test_offline_means_nothing_answers_at_the_api_url(tmp_path):
         wait_until(lambda: ctl.view()[3] == f"exited with code {proc.returncode}", what="the exit")
     finally:
         ctl.stop()
-    with FakeEngineAPI(token="right") as fake:
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10), api_token="right") as live:  # the real engine's API
+        fake = live.api
         ctl = _http_controller(fake.url, token="wrong").start()
         try:
             wait_until(lambda: ctl.view()[3] == "refuses the script's API token", what="the token")
             assert "set 'API token'" in ctl.view()[2]
         finally:
             ctl.stop()
-        ctl = _http_controller(fake.url.replace("127.0.0.1", "localhost") + "/elsewhere").start()
+        ctl = _http_controller(fake.url.replace("127.0.0.1", "localhost") + "/elsewhere", token="right").start()
         try:  # (HTTP 404: not an engine's API)
             wait_until(lambda: ctl.view()[3] == "not found", what="something else")
         finally:
