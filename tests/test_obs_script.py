@@ -1237,29 +1237,44 @@ def script_load(settings):
 
 @pytest.mark.obs
 def test_real_obs_panel_follows_the_engine_pause_prompt_and_missing_styles(tmp_path):
+    """The script's panel in a real OBS against the real engine (tiny model, its API in this
+    process: tests/live.py), whose preset styles have no weights here."""
+    import urllib.request
+
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+    from live2diff_engine.styles import Style
+
     require_obs()
-    status = dict(STATUS, styles=["default", "anime", "toon", "zen"],
-                  styles_missing={"anime": "live2diff-engine models download --style anime"})
     wrapper = tmp_path / "wrap_panel.py"
     wrapper.write_text(WRAP_PANEL.format(script_dir=str(SCRIPT.parent)))
-    with FakeEngineAPI(status=status) as api:
-        # the box holds an old text; the engine (restarted with its saved settings) has "a red fox"
-        settings = {"prompt": "an old prompt", "api_url": api.url}
+    # the engine (restarted with its saved settings) has "a red fox"; the box holds an old text
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10), prompt="a red fox") as live:
+        for name in ("toon", "zen"):
+            live.manager.styles[name] = Style(name, "a test style", template=name + ", {}")
+        missing = live.controller.style_availability()[0]
+        names = live.controller.style_names
+        assert missing and "toon" not in missing and "zen" not in missing
+        settings = {"prompt": "an old prompt", "api_url": live.api.url}
         with RealOBS(tmp_path, password=PASSWORD, script=wrapper, script_settings=settings, obsws_importable=False) as real:
-            real.wait_for_log("WRAP clicked", timeout=20)
-            styles = "default=default|anime=anime (not downloaded) [disabled]|toon=toon|zen=zen"
+            real.wait_for_log("WRAP clicked", timeout=60)
+            styles = "|".join(f"{n}={n} (not downloaded) [disabled]" if n in missing else f"{n}={n}" for n in names)
             assert f"WRAP seen pause='Pause' prompt='a red fox' styles={styles}" in real.log_text()
             assert "WRAP clicked pause='Resume'" in real.log_text()  # at once, before the engine answers
-            wait_until(lambda: api.commands("pause"), what="pause POSTed")
-            real.wait_for_log("WRAP paused pause='Resume'", timeout=10)  # the engine confirms it
-            api.status["paused"] = False  # resumed from elsewhere (the dock): the button follows
-            real.wait_for_log("WRAP resumed pause='Pause'", timeout=10)
-            with real.client() as client:  # the style hotkeys pass over the style without weights
+            wait_until(lambda: live.controller.paused, timeout=30, what="the engine paused from the panel")
+            real.wait_for_log("WRAP paused pause='Resume'", timeout=30)  # the engine confirms it
+            req = urllib.request.Request(live.api.url + "/api/command", method="POST", headers={"Content-Type": "application/json"},
+                                         data=json.dumps(schema.command_message("resume")).encode())
+            urllib.request.urlopen(req, timeout=30).read()  # resumed from elsewhere (the dock): the button follows
+            real.wait_for_log("WRAP resumed pause='Pause'", timeout=30)
+            available = [n for n in names if n not in missing]
+            after = available[(available.index("default") + 1) % len(available)]
+            with real.client() as client:  # the style hotkeys pass over the styles without weights
                 client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.next_style"})
-                wait_until(lambda: api.commands("set_style"), what="next style")
+                wait_until(lambda: live.manager.current.name == after, timeout=60, what=f"the next style ({after})")
+                real.wait_for_log(f"| style {after} |", timeout=30)  # the script has seen it
                 client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.previous_style"})
-                wait_until(lambda: len(api.commands("set_style")) == 2, what="previous style")
-            assert [c["style"] for c in api.commands("set_style")] == ["toon", "zen"]
+                wait_until(lambda: live.manager.current.name == "default", timeout=60, what="the previous style (default)")
 
 
 # A test-only wrapper: presses "Start engine" once the script runs, then, once that engine has
