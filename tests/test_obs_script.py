@@ -874,87 +874,68 @@ def test_a_command_the_engine_is_slow_to_answer_is_not_called_unreachable():
             ctl.stop()
 
 
-class FakeWs:
-    """Stands in for WsTransport (obs-websocket) in the controller's routing tests."""
+def test_routing_over_obs_websocket_with_http_fallback():
+    """The script's real obs-websocket transport, through an obs-websocket server (the
+    protocol-faithful one of tests/fake_obs.py, which relays CustomEvents as OBS does), to the real
+    engine (tiny model, in-process) connected to the same server; then, with the engine off
+    obs-websocket, over its HTTP API."""
+    from fake_obs import FakeOBS
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
 
-    instances: list = []
-    fail_with: Exception | None = None
-
-    def __init__(self, host, port, password, on_message, timeout=3.0):
-        if FakeWs.fail_with is not None:
-            raise FakeWs.fail_with
-        self.port, self.password, self.on_message = port, password, on_message
-        self.sent: list[dict] = []
-        self.up = True
-        FakeWs.instances.append(self)
-
-    def alive(self):
-        return self.up
-
-    def broadcast(self, msg):
-        self.sent.append(msg)
-
-    def close(self):
-        self.up = False
-
-
-@pytest.fixture
-def fake_ws(monkeypatch):
-    FakeWs.instances, FakeWs.fail_with = [], None
-    monkeypatch.setattr(L, "WsTransport", FakeWs)
-    monkeypatch.setattr(L, "WS_BACKOFF_S", (0.05,))
-    return FakeWs
-
-
-def _ws_controller(api_url, password="pw"):
-    cfg = {"api_url": api_url, "api_token": "", "ws_password": password, "ws_port": 0, "use_websocket": True}
-    return L.Controller(cfg, ws_lookup=lambda c: {"port": 4455, "password": c["ws_password"], "source": "script settings"})
-
-
-def test_routing_over_obs_websocket_with_http_fallback(fake_ws):
-    with FakeEngineAPI() as api:
-        ctl = _ws_controller(f"http://127.0.0.1:{free_port()}").start()  # HTTP API down
-        try:
-            ws = wait_until(lambda: fake_ws.instances, what="websocket connect")[0]
-            assert ws.port == 4455 and ws.password == "pw"
-            wait_until(lambda: any(m["cmd"] == "status" for m in ws.sent), what="status request on connect")
-            ctl.send("set_prompt", prompt="over ws")  # engine not seen anywhere: obs-websocket
-            wait_until(lambda: any(m["cmd"] == "set_prompt" for m in ws.sent), what="broadcast")
-            ws.on_message(STATUS)  # the engine shows up over obs-websocket
-            assert ctl.snapshot()[1] == L.LINK_WS
-            ctl.send("reset")
-            wait_until(lambda: any(m["cmd"] == "reset" for m in ws.sent), what="reset broadcast")
-            # a refusal of one of ours, sent back over obs-websocket
-            ws.on_message(schema.reply_message(ws.sent[-1]["id"], False, "busy"))
-            assert ("warning", "[live2diff] engine refused reset: busy") in ctl.drain_logs()
-            # the websocket drops: reconnect, logged once
-            ws.up = False
-            ws2 = wait_until(lambda: fake_ws.instances[1:], what="reconnect")[0]
-            assert any("connection lost" in t for _, t in ctl.drain_logs())
-            # the engine is not on obs-websocket but answers over HTTP: commands go over HTTP
-            ctl.configure({"api_url": api.url, "api_token": "", "ws_password": "pw", "ws_port": 0, "use_websocket": True})
-            wait_until(lambda: ctl.snapshot()[1] == L.LINK_HTTP, what="status over HTTP")
-            ws3 = fake_ws.instances[-1]
-            ctl.send("pause")
-            wait_until(lambda: api.commands("pause"), what="pause over HTTP")
-            assert not any(m["cmd"] == "pause" for w in (ws2, ws3) for m in w.sent)
-        finally:
-            ctl.stop()
-        assert not fake_ws.instances[-1].up  # closed by stop()
+    with FakeOBS(password="pw") as obs_server:
+        live = LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10),
+                          obs=dict(host="127.0.0.1", port=obs_server.port, password="pw", retry_max_s=0.5))
+        with live:
+            wait_for_bridge = lambda: live.bridge.state == "connected"  # noqa: E731
+            wait_until(wait_for_bridge, timeout=30, what="the engine on obs-websocket")
+            cfg = {"api_url": f"http://127.0.0.1:{free_port()}", "api_token": "", "ws_password": "pw", "ws_port": 0,
+                   "use_websocket": True}  # HTTP API down
+            ctl = L.Controller(cfg, ws_lookup=lambda c: {"port": obs_server.port, "password": c["ws_password"],
+                                                         "source": "script settings"}).start()
+            try:
+                wait_until(lambda: ctl.snapshot()[1] == L.LINK_WS, timeout=30, what="the engine's status over obs-websocket")
+                ctl.send("set_prompt", prompt="over ws")
+                wait_until(lambda: live.frames.prompt == "over ws", timeout=30, what="the prompt over obs-websocket")
+                stream = live.frames.stream
+                ctl.send("reset")
+                wait_until(lambda: live.frames.stream is not stream, timeout=30, what="the reset over obs-websocket")
+                ctl.send("set_steps", steps=9)  # refused by the engine, the reply back over obs-websocket
+                logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "refused" in t], what="the refusal")
+                assert logs[0].startswith("[live2diff] engine refused set_steps:") and "1 to 4" in logs[0], logs
+                # the websocket drops (OBS restarts): reconnect, logged once
+                obs_server.stop()
+                wait_until(lambda: any("connection lost" in t for _, t in ctl.drain_logs()), timeout=30, what="'connection lost'")
+                obs_server.start()
+                wait_until(lambda: ctl.snapshot()[1] == L.LINK_WS, timeout=60, what="obs-websocket again")
+                # the engine leaves obs-websocket but answers over HTTP: commands go over HTTP
+                live.bridge.stop()
+                ctl.configure(dict(cfg, api_url=live.api.url))
+                wait_until(lambda: ctl.snapshot()[1] == L.LINK_HTTP, timeout=30, what="status over HTTP")
+                ctl.send("pause")
+                wait_until(lambda: live.controller.paused, timeout=30, what="pause over HTTP (the only way left)")
+            finally:
+                ctl.stop()
 
 
-def test_websocket_without_password_falls_back_to_http(fake_ws):
-    from obsws_python.error import OBSSDKError
+def test_websocket_without_password_falls_back_to_http(caplog):
+    """The script's real obs-websocket transport meets a server that wants a password (the
+    protocol-faithful one of tests/fake_obs.py) with none: it says so and sends over the real
+    engine's HTTP API (tiny model, in-process) instead, without a fast retry loop."""
+    from fake_obs import FakeOBS
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
 
-    fake_ws.fail_with = OBSSDKError("authentication enabled but no password provided")
-    with FakeEngineAPI() as api:
-        ctl = _ws_controller(api.url, password="").start()
+    with FakeOBS(password="obs-pw") as obs_server, \
+            LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10)) as live:
+        cfg = {"api_url": live.api.url, "api_token": "", "ws_password": "", "ws_port": 0, "use_websocket": True}
+        ctl = L.Controller(cfg, ws_lookup=lambda c: {"port": obs_server.port, "password": "", "source": "script settings"}).start()
         try:
             logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "not connected" in t], what="ws failure log")
             assert logs[0].startswith("[live2diff] obs-websocket not connected: no password")
             wait_until(lambda: ctl.snapshot()[1] == L.LINK_HTTP, what="HTTP fallback")
             ctl.send("set_prompt", prompt="via http")
-            wait_until(lambda: api.commands("set_prompt"), what="POST")
+            wait_until(lambda: live.frames.prompt == "via http", what="the prompt in the engine")
             assert ctl._ws_next_try - time.monotonic() > 5  # no fast retry loop on an auth failure
         finally:
             ctl.stop()
