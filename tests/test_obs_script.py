@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -615,6 +614,7 @@ def test_the_script_stops_the_engine_at_the_api_address_the_engine_listens_on():
 
 
 def _fake_engine_ignoring_sigint(folder: Path, marker: Path) -> Path:
+    """A stand-in kept on purpose: the real engine cannot be made to ignore its stop signal."""
     folder.mkdir(parents=True, exist_ok=True)
     exe = folder / "stubborn-engine"
     exe.write_text(
@@ -689,97 +689,37 @@ def test_windows_stop_skips_the_wait_when_ctrl_break_cannot_be_sent(monkeypatch)
 
 
 def test_windows_stop_asks_again_while_the_engine_is_still_loading(monkeypatch):
+    """The engine's real API while the engine loads (up, with no controller yet) answers a quit
+    with 503 "still starting": the stop asks again, and once the engine is in (its controller set
+    on that API after two refusals) the quit is taken; no terminate. The Windows process is the
+    stand-in above (no Windows here)."""
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.control.api import ApiServer
+    from live2diff_engine.models.components import build_tiny_components
+
     monkeypatch.setattr(signal, "CTRL_BREAK_EVENT", 1, raising=False)
     proc = FakeWindowsProc(break_reaches=False)
-    with FakeEngineAPI() as api:
-        api.quit_replies = [(503, "the engine is still starting; try again in a moment")] * 2
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10)) as live:
+        live.engine.api_quit = lambda: setattr(proc, "returncode", 0)  # the engine, loaded, quits cleanly
+        api = ApiServer("127.0.0.1", 0).start()  # up, loading: no controller yet
+        try:
+            def load_after_two_refusals():
+                wait_until(lambda: api.commands_seen >= 2, timeout=60, what="two quits while loading")
+                api.set_controller(live.controller)
 
-        def on_quit(cmd):
-            proc.returncode = 0  # the engine, loaded, takes the quit and exits cleanly
-        api.on_quit = on_quit
-        eng = L.EngineProcess(proc, windows=True)
-        eng.api_url = api.url
-        assert eng.stop(grace=60.0, term_grace=5.0) == 0
-    assert eng.stopped_by == "api" and len(api.commands("quit")) == 3
+            loader = threading.Thread(target=load_after_two_refusals, daemon=True)
+            loader.start()
+            eng = L.EngineProcess(proc, windows=True)
+            eng.api_url = api.url
+            assert eng.stop(grace=60.0, term_grace=5.0) == 0
+            loader.join(60)
+        finally:
+            api.stop()
+    assert eng.stopped_by == "api" and api.commands_seen >= 3 and live.controller.accepted == 1  # refused, then taken once
     assert ("terminate",) not in proc.calls
 
 
-# ------------------------------------------------------------------- HTTP fallback, stdlib server
-
-
-class FakeEngineAPI:
-    """A tiny real HTTP server speaking the engine's API: records POSTs, serves a status."""
-
-    def __init__(self, token: str = "", status: dict | None = None):
-        self.token = token
-        self.status = dict(status or STATUS)
-        self.posts: list[dict] = []
-        self.gets = 0
-        self.quit_replies: list[tuple[int, str]] = []  # (HTTP code, error) for the next quits, then ok
-        self.on_quit = None  # called with each quit it takes
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _authorized(self):
-                return not outer.token or self.headers.get("Authorization") == f"Bearer {outer.token}"
-
-            def do_GET(self):
-                if self.path != "/api/status":
-                    return self._send(404, {"error": "not found"})
-                if not self._authorized():
-                    return self._send(401, {"error": "unauthorized"})
-                outer.gets += 1
-                self._send(200, outer.status)
-
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.posts.append(
-                    {"path": self.path, "content_type": self.headers.get("Content-Type"),
-                     "authorization": self.headers.get("Authorization"), "body": json.loads(raw)}
-                )
-                if not self._authorized():
-                    return self._send(401, {"error": "unauthorized"})
-                try:
-                    cmd = schema.parse_command(raw, styles=outer.status["styles"])
-                except schema.CommandError as e:
-                    return self._send(400, schema.reply_message(schema.message_id(json.loads(raw)), False, str(e)))
-                if cmd.cmd == "set_prompt":
-                    outer.status["prompt"] = cmd.args["prompt"]
-                elif cmd.cmd in ("pause", "resume"):
-                    outer.status["paused"] = cmd.cmd == "pause"
-                elif cmd.cmd == "quit":
-                    if outer.quit_replies:
-                        code, error = outer.quit_replies.pop(0)
-                        return self._send(code, schema.reply_message(cmd.id, False, error))
-                    if outer.on_quit is not None:
-                        outer.on_quit(cmd)
-                self._send(200, schema.reply_message(cmd.id, True))
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def commands(self, cmd=None):
-        return [p["body"] for p in self.posts if cmd is None or p["body"].get("cmd") == cmd]
+# ------------------------------------------------------- HTTP fallback, against the real engine API
 
 
 def _http_controller(api_url, token=""):
