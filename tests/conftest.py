@@ -58,6 +58,23 @@ def _keep_inductor_cache_env():
         os.environ[name] = before
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def on_ci() -> bool:
+    """Whether this run is CI's (which installs every tool the suite needs): the one place the suite
+    reads ``CI``. CI services set it to ``true`` (GitHub, GitLab) or ``1``; unset, empty, ``0``,
+    ``false`` or ``no`` (any case) mean a developer's machine."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def need(missing: str | None, install: str = "") -> None:
+    """Skip the calling test with ``missing`` as the reason, or fail it on CI, where the tool is
+    installed (``install`` says how); nothing when ``missing`` is None."""
+    if missing is None:
+        return
+    if on_ci():
+        pytest.fail(f"required on CI: {missing}" + (f" ({install})" if install else ""), pytrace=False)
+    pytest.skip(missing + (f" ({install})" if install else ""))
 GOLDEN = ROOT / "tests" / "golden"
 FIXTURE_A = GOLDEN / "live2diff_tiny_a"  # the shared golden fixture (its .ckpt copy is rebuilt by tests)
 

@@ -92,6 +92,7 @@ class LiveEngine:
         self.source = source or PacedSource()
         self.outputs: list[np.ndarray] = []
         self.output_times: list[float] = []
+        self.refused_at_output: list[int] = []  # the controller's refused count as each frame came out
         self.engine = Engine(self.frames, self.source, [self.api.stream, *extra_sinks], output_size=SIZE, status=False,
                              controller=self.controller, on_output=self._record)
         self.thread = threading.Thread(target=self.engine.run, kwargs={"install_signals": False}, daemon=True)
@@ -100,6 +101,7 @@ class LiveEngine:
     def _record(self, img: np.ndarray) -> None:
         self.outputs.append(img)
         self.output_times.append(time.monotonic())
+        self.refused_at_output.append(self.controller.refused)
 
     def start(self) -> "LiveEngine":
         if self.bridge is not None:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need
+
 OBS_BIN = "obs"
 SCENE = "Scene"
 PROFILE = "Live2DiffTest"
@@ -77,13 +79,9 @@ def obs_available() -> str | None:
 
 
 def require_obs() -> None:
-    """Skip the calling test when OBS is not usable; fail instead when CI=true (CI installs OBS)."""
+    """Skip the calling test when OBS is not usable; fail instead on CI (conftest.on_ci: CI installs OBS)."""
     reason = obs_available()
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"OBS is required on CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    need(None if reason is None else f"OBS: {reason}")
 
 
 @pytest.fixture

@@ -401,3 +401,22 @@ def test_check_accelerate_options_are_checked_in_one_line():
                        (["--guidance", "0.5"], "--guidance takes")):
         result = run_cli("check-accelerate", "--geometry", "tiny", *args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+
+
+def test_the_compile_cache_lives_where_the_readme_says(monkeypatch, tmp_path):
+    """README: compiled code is cached in ~/.cache/live2diff/compile (or $LIVE2DIFF_HOME/cache/compile);
+    TORCHINDUCTOR_CACHE_DIR overrides. (conftest puts TORCHINDUCTOR_CACHE_DIR back after the test.)"""
+    import os
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LIVE2DIFF_HOME", str(tmp_path / "home"))
+    folder = accelerate.configure_cache()
+    assert folder == str(tmp_path / "home" / "cache" / "compile") and os.path.isdir(folder)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder  # where inductor then writes
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    monkeypatch.delenv("LIVE2DIFF_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert accelerate.configure_cache() == str(tmp_path / "user" / ".cache" / "live2diff" / "compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert accelerate.configure_cache() == str(tmp_path / "mine") and os.path.isdir(tmp_path / "mine")

@@ -94,8 +94,11 @@ def test_bench_gpu_tiny_on_cpu(tmp_path):
         f = r["pipeline"][vae]["off"]
         assert f["frames"] == 3 and f["fps"] > 0 and f["ms_per_frame"] > 0 and f["first_call_s"] > 0 and f["outputs"]
         assert all(f["stages_ms"][k] > 0 for k in STAGES), f["stages_ms"]
-        assert f["stages_ms"]["other"] >= 0
-        assert sum(f["stages_ms"].values()) == pytest.approx(f["ms_per_frame"], rel=0.05, abs=0.05)
+        # The timed stages lie inside the frame's wall time (none counted twice, none outside it);
+        # "other" is what is left of it. Rounding: 3 decimals on each of the figures.
+        timed = sum(v for k, v in f["stages_ms"].items() if k != "other")
+        assert timed <= f["ms_per_frame"] + 0.01, (timed, f)
+        assert f["stages_ms"]["other"] == pytest.approx(f["ms_per_frame"] - timed, abs=0.01)
 
 
 def test_bench_gpu_budget_and_errors(tmp_path):

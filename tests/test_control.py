@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -229,7 +230,10 @@ def test_style_strength_steps_seed_pause_resume_reset_apply_between_frames(comps
         assert any(np.array_equal(live.outputs[-1], f) for f in frames)
         assert post(url, command_message("resume"))[0] == 200
         wait_for(lambda: json.loads(get(url, "/api/status")[1])["state"] == "streaming", timeout=30, what="streaming again")
+        # Reset: a fresh stream (a new cache), warm again, and the stream goes on.
+        old_stream = live.frames.stream
         assert post(url, command_message("reset"))[0] == 200
+        wait_for(lambda: live.frames.stream is not old_stream and not live.frames.warming_up, what="a fresh, warm stream after the reset")
         before = len(live.outputs)
         live.wait_outputs(before + 10)
         assert live.engine.stats.errors == 0
@@ -303,36 +307,33 @@ def run_hostile_sender(*args) -> dict:
     return json.loads(r.stdout)
 
 
-def test_a_burst_of_1000_hostile_commands_changes_nothing_and_the_stream_keeps_its_rate(comps):
+def test_a_burst_of_1000_hostile_commands_changes_nothing_and_the_stream_goes_on(comps):
     with LiveEngine(comps, PacedSource(fps=15)) as live:
         live.wait_outputs(30)
         prompt, seed, sched = live.frames.prompt, live.frames.seed, live.frames.schedule_args
-        time.sleep(2.0)
         out = run_hostile_sender("ws", live.api.url.replace("http", "ws") + "/api/ws")
         replies = out["replies"]
         assert len(replies) == 1000 and all(r["ok"] is False and r["error"] for r in replies)
         assert live.controller.applied == 0 and live.controller.refused == 1000
         assert (live.frames.prompt, live.frames.seed, live.frames.schedule_args) == (prompt, seed, sched)
-        assert_rate_kept(live, out)
+        assert_stream_went_on(live, out)
         assert live.engine.stats.errors == 0
 
 
-def assert_rate_kept(live, out) -> None:
-    """The stream kept going through the whole burst: frames came out in every third of it.
-
-    Judged by what came out, not by how fast: on a busy 2-core machine the sender, OBS and the
-    engine share the cores, so the rate itself drops for reasons that are not the engine's. A
-    stream that stalled behind the burst (a lock held, a queue drained on the frame thread) has
-    a third with no frame at all; the burst lasts seconds, the source runs at 15 fps.
-    """
-    shift = time.monotonic() - time.time()
-    t1, t2 = out["t0"] + shift, max(out["t1"] + shift, out["t0"] + shift + 3.0)
-    assert live.rate(t1 - 2.0, t1) > 0, "no frames before the burst"
-    while time.monotonic() < t2 + 0.5:
-        time.sleep(0.05)
-    thirds = [t1 + (t2 - t1) * k / 3 for k in range(4)]
-    counts = [round(live.rate(a, b) * (b - a)) for a, b in zip(thirds, thirds[1:])]
-    assert all(c >= 1 for c in counts), (counts, t2 - t1)
+def assert_stream_went_on(live, out, burst: int = 1000) -> None:
+    """The stream went on through the whole burst: frames came out while the engine was refusing
+    it (its refused count, read as each frame came out, between the burst's first and its last
+    command) and after it. Judged by order, not by rate: on a busy 2-core machine the sender, OBS
+    and the engine share the cores, so the rate itself drops for reasons that are not the
+    engine's; a stream stalled behind the burst (a lock held, a queue drained on the frame
+    thread) has no frame while the count moves from 1 to the burst's last."""
+    n = len(live.outputs)
+    live.wait_outputs(n + 3)  # and after it
+    marks = live.refused_at_output
+    assert any(m == 0 for m in marks), "no frames before the burst"
+    during = [m for m in marks if 0 < m < burst]
+    assert during, (f"no frame came out while the burst was refused ({out['t1'] - out['t0']:.2f} s): "
+                    f"refused counts at each output: {sorted(set(marks))}")
 
 
 # -- guards ----------------------------------------------------------------------------------------
@@ -547,4 +548,111 @@ def test_bench_engine_control_measures_the_control_plane():
     r = run_cli("bench-engine", "--model", "tiny", "--control", "--frames", "16", "--rounds", "1", "--input-size", "96x80",
                 timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "engine + API, MJPEG and dock" in r.stdout and "control overhead" in r.stdout
+    # The figures, and that the control plane was really under load (MJPEG frames were served).
+    alone = float(re.search(r"engine alone: +([0-9.]+) frames/s", r.stdout).group(1))
+    m = re.search(r"engine \+ API, MJPEG and dock: +([0-9.]+) frames/s \((\d+) MJPEG frames served\)", r.stdout)
+    assert m, r.stdout
+    with_control, served = float(m.group(1)), int(m.group(2))
+    overhead = float(re.search(r"control overhead: +([-+0-9.]+)%", r.stdout).group(1))
+    assert alone > 0 and with_control > 0 and served > 0, r.stdout
+    assert overhead == pytest.approx((alone / with_control - 1) * 100, abs=0.2 + 100 * 0.01 / with_control), r.stdout
+
+
+def test_ctl_takes_its_address_and_token_from_the_config_file_the_environment_and_its_options(comps, tmp_path):
+    """README: `ctl` reads `[api]` port and token from the config file (LIVE2DIFF_CONFIG names it);
+    options win over the environment (LIVE2DIFF_API_TOKEN), which wins over the file. Then each
+    action the README lists reaches the engine and does what it says."""
+    with LiveEngine(comps, PacedSource(fps=20), api_token="tok-ctl-27") as live:
+        live.wait_outputs(10)
+        cfg = tmp_path / "my config.toml"
+        cfg.write_text(f'[api]\nport = {live.api.port}\ntoken = "tok-ctl-27"\n')
+        from_file = {"LIVE2DIFF_CONFIG": str(cfg)}
+        r = run_cli("ctl", "negative", "blurry, grey", env=from_file, timeout=60)  # port and token from the file
+        assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+        assert live.frames.negative_prompt == "blurry, grey"
+        wrong_env = {**from_file, "LIVE2DIFF_API_TOKEN": "not-the-token"}
+        r = run_cli("ctl", "seed", "7", env=wrong_env, timeout=60)  # the environment's token wins over the file's
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "token" in r.stderr.lower(), r.stderr
+        assert "not-the-token" not in r.stderr + r.stdout and live.frames.seed != 7
+        r = run_cli("ctl", "seed", "7", "--token", "tok-ctl-27", env=wrong_env, timeout=60)  # the option wins over both
+        assert r.returncode == 0, r.stderr
+        assert live.frames.seed == 7
+        url = ["--api", live.api.url, "--token", "tok-ctl-27"]
+        assert run_cli("ctl", "guidance", "1.5", *url, timeout=60).returncode == 0
+        assert live.frames.guidance_scale == 1.5
+        assert post(live.api.url, command_message("pause"), token="tok-ctl-27")[0] == 200 and live.controller.paused
+        assert run_cli("ctl", "resume", *url, timeout=60).returncode == 0 and not live.controller.paused  # (ctl pause: above)
+        stream = live.frames.stream
+        assert run_cli("ctl", "reset", *url, timeout=60).returncode == 0
+        wait_for(lambda: live.frames.stream is not stream and not live.frames.warming_up, what="a fresh stream after ctl reset")
+        # add-to-scene reaches the engine, which has no OBS link here: its reason, in one line
+        r = run_cli("ctl", "add-to-scene", "Scene", *url, timeout=60)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "OBS" in r.stderr, r.stderr
+
+
+def test_a_burst_of_one_setting_collapses_to_its_last_value_in_the_engine(comps):
+    """README: commands apply between two frames, and a burst of one setting collapses to its last
+    value: ten strengths queued while a frame is held are answered (nine as superseded) and the
+    engine applies the last one, once."""
+    source = GateSource(40, gate_at=12)
+    with LiveEngine(comps, source) as live:
+        assert source.reached.wait(120)
+        ws = websocket.create_connection(live.api.url.replace("http", "ws") + "/api/ws", origin=live.api.url, timeout=30)
+        try:
+            accepted, applied = live.controller.accepted, live.controller.applied
+            values = [round(0.1 * i, 1) for i in range(1, 11)]
+            for i, v in enumerate(values):
+                ws.send(json.dumps(command_message("set_strength", strength=v, id=i)))
+            wait_for(lambda: live.controller.accepted == accepted + 10, what="the ten commands queued")
+            source.gate.set()
+            replies = {}
+            while len(replies) < 10:
+                m = json.loads(ws.recv())
+                if m["kind"] == "reply":
+                    replies[m["id"]] = m
+        finally:
+            ws.close()
+        assert all(replies[i]["ok"] and replies[i].get("superseded") for i in range(9)), replies
+        assert replies[9]["ok"] and not replies[9].get("superseded")
+        assert live.controller.applied == applied + 1
+        assert live.frames.schedule_args[1] == live_t_index(1.0, 2)
+
+
+def test_a_command_flood_is_read_at_100_a_second():
+    """README: a flood is read at a bounded pace, 100 a second after a burst of 50. On the pacer's
+    own clock (set here), then on the wire: 300 commands on the API's WebSocket cannot all be
+    answered in under (300 - 50) / 100 s, however fast the machine (a slow one only takes longer)."""
+    import types
+
+    from live2diff_engine.control import controller as controller_module
+    from live2diff_engine.control.controller import Pacer
+
+    now = [1000.0]
+    real_time = controller_module.time
+    controller_module.time = types.SimpleNamespace(monotonic=lambda: now[0])
+    try:
+        pacer = Pacer()
+        delays = [pacer.delay() for _ in range(250)]  # all at one instant
+        assert delays[:50] == [0.0] * 50
+        assert delays[149] == pytest.approx(1.0) and delays[249] == pytest.approx(2.0)
+        now[0] += 2.0  # two seconds later: the 200 waited for are paid for; 50 more wait again
+        assert pacer.delay() == pytest.approx(0.01)
+    finally:
+        controller_module.time = real_time
+
+
+def test_a_command_flood_on_the_websocket_is_paced(comps):
+    with LiveEngine(comps, PacedSource(fps=10)) as live:
+        ws = websocket.create_connection(live.api.url.replace("http", "ws") + "/api/ws", origin=live.api.url, timeout=60)
+        try:
+            t0 = time.monotonic()
+            for i in range(300):
+                ws.send(json.dumps(command_message("status", id=i)))
+            replies = 0
+            while replies < 300:
+                if json.loads(ws.recv()).get("kind") == "reply":
+                    replies += 1
+            took = time.monotonic() - t0
+        finally:
+            ws.close()
+    assert took >= (300 - 50) / 100 * 0.95, took  # a lower bound: only a missing pacer is faster

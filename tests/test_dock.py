@@ -1,7 +1,7 @@
 """The dock page (plugin/) in a real headless Chromium against a real engine with the tiny model.
 
 Needs Debian's chromium and chromedriver (selenium never downloads a browser or driver here):
-without them the tests skip, except under CI=true where they fail.
+without them the tests skip, except on CI (conftest.on_ci) where they fail.
 """
 
 import json
@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from conftest import need
 from live2diff_engine.control.api import ApiServer
 from live2diff_engine.control.controller import Controller
 from live2diff_engine.engine import Engine
@@ -33,11 +34,8 @@ def _need_browser():
         import selenium  # noqa: F401
     except ImportError:
         missing.append("the selenium package")
-    if missing:
-        why = f"the dock test needs Debian's chromium and chromedriver and selenium; missing: {', '.join(missing)}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why + " (CI installs them: apt-get install chromium chromium-driver)")
-        pytest.skip(why + " (apt-get install chromium chromium-driver)")
+    need(f"the dock test needs Debian's chromium and chromedriver and selenium; missing: {', '.join(missing)}" if missing else None,
+         "apt-get install chromium chromium-driver")
 
 
 class PacedSynthetic(SyntheticSource):
@@ -198,6 +196,21 @@ def retype(element, text):
     element.send_keys(Keys.CONTROL, "a", Keys.NULL, text)
 
 
+def statuses_shown(driver, n):
+    """Waits until the page has shown ``n`` more statuses than now (its frame count, which every
+    status moves on while the engine streams): the positive sign that time has passed for it."""
+    start = int(text_of(driver, "f-frames"))
+    seen = [start]
+
+    def moved():
+        now = int(text_of(driver, "f-frames"))
+        if now != seen[-1]:
+            seen.append(now)
+        return len(seen) > n
+
+    wait_for(moved, 15, f"{n} statuses in the page")
+
+
 def style_button(driver, name):
     from selenium.webdriver.common.by import By
 
@@ -210,7 +223,7 @@ def test_dock_connects_and_shows_live_status(running, browser):
     assert text_of(d, "conn") == "connected"
     wait_for(lambda: text_of(d, "f-state") == "streaming", 15, "the engine to stream")
     wait_for(lambda: int(text_of(d, "f-frames")) > 0, 15, "frames to count up")
-    assert float(text_of(d, "f-fps")) >= 0
+    wait_for(lambda: float(text_of(d, "f-fps")) > 0, 15, "a frame rate above 0")
     wait_for(lambda: text_of(d, "f-latency").endswith(" ms"), 10, "a latency figure")
     # One button per style, the current one pressed.
     names = [b.get_attribute("data-style") for b in d.find_elements("css selector", "#styles button")]
@@ -252,12 +265,13 @@ def test_prompt_apply_history_and_edits_kept(running, browser):
     wait_for(lambda: len(d.find_elements("css selector", "#history button")) == 2, 5, "two history entries")
     assert d.find_elements("css selector", "#history button")[0].get_attribute("data-prompt") == "an origami crane"
 
-    # A prompt being typed survives the status that arrives every second (focused, then not).
+    # A prompt being typed survives the status that arrives every second (focused, then not):
+    # judged once the page has shown two newer statuses (its frame count moved on twice).
     retype(box, "half typed")
-    time.sleep(1.3)
+    statuses_shown(d, 2)
     assert box.get_attribute("value") == "half typed"
     by_id(d, "seed").click()  # focus elsewhere: the edit is still not applied, so it stays
-    time.sleep(1.3)
+    statuses_shown(d, 2)
     assert box.get_attribute("value") == "half typed"
     assert running.frames.prompt == "an origami crane"
 
@@ -320,13 +334,15 @@ def test_styles_without_weights_are_marked_and_say_how_to_get_them(running, brow
         else:
             assert b.get_attribute("data-missing") is None
     other = sorted(missing)[0]
+    sent = (running.controller.accepted, running.controller.refused)
     press(d, style_button(d, other))  # nothing to switch to: the page says how to get it
     wait_for(lambda: by_id(d, "style-fetch").is_displayed(), 5, "the how-to-get-it box")
     assert text_of(d, "style-fetch-command") == f"live2diff-engine models download --style {other}"
     assert other in text_of(d, "style-fetch-text")
     assert not by_id(d, "style-download").is_displayed()  # no civitai token in this engine
     assert "civitai token" in text_of(d, "style-fetch-note")
-    time.sleep(1.2)  # a status or two later: still on the default style, nothing was sent
+    statuses_shown(d, 2)  # two statuses later: still on the default style, nothing was sent
+    assert (running.controller.accepted, running.controller.refused) == sent
     assert running.manager.current.name == "default" and text_of(d, "f-style") == "default"
     assert style_button(d, other).get_attribute("aria-pressed") == "false"
     by_id(d, "style-fetch-close").click()

@@ -49,15 +49,23 @@ def read_video(path):
 
 @pytest.mark.parametrize("mode", ["crop", "letterbox"])
 def test_fit_and_unfit_round_trip(mode):
-    frame = np.zeros((90, 160, 3), np.uint8)
-    frame[:, :80] = 200  # left half bright
+    """A 16:9 frame through the square model and back: every pixel kept returns where it came
+    from (crop: the centre square, black where it cut; letterbox: the whole frame)."""
+    yy, xx = np.mgrid[0:90, 0:160]
+    frame = np.stack([xx * 255 // 159, yy * 255 // 89, np.full_like(xx, 128)], axis=-1).astype(np.uint8)
     img, fit = fit_frame(frame, 64, 64, mode)
     assert img.shape == (64, 64, 3)
     back = unfit_frame(img, fit, 160, 90)
     assert back.shape == (90, 160, 3)
+    diff = np.abs(back.astype(int) - frame.astype(int))
     if mode == "letterbox":
         assert img[0].max() == 0 and img[-1].max() == 0  # bars above and below
-        assert back[:, :70].mean() > 150 and back[:, 90:].mean() < 50
+        assert diff[2:-2, 2:-2].mean() < 4, diff.mean()  # the whole frame, at the model's resolution
+    else:
+        kept = slice(35, 125)  # the centre 90 x 90 square
+        assert img[0].max() > 0 and img[:, 0].max() > 0  # no bars in the model's picture
+        assert diff[2:-2, kept][:, 2:-2].mean() < 4, diff[:, kept].mean()
+        assert back[:, :33].max() == 0 and back[:, 127:].max() == 0  # what the crop cut is black
 
 
 @pytest.mark.parametrize("steps", [(32, 45), (20, 32, 45)])
@@ -97,6 +105,8 @@ def test_same_seed_same_frames_and_prompt_swap_changes_the_rest(comps):
 
 def test_schedule_change_rewarms_on_recent_frames_without_gaps(comps):
     fp = FramePipeline(comps, width=64, height=64)
+    warmups, warmup = [], fp._warmup
+    fp._warmup = lambda images: (warmups.append(torch.cat(images).clone()), warmup(images))[1]  # watched, not replaced
     got = []
     for i, f in enumerate(clip(24)):
         if i == 14:
@@ -105,6 +115,11 @@ def test_schedule_change_rewarms_on_recent_frames_without_gaps(comps):
     got += fp.flush()
     assert [i for i, _ in got] == list(range(24))
     assert fp.steps == 3 and not fp.warming_up
+    # The new stream was warmed on the 8 frames before the change (6..13), as they were uploaded.
+    warmed = [images for images in warmups]
+    assert len(warmed) == 2
+    expected = torch.cat([fp._upload(fit_frame(f, 64, 64, fp.fit)[0]) for f in clip(24)[6:14]])
+    assert torch.equal(warmed[1], expected)
 
 
 def test_similar_frames_are_skipped_but_still_output(comps):

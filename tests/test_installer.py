@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need
 from live2diff_engine import installer as I
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -569,10 +569,7 @@ def test_install_sh_syntax():
 
 
 def test_shell_scripts_are_shellcheck_clean():
-    if shutil.which("shellcheck") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("shellcheck is missing: tests/system_packages.sh installs it")
-        pytest.skip("shellcheck not installed (tests/system_packages.sh installs it)")
+    need("shellcheck is not installed" if shutil.which("shellcheck") is None else None, "tests/system_packages.sh installs it")
     scripts = [SH, ROOT / "tests" / "system_packages.sh", ROOT / ".ci" / "run"]
     res = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout

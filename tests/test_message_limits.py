@@ -91,6 +91,28 @@ def test_the_docks_websocket_refuses_100_kb_in_one_line_and_stays_open(comps):
         live.wait_outputs(len(live.outputs) + 2)  # the engine goes on
 
 
+def test_a_websocket_message_just_under_16_mib_is_refused_and_the_socket_stays_open(comps):
+    """README: only a single message over 16 MB closes the API's WebSocket; one just under it gets
+    the one-line refusal and the next command on the same socket is applied."""
+    with LiveEngine(comps, PacedSource(fps=20)) as live:
+        url = live.api.url
+        ws = websocket.create_connection(url.replace("http", "ws") + "/api/ws", origin=url, timeout=60)
+        try:
+            assert json.loads(ws.recv())["kind"] == "status"
+            ws.send_binary(b"u" * (16 * 1024 * 1024 - 1024))  # the README's figure, not the constant
+            ws.send(json.dumps(command_message("set_prompt", prompt="still open", id="after")))
+            replies = []
+            while len(replies) < 2:
+                m = json.loads(ws.recv())  # a closed socket raises here
+                if m["kind"] == "reply":
+                    replies.append(m)
+            assert (replies[0]["ok"], replies[0].get("error")) == (False, LINE)
+            assert replies[1]["id"] == "after" and replies[1]["ok"] is True and ws.connected
+        finally:
+            ws.close()
+        wait_for(lambda: live.frames.prompt == "still open", what="the command after the big one")
+
+
 def _send_quietly(ws, data: bytes) -> None:
     try:
         ws.send_binary(data)

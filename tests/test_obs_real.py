@@ -64,7 +64,6 @@ def test_a_prompt_set_in_the_obs_script_changes_the_engines_following_frames(com
     settings = {"prompt": "a red fox", "ws_password": PASSWORD}
     with RealOBS(tmp_path, password=PASSWORD, script=SCRIPT, script_settings=settings) as real:
         live = LiveEngine(comps, source, obs=obs_opts(real))
-        settings_api = live.api.url
         with live:
             wait_for(lambda: live.bridge.state == "connected", timeout=20, what="the engine to connect to OBS")
             source.reached.wait(60)
@@ -80,7 +79,6 @@ def test_a_prompt_set_in_the_obs_script_changes_the_engines_following_frames(com
             live.thread.join(120)
             assert live.frames.prompt == "a red fox"
             real.wait_for_log("prompt 'a red fox'", timeout=20)
-        assert settings_api
     steps = live.frames.steps
     assert len(live.outputs) == n
     for i in range(k - steps):
@@ -236,7 +234,11 @@ def test_a_source_that_stopped_reading_is_reopened_while_the_engine_stays_connec
                 n = len(live.outputs)
                 wait_for(lambda: _shows(client, live, seen_after=n), timeout=30, what="frames in OBS again")
                 assert live.bridge.connects == 1
-                assert 1 <= live.bridge.source_kicks - kicks <= 2
+                # Re-opened, and never twice within source_kick_every_s (no flood, however slow the
+                # machine: judged on the bridge's own times of the kicks, not on a count in a window).
+                times = live.bridge.source_kick_times[kicks:]
+                assert times, "the bridge never re-opened the source"
+                assert all(b - a >= 4.0 for a, b in zip(times, times[1:])), times
         finally:
             client.disconnect()
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -188,14 +187,18 @@ def test_offline_means_nothing_answers_at_the_api_url(tmp_path):
         wait_until(lambda: ctl.view()[3] == f"exited with code {proc.returncode}", what="the exit")
     finally:
         ctl.stop()
-    with FakeEngineAPI(token="right") as fake:
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10), api_token="right") as live:  # the real engine's API
+        fake = live.api
         ctl = _http_controller(fake.url, token="wrong").start()
         try:
             wait_until(lambda: ctl.view()[3] == "refuses the script's API token", what="the token")
             assert "set 'API token'" in ctl.view()[2]
         finally:
             ctl.stop()
-        ctl = _http_controller(fake.url.replace("127.0.0.1", "localhost") + "/elsewhere").start()
+        ctl = _http_controller(fake.url.replace("127.0.0.1", "localhost") + "/elsewhere", token="right").start()
         try:  # (HTTP 404: not an engine's API)
             wait_until(lambda: ctl.view()[3] == "not found", what="something else")
         finally:
@@ -445,6 +448,20 @@ def _fake_engine(folder: Path, marker: Path) -> Path:
     return exe
 
 
+def _real_engine(folder: Path, marker: Path) -> Path:
+    """`live2diff-engine` in a venv's bin: the real engine (tiny model, synthetic camera) from this
+    checkout, with the arguments the script gives it noted in ``marker`` first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    exe = folder / "live2diff-engine"
+    exe.write_text(
+        "#!/bin/sh\n"
+        f"echo \"args: $*\" > '{marker}'\n"
+        f"PYTHONPATH='{ROOT}' exec '{sys.executable}' -m live2diff_engine \"$@\" --model tiny --source synthetic\n"
+    )
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return exe
+
+
 def test_resolve_engine_command(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
@@ -470,18 +487,21 @@ def test_resolve_engine_command(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def test_engine_process_stops_with_sigint(tmp_path):
+    """The real engine (tiny model), started as the script starts it, in a process group of its own,
+    stops on its signal with status 0 where no API is known to ask first."""
     marker = tmp_path / "marker.txt"
-    exe = _fake_engine(tmp_path / "bin", marker)
+    exe = _real_engine(tmp_path / "bin", marker)
     eng = L.EngineProcess()
     log = tmp_path / "logs" / "engine.log"
-    eng.start([str(exe), "run"], str(log))
+    argv = [str(exe), "run", "--sink", "null", "--no-api"]
+    eng.start(argv, str(log))
     assert eng.running() and log.exists()
     with pytest.raises(RuntimeError, match="already running"):
-        eng.start([str(exe), "run"])
-    wait_until(lambda: marker.exists() and "args: run" in marker.read_text(), what="fake engine start")
+        eng.start(argv)
+    wait_until(lambda: "[streaming]" in log.read_text() or "streaming from" in log.read_text(), timeout=120,
+               what="the engine to stream")
     assert os.getpgid(eng.pid) == eng.pid  # its own process group: OBS's signals do not reach it
-    assert eng.stop(grace=5) == 0
-    assert "interrupted" in marker.read_text()
+    assert eng.stop(grace=60) == 0
     # no API to ask (none given at start): the signal came next, and the log line says so
     assert eng.stopped_by == "signal" and eng.stop_notes[0].startswith("API: no local API")
     assert L.stop_summary(eng).startswith(" (stopped by its stop signal; API: no local API")
@@ -594,6 +614,7 @@ def test_the_script_stops_the_engine_at_the_api_address_the_engine_listens_on():
 
 
 def _fake_engine_ignoring_sigint(folder: Path, marker: Path) -> Path:
+    """A stand-in kept on purpose: the real engine cannot be made to ignore its stop signal."""
     folder.mkdir(parents=True, exist_ok=True)
     exe = folder / "stubborn-engine"
     exe.write_text(
@@ -668,97 +689,37 @@ def test_windows_stop_skips_the_wait_when_ctrl_break_cannot_be_sent(monkeypatch)
 
 
 def test_windows_stop_asks_again_while_the_engine_is_still_loading(monkeypatch):
+    """The engine's real API while the engine loads (up, with no controller yet) answers a quit
+    with 503 "still starting": the stop asks again, and once the engine is in (its controller set
+    on that API after two refusals) the quit is taken; no terminate. The Windows process is the
+    stand-in above (no Windows here)."""
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.control.api import ApiServer
+    from live2diff_engine.models.components import build_tiny_components
+
     monkeypatch.setattr(signal, "CTRL_BREAK_EVENT", 1, raising=False)
     proc = FakeWindowsProc(break_reaches=False)
-    with FakeEngineAPI() as api:
-        api.quit_replies = [(503, "the engine is still starting; try again in a moment")] * 2
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10)) as live:
+        live.engine.api_quit = lambda: setattr(proc, "returncode", 0)  # the engine, loaded, quits cleanly
+        api = ApiServer("127.0.0.1", 0).start()  # up, loading: no controller yet
+        try:
+            def load_after_two_refusals():
+                wait_until(lambda: api.commands_seen >= 2, timeout=60, what="two quits while loading")
+                api.set_controller(live.controller)
 
-        def on_quit(cmd):
-            proc.returncode = 0  # the engine, loaded, takes the quit and exits cleanly
-        api.on_quit = on_quit
-        eng = L.EngineProcess(proc, windows=True)
-        eng.api_url = api.url
-        assert eng.stop(grace=60.0, term_grace=5.0) == 0
-    assert eng.stopped_by == "api" and len(api.commands("quit")) == 3
+            loader = threading.Thread(target=load_after_two_refusals, daemon=True)
+            loader.start()
+            eng = L.EngineProcess(proc, windows=True)
+            eng.api_url = api.url
+            assert eng.stop(grace=60.0, term_grace=5.0) == 0
+            loader.join(60)
+        finally:
+            api.stop()
+    assert eng.stopped_by == "api" and api.commands_seen >= 3 and live.controller.accepted == 1  # refused, then taken once
     assert ("terminate",) not in proc.calls
 
 
-# ------------------------------------------------------------------- HTTP fallback, stdlib server
-
-
-class FakeEngineAPI:
-    """A tiny real HTTP server speaking the engine's API: records POSTs, serves a status."""
-
-    def __init__(self, token: str = "", status: dict | None = None):
-        self.token = token
-        self.status = dict(status or STATUS)
-        self.posts: list[dict] = []
-        self.gets = 0
-        self.quit_replies: list[tuple[int, str]] = []  # (HTTP code, error) for the next quits, then ok
-        self.on_quit = None  # called with each quit it takes
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _authorized(self):
-                return not outer.token or self.headers.get("Authorization") == f"Bearer {outer.token}"
-
-            def do_GET(self):
-                if self.path != "/api/status":
-                    return self._send(404, {"error": "not found"})
-                if not self._authorized():
-                    return self._send(401, {"error": "unauthorized"})
-                outer.gets += 1
-                self._send(200, outer.status)
-
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.posts.append(
-                    {"path": self.path, "content_type": self.headers.get("Content-Type"),
-                     "authorization": self.headers.get("Authorization"), "body": json.loads(raw)}
-                )
-                if not self._authorized():
-                    return self._send(401, {"error": "unauthorized"})
-                try:
-                    cmd = schema.parse_command(raw, styles=outer.status["styles"])
-                except schema.CommandError as e:
-                    return self._send(400, schema.reply_message(schema.message_id(json.loads(raw)), False, str(e)))
-                if cmd.cmd == "set_prompt":
-                    outer.status["prompt"] = cmd.args["prompt"]
-                elif cmd.cmd in ("pause", "resume"):
-                    outer.status["paused"] = cmd.cmd == "pause"
-                elif cmd.cmd == "quit":
-                    if outer.quit_replies:
-                        code, error = outer.quit_replies.pop(0)
-                        return self._send(code, schema.reply_message(cmd.id, False, error))
-                    if outer.on_quit is not None:
-                        outer.on_quit(cmd)
-                self._send(200, schema.reply_message(cmd.id, True))
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-
-    def commands(self, cmd=None):
-        return [p["body"] for p in self.posts if cmd is None or p["body"].get("cmd") == cmd]
+# ------------------------------------------------------- HTTP fallback, against the real engine API
 
 
 def _http_controller(api_url, token=""):
@@ -767,41 +728,52 @@ def _http_controller(api_url, token=""):
 
 
 def test_http_fallback_polls_status_and_posts_commands(monkeypatch):
+    """The script's HTTP fallback against the real engine's API (tiny model, in-process:
+    tests/live.py), which has a token: every command it applies shows the token went with it."""
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+    from live2diff_engine.styles import Style
+
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # localhost never goes through a proxy
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    with FakeEngineAPI(token="tok-123") as api:
-        ctl = _http_controller(api.url, token="tok-123").start()
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10), api_token="tok-123") as live:
+        live.manager.styles["inked"] = Style("inked", "a test style", template="ink, {}")  # the next style with weights
+        ctl = _http_controller(live.api.url, token="tok-123").start()
         try:
             status = wait_until(lambda: ctl.snapshot()[0], what="status over HTTP")
             assert status["style"] == "default" and ctl.snapshot()[1] == L.LINK_HTTP
+            refused = live.controller.refused
             ctl.send("set_prompt", prompt="a blue whale")
             ctl.step_style(+1)
-            for s in (0.3, 0.4, 0.6):  # a slider drag: only the latest strength must arrive
+            for s in (0.3, 0.4, 0.6):  # a slider drag: the latest strength is the one that stays
                 ctl.send("set_strength", strength=s)
             ctl.send("set_style", style="no-such-style")
-            wait_until(lambda: len(api.commands("set_style")) == 2, what="two set_style posts")
-            wait_until(lambda: api.commands("set_strength"), what="set_strength")
-            post = api.posts[0]
-            assert post["path"] == "/api/command"
-            assert post["content_type"] == "application/json"
-            assert post["authorization"] == "Bearer tok-123"
-            assert post["body"]["cmd"] == "set_prompt" and post["body"]["prompt"] == "a blue whale"
-            assert api.commands("set_style")[0]["style"] == "anime"
-            assert [c["strength"] for c in api.commands("set_strength")][-1] == 0.6
-            assert len(api.commands("set_strength")) <= 3
+            wait_until(lambda: live.frames.prompt == "a blue whale" and live.manager.current.name == "inked"
+                       and live.controller.schedule()["strength"] == 0.6, timeout=60, what="the commands in the engine")
             logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "refused" in t], what="refusal log")
-            assert logs == ["[live2diff] engine refused set_style: unknown style 'no-such-style'; known styles: anime, default, toon"]
+            assert len(logs) == 1 and logs[0].startswith("[live2diff] engine refused set_style: unknown style 'no-such-style'"), logs
+            assert live.controller.refused == refused + 1  # that one only: the others carried the token
             wait_until(lambda: ctl.snapshot()[0]["prompt"] == "a blue whale", what="fresh status")
-            first = api.gets
-            time.sleep(1.5)
-            assert 1 <= api.gets - first <= 3  # about once a second
+            # It keeps polling, and never faster than once a second less scheduling slack (a busy
+            # loop would poll many times a second): judged on the gaps between the engine's real
+            # status requests, which a busy machine can only lengthen.
+            first = len(live.api.status_times)
+            wait_until(lambda: len(live.api.status_times) >= first + 3, what="three more polls")
+            times = live.api.status_times[first:]
+            gaps = [b - a for a, b in zip(times, times[1:])]
+            assert min(gaps) > 0.5, gaps
         finally:
             ctl.stop()
         assert not ctl._thread
 
 
 def test_http_fallback_wrong_token_and_unreachable():
-    with FakeEngineAPI(token="right") as api:
+    """Against the real engine's API (tiny model, in-process: tests/live.py), which has a token."""
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10), api_token="right") as api:
+        api.url = api.api.url
         ctl = _http_controller(api.url, token="wrong-token-xyz").start()
         try:
             ctl.send("reset")
@@ -842,87 +814,68 @@ def test_a_command_the_engine_is_slow_to_answer_is_not_called_unreachable():
             ctl.stop()
 
 
-class FakeWs:
-    """Stands in for WsTransport (obs-websocket) in the controller's routing tests."""
+def test_routing_over_obs_websocket_with_http_fallback():
+    """The script's real obs-websocket transport, through an obs-websocket server (the
+    protocol-faithful one of tests/fake_obs.py, which relays CustomEvents as OBS does), to the real
+    engine (tiny model, in-process) connected to the same server; then, with the engine off
+    obs-websocket, over its HTTP API."""
+    from fake_obs import FakeOBS
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
 
-    instances: list = []
-    fail_with: Exception | None = None
-
-    def __init__(self, host, port, password, on_message, timeout=3.0):
-        if FakeWs.fail_with is not None:
-            raise FakeWs.fail_with
-        self.port, self.password, self.on_message = port, password, on_message
-        self.sent: list[dict] = []
-        self.up = True
-        FakeWs.instances.append(self)
-
-    def alive(self):
-        return self.up
-
-    def broadcast(self, msg):
-        self.sent.append(msg)
-
-    def close(self):
-        self.up = False
-
-
-@pytest.fixture
-def fake_ws(monkeypatch):
-    FakeWs.instances, FakeWs.fail_with = [], None
-    monkeypatch.setattr(L, "WsTransport", FakeWs)
-    monkeypatch.setattr(L, "WS_BACKOFF_S", (0.05,))
-    return FakeWs
-
-
-def _ws_controller(api_url, password="pw"):
-    cfg = {"api_url": api_url, "api_token": "", "ws_password": password, "ws_port": 0, "use_websocket": True}
-    return L.Controller(cfg, ws_lookup=lambda c: {"port": 4455, "password": c["ws_password"], "source": "script settings"})
-
-
-def test_routing_over_obs_websocket_with_http_fallback(fake_ws):
-    with FakeEngineAPI() as api:
-        ctl = _ws_controller(f"http://127.0.0.1:{free_port()}").start()  # HTTP API down
-        try:
-            ws = wait_until(lambda: fake_ws.instances, what="websocket connect")[0]
-            assert ws.port == 4455 and ws.password == "pw"
-            wait_until(lambda: any(m["cmd"] == "status" for m in ws.sent), what="status request on connect")
-            ctl.send("set_prompt", prompt="over ws")  # engine not seen anywhere: obs-websocket
-            wait_until(lambda: any(m["cmd"] == "set_prompt" for m in ws.sent), what="broadcast")
-            ws.on_message(STATUS)  # the engine shows up over obs-websocket
-            assert ctl.snapshot()[1] == L.LINK_WS
-            ctl.send("reset")
-            wait_until(lambda: any(m["cmd"] == "reset" for m in ws.sent), what="reset broadcast")
-            # a refusal of one of ours, sent back over obs-websocket
-            ws.on_message(schema.reply_message(ws.sent[-1]["id"], False, "busy"))
-            assert ("warning", "[live2diff] engine refused reset: busy") in ctl.drain_logs()
-            # the websocket drops: reconnect, logged once
-            ws.up = False
-            ws2 = wait_until(lambda: fake_ws.instances[1:], what="reconnect")[0]
-            assert any("connection lost" in t for _, t in ctl.drain_logs())
-            # the engine is not on obs-websocket but answers over HTTP: commands go over HTTP
-            ctl.configure({"api_url": api.url, "api_token": "", "ws_password": "pw", "ws_port": 0, "use_websocket": True})
-            wait_until(lambda: ctl.snapshot()[1] == L.LINK_HTTP, what="status over HTTP")
-            ws3 = fake_ws.instances[-1]
-            ctl.send("pause")
-            wait_until(lambda: api.commands("pause"), what="pause over HTTP")
-            assert not any(m["cmd"] == "pause" for w in (ws2, ws3) for m in w.sent)
-        finally:
-            ctl.stop()
-        assert not fake_ws.instances[-1].up  # closed by stop()
+    with FakeOBS(password="pw") as obs_server:
+        live = LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10),
+                          obs=dict(host="127.0.0.1", port=obs_server.port, password="pw", retry_max_s=0.5))
+        with live:
+            wait_for_bridge = lambda: live.bridge.state == "connected"  # noqa: E731
+            wait_until(wait_for_bridge, timeout=30, what="the engine on obs-websocket")
+            cfg = {"api_url": f"http://127.0.0.1:{free_port()}", "api_token": "", "ws_password": "pw", "ws_port": 0,
+                   "use_websocket": True}  # HTTP API down
+            ctl = L.Controller(cfg, ws_lookup=lambda c: {"port": obs_server.port, "password": c["ws_password"],
+                                                         "source": "script settings"}).start()
+            try:
+                wait_until(lambda: ctl.snapshot()[1] == L.LINK_WS, timeout=30, what="the engine's status over obs-websocket")
+                ctl.send("set_prompt", prompt="over ws")
+                wait_until(lambda: live.frames.prompt == "over ws", timeout=30, what="the prompt over obs-websocket")
+                stream = live.frames.stream
+                ctl.send("reset")
+                wait_until(lambda: live.frames.stream is not stream, timeout=30, what="the reset over obs-websocket")
+                ctl.send("set_steps", steps=9)  # refused by the engine, the reply back over obs-websocket
+                logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "refused" in t], what="the refusal")
+                assert logs[0].startswith("[live2diff] engine refused set_steps:") and "1 to 4" in logs[0], logs
+                # the websocket drops (OBS restarts): reconnect, logged once
+                obs_server.stop()
+                wait_until(lambda: any("connection lost" in t for _, t in ctl.drain_logs()), timeout=30, what="'connection lost'")
+                obs_server.start()
+                wait_until(lambda: ctl.snapshot()[1] == L.LINK_WS, timeout=60, what="obs-websocket again")
+                # the engine leaves obs-websocket but answers over HTTP: commands go over HTTP
+                live.bridge.stop()
+                ctl.configure(dict(cfg, api_url=live.api.url))
+                wait_until(lambda: ctl.snapshot()[1] == L.LINK_HTTP, timeout=30, what="status over HTTP")
+                ctl.send("pause")
+                wait_until(lambda: live.controller.paused, timeout=30, what="pause over HTTP (the only way left)")
+            finally:
+                ctl.stop()
 
 
-def test_websocket_without_password_falls_back_to_http(fake_ws):
-    from obsws_python.error import OBSSDKError
+def test_websocket_without_password_falls_back_to_http(caplog):
+    """The script's real obs-websocket transport meets a server that wants a password (the
+    protocol-faithful one of tests/fake_obs.py) with none: it says so and sends over the real
+    engine's HTTP API (tiny model, in-process) instead, without a fast retry loop."""
+    from fake_obs import FakeOBS
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
 
-    fake_ws.fail_with = OBSSDKError("authentication enabled but no password provided")
-    with FakeEngineAPI() as api:
-        ctl = _ws_controller(api.url, password="").start()
+    with FakeOBS(password="obs-pw") as obs_server, \
+            LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10)) as live:
+        cfg = {"api_url": live.api.url, "api_token": "", "ws_password": "", "ws_port": 0, "use_websocket": True}
+        ctl = L.Controller(cfg, ws_lookup=lambda c: {"port": obs_server.port, "password": "", "source": "script settings"}).start()
         try:
             logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "not connected" in t], what="ws failure log")
             assert logs[0].startswith("[live2diff] obs-websocket not connected: no password")
             wait_until(lambda: ctl.snapshot()[1] == L.LINK_HTTP, what="HTTP fallback")
             ctl.send("set_prompt", prompt="via http")
-            wait_until(lambda: api.commands("set_prompt"), what="POST")
+            wait_until(lambda: live.frames.prompt == "via http", what="the prompt in the engine")
             assert ctl._ws_next_try - time.monotonic() > 5  # no fast retry loop on an auth failure
         finally:
             ctl.stop()
@@ -934,10 +887,15 @@ def test_websocket_without_password_falls_back_to_http(fake_ws):
 def test_require_obs_skips_or_fails_on_ci(monkeypatch):
     monkeypatch.setattr(obs_real, "OBS_BIN", "obs-binary-that-does-not-exist")
     assert "no `obs` binary" in obs_real.obs_available()
-    monkeypatch.setenv("CI", "true")
-    with pytest.raises(pytest.fail.Exception, match="OBS is required on CI"):
-        require_obs()
-    monkeypatch.setenv("CI", "false")
+    for value in ("true", "True", "1", "yes"):  # what CI services set: one meaning, read in conftest.on_ci
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.fail.Exception, match="required on CI: OBS: no `obs` binary"):
+            require_obs()
+    for value in ("false", "0", ""):
+        monkeypatch.setenv("CI", value)
+        with pytest.raises(pytest.skip.Exception):
+            require_obs()
+    monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         require_obs()
 
@@ -1025,21 +983,28 @@ def test_real_obs_hotkey_and_status_over_websocket_and_restart(tmp_path):
 
 
 @pytest.mark.obs
-def test_real_obs_password_from_obs_config_and_http_fallback(tmp_path):
-    """No obsws-python for OBS's Python: the script uses the HTTP API (with its token)."""
+def test_real_obs_without_obsws_python_drives_the_real_engine_over_its_http_api_with_its_token(tmp_path):
+    """No obsws-python for OBS's Python: the script uses the engine's HTTP API, with its token. The
+    engine is the real one (tiny model, its API in this process, tests/live.py): a command without
+    the token would be refused, so the prompt arriving shows the token went with it."""
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+
     require_obs()
-    with FakeEngineAPI(token="tok-obs-9") as api:
-        settings = {"prompt": "a red fox", "api_url": api.url, "api_token": "tok-obs-9"}
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10), api_token="tok-obs-9") as live:
+        settings = {"prompt": "a red fox", "api_url": live.api.url, "api_token": "tok-obs-9"}
         with RealOBS(tmp_path, password=PASSWORD, script=SCRIPT, script_settings=settings, obsws_importable=False) as real:
             real.wait_for_log("obsws-python is not installed for OBS's Python", timeout=15)
-            real.wait_for_log("[live2diff] engine streaming | style default | prompt 'a red fox' | 12.0 fps | via HTTP API")
+            real.wait_for_log("[live2diff] engine streaming | style default | prompt 'a cat' |", timeout=60)
+            assert "| via HTTP API" in real.log_text()
+            accepted = live.controller.accepted
             with real.client() as client:
                 client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.apply_prompt"})
-                client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.previous_style"})
-            wait_until(lambda: api.commands("set_prompt") and api.commands("set_style"), what="POSTs from OBS")
-            assert api.commands("set_prompt")[0]["prompt"] == "a red fox"
-            assert api.commands("set_style")[0]["style"] == "toon"
-            assert all(p["authorization"] == "Bearer tok-obs-9" for p in api.posts)
+                client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.pause_resume"})
+            wait_until(lambda: live.frames.prompt == "a red fox" and live.controller.paused, timeout=30,
+                       what="the prompt and the pause from OBS in the engine")
+            assert live.controller.accepted == accepted + 2 and live.controller.refused == 0
+            real.wait_for_log("prompt 'a red fox'", timeout=30)  # the engine's status, back in OBS's log
         log = real.log_text()
         assert "tok-obs-9" not in log and PASSWORD not in log
 
@@ -1093,13 +1058,19 @@ PROPERTY_NAMES = (
 @pytest.mark.obs
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 def test_real_obs_properties_and_engine_started_from_obs_stops_when_obs_exits(tmp_path):
+    """The real engine (tiny model), started by the script's "Start engine" inside a real OBS,
+    streams, survives a script reload, and is gone once OBS exits."""
+    import re
+    import urllib.request
+
     require_obs()
     marker = tmp_path / "engine-marker.txt"
     venv = tmp_path / "venv"
-    _fake_engine(venv / "bin", marker)
+    _real_engine(venv / "bin", marker)
     wrapper = tmp_path / "wrap_live2diff.py"
     wrapper.write_text(WRAPPER.format(script_dir=str(SCRIPT.parent), names=PROPERTY_NAMES))
-    settings = {"engine_venv": str(venv), "api_url": f"http://127.0.0.1:{free_port()}"}
+    api = f"http://127.0.0.1:{free_port()}"
+    settings = {"engine_venv": str(venv), "api_url": api, "engine_command": "live2diff-engine run"}
     with RealOBS(tmp_path, password=PASSWORD, script=wrapper, script_settings=settings) as real:
         real.wait_for_log("WRAP after reload", timeout=15)
         wait_until(lambda: marker.exists() and "args: run" in marker.read_text(), what="engine start")
@@ -1108,9 +1079,27 @@ def test_real_obs_properties_and_engine_started_from_obs_stops_when_obs_exits(tm
         assert "WRAP status 'Engine: offline\\n" in log
         assert f"[live2diff] engine started (pid " in log and "/venv/bin/live2diff-engine run" in log
         assert "WRAP after reload True True" in log  # the engine survives a module reload
-    # OBS exited: the script's atexit hook interrupted the engine (SIGINT), nothing is left behind
-    assert "interrupted" in marker.read_text()
+        pid = int(re.search(r"engine started \(pid (\d+)\)", log).group(1))
+
+        def streaming():
+            try:
+                with urllib.request.urlopen(api + "/api/status", timeout=5) as r:
+                    return json.load(r).get("frames_out", 0) > 0  # (while loading it says so, with no figures)
+            except OSError:
+                return False
+
+        wait_until(streaming, timeout=120, what="the engine's frames (its API on the script's address)")
+    # OBS exited: the script's atexit hook stopped the engine; nothing is left behind.
     assert "is left running (a script reload keeps it) and is stopped when OBS exits" in real.log_text()
+
+    def gone():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(gone, timeout=60, what="the engine to exit after OBS")
 
 
 def test_the_engine_started_from_obs_connects_back_with_the_password_in_its_environment():
@@ -1169,29 +1158,44 @@ def script_load(settings):
 
 @pytest.mark.obs
 def test_real_obs_panel_follows_the_engine_pause_prompt_and_missing_styles(tmp_path):
+    """The script's panel in a real OBS against the real engine (tiny model, its API in this
+    process: tests/live.py), whose preset styles have no weights here."""
+    import urllib.request
+
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+    from live2diff_engine.styles import Style
+
     require_obs()
-    status = dict(STATUS, styles=["default", "anime", "toon", "zen"],
-                  styles_missing={"anime": "live2diff-engine models download --style anime"})
     wrapper = tmp_path / "wrap_panel.py"
     wrapper.write_text(WRAP_PANEL.format(script_dir=str(SCRIPT.parent)))
-    with FakeEngineAPI(status=status) as api:
-        # the box holds an old text; the engine (restarted with its saved settings) has "a red fox"
-        settings = {"prompt": "an old prompt", "api_url": api.url}
+    # the engine (restarted with its saved settings) has "a red fox"; the box holds an old text
+    with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=10), prompt="a red fox") as live:
+        for name in ("toon", "zen"):
+            live.manager.styles[name] = Style(name, "a test style", template=name + ", {}")
+        missing = live.controller.style_availability()[0]
+        names = live.controller.style_names
+        assert missing and "toon" not in missing and "zen" not in missing
+        settings = {"prompt": "an old prompt", "api_url": live.api.url}
         with RealOBS(tmp_path, password=PASSWORD, script=wrapper, script_settings=settings, obsws_importable=False) as real:
-            real.wait_for_log("WRAP clicked", timeout=20)
-            styles = "default=default|anime=anime (not downloaded) [disabled]|toon=toon|zen=zen"
+            real.wait_for_log("WRAP clicked", timeout=60)
+            styles = "|".join(f"{n}={n} (not downloaded) [disabled]" if n in missing else f"{n}={n}" for n in names)
             assert f"WRAP seen pause='Pause' prompt='a red fox' styles={styles}" in real.log_text()
             assert "WRAP clicked pause='Resume'" in real.log_text()  # at once, before the engine answers
-            wait_until(lambda: api.commands("pause"), what="pause POSTed")
-            real.wait_for_log("WRAP paused pause='Resume'", timeout=10)  # the engine confirms it
-            api.status["paused"] = False  # resumed from elsewhere (the dock): the button follows
-            real.wait_for_log("WRAP resumed pause='Pause'", timeout=10)
-            with real.client() as client:  # the style hotkeys pass over the style without weights
+            wait_until(lambda: live.controller.paused, timeout=30, what="the engine paused from the panel")
+            real.wait_for_log("WRAP paused pause='Resume'", timeout=30)  # the engine confirms it
+            req = urllib.request.Request(live.api.url + "/api/command", method="POST", headers={"Content-Type": "application/json"},
+                                         data=json.dumps(schema.command_message("resume")).encode())
+            urllib.request.urlopen(req, timeout=30).read()  # resumed from elsewhere (the dock): the button follows
+            real.wait_for_log("WRAP resumed pause='Pause'", timeout=30)
+            available = [n for n in names if n not in missing]
+            after = available[(available.index("default") + 1) % len(available)]
+            with real.client() as client:  # the style hotkeys pass over the styles without weights
                 client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.next_style"})
-                wait_until(lambda: api.commands("set_style"), what="next style")
+                wait_until(lambda: live.manager.current.name == after, timeout=60, what=f"the next style ({after})")
+                real.wait_for_log(f"| style {after} |", timeout=30)  # the script has seen it
                 client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.previous_style"})
-                wait_until(lambda: len(api.commands("set_style")) == 2, what="previous style")
-            assert [c["style"] for c in api.commands("set_style")] == ["toon", "zen"]
+                wait_until(lambda: live.manager.current.name == "default", timeout=60, what="the previous style (default)")
 
 
 # A test-only wrapper: presses "Start engine" once the script runs, then, once that engine has
@@ -1362,13 +1366,12 @@ def test_the_script_never_stops_an_engine_it_did_not_start(tmp_path):
 
     with LiveEngine(build_tiny_components(seed=0), PacedSource(fps=30)) as other:
         other.wait_outputs(2, timeout=120)
-        marker = tmp_path / "marker.txt"
-        exe = _fake_engine(tmp_path / "bin", marker)
+        exe = _real_engine(tmp_path / "bin", tmp_path / "marker.txt")  # the script's own: the real engine, no API
         eng = L.EngineProcess()
-        eng.start([str(exe), "run"], api_url=other.api.url)
-        wait_until(lambda: marker.exists() and "args: run" in marker.read_text(), what="fake engine start")
-        assert eng.stop(grace=30) == 0 and eng.stopped_by == "signal"
-        assert "interrupted" in marker.read_text()
+        log = tmp_path / "engine.log"
+        eng.start([str(exe), "run", "--sink", "null", "--no-api"], str(log), api_url=other.api.url)
+        wait_until(lambda: "streaming from" in log.read_text(), timeout=120, what="the script's engine to stream")
+        assert eng.stop(grace=60) == 0 and eng.stopped_by == "signal"
         assert "not the engine instance that was asked to stop" in eng.stop_notes[0]
         n = len(other.outputs)
         other.wait_outputs(n + 2, timeout=120)  # still streaming

@@ -175,24 +175,29 @@ def test_a_hostile_flood_over_the_data_channel_is_refused_and_the_stream_holds(s
                 if i % 100 == 99:
                     await asyncio.sleep(0)  # let the transport breathe, as a real sender's loop would
             refusals = lambda: [m for m in c.messages if m.get("kind") == "reply"]  # noqa: E731
-            await wait_for(lambda: len(refusals()) >= 1000, WAIT, "1000 replies")
+            # (replies so far, frames back so far), as the replies come in
+            marks = []
+            end = time.monotonic() + WAIT
+            while len(refusals()) < 1000 and time.monotonic() < end:
+                marks.append((len(refusals()), len(c.received)))
+                await asyncio.sleep(0.01)
+            assert len(refusals()) >= 1000, "no 1000 replies"
             t1 = time.monotonic()
-            await asyncio.sleep(2.0)
+            n = len(c.received)
+            await wait_for(lambda: len(c.received) > n + 3, WAIT, "frames after the flood")
             last_status = c.status
             await c.delete()
         finally:
             await c.close()
-        return c, refusals(), prompt, last_status, t0, t1
+        return c, refusals(), prompt, last_status, t0, t1, marks
 
-    c, replies, prompt, status, t0, t1 = run(go())
+    c, replies, prompt, status, t0, t1, marks = run(go())
     assert len(replies) == 1000 and all(r["ok"] is False and r["error"] for r in replies)
     assert status["prompt"] == prompt
-    # The stream held: frames came back in every third of the flood.
-    t1 = max(t1, t0 + 3.0)
-    times = [t for _, _, t in c.received]
-    thirds = [t0 + (t1 - t0) * k / 3 for k in range(4)]
-    counts = [sum(a <= t < b for t in times) for a, b in zip(thirds, thirds[1:])]
-    assert all(n >= 1 for n in counts), counts
+    # The stream held: frames came back while the flood was being refused (between its first
+    # reply and its last), and after it. Judged by order, not by rate.
+    during = [frames for replies_so_far, frames in marks if 0 < replies_so_far < 1000]
+    assert during and during[-1] > during[0], (f"no frame back while the flood was refused ({t1 - t0:.2f} s)", marks[::50])
     wait_no_session(server)
 
 
@@ -261,9 +266,13 @@ def test_a_whep_viewer_sees_the_current_stream_read_only(server):
             await wait_for(lambda: sum(size == (72, 40) for _, size, _ in viewer.received) > 5, WAIT,
                            "the stream at the viewer")
             await asyncio.wait_for(viewer.channel_open.wait(), 30)  # its data channel opens but commands nothing
-            viewer.channel.send(json.dumps(cmd("set_prompt", 1, prompt="from the viewer")))
-            await asyncio.sleep(2.0)
-            await wait_for(lambda: c.status is not None, WAIT, "the camera client's status")
+            assert (await c.command(cmd("set_prompt", 1, prompt="from the camera")))["ok"]
+            viewer.channel.send(json.dumps(cmd("set_prompt", 2, prompt="from the viewer")))
+            # Two statuses later on the server's side (a positive sign that time passed for it),
+            # the camera's prompt stands.
+            statuses = lambda: sum(m.get("kind") == "status" for m in c.messages)  # noqa: E731
+            n = statuses()
+            await wait_for(lambda: statuses() >= n + 2, WAIT, "two more statuses for the camera's client")
             prompt = c.status["prompt"]
             assert await viewer.delete() == 200
             await c.delete()
@@ -274,7 +283,7 @@ def test_a_whep_viewer_sees_the_current_stream_read_only(server):
 
     viewer, prompt = run(go())
     assert viewer.received[0][0] == 0  # its card first
-    assert prompt != "from the viewer" and not viewer.replies
+    assert prompt == "from the camera" and not viewer.replies
     wait_no_session(server)
 
 

@@ -57,7 +57,7 @@ def test_stream_is_uni_directional(unet, t_index_list):
         assert not torch.equal(a[call], b[call]), f"call {call} did not change"
 
 
-def test_a_past_frame_influences_later_frames_only_through_the_cache(unet):
+def test_a_past_frame_changes_every_later_frame_none_before_it_and_only_through_the_stream_state(unet):
     frames, depths = inputs(30, seed=4)
     nudged = frames.clone()
     nudged[5] += 0.5
@@ -67,6 +67,28 @@ def test_a_past_frame_influences_later_frames_only_through_the_cache(unet):
     assert all(torch.equal(a[i], b[i]) for i in range(5 + lag))
     later = [float((a[i] - b[i]).abs().max()) for i in range(5 + lag + 1, 30)]
     assert min(later) > 0  # the temporal layers carry frame 5 into every later frame
+    # Through the state the stream carries (KV-cache, frames in flight) and nothing else: with
+    # the plain run's state put back once frame 5 is out, the nudged run's later frames are the
+    # plain run's, bit for bit.
+    swap = 5 + lag + 1
+    saved = []
+
+    def run(xs, at_swap):
+        p = make_pipe(unet)
+        g = torch.Generator().manual_seed(99)
+        warm = torch.randn(8, 4, H, W, generator=g)
+        p.prepare(p.add_noise(warm), warm.flip(0), tiny_prompt_embeds(0))
+        outs = []
+        for i, (x, d) in enumerate(zip(xs, depths)):
+            if i == swap:
+                at_swap(p)
+            outs.append(p.step(p.add_noise(x), d).clone())
+        return outs
+
+    a2 = run(frames, lambda p: saved.extend(t.clone() for t in p.state_tensors()))
+    b2 = run(nudged, lambda p: [t.copy_(s) for t, s in zip(p.state_tensors(), saved)])
+    assert all(torch.equal(x, y) for x, y in zip(a2, a))
+    assert all(torch.equal(a2[i], b2[i]) for i in range(swap, 30))
 
 
 def test_stream_equals_offline_batched_computation(unet):

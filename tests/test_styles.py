@@ -152,9 +152,12 @@ def test_steps_change_with_the_style(comps, ws):
     for f in clip(10):
         fp.push(f)
     manager.apply("three_steps", fp)
-    out = fp.push(clip(1)[0])
-    assert fp.steps == 3
-    assert isinstance(out, list)
+    out = [o for f in clip(12) for o in fp.push(f)]
+    assert fp.steps == 3 and fp.stream.schedule.t_index_list == (20, 32, 45)
+    # The stream goes on at the style's steps: frames come out, each one once, in order.
+    indices = [i for i, _ in out]
+    assert indices and indices == sorted(set(indices)), indices
+    assert all(img.shape == clip(1)[0].shape for _, img in out)
 
 
 def test_a_lora_for_another_architecture_is_refused_and_nothing_changes(comps, ws):

@@ -33,6 +33,7 @@ import logging
 import math
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,7 @@ class ApiServer:
         self._error: BaseException | None = None
         self._closing = False  # set by stop(): viewers' streams end, so the server closes at once
         self.commands_seen = 0
+        self.status_times: list[float] = []  # when (monotonic) GET /api/status was answered, the last 100
         self.frames_served = 0  # MJPEG parts written, over all viewers
         self._readers = {"obs": 0, "other": 0}  # open /stream.mjpg connections (OBS's source asks with ?client=obs)
         self._http_pacer = Pacer()
@@ -498,6 +500,7 @@ class ApiServer:
     async def _status(self, request):
         from aiohttp import web
 
+        self.status_times = [*self.status_times[-99:], time.monotonic()]
         return web.json_response(self.status())
 
     async def _styles(self, request):

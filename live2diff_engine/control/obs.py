@@ -83,6 +83,11 @@ class SourceWatch:
         self.now_due = False
         self._last = now
 
+    @property
+    def last_check(self) -> float | None:
+        """When (monotonic) the source was last checked."""
+        return self._last
+
     def stale(self, now: float) -> bool:
         """No OBS reader for ``stale_s`` (as of the last ``due``)."""
         return self._idle_since is not None and now - self._idle_since >= self.stale_s
@@ -120,9 +125,14 @@ class ObsBridge:
         self.state = "connecting"
         self.source_state: str | None = None  # "pulling", "not pulling", "absent"; None: unknown
         self.source_kicks = 0  # times the bridge re-opened OBS's source
+        self.source_kick_times: list[float] = []  # when (monotonic) it did, the last 100
         self._watch = SourceWatch(source_stale_s, source_kick_every_s)
         self._kick_said = False
         self.connects = 0
+        # What the bridge has done, for whoever must know that a window really passed (the tests):
+        # connection attempts, lip-sync checks, looks at OBS's source and the time of the last look.
+        self.attempts = self.lipsync_checks = self.source_looks = 0
+        self.last_source_look: float | None = None
         self.events_in = 0
         self.broadcasts = 0
         self._tasks: queue.Queue = queue.Queue()
@@ -181,6 +191,7 @@ class ObsBridge:
     def _run(self) -> None:
         delay = 0.5
         while not self._stop.is_set():
+            self.attempts += 1
             try:
                 self._connect()
             except ObsAuthError as exc:
@@ -348,6 +359,8 @@ class ObsBridge:
         readers = self._obs_readers()
         if readers is None:
             return  # no local stream (API off)
+        self.source_looks += 1
+        self.last_source_look = now
         due = self._watch.due(now, readers)
         if readers > 0:
             self._kick_said = False
@@ -395,6 +408,7 @@ class ObsBridge:
                       "output; `live2diff-engine ctl add-to-scene` after removing it")
             return
         self.source_kicks += 1
+        self.source_kick_times = [*self.source_kick_times[-99:], self._watch.last_check]
         self._set_source_state("not pulling")
         if not self._kick_said:
             self._kick_said = True
@@ -455,6 +469,7 @@ class ObsBridge:
     def _lipsync(self) -> None:
         from obsws_python.error import OBSSDKRequestError
 
+        self.lipsync_checks += 1
         status = self.controller.status()
         lat = status.get("latency_ms")
         if lat is None or status.get("state") != "streaming":
