@@ -301,3 +301,48 @@ def test_ctl_sends_a_blend_with_a_transition_to_a_running_engine(comps):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--transition goes with" in r.stderr
         r = run_cli("ctl", "seed", "9", "--transition", "12", "--api", url, timeout=60)
         assert r.returncode == 2 and "0 to 10" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_configs_default_transition_applies_where_a_command_gives_none(comps, tmp_path):
+    from live2diff_engine.config import default_transition, load_config
+    from live2diff_engine.control.controller import Controller
+    from live2diff_engine.errors import ConfigError
+    from live2diff_engine.styles import StyleManager, load_styles
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[control]\ntransition_s = 2\n")
+    assert default_transition(load_config(cfg)) == 2.0
+    cfg.write_text("[control]\ntransition_s = 12\n")
+    with pytest.raises(ConfigError, match="0 to 10 seconds"):
+        default_transition(load_config(cfg))
+    cfg.write_text('[control]\ntransition_s = "slow"\n')
+    with pytest.raises(ConfigError, match="transition_s must be a float"):
+        load_config(cfg)
+
+    fp = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1, frame_rate=10)
+    controller = Controller(fp, StyleManager(comps, load_styles()))
+    controller.default_transition_s = 2.0
+    replies = []
+    controller.submit(command_message("set_prompt", prompt="a dog", id=1), replies.append)
+    controller.apply_pending()
+    assert replies[-1]["ok"] and fp.stream.in_transition and fp.stream._fades[0].frames == 20
+    controller.submit(command_message("set_prompt", prompt="a bird", transition_s=0, id=2), replies.append)
+    controller.apply_pending()  # its own 0 wins: at once
+    assert replies[-1]["ok"] and not fp.stream.in_transition
+    controller.submit(command_message("set_seed", seed=5, id=3), replies.append)
+    controller.apply_pending()  # the stream is not warm yet: reseeded and re-warmed as before
+    assert replies[-1]["ok"] and fp.seed == 5 and fp._rewarm
+
+
+def test_translate_refuses_bad_prompt_changes_in_one_line(tmp_path):
+    src = tmp_path / "in.mp4"
+    import cv2
+
+    w = cv2.VideoWriter(str(src), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 64))
+    for f in clip(4, 64, 64):
+        w.write(f)
+    w.release()
+    for extra, error in ((["--prompt-at", "soon:a dog"], "FRAME:PROMPT"), (["--transition", "11"], "0 to 10"),
+                         (["--prompt", "a|b|c|d|e"], "at most 4")):
+        r = run_cli("translate", str(src), str(tmp_path / "out.mp4"), "--model", "tiny", *extra, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and error in r.stderr, r.stderr
