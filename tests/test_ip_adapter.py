@@ -1,0 +1,104 @@
+"""IP-Adapter (issue 30, point 4, first step): a tiny random IP-Adapter in the released on-disk
+layout, read and loaded through diffusers' own loader into the streaming UNet's 2D blocks; with
+the temporal attention silenced, the streaming UNet with image tokens is diffusers' 2D UNet with
+the same adapter and the same image embedding."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from live2diff_engine.errors import ConfigError, ModelLoadError
+from live2diff_engine.models.ip_adapter import (attach_ip_adapter, has_ip_adapter, image_tokens, read_ip_adapter,
+                                                set_ip_adapter_scale)
+from live2diff_engine.models.motion import SequenceContext, TemporalTransformer
+from live2diff_engine.models.tiny import build_tiny_unet, tiny_prompt_embeds
+
+IMAGE_DIM = 24  # the tiny image encoder's projection size
+
+
+def tiny_ip_adapter(unet, seed=0) -> dict:
+    """A random IP-Adapter for this UNet, keyed as the released ``ip-adapter_sd15.safetensors``:
+    ``image_proj.proj``/``image_proj.norm`` (4 image tokens) and ``ip_adapter.N.to_k_ip/to_v_ip``
+    for N = 1, 3, 5, ... over the cross attentions in diffusers' processor order."""
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    sd = {"image_proj.proj.weight": torch.randn(4 * cross, IMAGE_DIM, generator=g) * 0.2,
+          "image_proj.proj.bias": torch.randn(4 * cross, generator=g) * 0.1,
+          "image_proj.norm.weight": 1 + 0.1 * torch.randn(cross, generator=g),
+          "image_proj.norm.bias": 0.1 * torch.randn(cross, generator=g)}
+    modules = dict(unet.unet2d.named_modules())
+    key = 1
+    for name in unet.unet2d.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden = modules[name[: -len(".processor")]].to_k.weight.shape[0]
+            for kv in ("to_k_ip", "to_v_ip"):
+                sd[f"ip_adapter.{key}.{kv}.weight"] = torch.randn(hidden, cross, generator=g) * 0.3
+            key += 2
+    return sd
+
+
+def _silenced(seed):
+    unet = build_tiny_unet(seed=seed)
+    for m in unet.modules():
+        if isinstance(m, TemporalTransformer):
+            m.proj_out.weight.data.zero_()
+            m.proj_out.bias.data.zero_()
+    return unet
+
+
+@pytest.fixture
+def adapter_file(tmp_path):
+    path = tmp_path / "ip-adapter_sd15.safetensors"
+    save_file(tiny_ip_adapter(build_tiny_unet(seed=4)), str(path))
+    return path
+
+
+def test_the_streaming_unet_with_image_tokens_is_diffusers_unet_with_the_same_ip_adapter(adapter_file):
+    unet = _silenced(4)
+    attach_ip_adapter(unet, read_ip_adapter(adapter_file))
+    assert has_ip_adapter(unet)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([700, 300])
+    text = tiny_prompt_embeds(0).expand(2, -1, -1)
+    embeds = torch.randn(2, IMAGE_DIM, generator=g)
+    with torch.no_grad():
+        tokens = image_tokens(unet, embeds)
+        ours = unet(x, t, text, None, SequenceContext(num_frames=1), image_tokens=tokens)
+        theirs = unet.unet2d(x, t, text, added_cond_kwargs={"image_embeds": [embeds[:, None]]}).sample
+        without = unet(x, t, text, None, SequenceContext(num_frames=1))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert (ours - without).abs().max() > 1e-3  # the picture steers
+
+
+def test_the_scale_sets_how_much_the_picture_steers(adapter_file):
+    unet = _silenced(4)
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+    text, embeds = tiny_prompt_embeds(1), torch.randn(1, IMAGE_DIM, generator=g)
+    with torch.no_grad():
+        plain = unet(x, t, text, None, SequenceContext(num_frames=1))
+    attach_ip_adapter(unet, read_ip_adapter(adapter_file))
+    outs = {}
+    for scale in (0.0, 0.5, 1.0):
+        set_ip_adapter_scale(unet, scale)
+        with torch.no_grad():
+            outs[scale] = unet(x, t, text, None, SequenceContext(num_frames=1), image_tokens=image_tokens(unet, embeds))
+    torch.testing.assert_close(outs[0.0], plain, rtol=1e-4, atol=1e-5)  # scale 0: the text alone
+    assert 0 < (outs[0.5] - plain).abs().max() < (outs[1.0] - plain).abs().max()
+
+
+def test_a_file_that_is_not_an_ip_adapter_or_does_not_fit_is_one_clear_error(tmp_path):
+    bad = tmp_path / "not.safetensors"
+    save_file({"weight": torch.zeros(2)}, str(bad))
+    with pytest.raises(ModelLoadError, match="not an IP-Adapter"):
+        read_ip_adapter(bad)
+    with pytest.raises(ModelLoadError, match="not found"):
+        read_ip_adapter(tmp_path / "missing.safetensors")
+    unet = build_tiny_unet(seed=0)
+    sd = tiny_ip_adapter(unet)
+    del sd["ip_adapter.31.to_v_ip.weight"]
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        attach_ip_adapter(unet, sd)
+    with pytest.raises(ConfigError, match="no IP-Adapter"):
+        set_ip_adapter_scale(build_tiny_unet(seed=0), 0.5)
