@@ -102,3 +102,42 @@ def test_a_file_that_is_not_an_ip_adapter_or_does_not_fit_is_one_clear_error(tmp
         attach_ip_adapter(unet, sd)
     with pytest.raises(ConfigError, match="no IP-Adapter"):
         set_ip_adapter_scale(build_tiny_unet(seed=0), 0.5)
+
+
+def _image_stream(unet, mode="off", with_image=True, **options):
+    from live2diff_engine.pipeline.schedule import make_schedule
+    from live2diff_engine.pipeline.stream import StreamPipeline
+
+    pipe = StreamPipeline(unet, make_schedule(50, t_index_list=[32, 45]), (8, 8), generator=torch.Generator().manual_seed(1),
+                          accelerate=mode, accelerator_options=options or None)
+    pipe.set_prompt_embeds(tiny_prompt_embeds(0))
+    g = torch.Generator().manual_seed(3)
+    pictures = [image_tokens(unet, torch.randn(1, IMAGE_DIM, generator=g))[0] for _ in range(2)]
+    if with_image:
+        pipe.set_image_tokens(pictures[0])
+    x = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    pipe.prepare(x, x.flip(0))
+    buffer = pipe._image
+    out = []
+    for i in range(10):
+        if i == 5 and with_image:
+            pipe.set_image_tokens(pictures[1])  # another picture, between frames
+        out.append(pipe.step(x[i % 8 : i % 8 + 1], x[(i + 3) % 8 : (i + 3) % 8 + 1]).clone())
+    assert pipe._image is buffer  # written in place
+    return torch.cat(out), pipe
+
+
+def test_a_stream_with_a_picture_differs_and_compiled_matches_eager_without_recompiling(adapter_file):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    unet = build_tiny_unet(seed=4)
+    attach_ip_adapter(unet, read_ip_adapter(adapter_file))
+    eager, _ = _image_stream(unet)
+    plain, _ = _image_stream(unet, with_image=False)
+    assert (eager - plain).abs().max() > 1e-3  # the picture steers the stream, warmup and stream alike
+    counter = CompileCounterWithBackend("eager")
+    compiled, pipe = _image_stream(unet, "compile", backend=counter)
+    assert pipe.accelerated == "compile" and counter.frame_count == 1  # a new picture: no recompile
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()

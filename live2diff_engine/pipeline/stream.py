@@ -158,6 +158,8 @@ class StreamPipeline:
         self._text: torch.Tensor | None = None  # [branches * T, tokens, dim]: prompt rows, then negative rows
         self._prompt: torch.Tensor | None = None  # [1, tokens, dim] as last set
         self._negative: torch.Tensor | None = None  # [1, tokens, dim] for the unconditional branch
+        # With an IP-Adapter: the image tokens, [branches * T, 1, tokens, dim] (None: no picture).
+        self._image: torch.Tensor | None = None
         # A text transition per branch (0: the prompt, 1: the negative prompt), or None: see _Fade.
         self._fades: list[_Fade | None] = [None, None]
         # A seed transition: the old seed's generator, fading out over a number of calls (see fade_seed).
@@ -332,7 +334,31 @@ class StreamPipeline:
 
     def _call_args(self) -> tuple:
         return (self._latents, self._depth, self._text_batch(), self.timesteps, self.alpha, self.beta, self.c_skip,
-                self.c_out, self._noise, self._carry, self._guidance, self._row, self._tables)
+                self.c_out, self._noise, self._carry, self._guidance, self._row, self._image, self._tables)
+
+    def set_image_tokens(self, tokens: torch.Tensor | None, uncond: torch.Tensor | None = None) -> None:
+        """A style picture's IP-Adapter image tokens (``[1, 1, tokens, dim]``, see
+        :func:`~..models.ip_adapter.image_tokens`), or None for none; between frames. Written into
+        the same buffer while its shape holds (a compiled or captured step reads the new picture
+        without compiling again; the first picture of a stream, or None after one, changes the
+        call's inputs and compiles once). ``uncond``: the unconditional branch's tokens with
+        guidance above 1 (default: the same picture, so guidance acts on the text only)."""
+        if tokens is None:
+            self._image = None
+            return
+        T = self.steps
+        tokens = tokens.to(device=self.device, dtype=self.dtype)
+        if tokens.dim() != 4 or tokens.shape[:2] != (1, 1):
+            raise ConfigError(f"image tokens must have shape [1, 1, tokens, dim], got {tuple(tokens.shape)}")
+        if self._image is None or self._image.shape[2:] != tokens.shape[2:]:
+            self._image = torch.zeros(self.branches * T, *tokens.shape[1:], device=self.device, dtype=self.dtype)
+        self._image[:T].copy_(tokens.expand(T, -1, -1, -1))
+        if self.branches > 1:
+            other = tokens if uncond is None else uncond.to(device=self.device, dtype=self.dtype)
+            self._image[T:].copy_(other.expand(T, -1, -1, -1))
+
+    def _image_rows(self, start: int) -> list[torch.Tensor] | None:
+        return None if self._image is None else [self._image[start : start + 1]]
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Everything a stream carries from one call to the next, besides the call count: the
@@ -382,10 +408,10 @@ class StreamPipeline:
         ctx_of = [SequenceContext(num_frames=self.sink, mask=None, cache_row=s) for s in range(T)]
         x0 = x
         for s in range(T):
-            eps = self.unet(x, self.timesteps[s : s + 1], text[:1], depth, ctx_of[s])
+            eps = self.unet(x, self.timesteps[s : s + 1], text[:1], depth, ctx_of[s], image_tokens=self._image_rows(0))
             if self.branches > 1:  # the unconditional branch fills its own cache row T + s
                 ctx = SequenceContext(num_frames=self.sink, mask=None, cache_row=T + s)
-                uncond = self.unet(x, self.timesteps[s : s + 1], text[T : T + 1], depth, ctx)
+                uncond = self.unet(x, self.timesteps[s : s + 1], text[T : T + 1], depth, ctx, image_tokens=self._image_rows(T))
                 eps = uncond + self.guidance_scale * (eps - uncond)
             x0 = self._x0(eps, x, self.alpha[s], self.beta[s], self.c_skip[s], self.c_out[s])
             if s < T - 1:
@@ -411,9 +437,9 @@ class StreamPipeline:
         x0 = x
         for s in range(T):
             t = self.timesteps[s : s + 1]
-            eps = self.unet(x, t, text[:1], depth, alone)
+            eps = self.unet(x, t, text[:1], depth, alone, image_tokens=self._image_rows(0))
             if self.branches > 1:
-                uncond = self.unet(x, t, text[T : T + 1], depth, alone)
+                uncond = self.unet(x, t, text[T : T + 1], depth, alone, image_tokens=self._image_rows(T))
                 eps = uncond + self.guidance_scale * (eps - uncond)
             x0 = self._x0(eps, x, self.alpha[s], self.beta[s], self.c_skip[s], self.c_out[s])
             if s < T - 1:
