@@ -122,8 +122,11 @@ def _image_stream(unet, mode="off", with_image=True, **options):
     for i in range(10):
         if i == 5 and with_image:
             pipe.set_image_tokens(pictures[1])  # another picture, between frames
+        if i == 7:
+            set_ip_adapter_scale(unet, 0.5)  # a weaker picture: written into the weights in place
         out.append(pipe.step(x[i % 8 : i % 8 + 1], x[(i + 3) % 8 : (i + 3) % 8 + 1]).clone())
     assert pipe._image is buffer  # written in place
+    set_ip_adapter_scale(unet, 1.0)
     return torch.cat(out), pipe
 
 
@@ -138,6 +141,48 @@ def test_a_stream_with_a_picture_differs_and_compiled_matches_eager_without_reco
     assert (eager - plain).abs().max() > 1e-3  # the picture steers the stream, warmup and stream alike
     counter = CompileCounterWithBackend("eager")
     compiled, pipe = _image_stream(unet, "compile", backend=counter)
-    assert pipe.accelerated == "compile" and counter.frame_count == 1  # a new picture: no recompile
+    assert pipe.accelerated == "compile" and counter.frame_count == 1  # a new picture, a new scale: no recompile
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_a_style_picture_as_bytes_through_a_saved_image_encoder_steers_the_frame_pipeline(adapter_file, tmp_path):
+    import cv2
+    import numpy as np
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from live2diff_engine.models.components import build_tiny_components
+    from live2diff_engine.models.ip_adapter import decode_picture, encode_picture
+    from live2diff_engine.pipeline.frames import FramePipeline
+    from test_frames import clip
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                           patch_size=8, projection_dim=IMAGE_DIM)
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(cfg).save_pretrained(tmp_path / "image_encoder")  # the real on-disk format
+    encoder = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "image_encoder").eval()
+    picture = np.zeros((48, 64, 3), np.uint8)
+    cv2.circle(picture, (32, 24), 15, (255, 40, 40), -1)
+    ok, png = cv2.imencode(".png", picture)
+    rgb = decode_picture(png.tobytes())
+    assert rgb.shape == (48, 64, 3) and tuple(rgb[24, 32]) == (40, 40, 255)  # RGB, as sent (BGR written)
+    embeds = encode_picture(encoder, rgb)
+    assert embeds.shape == (1, IMAGE_DIM)
+    for bad, error in ((b"", "empty"), (b"not an image", "not an image"), (b"x" * (9 << 20), "too large")):
+        with pytest.raises(ConfigError, match=error):
+            decode_picture(bad)
+
+    outs = []
+    for with_picture in (False, True):
+        comps = build_tiny_components(seed=0)
+        attach_ip_adapter(comps.unet, read_ip_adapter(adapter_file))
+        fp = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1)
+        if with_picture:
+            fp.set_style_image(embeds)
+        frames = [img for f in clip(12, seed=2) for _, img in fp.push(f)] + [img for _, img in fp.flush()]
+        outs.append(np.stack(frames[8:]).astype(int))  # after the warmup frames (the camera as it is)
+    assert np.abs(outs[0] - outs[1]).max() > 0
+    fp.set_style_image_scale(0.0)
+    fp.set_style_image(None)
+    with pytest.raises(ConfigError, match="0 to 2"):
+        fp.set_style_image_scale(3)

@@ -67,9 +67,15 @@ def attach_ip_adapter(unet, state_dict: dict, scale: float = 1.0) -> None:
     except (KeyError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"the IP-Adapter does not fit this UNet ({type(exc).__name__}: {str(exc)[:160]})") from None
     unet2d.encoder_hid_proj.to(device=unet.device, dtype=unet.dtype)
+    values = []
     for proc in unet2d.attn_processors.values():
         if isinstance(proc, torch.nn.Module):
             proc.to(device=unet.device, dtype=unet.dtype)
+        for layer in getattr(proc, "to_v_ip", None) or []:
+            values.append((layer, layer.weight.detach().clone()))
+    # The scale lives in the value projections' weights (see set_ip_adapter_scale); the
+    # processors' own scale stays 1.
+    unet.__dict__["_ip_adapter_values"] = values
     set_ip_adapter_scale(unet, scale)
 
 
@@ -79,14 +85,19 @@ def has_ip_adapter(unet) -> bool:
         getattr(unet2d.config, "encoder_hid_dim_type", None) == "ip_image_proj"
 
 
+@torch.no_grad()
 def set_ip_adapter_scale(unet, scale: float) -> None:
-    """How strongly the picture steers (0: not at all; 1: as trained). Every IP-Adapter processor
-    reads it at each call, so a change needs no recompile of an eager step."""
-    if not has_ip_adapter(unet):
+    """How strongly the picture steers (0: not at all; 1: as trained). The image part of each
+    cross attention is ``softmax(q k_ip) v_ip``, linear in its values, so the scale is written into
+    the value projections' weights in place (scaled copies of the loaded ones): a compiled or
+    graph-captured step reads weights as inputs and never recompiles for it. (diffusers' processors
+    keep the scale as a Python number, which a compiled step would bake in.)"""
+    values = unet.__dict__.get("_ip_adapter_values")
+    if not has_ip_adapter(unet) or values is None:
         raise ConfigError("no IP-Adapter is loaded: a style image needs one")
-    for proc in unet.unet2d.attn_processors.values():
-        if hasattr(proc, "scale") and isinstance(proc.scale, list):
-            proc.scale = [float(scale)] * len(proc.scale)
+    for layer, loaded in values:
+        layer.weight.copy_(loaded * float(scale))
+    unet.__dict__["_ip_adapter_scale"] = float(scale)
 
 
 @torch.no_grad()
@@ -99,3 +110,56 @@ def image_tokens(unet, image_embeds: torch.Tensor) -> list[torch.Tensor]:
     if embeds.dim() == 2:
         embeds = embeds[:, None]  # one image per batch item
     return unet.unet2d.encoder_hid_proj([embeds])
+
+
+# -- the picture ---------------------------------------------------------------------------------
+
+# A style picture arrives as bytes (never as a path from a socket): at most this many, decoded by
+# OpenCV's image codecs (PNG, JPEG, WebP ...) into at most this many pixels.
+MAX_PICTURE_BYTES = 8 * 1024 * 1024
+MAX_PICTURE_PIXELS = 4096 * 4096
+# CLIP's own normalisation (OpenAI's image mean and deviation, as its image processor's config).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def decode_picture(data: bytes) -> "np.ndarray":
+    """Image file bytes -> RGB uint8 ``[h, w, 3]``; one clear ConfigError for anything else."""
+    import cv2
+    import numpy as np
+
+    if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+        raise ConfigError("the style picture is empty: send a PNG, JPEG or WebP file's bytes")
+    if len(data) > MAX_PICTURE_BYTES:
+        raise ConfigError(f"the style picture is too large ({len(data)} bytes, at most {MAX_PICTURE_BYTES})")
+    buf = np.frombuffer(bytes(data), dtype=np.uint8)
+    head = cv2.imdecode(buf, cv2.IMREAD_REDUCED_COLOR_8)  # cheap look at the size before a full decode
+    if head is None:
+        raise ConfigError("the style picture is not an image OpenCV can read (send PNG, JPEG or WebP)")
+    if head.shape[0] * head.shape[1] * 64 > MAX_PICTURE_PIXELS * 4:
+        raise ConfigError(f"the style picture has too many pixels (at most {MAX_PICTURE_PIXELS})")
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None or img.shape[0] * img.shape[1] > MAX_PICTURE_PIXELS:
+        raise ConfigError(f"the style picture cannot be used (not an image, or more than {MAX_PICTURE_PIXELS} pixels)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+@torch.no_grad()
+def encode_picture(image_encoder, rgb) -> torch.Tensor:
+    """A picture's CLIP image embedding ``[1, dim]`` through an image encoder
+    (transformers' ``CLIPVisionModelWithProjection``): the shorter side resized to the encoder's
+    size (bicubic), the centre cropped square, CLIP's normalisation, as CLIP's image processor does."""
+    import cv2
+
+    size = int(image_encoder.config.image_size)
+    h, w = rgb.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_CUBIC)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    img = img[top : top + size, left : left + size]
+    x = torch.from_numpy(img).permute(2, 0, 1).float().div(255.0)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    x = ((x - mean) / std)[None].to(device=image_encoder.device, dtype=image_encoder.dtype)
+    return image_encoder(pixel_values=x).image_embeds

@@ -379,6 +379,8 @@ class FramePipeline:
         stream = StreamPipeline(self.comps.unet, schedule, (lh, lw), generator=self.generator, guidance_scale=self.guidance_scale, **extra)
         stream.set_prompt_embeds(self._embeds)
         stream.set_negative_embeds(self._negative)
+        if getattr(self, "_image_tokens", None) is not None:
+            stream.set_image_tokens(*self._image_tokens)
         old = getattr(self, "stream", None)
         if old is not None and old.in_transition:  # a re-warm in the middle of a transition: it goes on
             stream.continue_text_from(old)
@@ -523,6 +525,30 @@ class FramePipeline:
         make_schedule(num_inference_steps, t_index_list=t_index_list, strength=strength)  # validate now
         self._schedule_args = (num_inference_steps, t_index_list, strength)
         self._rewarm = True
+
+    def set_style_image(self, image_embeds: torch.Tensor | None) -> None:
+        """A style picture (its CLIP image embedding ``[1, dim]``, computed beside the stream: see
+        :func:`~..models.ip_adapter.encode_picture`), or None to drop it; swapped in between frames.
+        Needs an IP-Adapter loaded into the UNet. With guidance above 1 the unconditional branch gets
+        the tokens of a zero embedding (as diffusers' IP-Adapter pipelines do)."""
+        from ..models.ip_adapter import image_tokens
+
+        if image_embeds is None:
+            self._image_tokens = None
+            self.stream.set_image_tokens(None)
+            return
+        cond = image_tokens(self.comps.unet, image_embeds)[0]
+        uncond = image_tokens(self.comps.unet, torch.zeros_like(image_embeds))[0]
+        self._image_tokens = (cond, uncond)
+        self.stream.set_image_tokens(cond, uncond)
+
+    def set_style_image_scale(self, scale: float) -> None:
+        """How strongly the style picture steers (0 to 1 as trained; read by the adapter each call)."""
+        from ..models.ip_adapter import set_ip_adapter_scale
+
+        if not 0.0 <= scale <= 2.0:
+            raise ConfigError(f"style image scale must be 0 to 2, got {scale:g}")
+        set_ip_adapter_scale(self.comps.unet, scale)
 
     def set_seed(self, seed: int, transition_s: float = 0.0) -> bool:
         """A new seed. At once (``transition_s`` 0): the generator is reseeded (the controller then
