@@ -346,3 +346,17 @@ def test_translate_refuses_bad_prompt_changes_in_one_line(tmp_path):
                          (["--prompt", "a|b|c|d|e"], "at most 4")):
         r = run_cli("translate", str(src), str(tmp_path / "out.mp4"), "--model", "tiny", *extra, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr and error in r.stderr, r.stderr
+
+
+def test_a_blend_survives_a_restart_in_the_saved_settings(tmp_path, monkeypatch):
+    import argparse
+
+    from live2diff_engine.assemble import prompt_of
+    from live2diff_engine.saved_settings import _check
+
+    monkeypatch.setenv("LIVE2DIFF_HOME", str(tmp_path))
+    blend = [("a " + "very " * 80 + "long fox", 0.5), ("a " + "big " * 100 + "wolf", 0.25), ("a " + "small " * 60 + "bird", 0.25)]
+    text = format_notation(blend)
+    assert len(text) > 1000  # longer than one prompt may be: a blend of long prompts
+    saved = _check({"version": 1, "prompt": text, "negative_prompt": "", "style": "default", "guidance": 1.0, "seed": 0})
+    assert prompt_of(argparse.Namespace(prompt=saved["prompt"])) == [(t, pytest.approx(w)) for t, w in blend]
