@@ -98,6 +98,17 @@ def _and(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
+def prompt_of(args):
+    """--prompt as the pipeline takes it: a text, or a blend written ``"a fox:0.7|a wolf:0.3"``
+    (see :mod:`.pipeline.blend`)."""
+    from .pipeline.blend import BlendError, parse_notation
+
+    try:
+        return parse_notation(args.prompt or "")
+    except BlendError as exc:
+        raise ConfigError(f"--prompt: {exc} (a blend is written 'a fox:0.7|a wolf:0.3', at most 4 prompts)") from None
+
+
 def check_options(args) -> None:
     """Every model, style and frame option's value, judged before torch or any model library is
     imported (seconds on a busy machine) and before a camera opens: one line for the first that
@@ -109,6 +120,7 @@ def check_options(args) -> None:
             f"drop {'it' if len(ignored) == 1 else 'them'}, or drop --model tiny to use the real models"
         )
     model_size(args)
+    prompt_of(args)
     kind, sep, source = (args.depth or "midas").partition("=")
     if kind not in DEPTH_KINDS:
         raise ConfigError(f"--depth takes midas, depth-anything or KIND=PATH (KIND: midas or depth-anything), got {args.depth!r}")
@@ -231,7 +243,7 @@ def build_frame_pipeline(args, say=None):
         num_inference_steps=steps,
         t_index_list=t_index_list,
         strength=strength,
-        prompt=args.prompt,
+        prompt=prompt_of(args),
         template=style.template,
         clip_skip=style.clip_skip,
         seed=args.seed,

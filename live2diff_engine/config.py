@@ -16,6 +16,9 @@ password need not be typed on a command line.
     [civitai]
     token = "..."           # lets `models download --style` and the dock fetch civitai styles
 
+    [control]
+    transition_s = 0        # seconds a prompt/style/seed change takes to move in (0-10; 0: at once)
+
 Options on the command line win, then the environment (OBS_WEBSOCKET_PASSWORD,
 LIVE2DIFF_API_TOKEN, CIVITAI_TOKEN), then this file.
 """
@@ -40,6 +43,7 @@ SCHEMA = {
     "obs": {"enabled": bool, "host": str, "port": int, "password": str, "lipsync_input": str, "lipsync_extra_ms": int, "source": str},
     "api": {"host": str, "port": int, "token": str, "enabled": bool},
     "civitai": {"token": str},
+    "control": {"transition_s": float},
 }
 
 
@@ -49,6 +53,14 @@ def civitai_token(config: dict | None = None) -> str | None:
         return os.environ["CIVITAI_TOKEN"].strip()
     token = ((config if config is not None else {}).get("civitai") or {}).get("token", "")
     return token.strip() or None
+
+
+def default_transition(config: dict | None = None) -> float:
+    """The config file's [control] transition_s (0 to 10 s), 0 when it has none."""
+    value = ((config if config is not None else {}).get("control") or {}).get("transition_s", 0.0)
+    if not 0.0 <= value <= 10.0:
+        raise ConfigError(f"config file: [control] transition_s must be 0 to 10 seconds, got {value:g}")
+    return float(value)
 
 
 def config_file() -> Path:
@@ -81,7 +93,9 @@ def load_config(path: str | os.PathLike | None = None) -> dict:
             want = SCHEMA[section].get(key)
             if want is None:
                 raise ConfigError(f"config file {p}: [{section}] has no setting {key!r}; known: {', '.join(SCHEMA[section])}")
-            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = values[key] = float(value)
+            if not isinstance(value, want) or (want in (int, float) and isinstance(value, bool)):
                 raise ConfigError(f"config file {p}: [{section}] {key} must be a {want.__name__}")
         out[section] = dict(values)
     return out

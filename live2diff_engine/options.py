@@ -125,7 +125,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--style", default=None, help="a style name from the styles file (default: default)")
     s.add_argument("--styles", metavar="FILE", default=None, help="your styles file (default: see `live2diff-engine styles path`)")
     s.add_argument("--lora", action="append", type=parse_lora, default=[], metavar="FILE[:SCALE]", help="an extra LoRA (repeatable)")
-    s.add_argument("--prompt", default="", help="what the picture shows, e.g. 'a man with glasses'")
+    s.add_argument("--prompt", default="", help="what the picture shows, e.g. 'a man with glasses'; a blend of up to 4 prompts: "
+                   "'a fox:0.7|a wolf:0.3' (weights normalised)")
     s.add_argument("--negative-prompt", default="", help="what it should not show; takes effect with --guidance above 1")
     s.add_argument("--guidance", type=float, default=1.0,
                    help="classifier-free guidance scale (default 1: none, as Live2Diff; above 1 costs a second UNet branch)")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import home
 from .control.schema import MAX_GUIDANCE, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_SEED, STEP_CHOICES, CommandError, _text
+from .pipeline.blend import MAX_BLEND_ITEMS
 
 VERSION = 1
 # Options that, given on the command line, win over the saved value they stand for.
@@ -42,7 +43,8 @@ def _check(data) -> dict:
         raise CorruptSettings(f"unknown version {data.get('version')!r:.20}")
     out = {}
     try:
-        out["prompt"] = _text(data.get("prompt", ""), "prompt", MAX_PROMPT_CHARS)
+        # a blend is saved in its command-line notation ("a:0.7|b:0.3", up to 4 prompts)
+        out["prompt"] = _text(data.get("prompt", ""), "prompt", MAX_PROMPT_CHARS * MAX_BLEND_ITEMS + 64)
         out["negative_prompt"] = _text(data.get("negative_prompt", ""), "negative_prompt", MAX_PROMPT_CHARS)
         out["style"] = _text(data.get("style", "default"), "style", MAX_NAME_CHARS, allow_empty=False)
     except CommandError as exc:

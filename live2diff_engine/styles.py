@@ -638,7 +638,7 @@ class StyleManager:
         return set(prepared.values)
 
     def apply(self, name_or_style: str | Style, frames=None, prepared: "PreparedStyle | None" = None,
-              schedule: bool = True) -> Style:
+              schedule: bool = True, transition_s: float = 0.0) -> Style:
         """Switch every model weight to the style; with a FramePipeline, also its text and (unless
         ``schedule`` is False: a schedule set since the switch was asked for stays) its steps.
         With ``prepared`` (from :meth:`prepare`, e.g. on another thread) only the swap is left to do
@@ -658,7 +658,8 @@ class StyleManager:
         for layer, fresh in prepared.positions:
             layer.refresh_positions(fresh)
         if frames is not None:
-            frames.set_text_style(style.template, style.clip_skip, encoded=prepared.text)
+            # the template's text moves in over transition_s (the weights swap at once)
+            frames.set_text_style(style.template, style.clip_skip, encoded=prepared.text, transition_s=transition_s)
             args = style.schedule_args()
             if schedule and args != frames._schedule_args:
                 frames.set_schedule(*args)

@@ -92,9 +92,11 @@ HTTP_TIMEOUT_S = 3.0
 SEED_MAX_UI = 2**31 - 1
 PAUSE_CONFIRM_S = 5.0  # the Pause/Resume button shows the state asked for until the engine confirms it
 MAX_PROMPT_CHARS = 1000
+MAX_TRANSITION_S = 10.0  # the engine's limit for transition_s (seconds)
 
 HOTKEYS = (  # (name used by OBS, e.g. for obs-websocket's TriggerHotkeyByName; description)
-    ("live2diff.apply_prompt", "Live2Diff: apply prompt"),
+    ("live2diff.apply_prompt", "Live2Diff: apply prompt (with the transition set)"),
+    ("live2diff.apply_prompt_now", "Live2Diff: apply prompt at once (no transition)"),
     ("live2diff.next_style", "Live2Diff: next style"),
     ("live2diff.previous_style", "Live2Diff: previous style"),
     ("live2diff.pause_resume", "Live2Diff: pause/resume"),
@@ -1150,7 +1152,7 @@ class Controller:
                 self.log(f"{LOG_PREFIX} no other style is downloaded"
                          + (f" (get one with: {next(iter(missing.values()))})" if missing else ""), "warning")
             return None
-        return self.send("set_style", style=style)
+        return self.send("set_style", style=style, **transition_args())
 
     # -- incoming messages (EventClient thread or worker) ---------------------------------
 
@@ -1575,6 +1577,9 @@ def _read_settings(settings) -> dict:
     g = obs.obs_data_get_string
     return {
         "prompt": g(settings, "prompt"),
+        "prompt2": g(settings, "prompt2"),
+        "blend": obs.obs_data_get_double(settings, "blend"),
+        "transition_s": obs.obs_data_get_double(settings, "transition_s"),
         "negative_prompt": g(settings, "negative_prompt"),
         "style": g(settings, "style"),
         "strength": obs.obs_data_get_double(settings, "strength"),
@@ -1597,29 +1602,66 @@ def _transport_config(ui: dict) -> dict:
     return cfg
 
 
-def apply_prompt() -> None:
-    """Apply button and the 'apply prompt' hotkey: set_prompt (and set_negative_prompt when the box
-    differs from the engine's)."""
+def transition_args(ui: dict | None = None, now: bool = False) -> dict:
+    """{"transition_s": seconds} from the Transition slider (clamped to the engine's 0-10), or {}
+    for 0 (the engine's default then applies) and for ``now``."""
+    if ui is None:
+        with _ui_lock:
+            ui = dict(_ui)
+    try:
+        t = float(ui.get("transition_s") or 0.0)
+    except (TypeError, ValueError):
+        t = 0.0
+    if now:
+        return {"transition_s": 0.0}
+    if not t > 0 or t != t:
+        return {}
+    return {"transition_s": round(min(t, MAX_TRANSITION_S), 3)}
+
+
+def prompt_value(ui: dict):
+    """The prompt to send: the Prompt box, or a blend with the Second prompt box by the Mix slider
+    ([{"text", "weight"}], weights 1 - mix and mix)."""
+    clean = lambda key: (ui.get(key) or "").replace("\r\n", "\n").replace("\r", "\n")  # noqa: E731
+    prompt, second = clean("prompt"), clean("prompt2").strip()
+    try:
+        mix = min(max(float(ui.get("blend") or 0.0), 0.0), 1.0)
+    except (TypeError, ValueError):
+        mix = 0.0
+    if not second or mix <= 0:
+        return prompt
+    if mix >= 1:
+        return [{"text": second, "weight": 1.0}]
+    return [{"text": prompt, "weight": round(1 - mix, 4)}, {"text": second, "weight": round(mix, 4)}]
+
+
+def apply_prompt(now: bool = False) -> None:
+    """Apply button and the 'apply prompt' hotkeys: set_prompt (and set_negative_prompt when the box
+    differs from the engine's), with the Transition slider's seconds (``now``: at once)."""
     if _controller is None:
         return
     with _ui_lock:  # (the engine refuses carriage returns; Windows text boxes may hold them)
-        prompt = _ui.get("prompt", "").replace("\r\n", "\n").replace("\r", "\n")
-        negative = _ui.get("negative_prompt", "").replace("\r\n", "\n").replace("\r", "\n")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        _controller.log(f"{LOG_PREFIX} prompt too long ({len(prompt)} characters, at most {MAX_PROMPT_CHARS})", "warning")
+        ui = dict(_ui)
+    prompt = prompt_value(ui)
+    negative = (ui.get("negative_prompt") or "").replace("\r\n", "\n").replace("\r", "\n")
+    texts = [prompt] if isinstance(prompt, str) else [item["text"] for item in prompt]
+    if any(len(t) > MAX_PROMPT_CHARS for t in texts):
+        longest = max(len(t) for t in texts)
+        _controller.log(f"{LOG_PREFIX} prompt too long ({longest} characters, at most {MAX_PROMPT_CHARS})", "warning")
         return
-    _controller.send("set_prompt", prompt=prompt)
+    _controller.send("set_prompt", prompt=prompt, **transition_args(ui, now))
     status = _controller.last_known_status()
     engine_negative = (status or {}).get("negative_prompt")
     if negative != (engine_negative if engine_negative is not None else ""):
-        _controller.send("set_negative_prompt", negative_prompt=negative)
+        _controller.send("set_negative_prompt", negative_prompt=negative, **transition_args(ui, now))
 
 
 def _sync_from_ui_thread() -> None:
     """Buttons run on OBS's UI thread, where reading the settings object is safe."""
     if _settings is not None:
         with _ui_lock:
-            _ui.update({k: v for k, v in _read_settings(_settings).items() if k in ("prompt", "negative_prompt", "seed")})
+            _ui.update({k: v for k, v in _read_settings(_settings).items()
+                        if k in ("prompt", "prompt2", "blend", "transition_s", "negative_prompt", "seed")})
 
 
 # -- buttons (UI thread); returning True makes OBS rebuild the properties (fresh status)
@@ -1637,7 +1679,7 @@ def _on_apply_prompt(props, prop):
 def _on_apply_seed(props, prop):
     _sync_from_ui_thread()
     if _controller is not None:
-        _controller.send("set_seed", seed=int(_ui.get("seed", 0)))
+        _controller.send("set_seed", seed=int(_ui.get("seed", 0)), **transition_args())
     return True
 
 
@@ -1747,6 +1789,7 @@ def _hk(action):
 def _hotkey_actions():
     return {
         "live2diff.apply_prompt": apply_prompt,
+        "live2diff.apply_prompt_now": lambda: apply_prompt(now=True),
         "live2diff.next_style": lambda: _controller.step_style(+1),
         "live2diff.previous_style": lambda: _controller.step_style(-1),
         "live2diff.pause_resume": lambda: _controller.toggle_pause(),
@@ -1884,6 +1927,8 @@ def script_defaults(settings):
     obs.obs_data_set_default_string(settings, "engine_command", DEFAULT_ENGINE_COMMAND)
     obs.obs_data_set_default_double(settings, "strength", 0.5)
     obs.obs_data_set_default_double(settings, "guidance", 1.0)
+    obs.obs_data_set_default_double(settings, "blend", 0.5)
+    obs.obs_data_set_default_double(settings, "transition_s", 0.0)
     obs.obs_data_set_default_int(settings, "ws_port", 0)
     obs.obs_data_set_default_bool(settings, "stop_engine_on_exit", True)
     obs.obs_data_set_default_bool(settings, "engine_virtual_camera", False)
@@ -1945,7 +1990,13 @@ def script_properties():
     obs.obs_properties_add_button(props, "refresh", "Refresh", _on_refresh)
 
     obs.obs_properties_add_text(props, "prompt", "Prompt", obs.OBS_TEXT_MULTILINE)
+    obs.obs_properties_add_text(props, "prompt2", "Second prompt (blend)", obs.OBS_TEXT_MULTILINE)
+    obs.obs_properties_add_float_slider(props, "blend", "Mix of the second prompt", 0.0, 1.0, 0.05)
     obs.obs_properties_add_text(props, "negative_prompt", "Negative prompt", obs.OBS_TEXT_MULTILINE)
+    t = obs.obs_properties_add_float_slider(props, "transition_s", "Transition (seconds)", 0.0, MAX_TRANSITION_S, 0.5)
+    if hasattr(obs, "obs_property_set_long_description"):
+        obs.obs_property_set_long_description(t, "How long a new prompt, negative prompt, style or seed takes to move "
+                                                 "in (0: at once). The 'apply prompt at once' hotkey skips it.")
     obs.obs_properties_add_button(props, "apply_prompt", "Apply prompt", _on_apply_prompt)
 
     styles = list((known or {}).get("styles") or []) or list(_last_styles)
@@ -2030,7 +2081,7 @@ def script_update(settings):
     if not old:
         return  # the first update (script load): nothing was changed by the user
     if new["style"] and new["style"] != old.get("style"):
-        _controller.send("set_style", style=new["style"])
+        _controller.send("set_style", style=new["style"], **transition_args(new))
     if abs(new["strength"] - old.get("strength", new["strength"])) > 1e-6 and new["strength"] > 0:
         _controller.send("set_strength", strength=round(float(new["strength"]), 4))
     if abs(new["guidance"] - old.get("guidance", new["guidance"])) > 1e-6 and new["guidance"] >= 1.0:

@@ -25,7 +25,9 @@
     conn: $('conn'), main: $('main'), controls: $('controls'),
     state: $('f-state'), fps: $('f-fps'), latency: $('f-latency'), style: $('f-style'), frames: $('f-frames'),
     lastError: $('last-error'), toast: $('toast'), about: $('about'), obsSource: $('obs-source'), link: $('link'),
-    prompt: $('prompt'), promptApply: $('prompt-apply'), history: $('history'), historyEmpty: $('history-empty'),
+    prompt: $('prompt'), promptApply: $('prompt-apply'),
+    transition: $('transition'), transitionValue: $('transition-value'), transitionProgress: $('transition-progress'),
+    prompt2: $('prompt2'), blend: $('blend'), blendValue: $('blend-value'), blendBox: $('blend-box'), history: $('history'), historyEmpty: $('history-empty'),
     negative: $('negative'), negativeApply: $('negative-apply'),
     guidance: $('guidance'), guidanceApply: $('guidance-apply'),
     styles: $('styles'), strength: $('strength'), strengthValue: $('strength-value'),
@@ -212,16 +214,42 @@
   // A text field the user has edited keeps its text until it is applied (or Escape is pressed).
   function applyField(input, cmd, key, value, after) {
     const sent = input.value;
-    return send(cmd, { [key]: value }, (r) => {
+    const args = { [key]: value };
+    const t = transitionSeconds();
+    if (t > 0 && TRANSITIONS.has(cmd)) args.transition_s = t;
+    return send(cmd, args, (r) => {
       if (r.ok && input.value === sent) dirty.delete(input.id);
       if (after) after(r);
     });
   }
 
+  // Commands that take a transition (the slider beside Apply): the look moves in over that time.
+  const TRANSITIONS = new Set(['set_prompt', 'set_negative_prompt', 'set_style', 'set_seed']);
+
+  function transitionSeconds() {
+    const t = Number(el.transition.value);
+    return Number.isFinite(t) && t > 0 ? Math.min(t, 10) : 0;
+  }
+
+  // The prompt, or a blend of it with the second prompt (weights: 1 - mix and mix).
+  function promptValue() {
+    const text = el.prompt.value;
+    const second = el.prompt2.value.trim();
+    const mix = Number(el.blend.value);
+    if (!second || !(mix > 0)) return text;
+    if (mix >= 1) return [{ text: second, weight: 1 }];
+    return [{ text: text, weight: 1 - mix }, { text: second, weight: mix }];
+  }
+
   function applyPrompt() {
     const text = el.prompt.value;
-    applyField(el.prompt, 'set_prompt', 'prompt', text, (r) => {
-      if (r.ok) remember(text.trim());
+    const sent2 = el.prompt2.value;
+    applyField(el.prompt, 'set_prompt', 'prompt', promptValue(), (r) => {
+      if (r.ok) {
+        remember(text.trim());
+        if (el.prompt2.value === sent2) dirty.delete(el.prompt2.id);
+        dirty.delete(el.blend.id);
+      }
     });
   }
 
@@ -343,7 +371,21 @@
     el.obsSource.textContent = notPulling
       ? 'OBS source not pulling the stream: OBS shows no new frames (the engine is re-opening its Live2Diff source)' : '';
 
-    setField(el.prompt, s.prompt);
+    const blend = Array.isArray(s.prompt_blend) ? s.prompt_blend : null;
+    if (blend && blend.length === 2) { // the dock's own kind of blend: its two prompts and the mix
+      setField(el.prompt, blend[0].text);
+      setField(el.prompt2, blend[1].text);
+      if (!dirty.has(el.blend.id) && document.activeElement !== el.blend) {
+        el.blend.value = String(blend[1].weight);
+        showBlend();
+      }
+    } else {
+      setField(el.prompt, s.prompt);
+      if (!blend && !dirty.has(el.blend.id)) setField(el.prompt2, '');
+    }
+    const going = typeof s.transition === 'number';
+    el.transitionProgress.hidden = !going;
+    el.transitionProgress.textContent = going ? `Transition ${Math.round(s.transition * 100)}%` : '';
     setField(el.negative, s.negative_prompt);
     setField(el.seed, s.seed);
     setField(el.guidance, s.guidance);
@@ -490,6 +532,24 @@
   });
   el.promptApply.addEventListener('click', applyPrompt);
 
+  function showTransition() {
+    el.transitionValue.textContent = `${transitionSeconds()} s`;
+  }
+  function showBlend() {
+    el.blendValue.textContent = `${Math.round(Number(el.blend.value) * 100)}%`;
+  }
+  el.transition.addEventListener('input', showTransition);
+  el.blend.addEventListener('input', () => { dirty.add(el.blend.id); showBlend(); });
+  el.prompt2.addEventListener('input', () => dirty.add(el.prompt2.id));
+  el.prompt2.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey)) {
+      e.preventDefault();
+      applyPrompt();
+    }
+  });
+  showTransition();
+  showBlend();
+
   el.negative.addEventListener('keydown', (e) => {
     if (e.key === 'Enter') {
       e.preventDefault();
@@ -532,7 +592,9 @@
     }
     b.classList.add('busy');
     b.setAttribute('aria-busy', 'true');
-    send('set_style', { style: b.dataset.style }, (r) => {
+    const styleArgs = { style: b.dataset.style };
+    if (transitionSeconds() > 0) styleArgs.transition_s = transitionSeconds();
+    send('set_style', styleArgs, (r) => {
       b.classList.remove('busy');
       b.removeAttribute('aria-busy');
       // What the style changed beside the look (its strength, steps, template): the engine says.

@@ -561,3 +561,33 @@ def test_the_dock_shows_a_remote_streams_link_in_one_line(running, browser):
         running.engine.stats.extra.pop("link", None)
         running.controller.changed()
     wait_for(lambda: not by_id(browser, "link").is_displayed(), 15, "the link line to go with the link")
+
+
+def test_a_blend_of_two_prompts_with_a_transition_from_the_dock(running, browser):
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    connected(d)
+    live(d)
+    slider = by_id(d, "transition")
+    slider.send_keys(Keys.END)  # 10 s: the longest
+    wait_for(lambda: text_of(d, "transition-value") == "10 s", 5, "the transition shown")
+    d.find_element("css selector", "#blend-box summary").click()
+    retype(by_id(d, "prompt"), "a fox")
+    retype(by_id(d, "prompt2"), "neon lights")
+    mix = by_id(d, "blend")
+    for _ in range(4):
+        mix.send_keys(Keys.ARROW_LEFT)  # 0.5 -> 0.3
+    wait_for(lambda: text_of(d, "blend-value") == "30%", 5, "the mix shown")
+    press(d, by_id(d, "prompt-apply"))
+    wait_for(lambda: running.frames.prompt_blend is not None, 10, "the engine's blend")
+    (a, wa), (b, wb) = running.frames.prompt_blend
+    assert (a, b) == ("a fox", "neon lights") and wa == pytest.approx(0.7) and wb == pytest.approx(0.3)
+    assert running.frames.stream.in_transition  # 10 s of frames at 10 fps: still moving
+    wait_for(lambda: not by_id(d, "transition-progress").get_attribute("hidden"), 10, "the transition's progress shown")
+    assert text_of(d, "transition-progress").startswith("Transition ")
+    slider.send_keys(Keys.HOME)  # back to 0 s for the tests after
+    retype(by_id(d, "prompt2"), Keys.BACK_SPACE)  # the second prompt emptied: one prompt again
+    press(d, by_id(d, "prompt-apply"))
+    wait_for(lambda: running.frames.prompt_blend is None and running.frames.prompt == "a fox", 10, "the single prompt again")
+    assert not running.frames.stream.in_transition  # 0 s: at once

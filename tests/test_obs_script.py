@@ -1009,6 +1009,43 @@ def test_real_obs_without_obsws_python_drives_the_real_engine_over_its_http_api_
         assert "tok-obs-9" not in log and PASSWORD not in log
 
 
+def test_the_prompt_sent_is_a_blend_with_the_second_prompt_and_the_transition_is_clamped():
+    ui = {"prompt": "a fox\r\n", "prompt2": "neon lights", "blend": 0.3}
+    assert L.prompt_value(ui) == [{"text": "a fox\n", "weight": 0.7}, {"text": "neon lights", "weight": 0.3}]
+    assert L.prompt_value(dict(ui, blend=0.0)) == "a fox\n"
+    assert L.prompt_value(dict(ui, prompt2="  ")) == "a fox\n"
+    assert L.prompt_value(dict(ui, blend=1.0)) == [{"text": "neon lights", "weight": 1.0}]
+    assert L.transition_args({"transition_s": 0.0}) == {}
+    assert L.transition_args({"transition_s": 3.5}) == {"transition_s": 3.5}
+    assert L.transition_args({"transition_s": 99}) == {"transition_s": 10.0}
+    assert L.transition_args({"transition_s": 3.5}, now=True) == {"transition_s": 0.0}
+    for msg in (schema.command_message("set_prompt", prompt=L.prompt_value(ui), **L.transition_args({"transition_s": 99})),):
+        assert schema.parse_command(msg).args["transition_s"] == 10.0  # what the script sends, the engine takes
+
+
+@pytest.mark.obs
+def test_real_obs_hotkeys_send_a_blend_with_its_transition_and_one_at_once(tmp_path):
+    require_obs()
+    settings = {"prompt": "a red fox", "prompt2": "neon lights", "blend": 0.25, "transition_s": 3.0,
+                "ws_password": PASSWORD, "api_url": f"http://127.0.0.1:{free_port()}"}
+    with RealOBS(tmp_path, password=PASSWORD, script=SCRIPT, script_settings=settings) as real:
+        real.wait_for_log("[live2diff] connected to obs-websocket", timeout=15)
+        listener = Listener(real)
+        client = real.client()
+        try:
+            client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.apply_prompt"})
+            cmd = wait_until(lambda: listener.commands("set_prompt"), what="set_prompt CustomEvent")[0]
+            assert cmd["prompt"] == [{"text": "a red fox", "weight": 0.75}, {"text": "neon lights", "weight": 0.25}]
+            assert cmd["transition_s"] == 3.0
+            assert schema.parse_command(cmd).args == {"prompt": [("a red fox", 0.75), ("neon lights", 0.25)], "transition_s": 3.0}
+            client.send("TriggerHotkeyByName", {"hotkeyName": "live2diff.apply_prompt_now"})
+            now = wait_until(lambda: listener.commands("set_prompt")[1:], what="a second set_prompt")[0]
+            assert now["transition_s"] == 0.0 and now["prompt"] == cmd["prompt"]
+        finally:
+            listener.close()
+            client.disconnect()
+
+
 @pytest.mark.obs
 def test_real_obs_script_finds_the_websocket_password_in_obs_config(tmp_path):
     """No password in the script's settings: it reads OBS's own (global.ini in OBS 29)."""
@@ -1048,7 +1085,8 @@ def script_load(settings):
     obs.timer_add(_later, 300)
 '''
 PROPERTY_NAMES = (
-    "status_text", "refresh", "prompt", "negative_prompt", "apply_prompt", "style", "strength", "seed", "apply_seed",
+    "status_text", "refresh", "prompt", "prompt2", "blend", "negative_prompt", "transition_s", "apply_prompt", "style",
+    "strength", "seed", "apply_seed",
     "pause_resume", "reset", "add_to_scene", "open_dock", "dock_note", "engine_group", "engine_command", "engine_venv",
     "stop_engine_on_exit", "engine_virtual_camera", "start_engine", "stop_engine", "connection_group", "api_url", "api_token", "ws_password",
     "ws_port",

@@ -312,3 +312,66 @@ def bench_control(make_pipeline, manager, frames: list, count: int, rounds: int 
         api.stop()
     p, c = sorted(plain)[len(plain) // 2], sorted(controlled)[len(controlled) // 2]
     return {"engine_fps": p, "control_fps": c, "overhead": p / c - 1.0, "frames_served": served}
+
+
+TEXT_VARIANTS = ("steady", "blend", "transition")
+
+
+def bench_text(pipe: StreamPipeline, warmup_latents, warmup_depth, prompt: torch.Tensor, other: torch.Tensor,
+               variants=TEXT_VARIANTS, frames: int = 128, segments: int = 8, progress=None) -> dict[str, dict[str, float]]:
+    """Median and mean ms per frame of one stream under each kind of text conditioning, interleaved
+    in ``segments`` parts: ``steady`` (one prompt), ``blend`` (an even mix of two prompts' embeddings,
+    set once) and ``transition`` (a transition under way on every timed frame: a new one, far from
+    its end, is started before each part). Plus ``text_update_ms``: the per-frame write a transition
+    adds (the eased lerp into the text buffer), alone, at this model's text size and at SD1.5's
+    (``[2, 77, 768]``), on the stream's device."""
+    bad = [v for v in variants if v not in TEXT_VARIANTS]
+    if bad:
+        raise ValueError(f"unknown text variant(s) {', '.join(bad)}; use {', '.join(TEXT_VARIANTS)}")
+    device = pipe.device
+    h, w = pipe.height, pipe.width
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    latents = torch.randn(16, 1, 4, h, w, generator=g).to(device=device, dtype=pipe.dtype)
+    blend = (0.5 * prompt.float() + 0.5 * other.float()).to(prompt.dtype)
+    durations: dict[str, list[float]] = {v: [] for v in variants}
+    pipe.set_prompt_embeds(prompt)
+    pipe.prepare(warmup_latents, warmup_depth)
+    for i in range(4):  # settle; not timed
+        pipe.step(latents[i % 16], latents[(i + 3) % 16])
+    per_part = max(1, frames // segments)
+    done = 0
+    for seg in range(segments):
+        for v in variants:
+            if v == "steady":
+                pipe.set_prompt_embeds(prompt)
+            elif v == "blend":
+                pipe.set_prompt_embeds(blend)
+            else:
+                pipe.set_prompt_embeds(other if seg % 2 == 0 else prompt, frames=10 * frames)  # never ends while timed
+            durations[v] += _timed_steps(pipe, latents, per_part, done)
+        done += per_part
+        if progress is not None:
+            progress(frames, done)
+    results: dict[str, dict[str, float]] = {}
+    for v in variants:
+        ordered = sorted(durations[v])
+        results[v] = {"median": ordered[len(ordered) // 2], "mean": sum(ordered) / len(ordered)}
+    results["text_update_ms"] = {
+        "this model": _lerp_ms(pipe._text.shape, device, pipe.dtype),
+        "sd15": _lerp_ms((2, 77, 768), device, pipe.dtype),
+    }
+    return results
+
+
+def _lerp_ms(shape, device, dtype, n: int = 200) -> float:
+    """Median ms of the eased lerp a transition writes per frame, into a buffer of ``shape``."""
+    start = torch.randn(1, *shape[1:], device=device, dtype=dtype)
+    end = torch.randn(1, *shape[1:], device=device, dtype=dtype)
+    out = torch.empty(shape, device=device, dtype=dtype)
+    timer = _Timer(device, n)
+    timer.mark(0)
+    for i in range(n):
+        torch.lerp(start.expand(shape), end.expand(shape), (i + 1) / (n + 1), out=out)
+        timer.mark(i + 1)
+    ordered = sorted(timer.durations_ms())
+    return ordered[len(ordered) // 2]

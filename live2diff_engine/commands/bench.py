@@ -28,6 +28,10 @@ def _add_bench(sub) -> None:
     bench.add_argument("--accelerate", default="auto", metavar="MODE[,MODE]",
                        help="acceleration mode, or several comma-separated (e.g. off,compile) to compare them interleaved "
                        "in one run on the longest frame count")
+    bench.add_argument("--text", default=None, metavar="KIND[,KIND]",
+                       help="instead: the per-frame cost of the text conditioning, interleaved on one stream: steady (one "
+                       "prompt), blend (two prompts mixed), transition (a prompt transition under way); e.g. "
+                       "steady,blend,transition (over the longest --frames count)")
 
 
 def _add_bench_engine(sub) -> None:
@@ -239,6 +243,33 @@ def _cmd_bench(args) -> int:
                       "frames": frames, "modes": figures, "ratio_to_first": {m: f["median"] / base for m, f in figures.items()}}
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(record, f, indent=1)
+                f.write("\n")
+        return 0
+
+    if args.text:
+        from ..bench.stream import bench_text
+
+        kinds = [k.strip() for k in args.text.split(",") if k.strip()]
+        pipe = make(modes[0])
+        frames = max(args.frames)
+        print(f"benchmarking {label} ({modes[0]}): text {', '.join(kinds)} interleaved, {frames} frames each ...",
+              file=sys.stderr, flush=True)
+        try:
+            figures = bench_text(pipe, warm, warm, prompt, prompt.flip(1), kinds, frames, progress=progress)
+        except ValueError as exc:
+            raise ConfigError(f"--text: {exc}") from None
+        print("", file=sys.stderr)
+        lerp = figures.pop("text_update_ms")
+        base = figures[kinds[0]]["median"]
+        rows = head + [f"  {k:>10}: {f['median']:8.3f} ms/frame (median; mean {f['mean']:.3f})  x{f['median'] / base:.3f} of {kinds[0]}"
+                       for k, f in figures.items()]
+        rows.append(f"  a transition's text write alone: {lerp['this model']:.4f} ms/frame at this model's text size, "
+                    f"{lerp['sd15']:.4f} ms at SD1.5's [2, 77, 768]")
+        print("\n".join(rows))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"machine": machine, "device": str(device), "model": label, "latent": f"{h}x{w}",
+                           "steps": schedule.steps, "frames": frames, "text": figures, "text_update_ms": lerp}, f, indent=1)
                 f.write("\n")
         return 0
 

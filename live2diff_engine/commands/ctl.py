@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
         help="control a running engine: prompt, style, strength, pause, status ...",
         description="Talk to a running engine through its local API. Actions: status, styles, prompt TEXT, "
         "negative TEXT, guidance X (1-20), style NAME, strength X (0-1], steps N (1-4), seed N, pause, resume, reset, add-to-scene [SCENE], "
-        "download STYLE (fetch a style's weights in the engine; needs a civitai token there for civitai styles).",
+        "download STYLE (fetch a style's weights in the engine; needs a civitai token there for civitai styles). "
+        "A prompt may be a blend of up to 4 prompts: 'a fox:0.7|a wolf:0.3' (weights normalised).",
     )
     ctl.add_argument("action", choices=sorted(CTL_ACTIONS), metavar="ACTION", help=", ".join(sorted(CTL_ACTIONS)))
     ctl.add_argument("value", nargs="?", default=None, help="the new value, where the action takes one")
@@ -22,6 +23,9 @@ def add_parser(sub) -> None:
     ctl.add_argument("--token", default=None, help="API token, where the engine has one (or LIVE2DIFF_API_TOKEN)")
     ctl.add_argument("--config", metavar="FILE", default=None, help=f"config file (default: {default_config_shown()})")
     ctl.add_argument("--json", action="store_true", help="print the engine's reply as JSON")
+    ctl.add_argument("--transition", type=float, default=None, metavar="SECONDS",
+                     help="for prompt, negative, style and seed: move to the new value over this many seconds "
+                     "(0-10; 0: at once; default: the engine's config)")
 
 
 CTL_ACTIONS = {
@@ -54,6 +58,15 @@ def _cmd_ctl(args) -> int:
 
     cmd, field, kind = CTL_ACTIONS[args.action]
     msg_args = {}
+    if args.transition is not None:
+        from ..pipeline.blend import BlendError, check_transition
+
+        if args.action not in TRANSITION_ACTIONS:
+            raise ConfigError(f"--transition goes with {', '.join(TRANSITION_ACTIONS)}, not `ctl {args.action}`")
+        try:
+            msg_args["transition_s"] = check_transition(args.transition, "--transition")
+        except BlendError as exc:
+            raise ConfigError(str(exc)) from None
     if field is not None:
         if args.value is None and args.action != "add-to-scene":
             raise ConfigError(f"`ctl {args.action}` needs a value, e.g. `ctl {args.action} {_CTL_EXAMPLES[args.action]}`")
@@ -64,6 +77,15 @@ def _cmd_ctl(args) -> int:
                 raise ConfigError(f"`ctl {args.action}` needs a {kind.__name__}, got {args.value!r}") from None
     elif args.value is not None:
         raise ConfigError(f"`ctl {args.action}` takes no value")
+    if args.action == "prompt":
+        from ..pipeline.blend import BlendError, parse_notation
+
+        try:
+            prompt = parse_notation(msg_args["prompt"])
+        except BlendError as exc:
+            raise ConfigError(f"`ctl prompt`: {exc}") from None
+        if not isinstance(prompt, str):
+            msg_args["prompt"] = [{"text": t, "weight": w} for t, w in prompt]
     cfg = load_config(args.config).get("api", {})
     base = (args.api or f"http://{cfg.get('host', '127.0.0.1')}:{cfg.get('port', 8765)}").rstrip("/")
     token = args.token or os.environ.get("LIVE2DIFF_API_TOKEN") or cfg.get("token")
@@ -105,7 +127,7 @@ def _cmd_ctl(args) -> int:
         loading = f" (loading {status['style_loading']} ...)" if status.get("style_loading") else ""
         print(f"style: {status.get('style')}{loading}  strength: {status.get('strength')}  steps: {status.get('steps')}  "
               f"seed: {status.get('seed')}")
-        print(f"prompt: {status.get('prompt')!r}")
+        print(f"prompt: {status.get('prompt')!r}" + (f"  (transition {status['transition']:.0%})" if status.get("transition") is not None else ""))
         if status.get("negative_prompt") or status.get("guidance", 1) > 1:
             print(f"negative prompt: {status.get('negative_prompt')!r}  guidance: {status.get('guidance')}")
         obs_source = {"pulling": " (pulls the stream)", "not pulling": " (OBS source not pulling the stream)",
@@ -127,6 +149,8 @@ def _cmd_ctl(args) -> int:
         print("ok")
     return 0
 
+
+TRANSITION_ACTIONS = ("prompt", "negative", "style", "seed")
 
 _CTL_EXAMPLES = {"download": "toonyou", "prompt": "'a watercolor portrait'", "negative": "'blurry'", "guidance": "1.5", "style": "toonyou", "strength": "0.5",
                  "steps": "2", "seed": "7"}

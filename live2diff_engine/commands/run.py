@@ -148,9 +148,11 @@ class _Control:
 
         c = Controller(frames, manager, label=label)
         c.api_token = self.api.token if self.api is not None else None
-        from ..config import civitai_token, load_config
+        from ..config import civitai_token, default_transition, load_config
 
-        c.civitai_token = civitai_token(load_config(self.args.config))
+        config = load_config(self.args.config)
+        c.civitai_token = civitai_token(config)
+        c.default_transition_s = default_transition(config)
         if self.api is not None:
             self.api.set_controller(c)
         obs = self.settings["obs"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..errors import ConfigError
@@ -19,7 +20,19 @@ def add_parser(sub) -> None:
     tr.add_argument("input", metavar="INPUT", help="video file or folder of images")
     tr.add_argument("output", metavar="OUTPUT", help="video file to write (.mp4, .avi, .mkv)")
     tr.add_argument("--fps", type=float, default=None, help="output frame rate (default: the input's, 30 for images)")
+    tr.add_argument("--prompt-at", action="append", type=_prompt_at, default=[], metavar="FRAME:PROMPT",
+                    help="change the prompt at input frame FRAME (repeatable; a blend 'a:0.7|b:0.3' too), as a live "
+                    "prompt change would: to compare transitions with `eval`")
+    tr.add_argument("--transition", type=float, default=0.0, metavar="SECONDS",
+                    help="--prompt-at changes move in over this many seconds of the video (0-10; default 0: at once)")
     add_model_args(tr)
+
+
+def _prompt_at(text: str) -> tuple[int, str]:
+    frame, sep, prompt = text.partition(":")
+    if not sep or not frame.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"--prompt-at takes FRAME:PROMPT, e.g. 60:'a neon city', got {text!r}")
+    return int(frame), prompt
 
 
 def _cmd_translate(args) -> int:
@@ -34,10 +47,19 @@ def _cmd_translate(args) -> int:
     from ..io.sources import open_frames
     from ..io.video import VideoWriter, frames_word
 
+    from ..assemble import prompt_of
+    from ..pipeline.blend import BlendError, check_transition
+
+    try:
+        transition = check_transition(args.transition, "--transition")
+    except BlendError as exc:
+        raise ConfigError(str(exc)) from None
+    changes = {frame: prompt_of(argparse.Namespace(prompt=text)) for frame, text in args.prompt_at}
     source = open_frames(args.input, fps=args.fps)  # a damaged file: one line of ours, FFmpeg's held back
     if not args.output.lower().endswith((".mp4", ".m4v", ".mov", ".avi", ".mkv")):
         raise ConfigError(f"output {args.output} must be a video file ending in .mp4, .avi or .mkv")
     comps, frames, manager, style = build_frame_pipeline(args)
+    frames.frame_rate = source.fps  # transitions in the video's time: the same frames every run
     print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps", file=sys.stderr, flush=True)
     # Written beside the output under another name and renamed when complete: a translate that
     # fails (or is interrupted) leaves no half-written file, nor a damaged earlier one.
@@ -48,7 +70,9 @@ def _cmd_translate(args) -> int:
     done = False
     try:
         with tqdm(total=source.length, unit="frame", desc="translate") as bar:
-            for frame in source:
+            for n, frame in enumerate(source):
+                if n in changes:
+                    frames.set_prompt(changes[n], transition)
                 if writer is None:
                     size = args.output_size or (frame.shape[1], frame.shape[0])
                     frames.output_size = size

@@ -69,6 +69,10 @@ def _schedule_of(schedule_args) -> dict:
     return {"strength": live_strength(t_index, steps), "steps": len(t_index)}
 
 
+def _rounded(value):
+    return round(value, 3) if isinstance(value, float) else None
+
+
 def _quote(text, limit: int = 60) -> str:
     text = "" if text is None else str(text)
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
@@ -102,6 +106,9 @@ class Controller:
         self.api_token: str | None = None  # for the stream URL given to OBS, where the API has one
         self.stream_clients: Callable[..., int] | None = None  # the API's reader count of /stream.mjpg
         self.paused = False
+        # Seconds a prompt, negative prompt, style template or seed change takes to move in when its
+        # command gives no transition_s (the config's [control] transition_s; 0: at once).
+        self.default_transition_s = 0.0
         self.civitai_token: str | None = None  # lets the dock start style downloads from civitai
         self.settings_file = None  # where the live settings are saved after each change (saved_settings)
         self.settings_io = None  # (snapshot, save): how they are read off and written, from saved_settings.start_saving
@@ -254,7 +261,8 @@ class Controller:
         """Start loading a style beside the stream (inference thread). Missing files are refused
         at once; the reply comes when the style is in place, or with why not."""
         style = self.manager.check_files(cmd.args["style"])
-        entry = {"style": style, "replies": [(cmd, reply)], "mark": self._schedule_changes}
+        entry = {"style": style, "replies": [(cmd, reply)], "mark": self._schedule_changes,
+                 "transition_s": cmd.args.get("transition_s", self.default_transition_s)}
         superseded: list[tuple[Command, Reply]] = []
         with self._lock:
             load, nxt = self._style_load, self._style_next
@@ -317,7 +325,8 @@ class Controller:
             before = self._style_settings()
             keep_schedule = load["mark"] != self._schedule_changes
             try:
-                self.manager.apply(load["style"], self.frames, prepared=load["prepared"], schedule=not keep_schedule)
+                self.manager.apply(load["style"], self.frames, prepared=load["prepared"], schedule=not keep_schedule,
+                                   transition_s=load.get("transition_s", 0.0))
             except Exception as exc:  # the manager has put the previous style back
                 error = str(exc) if not isinstance(exc, (KeyError, AttributeError)) else f"{type(exc).__name__}: {exc}"
         load["prepared"] = None  # the converted weights go now
@@ -459,22 +468,23 @@ class Controller:
 
     def _apply(self, cmd: Command) -> None:
         frames, a = self.frames, cmd.args
+        transition = a.get("transition_s", self.default_transition_s)
         if cmd.cmd == "set_prompt":
-            frames.set_prompt(a["prompt"])
+            frames.set_prompt(a["prompt"], transition)
         elif cmd.cmd == "set_negative_prompt":
-            frames.set_negative_prompt(a["negative_prompt"])
+            frames.set_negative_prompt(a["negative_prompt"], transition)
         elif cmd.cmd == "set_guidance":
             frames.set_guidance(a["guidance"])
         elif cmd.cmd == "set_style":
-            self.manager.apply(a["style"], frames)
+            self.manager.apply(a["style"], frames, transition_s=transition)
         elif cmd.cmd in ("set_strength", "set_steps"):
             current = self.schedule()
             strength, steps = a.get("strength", current["strength"]), a.get("steps", current["steps"])
             frames.set_schedule(LIVE_SCHEDULE_STEPS, live_t_index(strength, steps), None)
             self._schedule_changes += 1
         elif cmd.cmd == "set_seed":
-            frames.set_seed(a["seed"])
-            frames.request_reset()
+            if not frames.set_seed(a["seed"], transition):  # at once: a re-warm on the new seed
+                frames.request_reset()
         elif cmd.cmd == "pause":
             if self.engine is not None:
                 self.engine.pause()
@@ -544,6 +554,11 @@ class Controller:
             "state": state,
             "paused": self.paused,
             "prompt": self.frames.prompt,
+            # a blend's prompts and normalised weights ([{"text", "weight"}]), None for one prompt
+            "prompt_blend": ([{"text": t, "weight": round(w, 4)} for t, w in self.frames.prompt_blend]
+                             if getattr(self.frames, "prompt_blend", None) else None),
+            # how far a prompt, style-template or seed transition has come (0 to 1), None when none runs
+            "transition": _rounded(getattr(self.frames, "transition_progress", None)),
             "negative_prompt": self.frames.negative_prompt,
             "guidance": self.frames.guidance_scale,
             "style": current.name if current is not None else None,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection
 
 from ..errors import one_line
+from ..pipeline.blend import MAX_BLEND_ITEMS, BlendError, check_transition, normalise
 
 APP = "live2diff"
 VERSION = 1
@@ -98,6 +99,35 @@ def _style(value: Any, ctx) -> str:
     return name
 
 
+def _prompt(value: Any, ctx) -> str | list[tuple[str, float]]:
+    """A prompt: a string, or a blend ``[{"text": ..., "weight": ...}, ...]`` of at most
+    :data:`MAX_BLEND_ITEMS` (weights 0 or more, not all 0; normalised to sum to 1). A string is
+    always one prompt as typed: the ``a:0.7|b:0.3`` notation is the command line's, not the wire's."""
+    if isinstance(value, str):
+        return _text(value, "prompt", MAX_PROMPT_CHARS)
+    if not isinstance(value, list):
+        raise CommandError(f"prompt must be a string or a list of {{\"text\", \"weight\"}} objects, got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_BLEND_ITEMS:
+        raise CommandError(f"a prompt blend takes 1 to {MAX_BLEND_ITEMS} prompts, got {len(value)}")
+    items = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) - {"text", "weight"} or "text" not in item:
+            raise CommandError(f'prompt blend item {i + 1} must be {{"text": ..., "weight": ...}} and nothing else')
+        weight = _number(item.get("weight", 1.0), f"weight of prompt blend item {i + 1}")
+        items.append((_text(item["text"], f"text of prompt blend item {i + 1}", MAX_PROMPT_CHARS), weight))
+    try:
+        return normalise(items)
+    except BlendError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _transition(value: Any, ctx) -> float:
+    try:
+        return check_transition(value)
+    except BlendError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _instance(value: Any) -> str:
     if not isinstance(value, str) or not _INSTANCE.fullmatch(value):
         raise CommandError(f"instance must be 1 to {MAX_ID_CHARS} letters, digits, '-' or '_', got {value!r:.40}")
@@ -106,12 +136,17 @@ def _instance(value: Any) -> str:
 
 # command -> {field: (required, validator(value, ctx) -> clean value)}
 COMMANDS: dict[str, dict[str, tuple[bool, Any]]] = {
-    "set_prompt": {"prompt": (True, lambda v, c: _text(v, "prompt", MAX_PROMPT_CHARS))},
-    "set_negative_prompt": {"negative_prompt": (True, lambda v, c: _text(v, "negative_prompt", MAX_PROMPT_CHARS))},
-    "set_style": {"style": (True, _style)},
+    # transition_s (0 to 10 s; default: the config's [control] transition_s, else 0): the look moves
+    # from the old text to the new over that time instead of at once.
+    "set_prompt": {"prompt": (True, _prompt), "transition_s": (False, _transition)},
+    "set_negative_prompt": {"negative_prompt": (True, lambda v, c: _text(v, "negative_prompt", MAX_PROMPT_CHARS)),
+                            "transition_s": (False, _transition)},
+    # transition_s: the style's prompt template moves in over that time (the weights swap at once)
+    "set_style": {"style": (True, _style), "transition_s": (False, _transition)},
     "set_strength": {"strength": (True, _strength)},
     "set_steps": {"steps": (True, lambda v, c: _integer(v, "steps", 1, len(STEP_CHOICES)))},
-    "set_seed": {"seed": (True, lambda v, c: _integer(v, "seed", 0, MAX_SEED))},
+    # transition_s: the stream's noise moves from the old seed's to the new one's (no re-warm)
+    "set_seed": {"seed": (True, lambda v, c: _integer(v, "seed", 0, MAX_SEED)), "transition_s": (False, _transition)},
     # Classifier-free guidance: above 1 the negative prompt steers the picture (about 2x the cost).
     "set_guidance": {"guidance": (True, _guidance)},
     "pause": {},

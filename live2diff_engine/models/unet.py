@@ -149,18 +149,25 @@ class StreamingUNet(nn.Module):
         encoder_hidden_states: torch.Tensor,
         depth: torch.Tensor | None,
         ctx: SequenceContext | StreamContext,
+        image_tokens: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict noise.
 
         ``sample`` and ``depth``: ``[batch * frames, C, h, w]`` (frames of one clip adjacent);
         ``timesteps`` ``[batch]``; ``encoder_hidden_states`` ``[batch, tokens, dim]``. In stream mode
         every batch item is one frame and ``batch`` equals the number of cache rows.
+        ``image_tokens``: with an IP-Adapter loaded (see :mod:`.ip_adapter`), one ``[batch, 1,
+        tokens, dim]`` tensor per adapter, which every cross attention attends to beside the text.
         """
         frames = ctx.num_frames
         emb = self.time_embedding(self.time_proj(timesteps).to(dtype=sample.dtype))
         if frames > 1:
             emb = emb.repeat_interleave(frames, dim=0)
             encoder_hidden_states = encoder_hidden_states.repeat_interleave(frames, dim=0)
+            if image_tokens is not None:
+                image_tokens = [t.repeat_interleave(frames, dim=0) for t in image_tokens]
+        if image_tokens is not None:  # diffusers' IP-Adapter processors take (text, [image tokens])
+            encoder_hidden_states = (encoder_hidden_states, list(image_tokens))
 
         up_factor = 2**self.num_upsamplers
         forward_size = any(s % up_factor != 0 for s in sample.shape[-2:])

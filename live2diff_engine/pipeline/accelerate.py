@@ -130,7 +130,7 @@ def exact_float32(device, dtype, say: Callable[[str], None] | None = None):
         cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
-def stream_call(unet, latents, depth, text, timesteps, alpha, beta, c_skip, c_out, noise, carry, guidance, row, tables):
+def stream_call(unet, latents, depth, text, timesteps, alpha, beta, c_skip, c_out, noise, carry, guidance, row, image, tables):
     """One stream call on the pipeline's buffers; returns (noise prediction, x0 of every row).
 
     ``latents``/``depth`` ``[T, 4, h, w]`` are the batch of this call, read only; the rows that move
@@ -141,8 +141,9 @@ def stream_call(unet, latents, depth, text, timesteps, alpha, beta, c_skip, c_ou
     has already overwritten (BENCHMARKS.md, "A compiler can be wrong"). ``text`` has one row per
     UNet batch item (``T`` or ``2T`` with guidance); ``guidance`` is a 0-dim scale (unused without
     the second branch); ``row`` is a 1-element index into the bookkeeping ``tables`` (bias, pe_idx,
-    update_idx, q_idx, rows). The KV-cache rows are written inside the UNet, from new keys and
-    values."""
+    update_idx, q_idx, rows); ``image`` is None, or with an IP-Adapter the image tokens, one row per
+    UNet batch item like ``text`` (``[rows, 1, tokens, dim]``). The KV-cache rows are written
+    inside the UNet, from new keys and values."""
     from ..models.motion import StreamContext
 
     T = latents.shape[0]
@@ -152,10 +153,12 @@ def stream_call(unet, latents, depth, text, timesteps, alpha, beta, c_skip, c_ou
     # Python int by the compiler (a recompile per call number).
     ctx = StreamContext(bias=bias.index_select(0, row)[0], pe_idx=pe_idx.index_select(0, row)[0],
                         update_idx=update_idx.index_select(0, row)[0], q_idx=q_idx.index_select(0, row)[0], rows=rows)
+    tokens = None if image is None else [image]
     if branches == 1:
-        eps = unet(latents, timesteps, text, depth, ctx)
+        eps = unet(latents, timesteps, text, depth, ctx, image_tokens=tokens)
     else:
-        eps = unet(latents.repeat(branches, 1, 1, 1), timesteps.repeat(branches), text, depth.repeat(branches, 1, 1, 1), ctx)
+        eps = unet(latents.repeat(branches, 1, 1, 1), timesteps.repeat(branches), text, depth.repeat(branches, 1, 1, 1), ctx,
+                   image_tokens=tokens)
         cond, uncond = eps.chunk(2)
         eps = uncond + guidance * (cond - uncond)
     x0 = c_out * ((latents - beta * eps) / alpha) + c_skip * latents

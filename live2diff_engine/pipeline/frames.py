@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models.components import Components
+from .blend import BlendError, format_notation, normalise
 from .schedule import make_schedule
 from .stream import StreamPipeline
 from .text import apply_template, encode_prompt
@@ -306,6 +307,7 @@ class FramePipeline:
         accelerate: str = "off",
         profile_stages: bool = False,
         temporal: bool = True,
+        frame_rate: float | None = None,
     ):
         factor = comps.vae_scale_factor
         if width % factor or height % factor or width < factor or height < factor:
@@ -324,7 +326,16 @@ class FramePipeline:
         self.output_size = output_size
         self.similarity_threshold = similarity_threshold
         self.max_skip = max_skip
-        self.prompt, self.template, self.clip_skip = prompt, template, clip_skip
+        self.template, self.clip_skip = template, clip_skip
+        self.prompt, self.prompt_blend = _prompt_fields(prompt)
+        # Transitions are given in seconds and run in stream calls: at ``frame_rate`` frames a
+        # second when it is set (a file's rate: the same frames every run), else at the rate frames
+        # arrive, measured (live).
+        if frame_rate is not None and not (frame_rate > 0 and frame_rate < 1000):
+            raise ConfigError(f"frame rate must be above 0 and below 1000, got {frame_rate}")
+        self.frame_rate = frame_rate
+        self._arrival: float | None = None
+        self._interval: float | None = None  # smoothed seconds between frames, as they arrive
         self.seed = seed
         self.generator = torch.Generator(device=comps.device).manual_seed(seed)
         self.sink = comps.unet.motion_config.sink_size
@@ -335,7 +346,7 @@ class FramePipeline:
         self.guidance_scale = float(guidance_scale)
         self.negative_prompt = negative_prompt
         self._negative = self._encode_negative(negative_prompt)
-        self._embeds = self._encode(prompt)
+        self._embeds = self._encode(self.prompt_blend or self.prompt)
         # Transfers: reused buffers (pinned host memory on CUDA), and an event that says whether the
         # last upload out of the pinned buffer has been waited for (see _upload).
         self._pinned = self.device.type == "cuda"
@@ -368,6 +379,11 @@ class FramePipeline:
         stream = StreamPipeline(self.comps.unet, schedule, (lh, lw), generator=self.generator, guidance_scale=self.guidance_scale, **extra)
         stream.set_prompt_embeds(self._embeds)
         stream.set_negative_embeds(self._negative)
+        if getattr(self, "_image_tokens", None) is not None:
+            stream.set_image_tokens(*self._image_tokens)
+        old = getattr(self, "stream", None)
+        if old is not None and old.in_transition:  # a re-warm in the middle of a transition: it goes on
+            stream.continue_text_from(old)
         stream.precompile()  # the compiler's wait (if any) falls here, not on the first live frames
         self._precompile_vae(stream)
         return stream
@@ -420,8 +436,38 @@ class FramePipeline:
         """The unconditional branch's text: the negative prompt as typed (no style template)."""
         return self._encode_text(text)
 
-    def _encode(self, prompt: str) -> torch.Tensor:
-        return self._encode_text(apply_template(self.template, prompt))
+    def _encode(self, prompt: str | list[tuple[str, float]]) -> torch.Tensor:
+        """A prompt's embeddings; a blend [(text, weight)] (weights summing to 1) is the weighted sum
+        of its prompts' embeddings, each with the style's template."""
+        if isinstance(prompt, str):
+            return self._encode_text(apply_template(self.template, prompt))
+        if len(prompt) == 1:
+            return self._encode_text(apply_template(self.template, prompt[0][0]))
+        mixed = None
+        for text, weight in prompt:
+            part = self._encode_text(apply_template(self.template, text)).float() * weight
+            mixed = part if mixed is None else mixed.add_(part)
+        return mixed.to(self.comps.dtype)
+
+    def frames_for(self, seconds: float) -> int:
+        """How many stream calls a transition of ``seconds`` takes (0 for 0): at :attr:`frame_rate`
+        when set, else at the rate frames have been arriving (30 a second before any have)."""
+        if seconds <= 0:
+            return 0
+        rate = self.frame_rate or (1.0 / self._interval if self._interval else 30.0)
+        return max(1, round(seconds * rate))
+
+    def _note_arrival(self) -> None:
+        now = time.monotonic()
+        if self._arrival is not None:
+            dt = min(max(now - self._arrival, 1e-3), 1.0)  # a pause is not a frame interval
+            self._interval = dt if self._interval is None else 0.9 * self._interval + 0.1 * dt
+        self._arrival = now
+
+    @property
+    def transition_progress(self) -> float | None:
+        """How far a prompt or seed transition under way has come (0 to 1), or None."""
+        return self.stream.transition_progress()
 
     @property
     def warming_up(self) -> bool:
@@ -436,17 +482,20 @@ class FramePipeline:
         """(num_inference_steps, t_index_list, strength) as last set (applied at the next frame)."""
         return self._schedule_args
 
-    def set_prompt(self, prompt: str) -> None:
-        """New text between frames: no re-warmup, the stream goes on."""
-        self._embeds = self._encode(prompt)
-        self.prompt = prompt
-        self.stream.set_prompt_embeds(self._embeds)
+    def set_prompt(self, prompt: str | list[tuple[str, float]], transition_s: float = 0.0) -> None:
+        """New text between frames: no re-warmup, the stream goes on. ``prompt``: a text, or a blend
+        [(text, weight)] (normalised here, at most 4). ``transition_s`` > 0: the conditioning moves
+        from where it is to the new prompt over that many seconds of frames, instead of at once."""
+        text, blend = _prompt_fields(prompt)
+        self._embeds = self._encode(blend or text)
+        self.prompt, self.prompt_blend = text, blend
+        self.stream.set_prompt_embeds(self._embeds, self.frames_for(transition_s))
 
-    def set_negative_prompt(self, text: str) -> None:
+    def set_negative_prompt(self, text: str, transition_s: float = 0.0) -> None:
         """What the picture should not show; it steers the frames when the guidance scale is above 1."""
         self._negative = self._encode_negative(text)
         self.negative_prompt = text
-        self.stream.set_negative_embeds(self._negative)
+        self.stream.set_negative_embeds(self._negative, self.frames_for(transition_s))
 
     def set_guidance(self, scale: float) -> None:
         """Classifier-free guidance scale (1: none, the original's default; above 1 the negative
@@ -455,7 +504,7 @@ class FramePipeline:
         self.guidance_scale = float(scale)
         self._rewarm = True
 
-    def set_text_style(self, template: str | None, clip_skip: int, encoded: dict | None = None) -> None:
+    def set_text_style(self, template: str | None, clip_skip: int, encoded: dict | None = None, transition_s: float = 0.0) -> None:
         """A style's prompt template and clip skip; the prompts are encoded again. ``encoded``:
         {(text, clip_skip): embeddings} computed ahead with the text encoder's weights of now (a
         style prepared beside the stream, see StyleManager.prepare); a text not in it is encoded here."""
@@ -463,8 +512,8 @@ class FramePipeline:
         self.template, self.clip_skip = template, clip_skip
         self._encoded_ahead = encoded
         try:
-            self.set_prompt(self.prompt)
-            self.set_negative_prompt(self.negative_prompt)
+            self.set_prompt(self.prompt_blend or self.prompt, transition_s)
+            self.set_negative_prompt(self.negative_prompt, transition_s)
         except Exception:
             self.template, self.clip_skip = old
             raise
@@ -477,9 +526,46 @@ class FramePipeline:
         self._schedule_args = (num_inference_steps, t_index_list, strength)
         self._rewarm = True
 
-    def set_seed(self, seed: int) -> None:
+    def set_style_image(self, image_embeds: torch.Tensor | None) -> None:
+        """A style picture (its CLIP image embedding ``[1, dim]``, computed beside the stream: see
+        :func:`~..models.ip_adapter.encode_picture`), or None to drop it; swapped in between frames.
+        Needs an IP-Adapter loaded into the UNet. With guidance above 1 the unconditional branch gets
+        the tokens of a zero embedding (as diffusers' IP-Adapter pipelines do)."""
+        from ..models.ip_adapter import image_tokens
+
+        if image_embeds is None:
+            self._image_tokens = None
+            self.stream.set_image_tokens(None)
+            return
+        cond = image_tokens(self.comps.unet, image_embeds)[0]
+        uncond = image_tokens(self.comps.unet, torch.zeros_like(image_embeds))[0]
+        self._image_tokens = (cond, uncond)
+        self.stream.set_image_tokens(cond, uncond)
+
+    def set_style_image_scale(self, scale: float) -> None:
+        """How strongly the style picture steers (0 to 1 as trained; read by the adapter each call)."""
+        from ..models.ip_adapter import set_ip_adapter_scale
+
+        if not 0.0 <= scale <= 2.0:
+            raise ConfigError(f"style image scale must be 0 to 2, got {scale:g}")
+        set_ip_adapter_scale(self.comps.unet, scale)
+
+    def set_seed(self, seed: int, transition_s: float = 0.0) -> bool:
+        """A new seed. At once (``transition_s`` 0): the generator is reseeded (the controller then
+        re-warms the stream, see :meth:`request_reset`); returns False. With a transition, on a warm
+        stream: the stream's noise moves from the old seed's draws to the new one's over that time,
+        its norm kept (see :func:`~.stream.blend_noise`), with no re-warm; returns True."""
+        frames = self.frames_for(transition_s)
+        if frames and not self.warming_up and self.temporal:
+            old = torch.Generator(device=self.generator.device)
+            old.set_state(self.generator.get_state())
+            self.generator.manual_seed(seed)
+            self.seed = seed
+            self.stream.fade_seed(old, frames)
+            return True
         self.seed = seed
         self.generator.manual_seed(seed)
+        return False
 
     def request_reset(self) -> None:
         """Re-warm on the most recent frames at the next push (a clean cache, no visible gap)."""
@@ -650,7 +736,7 @@ class FramePipeline:
         x = torch.cat(images)
         clean, depth = self._encode_with_depth(x, self._depth_images(x))
         x_t = self.stream.add_noise(clean)
-        self.stream.prepare(x_t, depth, self._embeds)
+        self.stream.prepare(x_t, depth)  # the stream's text as it is (a transition may be under way)
 
     def _step(self, x: torch.Tensor) -> torch.Tensor:
         with self._stage("depth"):
@@ -673,6 +759,7 @@ class FramePipeline:
     def push(self, frame: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """Feed one frame; returns the frames that became ready, as (input index, RGB image)."""
         frame = check_frame(frame)
+        self._note_arrival()
         ready: list[tuple[int, np.ndarray]] = []
         if self._rewarm:
             ready += self._apply_rewarm()
@@ -782,3 +869,16 @@ class FramePipeline:
             self._rewarm_from_history = True
         self._rewarm = False
         return lost
+
+
+def _prompt_fields(prompt) -> tuple[str, list[tuple[str, float]] | None]:
+    """(the prompt as one line, the normalised blend or None) for a text or a blend."""
+    if isinstance(prompt, str):
+        return prompt, None
+    try:
+        blend = normalise(prompt)
+    except BlendError as exc:
+        raise ConfigError(str(exc)) from None
+    if len(blend) == 1:
+        return blend[0][0], None
+    return format_notation(blend), blend

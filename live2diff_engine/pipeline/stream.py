@@ -15,6 +15,8 @@ With classifier-free guidance (a scale above 1) the batch and the cache rows dou
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import ConfigError
@@ -31,6 +33,63 @@ def warmup_causal_mask(num_frames: int, sink: int, device=None) -> torch.Tensor:
     i = torch.arange(num_frames, device=device)
     allowed = (i[None, :] < sink) | ((i[:, None] >= sink) & (i[None, :] <= i[:, None]))
     return torch.zeros(num_frames, num_frames, device=device).masked_fill(~allowed, float("-inf"))
+
+
+def ease(x: float) -> float:
+    """Smoothstep: 0 at 0, 1 at 1, rising monotonically, with no kink at either end (the look
+    starts and stops moving gently rather than at full speed)."""
+    x = min(max(x, 0.0), 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+class _Fade:
+    """A branch's text on its way from ``start`` (the rows as they were when the change came) to
+    the branch's target, over ``frames`` stream calls; ``done`` calls made so far.
+
+    The interpolation is linear in embedding space (``torch.lerp``), with the weight eased by
+    :func:`ease`. Linear because the UNet's cross attention takes its keys and values from the
+    text by linear maps: a linear path between two embeddings is a linear path between their
+    keys and values, it ends exactly on the new prompt, and it is the same operation as a weighted
+    blend, so a transition between two blends is a blend at every frame. (Spherical interpolation
+    keeps norms, which matters for Gaussian noise, see :func:`blend_noise`; CLIP's output tokens
+    come out of a final layer norm, so their norms differ little and a lerp shrinks them little.)"""
+
+    __slots__ = ("start", "frames", "done")
+
+    def __init__(self, start, frames: int, done: int = 0):
+        self.start, self.frames, self.done = start, max(int(frames), 1), done
+
+    def weight(self) -> float:
+        return ease((self.done + 1) / self.frames)
+
+
+class _SeedFade(_Fade):
+    """The old seed's generator (kept in ``start``), fading out over ``frames`` calls."""
+
+    __slots__ = ()
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.start
+
+
+def blend_noise(a: torch.Tensor, b: torch.Tensor, w: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gaussian noise ``a`` moved towards ``b`` by ``w`` (0: ``a``, 1: ``b``) along the quarter
+    circle ``cos(w pi/2) a + sin(w pi/2) b``: for independent standard normal draws the mix is
+    standard normal too (its variance is cos^2 + sin^2 = 1), where a linear mix would shrink it by
+    up to half at the midpoint. The result is then scaled to the norm ``(1 - w)|a| + w|b|``, so its
+    norm moves from the one to the other exactly. On the device, no host synchronisation; ``out``
+    may be ``b``."""
+    theta = w * math.pi / 2
+    c, s = math.cos(theta), math.sin(theta)
+    na, nb = torch.linalg.vector_norm(a.float()), torch.linalg.vector_norm(b.float())
+    want = (1.0 - w) * na + w * nb
+    mixed = a * c + b * s
+    have = torch.linalg.vector_norm(mixed.float())
+    scale = torch.where(have > 0, want / have.clamp_min(1e-30), torch.ones_like(have)).to(mixed.dtype)
+    if out is None:
+        return mixed.mul_(scale)
+    return torch.mul(mixed, scale, out=out)
 
 
 class StreamPipeline:
@@ -99,6 +158,13 @@ class StreamPipeline:
         self._text: torch.Tensor | None = None  # [branches * T, tokens, dim]: prompt rows, then negative rows
         self._prompt: torch.Tensor | None = None  # [1, tokens, dim] as last set
         self._negative: torch.Tensor | None = None  # [1, tokens, dim] for the unconditional branch
+        # With an IP-Adapter: the image tokens, [branches * T, 1, tokens, dim] (None: no picture).
+        self._image: torch.Tensor | None = None
+        # A text transition per branch (0: the prompt, 1: the negative prompt), or None: see _Fade.
+        self._fades: list[_Fade | None] = [None, None]
+        # A seed transition: the old seed's generator, fading out over a number of calls (see fade_seed).
+        self._seed_fade: _SeedFade | None = None
+        self._noise_old: torch.Tensor | None = None  # the old seed's step noise, drawn beside _noise
         self.last_model_pred: torch.Tensor | None = None
         self.last_x0_batch: torch.Tensor | None = None
 
@@ -123,7 +189,12 @@ class StreamPipeline:
         return call < self.lag
 
     def randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+        noise = torch.randn(shape, generator=self.generator, device=self.device, dtype=self.dtype)
+        fade = self._seed_fade
+        if fade is not None:
+            old = torch.randn(shape, generator=fade.generator, device=self.device, dtype=self.dtype)
+            blend_noise(old, noise, fade.weight(), out=noise)
+        return noise
 
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Noise clean latents to the first (noisiest) step: ``alpha_0 * x + beta_0 * noise``."""
@@ -150,30 +221,109 @@ class StreamPipeline:
             raise ConfigError(f"{what} embeddings must have batch 1, got shape {tuple(emb.shape)}")
         return emb
 
+    def _target(self, branch: int) -> torch.Tensor | None:
+        return self._prompt if branch == 0 else self._negative
+
     def _write_text(self) -> None:
         T = self.steps
         if self._text is None or self._text.shape[1:] != self._prompt.shape[1:]:
             self._text = torch.zeros(self.branches * T, *self._prompt.shape[1:], device=self.device, dtype=self.dtype)
-        self._text[:T].copy_(self._prompt.expand(T, -1, -1))
-        if self.branches > 1 and self._negative is not None:
-            if self._negative.shape[1:] != self._prompt.shape[1:]:
-                raise ConfigError(f"negative prompt embeddings {tuple(self._negative.shape)} do not match the prompt's {tuple(self._prompt.shape)}")
-            self._text[T:].copy_(self._negative.expand(T, -1, -1))
+            self._fades = [None, None]  # a new buffer: nothing to move from
+        if self.branches > 1 and self._negative is not None and self._negative.shape[1:] != self._prompt.shape[1:]:
+            raise ConfigError(f"negative prompt embeddings {tuple(self._negative.shape)} do not match the prompt's {tuple(self._prompt.shape)}")
+        for branch in range(self.branches):
+            self._write_branch(branch)
 
-    def set_prompt_embeds(self, prompt_embeds: torch.Tensor) -> None:
+    def _write_branch(self, branch: int) -> None:
+        """The branch's text rows as they stand: its target, or where its transition is now. In
+        place: the buffer a compiled or captured call reads stays the same tensor."""
+        target, T = self._target(branch), self.steps
+        if target is None:
+            return
+        rows = self._text[branch * T : (branch + 1) * T]
+        fade = self._fades[branch]
+        if fade is None:
+            rows.copy_(target.expand(T, -1, -1))
+        else:
+            torch.lerp(fade.start.expand(T, -1, -1), target.expand(T, -1, -1), fade.weight(), out=rows)
+
+    def _fade_to(self, branch: int, new: torch.Tensor, frames: int) -> None:
+        """Set a branch's text: at once (``frames`` 0, exactly as ever), or moving there from where
+        it is now over ``frames`` stream calls. A change during a transition starts from the blend
+        of that moment."""
+        old = self._target(branch)
+        T = self.steps
+        moving = (frames > 0 and old is not None and self._text is not None and old.shape == new.shape
+                  and branch < self.branches)
+        start = self._text[branch * T : branch * T + 1].clone() if moving else None
+        if branch == 0:
+            self._prompt = new
+        else:
+            self._negative = new
+        self._fades[branch] = _Fade(start, int(frames)) if moving else None
+
+    @property
+    def in_transition(self) -> bool:
+        """Whether a text or seed transition is under way."""
+        return any(f is not None for f in self._fades) or self._seed_fade is not None
+
+    def transition_progress(self) -> float | None:
+        """How far the slowest transition under way has come (0 to 1), or None when none is."""
+        going = [f.done / f.frames for f in (*self._fades, self._seed_fade) if f is not None]
+        return min(going) if going else None
+
+    def _advance(self) -> None:
+        """One stream call on: every transition under way moves one step (between calls, never
+        inside one: the call reads the buffers as they are)."""
+        for branch, fade in enumerate(self._fades):
+            if fade is None:
+                continue
+            fade.done += 1
+            if fade.done >= fade.frames:
+                self._fades[branch] = None
+            self._write_branch(branch)
+        if self._seed_fade is not None:
+            self._seed_fade.done += 1
+            if self._seed_fade.done >= self._seed_fade.frames:
+                self._seed_fade = self._noise_old = None
+
+    def set_prompt_embeds(self, prompt_embeds: torch.Tensor, frames: int = 0) -> None:
         """Swap the text conditioning (``[1, tokens, dim]``) between frames; no re-warmup, no
-        recompile (written into the same buffer)."""
-        self._prompt = self._embeds(prompt_embeds, "prompt")
+        recompile (written into the same buffer). ``frames`` > 0: move there from the text of now
+        over that many stream calls (see :class:`_Fade`)."""
+        self._fade_to(0, self._embeds(prompt_embeds, "prompt"), frames)
         self._write_text()
 
     update_prompt = set_prompt_embeds
 
-    def set_negative_embeds(self, negative_embeds: torch.Tensor) -> None:
+    def set_negative_embeds(self, negative_embeds: torch.Tensor, frames: int = 0) -> None:
         """The unconditional branch's text (the negative prompt, or the empty prompt); used when the
-        guidance scale is above 1. Swappable between frames like the prompt."""
-        self._negative = self._embeds(negative_embeds, "negative prompt")
+        guidance scale is above 1. Swappable between frames like the prompt, with a transition too."""
+        self._fade_to(1, self._embeds(negative_embeds, "negative prompt"), frames)
         if self._prompt is not None:
             self._write_text()
+
+    def continue_text_from(self, other: "StreamPipeline") -> None:
+        """Take over another stream's text and any transition it has under way (a re-warm makes a
+        new stream: a transition goes on through it instead of jumping to its end)."""
+        if other._prompt is None:
+            return
+        self._prompt, self._negative = other._prompt, other._negative
+        self._write_text()
+        if other._text is not None and other._text.shape[1:] == self._text.shape[1:]:
+            self._fades = [None if f is None else _Fade(f.start, f.frames, f.done) for f in other._fades]
+            for branch in range(self.branches):
+                self._write_branch(branch)
+        if other._seed_fade is not None:
+            f = other._seed_fade
+            self._seed_fade = _SeedFade(f.generator, f.frames, f.done)
+
+    def fade_seed(self, old_generator: torch.Generator, frames: int) -> None:
+        """Move the stream's noise from ``old_generator``'s draws to ``self.generator``'s over
+        ``frames`` calls: every draw comes from both, mixed by :func:`blend_noise` with a weight
+        that goes from 0 to 1, so the noise keeps its norm and its distribution all the way."""
+        self._seed_fade = _SeedFade(old_generator, int(frames)) if frames > 0 else None
+        self._noise_old = None
 
     def _text_batch(self) -> torch.Tensor:
         if self._text is None:
@@ -184,7 +334,31 @@ class StreamPipeline:
 
     def _call_args(self) -> tuple:
         return (self._latents, self._depth, self._text_batch(), self.timesteps, self.alpha, self.beta, self.c_skip,
-                self.c_out, self._noise, self._carry, self._guidance, self._row, self._tables)
+                self.c_out, self._noise, self._carry, self._guidance, self._row, self._image, self._tables)
+
+    def set_image_tokens(self, tokens: torch.Tensor | None, uncond: torch.Tensor | None = None) -> None:
+        """A style picture's IP-Adapter image tokens (``[1, 1, tokens, dim]``, see
+        :func:`~..models.ip_adapter.image_tokens`), or None for none; between frames. Written into
+        the same buffer while its shape holds (a compiled or captured step reads the new picture
+        without compiling again; the first picture of a stream, or None after one, changes the
+        call's inputs and compiles once). ``uncond``: the unconditional branch's tokens with
+        guidance above 1 (default: the same picture, so guidance acts on the text only)."""
+        if tokens is None:
+            self._image = None
+            return
+        T = self.steps
+        tokens = tokens.to(device=self.device, dtype=self.dtype)
+        if tokens.dim() != 4 or tokens.shape[:2] != (1, 1):
+            raise ConfigError(f"image tokens must have shape [1, 1, tokens, dim], got {tuple(tokens.shape)}")
+        if self._image is None or self._image.shape[2:] != tokens.shape[2:]:
+            self._image = torch.zeros(self.branches * T, *tokens.shape[1:], device=self.device, dtype=self.dtype)
+        self._image[:T].copy_(tokens.expand(T, -1, -1, -1))
+        if self.branches > 1:
+            other = tokens if uncond is None else uncond.to(device=self.device, dtype=self.dtype)
+            self._image[T:].copy_(other.expand(T, -1, -1, -1))
+
+    def _image_rows(self, start: int) -> list[torch.Tensor] | None:
+        return None if self._image is None else [self._image[start : start + 1]]
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Everything a stream carries from one call to the next, besides the call count: the
@@ -234,10 +408,10 @@ class StreamPipeline:
         ctx_of = [SequenceContext(num_frames=self.sink, mask=None, cache_row=s) for s in range(T)]
         x0 = x
         for s in range(T):
-            eps = self.unet(x, self.timesteps[s : s + 1], text[:1], depth, ctx_of[s])
+            eps = self.unet(x, self.timesteps[s : s + 1], text[:1], depth, ctx_of[s], image_tokens=self._image_rows(0))
             if self.branches > 1:  # the unconditional branch fills its own cache row T + s
                 ctx = SequenceContext(num_frames=self.sink, mask=None, cache_row=T + s)
-                uncond = self.unet(x, self.timesteps[s : s + 1], text[T : T + 1], depth, ctx)
+                uncond = self.unet(x, self.timesteps[s : s + 1], text[T : T + 1], depth, ctx, image_tokens=self._image_rows(T))
                 eps = uncond + self.guidance_scale * (eps - uncond)
             x0 = self._x0(eps, x, self.alpha[s], self.beta[s], self.c_skip[s], self.c_out[s])
             if s < T - 1:
@@ -263,9 +437,9 @@ class StreamPipeline:
         x0 = x
         for s in range(T):
             t = self.timesteps[s : s + 1]
-            eps = self.unet(x, t, text[:1], depth, alone)
+            eps = self.unet(x, t, text[:1], depth, alone, image_tokens=self._image_rows(0))
             if self.branches > 1:
-                uncond = self.unet(x, t, text[T : T + 1], depth, alone)
+                uncond = self.unet(x, t, text[T : T + 1], depth, alone, image_tokens=self._image_rows(T))
                 eps = uncond + self.guidance_scale * (eps - uncond)
             x0 = self._x0(eps, x, self.alpha[s], self.beta[s], self.c_skip[s], self.c_out[s])
             if s < T - 1:
@@ -287,10 +461,18 @@ class StreamPipeline:
         if T > 1:
             if noise is None:
                 self._noise.normal_(generator=self.generator)
+                fade = self._seed_fade
+                if fade is not None:
+                    if self._noise_old is None:
+                        self._noise_old = torch.empty_like(self._noise)
+                    self._noise_old.normal_(generator=fade.generator)
+                    blend_noise(self._noise_old, self._noise, fade.weight(), out=self._noise)
             else:
                 self._noise.copy_(noise)
         self._row.fill_(self.bookkeeping.index(self.calls))
         eps, x0 = self._accel(*self._call_args())
+        if self._fades[0] is not None or self._fades[1] is not None or self._seed_fade is not None:
+            self._advance()
         if T > 1:  # the next call's rows 1..T-1: this call's rows 0..T-2 one step further, same depth
             self._latents[1:].copy_(self._carry)
             self._depth_prev.copy_(self._depth[:-1])
