@@ -28,6 +28,7 @@ class PacedSource(Source):
         self.fps = fps
         self.name = "paced synthetic"
         self._next = None
+        self.count = 0  # frames read so far: a paused output is one of the first `count` frames of the pattern
 
     def frame_size(self):
         return self.inner.frame_size()
@@ -39,6 +40,7 @@ class PacedSource(Source):
         if self._next > now:
             time.sleep(self._next - now)
         self._next = max(self._next + 1.0 / self.fps, time.monotonic() - 1.0)
+        self.count += 1
         return self.inner.read()
 
 
