@@ -1,4 +1,5 @@
-"""Style-weight downloads against a real local HTTP server: progress, resume, token handling."""
+"""Downloads against a real local HTTP server: style weights (progress, resume, token handling) and a
+hub model through huggingface_hub (a cut transfer resumed)."""
 
 import http.server
 import threading
