@@ -1,4 +1,5 @@
-"""Style-weight downloads against a real local HTTP server: progress, resume, token handling."""
+"""Downloads against a real local HTTP server: style weights (progress, resume, token handling) and a
+hub model through huggingface_hub (a cut transfer resumed)."""
 
 import http.server
 import threading
@@ -111,3 +112,84 @@ def test_https_downloads_trust_certifis_roots(tmp_path, monkeypatch):
         assert done.read_bytes() == PAYLOAD
     finally:
         httpd.shutdown()
+
+
+# -- hub downloads: huggingface_hub against a local stand-in for the hub ------------------------------
+
+HUB_FILE = bytes(range(251)) * 100_000  # 25 MB; 251 so that a resume from the wrong offset shows
+# huggingface_hub writes what arrives in 10 MiB pieces (constants.DOWNLOAD_CHUNK_SIZE): a cut loses the
+# piece under way, so the resume starts at the last whole piece. The cut comes after one and a half.
+HUB_CUT = 15 << 20
+
+
+class HubHandler(http.server.BaseHTTPRequestHandler):
+    """What `hf_hub_download` asks of the hub for one file: HEAD (commit, etag, size), then GET,
+    with Range when it resumes. The first GET is cut at HUB_CUT."""
+
+    protocol_version = "HTTP/1.1"
+    gets: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def _headers(self, status, length, extra=()):
+        self.send_response(status)
+        self.send_header("Content-Length", str(length))
+        self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+        self.send_header("ETag", '"5e1f2b0c0ffee"')
+        for k, v in extra:
+            self.send_header(k, v)
+
+    def do_HEAD(self):
+        if self.path.endswith("/resolve/main/live2diff.ckpt"):
+            self._headers(200, len(HUB_FILE))
+        else:
+            self.send_response(200 if self.path == "/" else 404)
+            self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self):
+        if not self.path.endswith("/resolve/main/live2diff.ckpt"):
+            self.send_error(404)
+            return
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        body = HUB_FILE[start:]
+        HubHandler.gets.append((rng, len(body) if HubHandler.gets else HUB_CUT))
+        if rng:
+            self._headers(206, len(body), [("Content-Range", f"bytes {start}-{len(HUB_FILE) - 1}/{len(HUB_FILE)}")])
+        else:
+            self._headers(200, len(body))
+        self.end_headers()
+        if len(HubHandler.gets) == 1:  # the connection drops part of the way in
+            self.wfile.write(body[:HUB_CUT])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+def test_a_cut_hub_download_resumes_from_the_bytes_it_has(tmp_path):
+    """`models download` through huggingface_hub, HF_ENDPOINT pointed at a local server: after the
+    connection drops mid-file the download goes on with a Range request from the bytes it kept,
+    and the file in the cache is the whole file, byte for byte."""
+    from conftest import run_cli
+
+    HubHandler.gets = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_DISABLE_XET": "1",
+               "HF_ENDPOINT": f"http://127.0.0.1:{httpd.server_address[1]}"}
+        result = run_cli("models", "download", "live2diff", env=env, timeout=120)
+    finally:
+        httpd.shutdown()
+    assert result.returncode == 0, result.stderr
+    path = result.stdout.strip().splitlines()[-1].removeprefix("live2diff: ")
+    with open(path, "rb") as f:
+        assert f.read() == HUB_FILE
+    assert len(HubHandler.gets) == 2 and HubHandler.gets[0] == (None, HUB_CUT), HubHandler.gets
+    rng, sent = HubHandler.gets[1]
+    assert rng is not None, "the second request starts the file over"
+    start = int(rng.removeprefix("bytes=").removesuffix("-"))
+    assert 0 < start <= HUB_CUT and sent == len(HUB_FILE) - start, HubHandler.gets

@@ -100,3 +100,54 @@ def test_connect_stops_on_ctrl_c_while_streaming_and_its_session_ends_on_the_ser
             proc.kill()
             proc.wait()
         server.stop()
+
+
+def test_connect_on_ctrl_c_publishes_the_frames_still_on_their_way_back(tmp_path):
+    """The frames in flight when Ctrl-C comes are published, not dropped. The server is frozen
+    (SIGSTOP) while frames flow, so the frames connect has sent wait on the server's side and
+    nothing comes back; once connect's count of published frames stands still, connect gets
+    SIGINT and only then the server goes on (SIGCONT). What it sends back now is what was in
+    flight at the stop: connect publishes it before it ends (its --stats on exit counts more
+    frames out than it had at the stop)."""
+    import re
+    import urllib.request
+
+    server = Server()
+    lines: list[str] = []
+    stats = tmp_path / "stats.json"
+    proc = spawn_cli("connect", server.url, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
+                     "--sink", "null", "--api-port", "0", "--stats", str(stats))
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    log = lambda: "".join(lines) + "\n--- server ---\n" + server.log()  # noqa: E731
+    frozen = False
+    try:
+        wait_until(lambda: any("control: output for OBS" in l for l in lines), "connect's local API", log)
+        api = re.search(r"(http://127\.0\.0\.1:\d+)/stream\.mjpg", "".join(lines)).group(1)
+
+        def published():
+            with urllib.request.urlopen(api + "/api/status", timeout=WAIT) as resp:
+                return json.loads(resp.read()).get("frames_out", 0)
+
+        wait_until(lambda: published() > 10, "frames back through the remote engine", log)
+        server.proc.send_signal(signal.SIGSTOP)
+        frozen = True
+        before, still = published(), 0
+        while still < 10:  # 1 s with no frame published: what came back before the freeze is out
+            time.sleep(0.1)
+            now = published()
+            still, before = (still + 1, before) if now == before else (0, now)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)  # the stop is under way before anything more can come back
+        server.proc.send_signal(signal.SIGCONT)
+        frozen = False
+        rc = proc.wait(WAIT)
+        assert rc == 0, log()
+        after = json.loads(stats.read_text())["frames_out"]
+        assert after > before, f"{before} frames published at the stop, {after} at the end\n{log()}"
+    finally:
+        if frozen:
+            server.proc.send_signal(signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()

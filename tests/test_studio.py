@@ -41,9 +41,9 @@ def server():
     s.stop()
 
 
-def studio_browser(tmp_path_factory, network_log: bool = False):
+def studio_browser(tmp_path_factory, network_log: bool = False, extra_args=()):
     """A headless Chromium with the fake camera; ``network_log``: its log of every request sent
-    (``driver.get_log("performance")``)."""
+    (``driver.get_log("performance")``); ``extra_args``: more command-line switches."""
     _need_browser()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -56,7 +56,7 @@ def studio_browser(tmp_path_factory, network_log: bool = False):
                 # 127.0.0.1 among the page's ICE candidates (Chromium leaves loopback out otherwise):
                 # the engine takes only loopback candidates in the tests (LIVE2DIFF_ICE_LOOPBACK).
                 "--allow-loopback-in-peer-connection",
-                "--window-size=900,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+                "--window-size=900,900", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}", *extra_args):
         opts.add_argument(arg)
     if network_log:
         opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})

@@ -1,6 +1,7 @@
 """Model manager: every model is a local path or a Hugging Face hub id, resolved to a local folder.
 
-Hub models are cached by huggingface_hub (resumable downloads with progress bars). Offline, or
+Hub models are cached by huggingface_hub (progress bars; a dropped connection is resumed within
+the run, from the last whole 10 MiB piece; a stopped run's partial file is not kept). Offline, or
 when a download fails, a missing model is one line: what is missing, where it was looked for,
 and the command that fetches it.
 
