@@ -290,6 +290,21 @@ def test_media_flows_in_a_network_namespace_with_loopback_only(tmp_path):
 
 # -- frame identity under loss: real connect and serve through the relay --------------------------
 
+def test_the_rtp_clock_reads_the_timestamp_on_the_wire_and_counts_a_foreign_sender_from_its_first_frame():
+    from live2diff_engine.remote.media import RtpClock
+
+    c = RtpClock()  # a sender on the shared clock whose first 30 frames were lost: they keep their numbers
+    assert [c.map(t) for t in (90_000, 93_000, 87_000, 96_000)] == [90_000, 93_000, 87_000, 96_000]
+    c = RtpClock()  # 13 hours on: past the 32-bit wrap, and an old frame from before it
+    top = (1 << 32) - 3000
+    steps = (0, 1 << 30, 1 << 31, 3 << 30, top, 1000, top)
+    assert [c.map(t) for t in steps] == [0, 1 << 30, 1 << 31, 3 << 30, top, (1 << 32) + 1000, top]
+    c = RtpClock()  # a foreign sender near the wrap
+    assert [c.map(t) for t in (top - 3000, top, 1000)] == [0, 3000, 7000]
+    c = RtpClock()  # a random origin (a browser, an older peer): counted from the first frame that arrives
+    assert [c.map(t) for t in (3_000_000_000, 3_000_003_000, 3_000_000_000)] == [0, 3000, 0]
+
+
 def _connect_through(server, faults: Faults, tmp_path, name: str, frames: int = 90):
     """`connect` (synthetic camera, 10 fps) through a relay with ``faults`` to ``server``, for
     ``frames`` frames: (the per-second capture-to-publish medians in ms, connect's stderr, the

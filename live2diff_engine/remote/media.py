@@ -224,10 +224,16 @@ def install_prompt_jitter_buffer() -> None:
     receiver._handle_rtp_packet = handle_and_drain
 
 
+SHARED_CLOCK_LIMIT = CLOCK * 600  # a first RTP timestamp past 10 min: a sender with its own random origin
+
+
 class RtpClock:
     """A video receiver's RTP timestamps as pts: the timestamp itself, carried past its 32-bit
     wrap (in place of aiortc's TimestampMapper, which counts from the first frame that arrives and
-    takes any frame older than the one before for a wrap)."""
+    takes any frame older than the one before for a wrap). A sender that is not on the shared
+    clock (a browser, OBS, a `connect` or `serve` from before it) shows itself by a first timestamp
+    past SHARED_CLOCK_LIMIT (a random 32-bit origin is, 99 times in 100): its frames are counted
+    from the first one that arrives, as aiortc did."""
 
     def __init__(self):
         self._last: int | None = None  # the newest timestamp seen
@@ -235,8 +241,8 @@ class RtpClock:
 
     def map(self, timestamp: int) -> int:
         if self._last is None:
-            self._last, self._value = timestamp, timestamp
-            return timestamp
+            self._last, self._value = timestamp, timestamp if timestamp < SHARED_CLOCK_LIMIT else 0
+            return self._value
         step = (timestamp - self._last + (1 << 31)) % (1 << 32) - (1 << 31)  # the nearest way, wrap or not
         value = self._value + step
         if step > 0:
@@ -252,8 +258,8 @@ def install_shared_rtp_clock() -> None:
     random 32-bit origin), the other half of :class:`RtpClock`: both ends of a connect/serve
     session then agree on every frame's pts from the wire alone, whichever frames are lost.
     (A random origin guards plain RTP against known-plaintext attacks; WebRTC's media is SRTP.)
-    A peer that is not ours (a browser, OBS) keeps its own origin: serve echoes its pts as they
-    come, which is all it needs."""
+    A peer that is not on this clock (a browser, OBS, an older `connect` or `serve`) is counted
+    from its first frame that arrives, as before (:class:`RtpClock`)."""
     global _zero_origin
     import contextvars
 
