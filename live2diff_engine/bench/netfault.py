@@ -41,6 +41,9 @@ class Faults:
     burst: float = 1.0
     reorder: float = 0.0  # the share held back one more delay + jitter + 5 ms (arriving after later ones)
     outages: list[tuple[float, float]] = field(default_factory=list)  # (start s after the first datagram, length s)
+    # Video frames whose RTP packets (retransmissions too) never get through on the way up:
+    # (first, count), numbered from 0 in the order their RTP timestamps first pass the relay.
+    up_frames_lost: list[tuple[int, int]] = field(default_factory=list)
     seed: int | None = None
 
     def describe(self) -> str:
@@ -50,6 +53,7 @@ class Faults:
         if self.reorder:
             parts.append(f"reorder {self.reorder * 100:g} %")
         parts += [f"outage {s:g}+{d:g} s" for s, d in self.outages]
+        parts += [f"video frames {a}-{a + n - 1} lost on the way up" for a, n in self.up_frames_lost if n > 0]
         return ", ".join(parts)
 
 
@@ -76,14 +80,33 @@ class _Face(asyncio.DatagramProtocol):
 class Direction:
     """One way through the relay: the faults, applied datagram by datagram."""
 
-    def __init__(self, faults: Faults, rng: random.Random, clock):
-        self.faults, self.rng, self.clock = faults, rng, clock
+    def __init__(self, faults: Faults, rng: random.Random, clock, up: bool = False):
+        self.faults, self.rng, self.clock, self.up = faults, rng, clock, up
         self.counts = Counts()
         self._in_burst = 0
+        self._frame_of: dict[int, int] = {}  # RTP timestamp -> the frame's number (up_frames_lost)
 
-    def fate(self) -> float | None:
+    def _lost_frame(self, data: bytes) -> bool:
+        """Whether ``data`` is an RTP packet of a video frame that ``up_frames_lost`` names. The RTP
+        header is in the clear under SRTP (RFC 3711); RTCP (RFC 5761: second byte 192-223), DTLS,
+        STUN and the data channel are none of its business."""
+        spans = self.faults.up_frames_lost if self.up else ()
+        if not spans or len(data) < 12 or data[0] >> 6 != 2 or 192 <= data[1] <= 223:
+            return False
+        ts = int.from_bytes(data[4:8], "big")
+        number = self._frame_of.get(ts)
+        if number is None:
+            if len(self._frame_of) >= max(a + n for a, n in spans):
+                return False  # past every span: nothing more to number
+            number = self._frame_of[ts] = len(self._frame_of)
+        return any(a <= number < a + n for a, n in spans)
+
+    def fate(self, data: bytes = b"") -> float | None:
         """Seconds to hold this datagram, or None to drop it."""
         f, now = self.faults, self.clock()
+        if self._lost_frame(data):
+            self.counts.lost += 1
+            return None
         if now is not None and any(start <= now < start + length for start, length in f.outages):
             self.counts.cut += 1
             return None
@@ -114,7 +137,7 @@ class Link:
     def __init__(self, relay: "Relay", client_addr: tuple[str, int]):
         self.relay, self.client_addr = relay, client_addr
         self.server_addr: tuple[str, int] | None = None
-        self.up = Direction(relay.faults, relay.rng, relay.since_first)  # client -> server
+        self.up = Direction(relay.faults, relay.rng, relay.since_first, up=True)  # client -> server
         self.down = Direction(relay.faults, relay.rng, relay.since_first)  # server -> client
         self.to_client = self.to_server = None  # the two faces (transports)
 
@@ -140,7 +163,7 @@ class Link:
 
     def _pass(self, direction: Direction, out, data, addr):
         self.relay.saw_datagram()
-        hold = direction.fate()
+        hold = direction.fate(data)
         if hold is None:
             return
         if hold <= 0:

@@ -336,7 +336,7 @@ class RemotePipeline:
                     raise MediaStreamError
                 image, index = item
                 if state["base"] is None:
-                    state["base"] = index  # the server counts pts from the first frame it gets
+                    state["base"] = index  # this connection's pts 0 (the RTP timestamp on the wire: media.py)
                 return to_video_frame(image, (index - state["base"]) * PERIOD)
 
         pc = RTCPeerConnection(rtc_configuration(self.ice_servers))

@@ -86,9 +86,10 @@ def rtc_configuration(ice_servers: list[dict]):
 
     from aiortc import RTCConfiguration, RTCIceServer
 
-    from .media import install_prompt_jitter_buffer
+    from .media import install_prompt_jitter_buffer, install_shared_rtp_clock
 
     install_prompt_jitter_buffer()
+    install_shared_rtp_clock()
     if os.environ.get(LOOPBACK_ENV, "") not in ("", "0"):
         use_loopback_candidates()
 

@@ -5,12 +5,16 @@ between the two through small locked buffers here, and everything on the loop si
 ``loop.call_soon_threadsafe``.
 
 Frame identity across the network: every video frame carries a presentation timestamp (pts) in
-the 90 kHz RTP clock. The receiving side of a peer connection counts pts from its first frame, so
-the engine's outgoing track first sends a card at pts 0 ("connected, warming up") and then every
-output at ``input pts + PTS_SHIFT``: a client that numbered its frames from pts 0 knows for each
-returned frame which of its frames it came from (``returned pts - PTS_SHIFT``), and from that the
-round trip. Frames that come from no input (a pass-through after a failure) take the newest input's
-pts, so the returned pts never go backwards.
+the 90 kHz RTP clock, and the RTP timestamp on the wire *is* that pts (see
+:func:`install_shared_rtp_clock`): aiortc would add a random origin on the sending side and count
+from the first frame that arrives on the receiving side, so a session whose first frames were lost
+on the way would number every later frame as one sent earlier. With the shared clock, frames lost
+at the start, in the middle or across a resume do not shift the numbering. The engine's outgoing
+track first sends a card at pts 0 ("connected, warming up") and then every output at
+``input pts + PTS_SHIFT``: a client that numbered its frames from pts 0 knows for each returned
+frame which of its frames it came from (``returned pts - PTS_SHIFT``), and from that the round
+trip. Frames that come from no input (a pass-through after a failure) take the newest input's pts,
+so the returned pts never go backwards.
 """
 
 from __future__ import annotations
@@ -192,6 +196,7 @@ def install_prompt_jitter_buffer() -> None:
         init(self, kind, transport)
         if kind == "video":  # before receive() hands the queue to the decoder thread
             self._RTCRtpReceiver__decoder_queue = DecodeQueue()
+            self._RTCRtpReceiver__timestamp_mapper = RtpClock()  # install_shared_rtp_clock
 
     receiver.__init__ = init_with_decode_queue
 
@@ -217,6 +222,65 @@ def install_prompt_jitter_buffer() -> None:
 
     rtcrtpreceiver.JitterBuffer = PromptJitterBuffer
     receiver._handle_rtp_packet = handle_and_drain
+
+
+SHARED_CLOCK_LIMIT = CLOCK * 600  # a first RTP timestamp past 10 min: a sender with its own random origin
+
+
+class RtpClock:
+    """A video receiver's RTP timestamps as pts: the timestamp itself, carried past its 32-bit
+    wrap (in place of aiortc's TimestampMapper, which counts from the first frame that arrives and
+    takes any frame older than the one before for a wrap). A sender that is not on the shared
+    clock (a browser, OBS, a `connect` or `serve` from before it) shows itself by a first timestamp
+    past SHARED_CLOCK_LIMIT (a random 32-bit origin is, 99 times in 100): its frames are counted
+    from the first one that arrives, as aiortc did."""
+
+    def __init__(self):
+        self._last: int | None = None  # the newest timestamp seen
+        self._value = 0  # its pts
+
+    def map(self, timestamp: int) -> int:
+        if self._last is None:
+            self._last, self._value = timestamp, timestamp if timestamp < SHARED_CLOCK_LIMIT else 0
+            return self._value
+        step = (timestamp - self._last + (1 << 31)) % (1 << 32) - (1 << 31)  # the nearest way, wrap or not
+        value = self._value + step
+        if step > 0:
+            self._last, self._value = timestamp, value
+        return value
+
+
+_zero_origin = None  # a ContextVar, True inside an RTP sender's sending task (install_shared_rtp_clock)
+
+
+def install_shared_rtp_clock() -> None:
+    """Makes the RTP timestamp of every video frame this process sends its pts (aiortc adds a
+    random 32-bit origin), the other half of :class:`RtpClock`: both ends of a connect/serve
+    session then agree on every frame's pts from the wire alone, whichever frames are lost.
+    (A random origin guards plain RTP against known-plaintext attacks; WebRTC's media is SRTP.)
+    A peer that is not on this clock (a browser, OBS, an older `connect` or `serve`) is counted
+    from its first frame that arrives, as before (:class:`RtpClock`)."""
+    global _zero_origin
+    import contextvars
+
+    from aiortc import rtcrtpsender
+
+    if _zero_origin is not None:
+        return
+    _zero_origin = contextvars.ContextVar("live2diff_zero_rtp_origin", default=False)
+    random32 = rtcrtpsender.random32
+    run_rtp = rtcrtpsender.RTCRtpSender._run_rtp
+
+    def origin_or_random32() -> int:
+        return 0 if _zero_origin.get() else random32()
+
+    async def run_rtp_from_zero(self, codec):
+        if getattr(self, "kind", None) == "video":
+            _zero_origin.set(True)  # this task's context only (the sending loop's timestamp origin)
+        return await run_rtp(self, codec)
+
+    rtcrtpsender.random32 = origin_or_random32
+    rtcrtpsender.RTCRtpSender._run_rtp = run_rtp_from_zero
 
 
 def frames_lost(pc) -> int:

@@ -445,7 +445,7 @@ class WebRtcService:
         old, session.pc = session.pc, pc
         session.resumed += 1
         # The frames still in the engine came from the old connection: their pts mean nothing on
-        # the new one (its receiver counts pts afresh), so they do not go back on it.
+        # the new one (the client counts pts afresh from its first frame on it), so they do not go back on it.
         session.pipeline.forget()
         if session.sink is not None and track is not None:
             stale, session.sink.track, session.track = session.sink.track, track, track
