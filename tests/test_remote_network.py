@@ -25,6 +25,11 @@ WAIT = 240  # generous: the 2-core machine is shared with other tests
 PORTS = (41000, 41009)
 PUBLIC = "203.0.113.7"  # a documentation address (RFC 5737): advertised, never reached
 TOKEN = "t0ken-for-the-network-tests"
+# These processes run in the test's own namespace, whose second loopback address (NETNS_ADDRESS)
+# aioice gathers like any interface's: what serve advertises (the public address, the candidate
+# types) is the thing judged, so the loopback-only mode the other tests use (conftest.py's
+# LIVE2DIFF_ICE_LOOPBACK, which makes 127.0.0.1 the only candidate and drops others) stays off here.
+NS_ENV = {k: v for k, v in os.environ.items() if k != "LIVE2DIFF_ICE_LOOPBACK"}
 
 
 def wait_until(cond, what, timeout=WAIT, log=lambda: ""):
@@ -41,7 +46,7 @@ class Proc:
         self.out: list[str] = []
         self.err: list[str] = []
         self.proc = subprocess.Popen(ns.cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})
+                                     stdin=subprocess.DEVNULL, text=True, env={**NS_ENV, **(env or {})})
         threading.Thread(target=lambda: self.err.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
         threading.Thread(target=lambda: self.out.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
 
@@ -220,7 +225,7 @@ def test_the_link_figures_are_in_connects_status_line_and_both_ends_status_and_m
         wait_until(lambda: any(re.search(r" \| link (host|srflx), rtt \d+ ms, loss [\d.]+% in", l) for l in proc.err),
                    "the status line's link part", timeout=60, log=proc.log)
         r = subprocess.run(ns.cmd(sys.executable, "-m", "live2diff_engine", "ctl", "status", "--api", api), cwd=ROOT,
-                           capture_output=True, text=True, timeout=WAIT, env={**os.environ, "LIVE2DIFF_API_TOKEN": TOKEN})
+                           capture_output=True, text=True, timeout=WAIT, env={**NS_ENV, "LIVE2DIFF_API_TOKEN": TOKEN})
         assert re.search(r"^link (host|srflx), rtt \d+ ms, .* H264$", r.stdout, re.M), r.stdout + r.stderr
         remote = get_json(ns, serve.url + "/api/status")["link"]  # serve's `ctl status` of the session
         assert remote["type"] in PAIR_TYPES and remote["codec"] == "H264" and remote["bitrate_in_kbps"] > 0, remote
