@@ -29,16 +29,22 @@ def parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-def byte_vocab() -> dict[str, int]:
-    """A CLIP-style byte-level vocabulary without merges (514 tokens): real tokenizer code, tiny table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+def byte_characters() -> list[str]:
+    """CLIP's 256 byte characters in its order: the printable bytes stand for themselves, the others
+    are mapped past 255 (so a BPE over text never meets a control or space character)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     codes, extra = printable[:], 0
     for b in range(256):
         if b not in printable:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    chars = [chr(c) for c in codes]
+    return [chr(c) for c in codes]
+
+
+def byte_vocab() -> dict[str, int]:
+    """A CLIP-style byte-level vocabulary without merges (514 tokens): real tokenizer code, tiny table."""
+    chars = byte_characters()
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}
 

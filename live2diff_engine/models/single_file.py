@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from .building import clip_tokenizer, parameters_on_meta
+from .building import byte_characters, clip_tokenizer, parameters_on_meta
 from .files import read_unet_config, read_weight_file
 
 SD15_CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "sd15"
@@ -142,14 +142,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...
     per merge in rank order, then the start and end tokens."""
     lines = gzip.decompress((SD15_CONFIG_DIR / "tokenizer" / "merges.txt.gz").read_bytes()).decode("utf-8").split("\n")
     merges = tuple(tuple(line.split()) for line in lines[1:] if line.strip())
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    chars = [chr(c) for c in codes]
+    chars = byte_characters()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, merges
 
