@@ -517,6 +517,10 @@ def test_ctl_drives_a_running_engine(comps):
         assert "* default" in r.stdout and "toonyou" in r.stdout
         r = run_cli("ctl", "style", "no-such-style", "--api", url, timeout=60)
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "unknown style" in r.stderr
+        # A style brings its own schedule and template: ctl says what it changed, not only "ok".
+        live.manager.styles["inked"] = Style("inked", "a test style", template="ink, {}", t_index_list=(25, 45))
+        r = run_cli("ctl", "style", "inked", "--api", url, timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("style inked: ") and "prompt template '{}' -> 'ink, {}'" in r.stdout, r.stdout
         r = run_cli("ctl", "strength", "lots", "--api", url, timeout=60)
         assert r.returncode == 2 and "needs a float" in r.stderr and "Traceback" not in r.stderr
         r = run_cli("ctl", "pause", "--api", url, timeout=60)

@@ -146,7 +146,7 @@ def _cmd_ctl(args) -> int:
     elif args.action == "download":
         print(f"downloading style {args.value}; `live2diff-engine ctl status` shows the progress")
     else:
-        print("ok")
+        print(reply.get("note") or "ok")  # a style says what it changed besides itself
     return 0
 
 
