@@ -151,3 +151,35 @@ def test_connect_on_ctrl_c_publishes_the_frames_still_on_their_way_back(tmp_path
             proc.kill()
             proc.wait()
         server.stop()
+
+
+def test_quit_through_connects_local_api_stops_connect_not_the_remote_engine():
+    """`quit` (what the OBS script sends to stop an engine it started) on connect's own API stops
+    connect as Ctrl-C does; it is never forwarded, so the engine behind `serve` goes on."""
+    import re
+    import urllib.request
+
+    server = Server()
+    lines: list[str] = []
+    proc = spawn_cli("connect", server.url, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
+                     "--sink", "null", "--api-port", "0")
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    log = lambda: "".join(lines) + "\n--- server ---\n" + server.log()  # noqa: E731
+    try:
+        wait_until(lambda: any("connect: streaming to" in l for l in lines), "connect to stream", log)
+        api = next(m.group(1) for l in lines if (m := re.search(r"control: output for OBS (http://127\.0\.0\.1:\d+)/", l)))
+        body = json.dumps({"app": "live2diff", "v": 1, "cmd": "quit", "id": "bye"}).encode()
+        req = urllib.request.Request(api + "/api/command", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=WAIT) as resp:
+            reply = json.loads(resp.read())
+        assert reply["ok"] and reply["id"] == "bye", reply
+        assert proc.wait(WAIT) == 0, log()
+        wait_until(lambda: sessions(server) == (1, 1), "the session to end on the server", log)
+        assert any("ended: ended by the client" in l for l in server.lines), log()
+        with urllib.request.urlopen(server.url + "/api/status", timeout=WAIT) as resp:
+            assert resp.status == 200  # serve itself is still there
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()

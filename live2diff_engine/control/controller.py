@@ -92,6 +92,31 @@ def _yield_to_the_stream() -> None:
             pass
 
 
+def quit_engine(engine, instance: str | None, cmd: Command, reply: Reply, local: bool) -> bool:
+    """``quit``: stops the engine as Ctrl-C does, through the stop the engine's signal handler makes
+    (``Engine.api_quit``: set while the engine runs its own process's main loop). Taken only from
+    this machine's local API and, where the command names an instance, from the launcher of this
+    one. Replies either way; True when the engine was told to stop."""
+    error = None
+    if not local:
+        error = "quit is taken only from this machine's local API (http://127.0.0.1)"
+    elif "instance" in cmd.args and cmd.args["instance"] != instance:
+        error = "quit refused: this is not the engine instance that was asked to stop"
+    elif engine is None:
+        error = "the engine is still starting; try again in a moment"
+    quit_now = getattr(engine, "api_quit", None)
+    if error is None and quit_now is None and not getattr(engine, "stopping", False):
+        error = "this engine cannot be stopped through its API (it runs inside another program)"
+    if error is not None:
+        reply(reply_message(cmd.id, False, error))
+        return False
+    log.warning("quit asked for through the local API: stopping")
+    reply(reply_message(cmd.id, True))
+    if quit_now is not None:
+        quit_now()
+    return True
+
+
 class Controller:
     """Owns the live settings of one engine: ``frames`` (a FramePipeline), ``manager`` (a
     StyleManager). ``engine`` and ``obs`` are attached once they exist."""
@@ -183,29 +208,11 @@ class Controller:
         return cmd
 
     def _quit(self, cmd: Command, reply: Reply, local: bool) -> Command | None:
-        """Stops the engine as Ctrl-C does, through the stop the engine's signal handler makes
-        (``Engine.api_quit``: set while the engine runs its own process's main loop)."""
-        engine = self.engine
-        error = None
-        if not local:
-            error = "quit is taken only from this machine's local API (http://127.0.0.1)"
-        elif "instance" in cmd.args and cmd.args["instance"] != self.instance:
-            error = "quit refused: this is not the engine instance that was asked to stop"
-        elif engine is None:
-            error = "the engine is still starting; try again in a moment"
-        quit_now = getattr(engine, "api_quit", None)
-        if error is None and quit_now is None and not getattr(engine, "stopping", False):
-            error = "this engine cannot be stopped through its API (it runs inside another program)"
-        if error is not None:
-            self.refused += 1  # (not logged: the reply says why, and a flood must not fill the log)
-            reply(reply_message(cmd.id, False, error))
-            return None
-        self.accepted += 1
-        log.warning("quit asked for through the local API: stopping")
-        reply(reply_message(cmd.id, True))
-        if quit_now is not None:
-            quit_now()
-        return cmd
+        if quit_engine(self.engine, self.instance, cmd, reply, local):
+            self.accepted += 1
+            return cmd
+        self.refused += 1  # (not logged: the reply says why, and a flood must not fill the log)
+        return None
 
     # -- applying (the inference thread, between frames) --------------------------------------
 

@@ -20,13 +20,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import queue
 import sys
 import threading
 import time
 import urllib.parse
 
-from ..control.schema import CommandError, decode, message_id, reply_message, status_message
+from ..control.controller import quit_engine
+from ..control.schema import INSTANCE_ENV, CommandError, decode, message_id, parse_command, reply_message, status_message
 from ..errors import ConfigError, UserError
 
 log = logging.getLogger("live2diff.connect")
@@ -587,6 +589,7 @@ class ForwardingController:
         self.api_token = None
         self.stream_clients = None
         self.paused = False
+        self.instance: str | None = os.environ.get(INSTANCE_ENV) or None  # as Controller's: who may quit it
         self._listeners = []
         remote.on_status = lambda msg: self.changed()
 
@@ -603,6 +606,13 @@ class ForwardingController:
         if obj.get("cmd") == "status":  # answered here: the remote's status with this side's figures
             reply(reply_message(message_id(obj), True, status=self.status()))
             return obj
+        if obj.get("cmd") == "quit":  # stops this connect (as Ctrl-C does), never the remote engine
+            try:
+                cmd = parse_command(obj, ())
+            except CommandError as exc:
+                reply(reply_message(message_id(obj), False, str(exc)))
+                return None
+            return obj if quit_engine(self.engine, self.instance, cmd, reply, local) else None
         self.remote.forward(obj, reply)
         return obj
 
