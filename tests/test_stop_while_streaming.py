@@ -70,13 +70,19 @@ def test_serve_stops_on_ctrl_c_while_streaming_and_ends_its_session(tmp_path):
         server.stop()
 
 
-def test_connect_stops_on_ctrl_c_while_streaming_and_its_session_ends_on_the_server():
-    server = Server()
+def streaming_connect(server):
+    """`connect` to ``server`` with a synthetic camera and its own API on a free port: the process,
+    its stderr lines as they come, and a log of both ends for failures."""
     lines: list[str] = []
     proc = spawn_cli("connect", server.url, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
                      "--sink", "null", "--api-port", "0")
     threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
-    log = lambda: "".join(lines) + "\n--- server ---\n" + server.log()  # noqa: E731
+    return proc, lines, lambda: "".join(lines) + "\n--- server ---\n" + server.log()
+
+
+def test_connect_stops_on_ctrl_c_while_streaming_and_its_session_ends_on_the_server():
+    server = Server()
+    proc, lines, log = streaming_connect(server)
     try:
         wait_until(lambda: any("connect: streaming to" in l for l in lines), "connect to stream", log)
         # Frames flow: the server's status counts frames out of the session's engine.
@@ -160,11 +166,7 @@ def test_quit_through_connects_local_api_stops_connect_not_the_remote_engine():
     import urllib.request
 
     server = Server()
-    lines: list[str] = []
-    proc = spawn_cli("connect", server.url, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
-                     "--sink", "null", "--api-port", "0")
-    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
-    log = lambda: "".join(lines) + "\n--- server ---\n" + server.log()  # noqa: E731
+    proc, lines, log = streaming_connect(server)
     try:
         wait_until(lambda: any("connect: streaming to" in l for l in lines), "connect to stream", log)
         api = next(m.group(1) for l in lines if (m := re.search(r"control: output for OBS (http://127\.0\.0\.1:\d+)/", l)))
