@@ -339,3 +339,23 @@ def test_frames_lost_on_the_way_up_at_the_start_or_in_the_middle_keep_their_numb
         assert late <= max(2 * base, base + 1500), (name, base, late, rows, err)
         assert "stopped before the last frame sent came back" not in err, (name, err)
     wait_no_session(server)
+
+
+def test_a_resumed_sessions_media_goes_through_the_relay_too(server, tmp_path):
+    """A cut longer than connect's patience: connect resumes its session with a new offer on the
+    session's URL (PATCH), whose new peer connection has new ports. The relay rewrites that offer
+    and its answer too, so the resumed media crosses the faults like the first (before, it went
+    straight between the peers: a bench under loss then measured a clean link after any resume)."""
+    from conftest import run_cli
+
+    faults = Faults(delay_ms=20, seed=3, outages=[(8.0, 7.0)])
+    with Relay(server.url, faults) as relay:
+        r = run_cli("connect", relay.url, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
+                    "--sink", "null", "--no-api", "--max-frames", "300", timeout=WAIT + 120)
+        links = list(relay.links)
+    assert r.returncode == 0, r.stderr + server.log()
+    assert "resumed its session" in r.stderr, r.stderr + server.log()
+    assert len(links) >= 2, (len(links), r.stderr)
+    last = links[-1]  # the link of the connection that resumed and carried the rest of the stream
+    assert last.up.counts.forwarded > 20 and last.down.counts.forwarded > 20, (last.up.counts, last.down.counts)
+    wait_no_session(server)

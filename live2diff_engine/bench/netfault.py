@@ -7,7 +7,7 @@ both ways. This kernel has no netem, so the faults are made here.
 
 How the media gets into the relay: the relay is also the signalling hop. It is an HTTP proxy in
 front of the engine's API: every request goes through unchanged, except the SDP of a WHIP/WHEP
-offer and its answer, whose ICE candidates it rewrites to point at a pair of its own UDP sockets
+offer (a new session's POST or a resumed session's PATCH) and its answer, whose ICE candidates it rewrites to point at a pair of its own UDP sockets
 (the client's candidate becomes the relay's server-facing socket, the server's candidate the
 relay's client-facing one). Each peer then sees the other at the relay's address and nothing else,
 so every datagram (ICE checks, DTLS, RTP, RTCP, the data channel) crosses the faults; this is what
@@ -312,7 +312,10 @@ class Relay:
 
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "authorization", "accept")}
-        sdp = request.method == "POST" and request.content_type == "application/sdp"
+        # A new session's offer (POST) and a resumed session's re-offer (PATCH on its URL, a new
+        # peer connection with new ports): both must be rewritten, or a resumed session's media
+        # would go straight between the peers, around the faults.
+        sdp = request.method in ("POST", "PATCH") and request.content_type == "application/sdp"
         links: dict[tuple[str, int], Link] = {}
         if sdp:
             text = body.decode("utf-8", "replace")
@@ -334,7 +337,7 @@ class Relay:
             for link in links.values():
                 link.close()
             return web.Response(status=502, text=f"relay: cannot reach {self.upstream}: {type(exc).__name__}\n")
-        if sdp and status == 201 and links:
+        if sdp and status in (200, 201) and links:
             answer = data.decode("utf-8", "replace")
             served = [a for a in _candidates(answer) if a[0] == LOOPBACK]
             # One transport each side (BUNDLE, rtcp-mux): the first client candidate pairs with the
