@@ -317,7 +317,10 @@ def _connect_through(server, faults: Faults, tmp_path, name: str, frames: int = 
                     "--sink", "null", "--no-api", "--max-frames", str(frames), "--stats", stats, timeout=WAIT)
         counts = relay.counts()
     assert r.returncode == 0, r.stderr + server.log()
-    rows = json.loads(stats.read_text())["extra"]["latency_by_s"]
+    extra = json.loads(stats.read_text())["extra"]
+    rows, samples = extra["latency_by_s"], extra["latency_samples"]
+    # Every frame counted in a second's row is among the samples (the last second may be open still).
+    assert len(samples) >= sum(n for _, _, n in rows), (len(samples), rows)
     return [ms for _, ms, _ in rows], r.stderr, counts
 
 
@@ -359,3 +362,32 @@ def test_a_resumed_sessions_media_goes_through_the_relay_too(server, tmp_path):
     last = links[-1]  # the link of the connection that resumed and carried the rest of the stream
     assert last.up.counts.forwarded > 20 and last.down.counts.forwarded > 20, (last.up.counts, last.down.counts)
     wait_no_session(server)
+
+
+def test_a_session_whose_first_frames_take_long_is_not_taken_for_a_lost_link(server, tmp_path):
+    """The first 7 s of video never reach serve (lost on the way up), so no stylised frame comes
+    back for longer than connect's LOST_AFTER_S: as when a real model warms up or compiles for a
+    new session. The link itself is up (the engine's status messages arrive on the data channel),
+    so connect waits instead of calling it lost and reconnecting."""
+    rows, err, counts = _connect_through(server, Faults(seed=5, up_frames_lost=[(0, 70)]), tmp_path, "slowstart",
+                                         frames=130)
+    assert counts["up"]["lost"] > 0, counts
+    assert rows, err
+    assert "connection lost" not in err and "resumed" not in err, err
+    wait_no_session(server)
+
+
+def test_the_bench_takes_the_p50_over_windows_of_several_seconds():
+    """A lone slow frame in a second of three makes that second's p50 jump; over a 3 s window the
+    p50 is a median of about nine and moves only when latency really rose."""
+    from live2diff_engine.bench.remote import longest_run, window_p50s
+
+    samples = [[t / 3, 400.0] for t in range(30)]  # 10 s at 3 fps, 400 ms each
+    samples[7][1] = samples[8][1] = 900.0  # two of the three frames of second 2: its own p50 is 900
+    samples += [[10 + t / 3, 1500.0] for t in range(12)]  # then 4 s stuck at 1.5 s
+    windows = dict(window_p50s(samples, 3.0))
+    assert windows[3] == 400.0 and windows[4] == 400.0  # the two slow frames do not move a 3 s median
+    assert windows[14] == 1500.0 and windows[12] == 1500.0 and windows[11] == 400.0
+    over = [s for s, p in sorted(windows.items()) if p > 600]
+    assert over == [12, 13, 14] and longest_run(over) == 3
+    assert longest_run([1, 2, 5, 6, 7, 9]) == 3 and longest_run([]) == 0

@@ -150,14 +150,18 @@ exit_at_once = False  # set once connect's link, sinks and API are closed: the p
 class LatencyTimeline:
     """Capture to publish, second by second: ``extra["latency_by_s"]`` (in --stats) is a list of
     [seconds since the first frame back, p50 ms, frames] for every second with frames, so that a
-    bench sees when latency rose and when it came back (the p50 of the whole run hides both)."""
+    bench sees when latency rose and when it came back (the p50 of the whole run hides both); and
+    ``extra["latency_samples"]``, [seconds since the first frame back, ms] for every frame (the last
+    ``keep_samples``), so that a bench can take the p50 over a window of several seconds (at a few
+    frames a second, one second's p50 is the median of three)."""
 
-    def __init__(self, extra: dict, keep: int = 3600):
-        self.extra, self.keep = extra, keep
+    def __init__(self, extra: dict, keep: int = 3600, keep_samples: int = 20000):
+        self.extra, self.keep, self.keep_samples = extra, keep, keep_samples
         self.t0: float | None = None
         self.second: int | None = None
         self.values: list[float] = []
         extra["latency_by_s"] = []
+        extra["latency_samples"] = []
 
     def add(self, capture_times) -> None:
         now = time.monotonic()
@@ -167,7 +171,11 @@ class LatencyTimeline:
         if second != self.second:
             self._close()
             self.second = second
-        self.values += [now - t for t in capture_times if t is not None]
+        values = [now - t for t in capture_times if t is not None]
+        self.values += values
+        samples = self.extra["latency_samples"]
+        samples += [[round(now - self.t0, 2), round(v * 1000, 1)] for v in values]
+        del samples[:-self.keep_samples]
 
     def _close(self) -> None:
         if self.second is not None and self.values:

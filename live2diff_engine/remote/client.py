@@ -6,7 +6,8 @@ sends each frame to a `serve` over WebRTC (WHIP) and hands the stylised frames t
 the sinks, with each frame's capture time, so the status shows the whole round trip. The local API
 forwards commands over the data channel (``ctl`` works against `connect` as against `run`).
 
-A lost connection (the server gone, the network down, no stylised frame for LOST_AFTER_S) shows
+A lost connection (the server gone, the network down, no stylised frame for LOST_AFTER_S; before
+the first one, no word from the engine either: it may still be warming up) shows
 the "no signal" card and reconnects with backoff. A reconnect first resumes the session it had: a
 new peer connection whose offer goes to the session's URL (PATCH, see server.py), so a blip within
 the server's grace costs no new warmup; the cut connection is closed only after that answer (its
@@ -36,6 +37,9 @@ log = logging.getLogger("live2diff.connect")
 # remote.media (numpy, OpenCV, aiortc) is imported where it is used: `--help` stays quick.
 PERIOD = 90_000 // 30  # pts between two sent frames (the 90 kHz RTP clock at 30 fps)
 LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the connection is lost
+# Until the first stylised frame of a connection (the engine warms up a new session: seconds on a
+# real model, longer when it compiles), the engine's status messages on the data channel (about one
+# a second, SCTP-retransmitted) show the link is alive; after it, only frames do.
 # A stop (Ctrl-C) ends connect within 2 s however the link is: it waits at most DRAIN_ON_STOP_S for
 # the frames still on their way back, STOP_NOTICE_S for the server's answer to its DELETE (the server
 # ends the session either way), and STOP_CLOSE_S for the peer connection to close.
@@ -324,7 +328,7 @@ class RemotePipeline:
         from .media import LatestFrames
 
         outbox = LatestFrames(keep=2)
-        state = {"base": None, "last_back": None, "closed": False}
+        state = {"base": None, "last_back": None, "last_status": None, "stylised": False, "closed": False}
 
         class Camera(MediaStreamTrack):
             kind = "video"
@@ -361,7 +365,11 @@ class RemotePipeline:
             except Exception:
                 pass
         channel = pc.createDataChannel("control")
-        channel.on("message", self._on_channel_message)
+
+        @channel.on("message")
+        def on_message(message):
+            state["last_status"] = time.monotonic()
+            self._on_channel_message(message)
 
         @pc.on("track")
         def on_track(track):
@@ -414,7 +422,8 @@ class RemotePipeline:
                         log.debug("link stats: %s", exc)
                 if state["closed"]:
                     return "lost"
-                if time.monotonic() - state["last_back"] > LOST_AFTER_S:
+                alive = state["last_back"] if state["stylised"] else max(state["last_back"], state["last_status"] or 0)
+                if time.monotonic() - alive > LOST_AFTER_S:
                     lost = True  # the link may come back: this connection stays open until the next is answered
                     return "lost"
             return None
@@ -465,6 +474,7 @@ class RemotePipeline:
                 last = self._last_sent
                 if index < state["base"] or (last is not None and index > last):
                     continue  # no frame of this connection's (a stale one from before a resume)
+                state["stylised"] = True
                 try:
                     self._back.put_nowait((index, frame))
                 except queue.Full:  # the sinks fell behind: the oldest goes
