@@ -100,10 +100,14 @@ def _and(items: list[str]) -> str:
 
 def prompt_of(args):
     """--prompt as the pipeline takes it: a text, or a blend written ``"a fox:0.7|a wolf:0.3"``
-    (see :mod:`.pipeline.blend`)."""
-    from .pipeline.blend import BlendError, parse_notation
+    (see :mod:`.pipeline.blend`); a blend restored from the saved settings is a list already."""
+    from .pipeline.blend import BlendError, normalise, parse_notation
 
     try:
+        if isinstance(args.prompt, list):
+            return normalise(args.prompt)
+        if getattr(args, "prompt_is_text", False):  # restored from the saved settings: a "|" is a character
+            return args.prompt
         return parse_notation(args.prompt or "")
     except BlendError as exc:
         raise ConfigError(f"--prompt: {exc} (a blend is written 'a fox:0.7|a wolf:0.3', at most 4 prompts)") from None
