@@ -196,3 +196,22 @@ def test_a_real_serve_scraped_while_a_client_streams_agrees_with_its_own_figures
         assert after["live2diff_frame_latency_seconds"].value("_count", node=node) == lat.value("_count", **labels)
     finally:
         s.stop()
+
+
+def test_on_cuda_the_node_has_its_gpu_and_the_memory_the_engines_hold(monkeypatch):
+    """No CUDA here: the slots say cuda:0 and torch's allocator figure is faked at its one call;
+    the rest (which GPUs, which are free, the text) is serve's own code."""
+    import torch
+
+    from live2diff_engine.remote.server import Slot, WebRtcService
+
+    comps = type("Comps", (), {"device": "cuda:0"})()
+    frames = type("Frames", (), {"comps": comps})()
+    asked = []
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: asked.append(str(d)) or 3 * 2**30)
+    service = WebRtcService([Slot(frames, None, "tiny", busy=True), Slot(frames, None, "tiny")])
+    sessions, (node,) = service.figures()
+    assert (node["gpus"], node["gpus_free"], node["warm_engines"], node["max_sessions"]) == (1, 0, 1, 2)
+    assert node["gpu_memory_bytes"] == 3 * 2**30 and asked == ["cuda:0"]  # one card, asked once
+    fams = parse(render(sessions, [node]))
+    assert fams["live2diff_node_gpu_memory_bytes"].value(node=node["id"]) == 3 * 2**30
