@@ -22,7 +22,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "tests"))
 from prom_text import FormatError, parse  # noqa: E402
 
-from live2diff_engine.remote.metrics import Histogram, histogram_of, render  # noqa: E402
+from live2diff_engine.remote.metrics import Histogram, histogram_of, merged, render  # noqa: E402
 
 TOKEN = "metrics-test-token"
 
@@ -98,11 +98,16 @@ def test_the_parser_is_strict():
             parse(bad)
 
 
-def test_histogram_of_samples_matches_observing_them():
+def test_histogram_of_samples_matches_observing_them_and_snapshots_add_up():
     h = Histogram()
     for s in (0.01, 0.2, 7.0):
         h.observe(s)
     assert histogram_of([0.01, 0.2, 7.0]) == h.snapshot()
+    both = merged([h, histogram_of([0.2, 30.0])])  # a node's two engines, one a snapshot from another process
+    alone = histogram_of([0.01, 0.2, 7.0, 0.2, 30.0])
+    assert both["buckets"] == alone["buckets"] and both["count"] == 5 and both["sum"] == pytest.approx(alone["sum"])
+    with pytest.raises(ValueError):
+        merged([h, histogram_of([1.0], bounds=(1.0,))])
 
 
 # -- a real serve -----------------------------------------------------------------------------------

@@ -17,6 +17,9 @@ format (version 0.0.4), written here without prometheus_client.
                 (optional): counters over every session the node served, ended ones included,
                 "latency": as a session's (optional): every frame the node finished}]
 
+A Histogram holds a lock: across processes (from a Ray actor) send ``histogram.snapshot()``, and
+``merged(snapshots)`` adds several up (a node's engines, each with its own).
+
 Latency is in seconds, as Prometheus names base units (``_seconds``); the sessions' p50/p95 come in
 milliseconds (as the status has them) and go out in seconds. Counters end in ``_total``; a
 session's counters go with the session (its figures stay in the node's counters).
@@ -61,6 +64,18 @@ class Histogram:
             running += n
             buckets.append((bound, running))
         return {"buckets": buckets, "sum": total, "count": running}
+
+
+def merged(snapshots) -> dict:
+    """Several histograms' snapshots (the same bounds) as one: counts and sums added."""
+    snapshots = [s.snapshot() if isinstance(s, Histogram) else s for s in snapshots]
+    if not snapshots:
+        return Histogram().snapshot()
+    bounds = [b for b, _ in snapshots[0]["buckets"]]
+    if any([b for b, _ in s["buckets"]] != bounds for s in snapshots):
+        raise ValueError("histograms with different buckets cannot be added up")
+    return {"buckets": [(b, sum(s["buckets"][i][1] for s in snapshots)) for i, b in enumerate(bounds)],
+            "sum": sum(s["sum"] for s in snapshots), "count": sum(s["count"] for s in snapshots)}
 
 
 def histogram_of(samples, bounds=LATENCY_BUCKETS_S) -> dict:
