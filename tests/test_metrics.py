@@ -82,6 +82,17 @@ def test_figures_not_known_are_left_out_not_shown_as_zero():
     assert "live2diff_session_fps" not in fams and "live2diff_frame_latency_seconds" not in fams
 
 
+def test_a_fleet_node_in_its_own_names_is_shown_under_the_same_label_as_its_sessions():
+    text = render([{"id": "l2d-abc-0.s1", "node": "10.0.0.7", "state": "streaming", "frames_in": 9, "frames_out": 8,
+                    "fps": 7.5}],
+                  [{"node": "10.0.0.7", "node_id": "abc", "gpus": 1.0, "gpus_free": 0.0, "capacity": 1, "warm_idle": 0,
+                    "gpu_memory_bytes": None}])
+    fams = parse(text)
+    assert fams["live2diff_sessions"].value(node="10.0.0.7") == 1
+    assert fams["live2diff_node_max_sessions"].value(node="10.0.0.7") == 1
+    assert fams["live2diff_node_info"].value(node="10.0.0.7", address="10.0.0.7") == 1
+
+
 def test_the_parser_is_strict():
     """The test's parser catches what a broken renderer would write (so the tests above can fail)."""
     good = "# HELP x_total A count.\n# TYPE x_total counter\nx_total{a=\"1\"} 3\n"

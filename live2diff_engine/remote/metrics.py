@@ -16,6 +16,8 @@ format (version 0.0.4), written here without prometheus_client.
                 "sessions_started": int (optional), "frames_in": int (optional), "frames_out": int
                 (optional): counters over every session the node served, ended ones included,
                 "latency": as a session's (optional): every frame the node finished}]
+              (a fleet's node may say "node" (its address: the label, as its sessions' "node"),
+              "warm_idle" and "capacity" for "id", "warm_engines" and "max_sessions")
 
 A Histogram holds a lock: across processes (from a Ray actor) send ``histogram.snapshot()``, and
 ``merged(snapshots)`` adds several up (a node's engines, each with its own).
@@ -176,6 +178,20 @@ FAMILIES = (
 )
 
 
+# The fleet's names for a node's fields (remote/fleet.py: a Ray node by its address) -> render's.
+NODE_ALIASES = {"node": "id", "warm_idle": "warm_engines", "capacity": "max_sessions"}
+
+
+def _node_fields(n: dict) -> dict:
+    out = dict(n)
+    for alias, name in NODE_ALIASES.items():
+        if out.get(name) is None and n.get(alias) is not None:
+            out[name] = n[alias]
+    if out.get("address") is None and n.get("node") is not None:
+        out["address"] = n["node"]
+    return out
+
+
 def render(sessions: list[dict], nodes: list[dict]) -> str:
     """The exposition text for these sessions and nodes (see the module's docstring)."""
     fam = {name: _Family(name, kind, help_text) for name, kind, help_text in FAMILIES}
@@ -191,6 +207,7 @@ def render(sessions: list[dict], nodes: list[dict]) -> str:
     for s in sessions:
         per_node[str(s["node"])] = per_node.get(str(s["node"]), 0) + 1
     for n in nodes:
+        n = _node_fields(n)
         node = {"node": str(n["id"])}
         info.sample({**node, "address": n.get("address") or ""}, 1)
         gpus.sample(node, n.get("gpus", 0))
