@@ -124,6 +124,7 @@ def cmd_serve(args) -> int:
     service.view_sinks.append(api.stream)
     api.extra_routes.append(service.add_routes)
     api.start()
+    service.address = api.url
     sessions_changed()
     say(f"serving: WHIP {api.url}/whip | dock {api.url}/dock | output {api.url}/stream.mjpg"
         + (" | token required" if api.token else "")
