@@ -89,7 +89,7 @@ class TurnServer:
                "--pidfile", os.path.join(self.folder, "turnserver.pid"),
                "--userdb", os.path.join(self.folder, "turndb")]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+                                     stderr=subprocess.DEVNULL)  # in our process group: a Ctrl-C stops it too
         end = time.monotonic() + timeout
         while not _answers(self.port):
             if self.proc.poll() is not None or time.monotonic() > end:
