@@ -291,6 +291,15 @@ def obs_own_settings(environ: dict | None = None, home: str | None = None) -> di
     return None
 
 
+def add_relay_only_arg(group) -> None:
+    """--ice-relay-only for the remote commands (serve, connect, doctor)."""
+    group.add_argument("--ice-relay-only", action="store_true",
+                       help="use only the TURN server's relay for media (ICE transport policy \"relay\"): this side "
+                       "offers no address of its own, so every stream goes through the TURN server; needs a TURN "
+                       "server (LIVE2DIFF_ICE_SERVERS or --ice-server). To test a TURN server, or for a network that "
+                       "allows nothing else")
+
+
 def add_link_args(group) -> None:
     """--max-bitrate and --codec for the remote commands (serve, connect): the same words on both ends."""
     group.add_argument("--max-bitrate", type=int, metavar="KBPS", default=None,

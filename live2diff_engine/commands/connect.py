@@ -10,7 +10,8 @@ import time
 from collections import deque
 
 from ..errors import ConfigError
-from ..options import add_control_args, add_io_args, add_link_args, control_settings, warn_secrets_on_command_line
+from ..options import (add_control_args, add_io_args, add_link_args, add_relay_only_arg, control_settings,
+                       warn_secrets_on_command_line)
 
 
 def add_parser(sub) -> None:
@@ -26,6 +27,7 @@ def add_parser(sub) -> None:
     c.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="a STUN or TURN server, e.g. turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none). "
                    "A TURN password here is visible in the process list: put such servers in LIVE2DIFF_ICE_SERVERS")
+    add_relay_only_arg(c)
     add_link_args(c)
     add_io_args(c)
     add_control_args(c)
@@ -35,7 +37,7 @@ def cmd_connect(args) -> int:
     import os
 
     from ..remote.client import ForwardingController, RemotePipeline
-    from ..remote.ice import ice_servers_from
+    from ..remote.ice import check_relay_only, ice_servers_from
     from ..remote.link import limit_bitrate
     from ..engine import Engine
     from ..io.sinks import SinkUnavailable, no_signal_card, parse_sink
@@ -46,13 +48,15 @@ def cmd_connect(args) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         raise ConfigError("--max-frames must be at least 1")
     ice = ice_servers_from(args.ice_server, os.environ, say)
+    check_relay_only(ice, args.ice_relay_only)
     limit_bitrate(args.max_bitrate)
     token = args.token or os.environ.get("LIVE2DIFF_API_TOKEN") or None
     if args.token:
         say("warning: --token is visible to every user of this machine in the process list; "
             "put it in the environment variable LIVE2DIFF_API_TOKEN instead")
     warn_secrets_on_command_line(args, say)
-    remote = RemotePipeline(args.url, token=token, ice_servers=ice, say=say, codec=args.codec)
+    remote = RemotePipeline(args.url, token=token, ice_servers=ice, say=say, codec=args.codec,
+                            relay_only=args.ice_relay_only)
     settings = control_settings(args)
     source = parse_source(args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
                           synthetic_size=args.camera_size or (640, 480))

@@ -88,7 +88,7 @@ class RemotePipeline:
     drains_on_stop = True
 
     def __init__(self, url: str, *, token: str | None = None, ice_servers: list[dict] | None = None, say=None,
-                 codec: str | None = None):
+                 codec: str | None = None, relay_only: bool = False):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ConfigError(f"connect URL must be the engine's address, e.g. http://gpu-box:8765, got {url!r}")
@@ -97,6 +97,7 @@ class RemotePipeline:
         self.endpoint = self.base + (path if path.endswith("/whip") else path + "/whip")
         self.token = token
         self.ice_servers = list(ice_servers or [])
+        self.relay_only = relay_only  # --ice-relay-only: media through the TURN server only (remote/ice.py)
         self.codec = codec  # "vp8", "h264" or None (remote/link.py)
         self.link: dict | None = None  # the current connection's figures (remote/link.py), once a second
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -345,7 +346,7 @@ class RemotePipeline:
                     state["base"] = index  # this connection's pts 0 (the RTP timestamp on the wire: media.py)
                 return to_video_frame(image, (index - state["base"]) * PERIOD)
 
-        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers, self.relay_only))
         self._pc = pc
         camera = Camera()
         transceiver = pc.addTransceiver(camera, direction="sendrecv")

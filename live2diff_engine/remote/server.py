@@ -231,11 +231,13 @@ class WebRtcService:
 
     def __init__(self, slots: list[Slot], *, ice_servers: list[dict] | None = None, make_engine=None,
                  on_change=None, say=None, fps: float = 30.0, session_grace: float = SESSION_GRACE_S,
-                 udp_ports: tuple[int, int] | None = None, public_ip: str | None = None, codec: str | None = None):
+                 udp_ports: tuple[int, int] | None = None, public_ip: str | None = None, codec: str | None = None,
+                 relay_only: bool = False):
         self.slots = slots
         self.session_grace = session_grace
         self.udp_ports, self.public_ip, self.codec = udp_ports, public_ip, codec
         self.ice_servers = list(ice_servers or [])
+        self.relay_only = relay_only  # --ice-relay-only: media through the TURN server only (remote/ice.py)
         self.make_engine = make_engine  # (session, pipeline, sinks) -> Engine
         self.on_change = on_change or (lambda: None)  # sessions started or ended (any thread)
         self.say = say or (lambda text: None)
@@ -282,7 +284,7 @@ class WebRtcService:
 
         if self.udp_ports is not None:
             constrain_udp_ports(asyncio.get_running_loop(), self.udp_ports)
-        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers, self.relay_only))
         if self.codec:
             prefer_codec(pc.addTransceiver("video", direction="recvonly"), self.codec)
         return pc
