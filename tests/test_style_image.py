@@ -277,3 +277,15 @@ def test_models_list_and_verify_know_the_ip_adapter_and_its_image_encoder(files,
     save_file(state, str(snap / "models" / "ip-adapter_sd15.safetensors"))
     verify = run_cli("models", "verify", "ip-adapter", env=env)
     assert verify.returncode == 1 and "FAIL" in verify.stdout and "ip_adapter.3.to_v_ip" in verify.stdout
+
+
+def test_bench_image_reports_the_cost_of_a_picture_against_none(tmp_path):
+    out = tmp_path / "image.json"
+    r = run_cli("bench", "--model", "tiny", "--image", "--frames", "8", "--accelerate", "off", "--json", out, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "no picture:" in r.stdout and "a picture:" in r.stdout and "image encoder, once per picture" in r.stdout
+    record = json.loads(out.read_text())
+    assert set(record["image"]) == {"none", "picture"} and record["frames"] == 8
+    assert all(v["median"] > 0 and v["in_use"] == "off" for v in record["image"].values()) and record["encode_ms"] > 0
+    r = run_cli("bench", "--model", "tiny", "--image", "--text", "steady", timeout=120)
+    assert r.returncode != 0 and "one at a time" in r.stderr and r.stderr.count("\n") == 1

@@ -202,6 +202,8 @@ def _cmd_bench(args) -> int:
 
     if not args.frames or min(args.frames) < 1:
         raise ConfigError("--frames needs positive counts, e.g. 32,512")
+    if args.image and args.text:
+        raise ConfigError("--image and --text are two benchmarks; run them one at a time")
     modes = parse_modes(args.accelerate)
     t_index_list = args.t_index_list if args.t_index_list is not None or args.strength is not None else [32, 45]
     schedule = make_schedule(args.num_inference_steps, t_index_list=t_index_list, strength=args.strength)
@@ -253,8 +255,6 @@ def _cmd_bench(args) -> int:
     if args.image:
         from ..bench.stream import bench_image
 
-        if args.text:
-            raise ConfigError("--image and --text are two benchmarks; run them one at a time")
         frames = max(args.frames)
         print(f"benchmarking {label} ({modes[0]}): without and with a style picture interleaved, {frames} frames each ...",
               file=sys.stderr, flush=True)
