@@ -323,7 +323,8 @@ def bench_image(unet, make_pipe, warmup_latents, warmup_depth, frames: int, prog
     ``picture`` (a copy of it with a random IP-Adapter of the released layout attached and a
     picture's image tokens in the stream, scale 1), interleaved as :func:`bench_modes` does; plus
     ``encode_ms``, the image encoder's time for one picture, which runs once per picture beside the
-    stream (a random image encoder: the tiny one, or ViT-H/14's geometry for full-size models).
+    stream (a random image encoder: the tiny one, or ViT-H/14's geometry for full-size models), and
+    ``swap_ms``, what a new picture costs between two frames (its image tokens into the buffer).
     ``make_pipe(unet)`` builds a stream on a UNet. An adapter loaded with no picture (scale 0) runs
     the same operations as with one, so it costs what ``picture`` costs."""
     import copy
@@ -363,8 +364,18 @@ def bench_image(unet, make_pipe, warmup_latents, warmup_depth, frames: int, prog
         pipe.set_image_tokens(tokens)
         return pipe
 
-    figures = bench_modes(make, warmup_latents, warmup_depth, list(IMAGE_VARIANTS), frames, progress=progress)
+    pipes = {}
+    figures = bench_modes(lambda kind: pipes.setdefault(kind, make(kind)), warmup_latents, warmup_depth,
+                          list(IMAGE_VARIANTS), frames, progress=progress)
     figures["encode_ms"] = sorted(times)[len(times) // 2]
+    # what a new picture costs between two frames: its image tokens, written into the stream's buffer
+    timer = _Timer(unet.device, 20)
+    timer.mark(0)
+    for i in range(20):
+        pipes["picture"].set_image_tokens(image_tokens(adapted, embeds.reshape(1, -1))[0])
+        timer.mark(i + 1)
+    swaps = sorted(timer.durations_ms())
+    figures["swap_ms"] = swaps[len(swaps) // 2]
     return figures
 
 

@@ -260,17 +260,19 @@ def _cmd_bench(args) -> int:
               file=sys.stderr, flush=True)
         figures = bench_image(unet, lambda u: make(modes[0], u), warm, warm, frames, progress=progress)
         print("", file=sys.stderr)
-        encode = figures.pop("encode_ms")
+        encode, swap = figures.pop("encode_ms"), figures.pop("swap_ms")
         base = figures["none"]["median"]
         names = {"none": "no picture", "picture": "a picture"}
         rows = head + [f"  {names[k]:>10}: {f['median']:8.3f} ms/frame (median; mean {f['mean']:.3f})  x{f['median'] / base:.3f} of none"
                        for k, f in figures.items()]
-        rows.append(f"  the image encoder, once per picture (beside the stream): {encode:.2f} ms")
+        rows.append(f"  the image encoder, once per picture (beside the stream): {encode:.2f} ms; "
+                    f"its swap into the stream, between two frames: {swap:.3f} ms")
         print("\n".join(rows))
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump({"machine": machine, "device": str(device), "model": label, "latent": f"{h}x{w}",
-                           "steps": schedule.steps, "frames": frames, "image": figures, "encode_ms": encode}, f, indent=1)
+                           "steps": schedule.steps, "frames": frames, "image": figures, "encode_ms": encode, "swap_ms": swap},
+                          f, indent=1)
                 f.write("\n")
         return 0
 
