@@ -290,3 +290,55 @@ def test_bench_image_reports_the_cost_of_a_picture_against_none(tmp_path):
     assert record["encode_ms"] > 0 and record["swap_ms"] > 0
     r = run_cli("bench", "--model", "tiny", "--image", "--text", "steady", timeout=120)
     assert r.returncode != 0 and "one at a time" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_dreambooth_and_lora_style_switches_keep_the_picture_steering(tmp_path):
+    """Real SD-format models, a DreamBooth checkpoint and a kohya LoRA swapped in and out: the
+    IP-Adapter's weights are no style's business, and the picture steers before and after."""
+    from sd_formats import save_kohya_lora, save_single_file, save_tiny_sd
+    from test_frames import clip
+
+    from live2diff_engine.models.components import load_components
+    from live2diff_engine.pipeline.frames import FramePipeline
+    from live2diff_engine.styles import StyleManager, load_styles
+    from conftest import FIXTURE_A
+
+    sd = save_tiny_sd(tmp_path / "sd", seed=0)
+    motion = tmp_path / "live2diff.safetensors"
+    shutil.copy(FIXTURE_A / "live2diff_motion.safetensors", motion)
+    from live2diff_engine.depth import build_tiny_depth
+
+    build_tiny_depth("midas", seed=0, size=64).model.save_pretrained(tmp_path / "midas")
+    save_single_file(sd, tmp_path / "db.safetensors", seed_offset=1)
+    save_kohya_lora(sd, tmp_path / "lora.safetensors", seed=3)
+    (tmp_path / "look.png").write_bytes(picture())
+    (tmp_path / "styles.toml").write_text(f'[styles.db]\ndreambooth = "{tmp_path / "db.safetensors"}"\nimage = "look.png"\n'
+                                          f'[styles.lora]\nloras = [{{ file = "{tmp_path / "lora.safetensors"}" }}]\n')
+    comps = load_components(base=str(tmp_path / "sd"), motion=str(motion), depth="midas", depth_source=str(tmp_path / "midas"),
+                            lcm_lora=None)
+    adapter, encoder = write_adapter_files(tmp_path / "ip")
+    load_style_image_models(comps, str(adapter), str(encoder))
+    ip_weights = {k: v.clone() for k, v in comps.unet.state_dict().items() if "_ip" in k or "encoder_hid_proj" in k}
+    assert ip_weights
+    manager = StyleManager(comps, load_styles(tmp_path / "styles.toml"))
+    fp = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1)
+    manager.apply("default", fp)
+    frames = clip(12, seed=2)
+    for f in frames[:10]:
+        fp.push(f)
+    manager.apply("db", fp)  # the DreamBooth weights, and the style's picture
+    assert fp.style_image == "style db"
+    manager.apply("lora", fp)
+    assert fp.style_image is None
+    manager.apply("default", fp)
+    state = comps.unet.state_dict()
+    for k, v in ip_weights.items():
+        if "to_v_ip" not in k:  # (the values carry the scale: 0 with no picture)
+            assert torch.equal(state[k], v), k
+    outs = []
+    for with_picture in (True, False):  # fresh streams on the switched-back weights, the same frames
+        fp = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1)
+        if with_picture:
+            fp.set_style_image(fp.encode_style_picture(picture()))
+        outs.append(np.stack([img for f in frames for _, img in fp.push(f)][8:]).astype(int))
+    assert np.abs(outs[0] - outs[1]).max() > 0
