@@ -162,6 +162,9 @@ def check_options(args) -> None:
     from .styles import load_styles
 
     style = style_from_options(args, load_styles(args.styles))
+    if getattr(args, "style_image_scale", None) is not None and not wants_style_images(args, style):
+        raise ConfigError("--style-image-scale goes with a style picture: add --style-image FILE (or --ip-adapter to "
+                          "send pictures live)")
     steps, t_index_list, strength = style.schedule_args()
     try:
         check_schedule(steps, t_index_list, strength)

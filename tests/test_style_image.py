@@ -244,6 +244,8 @@ def test_translate_with_a_style_image_from_the_command_line(files, tmp_path):
                          (["--style-image", str(look), "--style-image-scale", "5"], "0 to 2")):
         r = run_cli(*common[:2], str(tmp_path / "x.avi"), *common[2:], *extra, timeout=300)
         assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("translate", str(frames), str(tmp_path / "x.avi"), "--model", "tiny", "--style-image-scale", "0.5", timeout=300)
+    assert r.returncode != 0 and "goes with a style picture" in r.stderr and r.stderr.count("\n") <= 2, r.stderr
 
 
 def _hub_cache_with_ip_adapter(root, files):
