@@ -652,6 +652,7 @@ class StyleManager:
             frames_stream = torch.cuda.current_stream(c.device)
             made = [v for _, v in prepared.values.values()] + [v for _, v in prepared.unfused.values()]
             made += [p for _, p in prepared.positions] + list((prepared.text or {}).values())
+            made += [prepared.picture] if prepared.picture is not None else []
             for tensor in made:
                 if tensor.is_cuda:
                     tensor.record_stream(frames_stream)
