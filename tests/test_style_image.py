@@ -344,3 +344,29 @@ def test_dreambooth_and_lora_style_switches_keep_the_picture_steering(tmp_path):
             fp.set_style_image(fp.encode_style_picture(picture()))
         outs.append(np.stack([img for f in frames for _, img in fp.push(f)][8:]).astype(int))
     assert np.abs(outs[0] - outs[1]).max() > 0
+
+
+def test_the_stream_goes_on_while_a_picture_is_encoded_beside_it(comps):
+    with LiveEngine(comps, PacedSource(fps=30)) as live:
+        live.wait_outputs(10)
+        held, release = threading.Event(), threading.Event()
+        real = live.frames.encode_style_picture
+
+        def slow_encoder(data):  # the real encoder, held on its thread until the test lets it go
+            held.set()
+            release.wait(60)
+            return real(data)
+
+        live.frames.encode_style_picture = slow_encoder
+        replies = []
+        t = threading.Thread(target=lambda: replies.append(upload(live.api.url, picture())))
+        t.start()
+        assert held.wait(30)
+        assert live.controller.status()["style_image_loading"] is True
+        n = len(live.outputs)
+        live.wait_outputs(n + 8)  # frames go on while the picture is being read
+        assert live.frames.style_image is None and replies == []
+        release.set()
+        t.join(60)
+        assert replies and replies[0][0] == 200 and live.frames.style_image == "upload"
+        assert live.controller.status()["style_image_loading"] is False
