@@ -370,3 +370,48 @@ def test_the_stream_goes_on_while_a_picture_is_encoded_beside_it(comps):
         t.join(60)
         assert replies and replies[0][0] == 200 and live.frames.style_image == "upload"
         assert live.controller.status()["style_image_loading"] is False
+
+
+def test_pictures_set_replaced_and_cleared_mid_stream_compile_once_and_match_eager(files):
+    """A compiled frame pipeline (dynamo with its eager backend, counted) given a picture, another,
+    none, a new scale and a picture again, mid-stream: the frames of the eager pipeline, and no
+    recompile after the first streamed frame."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from live2diff_engine.pipeline.accelerate import accelerator_for
+    from live2diff_engine.pipeline.frames import FramePipeline
+    from test_frames import clip
+
+    frames = clip(26, seed=5)
+    pictures = [picture((255, 40, 40)), picture((40, 40, 255), shape=(64, 48))]
+
+    def run(mode):
+        torch._dynamo.reset()
+        c = build_tiny_components(seed=0)
+        load_style_image_models(c, str(files[0]), str(files[1]))
+        counter = CompileCounterWithBackend("eager")
+        if mode != "off":
+            accelerator_for(c.unet, mode, backend=counter)
+        fp = FramePipeline(c, width=64, height=64, prompt="a cat", seed=1, accelerate=mode)
+        embeds = [fp.encode_style_picture(p) for p in pictures]
+        fp.set_style_image(embeds[0])
+        out, counts = [], []
+        for i, f in enumerate(frames):
+            if i == 12:
+                fp.set_style_image(embeds[1])
+            elif i == 16:
+                fp.set_style_image(None)
+            elif i == 19:
+                fp.set_style_image_scale(0.5)
+            elif i == 21:
+                fp.set_style_image(embeds[0])
+            out += [img for _, img in fp.push(f)]
+            counts.append(counter.frame_count)
+        return np.stack(out).astype(int), counts, fp
+
+    eager, _, _ = run("off")
+    compiled, counts, fp = run("compile")
+    torch._dynamo.reset()
+    assert fp.stream.accelerated == "compile"
+    assert counts[9] > 0 and counts[-1] == counts[9]  # compiled by the first streamed frames, never again
+    assert np.abs(compiled - eager).max() <= 1
