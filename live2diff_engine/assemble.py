@@ -116,6 +116,16 @@ def wants_style_images(args, style=None) -> bool:
                 or getattr(args, "image_encoder", None) or (style is not None and style.image is not None))
 
 
+def picture_note(frames) -> str:
+    """``"; style picture: file look.png, scale 1"`` for the start line (or where the adapter waits
+    for one: ``"; style pictures: on"``), "" without an IP-Adapter."""
+    if not getattr(frames, "style_images", False):
+        return ""
+    if frames.style_image is None:
+        return "; style pictures: on (none yet)"
+    return f"; style picture: {frames.style_image}, scale {frames.style_image_scale:g}"
+
+
 def _check_style_image_options(args) -> None:
     from .pipeline.blend import BlendError, check_image_scale
 

@@ -64,7 +64,7 @@ def cmd_serve(args) -> int:
     import logging
     import os
 
-    from ..assemble import build_frame_pipeline, preflight
+    from ..assemble import build_frame_pipeline, picture_note, preflight
     from ..errors import ConfigError
 
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
@@ -106,7 +106,7 @@ def cmd_serve(args) -> int:
         comps, frames, manager, style = build_frame_pipeline(args, say=say if i == 0 else (lambda text: None))
         slots.append(Slot(frames, manager, comps.label, transition_s=transition_s))
     say(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}; "
-        f"{args.max_sessions} session{'s' if args.max_sessions != 1 else ''}")
+        f"{args.max_sessions} session{'s' if args.max_sessions != 1 else ''}{picture_note(frames)}")
 
     def make_engine(session, pipeline, sinks):
         return Engine(pipeline, session.source, sinks, fps=args.fps, status=False, controller=session.controller)
