@@ -55,8 +55,9 @@ def picture(colour=(255, 40, 40), shape=(48, 64)) -> bytes:
     return cv2.imencode(".png", img)[1].tobytes()
 
 
-def upload(url, data: bytes, ctype="image/png"):
-    req = urllib.request.Request(url + "/api/style-image", data=data, method="POST", headers={"Content-Type": ctype})
+def upload(url, data: bytes, ctype="image/png", token=None):
+    headers = {"Content-Type": ctype, **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url + "/api/style-image", data=data, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -415,3 +416,12 @@ def test_pictures_set_replaced_and_cleared_mid_stream_compile_once_and_match_eag
     assert fp.stream.accelerated == "compile"
     assert counts[9] > 0 and counts[-1] == counts[9]  # compiled by the first streamed frames, never again
     assert np.abs(compiled - eager).max() <= 1
+
+
+def test_an_api_with_a_token_takes_a_picture_only_with_it(comps):
+    with LiveEngine(comps, PacedSource(fps=30), api_token="pic-token") as live:
+        live.wait_outputs(10)
+        code, reply = upload(live.api.url, picture())
+        assert code == 401 and "token" in reply["error"] and live.frames.style_image is None
+        code, reply = upload(live.api.url, picture(), token="pic-token")
+        assert code == 200 and reply["ok"] and live.frames.style_image == "upload"
