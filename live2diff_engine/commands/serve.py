@@ -66,7 +66,7 @@ def cmd_serve(args) -> int:
     import logging
     import os
 
-    from ..assemble import build_frame_pipeline, preflight
+    from ..assemble import build_frame_pipeline, picture_note, preflight
     from ..errors import ConfigError
 
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
@@ -100,12 +100,15 @@ def cmd_serve(args) -> int:
     api = ApiServer(a["host"], a["port"], a["token"])  # refuses a host beyond loopback without a token
     api.ssl_context = ssl_context
 
+    from ..config import default_transition, load_config
+
+    transition_s = default_transition(load_config(args.config))  # the config's [control] transition_s
     slots = []
     for i in range(args.max_sessions):
         comps, frames, manager, style = build_frame_pipeline(args, say=say if i == 0 else (lambda text: None))
-        slots.append(Slot(frames, manager, comps.label))
+        slots.append(Slot(frames, manager, comps.label, transition_s=transition_s))
     say(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}; "
-        f"{args.max_sessions} session{'s' if args.max_sessions != 1 else ''}")
+        f"{args.max_sessions} session{'s' if args.max_sessions != 1 else ''}{picture_note(frames)}")
 
     def make_engine(session, pipeline, sinks):
         return Engine(pipeline, session.source, sinks, fps=args.fps, status=False, controller=session.controller)

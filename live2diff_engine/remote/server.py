@@ -99,6 +99,9 @@ class Slot:
     manager: object
     label: str
     busy: bool = False
+    # Seconds a prompt/style/seed change takes when its command names none (the config's
+    # [control] transition_s), given to each session's controller.
+    transition_s: float = 0.0
 
 
 @dataclass
@@ -358,6 +361,7 @@ class WebRtcService:
         book = PtsBook()
         source = TrackSource(book, name=f"remote camera ({sid[:6]})", fps=self.fps)
         controller = Controller(slot.frames, slot.manager, label=slot.label)
+        controller.default_transition_s = slot.transition_s
         session = Session(sid, None, slot, source, None, controller)
         try:
             session.pc, session.track = await self._peer(session, sdp, "Live2Diff: connected", "warming up ...")
