@@ -4,8 +4,31 @@
   'use strict';
 
   const $ = (id) => document.getElementById(id);
-  const token = new URLSearchParams(location.search).get('token') || '';
-  const query = token ? '?token=' + encodeURIComponent(token) : '';
+  // The token (the OBS script puts it in the dock's link) is traded once for the engine's HttpOnly,
+  // SameSite=Strict cookie (POST /api/login), taken out of the address at once, and kept out of every
+  // later URL (the WebSocket, /api/styles, uploads): URLs land in logs, cookies do not. An engine
+  // without /api/login (older) still gets it in the query, as before.
+  const params = new URLSearchParams(location.search);
+  let linkToken = params.get('token') || '';
+  if (params.has('token')) {
+    params.delete('token');
+    const rest = params.toString();
+    window.history.replaceState(null, '', location.pathname + (rest ? '?' + rest : '') + location.hash);
+  }
+  let query = '';
+  async function login() {
+    if (!linkToken) return;
+    const token = linkToken;
+    try {
+      const resp = await fetch('/api/login', { method: 'POST', headers: { Authorization: 'Bearer ' + token }, cache: 'no-store' });
+      if (resp.ok) {
+        linkToken = '';
+        query = '';
+        return;
+      }
+    } catch (e) { /* the engine is not up yet: connect() retries, and so does this */ return; }
+    query = '?token=' + encodeURIComponent(token);  // an older engine, or a wrong token (the refusal shows as before)
+  }
   const HISTORY_KEY = 'live2diff.dock.history';
   const HISTORY_MAX = 20;
   const REPLY_TIMEOUT_MS = 60000;
@@ -149,7 +172,7 @@
     };
     show();
     countdownTimer = setInterval(show, 1000);
-    retryTimer = setTimeout(connect, delay);
+    retryTimer = setTimeout(() => login().then(connect), delay);
   }
 
   // A connection that went quiet (engine frozen, machine asleep) is replaced.
@@ -738,5 +761,5 @@
 
   renderHistory();
   setLive(false);
-  connect();
+  login().then(connect);
 })();

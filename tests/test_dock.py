@@ -467,14 +467,37 @@ def test_websocket_from_a_foreign_origin_is_refused(running):
         ws.close()
 
 
+class RecordingApi(ApiServer):
+    """The real API, noting every request's path and query as it arrives (before its guard)."""
+
+    def _middleware(self):
+        from aiohttp import web
+
+        guard = super()._middleware()
+        self.seen_paths = []
+
+        @web.middleware
+        async def record(request, handler):
+            self.seen_paths.append(request.path_qs)
+            return await guard(request, handler)
+
+        return record
+
+
 def test_dock_passes_the_page_token_on(running, browser):
-    api = ApiServer("127.0.0.1", 0, token="tok-dock-42").start()
+    api = RecordingApi("127.0.0.1", 0, token="tok-dock-42").start()
     try:
         api.set_controller(running.controller)
         d = browser
         d.get(f"{api.url}/dock?token=tok-dock-42")
         wait_for(lambda: by_id(d, "conn").get_attribute("data-state"), 5, "dock.js to load (with the token)")
         connected(d)  # the WebSocket needs the token: connected means it was passed on
+        # ... as the cookie /api/login gave for it: the token is out of the address at once, and
+        # out of every later URL (the WebSocket's and /api/styles' requests are logged by the API)
+        assert "token" not in d.current_url, d.current_url
+        wait_for(lambda: any(p.startswith("/api/styles") for p in api.seen_paths), 10, "the styles request")
+        later = [p for p in api.seen_paths if not p.startswith("/dock")]  # after the page itself
+        assert later and not any("token" in p for p in later), later
     finally:
         api.stop()
         browser.get(f"{running.api.url}/dock")
