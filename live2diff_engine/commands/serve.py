@@ -39,6 +39,19 @@ def add_parser(sub) -> None:
                    help="the public address of this machine when it sits behind 1:1 NAT (a cloud VM): the host "
                    "candidates it offers carry ADDR instead of the private address")
     add_link_args(g)
+    f = sv.add_argument_group("fleet (a Ray cluster of GPU machines; needs the [fleet] extra)")
+    f.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="place each stream on a GPU of this Ray cluster (HOST:PORT of its head; auto: the cluster this "
+                   "machine belongs to; local: start a one-machine cluster). This process is then the front: it "
+                   "answers /whip and /api, the media goes straight to the GPU node")
+    f.add_argument("--gpus-per-session", type=float, default=1.0, metavar="N",
+                   help="GPUs each stream holds (default 1; a fraction such as 0.5 packs streams onto one card)")
+    f.add_argument("--warm-per-gpu", type=int, default=0, metavar="N",
+                   help="engines kept loaded on every GPU ahead of any stream (default 0): a new stream takes one and "
+                   "starts without loading the models")
+    f.add_argument("--queue-s", type=float, default=0.0, metavar="S",
+                   help="with every GPU in use, wait up to S seconds for one to free (or the cluster to grow) before "
+                   "answering 503 (default 0)")
     add_model_args(sv)
     add_control_args(sv)
 
@@ -78,6 +91,12 @@ def cmd_serve(args) -> int:
     if udp_ports is not None and free_port_in(udp_ports) is None:
         raise ConfigError(f"--udp-ports {args.udp_ports}: every port of the range is in use; give a free range")
     public_ip = check_public_ip(args.public_ip) if args.public_ip else None
+    if args.ray is not None:
+        return _serve_fleet(args, say, udp_ports)
+    for name, value in (("--gpus-per-session", args.gpus_per_session != 1.0), ("--warm-per-gpu", args.warm_per_gpu),
+                        ("--queue-s", args.queue_s)):
+        if value:
+            raise ConfigError(f"{name} places streams on a Ray cluster: give --ray ADDRESS too (or leave {name} out)")
     preflight(args, say)  # option values, model paths, the models to download: before torch loads
     from ..control.api import ApiServer
     from ..remote.ice import ice_servers_from
@@ -130,18 +149,9 @@ def cmd_serve(args) -> int:
         + (f" | media on UDP {udp_ports[0]}-{udp_ports[1]}" if udp_ports else "")
         + (f" | host candidates advertise {public_ip}" if public_ip else ""))
 
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop.wait(0.5):
-            pass
+        _wait_for_signal()
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         say("stopping")
         if service.loop is not None:
             import asyncio
@@ -154,6 +164,83 @@ def cmd_serve(args) -> int:
         if not service.sessions:  # every session ended, its engine thread joined: nothing of the user's is open
             global exit_at_once
             exit_at_once = True
+    return 0
+
+
+def _wait_for_signal() -> None:
+    """Until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _serve_fleet(args, say, udp_ports) -> int:
+    """`serve --ray`: this process is the front; each stream runs on a GPU node of the cluster
+    (remote/fleet.py). The front holds no model and no stream: stopping it leaves them running."""
+    import logging
+    import os
+
+    from ..errors import ConfigError, UserError
+
+    if not 0.0 < args.gpus_per_session <= 8.0:
+        raise ConfigError("--gpus-per-session must be above 0 and at most 8 (a fraction packs streams onto one GPU)")
+    if args.warm_per_gpu < 0 or args.warm_per_gpu * args.gpus_per_session > 1.0 + 1e-9:
+        raise ConfigError(f"--warm-per-gpu {args.warm_per_gpu} does not fit: each engine holds --gpus-per-session "
+                          f"{args.gpus_per_session:g} GPU; give at most {int(1 / args.gpus_per_session + 1e-9)}")
+    if not 0.0 <= args.queue_s <= 3600.0:
+        raise ConfigError("--queue-s must be 0 to 3600 seconds")
+    if args.max_sessions != 1:
+        raise ConfigError("--max-sessions does not apply with --ray: the cluster's GPUs decide how many streams run")
+    if args.public_ip:
+        raise ConfigError("--public-ip names one machine; with --ray each GPU node answers for itself (give its "
+                          "nodes public addresses, or a TURN server with --ice-server)")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError('--ray needs Ray: pip install "live2diff-engine[fleet]"') from None
+    from ..control.api import ApiServer
+    from ..remote.fleet import FleetFront, FrontController, add_front_routes
+    from ..remote.ice import ice_servers_from
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    ice = ice_servers_from(args.ice_server, os.environ, say)
+    warn_secrets_on_command_line(args, say)
+    settings = control_settings(args)
+    if settings["api"] is None:
+        raise ConfigError("serve needs its API (the WHIP endpoint lives there); drop --no-api")
+    a = settings["api"]
+    api = ApiServer(a["host"], a["port"], a["token"])
+    api.ssl_context = _ssl_context(args)
+    say(f"fleet: joining the Ray cluster ({args.ray}) ...")
+    try:
+        fleet = FleetFront(args.ray, args, ice, say)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot join the Ray cluster at {args.ray}: {str(exc).strip().splitlines()[0][:200]} "
+                        "(is `ray start --head` running there?)") from None
+    nodes = fleet.nodes()
+    gpus = sum(n["gpus"] for n in nodes)
+    say(f"fleet: {len(nodes)} GPU node{'s' if len(nodes) != 1 else ''}, {gpus:g} GPU{'s' if gpus != 1 else ''}; "
+        f"{args.gpus_per_session:g} GPU per stream; {args.warm_per_gpu} warm engine(s) per GPU")
+    api.extra_routes.append(add_front_routes(fleet))
+    api.start()
+    api.set_controller(FrontController(fleet))
+    say(f"serving: WHIP {api.url}/whip | fleet {api.url}/api/fleet | dock {api.url}/dock"
+        + (" | token required" if api.token else ""))
+    try:
+        _wait_for_signal()
+    finally:
+        say("stopping the front (the streams go on, on their nodes)")
+        api.stop()
+        fleet.close()
     return 0
 
 

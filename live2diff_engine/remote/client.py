@@ -36,6 +36,9 @@ log = logging.getLogger("live2diff.connect")
 # remote.media (numpy, OpenCV, aiortc) is imported where it is used: `--help` stays quick.
 PERIOD = 90_000 // 30  # pts between two sent frames (the 90 kHz RTP clock at 30 fps)
 LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the connection is lost
+# A fleet session (its status names the node serving it: `serve --ray`) sends its status at least
+# once a second; none for this long: its node or engine is gone, and connect resumes through the front.
+NODE_SILENT_S = 2.0
 # A stop (Ctrl-C) ends connect within 2 s however the link is: it waits at most DRAIN_ON_STOP_S for
 # the frames still on their way back, STOP_NOTICE_S for the server's answer to its DELETE (the server
 # ends the session either way), and STOP_CLOSE_S for the peer connection to close.
@@ -101,6 +104,7 @@ class RemotePipeline:
         self.on_lost = None  # set by connect: shows the "no signal" card
         self.on_status = None  # called with the remote's status messages
         self.remote_status: dict | None = None
+        self._status_at: float | None = None  # when the last status came over the data channel
         self.connected = False
         self.connections = 0
         self.sent = 0
@@ -304,8 +308,12 @@ class RemotePipeline:
             return status, text
         self.session_url = None
         if status == 404:
-            self.say("connect: the engine has ended the old session (past its --session-grace, or restarted); "
-                     "starting a new one")
+            line = text.strip().splitlines()[0][:200] if text.strip() else ""
+            if "fleet node" in line:  # the front's word: the session's node or engine is gone
+                self.say(f"connect: {line.rstrip('.')}; starting a new session (a new warmup)")
+            else:
+                self.say("connect: the engine has ended the old session (past its --session-grace, or restarted); "
+                         "starting a new one")
         else:
             line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {status}"
             self.say(f"connect: the engine cannot resume the session ({status}: {line}); ending it and starting a new one")
@@ -414,6 +422,9 @@ class RemotePipeline:
                         log.debug("link stats: %s", exc)
                 if state["closed"]:
                     return "lost"
+                if self._fleet_silent(state["last_back"]):
+                    self.say(f"connect: no word from the fleet node serving the session for {NODE_SILENT_S:g} s")
+                    return "lost"
                 if time.monotonic() - state["last_back"] > LOST_AFTER_S:
                     lost = True  # the link may come back: this connection stays open until the next is answered
                     return "lost"
@@ -448,6 +459,13 @@ class RemotePipeline:
             self._up_lost = 0
             self._pc = None
             self._first_done.set()
+
+    def _fleet_silent(self, since: float) -> bool:
+        """A fleet session's status has stopped (NODE_SILENT_S) since ``since`` or its last status."""
+        if not (self.remote_status or {}).get("node"):
+            return False
+        last = max(since, self._status_at or 0.0)
+        return time.monotonic() - last > NODE_SILENT_S
 
     async def _receive(self, track, state) -> None:
         from .media import PTS_SHIFT, frame_pts, recv_newest
@@ -514,6 +532,7 @@ class RemotePipeline:
             return
         if msg.get("kind") == "status":
             self.remote_status = msg
+            self._status_at = time.monotonic()
             if isinstance(msg.get("frames_lost"), int):
                 self._up_lost = msg["frames_lost"]  # this session's, counted by the server
             if self.on_status is not None:

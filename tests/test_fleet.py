@@ -1,0 +1,205 @@
+"""`serve --ray`: a fleet of GPU nodes on a real Ray cluster, on this machine.
+
+A real multi-node cluster (tests/fleet_cluster.py: `ray.cluster_utils.Cluster`, a head and two
+worker nodes declaring one GPU each; the engines run the tiny model on the CPU) in a network
+namespace of the test's own (tests/netns.py), where Ray puts every node at 127.0.0.1 and the
+media stays on loopback. The front (`serve --ray ADDRESS`) and the clients (`connect`) are real
+processes in that namespace. One cluster for the module; the tests run in order on it.
+
+Needs Ray (the [fleet] extra); skipped with the reason where it is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("ray", reason='needs Ray: pip install "live2diff-engine[fleet]"')
+
+sys.path.insert(0, str(ROOT / "tests"))
+from netns import Netns  # noqa: E402
+
+WAIT = 240  # generous: the 2-core machine is shared
+TOKEN = "t0ken-for-the-fleet-tests"
+FRONT_PORT = 41300
+ENV = {**os.environ, "LIVE2DIFF_API_TOKEN": TOKEN, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def wait_until(cond, what, timeout=WAIT, log=lambda: ""):
+    t = time.monotonic()
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() - t < timeout, f"waited {timeout} s for {what}\n{log()}"
+        time.sleep(0.3)
+
+
+class Proc:
+    """A process inside the namespace; its stderr and stdout collected line by line."""
+
+    def __init__(self, ns: Netns, *args, stdin=subprocess.DEVNULL):
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.proc = subprocess.Popen(ns.cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=stdin, text=True, env=ENV)
+        threading.Thread(target=lambda: self.err.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
+        if stdin == subprocess.DEVNULL:
+            threading.Thread(target=lambda: self.out.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
+
+    def log(self) -> str:
+        return "".join(self.err[-60:])
+
+    def stop(self, sig=None) -> None:
+        if self.proc.poll() is None:
+            if sig is not None:
+                self.proc.send_signal(sig)
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Cluster:
+    """tests/fleet_cluster.py in the namespace, driven line by line."""
+
+    def __init__(self, ns: Netns):
+        self.p = Proc(ns, sys.executable, str(ROOT / "tests" / "fleet_cluster.py"), stdin=subprocess.PIPE)
+        first = self.p.proc.stdout.readline()
+        assert first, "the cluster did not start\n" + self.p.log()
+        hello = json.loads(first)
+        self.address, self.nodes = hello["address"], hello["nodes"]
+        self.lock = threading.Lock()
+
+    def ask(self, **cmd) -> dict:
+        with self.lock:
+            self.p.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.p.proc.stdin.flush()
+            line = self.p.proc.stdout.readline()
+        assert line, "the cluster helper ended\n" + self.p.log()
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.p.proc.poll() is None:
+            try:
+                self.ask(op="quit")
+            except (AssertionError, OSError, ValueError):
+                pass
+        self.p.stop()
+
+
+def engine(ns, *args) -> Proc:
+    return Proc(ns, sys.executable, "-m", "live2diff_engine", *args)
+
+
+def front(ns, cluster, *args) -> Proc:
+    p = engine(ns, "serve", "--ray", cluster.address, "--model", "tiny", "--api-port", str(FRONT_PORT),
+               "--session-grace", "3", *args)
+    wait_until(lambda: any(l.startswith("serving: ") for l in p.err) or p.proc.poll() is not None, "the front to start",
+               log=p.log)
+    assert p.proc.poll() is None, p.log()
+    return p
+
+
+URL = f"http://127.0.0.1:{FRONT_PORT}"
+
+
+def get_json(ns, url, token=TOKEN) -> dict:
+    r = subprocess.run(ns.cmd("curl", "-s", "-m", "30", "-H", f"Authorization: Bearer {token}", url),
+                       capture_output=True, text=True, timeout=60)
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        return {}
+
+
+def fleet(ns) -> dict:
+    return get_json(ns, URL + "/api/fleet")
+
+
+_ports = iter(range(41400, 41500))
+
+
+def connect(ns, *args) -> tuple[Proc, str]:
+    port = next(_ports)
+    p = engine(ns, "connect", URL, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
+               "--sink", "null", "--api-port", str(port), *args)
+    return p, f"http://127.0.0.1:{port}"
+
+
+def flowing(ns, api, more_than=0) -> dict | None:
+    """connect's status once stylised frames come back (more than ``more_than``), else None."""
+    st = get_json(ns, api + "/api/status")
+    return st if st.get("connected") and st.get("frames_out", 0) > more_than else None
+
+
+@pytest.fixture(scope="module")
+def net():
+    try:
+        ns = Netns()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    cluster = None
+    try:
+        cluster = Cluster(ns)
+        yield ns, cluster
+    finally:
+        if cluster is not None:
+            cluster.close()
+        ns.close()
+
+
+def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_ends(net):
+    ns, cluster = net
+    fr = front(ns, cluster)
+    clients = []
+    try:
+        a, api_a = connect(ns)
+        clients.append(a)
+        st_a = wait_until(lambda: flowing(ns, api_a), "the first stream", log=lambda: a.log() + fr.log())
+        b, api_b = connect(ns)
+        clients.append(b)
+        st_b = wait_until(lambda: flowing(ns, api_b), "the second stream", log=lambda: b.log() + fr.log())
+        # connect's status (and `ctl status`) say which node serves each: two different nodes
+        assert st_a["node"] and st_b["node"] and st_a["node"] != st_b["node"], (st_a.get("node"), st_b.get("node"))
+        snap = fleet(ns)
+        assert len(snap["sessions"]) == 2 and len({s["node_id"] for s in snap["sessions"]}) == 2, snap
+        assert snap["gpus"] == 2 and snap["gpus_free"] == 0, snap
+        assert all(n["sessions"] == 1 for n in snap["nodes"]), snap
+        r = subprocess.run(ns.cmd(sys.executable, "-m", "live2diff_engine", "ctl", "status", "--api", api_a), cwd=ROOT,
+                           capture_output=True, text=True, timeout=WAIT, env=ENV)
+        assert f"node: {st_a['node']}" in r.stdout, r.stdout + r.stderr
+
+        # no GPU free: the front answers 503 with Retry-After; connect says busy and retries
+        r = subprocess.run(ns.cmd("curl", "-s", "-i", "-m", "60", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
+                                  "-H", "Content-Type: application/sdp", "--data-binary", "v=0\r\n", URL + "/whip"),
+                           capture_output=True, text=True, timeout=90)
+        assert r.stdout.startswith("HTTP/1.1 503") and re.search(r"^Retry-After: \d+", r.stdout, re.M | re.I), r.stdout
+        assert "busy: every GPU of the fleet is in use" in r.stdout, r.stdout
+        c, api_c = connect(ns)
+        clients.append(c)
+        wait_until(lambda: any("busy: every GPU" in l and "trying again in" in l for l in c.err), "connect to say busy",
+                   log=c.log)
+        a.stop()  # its stream ends: its engine ends and frees its GPU
+        st_c = wait_until(lambda: flowing(ns, api_c), "the third stream after the first ended",
+                          log=lambda: c.log() + fr.log())
+        assert st_c["node"] == st_a["node"], (st_c["node"], st_a["node"])
+    finally:
+        for p in clients:
+            p.stop()
+        fr.stop()
+    # nothing stays: every engine ends with its stream, every GPU is free again
+    wait_until(lambda: (lambda s: s["gpus_free"] == 2 and not s["actors"])(cluster.ask(op="state")),
+               "every engine to end and free its GPU", log=lambda: json.dumps(cluster.ask(op="state")))
