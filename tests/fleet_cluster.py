@@ -9,6 +9,7 @@ node at 127.0.0.1 (/work/shared/notes/ray.md: outside one it advertises the mach
 Driven over stdin/stdout, one JSON line each way:
     {"op": "add"}             -> {"node": INDEX, "node_id": ID}   a GPU node more
     {"op": "remove", "node": INDEX} -> {"removed": ID}          that node's processes killed
+    {"op": "kill", "name": NAME} -> {"killed": NAME or null}   that actor ended (as if it failed)
     {"op": "state"}           -> {"gpus": total, "gpus_free": free, "actors": [names alive]}
     {"op": "quit"}            -> {"stopped": true}               every process of the cluster ended
 The first line out is {"address": HEAD, "nodes": [ID, ...]}.
@@ -24,6 +25,12 @@ SMALL = {"num_cpus": 1, "object_store_memory": 100 * 1024 * 1024}
 
 
 def main() -> int:
+    import os
+
+    # The answers go out on the stdout we were given; anything else printed there (Ray's own
+    # notices, e.g. "Raylet is terminated" when a node is removed) goes to stderr instead.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     import ray
     from ray.cluster_utils import Cluster
 
@@ -33,7 +40,8 @@ def main() -> int:
     cluster.wait_for_nodes()
 
     def say(obj):
-        print(json.dumps(obj), flush=True)
+        answers.write(json.dumps(obj) + "\n")
+        answers.flush()
 
     say({"address": cluster.address, "nodes": [w.node_id for w in workers]})
     try:
@@ -52,6 +60,12 @@ def main() -> int:
                 names = [n for n in ray.util.list_named_actors() if isinstance(n, str)]
                 say({"gpus": ray.cluster_resources().get("GPU", 0.0), "gpus_free": ray.available_resources().get("GPU", 0.0),
                      "actors": names})
+            elif op == "kill":
+                try:
+                    ray.kill(ray.get_actor(cmd["name"]), no_restart=True)
+                    say({"killed": cmd["name"]})
+                except ValueError:
+                    say({"killed": None})
             elif op == "quit":
                 break
     finally:

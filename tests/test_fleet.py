@@ -203,3 +203,94 @@ def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_end
     # nothing stays: every engine ends with its stream, every GPU is free again
     wait_until(lambda: (lambda s: s["gpus_free"] == 2 and not s["actors"])(cluster.ask(op="state")),
                "every engine to end and free its GPU", log=lambda: json.dumps(cluster.ask(op="state")))
+
+
+def no_engines_left(cluster) -> None:
+    wait_until(lambda: (lambda s: s["gpus_free"] == s["gpus"] and not s["actors"])(cluster.ask(op="state")),
+               "every engine to end and free its GPU", log=lambda: json.dumps(cluster.ask(op="state")))
+
+
+def test_a_restarted_front_keeps_the_stream_and_a_vanished_client_is_freed_after_the_grace(net):
+    ns, cluster = net
+    fr = front(ns, cluster)
+    a, api_a = connect(ns)
+    try:
+        wait_until(lambda: flowing(ns, api_a), "the stream", log=lambda: a.log() + fr.log())
+        sid = wait_until(lambda: fleet(ns).get("sessions"), "the session in /api/fleet")[0]["id"]
+        fr.stop()  # the front goes: the stream does not pass through it and goes on
+        before = flowing(ns, api_a)["frames_out"]
+        wait_until(lambda: flowing(ns, api_a, before + 20), "frames to keep coming back without a front",
+                   log=a.log)
+        fr = front(ns, cluster)  # a new front finds the session by its actor's name
+        assert [s["id"] for s in fleet(ns)["sessions"]] == [sid], fleet(ns)
+        assert not any("connection lost" in l or "no word from the fleet node" in l for l in a.err), a.log()
+        a.stop(signal_kill())  # the client vanishes without a word: its session is freed after --session-grace 3
+        wait_until(lambda: fleet(ns).get("sessions") == [], "the session to be freed after the grace", log=fr.log)
+    finally:
+        a.stop()
+        fr.stop()
+    no_engines_left(cluster)
+
+
+def signal_kill():
+    import signal
+
+    return signal.SIGKILL
+
+
+def test_a_lost_node_moves_the_stream_to_another_node_through_the_front(net):
+    ns, cluster = net
+    fr = front(ns, cluster)
+    a, api_a = connect(ns)
+    try:
+        st = wait_until(lambda: flowing(ns, api_a), "the stream", log=lambda: a.log() + fr.log())
+        node_id = fleet(ns)["sessions"][0]["node_id"]
+        cluster.ask(op="remove", node=cluster.nodes.index(node_id))  # its raylet and workers killed
+        # connect notices the node's silence on the data channel and resumes through the front,
+        # which places it on the other node: a new session there, with a new warmup
+        wait_until(lambda: any("no word from the fleet node serving the session for 2 s" in l for l in a.err),
+                   "connect to notice the lost node", log=a.log)
+        wait_until(lambda: any("the fleet node that served this session is gone" in l and "a new warmup" in l
+                               for l in a.err), "connect to say it starts anew on another node", log=a.log)
+        st2 = wait_until(lambda: (lambda s: s if s and s.get("node") not in (None, st["node"]) else None)(
+            flowing(ns, api_a)), "the stream on another node", log=lambda: a.log() + fr.log())
+        assert [s["node_id"] for s in fleet(ns)["sessions"]] != [node_id], fleet(ns)
+        assert st2["node"] != st["node"]
+    finally:
+        a.stop()
+        fr.stop()
+    no_engines_left(cluster)
+    added = cluster.ask(op="add")  # back to two GPU nodes for the tests after this one
+    cluster.nodes.append(added["node_id"])
+
+
+def test_warm_engines_wait_on_every_gpu_serve_a_stream_without_loading_and_a_failed_one_is_replaced(net):
+    ns, cluster = net
+    fr = front(ns, cluster, "--warm-per-gpu", "1")
+    a = None
+    try:
+        def warm_on_both():
+            snap = fleet(ns)
+            nodes = snap.get("nodes") or []
+            return snap if len(nodes) == 2 and all(n["warm_idle"] == 1 for n in nodes) else None
+
+        snap = wait_until(warm_on_both, "a warm engine on each GPU", log=fr.log)
+        assert all(e["warm"] and e["state"] == "idle" for e in snap["engines"]), snap
+        a, api_a = connect(ns)
+        wait_until(lambda: flowing(ns, api_a), "the stream", log=lambda: a.log() + fr.log())
+        engines = fleet(ns)["engines"]
+        busy = [e for e in engines if e["session"] is not None]
+        assert len(busy) == 1 and busy[0]["warm"], engines  # a warm engine took it
+        assert not any("a new engine on node" in l for l in fr.err), fr.log()  # none had to load for it
+        a.stop()
+        wait_until(lambda: (lambda s: s if s and not s["sessions"] and len(s["engines"]) == 2 else None)(warm_on_both()),
+                   "the engine back in the pool, reset", log=fr.log)
+        # an engine that fails is replaced by the next top-up
+        victim = busy[0]["engine"]
+        assert cluster.ask(op="kill", name=victim)["killed"] == victim
+        wait_until(warm_on_both, "the failed engine replaced", log=fr.log)
+    finally:
+        if a is not None:
+            a.stop()
+        fr.stop()  # this front's idle warm engines go with it
+    no_engines_left(cluster)

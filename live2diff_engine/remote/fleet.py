@@ -164,6 +164,15 @@ class SessionEngine:
         self._call(self.service.end(session, "ended by the client"))
         return 200, {}, "session ended\n"
 
+    def retire(self) -> bool:
+        """Ends this engine if it is idle (a warm one no stream holds); whether it does."""
+        with self.lock:
+            if self.claimed or self.state != "idle":
+                return False
+            self.state = "ending"
+        threading.Thread(target=self._exit, daemon=True).start()
+        return True
+
     def info(self) -> dict:
         """This engine and its session as plain data (the shapes of /api/fleet and /metrics)."""
         out = {"engine": self.name, "node": self.address, "node_id": self.node_id, "warm": self.warm,
@@ -252,8 +261,22 @@ class FleetFront:
             self._thread.start()
 
     def close(self) -> None:
-        """The front goes; the engines and their sessions stay (they are detached)."""
+        """The front goes; the streams stay on their engines (they are detached). The idle warm
+        engines this front kept go too (another front with --warm-per-gpu tops its pool up again)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            refs = []
+            for name in ray.util.list_named_actors():
+                if isinstance(name, str) and name.startswith(PREFIX):
+                    try:
+                        refs.append(ray.get_actor(name).retire.remote())
+                    except ValueError:
+                        pass
+            try:
+                ray.get(refs, timeout=10)
+            except Exception:
+                pass
         try:
             ray.shutdown()
         except Exception:
