@@ -203,10 +203,10 @@ def _serve_fleet(args, say, udp_ports) -> int:
     if args.public_ip:
         raise ConfigError("--public-ip names one machine; with --ray each GPU node answers for itself (give its "
                           "nodes public addresses, or a TURN server with --ice-server)")
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise ConfigError('--ray needs Ray: pip install "live2diff-engine[fleet]"') from None
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # Ray itself is imported by remote/fleet.py only
+        raise ConfigError('--ray needs Ray: pip install "live2diff-engine[fleet]"')
     from ..control.api import ApiServer
     from ..remote.fleet import FleetFront, FrontController, add_front_routes
     from ..remote.ice import ice_servers_from
