@@ -104,9 +104,8 @@ def engine(ns, *args) -> Proc:
     return Proc(ns, sys.executable, "-m", "live2diff_engine", *args)
 
 
-def front(ns, cluster, *args) -> Proc:
-    p = engine(ns, "serve", "--ray", cluster.address, "--model", "tiny", "--api-port", str(FRONT_PORT),
-               "--session-grace", "3", *args)
+def front(ns, cluster, *args, port=FRONT_PORT, model=("--model", "tiny")) -> Proc:
+    p = engine(ns, "serve", "--ray", cluster.address, *model, "--api-port", str(port), "--session-grace", "3", *args)
     wait_until(lambda: any(l.startswith("serving: ") for l in p.err) or p.proc.poll() is not None, "the front to start",
                log=p.log)
     assert p.proc.poll() is None, p.log()
@@ -132,9 +131,9 @@ def fleet(ns) -> dict:
 _ports = iter(range(41400, 41500))
 
 
-def connect(ns, *args) -> tuple[Proc, str]:
+def connect(ns, *args, url=URL) -> tuple[Proc, str]:
     port = next(_ports)
-    p = engine(ns, "connect", URL, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
+    p = engine(ns, "connect", url, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
                "--sink", "null", "--api-port", str(port), *args)
     return p, f"http://127.0.0.1:{port}"
 
@@ -161,9 +160,10 @@ def net():
         ns.close()
 
 
-def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_ends(net):
+def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_ends_or_waits_with_queue_s(net):
     ns, cluster = net
     fr = front(ns, cluster)
+    fr2 = None
     clients = []
     try:
         a, api_a = connect(ns)
@@ -192,14 +192,25 @@ def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_end
         clients.append(c)
         wait_until(lambda: any("busy: every GPU" in l and "trying again in" in l for l in c.err), "connect to say busy",
                    log=c.log)
-        a.stop()  # its stream ends: its engine ends and frees its GPU
-        st_c = wait_until(lambda: flowing(ns, api_c), "the third stream after the first ended",
-                          log=lambda: c.log() + fr.log())
-        assert st_c["node"] == st_a["node"], (st_c["node"], st_a["node"])
+        # a second front (both find the engines by name) that waits up to --queue-s for a GPU
+        fr2 = front(ns, cluster, "--queue-s", "600", port=FRONT_PORT + 1)
+        d, api_d = connect(ns, url=f"http://127.0.0.1:{FRONT_PORT + 1}")
+        clients.append(d)
+        time.sleep(8)  # d's offer waits in the front meanwhile (c keeps retrying after its Retry-After)
+        assert not d.err or not any("busy" in l for l in d.err), d.log()
+        a.stop()  # its stream ends: its engine ends and frees its GPU; c or d gets it
+        b.stop()  # and then the other one
+        for p, api in ((c, api_c), (d, api_d)):
+            st = wait_until(lambda: flowing(ns, api), "the third and fourth streams after the first two ended",
+                            log=lambda: p.log() + fr.log() + fr2.log())
+            assert st["node"] in (st_a["node"], st_b["node"]), st["node"]
+        assert not any("busy" in l for l in d.err), d.log()  # with --queue-s it waited instead of being refused
     finally:
         for p in clients:
             p.stop()
         fr.stop()
+        if fr2 is not None:
+            fr2.stop()
     # nothing stays: every engine ends with its stream, every GPU is free again
     wait_until(lambda: (lambda s: s["gpus_free"] == 2 and not s["actors"])(cluster.ask(op="state")),
                "every engine to end and free its GPU", log=lambda: json.dumps(cluster.ask(op="state")))
@@ -293,4 +304,30 @@ def test_warm_engines_wait_on_every_gpu_serve_a_stream_without_loading_and_a_fai
         if a is not None:
             a.stop()
         fr.stop()  # this front's idle warm engines go with it
+    no_engines_left(cluster)
+
+
+def test_a_node_without_the_models_refuses_in_one_line_naming_it_and_the_front_tries_the_next(net):
+    """The full-size model, which no node of this machine has (offline: nothing is downloaded):
+    each node's engine refuses with one line naming the node and `models download`; the front
+    asks every node before it answers, and nothing is left on them."""
+    ns, cluster = net
+    fr = front(ns, cluster, model=())
+    try:
+        c, _api = connect(ns)
+        try:
+            wait_until(lambda: any("no node of the fleet can serve a stream" in l for l in c.err),
+                       "connect to say why no node takes it", log=lambda: c.log() + fr.log())
+        finally:
+            c.stop()
+        refusals = [l for l in fr.err if "cannot load the models" in l]
+        named = {re.search(r"node (127\.0\.0\.1 \(Ray node \w+\)) cannot load", l).group(1) for l in refusals}
+        assert all("live2diff-engine models download" in l for l in refusals), fr.log()
+        assert len(named) == 2, fr.log()  # both nodes were asked, each named (all at 127.0.0.1 in the namespace)
+        line = next(l for l in c.err if "no node of the fleet can serve a stream" in l)
+        assert "models download" in line and "Traceback" not in "".join(c.err), c.log()
+        snap = fleet(ns)
+        assert all(n["refuses"] and "models download" in n["refuses"] for n in snap["nodes"]), snap
+    finally:
+        fr.stop()
     no_engines_left(cluster)

@@ -46,6 +46,7 @@ UNCLAIMED_S = 60.0  # an engine made for one offer that never got it (its front 
 READY_S = 600.0  # a new engine has this long to load its models
 TOP_UP_S = 2.0  # how often the front tops up the warm engines
 CALL_S = 30.0  # a call on an engine actor (an offer takes a peer connection's setup)
+REFUSED_S = 60.0  # a node that could not load the models is not asked again for this long
 
 
 def session_url_id(actor: str, sid: str) -> str:
@@ -87,6 +88,7 @@ class SessionEngine:
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.address = ray.util.get_node_ip_address()
+        self.label = f"{self.address} (Ray node {self.node_id[:8]})"  # what a session's status calls its node
         self.refusal = None
         self.state = "loading"
         self.claimed = False
@@ -102,8 +104,8 @@ class SessionEngine:
             comps, frames, manager, _style = build_frame_pipeline(args, say=lambda text: None)
         except UserError as exc:
             line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.refusal = (f"node {self.address} cannot serve a stream: {line} (on that node: "
-                            f"`live2diff-engine models download`)")
+            self.refusal = (f"node {self.label} cannot load the models: run `live2diff-engine models download` "
+                            f"on it ({line[:160]})")
             self.state = "refused"
             return
         self.load_s = time.monotonic() - t0
@@ -112,7 +114,7 @@ class SessionEngine:
 
         def make_engine(session, pipeline, sinks):
             engine = Engine(pipeline, session.source, sinks, fps=fps, status=False, controller=session.controller)
-            engine.stats.extra["node"] = f"{self.address} (Ray node {self.node_id[:8]})"
+            engine.stats.extra["node"] = self.label
             return engine
 
         self.loop = asyncio.new_event_loop()
@@ -252,7 +254,7 @@ class FleetFront:
         else:
             ray.init(address=address, **kwargs)
         self.actor_class = ray.remote(SessionEngine)
-        self.refused: dict[str, str] = {}  # node id -> why its engine could not load the models
+        self._refused: dict[str, tuple[str, float]] = {}  # node id -> (why its engine could not load the models, when)
         self._stop = threading.Event()
         self._pool_lock = threading.Lock()
         self._thread = None
@@ -283,6 +285,12 @@ class FleetFront:
             pass
 
     # -- the cluster ----------------------------------------------------------------------------
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """The nodes that refused a stream lately (no models), with their line."""
+        now = time.monotonic()
+        return {nid: why for nid, (why, at) in self._refused.items() if now - at < REFUSED_S}
 
     def engines(self) -> list[dict]:
         """Every live engine's info (one call each, at once); one that does not answer is left out."""
@@ -360,7 +368,7 @@ class FleetFront:
             self._kill(handle)
             return False
         if not ok["ok"]:
-            self.refused[node["node_id"]] = ok["why"]
+            self._refused[node["node_id"]] = (ok["why"], time.monotonic())
             self.say(ok["why"])
             self._kill(handle)
             return False
@@ -404,12 +412,16 @@ class FleetFront:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
-        gpus = sum(n["gpus"] for n in self.nodes())
-        why = ("every node refuses streams (no models: run `live2diff-engine models download` on them)"
-               if self.refused and len(self.refused) >= len(self.nodes()) else
-               f"every GPU of the fleet is in use ({gpus:g} GPU{'s' if gpus != 1 else ''}, "
-               f"{self.gpus_per_session:g} per stream)")
-        return 503, {"Retry-After": str(RETRY_AFTER_S)}, f"busy: {why}; try again when one ends\n"
+        nodes, refused = self.nodes(), self.refused
+        if refused and all(n["node_id"] in refused for n in nodes):
+            return 503, {"Retry-After": str(RETRY_AFTER_S)}, (
+                f"no node of the fleet can serve a stream: {next(iter(refused.values()))}"
+                + (f" (and {len(refused) - 1} more node{'s' if len(refused) > 2 else ''} the same)" if len(refused) > 1 else "")
+                + "\n")
+        gpus = sum(n["gpus"] for n in nodes)
+        return 503, {"Retry-After": str(RETRY_AFTER_S)}, (
+            f"busy: every GPU of the fleet is in use ({gpus:g} GPU{'s' if gpus != 1 else ''}, "
+            f"{self.gpus_per_session:g} per stream); try again when one ends\n")
 
     def _offer(self, name: str, sdp: str):
         try:
