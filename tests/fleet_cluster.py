@@ -7,7 +7,7 @@ node at 127.0.0.1 (/work/shared/notes/ray.md: outside one it advertises the mach
 100 MB object store, no dashboard.
 
 Driven over stdin/stdout, one JSON line each way:
-    {"op": "add"}             -> {"node": INDEX, "node_id": ID}   a GPU node more
+    {"op": "add", "gpus": N}  -> {"node": INDEX, "node_id": ID}   a node more with N GPUs (default 1)
     {"op": "remove", "node": INDEX} -> {"removed": ID}          that node's processes killed
     {"op": "kill", "name": NAME} -> {"killed": NAME or null}   that actor ended (as if it failed)
     {"op": "state"}           -> {"gpus": total, "gpus_free": free, "actors": [names alive]}
@@ -49,7 +49,7 @@ def main() -> int:
             cmd = json.loads(line)
             op = cmd.get("op")
             if op == "add":
-                workers.append(cluster.add_node(**SMALL, num_gpus=1))
+                workers.append(cluster.add_node(**SMALL, num_gpus=cmd.get("gpus", 1)))
                 cluster.wait_for_nodes()
                 say({"node": len(workers) - 1, "node_id": workers[-1].node_id})
             elif op == "remove":

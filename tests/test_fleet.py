@@ -331,3 +331,30 @@ def test_a_node_without_the_models_refuses_in_one_line_naming_it_and_the_front_t
     finally:
         fr.stop()
     no_engines_left(cluster)
+
+
+def test_one_box_with_two_gpus_serves_two_streams_on_two_cards(net):
+    """Ray's GPU assignment replaces --device: on a node with two GPUs, each engine gets a card of
+    its own (its CUDA_VISIBLE_DEVICES; here the engines run on the CPU and show the card Ray gave)."""
+    ns, cluster = net
+    for node_id in list(cluster.nodes):  # the one-GPU nodes go: one box with two GPUs is left
+        cluster.ask(op="remove", node=cluster.nodes.index(node_id))
+        cluster.nodes[cluster.nodes.index(node_id)] = None
+    box = cluster.ask(op="add", gpus=2)
+    cluster.nodes.append(box["node_id"])
+    fr = front(ns, cluster)
+    clients = []
+    try:
+        for _ in range(2):
+            p, api = connect(ns)
+            clients.append(p)
+            wait_until(lambda: flowing(ns, api), "a stream", log=lambda: p.log() + fr.log())
+        snap = fleet(ns)
+        assert [n["node_id"] for n in snap["nodes"]] == [box["node_id"]] and snap["nodes"][0]["gpus_free"] == 0, snap
+        busy = [e for e in snap["engines"] if e["session"] is not None]
+        assert sorted(g for e in busy for g in e["gpus"]) == ["0", "1"], busy  # one card each
+    finally:
+        for p in clients:
+            p.stop()
+        fr.stop()
+    no_engines_left(cluster)
