@@ -259,7 +259,7 @@ def test_a_lost_node_moves_the_stream_to_another_node_through_the_front(net):
         cluster.ask(op="remove", node=cluster.nodes.index(node_id))  # its raylet and workers killed
         # connect notices the node's silence on the data channel and resumes through the front,
         # which places it on the other node: a new session there, with a new warmup
-        wait_until(lambda: any("no word from the fleet node serving the session for 2 s" in l for l in a.err),
+        wait_until(lambda: any("no word from the fleet node serving the session for 1.5 s" in l for l in a.err),
                    "connect to notice the lost node", log=a.log)
         wait_until(lambda: any("the fleet node that served this session is gone" in l and "a new warmup" in l
                                for l in a.err), "connect to say it starts anew on another node", log=a.log)

@@ -37,8 +37,9 @@ log = logging.getLogger("live2diff.connect")
 PERIOD = 90_000 // 30  # pts between two sent frames (the 90 kHz RTP clock at 30 fps)
 LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the connection is lost
 # A fleet session (its status names the node serving it: `serve --ray`) sends its status at least
-# once a second; none for this long: its node or engine is gone, and connect resumes through the front.
-NODE_SILENT_S = 2.0
+# every 0.5 s (remote/fleet.py); none for this long: its node or engine is gone, and connect resumes
+# through the front. The node's loss is so noticed within 2 s.
+NODE_SILENT_S = 1.5
 # A stop (Ctrl-C) ends connect within 2 s however the link is: it waits at most DRAIN_ON_STOP_S for
 # the frames still on their way back, STOP_NOTICE_S for the server's answer to its DELETE (the server
 # ends the session either way), and STOP_CLOSE_S for the peer connection to close.

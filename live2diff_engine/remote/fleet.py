@@ -46,6 +46,8 @@ UNCLAIMED_S = 60.0  # an engine made for one offer that never got it (its front 
 READY_S = 600.0  # a new engine has this long to load its models
 TOP_UP_S = 2.0  # how often the front tops up the warm engines
 CALL_S = 30.0  # a call on an engine actor (an offer takes a peer connection's setup)
+STATUS_EVERY_S = 0.5  # a session's status on its data channel at least this often: `connect` reads 1.5 s
+# of silence as its node or engine gone (client.py, NODE_SILENT_S), so a lost node is noticed within 2 s
 REFUSED_S = 60.0  # a node that could not load the models is not asked again for this long
 
 
@@ -126,7 +128,8 @@ class SessionEngine:
             udp_ports = parse_port_range(args.udp_ports)
         self.service = WebRtcService([Slot(frames, manager, comps.label)], ice_servers=ice_servers,
                                      make_engine=make_engine, on_change=self._changed, say=self.say, fps=fps,
-                                     session_grace=args.session_grace, udp_ports=udp_ports, codec=args.codec)
+                                     session_grace=args.session_grace, udp_ports=udp_ports, codec=args.codec,
+                                     status_every=STATUS_EVERY_S)
         self.state = "idle"
         self.pid = os.getpid()
         if not warm:

@@ -110,8 +110,10 @@ class ChannelControl:
     """The data channel ``control`` as one more control transport: each message goes to the
     session's controller (validated there) at most Pacer's rate; replies and status go back."""
 
-    def __init__(self, channel, controller: Controller, loop: asyncio.AbstractEventLoop, link=lambda: {}):
+    def __init__(self, channel, controller: Controller, loop: asyncio.AbstractEventLoop, link=lambda: {},
+                 every: float = 1.0):
         self.channel, self.controller, self.loop = channel, controller, loop
+        self.every = every  # the status goes out at least this often (a fleet's client reads its silence)
         self.link = link  # figures of the session's link added to each status (frames lost on the way in)
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.pacer = Pacer()
@@ -160,7 +162,7 @@ class ChannelControl:
         while True:
             self.send({**self.controller.status_message(), **self.link()})
             try:
-                await asyncio.wait_for(self.changed.wait(), 1.0)
+                await asyncio.wait_for(self.changed.wait(), self.every)
             except asyncio.TimeoutError:
                 pass
             self.changed.clear()
@@ -213,8 +215,10 @@ class WebRtcService:
 
     def __init__(self, slots: list[Slot], *, ice_servers: list[dict] | None = None, make_engine=None,
                  on_change=None, say=None, fps: float = 30.0, session_grace: float = SESSION_GRACE_S,
-                 udp_ports: tuple[int, int] | None = None, public_ip: str | None = None, codec: str | None = None):
+                 udp_ports: tuple[int, int] | None = None, public_ip: str | None = None, codec: str | None = None,
+                 status_every: float = 1.0):
         self.slots = slots
+        self.status_every = status_every  # the data channel's status, at least this often
         self.session_grace = session_grace
         self.udp_ports, self.public_ip, self.codec = udp_ports, public_ip, codec
         self.ice_servers = list(ice_servers or [])
@@ -385,7 +389,8 @@ class WebRtcService:
                     session.channel.close()
                 session.channel = ChannelControl(
                     channel, session.controller, self.loop,
-                    lambda: {"frames_lost": frames_lost(session.pc), "frames_stale": session.source.stale})
+                    lambda: {"frames_lost": frames_lost(session.pc), "frames_stale": session.source.stale},
+                    every=self.status_every)
 
         @pc.on("connectionstatechange")
         async def on_state():
