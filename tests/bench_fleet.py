@@ -139,7 +139,7 @@ def main() -> int:
             st = wait_until(lambda: flowing(ns, api), "a stream", log=p.log)
             node_id = fleet(ns)["sessions"][0]["node_id"]
             t0 = time.monotonic()
-            cluster.ask(op="remove", node=cluster.nodes.index(node_id))
+            cluster.remove(node_id)
             removed = time.monotonic()  # Cluster.remove_node returns once the node's processes are killed
             noticed = wait_until(lambda: next((time.monotonic() for l in p.err if "no word from the fleet node" in l), None),
                                  "connect to notice")  # polled every 0.3 s: up to 0.3 s late

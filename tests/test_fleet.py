@@ -91,6 +91,12 @@ class Cluster:
         assert line, "the cluster helper ended\n" + self.p.log()
         return json.loads(line)
 
+    def remove(self, node_id: str) -> None:
+        """Kills that node's processes (its index stays taken: None in ``nodes``)."""
+        i = self.nodes.index(node_id)
+        self.ask(op="remove", node=i)
+        self.nodes[i] = None
+
     def close(self) -> None:
         if self.p.proc.poll() is None:
             try:
@@ -256,7 +262,7 @@ def test_a_lost_node_moves_the_stream_to_another_node_through_the_front(net):
     try:
         st = wait_until(lambda: flowing(ns, api_a), "the stream", log=lambda: a.log() + fr.log())
         node_id = fleet(ns)["sessions"][0]["node_id"]
-        cluster.ask(op="remove", node=cluster.nodes.index(node_id))  # its raylet and workers killed
+        cluster.remove(node_id)  # its raylet and workers killed
         # connect notices the node's silence on the data channel and resumes through the front,
         # which places it on the other node: a new session there, with a new warmup
         wait_until(lambda: any("no word from the fleet node serving the session for 1.5 s" in l for l in a.err),
@@ -337,9 +343,8 @@ def test_one_box_with_two_gpus_serves_two_streams_on_two_cards(net):
     """Ray's GPU assignment replaces --device: on a node with two GPUs, each engine gets a card of
     its own (its CUDA_VISIBLE_DEVICES; here the engines run on the CPU and show the card Ray gave)."""
     ns, cluster = net
-    for node_id in list(cluster.nodes):  # the one-GPU nodes go: one box with two GPUs is left
-        cluster.ask(op="remove", node=cluster.nodes.index(node_id))
-        cluster.nodes[cluster.nodes.index(node_id)] = None
+    for node_id in [n for n in cluster.nodes if n is not None]:  # the one-GPU nodes go: one box with two GPUs is left
+        cluster.remove(node_id)
     box = cluster.ask(op="add", gpus=2)
     cluster.nodes.append(box["node_id"])
     fr = front(ns, cluster)
