@@ -7,7 +7,8 @@ the engines on the CPU with the tiny model), everything in a network namespace o
 Per setup (plain serve; the fleet front with no warm engine; the fleet front with --warm-per-gpu 1),
 ``--rounds`` streams one after another, each from a real aiortc client (tests/whip_client.py):
   signalling  POST /whip to the answer;
-  first       POST /whip to the first stylised frame back (the warmup frames included);
+  first       POST /whip to the first stylised frame back (after the 8 warmup frames, which come
+              back as the camera: at 10 frames/s they take 0.8 s of it);
   round trip  a frame sent to its stylised frame back (p50 over ``--seconds``), the capture-to-publish
               path, which the fleet does not touch (the media goes straight to the engine).
 Then: a stream's node removed, to the stream flowing again on the other node (through `connect`);
@@ -28,6 +29,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+WARMUP_FRAMES = 8  # the model's sink (warmup) frames: until they are in, the engine sends the camera back
+
+
+def stylised(client, pts: int) -> bool:
+    """A frame back made by the model: one of a frame sent after the warmup frames."""
+    i = client.sent_index(pts)
+    return i is not None and i >= WARMUP_FRAMES
+
+
 def probe(url: str, token: str, rounds: int, seconds: float) -> int:
     """Inside the namespace: ``rounds`` streams to ``url``, one JSON line of figures each."""
     from whip_client import WhipClient
@@ -39,11 +49,11 @@ def probe(url: str, token: str, rounds: int, seconds: float) -> int:
         t_answer = time.monotonic()
         if status != 201:
             return {"status": status, "text": c.answer_text[:200]}
-        while not any(c.sent_index(p) is not None for p, _, _ in c.received):
+        while not any(stylised(c, p) for p, _, _ in c.received):
             if time.monotonic() - t0 > 300:
                 return {"status": status, "error": "no stylised frame in 300 s"}
             await asyncio.sleep(0.01)
-        t_first = next(at for p, _, at in c.received if c.sent_index(p) is not None)
+        t_first = next(at for p, _, at in c.received if stylised(c, p))
         settle = time.monotonic() + 2.0
         await asyncio.sleep(2.0 + seconds)
         trips = c.round_trips(since=settle)

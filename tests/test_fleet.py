@@ -27,6 +27,7 @@ pytest.importorskip("ray", reason='needs Ray: pip install "live2diff-engine[flee
 
 sys.path.insert(0, str(ROOT / "tests"))
 from netns import Netns  # noqa: E402
+from test_remote_network import udp_ports_held  # noqa: E402
 
 WAIT = 240  # generous: the 2-core machine is shared
 TOKEN = "t0ken-for-the-fleet-tests"
@@ -302,6 +303,8 @@ def test_warm_engines_wait_on_every_gpu_serve_a_stream_without_loading_and_a_fai
         a.stop()
         wait_until(lambda: (lambda s: s if s and not s["sessions"] and len(s["engines"]) == 2 else None)(warm_on_both()),
                    "the engine back in the pool, reset", log=fr.log)
+        # reset: its stream's peer connection is closed, no UDP port of it is left open
+        wait_until(lambda: udp_ports_held(busy[0]["pid"]) == set(), "the stream's UDP ports to close")
         # an engine that fails is replaced by the next top-up
         victim = busy[0]["engine"]
         assert cluster.ask(op="kill", name=victim)["killed"] == victim

@@ -76,8 +76,6 @@ class SessionEngine:
     the WebRTC service of its one session. ``warm``: it stays (reset) when its session ends."""
 
     def __init__(self, args, name: str, warm: bool, ice_servers: list[dict]):
-        import os
-
         import torch
 
         from ..assemble import build_frame_pipeline, preflight
@@ -131,7 +129,6 @@ class SessionEngine:
                                      session_grace=args.session_grace, udp_ports=udp_ports, codec=args.codec,
                                      status_every=STATUS_EVERY_S)
         self.state = "idle"
-        self.pid = os.getpid()
         if not warm:
             threading.Thread(target=self._unclaimed, daemon=True).start()
 
@@ -180,7 +177,9 @@ class SessionEngine:
 
     def info(self) -> dict:
         """This engine and its session as plain data (the shapes of /api/fleet and /metrics)."""
-        out = {"engine": self.name, "node": self.address, "node_id": self.node_id, "warm": self.warm,
+        import os
+
+        out = {"engine": self.name, "pid": os.getpid(), "node": self.address, "node_id": self.node_id, "warm": self.warm,
                "state": self.state, "gpus": self.gpus, "device": self.device, "refusal": self.refusal,
                "load_s": round(getattr(self, "load_s", 0.0), 3), "session": None}
         service = getattr(self, "service", None)
@@ -258,7 +257,7 @@ class FleetFront:
             ray.init(address=address, **kwargs)
         self.actor_class = ray.remote(SessionEngine)
         self._refused: dict[str, tuple[str, float]] = {}  # node id -> (why its engine could not load the models, when)
-        self._stop = threading.Event()
+        self.stopping = threading.Event()
         self._pool_lock = threading.Lock()
         self._thread = None
         if self.warm_per_gpu > 0:
@@ -268,7 +267,7 @@ class FleetFront:
     def close(self) -> None:
         """The front goes; the streams stay on their engines (they are detached). The idle warm
         engines this front kept go too (another front with --warm-per-gpu tops its pool up again)."""
-        self._stop.set()
+        self.stopping.set()
         if self._thread is not None:
             self._thread.join(10)
             refs = []
@@ -298,18 +297,23 @@ class FleetFront:
     def engines(self) -> list[dict]:
         """Every live engine's info (one call each, at once); one that does not answer is left out."""
         names = [n for n in ray.util.list_named_actors() if isinstance(n, str) and n.startswith(PREFIX)]
-        refs = []
+        refs = {}
         for name in names:
             try:
-                refs.append(ray.get_actor(name).info.remote())
+                refs[ray.get_actor(name).info.remote()] = name
             except ValueError:  # gone meanwhile
                 continue
+        done, _pending = ray.wait(list(refs), num_returns=len(refs), timeout=3.0) if refs else ([], [])
         out = []
-        for ref in refs:
+        for ref, name in refs.items():
             try:
-                out.append(ray.get(ref, timeout=10))
-            except Exception:
+                out.append(ray.get(ref, timeout=0.1) if ref in done else None)
+            except Exception:  # died meanwhile
                 continue
+            if out[-1] is None:  # still loading its models (its first call waits for that)
+                node_prefix = name[len(PREFIX):].rsplit("-", 1)[0]
+                out[-1] = {"engine": name, "node": None, "node_id": None, "node_prefix": node_prefix, "warm": None,
+                           "state": "loading", "session": None, "refusal": None}
         return out
 
     def nodes(self, engines: list[dict] | None = None) -> list[dict]:
@@ -326,13 +330,14 @@ class FleetFront:
             gpus = float(total.get(nid, {}).get("GPU", 0.0))
             if gpus <= 0:
                 continue
-            mine = [e for e in engines if e["node_id"] == nid]
+            mine = [e for e in engines if e["node_id"] == nid or (e["node_id"] is None and nid.startswith(e["node_prefix"]))]
             mem = [e["gpu_memory_bytes"] for e in mine if e.get("gpu_memory_bytes") is not None]
             out.append({
                 "node": node.get("NodeManagerAddress"), "node_id": nid, "gpus": gpus,
                 "gpus_free": float(free.get(nid, {}).get("GPU", 0.0)),
                 "capacity": int(math.floor(gpus / self.gpus_per_session + 1e-9)),
                 "engines": len(mine), "warm_idle": sum(1 for e in mine if e["warm"] and e["state"] == "idle"),
+                "loading": sum(1 for e in mine if e["state"] == "loading"),
                 "sessions": sum(1 for e in mine if e["session"] is not None),
                 "gpu_memory_bytes": sum(mem) if mem else None, "refuses": self.refused.get(nid),
             })
@@ -456,7 +461,7 @@ class FleetFront:
                 if node["node_id"] in self.refused:
                     continue
                 want = min(int(self.warm_per_gpu * node["gpus"]), node["capacity"])
-                missing = want - node["warm_idle"]
+                missing = want - node["warm_idle"] - node["loading"]
                 free_slots = int(math.floor(node["gpus_free"] / self.gpus_per_session + 1e-9))
                 for _ in range(max(0, min(missing, free_slots))):
                     got = self._create(node, warm=True)
@@ -467,13 +472,13 @@ class FleetFront:
         return made
 
     def _keep_warm(self) -> None:
-        while not self._stop.is_set():
+        while not self.stopping.is_set():
             try:
                 if self.top_up():
                     self.say("fleet: warm engines starting")
             except Exception as exc:
                 log.warning("fleet: topping up the warm engines failed: %s", exc)
-            self._stop.wait(TOP_UP_S)
+            self.stopping.wait(TOP_UP_S)
 
 
 class FrontController:
@@ -492,7 +497,19 @@ class FrontController:
         self.api_token = None
         self.stream_clients = None
         self._listeners = []
-        self._cached = ({}, 0.0)
+        self._snapshot: dict = {}
+        threading.Thread(target=self._refresh, name="fleet-status", daemon=True).start()
+
+    def _refresh(self) -> None:
+        """The fleet's figures, every 2 s, off the API's event loop (each takes calls to the engines)."""
+        stop = self.fleet.stopping
+        while not stop.is_set():
+            try:
+                self._snapshot = self.fleet.snapshot()
+            except Exception as exc:
+                self._snapshot = {"error": str(exc)[:200]}
+            self.changed()
+            stop.wait(2.0)
 
     def add_listener(self, fn) -> None:
         self._listeners.append(fn)
@@ -525,13 +542,7 @@ class FrontController:
     def status(self) -> dict:
         from .. import __version__
 
-        snap, at = self._cached
-        if time.monotonic() - at > 1.0:
-            try:
-                snap = self.fleet.snapshot()
-            except Exception as exc:
-                snap = {"error": str(exc)}
-            self._cached = (snap, time.monotonic())
+        snap = self._snapshot
         n = len(snap.get("sessions", []))
         return {"state": f"fleet front: {n} stream{'s' if n != 1 else ''}", "paused": False, "styles": [],
                 "fps": 0.0, "fps_in": 0.0, "latency_ms": None, "frames_out": 0, "dropped": 0, "errors": 0,
