@@ -3,6 +3,7 @@ this machine's fake-GPU Ray cluster (tests/fleet_cluster.py: two worker nodes de
 the engines on the CPU with the tiny model), everything in a network namespace of its own.
 
     PYTHONPATH=. python tests/bench_fleet.py [--rounds 5] [--seconds 8] [--out figures.json]
+    PYTHONPATH=. python tests/bench_fleet.py full-size-memory     (an engine's models at full size)
 
 Per setup (plain serve; the fleet front with no warm engine; the fleet front with --warm-per-gpu 1),
 ``--rounds`` streams one after another, each from a real aiortc client (tests/whip_client.py):
@@ -73,6 +74,25 @@ def probe(url: str, token: str, rounds: int, seconds: float) -> int:
     return 0
 
 
+def full_size_memory() -> int:
+    """The memory an engine's models take at the full SD1.5 + Live2Diff geometry (random weights,
+    float32, on the CPU: the fleet's engines cannot load this bench-only model, so it is measured
+    in a process of its own): RSS before and after building them, and their parameter bytes."""
+    import os
+
+    import torch
+
+    from live2diff_engine.models.full_random import build_full_components
+
+    before = rss_mb(os.getpid())
+    comps = build_full_components("cpu", torch.float32)
+    params = sum(p.numel() * p.element_size() for m in (comps.unet, comps.vae, comps.text_encoder, comps.depth)
+                 for p in m.parameters())
+    print(json.dumps({"rss_before_mb": before, "rss_after_mb": rss_mb(os.getpid()),
+                      "parameter_mb_fp32": round(params / 2**20, 1), "parameter_mb_fp16": round(params / 2**21, 1)}))
+    return 0
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -103,6 +123,8 @@ def summary(rows: list[dict]) -> dict:
 
 
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "full-size-memory":
+        return full_size_memory()
     if len(sys.argv) > 1 and sys.argv[1] == "probe":
         return probe(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
     ap = argparse.ArgumentParser()

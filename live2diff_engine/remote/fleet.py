@@ -353,6 +353,14 @@ class FleetFront:
                 "gpus": sum(n["gpus"] for n in nodes), "gpus_free": sum(n["gpus_free"] for n in nodes),
                 "gpus_per_session": self.gpus_per_session, "warm_per_gpu": self.warm_per_gpu}
 
+    def sessions_and_nodes(self) -> tuple[list[dict], list[dict]]:
+        """For /metrics (remote/metrics.py's ``render(sessions, nodes)``), the dicts /api/fleet shows.
+        A session: id, node (address), node_id, state, frames_in, frames_out, fps, latency_ms_p50,
+        latency_ms_p95, resumed, age_s. A node: node (address), node_id, gpus, gpus_free, capacity,
+        engines, warm_idle, loading, sessions, gpu_memory_bytes (None without CUDA), refuses."""
+        snap = self.snapshot()
+        return snap["sessions"], snap["nodes"]
+
     def _create(self, node: dict, warm: bool):
         """A new engine on ``node`` under the first free name of its slots, or None (all taken)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
