@@ -23,8 +23,6 @@ import pytest
 
 from conftest import ROOT
 
-pytest.importorskip("ray", reason='needs Ray: pip install "live2diff-engine[fleet]"')
-
 sys.path.insert(0, str(ROOT / "tests"))
 from netns import Netns  # noqa: E402
 from test_remote_network import udp_ports_held  # noqa: E402
@@ -153,6 +151,7 @@ def flowing(ns, api, more_than=0) -> dict | None:
 
 @pytest.fixture(scope="module")
 def net():
+    pytest.importorskip("ray", reason='needs Ray: pip install "live2diff-engine[fleet]"')
     try:
         ns = Netns()
     except RuntimeError as exc:
@@ -191,10 +190,25 @@ def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_end
 
         # no GPU free: the front answers 503 with Retry-After; connect says busy and retries
         r = subprocess.run(ns.cmd("curl", "-s", "-i", "-m", "60", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
-                                  "-H", "Content-Type: application/sdp", "--data-binary", "v=0\r\n", URL + "/whip"),
+                                  "-H", "Content-Type: application/sdp", "--data-binary", "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n",
+                                  URL + "/whip"),
                            capture_output=True, text=True, timeout=90)
         assert r.stdout.startswith("HTTP/1.1 503") and re.search(r"^Retry-After: \d+", r.stdout, re.M | re.I), r.stdout
         assert "busy: every GPU of the fleet is in use" in r.stdout, r.stdout
+        # what is no offer is refused at the front, before any engine is asked or made
+        r = subprocess.run(ns.cmd("curl", "-s", "-i", "-m", "60", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
+                                  "-H", "Content-Type: application/sdp", "--data-binary", "hello", URL + "/whip"),
+                           capture_output=True, text=True, timeout=90)
+        assert r.stdout.startswith("HTTP/1.1 400") and "not an SDP offer" in r.stdout, r.stdout
+        # a session URL that names no engine, or an engine of another kind of name: 404, one line
+        for bad in ("nothing", "l2d-x.y", "..%2F..%2Fetc"):
+            r = subprocess.run(ns.cmd("curl", "-s", "-i", "-m", "60", "-X", "DELETE", "-H", f"Authorization: Bearer {TOKEN}",
+                                      f"{URL}/whip/{bad}"), capture_output=True, text=True, timeout=90)
+            assert r.stdout.startswith("HTTP/1.1 404"), (bad, r.stdout)
+        # /api/fleet needs the token
+        r = subprocess.run(ns.cmd("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "60", URL + "/api/fleet"),
+                           capture_output=True, text=True, timeout=90)
+        assert r.stdout == "401", r.stdout
         c, api_c = connect(ns)
         clients.append(c)
         wait_until(lambda: any("busy: every GPU" in l and "trying again in" in l for l in c.err), "connect to say busy",
@@ -366,3 +380,18 @@ def test_one_box_with_two_gpus_serves_two_streams_on_two_cards(net):
             p.stop()
         fr.stop()
     no_engines_left(cluster)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--warm-per-gpu", "1"], "--warm-per-gpu places streams on a Ray cluster: give --ray ADDRESS too"),
+    (["--queue-s", "30"], "--queue-s places streams on a Ray cluster: give --ray ADDRESS too"),
+    (["--ray", "auto", "--gpus-per-session", "0"], "--gpus-per-session must be above 0"),
+    (["--ray", "auto", "--warm-per-gpu", "2"], "--warm-per-gpu 2 does not fit"),
+    (["--ray", "auto", "--max-sessions", "2"], "--max-sessions does not apply with --ray"),
+])
+def test_fleet_options_that_cannot_work_are_one_line(args, says):
+    from conftest import run_cli
+
+    r = run_cli("serve", "--model", "tiny", "--api-port", "0", *args, timeout=120)
+    assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -406,6 +406,8 @@ class FleetFront:
 
     def place(self, sdp: str) -> tuple[int, dict, str]:
         """The response to a new offer: a warm engine's, else a new engine's on a free GPU, else 503."""
+        if not sdp.lstrip().startswith("v=") or "\nm=video" not in sdp:  # no engine is made for what is no offer
+            return 400, {}, "cannot use this offer: it is not an SDP offer with video (m=video)\n"
         deadline = time.monotonic() + self.queue_s
         while True:
             engines = self.engines()
@@ -422,6 +424,9 @@ class FleetFront:
                 if not self._wait_ready(name, handle, node):
                     continue
                 got = self._offer(name, sdp)
+                if got is not None and got[0] != 201:  # the offer itself was refused: the engine made for it goes
+                    self._kill(handle)
+                    return got
                 if got is not None:
                     self.say(f"fleet: a new engine on node {node['node']} (no warm one was free: it loaded its models)")
                     return got
