@@ -395,3 +395,47 @@ def test_fleet_options_that_cannot_work_are_one_line(args, says):
     r = run_cli("serve", "--model", "tiny", "--api-port", "0", *args, timeout=120)
     assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_ray_local_starts_a_one_machine_cluster_and_stopping_the_front_stops_it():
+    """`--ray local`: the front starts Ray on this machine (no GPU here: it says so and /api/fleet
+    has no GPU node) and stops it when it stops; no Ray process of it is left."""
+    pytest.importorskip("ray", reason='needs Ray: pip install "live2diff-engine[fleet]"')
+    try:
+        ns = Netns()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    try:
+        fr = engine(ns, "serve", "--ray", "local", "--model", "tiny", "--api-port", str(FRONT_PORT))
+        wait_until(lambda: any(l.startswith("serving: ") for l in fr.err) or fr.proc.poll() is not None,
+                   "the front to start", log=fr.log)
+        assert any("the cluster has no GPU yet" in l for l in fr.err), fr.log()
+        snap = fleet(ns)
+        assert snap["nodes"] == [] and snap["sessions"] == [] and snap["gpus"] == 0, snap
+        ray_pids = [p for p in ns_pids(ns) if "raylet" in cmdline(p) or "gcs_server" in cmdline(p)]
+        assert ray_pids, "no Ray process in the namespace"
+        fr.stop()
+        wait_until(lambda: not [p for p in ray_pids if os.path.exists(f"/proc/{p}")], "Ray's processes to end", timeout=60)
+    finally:
+        ns.close()
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def ns_pids(ns: Netns) -> list[int]:
+    """The processes in the test's namespace (the same network namespace as its holder process)."""
+    mine = os.readlink(f"/proc/{ns.proc.pid}/ns/net")
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.readlink(f"/proc/{d}/ns/net") == mine:
+                    out.append(int(d))
+            except OSError:
+                continue
+    return out

@@ -230,6 +230,9 @@ def _serve_fleet(args, say, udp_ports) -> int:
     gpus = sum(n["gpus"] for n in nodes)
     say(f"fleet: {len(nodes)} GPU node{'s' if len(nodes) != 1 else ''}, {gpus:g} GPU{'s' if gpus != 1 else ''}; "
         f"{args.gpus_per_session:g} GPU per stream; {args.warm_per_gpu} warm engine(s) per GPU")
+    if not gpus:
+        say("fleet: the cluster has no GPU yet: every stream is refused (503, Retry-After) until a GPU node joins"
+            + (f", or waits up to --queue-s {args.queue_s:g} s for one" if args.queue_s else ""))
     api.extra_routes.append(add_front_routes(fleet))
     api.start()
     api.set_controller(FrontController(fleet))
