@@ -382,6 +382,29 @@ def test_one_box_with_two_gpus_serves_two_streams_on_two_cards(net):
     no_engines_left(cluster)
 
 
+def test_a_fraction_of_a_gpu_per_stream_packs_two_streams_onto_one_card(net):
+    """--gpus-per-session 0.5: two streams share one card of the two-GPU box (the previous test's),
+    and /api/fleet counts what they hold: 1 of its 2 GPUs free, room for 4 streams."""
+    ns, cluster = net
+    fr = front(ns, cluster, "--gpus-per-session", "0.5")
+    clients = []
+    try:
+        for _ in range(2):
+            p, api = connect(ns)
+            clients.append(p)
+            wait_until(lambda: flowing(ns, api), "a stream", log=lambda: p.log() + fr.log())
+        snap = fleet(ns)
+        busy = [e for e in snap["engines"] if e["session"] is not None]
+        assert len(busy) == 2 and busy[0]["gpus"] == busy[1]["gpus"] and len(busy[0]["gpus"]) == 1, busy
+        node = snap["nodes"][0]
+        assert node["gpus_free"] == 1.0 and node["capacity"] == 4 and node["sessions"] == 2, snap
+    finally:
+        for p in clients:
+            p.stop()
+        fr.stop()
+    no_engines_left(cluster)
+
+
 @pytest.mark.parametrize("args, says", [
     (["--warm-per-gpu", "1"], "--warm-per-gpu places streams on a Ray cluster: give --ray ADDRESS too"),
     (["--queue-s", "30"], "--queue-s places streams on a Ray cluster: give --ray ADDRESS too"),
