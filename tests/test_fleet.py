@@ -411,6 +411,8 @@ def test_a_fraction_of_a_gpu_per_stream_packs_two_streams_onto_one_card(net):
     (["--ray", "auto", "--gpus-per-session", "0"], "--gpus-per-session must be above 0"),
     (["--ray", "auto", "--warm-per-gpu", "2"], "--warm-per-gpu 2 does not fit"),
     (["--ray", "auto", "--max-sessions", "2"], "--max-sessions does not apply with --ray"),
+    (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),  # nothing listens on port 1
+    (["--ray", "head-without-port"], "--ray head-without-port: give the head's HOST:PORT"),
 ])
 def test_fleet_options_that_cannot_work_are_one_line(args, says):
     from conftest import run_cli
@@ -422,7 +424,8 @@ def test_fleet_options_that_cannot_work_are_one_line(args, says):
 
 def test_ray_local_starts_a_one_machine_cluster_and_stopping_the_front_stops_it():
     """`--ray local`: the front starts Ray on this machine (no GPU here: it says so and /api/fleet
-    has no GPU node) and stops it when it stops; no Ray process of it is left."""
+    has no GPU node) and stops it when it stops; no Ray process of it is left. The module's cluster
+    still runs meanwhile (in another namespace): `local` starts a new one, it never joins that one."""
     pytest.importorskip("ray", reason='needs Ray: pip install "live2diff-engine[fleet]"')
     try:
         ns = Netns()

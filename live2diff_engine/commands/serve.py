@@ -203,6 +203,17 @@ def _serve_fleet(args, say, udp_ports) -> int:
     if args.public_ip:
         raise ConfigError("--public-ip names one machine; with --ray each GPU node answers for itself (give its "
                           "nodes public addresses, or a TURN server with --ice-server)")
+    if args.ray not in ("auto", "local"):  # Ray itself would wait for minutes on an address where nothing answers
+        import socket
+
+        host, _, port = args.ray.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--ray {args.ray}: give the head's HOST:PORT (e.g. 10.0.0.5:6379), auto or local")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as exc:
+            raise UserError(f"cannot reach the Ray cluster at {args.ray} ({getattr(exc, 'strerror', None) or exc}); "
+                            "is `ray start --head` running there, and its port open?") from None
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:  # Ray itself is imported by remote/fleet.py only

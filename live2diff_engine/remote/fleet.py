@@ -251,8 +251,8 @@ class FleetFront:
         self.warm_per_gpu = args.warm_per_gpu
         self.queue_s = args.queue_s
         kwargs = dict(namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
-        if address == "local":
-            ray.init(include_dashboard=False, **kwargs)
+        if address == "local":  # always a new cluster of its own: never one another process left running here
+            ray.init(address="local", include_dashboard=False, **kwargs)
         else:
             ray.init(address=address, **kwargs)
         self.actor_class = ray.remote(SessionEngine)
