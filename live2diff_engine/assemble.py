@@ -100,13 +100,50 @@ def _and(items: list[str]) -> str:
 
 def prompt_of(args):
     """--prompt as the pipeline takes it: a text, or a blend written ``"a fox:0.7|a wolf:0.3"``
-    (see :mod:`.pipeline.blend`)."""
-    from .pipeline.blend import BlendError, parse_notation
+    (see :mod:`.pipeline.blend`); a blend restored from the saved settings is a list already."""
+    from .pipeline.blend import BlendError, normalise, parse_notation
 
     try:
+        if isinstance(args.prompt, list):
+            return normalise(args.prompt)
+        if getattr(args, "prompt_is_text", False):  # restored from the saved settings: a "|" is a character
+            return args.prompt
         return parse_notation(args.prompt or "")
     except BlendError as exc:
         raise ConfigError(f"--prompt: {exc} (a blend is written 'a fox:0.7|a wolf:0.3', at most 4 prompts)") from None
+
+
+def wants_style_images(args, style=None) -> bool:
+    """Whether the IP-Adapter and its image encoder load: asked for (--ip-adapter, --image-encoder),
+    implied by a start picture (--style-image) or by a start style with a picture."""
+    return bool(getattr(args, "style_image", None) or getattr(args, "ip_adapter", None)
+                or getattr(args, "image_encoder", None) or (style is not None and style.image is not None))
+
+
+def picture_note(frames) -> str:
+    """``"; style picture: file look.png, scale 1"`` for the start line (or where the adapter waits
+    for one: ``"; style pictures: on"``), "" without an IP-Adapter."""
+    if not getattr(frames, "style_images", False):
+        return ""
+    if frames.style_image is None:
+        return "; style pictures: on (none yet)"
+    return f"; style picture: {frames.style_image}, scale {frames.style_image_scale:g}"
+
+
+def _check_style_image_options(args) -> None:
+    from .pipeline.blend import BlendError, check_image_scale
+
+    if getattr(args, "style_image_scale", None) is not None:
+        try:
+            check_image_scale(args.style_image_scale, "--style-image-scale")
+        except BlendError as exc:
+            raise ConfigError(str(exc)) from None
+    path = getattr(args, "style_image", None)
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            what = "is a folder" if p.is_dir() else "file not found"
+            raise ConfigError(f"--style-image {path}: {what}; give a PNG, JPEG or WebP picture")
 
 
 def check_options(args) -> None:
@@ -134,10 +171,14 @@ def check_options(args) -> None:
         raise ConfigError(f"--similarity-threshold must be between 0 and 1 (e.g. 0.98), got {args.similarity_threshold:g}")
     for path, _ in getattr(args, "lora", None) or []:
         _check_lora_file(path)
+    _check_style_image_options(args)
     from .pipeline.schedule import check_schedule
     from .styles import load_styles
 
     style = style_from_options(args, load_styles(args.styles))
+    if getattr(args, "style_image_scale", None) is not None and not wants_style_images(args, style):
+        raise ConfigError("--style-image-scale goes with a style picture: add --style-image FILE (or --ip-adapter to "
+                          "send pictures live)")
     steps, t_index_list, strength = style.schedule_args()
     try:
         check_schedule(steps, t_index_list, strength)
@@ -163,6 +204,10 @@ def preflight(args, say=None) -> None:
 
     kind, _, source = args.depth.partition("=")
     wanted = model_requests(args.base, args.motion, kind, source or None, args.vae, None if args.no_lcm_lora else "lcm-lora")
+    from .styles import load_styles
+
+    if wants_style_images(args, style_from_options(args, load_styles(args.styles))):
+        wanted += [(args.ip_adapter or "ip-adapter", "ip-adapter"), (args.image_encoder or "image-encoder", "image-encoder")]
     try:
         check_all(wanted, say)
     except ModelLoadError as exc:
@@ -234,6 +279,11 @@ def build_frame_pipeline(args, say=None):
             lcm_lora=None if args.no_lcm_lora else "lcm-lora", device=device, dtype=dtype, progress=say,
             base_config=getattr(args, "base_config", None),
         )
+    if wants_style_images(args, style):
+        from .models.ip_adapter import load_style_image_models
+
+        tiny_default = args.model == "tiny" and args.ip_adapter in (None, "ip-adapter")
+        load_style_image_models(comps, None if tiny_default else args.ip_adapter, args.image_encoder, progress=say)
     steps, t_index_list, strength = style.schedule_args()
     frames = FramePipeline(
         comps,
@@ -268,4 +318,18 @@ def build_frame_pipeline(args, say=None):
             manager.apply(style, frames)
     else:
         manager.current = style
+        if style.image is not None:
+            from .styles import set_style_picture
+
+            set_style_picture(frames, style, manager.style_picture(style))
+    if frames.style_images:
+        frames.set_style_image_scale(1.0 if args.style_image_scale is None else args.style_image_scale)
+    if getattr(args, "style_image", None):
+        from .models.ip_adapter import read_picture_file
+
+        try:
+            picture = frames.encode_style_picture(read_picture_file(Path(args.style_image).expanduser()))
+        except ConfigError as exc:
+            raise ConfigError(f"--style-image {args.style_image}: {exc}") from None
+        frames.set_style_image(picture, source=f"file {Path(args.style_image).name}")
     return comps, frames, manager, style

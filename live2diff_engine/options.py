@@ -136,6 +136,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     steps.add_argument("--strength", type=float, help="denoise the last int(num_inference_steps * strength) steps")
     s.add_argument("--num-inference-steps", type=int, default=None, help="length of the LCM schedule (default 50)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--style-image", metavar="FILE", default=None,
+                   help="a picture (PNG, JPEG, WebP) whose look the stream takes, beside the prompt (IP-Adapter; "
+                   "implies --ip-adapter); live: the dock's drop zone, `ctl style-image FILE`")
+    s.add_argument("--style-image-scale", type=float, default=None, metavar="S",
+                   help="how strongly the style picture steers: 0 to 2 (default 1: as the IP-Adapter was trained)")
+    s.add_argument("--ip-adapter", nargs="?", const="ip-adapter", default=None, metavar="SOURCE",
+                   help="load the SD1.5 IP-Adapter so that style pictures can be set live (default source: ip-adapter = "
+                   "h94/IP-Adapter's ip-adapter_sd15.safetensors; or a file or hub id); with --model tiny and no SOURCE "
+                   "a random miniature")
+    s.add_argument("--image-encoder", default=None, metavar="SOURCE",
+                   help="the IP-Adapter's CLIP image encoder: a folder or hub id (default: image-encoder = "
+                   "h94/IP-Adapter models/image_encoder)")
     f = p.add_argument_group("frames")
     f.add_argument("--width", type=int, default=None, help="model width, any multiple of 8 (default 512; 64 for tiny)")
     f.add_argument("--height", type=int, default=None, help="model height, any multiple of 8 (default 512; 64 for tiny), "
@@ -289,6 +301,15 @@ def obs_own_settings(environ: dict | None = None, home: str | None = None) -> di
         if found:
             return found
     return None
+
+
+def add_relay_only_arg(group) -> None:
+    """--ice-relay-only for the remote commands (serve, connect, doctor)."""
+    group.add_argument("--ice-relay-only", action="store_true",
+                       help="use only the TURN server's relay for media (ICE transport policy \"relay\"): this side "
+                       "offers no address of its own, so every stream goes through the TURN server; needs a TURN "
+                       "server (LIVE2DIFF_ICE_SERVERS or --ice-server). To test a TURN server, or for a network that "
+                       "allows nothing else")
 
 
 def add_link_args(group) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from .config import home
 from .control.schema import MAX_GUIDANCE, MAX_NAME_CHARS, MAX_PROMPT_CHARS, MAX_SEED, STEP_CHOICES, CommandError, _text
-from .pipeline.blend import MAX_BLEND_ITEMS
 
 VERSION = 1
 # Options that, given on the command line, win over the saved value they stand for.
@@ -35,6 +34,17 @@ class CorruptSettings(ValueError):
     pass
 
 
+def _saved_blend(items) -> list[tuple[str, float]]:
+    from .pipeline.blend import BlendError, normalise
+
+    if not all(isinstance(i, list) and len(i) == 2 for i in items):
+        raise CorruptSettings("the saved prompt blend is not a list of [text, weight]")
+    try:
+        return normalise((_text(t, "prompt", MAX_PROMPT_CHARS), w) for t, w in items)
+    except BlendError as exc:
+        raise CorruptSettings(str(exc)) from None
+
+
 def _check(data) -> dict:
     """The saved settings, validated like the commands that set them; CorruptSettings if not."""
     if not isinstance(data, dict):
@@ -43,8 +53,13 @@ def _check(data) -> dict:
         raise CorruptSettings(f"unknown version {data.get('version')!r:.20}")
     out = {}
     try:
-        # a blend is saved in its command-line notation ("a:0.7|b:0.3", up to 4 prompts)
-        out["prompt"] = _text(data.get("prompt", ""), "prompt", MAX_PROMPT_CHARS * MAX_BLEND_ITEMS + 64)
+        # a blend is saved as a list of [text, weight] (up to 4 prompts); a plain prompt as its text,
+        # so a "|" typed in a prompt stays a character and never reads back as a blend
+        prompt = data.get("prompt", "")
+        if isinstance(prompt, list):
+            out["prompt"] = _saved_blend(prompt)
+        else:
+            out["prompt"] = _text(prompt, "prompt", MAX_PROMPT_CHARS)
         out["negative_prompt"] = _text(data.get("negative_prompt", ""), "negative_prompt", MAX_PROMPT_CHARS)
         out["style"] = _text(data.get("style", "default"), "style", MAX_NAME_CHARS, allow_empty=False)
     except CommandError as exc:
@@ -139,7 +154,7 @@ def snapshot(controller) -> dict:
     steps, t_index, strength = frames.schedule_args
     sched = controller.schedule()
     return {
-        "prompt": frames.prompt,
+        "prompt": [[t, w] for t, w in frames.prompt_blend] if frames.prompt_blend else frames.prompt,
         "negative_prompt": frames.negative_prompt,
         "guidance": float(frames.guidance_scale),
         "style": current.name if current is not None else "default",
@@ -192,6 +207,9 @@ def restore_into_args(args, say) -> int | None:
     for key in ("prompt", "negative_prompt", "guidance"):
         if key not in given:
             setattr(args, key, saved[key])
+    if "prompt" not in given:
+        # a saved text is a text, "|" and all: not the command line's blend notation (assemble.prompt_of)
+        args.prompt_is_text = isinstance(saved["prompt"], str)
     if "style" not in given:
         from .styles import fetch_hint, load_styles
 

@@ -65,6 +65,9 @@ class Style:
     num_inference_steps: int = 50
     t_index_list: tuple[int, ...] | None = None
     strength: float | None = None
+    # A style picture (IP-Adapter) beside the styles file: its absolute path, resolved inside the
+    # styles file's folder when the file was read (``image = "watercolor.png"``).
+    image: str | None = None
     source: str = field(default="", compare=False)
 
     def schedule_args(self) -> tuple[int, list[int] | None, float | None]:
@@ -74,11 +77,29 @@ class Style:
         return self.num_inference_steps, t, self.strength
 
 
-_KEYS = {"description", "dreambooth", "dreambooth_url", "loras", "template", "clip_skip", "num_inference_steps", "t_index_list", "strength"}
+_KEYS = {"description", "dreambooth", "dreambooth_url", "loras", "template", "clip_skip", "num_inference_steps", "t_index_list",
+         "strength", "image"}
 
 
-def _parse_style(name: str, raw: dict, source: str) -> Style:
+def _style_image(value, where: str, folder: Path) -> str:
+    """A style's ``image``: a picture file beside the styles file (a path relative to its folder,
+    which it must stay inside), as an absolute path."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: image must be the name of a picture file beside the styles file, e.g. image = \"look.png\"")
+    rel = Path(value)
+    if rel.is_absolute() or rel.drive:
+        raise ConfigError(f"{where}: image {value!r} must be a path relative to the styles file's folder {folder}")
+    base = folder.resolve()
+    path = (base / rel).resolve()
+    if path != base and base not in path.parents:
+        raise ConfigError(f"{where}: image {value!r} is outside the styles file's folder {folder}; put the picture there")
+    return str(path)
+
+
+def _parse_style(name: str, raw: dict, source: str, folder: Path | None = None) -> Style:
+    """``folder``: where the styles file is (a style's image is found there)."""
     where = f"style {name!r} in {source}"
+    folder = folder if folder is not None else PRESETS.parent
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table of settings")
     unknown = sorted(set(raw) - _KEYS)
@@ -108,6 +129,7 @@ def _parse_style(name: str, raw: dict, source: str) -> Style:
             num_inference_steps=int(raw.get("num_inference_steps", 50)),
             t_index_list=tuple(int(i) for i in raw["t_index_list"]) if raw.get("t_index_list") is not None else None,
             strength=float(raw["strength"]) if raw.get("strength") is not None else None,
+            image=_style_image(raw["image"], where, folder) if raw.get("image") is not None else None,
             source=source,
         )
     except (TypeError, ValueError) as exc:
@@ -145,7 +167,7 @@ def load_styles(user_file: str | os.PathLike | None = None) -> dict[str, Style]:
         raise ConfigError(f"styles file not found: {path}")
     if path.is_file():
         for name, raw in _read_toml(path).items():
-            styles[name] = _parse_style(name, raw, str(path))
+            styles[name] = _parse_style(name, raw, str(path), path.parent)
     return styles
 
 
@@ -314,7 +336,26 @@ class StyleManager:
             _local_file(ref.file, ref.url, style.name, "LoRA")
         if style.dreambooth:
             _local_file(style.dreambooth, style.dreambooth_url, style.name, "DreamBooth checkpoint")
+        if style.image is not None:
+            if not Path(style.image).is_file():
+                raise ConfigError(f"style {style.name!r}: its image {style.image} is not there; put the picture beside "
+                                  "the styles file or drop the style's image setting")
+            if getattr(self.comps, "image_encoder", None) is None:
+                raise ConfigError(f"style {style.name!r} has a style picture, and this engine has no IP-Adapter loaded: "
+                                  "start it with --ip-adapter")
         return style
+
+    def style_picture(self, style: Style):
+        """The CLIP image embedding of a style's picture (None when it has none); beside the stream."""
+        if style.image is None:
+            return None
+        from .models.ip_adapter import decode_picture, encode_picture, read_picture_file
+
+        try:
+            rgb = decode_picture(read_picture_file(style.image))
+        except ConfigError as exc:
+            raise ConfigError(f"style {style.name!r}: {style.image}: {exc}") from None
+        return encode_picture(self.comps.image_encoder, rgb)
 
     def copies_in(self) -> bool:
         """Whether a swap copies into the weights' own memory rather than rebinding them: while a
@@ -529,11 +570,12 @@ class StyleManager:
             values, new_unfused = self._new_values(style, weights, loras, unfused, copy_in)
             positions = self._positions_ahead(values)
             text = self._encode_ahead(style, values, texts) if texts is not None else None
+            picture = self.style_picture(style)
             if side is not None:
                 side.synchronize()  # every prepared tensor complete before any frame reads it
         del weights
         prepared = PreparedStyle(style, values, new_unfused, generation, copy_in, time.perf_counter() - start,
-                                 positions=positions, text=text)
+                                 positions=positions, text=text, picture=picture)
         self.last_prepare_s = prepared.seconds
         return prepared
 
@@ -610,6 +652,7 @@ class StyleManager:
             frames_stream = torch.cuda.current_stream(c.device)
             made = [v for _, v in prepared.values.values()] + [v for _, v in prepared.unfused.values()]
             made += [p for _, p in prepared.positions] + list((prepared.text or {}).values())
+            made += [prepared.picture] if prepared.picture is not None else []
             for tensor in made:
                 if tensor.is_cuda:
                     tensor.record_stream(frames_stream)
@@ -663,11 +706,21 @@ class StyleManager:
             args = style.schedule_args()
             if schedule and args != frames._schedule_args:
                 frames.set_schedule(*args)
+            set_style_picture(frames, style, prepared.picture)
         self.current = style
         end = time.perf_counter()
         self.last_swap_s = end - swap
         self.last_switch_s = end - start
         return style
+
+
+def set_style_picture(frames, style: Style, picture) -> None:
+    """A style with a picture sets it (``picture``: its embedding); one without drops a picture an
+    earlier style set, and leaves one the user gave (an upload, --style-image) as it is."""
+    if picture is not None:
+        frames.set_style_image(picture, source=f"style {style.name}")
+    elif (getattr(frames, "style_image", None) or "").startswith("style "):
+        frames.set_style_image(None)
 
 
 @dataclass
@@ -682,6 +735,7 @@ class PreparedStyle:
     seconds: float = 0.0  # how long reading, converting and fusing took
     positions: list = field(default_factory=list, repr=False)  # [(temporal layer, positions projected with the new weights)]
     text: dict | None = field(default=None, repr=False)  # {(text, clip skip): embeddings} with the new text encoder
+    picture: object = field(default=None, repr=False)  # the style picture's image embedding (None: the style has none)
 
 
 def _free_beside(tensors: list) -> None:

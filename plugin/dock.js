@@ -19,7 +19,10 @@
     set_prompt: 'Prompt', set_negative_prompt: 'Negative prompt', set_style: 'Style',
     set_strength: 'Strength', set_steps: 'Steps', set_seed: 'Seed', set_guidance: 'Guidance',
     pause: 'Pause', resume: 'Resume', reset: 'Reset', download_style: 'Download',
+    set_style_image_scale: 'Picture scale', clear_style_image: 'Clear picture',
   };
+  const PICTURE_TYPES = ['image/png', 'image/jpeg', 'image/webp'];
+  const PICTURE_MAX_BYTES = 8 * 1024 * 1024; // the engine's cap (it answers 413 beyond)
 
   const el = {
     conn: $('conn'), main: $('main'), controls: $('controls'),
@@ -37,6 +40,8 @@
     fetchNote: $('style-fetch-note'), download: $('style-download'), fetchClose: $('style-fetch-close'),
     dl: $('download'), dlText: $('download-text'), dlProgress: $('download-progress'),
     styleLoading: $('style-loading'),
+    pictureDrop: $('picture-drop'), pictureFile: $('picture-file'), pictureState: $('picture-state'),
+    pictureScale: $('picture-scale'), pictureScaleValue: $('picture-scale-value'), pictureClear: $('picture-clear'),
   };
 
   let ws = null;
@@ -53,6 +58,7 @@
   let descriptions = {};
   let dragging = false;
   let toastTimer = 0;
+  let uploading = false; // a style picture on its way to the engine (or being encoded there)
   const pending = new Map(); // id -> {cmd, onReply, timer}
   const dirty = new Set(); // fields edited by the user and not applied yet
 
@@ -431,6 +437,7 @@
       ? `Loading style ${loading}\u2026 ${s.style || 'the current style'} keeps streaming until it is in` : '';
     renderFetch();
     renderDownload(s.download);
+    renderPicture(s);
 
     const paused = !!s.paused;
     el.pause.textContent = paused ? 'Resume' : 'Pause';
@@ -445,6 +452,65 @@
     if (s.obs === 'connected' && s.obs_source === 'absent') about.push('no Live2Diff source in OBS');
     if (s.version) about.push('v' + s.version);
     el.about.textContent = about.join(' \u00b7 ');
+  }
+
+  // -- the style picture (IP-Adapter) ------------------------------------------------------------
+
+  function pictureAvailable(s) {
+    return !!s && typeof s.style_image_scale === 'number';
+  }
+
+  function renderPicture(s) {
+    const on = pictureAvailable(s);
+    el.pictureDrop.setAttribute('aria-disabled', String(!on || !live));
+    el.pictureDrop.classList.toggle('busy', uploading || !!s.style_image_loading);
+    el.pictureClear.disabled = !live || !on || !s.style_image;
+    el.pictureScale.disabled = !live || !on;
+    if (on && !busy('set_style_image_scale') && document.activeElement !== el.pictureScale) {
+      el.pictureScale.value = String(s.style_image_scale);
+      showPictureScale();
+    }
+    let text;
+    if (!on) text = 'This engine has no IP-Adapter loaded: start it with --ip-adapter to take a style picture';
+    else if (uploading || s.style_image_loading) text = 'Reading the picture\u2026 the stream goes on meanwhile';
+    else if (!s.style_image) text = 'No picture';
+    else if (s.style_image === 'upload') text = 'In use: the picture you sent';
+    else text = 'In use: ' + s.style_image.replace(/^style /, 'the picture of style ').replace(/^file /, 'the start picture ');
+    el.pictureState.textContent = text;
+  }
+
+  function showPictureScale() {
+    el.pictureScaleValue.textContent = Number(el.pictureScale.value).toFixed(2);
+  }
+
+  // The picture's bytes go to POST /api/style-image (never a path); the reply comes once it steers the stream.
+  function uploadPicture(file) {
+    if (!file) return;
+    if (!live || !pictureAvailable(status)) {
+      toast(pictureAvailable(status) ? 'Not connected to the engine' : el.pictureState.textContent);
+      return;
+    }
+    if (!PICTURE_TYPES.includes(file.type)) {
+      toast(`Style picture: ${file.name} is not a PNG, JPEG or WebP picture`);
+      return;
+    }
+    if (file.size > PICTURE_MAX_BYTES) {
+      toast(`Style picture: ${file.name} is too large (${mb(file.size)} MB, at most ${mb(PICTURE_MAX_BYTES)} MB)`);
+      return;
+    }
+    uploading = true;
+    renderPicture(status);
+    fetch('/api/style-image' + query, { method: 'POST', headers: { 'Content-Type': file.type }, body: file, cache: 'no-store' })
+      .then((r) => r.json().catch(() => ({ ok: false, error: `HTTP ${r.status}` })))
+      .then((msg) => {
+        if (!msg.ok) toast(`Style picture: ${msg.error || 'refused'}`);
+        else if (!msg.superseded) toast(`Style picture: ${file.name} is in`, 'ok');
+      })
+      .catch(() => toast('Style picture: the engine did not answer'))
+      .finally(() => {
+        uploading = false;
+        renderPicture(status);
+      });
   }
 
   function styleTitle(b) {
@@ -638,6 +704,37 @@
     if (r.ok) toast('Reset: the video starts afresh', 'ok');
   }));
   el.toast.addEventListener('click', () => { el.toast.hidden = true; });
+
+  el.pictureDrop.addEventListener('click', () => {
+    if (el.pictureDrop.getAttribute('aria-disabled') !== 'true') el.pictureFile.click();
+  });
+  el.pictureDrop.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' || e.key === ' ') {
+      e.preventDefault();
+      el.pictureDrop.click();
+    }
+  });
+  el.pictureDrop.addEventListener('dragover', (e) => {
+    e.preventDefault(); // (the browser would open the file in the page instead)
+    el.pictureDrop.classList.add('over');
+  });
+  el.pictureDrop.addEventListener('dragleave', () => el.pictureDrop.classList.remove('over'));
+  el.pictureDrop.addEventListener('drop', (e) => {
+    e.preventDefault();
+    el.pictureDrop.classList.remove('over');
+    const files = e.dataTransfer && e.dataTransfer.files;
+    uploadPicture(files && files[0]);
+  });
+  el.pictureFile.addEventListener('change', () => {
+    uploadPicture(el.pictureFile.files[0]);
+    el.pictureFile.value = '';
+  });
+  el.pictureScale.addEventListener('input', showPictureScale);
+  el.pictureScale.addEventListener('change', () => {
+    send('set_style_image_scale', { scale: Number(el.pictureScale.value) });
+  });
+  el.pictureClear.addEventListener('click', () => send('clear_style_image', {}));
+  showPictureScale();
 
   renderHistory();
   setLive(false);

@@ -80,6 +80,7 @@ def test_every_command_parses_with_good_arguments():
         "set_guidance": {"guidance": 1.5},
         "add_to_scene": {"scene": "Scene"},
         "download_style": {"style": "toonyou"},
+        "set_style_image_scale": {"scale": 0.8},
     }
     for cmd in COMMANDS:
         msg = command_message(cmd, id="x1", **good.get(cmd, {}))

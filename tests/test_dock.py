@@ -18,6 +18,7 @@ from live2diff_engine.control.controller import Controller
 from live2diff_engine.engine import Engine
 from live2diff_engine.io.sources import SyntheticSource
 from live2diff_engine.models.components import build_tiny_components
+from live2diff_engine.models.ip_adapter import load_style_image_models
 from live2diff_engine.pipeline.frames import FramePipeline
 from live2diff_engine.styles import StyleManager, load_styles
 
@@ -63,6 +64,7 @@ def running(tmp_path_factory):
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # two cores here: one for the engine, one for the browser
     comps = build_tiny_components(seed=0)
+    load_style_image_models(comps)  # a random tiny IP-Adapter and image encoder: the dock's style picture
     frames = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=0, output_size=SIZE)
     styles = load_styles()
     manager = StyleManager(comps, styles)
@@ -591,3 +593,51 @@ def test_a_blend_of_two_prompts_with_a_transition_from_the_dock(running, browser
     press(d, by_id(d, "prompt-apply"))
     wait_for(lambda: running.frames.prompt_blend is None and running.frames.prompt == "a fox", 10, "the single prompt again")
     assert not running.frames.stream.in_transition  # 0 s: at once
+
+
+def test_a_style_picture_dropped_on_the_dock_steers_the_engine_and_its_scale_and_clear_work(running, browser, tmp_path):
+    import base64
+
+    import cv2
+    import numpy as np
+    from selenium.webdriver.common.keys import Keys
+
+    d = browser
+    connected(d)
+    live(d)
+    wait_for(lambda: text_of(d, "picture-state") == "No picture", 10, "the dock to say there is no picture")
+    img = np.zeros((40, 60, 3), np.uint8)
+    cv2.circle(img, (30, 20), 12, (40, 40, 255), -1)
+    png = base64.b64encode(cv2.imencode(".png", img)[1].tobytes()).decode()
+    # What a drag from the desktop gives the page: a File in a DataTransfer, dropped on the zone.
+    d.execute_script("""
+        const [b64, name] = arguments;
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, {type: 'image/png'}));
+        const zone = document.getElementById('picture-drop');
+        zone.dispatchEvent(new DragEvent('dragover', {dataTransfer: dt, bubbles: true, cancelable: true}));
+        zone.dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+    """, png, "look.png")
+    wait_for(lambda: running.frames.style_image == "upload", 30, "the engine's style picture")
+    wait_for(lambda: text_of(d, "picture-state") == "In use: the picture you sent", 15, "the dock to show the picture in use")
+    wait_for(lambda: "look.png is in" in text_of(d, "toast"), 10, "the dock to say it is in")
+    # The file chooser, with a file that is no picture: refused in the page, nothing sent.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a picture")
+    by_id(d, "picture-file").send_keys(str(notes))
+    wait_for(lambda: "notes.txt is not a PNG, JPEG or WebP picture" in text_of(d, "toast"), 10, "the refusal")
+    # The scale slider, as a keyboard user moves it.
+    scale = by_id(d, "picture-scale")
+    live(d)
+    scale.send_keys(Keys.HOME)
+    wait_for(lambda: running.frames.style_image_scale == 0.0, 15, "scale 0 in the engine")
+    scale.send_keys(Keys.END)
+    wait_for(lambda: running.frames.style_image_scale == 2.0, 15, "scale 2 in the engine")
+    wait_for(lambda: text_of(d, "picture-scale-value") == "2.00", 10, "the scale shown")
+    for _ in range(20):
+        scale.send_keys(Keys.ARROW_LEFT)  # back to 1 for the tests after
+    wait_for(lambda: running.frames.style_image_scale == 1.0, 15, "scale 1 again")
+    press(d, by_id(d, "picture-clear"))
+    wait_for(lambda: running.frames.style_image is None, 15, "the picture cleared in the engine")
+    wait_for(lambda: text_of(d, "picture-state") == "No picture", 10, "the dock to show no picture")

@@ -11,30 +11,9 @@ from live2diff_engine.errors import ConfigError, ModelLoadError
 from live2diff_engine.models.ip_adapter import (attach_ip_adapter, has_ip_adapter, image_tokens, read_ip_adapter,
                                                 set_ip_adapter_scale)
 from live2diff_engine.models.motion import SequenceContext, TemporalTransformer
-from live2diff_engine.models.tiny import build_tiny_unet, tiny_prompt_embeds
+from live2diff_engine.models.tiny import TINY_IMAGE_DIM, build_tiny_unet, tiny_ip_adapter, tiny_prompt_embeds
 
-IMAGE_DIM = 24  # the tiny image encoder's projection size
-
-
-def tiny_ip_adapter(unet, seed=0) -> dict:
-    """A random IP-Adapter for this UNet, keyed as the released ``ip-adapter_sd15.safetensors``:
-    ``image_proj.proj``/``image_proj.norm`` (4 image tokens) and ``ip_adapter.N.to_k_ip/to_v_ip``
-    for N = 1, 3, 5, ... over the cross attentions in diffusers' processor order."""
-    g = torch.Generator().manual_seed(seed)
-    cross = unet.config.cross_attention_dim
-    sd = {"image_proj.proj.weight": torch.randn(4 * cross, IMAGE_DIM, generator=g) * 0.2,
-          "image_proj.proj.bias": torch.randn(4 * cross, generator=g) * 0.1,
-          "image_proj.norm.weight": 1 + 0.1 * torch.randn(cross, generator=g),
-          "image_proj.norm.bias": 0.1 * torch.randn(cross, generator=g)}
-    modules = dict(unet.unet2d.named_modules())
-    key = 1
-    for name in unet.unet2d.attn_processors:
-        if name.endswith("attn2.processor"):
-            hidden = modules[name[: -len(".processor")]].to_k.weight.shape[0]
-            for kv in ("to_k_ip", "to_v_ip"):
-                sd[f"ip_adapter.{key}.{kv}.weight"] = torch.randn(hidden, cross, generator=g) * 0.3
-            key += 2
-    return sd
+IMAGE_DIM = TINY_IMAGE_DIM  # the tiny image encoder's projection size
 
 
 def _silenced(seed):
@@ -176,6 +155,7 @@ def test_a_style_picture_as_bytes_through_a_saved_image_encoder_steers_the_frame
     for with_picture in (False, True):
         comps = build_tiny_components(seed=0)
         attach_ip_adapter(comps.unet, read_ip_adapter(adapter_file))
+        comps.image_encoder = encoder
         fp = FramePipeline(comps, width=64, height=64, prompt="a cat", seed=1)
         if with_picture:
             fp.set_style_image(embeds)

@@ -428,3 +428,28 @@ def test_connect_warns_about_a_turn_password_on_its_command_line_without_showing
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert secret not in r.stdout + r.stderr
     assert any(line.startswith("warning: --ice-server with a TURN password") for line in r.stderr.splitlines()), r.stderr
+
+
+def test_serves_sessions_take_the_configs_default_transition(tmp_path):
+    """[control] transition_s reaches each session's controller: a prompt sent without a
+    transition_s moves in over the config's seconds (the status shows it under way)."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[control]\ntransition_s = 8\n")
+    s = Server("--config", str(cfg))
+    try:
+        async def go():
+            c = WhipClient(s.url, fps=6)
+            assert await c.start() == 201, c.answer_text
+            try:
+                await wait_for(lambda: len(c.received) > 10, WAIT, "frames back from a warm stream")
+                ok = await c.command(cmd("set_prompt", 1, prompt="a red fox"))
+                await wait_for(lambda: c.status and c.status.get("prompt") == "a red fox"
+                               and c.status.get("transition") is not None, WAIT, "the prompt moving in")
+                await c.delete()
+            finally:
+                await c.close()
+            return ok
+
+        assert run(go())["ok"] is True
+    finally:
+        s.stop()

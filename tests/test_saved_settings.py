@@ -248,3 +248,28 @@ def test_a_restarted_engine_comes_back_with_the_last_applied_settings():
         assert saved["prompt"] == "a green owl" and saved["steps"] == 2 and saved["seed"] == 0
     finally:
         third.stop()
+
+
+def test_a_prompt_with_a_bar_stays_a_prompt_and_a_blend_stays_a_blend_across_a_restart():
+    """A "|" typed in a prompt is a character (the blend notation is only for the command line):
+    saved and read back it must not turn into a blend of two prompts; a blend set by a command
+    comes back as the same blend."""
+    first = EngineProcess()
+    try:
+        first.command("set_prompt", prompt="neon | dark")
+        assert first.status()["prompt"] == "neon | dark"
+    finally:
+        first.stop()
+    second = EngineProcess()
+    try:
+        s = second.status()
+        assert s["prompt"] == "neon | dark" and s["prompt_blend"] is None, s
+        second.command("set_prompt", prompt=[{"text": "a fox", "weight": 3}, {"text": "a wolf", "weight": 1}])
+        assert second.status()["prompt_blend"] == [{"text": "a fox", "weight": 0.75}, {"text": "a wolf", "weight": 0.25}]
+    finally:
+        second.stop()
+    third = EngineProcess()
+    try:
+        assert third.status()["prompt_blend"] == [{"text": "a fox", "weight": 0.75}, {"text": "a wolf", "weight": 0.25}]
+    finally:
+        third.stop()

@@ -356,7 +356,7 @@ def test_a_blend_survives_a_restart_in_the_saved_settings(tmp_path, monkeypatch)
 
     monkeypatch.setenv("LIVE2DIFF_HOME", str(tmp_path))
     blend = [("a " + "very " * 80 + "long fox", 0.5), ("a " + "big " * 100 + "wolf", 0.25), ("a " + "small " * 60 + "bird", 0.25)]
-    text = format_notation(blend)
-    assert len(text) > 1000  # longer than one prompt may be: a blend of long prompts
-    saved = _check({"version": 1, "prompt": text, "negative_prompt": "", "style": "default", "guidance": 1.0, "seed": 0})
+    assert len(format_notation(blend)) > 1000  # longer than one prompt may be: a blend of long prompts
+    saved = _check({"version": 1, "prompt": [[t, w] for t, w in blend], "negative_prompt": "", "style": "default",
+                    "guidance": 1.0, "seed": 0})
     assert prompt_of(argparse.Namespace(prompt=saved["prompt"])) == [(t, pytest.approx(w)) for t, w in blend]

@@ -7,7 +7,7 @@ both ways. This kernel has no netem, so the faults are made here.
 
 How the media gets into the relay: the relay is also the signalling hop. It is an HTTP proxy in
 front of the engine's API: every request goes through unchanged, except the SDP of a WHIP/WHEP
-offer and its answer, whose ICE candidates it rewrites to point at a pair of its own UDP sockets
+offer (a new session's POST or a resumed session's PATCH) and its answer, whose ICE candidates it rewrites to point at a pair of its own UDP sockets
 (the client's candidate becomes the relay's server-facing socket, the server's candidate the
 relay's client-facing one). Each peer then sees the other at the relay's address and nothing else,
 so every datagram (ICE checks, DTLS, RTP, RTCP, the data channel) crosses the faults; this is what
@@ -44,6 +44,9 @@ class Faults:
     # Video frames whose RTP packets (retransmissions too) never get through on the way up:
     # (first, count), numbered from 0 in the order their RTP timestamps first pass the relay.
     up_frames_lost: list[tuple[int, int]] = field(default_factory=list)
+    # The share of video frames whose last packet's first transmission is dropped, each way (its
+    # retransmission, on the RTX stream, goes through): the loss that only the next frame reveals.
+    tails_lost: float = 0.0
     seed: int | None = None
 
     def describe(self) -> str:
@@ -54,6 +57,8 @@ class Faults:
             parts.append(f"reorder {self.reorder * 100:g} %")
         parts += [f"outage {s:g}+{d:g} s" for s, d in self.outages]
         parts += [f"video frames {a}-{a + n - 1} lost on the way up" for a, n in self.up_frames_lost if n > 0]
+        if self.tails_lost:
+            parts.append(f"last packet of {self.tails_lost * 100:g} % of frames lost")
         return ", ".join(parts)
 
 
@@ -85,6 +90,8 @@ class Direction:
         self.counts = Counts()
         self._in_burst = 0
         self._frame_of: dict[int, int] = {}  # RTP timestamp -> the frame's number (up_frames_lost)
+        self._tails_seen: set[tuple[int, int]] = set()  # (SSRC, sequence number) of marker packets seen (tails_lost)
+        self._media_ssrc: int | None = None
 
     def _lost_frame(self, data: bytes) -> bool:
         """Whether ``data`` is an RTP packet of a video frame that ``up_frames_lost`` names. The RTP
@@ -101,10 +108,26 @@ class Direction:
             number = self._frame_of[ts] = len(self._frame_of)
         return any(a <= number < a + n for a, n in spans)
 
+    def _lost_tail(self, data: bytes) -> bool:
+        """Whether ``data`` is the first transmission of a video frame's last packet (RTP marker
+        bit) that ``tails_lost`` drops; a retransmission comes on its own RTX SSRC and sequence."""
+        if not self.faults.tails_lost or len(data) < 12 or data[0] >> 6 != 2 or 192 <= data[1] <= 223:
+            return False
+        ssrc = int.from_bytes(data[8:12], "big")
+        if self._media_ssrc is None:
+            self._media_ssrc = ssrc  # the media's stream comes first; an RTX stream only after a loss
+        if not data[1] & 0x80 or ssrc != self._media_ssrc:
+            return False
+        key = (ssrc, int.from_bytes(data[2:4], "big"))
+        if key in self._tails_seen:
+            return False
+        self._tails_seen.add(key)
+        return self.rng.random() < self.faults.tails_lost
+
     def fate(self, data: bytes = b"") -> float | None:
         """Seconds to hold this datagram, or None to drop it."""
         f, now = self.faults, self.clock()
-        if self._lost_frame(data):
+        if self._lost_frame(data) or self._lost_tail(data):
             self.counts.lost += 1
             return None
         if now is not None and any(start <= now < start + length for start, length in f.outages):
@@ -312,7 +335,10 @@ class Relay:
 
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "authorization", "accept")}
-        sdp = request.method == "POST" and request.content_type == "application/sdp"
+        # A new session's offer (POST) and a resumed session's re-offer (PATCH on its URL, a new
+        # peer connection with new ports): both must be rewritten, or a resumed session's media
+        # would go straight between the peers, around the faults.
+        sdp = request.method in ("POST", "PATCH") and request.content_type == "application/sdp"
         links: dict[tuple[str, int], Link] = {}
         if sdp:
             text = body.decode("utf-8", "replace")
@@ -334,7 +360,7 @@ class Relay:
             for link in links.values():
                 link.close()
             return web.Response(status=502, text=f"relay: cannot reach {self.upstream}: {type(exc).__name__}\n")
-        if sdp and status == 201 and links:
+        if sdp and status in (200, 201) and links:
             answer = data.decode("utf-8", "replace")
             served = [a for a in _candidates(answer) if a[0] == LOOPBACK]
             # One transport each side (BUNDLE, rtcp-mux): the first client candidate pairs with the

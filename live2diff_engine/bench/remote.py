@@ -33,6 +33,32 @@ from pathlib import Path
 from .netfault import Relay, add_fault_options, faults_from
 
 
+WINDOW_S = 3.0  # at 3 fps, one second's p50 is the median of 3 frames; over 3 s, of about 9
+
+
+def longest_run(seconds: list[int]) -> int:
+    """The longest stretch of consecutive whole seconds in ``seconds`` (ascending)."""
+    longest, run, last = 0, 0, None
+    for s in seconds:
+        run = run + 1 if last is not None and s == last + 1 else 1
+        longest, last = max(longest, run), s
+    return longest
+
+
+def window_p50s(samples: list, window_s: float, least: int = 5) -> list[tuple[int, float]]:
+    """[(second, p50 ms)] of every frame whose time (s since the first frame back) lies in the
+    ``window_s`` up to the end of each whole second, for the windows with at least ``least`` frames."""
+    if not samples:
+        return []
+    out = []
+    end = int(samples[-1][0]) + 1
+    for s in range(int(window_s), end + 1):
+        v = sorted(ms for t, ms in samples if s - window_s <= t < s)
+        if len(v) >= least:
+            out.append((s, v[len(v) // 2]))
+    return out
+
+
 def _cli(*args):
     return [sys.executable, "-m", "live2diff_engine", *map(str, args)]
 
@@ -134,14 +160,17 @@ def main(argv=None) -> int:
     if own is not None and rows:
         bound = own + 200
         over = [s for s, p50, _ in rows if p50 > bound]
-        longest, run, last = 0, 0, None
-        for s in over:
-            run = run + 1 if last is not None and s == last + 1 else 1
-            longest, last = max(longest, run), s
+        longest = longest_run(over)
         tail = rows[len(rows) // 2:]
         print(f"second by second: {len(over)} of {len(rows)} s with p50 above the engine's own {own:.0f} ms + 200 ms; "
               f"recovery time (the longest such stretch) {longest} s; p50 of the second half "
               f"{sorted(p for _, p, _ in tail)[len(tail) // 2]:.0f} ms")
+        windows = window_p50s(extra.get("latency_samples") or [], WINDOW_S)
+        if windows:
+            over_w = [s for s, p50 in windows if p50 > bound]
+            print(f"over {WINDOW_S:g} s windows (the p50 of every frame in the {WINDOW_S:g} s up to each second): "
+                  f"{len(over_w)} of {len(windows)} above the bound; recovery time (the longest such stretch) "
+                  f"{longest_run(over_w)} s; highest window p50 {max(p for _, p in windows):.0f} ms")
     if served_out is not None:
         sent = extra.get("frames_sent")
         unseen = sent - served_in - served_dropped if sent is not None else None

@@ -151,7 +151,8 @@ def bench_stream(pipe: StreamPipeline, warmup_latents, warmup_depth, frame_count
 
 
 def bench_modes(make_pipe, warmup_latents, warmup_depth, modes: list[str], frames: int, progress=None, segments: int = 8) -> dict[str, dict[str, float]]:
-    """Median and mean ms per frame of the same stream under each acceleration mode, interleaved.
+    """Median and mean ms per frame of the same stream under each acceleration mode, interleaved
+    (or under any other variants ``make_pipe`` builds by name: with and without a style picture).
 
     ``make_pipe(mode)`` builds a stream on the shared UNet. The UNet holds one KV-cache, so each
     mode's stream state is set aside between its segments and put back (copied into the same
@@ -192,7 +193,7 @@ def bench_modes(make_pipe, warmup_latents, warmup_depth, modes: list[str], frame
         ordered = sorted(durations[m])
         results[m] = {"median": ordered[len(ordered) // 2], "mean": sum(ordered) / len(ordered),
                       "first_call_s": first_call[m], "in_use": pipes[m].accelerated}
-        checks = pipes[m].accelerator.checks if m != "off" else []
+        checks = pipes[m].accelerator.checks if pipes[m].accelerated != "off" else []
         if checks:  # the first compiled call's check against eager (part of first_call_s)
             results[m]["check_s"] = sum(c["seconds"] for c in checks)
             results[m]["check_error"] = max(c["error"] for c in checks)
@@ -312,6 +313,70 @@ def bench_control(make_pipeline, manager, frames: list, count: int, rounds: int 
         api.stop()
     p, c = sorted(plain)[len(plain) // 2], sorted(controlled)[len(controlled) // 2]
     return {"engine_fps": p, "control_fps": c, "overhead": p / c - 1.0, "frames_served": served}
+
+
+IMAGE_VARIANTS = ("none", "picture")
+
+
+def bench_image(unet, make_pipe, warmup_latents, warmup_depth, frames: int, progress=None) -> dict:
+    """Per-frame cost of a style picture (IP-Adapter): ``none`` (the UNet as it is) against
+    ``picture`` (a copy of it with a random IP-Adapter of the released layout attached and a
+    picture's image tokens in the stream, scale 1), interleaved as :func:`bench_modes` does; plus
+    ``encode_ms``, the image encoder's time for one picture, which runs once per picture beside the
+    stream (a random image encoder: the tiny one, or ViT-H/14's geometry for full-size models), and
+    ``swap_ms``, what a new picture costs between two frames (its image tokens into the buffer).
+    ``make_pipe(unet)`` builds a stream on a UNet. An adapter loaded with no picture (scale 0) runs
+    the same operations as with one, so it costs what ``picture`` costs."""
+    import copy
+
+    from ..models.ip_adapter import attach_ip_adapter, encode_picture, image_embed_dim, image_tokens
+    from ..models.tiny import build_tiny_image_encoder, tiny_ip_adapter
+
+    full = unet.config.cross_attention_dim == 768
+    dim = 1024 if full else None
+    adapted = copy.deepcopy(unet)
+    attach_ip_adapter(adapted, tiny_ip_adapter(adapted, seed=7, **({"image_dim": dim} if dim else {})))
+    if full:
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        cfg = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                               image_size=224, patch_size=14, projection_dim=1024)  # h94/IP-Adapter's image encoder
+        encoder = CLIPVisionModelWithProjection(cfg).eval()
+    else:
+        encoder = build_tiny_image_encoder(seed=8)
+    encoder.to(device=unet.device, dtype=unet.dtype)
+    g = torch.Generator().manual_seed(9)
+    rgb = (torch.rand(480, 640, 3, generator=g) * 255).to(torch.uint8).numpy()
+    times = []
+    for _ in range(5 if full else 20):
+        timer = _Timer(unet.device, 1)
+        timer.mark(0)
+        embeds = encode_picture(encoder, rgb)
+        timer.mark(1)
+        times += timer.durations_ms()
+    del encoder
+    tokens = image_tokens(adapted, embeds.reshape(1, image_embed_dim(adapted)))[0]
+
+    def make(kind):
+        if kind == "none":
+            return make_pipe(unet)
+        pipe = make_pipe(adapted)
+        pipe.set_image_tokens(tokens)
+        return pipe
+
+    pipes = {}
+    figures = bench_modes(lambda kind: pipes.setdefault(kind, make(kind)), warmup_latents, warmup_depth,
+                          list(IMAGE_VARIANTS), frames, progress=progress)
+    figures["encode_ms"] = sorted(times)[len(times) // 2]
+    # what a new picture costs between two frames: its image tokens, written into the stream's buffer
+    timer = _Timer(unet.device, 20)
+    timer.mark(0)
+    for i in range(20):
+        pipes["picture"].set_image_tokens(image_tokens(adapted, embeds.reshape(1, -1))[0])
+        timer.mark(i + 1)
+    swaps = sorted(timer.durations_ms())
+    figures["swap_ms"] = swaps[len(swaps) // 2]
+    return figures
 
 
 TEXT_VARIANTS = ("steady", "blend", "transition")

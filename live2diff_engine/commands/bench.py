@@ -32,7 +32,10 @@ def _add_bench(sub) -> None:
                        help="instead: the per-frame cost of the text conditioning, interleaved on one stream: steady (one "
                        "prompt), blend (two prompts mixed), transition (a prompt transition under way); e.g. "
                        "steady,blend,transition (over the longest --frames count)")
-
+    bench.add_argument("--image", action="store_true",
+                       help="instead: the per-frame cost of a style picture (IP-Adapter, random weights of the released "
+                       "layout): the stream without one against the stream with one, interleaved (over the longest "
+                       "--frames count), and the image encoder's time per picture")
 
 def _add_bench_engine(sub) -> None:
     from ..options import add_model_args
@@ -199,6 +202,8 @@ def _cmd_bench(args) -> int:
 
     if not args.frames or min(args.frames) < 1:
         raise ConfigError("--frames needs positive counts, e.g. 32,512")
+    if args.image and args.text:
+        raise ConfigError("--image and --text are two benchmarks; run them one at a time")
     modes = parse_modes(args.accelerate)
     t_index_list = args.t_index_list if args.t_index_list is not None or args.strength is not None else [32, 45]
     schedule = make_schedule(args.num_inference_steps, t_index_list=t_index_list, strength=args.strength)
@@ -214,8 +219,9 @@ def _cmd_bench(args) -> int:
     sink = unet.motion_config.sink_size
     warm = torch.randn(sink, 4, h, w, generator=torch.Generator().manual_seed(args.seed)).to(device=device, dtype=dtype)
 
-    def make(mode):
-        pipe = StreamPipeline(unet, schedule, (h, w), generator=torch.Generator(device=device).manual_seed(args.seed), accelerate=mode)
+    def make(mode, on=None):
+        pipe = StreamPipeline(on or unet, schedule, (h, w), generator=torch.Generator(device=device).manual_seed(args.seed),
+                              accelerate=mode)
         pipe.set_prompt_embeds(prompt)
         return pipe
 
@@ -243,6 +249,30 @@ def _cmd_bench(args) -> int:
                       "frames": frames, "modes": figures, "ratio_to_first": {m: f["median"] / base for m, f in figures.items()}}
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump(record, f, indent=1)
+                f.write("\n")
+        return 0
+
+    if args.image:
+        from ..bench.stream import bench_image
+
+        frames = max(args.frames)
+        print(f"benchmarking {label} ({modes[0]}): without and with a style picture interleaved, {frames} frames each ...",
+              file=sys.stderr, flush=True)
+        figures = bench_image(unet, lambda u: make(modes[0], u), warm, warm, frames, progress=progress)
+        print("", file=sys.stderr)
+        encode, swap = figures.pop("encode_ms"), figures.pop("swap_ms")
+        base = figures["none"]["median"]
+        names = {"none": "no picture", "picture": "a picture"}
+        rows = head + [f"  {names[k]:>10}: {f['median']:8.3f} ms/frame (median; mean {f['mean']:.3f})  x{f['median'] / base:.3f} of none"
+                       for k, f in figures.items()]
+        rows.append(f"  the image encoder, once per picture (beside the stream): {encode:.2f} ms; "
+                    f"its swap into the stream, between two frames: {swap:.3f} ms")
+        print("\n".join(rows))
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"machine": machine, "device": str(device), "model": label, "latent": f"{h}x{w}",
+                           "steps": schedule.steps, "frames": frames, "image": figures, "encode_ms": encode, "swap_ms": swap},
+                          f, indent=1)
                 f.write("\n")
         return 0
 

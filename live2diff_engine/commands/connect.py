@@ -10,7 +10,8 @@ import time
 from collections import deque
 
 from ..errors import ConfigError
-from ..options import add_control_args, add_io_args, add_link_args, control_settings, warn_secrets_on_command_line
+from ..options import (add_control_args, add_io_args, add_link_args, add_relay_only_arg, control_settings,
+                       warn_secrets_on_command_line)
 
 
 def add_parser(sub) -> None:
@@ -26,6 +27,7 @@ def add_parser(sub) -> None:
     c.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="a STUN or TURN server, e.g. turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none). "
                    "A TURN password here is visible in the process list: put such servers in LIVE2DIFF_ICE_SERVERS")
+    add_relay_only_arg(c)
     add_link_args(c)
     add_io_args(c)
     add_control_args(c)
@@ -35,7 +37,7 @@ def cmd_connect(args) -> int:
     import os
 
     from ..remote.client import ForwardingController, RemotePipeline
-    from ..remote.ice import ice_servers_from
+    from ..remote.ice import check_relay_only, ice_servers_from
     from ..remote.link import limit_bitrate
     from ..engine import Engine
     from ..io.sinks import SinkUnavailable, no_signal_card, parse_sink
@@ -46,13 +48,15 @@ def cmd_connect(args) -> int:
     if args.max_frames is not None and args.max_frames < 1:
         raise ConfigError("--max-frames must be at least 1")
     ice = ice_servers_from(args.ice_server, os.environ, say)
+    check_relay_only(ice, args.ice_relay_only)
     limit_bitrate(args.max_bitrate)
     token = args.token or os.environ.get("LIVE2DIFF_API_TOKEN") or None
     if args.token:
         say("warning: --token is visible to every user of this machine in the process list; "
             "put it in the environment variable LIVE2DIFF_API_TOKEN instead")
     warn_secrets_on_command_line(args, say)
-    remote = RemotePipeline(args.url, token=token, ice_servers=ice, say=say, codec=args.codec)
+    remote = RemotePipeline(args.url, token=token, ice_servers=ice, say=say, codec=args.codec,
+                            relay_only=args.ice_relay_only)
     settings = control_settings(args)
     source = parse_source(args.source, camera_size=args.camera_size, camera_fps=args.camera_fps, loop=args.loop,
                           synthetic_size=args.camera_size or (640, 480))
@@ -150,14 +154,18 @@ exit_at_once = False  # set once connect's link, sinks and API are closed: the p
 class LatencyTimeline:
     """Capture to publish, second by second: ``extra["latency_by_s"]`` (in --stats) is a list of
     [seconds since the first frame back, p50 ms, frames] for every second with frames, so that a
-    bench sees when latency rose and when it came back (the p50 of the whole run hides both)."""
+    bench sees when latency rose and when it came back (the p50 of the whole run hides both); and
+    ``extra["latency_samples"]``, [seconds since the first frame back, ms] for every frame (the last
+    ``keep_samples``), so that a bench can take the p50 over a window of several seconds (at a few
+    frames a second, one second's p50 is the median of three)."""
 
-    def __init__(self, extra: dict, keep: int = 3600):
-        self.extra, self.keep = extra, keep
+    def __init__(self, extra: dict, keep: int = 3600, keep_samples: int = 20000):
+        self.extra, self.keep, self.keep_samples = extra, keep, keep_samples
         self.t0: float | None = None
         self.second: int | None = None
         self.values: list[float] = []
         extra["latency_by_s"] = []
+        extra["latency_samples"] = []
 
     def add(self, capture_times) -> None:
         now = time.monotonic()
@@ -167,7 +175,11 @@ class LatencyTimeline:
         if second != self.second:
             self._close()
             self.second = second
-        self.values += [now - t for t in capture_times if t is not None]
+        values = [now - t for t in capture_times if t is not None]
+        self.values += values
+        samples = self.extra["latency_samples"]
+        samples += [[round(now - self.t0, 2), round(v * 1000, 1)] for v in values]
+        del samples[:-self.keep_samples]
 
     def _close(self) -> None:
         if self.second is not None and self.values:

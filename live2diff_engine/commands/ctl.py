@@ -14,7 +14,9 @@ def add_parser(sub) -> None:
         help="control a running engine: prompt, style, strength, pause, status ...",
         description="Talk to a running engine through its local API. Actions: status, styles, prompt TEXT, "
         "negative TEXT, guidance X (1-20), style NAME, strength X (0-1], steps N (1-4), seed N, pause, resume, reset, add-to-scene [SCENE], "
-        "download STYLE (fetch a style's weights in the engine; needs a civitai token there for civitai styles). "
+        "download STYLE (fetch a style's weights in the engine; needs a civitai token there for civitai styles), "
+        "style-image FILE (a picture whose look the stream takes: read here, its bytes uploaded; --clear drops it), "
+        "style-image-scale S (0-2). "
         "A prompt may be a blend of up to 4 prompts: 'a fox:0.7|a wolf:0.3' (weights normalised).",
     )
     ctl.add_argument("action", choices=sorted(CTL_ACTIONS), metavar="ACTION", help=", ".join(sorted(CTL_ACTIONS)))
@@ -23,6 +25,7 @@ def add_parser(sub) -> None:
     ctl.add_argument("--token", default=None, help="API token, where the engine has one (or LIVE2DIFF_API_TOKEN)")
     ctl.add_argument("--config", metavar="FILE", default=None, help=f"config file (default: {default_config_shown()})")
     ctl.add_argument("--json", action="store_true", help="print the engine's reply as JSON")
+    ctl.add_argument("--clear", action="store_true", help="with style-image: drop the style picture")
     ctl.add_argument("--transition", type=float, default=None, metavar="SECONDS",
                      help="for prompt, negative, style and seed: move to the new value over this many seconds "
                      "(0-10; 0: at once; default: the engine's config)")
@@ -44,7 +47,31 @@ CTL_ACTIONS = {
     "reset": ("reset", None, None),
     "add-to-scene": ("add_to_scene", "scene", str),
     "download": ("download_style", "style", str),
+    "style-image": (None, None, None),  # the picture's bytes go to POST /api/style-image (or clear_style_image)
+    "style-image-scale": ("set_style_image_scale", "scale", float),
 }
+
+_PICTURE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
+
+
+def _picture(path: str) -> tuple[bytes, str]:
+    """A local picture file's bytes and content type (PNG, JPEG or WebP, judged from its first bytes)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"`ctl style-image {path}`: {'that is a folder' if p.is_dir() else 'file not found'}; give a PNG, JPEG or WebP picture")
+    limit = 8 * 1024 * 1024  # the engine's cap (models.ip_adapter.MAX_PICTURE_BYTES), without loading torch here
+    with open(p, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ConfigError(f"`ctl style-image {path}`: the picture is larger than {limit} bytes; use a smaller PNG or JPEG")
+    kind = next((t for magic, t in _PICTURE_MAGIC if data.startswith(magic)), None)
+    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "image/webp"
+    if kind is None:
+        raise ConfigError(f"`ctl style-image {path}`: not a PNG, JPEG or WebP picture")
+    return data, kind
 
 
 def _cmd_ctl(args) -> int:
@@ -57,6 +84,8 @@ def _cmd_ctl(args) -> int:
     from ..control.schema import command_message
 
     cmd, field, kind = CTL_ACTIONS[args.action]
+    if args.clear and args.action != "style-image":
+        raise ConfigError(f"--clear goes with `ctl style-image`, not `ctl {args.action}`")
     msg_args = {}
     if args.transition is not None:
         from ..pipeline.blend import BlendError, check_transition
@@ -75,7 +104,7 @@ def _cmd_ctl(args) -> int:
                 msg_args[field] = kind(args.value)
             except ValueError:
                 raise ConfigError(f"`ctl {args.action}` needs a {kind.__name__}, got {args.value!r}") from None
-    elif args.value is not None:
+    elif args.value is not None and args.action != "style-image":
         raise ConfigError(f"`ctl {args.action}` takes no value")
     if args.action == "prompt":
         from ..pipeline.blend import BlendError, parse_notation
@@ -86,11 +115,22 @@ def _cmd_ctl(args) -> int:
             raise ConfigError(f"`ctl prompt`: {exc}") from None
         if not isinstance(prompt, str):
             msg_args["prompt"] = [{"text": t, "weight": w} for t, w in prompt]
+    path, content_type = "/api/command", "application/json"
+    if args.action == "style-image":
+        if args.clear == (args.value is not None):
+            raise ConfigError("`ctl style-image` takes a picture file, or --clear to drop the picture: "
+                              "e.g. `ctl style-image look.png`")
+        if args.clear:
+            cmd = "clear_style_image"
+        else:
+            body, content_type = _picture(args.value)
+            path = "/api/style-image"
     cfg = load_config(args.config).get("api", {})
     base = (args.api or f"http://{cfg.get('host', '127.0.0.1')}:{cfg.get('port', 8765)}").rstrip("/")
     token = args.token or os.environ.get("LIVE2DIFF_API_TOKEN") or cfg.get("token")
-    body = json.dumps(command_message(cmd, **msg_args)).encode()
-    req = urllib.request.Request(f"{base}/api/command", data=body, method="POST", headers={"Content-Type": "application/json"})
+    if path == "/api/command":
+        body = json.dumps(command_message(cmd, **msg_args)).encode()
+    req = urllib.request.Request(f"{base}{path}", data=body, method="POST", headers={"Content-Type": content_type})
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -128,6 +168,9 @@ def _cmd_ctl(args) -> int:
         print(f"style: {status.get('style')}{loading}  strength: {status.get('strength')}  steps: {status.get('steps')}  "
               f"seed: {status.get('seed')}")
         print(f"prompt: {status.get('prompt')!r}" + (f"  (transition {status['transition']:.0%})" if status.get("transition") is not None else ""))
+        if status.get("style_image_scale") is not None:
+            loading = " (a new one is being read ...)" if status.get("style_image_loading") else ""
+            print(f"style picture: {status.get('style_image') or 'none'}  scale: {status['style_image_scale']:g}{loading}")
         if status.get("negative_prompt") or status.get("guidance", 1) > 1:
             print(f"negative prompt: {status.get('negative_prompt')!r}  guidance: {status.get('guidance')}")
         obs_source = {"pulling": " (pulls the stream)", "not pulling": " (OBS source not pulling the stream)",
@@ -154,7 +197,7 @@ def _cmd_ctl(args) -> int:
 
 TRANSITION_ACTIONS = ("prompt", "negative", "style", "seed")
 
-_CTL_EXAMPLES = {"download": "toonyou", "prompt": "'a watercolor portrait'", "negative": "'blurry'", "guidance": "1.5", "style": "toonyou", "strength": "0.5",
+_CTL_EXAMPLES = {"style-image-scale": "0.7", "download": "toonyou", "prompt": "'a watercolor portrait'", "negative": "'blurry'", "guidance": "1.5", "style": "toonyou", "strength": "0.5",
                  "steps": "2", "seed": "7"}
 
 

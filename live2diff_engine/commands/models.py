@@ -125,6 +125,14 @@ def _verify_one(name: str, path) -> None:
         from ..quality import load_clip
 
         load_clip(path)
+    elif name == "ip-adapter":
+        from ..models.ip_adapter import check_ip_adapter, read_ip_adapter
+
+        check_ip_adapter(read_ip_adapter(path), str(path))
+    elif name == "image-encoder":
+        from transformers import CLIPVisionModelWithProjection
+
+        _from_pretrained(CLIPVisionModelWithProjection, path, "image encoder")
 
 
 COMMANDS = {"models": (add_parser, _cmd_models)}

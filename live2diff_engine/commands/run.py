@@ -49,7 +49,7 @@ def _cmd_run(args) -> int:
 
         sinks.insert(0, FilterSink(link))
     open_at_start(source, lambda line: print(line, file=sys.stderr, flush=True))
-    from ..assemble import build_frame_pipeline  # after the camera: a missing one is said before torch loads (seconds)
+    from ..assemble import build_frame_pipeline, picture_note  # after the camera: a missing one is said before torch loads (seconds)
     from ..engine import Engine
 
     size = args.output_size or source.frame_size() or (640, 480)
@@ -83,7 +83,8 @@ def _cmd_run(args) -> int:
         saved_seed = restore_into_args(args, lambda line: print(line, file=sys.stderr, flush=True))
         with CardPublisher(sinks, size, "Live2Diff is starting", "loading models ..."):
             comps, frames, manager, style = build_frame_pipeline(args)
-        print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}", file=sys.stderr, flush=True)
+        print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}"
+              f"{picture_note(frames)}", file=sys.stderr, flush=True)
         controller = control.attach(frames, manager, comps.label)
         if link is not None:
             link.attach(controller)

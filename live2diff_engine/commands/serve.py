@@ -7,7 +7,8 @@ import signal
 import sys
 import threading
 
-from ..options import add_control_args, add_link_args, add_model_args, control_settings, warn_secrets_on_command_line
+from ..options import (add_control_args, add_link_args, add_model_args, add_relay_only_arg, control_settings,
+                       warn_secrets_on_command_line)
 
 
 def add_parser(sub) -> None:
@@ -29,6 +30,7 @@ def add_parser(sub) -> None:
                    help="a STUN or TURN server for connections across networks, e.g. stun:stun.example.org:3478 or "
                    "turn:USER:PASSWORD@turn.example.org:3478 (repeatable; default none: nothing is contacted). A TURN "
                    "password here is visible in the process list: put such servers in LIVE2DIFF_ICE_SERVERS (space-separated)")
+    add_relay_only_arg(g)
     g.add_argument("--tls-cert", metavar="FILE", default=None, help="serve HTTPS with this certificate (PEM); with --tls-key")
     g.add_argument("--tls-key", metavar="FILE", default=None, help="the certificate's private key (PEM)")
     g.add_argument("--fps", type=float, default=30.0, help="the frame rate the clients send (default 30)")
@@ -77,7 +79,7 @@ def cmd_serve(args) -> int:
     import logging
     import os
 
-    from ..assemble import build_frame_pipeline, preflight
+    from ..assemble import build_frame_pipeline, picture_note, preflight
     from ..errors import ConfigError
 
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
@@ -85,28 +87,28 @@ def cmd_serve(args) -> int:
         raise ConfigError("--max-sessions must be at least 1")
     if not 1.0 <= args.session_grace <= 3600.0:
         raise ConfigError("--session-grace must be 1 to 3600 seconds (how long a cut link keeps its session)")
-    from ..remote.ice import check_public_ip, free_port_in, parse_port_range
+    from ..remote.ice import check_public_ip, check_relay_only, free_port_in, ice_servers_from, parse_port_range
 
     udp_ports = parse_port_range(args.udp_ports) if args.udp_ports else None
     if udp_ports is not None and free_port_in(udp_ports) is None:
         raise ConfigError(f"--udp-ports {args.udp_ports}: every port of the range is in use; give a free range")
     public_ip = check_public_ip(args.public_ip) if args.public_ip else None
+    ice = ice_servers_from(args.ice_server, os.environ, say)
+    check_relay_only(ice, args.ice_relay_only)
     if args.ray is not None:
-        return _serve_fleet(args, say, udp_ports)
+        return _serve_fleet(args, say, ice)
     for name, value in (("--gpus-per-session", args.gpus_per_session != 1.0), ("--warm-per-gpu", args.warm_per_gpu),
                         ("--queue-s", args.queue_s)):
         if value:
             raise ConfigError(f"{name} places streams on a Ray cluster: give --ray ADDRESS too (or leave {name} out)")
     preflight(args, say)  # option values, model paths, the models to download: before torch loads
     from ..control.api import ApiServer
-    from ..remote.ice import ice_servers_from
     from ..remote.server import Slot, WebRtcService
     from ..engine import Engine
     from ..remote.idle import IdleController
     from ..remote.link import limit_bitrate
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    ice = ice_servers_from(args.ice_server, os.environ, say)
     limit_bitrate(args.max_bitrate)
     warn_secrets_on_command_line(args, say)
     settings = control_settings(args)
@@ -117,12 +119,15 @@ def cmd_serve(args) -> int:
     api = ApiServer(a["host"], a["port"], a["token"])  # refuses a host beyond loopback without a token
     api.ssl_context = ssl_context
 
+    from ..config import default_transition, load_config
+
+    transition_s = default_transition(load_config(args.config))  # the config's [control] transition_s
     slots = []
     for i in range(args.max_sessions):
         comps, frames, manager, style = build_frame_pipeline(args, say=say if i == 0 else (lambda text: None))
-        slots.append(Slot(frames, manager, comps.label))
+        slots.append(Slot(frames, manager, comps.label, transition_s=transition_s))
     say(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps; {frames.width}x{frames.height}; "
-        f"{args.max_sessions} session{'s' if args.max_sessions != 1 else ''}")
+        f"{args.max_sessions} session{'s' if args.max_sessions != 1 else ''}{picture_note(frames)}")
 
     def make_engine(session, pipeline, sinks):
         return Engine(pipeline, session.source, sinks, fps=args.fps, status=False, controller=session.controller)
@@ -139,15 +144,17 @@ def cmd_serve(args) -> int:
 
     service = WebRtcService(slots, ice_servers=ice, make_engine=make_engine, on_change=sessions_changed, say=say,
                             fps=args.fps, session_grace=args.session_grace, udp_ports=udp_ports, public_ip=public_ip,
-                            codec=args.codec)
+                            codec=args.codec, relay_only=args.ice_relay_only)
     service.view_sinks.append(api.stream)
     api.extra_routes.append(service.add_routes)
     api.start()
+    service.address = api.url
     sessions_changed()
     say(f"serving: WHIP {api.url}/whip | dock {api.url}/dock | output {api.url}/stream.mjpg"
         + (" | token required" if api.token else "")
         + (f" | media on UDP {udp_ports[0]}-{udp_ports[1]}" if udp_ports else "")
-        + (f" | host candidates advertise {public_ip}" if public_ip else ""))
+        + (f" | host candidates advertise {public_ip}" if public_ip else "")
+        + (" | media through the TURN relay only" if args.ice_relay_only else ""))
 
     try:
         _wait_for_signal()
@@ -183,11 +190,10 @@ def _wait_for_signal() -> None:
             signal.signal(s, h)
 
 
-def _serve_fleet(args, say, udp_ports) -> int:
+def _serve_fleet(args, say, ice: list[dict]) -> int:
     """`serve --ray`: this process is the front; each stream runs on a GPU node of the cluster
     (remote/fleet.py). The front holds no model and no stream: stopping it leaves them running."""
     import logging
-    import os
 
     from ..errors import ConfigError, UserError
 
@@ -220,10 +226,8 @@ def _serve_fleet(args, say, udp_ports) -> int:
         raise ConfigError('--ray needs Ray: pip install "live2diff-engine[fleet]"')
     from ..control.api import ApiServer
     from ..remote.fleet import FleetFront, FrontController, add_front_routes
-    from ..remote.ice import ice_servers_from
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    ice = ice_servers_from(args.ice_server, os.environ, say)
     warn_secrets_on_command_line(args, say)
     settings = control_settings(args)
     if settings["api"] is None:

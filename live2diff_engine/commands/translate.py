@@ -41,7 +41,7 @@ def _cmd_translate(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from ..assemble import build_frame_pipeline, preflight
+    from ..assemble import build_frame_pipeline, picture_note, preflight
 
     preflight(args)  # option values, model paths, the models to download: before torch loads
     from ..io.sources import open_frames
@@ -60,7 +60,8 @@ def _cmd_translate(args) -> int:
         raise ConfigError(f"output {args.output} must be a video file ending in .mp4, .avi or .mkv")
     comps, frames, manager, style = build_frame_pipeline(args)
     frames.frame_rate = source.fps  # transitions in the video's time: the same frames every run
-    print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps", file=sys.stderr, flush=True)
+    print(f"model: {comps.label}; style: {style.name}; {frames.steps} denoising steps{picture_note(frames)}", file=sys.stderr,
+          flush=True)
     # Written beside the output under another name and renamed when complete: a translate that
     # fails (or is interrupted) leaves no half-written file, nor a damaged earlier one.
     final = Path(args.output)

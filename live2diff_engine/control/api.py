@@ -3,6 +3,9 @@
     GET  /api/status     the status message (JSON)
     GET  /api/styles     the style names and descriptions
     POST /api/command    a command message (Content-Type: application/json) -> its reply
+    POST /api/style-image a style picture's bytes (Content-Type: image/png, image/jpeg or image/webp; at
+                         most 8 MiB: 413 beyond) -> a reply once it is in the stream (IP-Adapter);
+                         ``clear_style_image`` and ``set_style_image_scale`` are commands
     POST /api/login      the token (Authorization: Bearer) -> an HttpOnly, SameSite=Strict cookie
                          that stands for it (a browser page's way to keep the token out of URLs)
     GET  /api/ws         WebSocket: status on connect, on change and once a second; send commands,
@@ -49,6 +52,7 @@ from .schema import APP, MAX_MESSAGE_BYTES, TOO_LARGE, VERSION, reply_message, s
 # only a message beyond this (a runaway client, not a command) closes the socket, as obs-websocket
 # does beyond its own limit: the same line as a reply first, then the close (1009) with it as reason.
 MAX_TRANSPORT_BYTES = 16 * 1024 * 1024
+PICTURE_TYPES = ("image/png", "image/jpeg", "image/webp")  # what POST /api/style-image takes
 BODY_TIMEOUT_S = 30.0  # a request body (a command, an SDP offer) not all in by then is refused (408)
 
 log = logging.getLogger("live2diff.api")
@@ -151,6 +155,20 @@ async def read_body(request, limit: int, what: str = "the request body", timeout
         body.extend(chunk)
         if len(body) > limit:
             raise too_large
+
+
+def _on_this_loop(deliver):
+    """A reply function any thread may call: it hands the reply to ``deliver`` on the running loop
+    (nothing once that loop has closed)."""
+    loop = asyncio.get_running_loop()
+
+    def reply(msg: dict) -> None:
+        try:
+            loop.call_soon_threadsafe(deliver, msg)
+        except RuntimeError:
+            pass
+
+    return reply
 
 
 class StreamSink(Sink):
@@ -357,6 +375,7 @@ class ApiServer:
         app.router.add_get("/api/status", self._status)
         app.router.add_get("/api/styles", self._styles)
         app.router.add_post("/api/command", self._command)
+        app.router.add_post("/api/style-image", self._style_image)
         app.router.add_post("/api/login", self._login)
         app.router.add_get("/api/ws", self._ws)
         app.router.add_get("/dock", self._dock_page)
@@ -514,19 +533,11 @@ class ApiServer:
     def _submit(self, raw, deliver, local: bool = False) -> None:
         """Hands ``raw`` to the controller; ``deliver(reply)`` runs on this loop. ``local``: the
         request came from this machine (``peer_is_local``), past the token check."""
-        loop = asyncio.get_running_loop()
         self.commands_seen += 1
         if self.controller is None:
             deliver(reply_message(None, False, "the engine is still starting; try again in a moment"))
             return
-
-        def reply(msg: dict) -> None:
-            try:
-                loop.call_soon_threadsafe(deliver, msg)
-            except RuntimeError:
-                pass
-
-        self.controller.submit(raw, reply, local=local)
+        self.controller.submit(raw, _on_this_loop(deliver), local=local)
 
     async def _command(self, request):
         from aiohttp import web
@@ -555,6 +566,40 @@ class ApiServer:
             return web.json_response(reply_message(None, False, "the engine did not answer within 120 s"), status=504)
         status = 200 if msg.get("ok") else (503 if self.controller is None else 413 if msg.get("error") == TOO_LARGE else 400)
         return web.json_response(msg, status=status)
+
+    async def _style_image(self, request):
+        """A style picture as the request's body: its type one of PICTURE_TYPES (a cross-site form
+        cannot send those), its size capped (413 before the body is read when its length says so),
+        decoded by OpenCV's image codecs on the controller's encoding thread. The reply comes once
+        the picture steers the stream, or with why not (400); the engine streams on either way."""
+        from aiohttp import web
+
+        from ..models.ip_adapter import MAX_PICTURE_BYTES
+
+        if request.content_type not in PICTURE_TYPES:
+            return web.json_response(reply_message(None, False, f"send the picture's bytes as {', '.join(PICTURE_TYPES)} "
+                                                   f"(got {request.content_type or 'no Content-Type'})"), status=415)
+        try:
+            data = await read_body(request, MAX_PICTURE_BYTES, "the style picture")
+        except BodyError as exc:
+            return web.json_response(reply_message(None, False, exc.text), status=exc.status)
+        if self.controller is None:
+            return web.json_response(reply_message(None, False, "the engine is still starting; try again in a moment"), status=503)
+        fut = asyncio.get_running_loop().create_future()
+
+        def deliver(msg):
+            if not fut.done():
+                fut.set_result(msg)
+
+        wait = self._http_pacer.delay()
+        if wait:
+            await asyncio.sleep(wait)
+        self.controller.submit_style_image(data, _on_this_loop(deliver))
+        try:
+            msg = await asyncio.wait_for(fut, 120)
+        except asyncio.TimeoutError:
+            return web.json_response(reply_message(None, False, "the engine did not answer within 120 s"), status=504)
+        return web.json_response(msg, status=200 if msg.get("ok") else 400)
 
     async def _ws(self, request):
         from aiohttp import WSMsgType, web

@@ -147,6 +147,10 @@ class Controller:
         # {"style", "replies", "mark", ...}); set and taken under self._lock.
         self._style_load: dict | None = None
         self._style_next: dict | None = None
+        # The style picture being encoded beside the stream, and the one sent after it (each
+        # {"data", "reply", "done", "embeds", "error"}); set and taken under self._lock.
+        self._picture_load: dict | None = None
+        self._picture_next: dict | None = None
         self._schedule_changes = 0  # strength/steps commands applied: a style arriving later keeps theirs
         # What the last style switch changed beside the weights ({"style", "note", "changes", "time"}),
         # in its reply and in the status, so that whoever switched (and everyone else) can see it.
@@ -217,9 +221,9 @@ class Controller:
     # -- applying (the inference thread, between frames) --------------------------------------
 
     def apply_pending(self) -> int:
-        """Apply every queued command, and swap in a style whose files have been read; returns how
-        many were applied."""
-        changed = self._finish_style_load()
+        """Apply every queued command, and swap in a style whose files have been read and a style
+        picture that has been encoded; returns how many were applied."""
+        changed = self._finish_style_load() + self._finish_picture_load()
         batch: list[tuple[Command, Reply]] = []
         while True:
             try:
@@ -254,6 +258,82 @@ class Controller:
             self.changed()
             self.save_settings()
         return changed
+
+    # -- style pictures, encoded beside the stream ------------------------------------------------
+
+    def submit_style_image(self, data: bytes, reply: Reply) -> bool:
+        """A style picture's bytes (an upload: PNG, JPEG, WebP; never a path), from any thread. It is
+        decoded and run through the image encoder on a thread beside the stream; its embedding is
+        swapped in between two frames, and ``reply`` is called then (or with why not: not an image,
+        no IP-Adapter loaded). A newer picture sent while one is encoded wins: a third one waiting
+        is answered as superseded. Returns False when refused at once."""
+        if not getattr(self.frames, "style_images", False):
+            self.refused += 1
+            reply(reply_message(None, False, "this engine has no IP-Adapter loaded, so it takes no style picture: start "
+                                "it with --ip-adapter (or --style-image FILE)"))
+            return False
+        self.accepted += 1
+        entry = {"data": bytes(data), "reply": reply, "done": False, "embeds": None, "error": None}
+        superseded = None
+        with self._lock:
+            if self._picture_load is None:
+                self._start_picture_load(entry)
+            else:
+                superseded, self._picture_next = self._picture_next, entry
+        if superseded is not None:
+            superseded["reply"](reply_message(None, True, superseded=True))
+        self.changed()  # status: style_image_loading
+        return True
+
+    def _start_picture_load(self, entry: dict) -> None:  # with self._lock held
+        self._picture_load = entry
+        threading.Thread(target=self._encode_picture, args=(entry,), name="style-picture", daemon=True).start()
+
+    def _encode_picture(self, entry: dict) -> None:
+        from ..errors import UserError, one_line
+
+        _yield_to_the_stream()
+        try:
+            entry["embeds"] = self.frames.encode_style_picture(entry["data"])
+        except UserError as exc:
+            entry["error"] = str(exc)
+        except Exception as exc:  # a decoder's or a library's fault must never take the engine down
+            entry["error"] = one_line(f"{type(exc).__name__}: {exc}")[:300]
+        entry["data"] = None
+        entry["done"] = True
+
+    @property
+    def style_image_loading(self) -> bool:
+        with self._lock:
+            return self._picture_load is not None
+
+    def _finish_picture_load(self) -> int:
+        """Between frames: swap in the picture the encoder has finished (1), or answer why not (0)."""
+        with self._lock:
+            load = self._picture_load
+            if load is None or not load["done"]:
+                return 0
+            self._picture_load, nxt = None, self._picture_next
+            self._picture_next = None
+            if nxt is not None:
+                self._start_picture_load(nxt)
+        if nxt is not None:  # a newer picture came while this one was encoded: it wins
+            load["reply"](reply_message(None, True, superseded=True))
+            return 0
+        if load["error"] is None:
+            try:
+                self.frames.set_style_image(load["embeds"], source="upload")
+            except Exception as exc:
+                load["error"] = str(exc)
+        load["embeds"] = None
+        if load["error"] is not None:
+            log.warning("style picture refused: %s", load["error"])
+            load["reply"](reply_message(None, False, load["error"]))
+            self.changed()
+            return 0
+        self.applied += 1
+        load["reply"](reply_message(None, True))
+        return 1
 
     # -- style loads beside the stream ----------------------------------------------------------
 
@@ -492,6 +572,10 @@ class Controller:
         elif cmd.cmd == "set_seed":
             if not frames.set_seed(a["seed"], transition):  # at once: a re-warm on the new seed
                 frames.request_reset()
+        elif cmd.cmd == "set_style_image_scale":
+            frames.set_style_image_scale(a["scale"])
+        elif cmd.cmd == "clear_style_image":
+            frames.set_style_image(None)
         elif cmd.cmd == "pause":
             if self.engine is not None:
                 self.engine.pause()
@@ -575,6 +659,11 @@ class Controller:
             "styles_downloadable": downloadable,
             "download": dict(self._download) if self._download is not None else None,
             "style_change": dict(self.style_change) if self.style_change is not None else None,
+            # the style picture (IP-Adapter): where the one in use came from ("upload", "style NAME",
+            # "file NAME"; None: none), its scale (None: no IP-Adapter loaded), one being encoded
+            "style_image": getattr(self.frames, "style_image", None),
+            "style_image_scale": (self.frames.style_image_scale if getattr(self.frames, "style_images", False) else None),
+            "style_image_loading": self.style_image_loading,
             "strength": sched["strength"],
             "steps": sched["steps"],
             "seed": self.frames.seed,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Collection
 
 from ..errors import one_line
-from ..pipeline.blend import MAX_BLEND_ITEMS, BlendError, check_transition, normalise
+from ..pipeline.blend import MAX_BLEND_ITEMS, BlendError, check_image_scale, check_transition, normalise
 
 APP = "live2diff"
 VERSION = 1
@@ -128,6 +128,13 @@ def _transition(value: Any, ctx) -> float:
         raise CommandError(str(exc)) from None
 
 
+def _image_scale(value: Any, ctx) -> float:
+    try:
+        return check_image_scale(value)
+    except BlendError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _instance(value: Any) -> str:
     if not isinstance(value, str) or not _INSTANCE.fullmatch(value):
         raise CommandError(f"instance must be 1 to {MAX_ID_CHARS} letters, digits, '-' or '_', got {value!r:.40}")
@@ -149,6 +156,10 @@ COMMANDS: dict[str, dict[str, tuple[bool, Any]]] = {
     "set_seed": {"seed": (True, lambda v, c: _integer(v, "seed", 0, MAX_SEED)), "transition_s": (False, _transition)},
     # Classifier-free guidance: above 1 the negative prompt steers the picture (about 2x the cost).
     "set_guidance": {"guidance": (True, _guidance)},
+    # How strongly the style picture (IP-Adapter) steers: 0 to 2, 1 as trained. The picture itself
+    # is no command: it comes as an image body (POST /api/style-image), never as a path.
+    "set_style_image_scale": {"scale": (True, _image_scale)},
+    "clear_style_image": {},
     "pause": {},
     "resume": {},
     "reset": {},

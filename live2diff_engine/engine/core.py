@@ -89,6 +89,7 @@ class Engine:
         retry_max_s: float = 5.0,
         fps: float | None = None,
         on_output=None,
+        on_latency=None,
         controller=None,
         pace: bool = False,
     ):
@@ -103,6 +104,9 @@ class Engine:
         self.retry_max_s = retry_max_s
         self.fps = fps or source.fps or 30.0
         self.on_output = on_output
+        # Called (this thread) with the capture-to-output seconds of each frame out after the
+        # warmup: the same frames the status's p50/p95 are taken over (serve's latency histograms).
+        self.on_latency = on_latency
         self.controller = controller
         # A file or a test pattern could be read as fast as the model goes (thousands of frames a
         # second while paused): with ``pace`` it is read at its own frame rate on the capture
@@ -314,6 +318,13 @@ class Engine:
 
     # -- stats -------------------------------------------------------------------------------
 
+    def _note_latency(self, seconds: float) -> None:
+        self._latencies.append(seconds)
+        # Warmup frames go straight out: their figures are dropped from the p50/p95 when the warmup
+        # ends (_run), and never reach on_latency.
+        if self.on_latency is not None and self.stats.state != "warming up":
+            self.on_latency(seconds)
+
     def _update_stats(self, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self._last_stats < self.stats_every_s:
@@ -354,7 +365,7 @@ class Engine:
 
     def _process(self, t_capture: float, frame: np.ndarray) -> None:
         if self.paused:
-            self._latencies.append(time.monotonic() - t_capture)
+            self._note_latency(time.monotonic() - t_capture)
             try:
                 self._deliver(self._passthrough(frame), stamp=self._taken_stamp)
             except Exception as exc:
@@ -427,7 +438,7 @@ class Engine:
         for index, image in ready:
             t0 = self._capture_times.pop(index, None)
             if t0 is not None:
-                self._latencies.append(now - t0)
+                self._note_latency(now - t0)
             self._deliver(image, stamp=self._stamps.pop(index, None))
             self.stats.frames_out += 1
             self._rate_out.tick(now)

@@ -39,6 +39,9 @@ class Components:
     unfused: dict = field(default_factory=dict, repr=False)
     # Counts style swaps: a style prepared against other weights than those in place is prepared again.
     weights_generation: int = 0
+    # The CLIP image encoder of a loaded IP-Adapter (a style from a picture; see models/ip_adapter.py),
+    # None when none is loaded.
+    image_encoder: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -205,7 +208,8 @@ def read_lora(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def to_device(comps: Components, device, dtype) -> Components:
-    for module in (comps.unet, comps.vae, comps.text_encoder, comps.depth):
+    extra = (comps.image_encoder,) if comps.image_encoder is not None else ()
+    for module in (comps.unet, comps.vae, comps.text_encoder, comps.depth, *extra):
         current = next(module.parameters())
         if current.device != torch.device(device) or current.dtype != dtype:
             module.to(device=device, dtype=dtype)

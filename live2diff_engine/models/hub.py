@@ -100,6 +100,23 @@ MODELS: dict[str, ModelSpec] = {
             optional=True,
             size=1_710_000_000,
         ),
+        ModelSpec(
+            "ip-adapter",
+            "h94/IP-Adapter",
+            "IP-Adapter for SD1.5 (a style from a picture: --style-image, the dock's drop zone)",
+            filename="models/ip-adapter_sd15.safetensors",
+            optional=True,
+            size=44_600_000,
+        ),
+        ModelSpec(
+            "image-encoder",
+            "h94/IP-Adapter",
+            "CLIP ViT-H/14 image encoder of the SD1.5 IP-Adapter (a style picture's embedding)",
+            allow_patterns=("models/image_encoder/config.json", "models/image_encoder/model.safetensors"),
+            optional=True,
+            extra={"subfolder": "models/image_encoder"},
+            size=2_530_000_000,
+        ),
     )
 }
 
@@ -161,7 +178,11 @@ def _from_hub(repo_id: str, spec: ModelSpec | None, name: str | None, *, downloa
         if spec is not None and spec.filename:
             return Path(hf_hub_download(repo_id, spec.filename, local_files_only=local_only))
         patterns = list(spec.allow_patterns) if spec is not None and spec.allow_patterns else None
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
+        sub = spec.extra.get("subfolder") if spec is not None else None
+        if sub and not (folder / sub / "config.json").is_file():
+            raise FileNotFoundError(folder / sub / "config.json")  # a snapshot without this model's files
+        return folder / sub if sub else folder
 
     try:
         return fetch(local_only=True)
@@ -315,7 +336,8 @@ def _words(text: str, limit: int = 160) -> str:
 # -- local paths: judged from their files, before anything is fetched ------------------------------
 
 # The option a role's model is given by (for the messages).
-_OPTION = {"sd15": "--base", "live2diff": "--motion", "midas": "--depth", "depth-anything": "--depth", "taesd": "--vae"}
+_OPTION = {"sd15": "--base", "live2diff": "--motion", "midas": "--depth", "depth-anything": "--depth", "taesd": "--vae",
+           "ip-adapter": "--ip-adapter", "image-encoder": "--image-encoder"}
 
 
 def weight_file_problem(path: Path) -> str | None:
@@ -372,7 +394,11 @@ def local_problem(path: Path, role: str | None) -> str | None:
         fix = "give the Live2Diff motion checkpoint (live2diff.ckpt or a .safetensors), or `live2diff-engine models download live2diff`"
         if path.is_dir():
             return f"{option} {path} is a folder; {fix}"
-    elif role in ("midas", "depth-anything", "taesd", "clip"):
+    elif role == "ip-adapter":
+        fix = "give the IP-Adapter's .safetensors (or .bin) file, or `live2diff-engine models download ip-adapter`"
+        if path.is_dir():
+            return f"{option} {path} is a folder; {fix}"
+    elif role in ("midas", "depth-anything", "taesd", "clip", "image-encoder"):
         repo = MODELS[role].repo_id
         if not path.is_dir():
             return f"{option} {path} is a file; pass the model's folder (config.json and its weights), such as a download of {repo}"

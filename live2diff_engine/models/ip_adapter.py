@@ -12,8 +12,10 @@ takes the image tokens in its cross attention, warmup and stream alike (see
 
 This module: reading a file in the released layouts (one ``.safetensors`` with ``image_proj.*``
 and ``ip_adapter.*`` keys, or the original ``.bin`` of two dicts, read without unpickling code),
-attaching it, the scale, and the image tokens of an image embedding. The image encoder and the
-picture's decoding live with the pipeline (not yet: see the issue's point 4).
+attaching it, the scale, the image tokens of an image embedding, the picture's decoding (bytes in,
+never a path from a socket) and its CLIP image embedding, and :func:`load_style_image_models`, which
+puts an IP-Adapter and its image encoder beside loaded components (the hub's by default:
+``ip-adapter`` and ``image-encoder`` in ``models list``; random miniatures for ``--model tiny``).
 """
 
 from __future__ import annotations
@@ -57,15 +59,41 @@ def read_ip_adapter(path: str | Path) -> dict:
     return split_state_dict(flat)
 
 
+def check_ip_adapter(parts: dict, source: str) -> tuple[int, int]:
+    """(cross attentions, text width) of an IP-Adapter's two parts, once they hold together: an
+    image projection to whole tokens of the text's width and a key and value projection from that
+    width for each cross attention. One ModelLoadError line otherwise."""
+    proj, norm = parts["image_proj"].get("proj.weight"), parts["image_proj"].get("norm.weight")
+    if proj is None or norm is None or proj.dim() != 2:
+        raise ModelLoadError(f"{source}: no image projection (image_proj.proj and image_proj.norm); not an SD1.5 IP-Adapter")
+    width = int(norm.shape[0])
+    ids = sorted({k.split(".")[0] for k in parts["ip_adapter"]})
+    for i in ids:
+        for kv in ("to_k_ip", "to_v_ip"):
+            w = parts["ip_adapter"].get(f"{i}.{kv}.weight")
+            if w is None or w.dim() != 2 or w.shape[1] != width:
+                raise ModelLoadError(f"{source}: ip_adapter.{i}.{kv} is missing or does not take {width}-wide tokens; "
+                                     "the file is damaged, download it again")
+    if not ids or proj.shape[0] % width:
+        raise ModelLoadError(f"{source}: the image projection ({tuple(proj.shape)}) does not make {width}-wide tokens")
+    return len(ids), width
+
+
 def attach_ip_adapter(unet, state_dict: dict, scale: float = 1.0) -> None:
     """Load an IP-Adapter into the streaming UNet's 2D blocks through diffusers' loader; the
     weights go to the UNet's device and dtype."""
     parts = split_state_dict(state_dict)
     unet2d = unet.unet2d
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its note on casting with to() is about its own call, not the user's
     try:
         unet2d._load_ip_adapter_weights([parts], low_cpu_mem_usage=False)
     except (KeyError, RuntimeError, ValueError) as exc:
         raise ModelLoadError(f"the IP-Adapter does not fit this UNet ({type(exc).__name__}: {str(exc)[:160]})") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
     unet2d.encoder_hid_proj.to(device=unet.device, dtype=unet.dtype)
     values = []
     for proc in unet2d.attn_processors.values():
@@ -112,6 +140,54 @@ def image_tokens(unet, image_embeds: torch.Tensor) -> list[torch.Tensor]:
     return unet.unet2d.encoder_hid_proj([embeds])
 
 
+def image_embed_dim(unet) -> int:
+    """How wide an image embedding the loaded IP-Adapter takes (1024 for SD1.5's: CLIP ViT-H/14)."""
+    proj = unet.unet2d.encoder_hid_proj.image_projection_layers[0]
+    return int(proj.image_embeds.in_features)
+
+
+def load_style_image_models(comps, ip_adapter: str | None = None, image_encoder: str | None = None, *,
+                            progress=None) -> None:
+    """Load an IP-Adapter into ``comps.unet`` and its CLIP image encoder into
+    ``comps.image_encoder`` (scale 0 until a picture is set: see FramePipeline.set_style_image).
+    Sources: a local path, a model name or a hub id (default: ``ip-adapter`` and ``image-encoder``,
+    h94/IP-Adapter's SD1.5 files). The tiny model builds random miniatures of both where no source
+    is given. A pair that does not fit (another embedding width) is one clear error."""
+    from .components import _from_pretrained
+
+    say = progress or (lambda text: None)
+    if comps.is_tiny and ip_adapter is None:
+        from .tiny import tiny_ip_adapter
+
+        state = tiny_ip_adapter(comps.unet, seed=5)
+    else:
+        from .hub import resolve_all
+
+        path, = resolve_all([(ip_adapter or "ip-adapter", "ip-adapter")], progress=say)
+        say(f"loading the IP-Adapter {path.name}")
+        state = read_ip_adapter(path)
+    attach_ip_adapter(comps.unet, state, scale=0.0)
+    if comps.is_tiny and image_encoder is None:
+        from .tiny import build_tiny_image_encoder
+
+        encoder = build_tiny_image_encoder(seed=6)
+    else:
+        from transformers import CLIPVisionModelWithProjection
+
+        from .hub import resolve_all
+
+        folder, = resolve_all([(image_encoder or "image-encoder", "image-encoder")], progress=say)
+        say("loading the IP-Adapter's image encoder")
+        encoder = _from_pretrained(CLIPVisionModelWithProjection, folder, "image encoder")
+    encoder.to(device=comps.device, dtype=comps.dtype).eval().requires_grad_(False)
+    want, got = image_embed_dim(comps.unet), int(encoder.config.projection_dim)
+    if want != got:
+        raise ModelLoadError(f"the image encoder gives {got}-wide embeddings but the IP-Adapter takes {want}-wide ones: "
+                             "use the encoder released with the adapter (SD1.5's IP-Adapter: h94/IP-Adapter "
+                             "models/image_encoder, `live2diff-engine models download image-encoder`)")
+    comps.image_encoder = encoder
+
+
 # -- the picture ---------------------------------------------------------------------------------
 
 # A style picture arrives as bytes (never as a path from a socket): at most this many, decoded by
@@ -142,6 +218,18 @@ def decode_picture(data: bytes) -> "np.ndarray":
     if img is None or img.shape[0] * img.shape[1] > MAX_PICTURE_PIXELS:
         raise ConfigError(f"the style picture cannot be used (not an image, or more than {MAX_PICTURE_PIXELS} pixels)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_picture_file(path) -> bytes:
+    """A picture file's bytes, at most :data:`MAX_PICTURE_BYTES` of them (one clear ConfigError)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PICTURE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the picture {path}: {exc.strerror or type(exc).__name__}") from None
+    if len(data) > MAX_PICTURE_BYTES:
+        raise ConfigError(f"the picture {path} is too large (more than {MAX_PICTURE_BYTES} bytes); use a smaller PNG or JPEG")
+    return data
 
 
 @torch.no_grad()

@@ -50,3 +50,40 @@ def build_tiny_unet(seed: int = 0, device=None, dtype=None) -> StreamingUNet:
 def tiny_prompt_embeds(seed: int = 0, device=None, dtype=None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     return torch.randn(TINY_PROMPT_SHAPE, generator=g).to(device=device, dtype=dtype)
+
+
+TINY_IMAGE_DIM = 24  # the tiny image encoder's embedding size (projection_dim)
+
+
+def tiny_ip_adapter(unet: StreamingUNet, seed: int = 0, image_dim: int = TINY_IMAGE_DIM) -> dict:
+    """A random IP-Adapter for ``unet``, keyed as the released ``ip-adapter_sd15.safetensors``:
+    ``image_proj.proj``/``image_proj.norm`` (4 image tokens) and ``ip_adapter.N.to_k_ip/to_v_ip``
+    for N = 1, 3, 5, ... over the cross attentions in diffusers' processor order."""
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    sd = {"image_proj.proj.weight": torch.randn(4 * cross, image_dim, generator=g) * 0.2,
+          "image_proj.proj.bias": torch.randn(4 * cross, generator=g) * 0.1,
+          "image_proj.norm.weight": 1 + 0.1 * torch.randn(cross, generator=g),
+          "image_proj.norm.bias": 0.1 * torch.randn(cross, generator=g)}
+    modules = dict(unet.unet2d.named_modules())
+    key = 1
+    for name in unet.unet2d.attn_processors:
+        if name.endswith("attn2.processor"):
+            hidden = modules[name[: -len(".processor")]].to_k.weight.shape[0]
+            for kv in ("to_k_ip", "to_v_ip"):
+                sd[f"ip_adapter.{key}.{kv}.weight"] = torch.randn(hidden, cross, generator=g) * 0.3
+            key += 2
+    return sd
+
+
+def build_tiny_image_encoder(seed: int = 0, image_dim: int = TINY_IMAGE_DIM):
+    """A tiny random CLIP image encoder (transformers' ``CLIPVisionModelWithProjection``, the
+    class of h94/IP-Adapter's ``models/image_encoder``), 32x32 pictures in, ``image_dim`` out."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                           patch_size=8, projection_dim=image_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = CLIPVisionModelWithProjection(cfg)
+    return encoder.eval().requires_grad_(False)

@@ -6,6 +6,9 @@ A blend is a short weighted list of prompts, mixed in embedding space: ``[("a fo
 ``"a fox:0.7|a wolf:0.3"``: items separated by ``|``, each with an optional ``:WEIGHT`` at its
 end (a missing weight is 1, so ``"a fox|a wolf"`` is an even mix). A prompt without ``|`` is a
 plain prompt, colons and all.
+
+A style picture (IP-Adapter) mixes in beside the text with its own weight, the style image scale:
+checked here too (:func:`check_image_scale`), for the same reason.
 """
 
 from __future__ import annotations
@@ -28,6 +31,20 @@ def check_transition(value, name: str = "transition_s") -> float:
         raise BlendError(f"{name} must be a number of seconds, got {value!r:.40}")
     if not 0.0 <= value <= MAX_TRANSITION_S:
         raise BlendError(f"{name} must be 0 to {MAX_TRANSITION_S:g} seconds, got {value:g}")
+    return float(value)
+
+
+# 1 is the IP-Adapter as trained; 2 leaves room to push a weak picture, beyond it the picture's
+# tokens swamp the text and the frame.
+MAX_IMAGE_SCALE = 2.0
+
+
+def check_image_scale(value, name: str = "scale") -> float:
+    """A style image scale, 0 (the picture does nothing) to :data:`MAX_IMAGE_SCALE`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise BlendError(f"{name} must be a number, got {value!r:.40}")
+    if not 0.0 <= value <= MAX_IMAGE_SCALE:
+        raise BlendError(f"{name} must be 0 to {MAX_IMAGE_SCALE:g} (1: as the IP-Adapter was trained), got {value:g}")
     return float(value)
 
 

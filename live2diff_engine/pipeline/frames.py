@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..models.components import Components
-from .blend import BlendError, format_notation, normalise
+from .blend import BlendError, check_image_scale, format_notation, normalise
 from .schedule import make_schedule
 from .stream import StreamPipeline
 from .text import apply_template, encode_prompt
@@ -355,6 +355,13 @@ class FramePipeline:
         self._copied = torch.cuda.Event() if self._pinned else None
         self._upload_unwaited = False
         self._times = StageTimes(self.device) if profile_stages else None
+        # A style picture (IP-Adapter): where the one in use came from ("upload", "style NAME",
+        # "file NAME"; None: none) and the scale it steers with when there is one.
+        self.style_image: str | None = None
+        self.style_image_scale = 1.0
+        self._image_tokens = None
+        if self.style_images:
+            self._idle_image_tokens()
         self.stream = self._new_stream()
         self.frame_index = 0
         self._warm: list[torch.Tensor] = []  # preprocessed images waiting for the warmup
@@ -526,29 +533,74 @@ class FramePipeline:
         self._schedule_args = (num_inference_steps, t_index_list, strength)
         self._rewarm = True
 
-    def set_style_image(self, image_embeds: torch.Tensor | None) -> None:
+    @property
+    def style_images(self) -> bool:
+        """Whether this pipeline takes style pictures: an IP-Adapter and its image encoder are loaded."""
+        from ..models.ip_adapter import has_ip_adapter
+
+        return self.comps.image_encoder is not None and has_ip_adapter(self.comps.unet)
+
+    def _need_style_images(self) -> None:
+        if not self.style_images:
+            raise ConfigError("this engine has no IP-Adapter loaded, so it takes no style picture: start it with "
+                              "--ip-adapter (or --style-image FILE)")
+
+    def _idle_image_tokens(self) -> None:
+        """With an IP-Adapter loaded the stream always carries image tokens (a zero embedding's
+        while there is no picture) at scale 0, which adds exactly nothing: setting, replacing or
+        clearing a picture then writes buffers and weights in place, and a compiled or captured
+        step never compiles again for it."""
+        from ..models.ip_adapter import image_embed_dim, image_tokens, set_ip_adapter_scale
+
+        unet = self.comps.unet
+        zero = image_tokens(unet, torch.zeros(1, image_embed_dim(unet), device=self.device, dtype=self.comps.dtype))[0]
+        self._image_tokens = (zero, zero)
+        set_ip_adapter_scale(unet, 0.0)
+
+    @torch.no_grad()
+    def encode_style_picture(self, data: bytes) -> torch.Tensor:
+        """A picture's bytes (PNG, JPEG, WebP; never a path) -> its CLIP image embedding, for
+        :meth:`set_style_image`. Changes nothing in the stream: it runs beside it, on any thread."""
+        from ..models.ip_adapter import decode_picture, encode_picture
+
+        self._need_style_images()
+        return encode_picture(self.comps.image_encoder, decode_picture(data))
+
+    def set_style_image(self, image_embeds: torch.Tensor | None, source: str = "upload") -> None:
         """A style picture (its CLIP image embedding ``[1, dim]``, computed beside the stream: see
-        :func:`~..models.ip_adapter.encode_picture`), or None to drop it; swapped in between frames.
-        Needs an IP-Adapter loaded into the UNet. With guidance above 1 the unconditional branch gets
-        the tokens of a zero embedding (as diffusers' IP-Adapter pipelines do)."""
-        from ..models.ip_adapter import image_tokens
+        :meth:`encode_style_picture`), or None to drop it; swapped in between frames. ``source``:
+        where it came from, for the status. Needs an IP-Adapter loaded into the UNet. With guidance
+        above 1 the unconditional branch gets the tokens of a zero embedding (as diffusers'
+        IP-Adapter pipelines do)."""
+        from ..models.ip_adapter import image_tokens, set_ip_adapter_scale
 
         if image_embeds is None:
-            self._image_tokens = None
-            self.stream.set_image_tokens(None)
+            if self.style_images:
+                set_ip_adapter_scale(self.comps.unet, 0.0)  # the tokens stay, adding nothing
+            self.style_image = None
             return
+        self._need_style_images()
         cond = image_tokens(self.comps.unet, image_embeds)[0]
         uncond = image_tokens(self.comps.unet, torch.zeros_like(image_embeds))[0]
         self._image_tokens = (cond, uncond)
         self.stream.set_image_tokens(cond, uncond)
+        set_ip_adapter_scale(self.comps.unet, self.style_image_scale)
+        self.style_image = source
 
     def set_style_image_scale(self, scale: float) -> None:
-        """How strongly the style picture steers (0 to 1 as trained; read by the adapter each call)."""
+        """How strongly the style picture steers: 0 not at all, 1 as the adapter was trained, up to
+        2 (see :data:`~.blend.MAX_IMAGE_SCALE`); written into the adapter's
+        weights in place, kept for the next picture while none is set."""
         from ..models.ip_adapter import set_ip_adapter_scale
 
-        if not 0.0 <= scale <= 2.0:
-            raise ConfigError(f"style image scale must be 0 to 2, got {scale:g}")
-        set_ip_adapter_scale(self.comps.unet, scale)
+        try:
+            scale = check_image_scale(scale, "style image scale")
+        except BlendError as exc:
+            raise ConfigError(str(exc)) from None
+        self._need_style_images()
+        self.style_image_scale = float(scale)
+        if self.style_image is not None:
+            set_ip_adapter_scale(self.comps.unet, scale)
 
     def set_seed(self, seed: int, transition_s: float = 0.0) -> bool:
         """A new seed. At once (``transition_s`` 0): the generator is reseeded (the controller then

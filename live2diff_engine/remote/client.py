@@ -6,7 +6,8 @@ sends each frame to a `serve` over WebRTC (WHIP) and hands the stylised frames t
 the sinks, with each frame's capture time, so the status shows the whole round trip. The local API
 forwards commands over the data channel (``ctl`` works against `connect` as against `run`).
 
-A lost connection (the server gone, the network down, no stylised frame for LOST_AFTER_S) shows
+A lost connection (the server gone, the network down, no stylised frame for LOST_AFTER_S; before
+the first one, no word from the engine either: it may still be warming up) shows
 the "no signal" card and reconnects with backoff. A reconnect first resumes the session it had: a
 new peer connection whose offer goes to the session's URL (PATCH, see server.py), so a blip within
 the server's grace costs no new warmup; the cut connection is closed only after that answer (its
@@ -40,6 +41,9 @@ LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the con
 # every 0.5 s (remote/fleet.py); none for this long: its node or engine is gone, and connect resumes
 # through the front. The node's loss is so noticed within 2 s.
 NODE_SILENT_S = 1.5
+# Until the first stylised frame of a connection (the engine warms up a new session: seconds on a
+# real model, longer when it compiles), the engine's status messages on the data channel (about one
+# a second, SCTP-retransmitted) show the link is alive; after it, only frames do.
 # A stop (Ctrl-C) ends connect within 2 s however the link is: it waits at most DRAIN_ON_STOP_S for
 # the frames still on their way back, STOP_NOTICE_S for the server's answer to its DELETE (the server
 # ends the session either way), and STOP_CLOSE_S for the peer connection to close.
@@ -88,7 +92,7 @@ class RemotePipeline:
     drains_on_stop = True
 
     def __init__(self, url: str, *, token: str | None = None, ice_servers: list[dict] | None = None, say=None,
-                 codec: str | None = None):
+                 codec: str | None = None, relay_only: bool = False):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ConfigError(f"connect URL must be the engine's address, e.g. http://gpu-box:8765, got {url!r}")
@@ -97,6 +101,7 @@ class RemotePipeline:
         self.endpoint = self.base + (path if path.endswith("/whip") else path + "/whip")
         self.token = token
         self.ice_servers = list(ice_servers or [])
+        self.relay_only = relay_only  # --ice-relay-only: media through the TURN server only (remote/ice.py)
         self.codec = codec  # "vp8", "h264" or None (remote/link.py)
         self.link: dict | None = None  # the current connection's figures (remote/link.py), once a second
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
@@ -105,7 +110,6 @@ class RemotePipeline:
         self.on_lost = None  # set by connect: shows the "no signal" card
         self.on_status = None  # called with the remote's status messages
         self.remote_status: dict | None = None
-        self._status_at: float | None = None  # when the last status came over the data channel
         self.connected = False
         self.connections = 0
         self.sent = 0
@@ -333,7 +337,7 @@ class RemotePipeline:
         from .media import LatestFrames
 
         outbox = LatestFrames(keep=2)
-        state = {"base": None, "last_back": None, "closed": False}
+        state = {"base": None, "last_back": None, "last_status": None, "stylised": False, "closed": False}
 
         class Camera(MediaStreamTrack):
             kind = "video"
@@ -350,7 +354,7 @@ class RemotePipeline:
                     state["base"] = index  # this connection's pts 0 (the RTP timestamp on the wire: media.py)
                 return to_video_frame(image, (index - state["base"]) * PERIOD)
 
-        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers, self.relay_only))
         self._pc = pc
         camera = Camera()
         transceiver = pc.addTransceiver(camera, direction="sendrecv")
@@ -370,7 +374,11 @@ class RemotePipeline:
             except Exception:
                 pass
         channel = pc.createDataChannel("control")
-        channel.on("message", self._on_channel_message)
+
+        @channel.on("message")
+        def on_message(message):
+            state["last_status"] = time.monotonic()
+            self._on_channel_message(message)
 
         @pc.on("track")
         def on_track(track):
@@ -423,10 +431,11 @@ class RemotePipeline:
                         log.debug("link stats: %s", exc)
                 if state["closed"]:
                     return "lost"
-                if self._fleet_silent(state["last_back"]):
+                if self._fleet_silent(max(state["last_back"], state["last_status"] or 0.0)):
                     self.say(f"connect: no word from the fleet node serving the session for {NODE_SILENT_S:g} s")
                     return "lost"
-                if time.monotonic() - state["last_back"] > LOST_AFTER_S:
+                alive = state["last_back"] if state["stylised"] else max(state["last_back"], state["last_status"] or 0)
+                if time.monotonic() - alive > LOST_AFTER_S:
                     lost = True  # the link may come back: this connection stays open until the next is answered
                     return "lost"
             return None
@@ -461,12 +470,9 @@ class RemotePipeline:
             self._pc = None
             self._first_done.set()
 
-    def _fleet_silent(self, since: float) -> bool:
-        """A fleet session's status has stopped (NODE_SILENT_S) since ``since`` or its last status."""
-        if not (self.remote_status or {}).get("node"):
-            return False
-        last = max(since, self._status_at or 0.0)
-        return time.monotonic() - last > NODE_SILENT_S
+    def _fleet_silent(self, alive: float) -> bool:
+        """A fleet session's node has said nothing (no status, no frame) for NODE_SILENT_S since ``alive``."""
+        return bool((self.remote_status or {}).get("node")) and time.monotonic() - alive > NODE_SILENT_S
 
     async def _receive(self, track, state) -> None:
         from .media import PTS_SHIFT, frame_pts, recv_newest
@@ -484,6 +490,7 @@ class RemotePipeline:
                 last = self._last_sent
                 if index < state["base"] or (last is not None and index > last):
                     continue  # no frame of this connection's (a stale one from before a resume)
+                state["stylised"] = True
                 try:
                     self._back.put_nowait((index, frame))
                 except queue.Full:  # the sinks fell behind: the oldest goes
@@ -533,7 +540,6 @@ class RemotePipeline:
             return
         if msg.get("kind") == "status":
             self.remote_status = msg
-            self._status_at = time.monotonic()
             if isinstance(msg.get("frames_lost"), int):
                 self._up_lost = msg["frames_lost"]  # this session's, counted by the server
             if self.on_status is not None:

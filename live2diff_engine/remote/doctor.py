@@ -3,7 +3,9 @@ step from here, as `connect` would use it.
 
 1. signalling: the API answers (HTTP or HTTPS, the certificate trusted) and takes the token;
 2. candidates here: what this side gathers (host; srflx with a STUN server; relay with TURN: a TURN
-   allocation is made where a TURN server is configured);
+   allocation is made where a TURN server is configured, and when none comes, the server is asked
+   once more outside ICE to learn why: a refused user/password, another refusal, or no answer);
+   with ``relay_only`` (--ice-relay-only) only the relay, so the round trip must go through TURN;
 3. candidates there: what the engine offers in its answer to a real offer (WHIP);
 4. media: a short round trip, frames out and stylised frames back, over the pair ICE selects.
 
@@ -25,6 +27,7 @@ import numpy as np
 MEDIA_S = 20.0  # the round trip's limit: ICE, DTLS, the engine's warmup and a few frames
 FRAMES_BACK = 5  # stylised frames back that make the round trip a success
 FPS = 10.0
+TURN_PROBE_S = 6.0  # how long the second allocation (the one that learns why the first failed) may take
 OPEN_PORTS = ("open the server's UDP media ports to this side (serve --udp-ports LO-HI, then allow that range in its "
               "firewall or cloud security group; behind 1:1 NAT add --public-ip) or configure a TURN server on both "
               "sides (LIVE2DIFF_ICE_SERVERS)")
@@ -62,9 +65,45 @@ def _is_private(address: str) -> bool:
     return ip.is_private or ip.is_loopback or ip.is_link_local
 
 
+async def why_no_allocation(server: dict) -> str:
+    """Why a TURN server gave no relay address, learnt by asking it for one allocation outside ICE
+    (aioice's gathering drops the reason): the advice for doctor's one line. The URL is shown
+    without the password."""
+    from aioice import stun, turn
+    from aiortc import RTCIceServer
+    from aiortc.rtcicetransport import connection_kwargs
+
+    url = server["urls"]
+    try:
+        kw = connection_kwargs([RTCIceServer(**server)])
+    except ValueError:
+        kw = {}
+    if "turn_server" not in kw:
+        return (f"{url} is not a TURN address this engine can use: write turn:USER:PASSWORD@HOST:PORT (UDP), add "
+                "?transport=tcp for TCP, or turns:USER:PASSWORD@HOST:PORT for TLS")
+    try:
+        transport, _ = await asyncio.wait_for(turn.create_turn_endpoint(
+            asyncio.DatagramProtocol, server_addr=kw["turn_server"], username=kw["turn_username"],
+            password=kw["turn_password"], ssl=kw["turn_ssl"], transport=kw["turn_transport"]), TURN_PROBE_S)
+    except stun.TransactionFailed as exc:
+        code, reason = exc.response.attributes.get("ERROR-CODE", (0, "no reason given"))
+        if code == 401:
+            return (f"{url} refused the user name or password ({code} {reason}): give the TURN server's own user and "
+                    "password as turn:USER:PASSWORD@HOST:PORT in LIVE2DIFF_ICE_SERVERS")
+        return f"{url} refused the allocation ({code} {reason}): see the TURN server's log"
+    except (stun.TransactionTimeout, asyncio.TimeoutError, ConnectionError):
+        return (f"no answer from {url}: check its address and port, and that this network lets "
+                f"{kw['turn_transport'].upper()} out to it (or try ?transport=tcp, or turns: on port 443)")
+    except OSError as exc:
+        return f"cannot reach {url} ({exc.strerror or exc}): check its address and port"
+    transport.close()
+    return (f"{url} gave no relay address while ICE gathered, though it gives one now: it may be overloaded; try "
+            "again, and check the address, port and user/password")
+
+
 class Doctor:
     def __init__(self, url: str, *, token: str | None, ice_servers: list[dict], say, codec: str | None = None,
-                 media_s: float = MEDIA_S):
+                 media_s: float = MEDIA_S, relay_only: bool = False):
         from ..errors import ConfigError
 
         parsed = urllib.parse.urlparse(url)
@@ -74,6 +113,7 @@ class Doctor:
         path = parsed.path.rstrip("/")
         self.endpoint = self.base + (path if path.endswith("/whip") else path + "/whip")
         self.token, self.ice_servers, self.say, self.codec, self.media_s = token, ice_servers, say, codec, media_s
+        self.relay_only = relay_only
         self.works: list[str] = []
 
     def _headers(self, **extra) -> dict:
@@ -153,7 +193,7 @@ class Doctor:
                 return to_video_frame(image.astype(np.uint8), (self.i - 1) * 3000)
 
         # 2. candidates here (a TURN allocation, where one is configured, happens in this gathering)
-        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers, self.relay_only))
         location = None
         try:
             prefer_codec(pc.addTransceiver(Pattern(), direction="sendrecv"), self.codec)
@@ -177,15 +217,16 @@ class Doctor:
             self.say("candidates here: gathering ...")
             await pc.setLocalDescription(await pc.createOffer())
             here = candidates_of(pc.localDescription.sdp)
-            self.say(f"candidates here: {_kinds(here)}")
-            turn = [s["urls"] for s in self.ice_servers if str(s.get("urls", "")).startswith("turn")]
+            self.say(f"candidates here: {_kinds(here)}" + (" (relay only)" if self.relay_only else ""))
+            turn = [s for s in self.ice_servers if str(s.get("urls", "")).startswith("turn")]
             stun = [s["urls"] for s in self.ice_servers if str(s.get("urls", "")).startswith("stun")]
             if turn:
-                if not any(k == "relay" for k, _, _ in here):
-                    return self._fail("TURN", f"no relay address from {', '.join(turn)}: check its address, port and "
-                                      "user/password, and that this network lets UDP out to it (or use ?transport=tcp)")
+                relay = next((f"{a}:{p}" for k, a, p in here if k == "relay"), None)
+                if relay is None:
+                    # the engine takes the first TURN server (aiortc uses one), so that is the one asked
+                    return self._fail("TURN", await why_no_allocation(turn[0]))
                 self.works.append("TURN allocation")
-                self.say("TURN: allocation ok")
+                self.say(f"TURN: allocation ok (relay address {relay} from {turn[0]['urls']})")
             if stun and not any(k == "srflx" for k, _, _ in here):
                 self.say(f"STUN: no answer from {', '.join(stun)} (no public address learnt here)")
 
@@ -225,7 +266,10 @@ class Doctor:
                 how = "ICE found no working pair" if pc.connectionState == "failed" or figures.get("type") is None else \
                     f"connected over a {figures.get('type')} pair, but only {back['frames']} frames came back"
                 advice = OPEN_PORTS
-                if there and all(_is_private(a) for k, a, _ in there if k == "host") and \
+                if self.relay_only:
+                    advice = ("with --ice-relay-only every packet goes through the TURN server: it must reach the "
+                              "engine's media addresses (candidates there), or give serve the same TURN server")
+                elif there and all(_is_private(a) for k, a, _ in there if k == "host") and \
                         not any(k in ("srflx", "relay") for k, _, _ in there):
                     advice = ("the engine offers only private addresses (" + ", ".join(sorted({a for _, a, _ in there}))
                               + "): " + OPEN_PORTS)

@@ -127,7 +127,7 @@ class SessionEngine:
         self.service = WebRtcService([Slot(frames, manager, comps.label)], ice_servers=ice_servers,
                                      make_engine=make_engine, on_change=self._changed, say=self.say, fps=fps,
                                      session_grace=args.session_grace, udp_ports=udp_ports, codec=args.codec,
-                                     status_every=STATUS_EVERY_S)
+                                     status_every=STATUS_EVERY_S, relay_only=getattr(args, "ice_relay_only", False))
         self.state = "idle"
         if not warm:
             threading.Thread(target=self._unclaimed, daemon=True).start()

@@ -81,10 +81,24 @@ def use_loopback_candidates() -> None:
     aioice.ice.Connection.add_remote_candidate = add_remote_on_loopback
 
 
-def rtc_configuration(ice_servers: list[dict]):
+def check_relay_only(servers: list[dict], relay_only: bool) -> None:
+    """``--ice-relay-only`` needs a TURN server to relay through: without one that side gathers no
+    candidate at all and no stream could ever start. A ConfigError says so."""
+    from ..errors import ConfigError
+
+    if relay_only and not any(str(s.get("urls", "")).startswith("turn") for s in servers):
+        raise ConfigError("--ice-relay-only needs a TURN server: give one in the environment variable "
+                          f"{ICE_SERVERS_ENV} (turn:USER:PASSWORD@HOST:PORT) or with --ice-server")
+
+
+def rtc_configuration(ice_servers: list[dict], relay_only: bool = False):
+    """aiortc's configuration with these ICE servers. ``relay_only`` (--ice-relay-only): the ICE
+    transport policy "relay" (aioice's TransportPolicy.RELAY), so this side gathers only its TURN
+    relay candidate, no host or server-reflexive one, and every pair it can use goes through the
+    TURN server: the way to test a TURN server, or to keep this machine's addresses to itself."""
     import os
 
-    from aiortc import RTCConfiguration, RTCIceServer
+    from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy
 
     from .media import install_prompt_jitter_buffer, install_shared_rtp_clock
 
@@ -93,7 +107,8 @@ def rtc_configuration(ice_servers: list[dict]):
     if os.environ.get(LOOPBACK_ENV, "") not in ("", "0"):
         use_loopback_candidates()
 
-    return RTCConfiguration(iceServers=[RTCIceServer(**s) for s in ice_servers])
+    return RTCConfiguration(iceServers=[RTCIceServer(**s) for s in ice_servers],
+                            iceTransportPolicy=RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL)
 
 
 # -- serve behind a firewall: a fixed UDP port range, a public address ------------------------------

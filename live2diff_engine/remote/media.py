@@ -36,9 +36,37 @@ TIME_BASE = fractions.Fraction(1, CLOCK)
 PTS_SHIFT = 3000  # one frame at 30 fps: room for the card at pts 0 before the first output
 
 
-HOLD_S = 0.4  # how long a frame with a missing packet waits for its retransmission (NACK) before it is skipped
+HOLD_S = 0.4  # how long (wall clock) a frame with a missing packet waits for its retransmission before it is skipped
 DECODE_BEHIND_S = 1.0  # encoded frames waiting for the decoder beyond this much media time: skip to a keyframe
 PLI_EVERY_S = 1.0  # while waiting for a keyframe, ask again this often
+RENACK_S = 0.15  # a packet still missing this long after it was asked for is asked for again ...
+RENACK_TRIES = 2  # ... this many more times (aiortc asks once: a lost retransmission was never asked again)
+TAIL_PROBE_S = 0.05  # no next frame this long after a video frame's last packet: that packet goes again (RTX)
+
+
+class Recovery:
+    """A video receiver's extra loss recovery, beside aiortc's single NACK per gap (see
+    ``install_prompt_jitter_buffer``): it asks again for a packet whose retransmission was lost too."""
+
+    def __init__(self):
+        self.asked: dict[int, tuple[float, int]] = {}  # sequence number -> (when last asked, times asked again)
+        self.ssrc: int | None = None  # the media's (a retransmission arrives under the RTX stream's)
+        self.renacked = 0
+
+    def again(self, missing: set[int], now: float) -> list[int]:
+        """The sequence numbers to ask for again now."""
+        out = []
+        for seq in missing:
+            when, tries = self.asked.get(seq, (None, 0))
+            if when is None:
+                self.asked[seq] = (now, 0)  # asked for just now by aiortc, when its gap was seen
+            elif now - when >= RENACK_S and tries < RENACK_TRIES:
+                self.asked[seq] = (now, tries + 1)
+                out.append(seq)
+        for seq in [q for q in self.asked if q not in missing]:
+            del self.asked[seq]
+        self.renacked += len(out)
+        return sorted(out)
 
 
 def is_keyframe(codec_name: str, data: bytes) -> bool | None:
@@ -104,18 +132,18 @@ def install_prompt_jitter_buffer() -> None:
     - Bounded: aiortc's waits for a missing packet until 512 packets have arrived after it; when the
       retransmission is lost too, it then drops only as much as it must to fit the newest packet and
       from there hands on one frame per packet that arrives: a standing queue of 512 packets for the
-      rest of the session (3.7 s at 10 fps of 512x512 VP8). This one waits HOLD_S of media time for
+      rest of the session (3.7 s at 10 fps of 512x512 VP8). This one waits HOLD_S (wall clock) for
       the retransmission, then skips to the newest frame it holds (the frames between reference the
       lost one), counts the frames skipped (``frames_lost``) and asks the sender for a keyframe (PLI).
     - Drained: every complete frame waiting behind a filled hole goes to the decoder at once, not
       one per later packet (see the receiver's wrapper below).
+    - Asked again: a packet whose retransmission was lost too is asked for again (aiortc asks
+      once; :class:`Recovery`). The sending side's tail probe is in :func:`install_shared_rtp_clock`.
     Audio is untouched."""
     from aiortc import jitterbuffer, rtcrtpreceiver
 
     if getattr(rtcrtpreceiver.JitterBuffer, "prompt", False):
         return
-    hold = int(HOLD_S * CLOCK)
-
     class PromptJitterBuffer(jitterbuffer.JitterBuffer):
         prompt = True
 
@@ -123,6 +151,7 @@ def install_prompt_jitter_buffer() -> None:
             super().__init__(*args, **kwargs)
             self.frames_lost = 0
             self.payload_type: int | None = None
+            self.hole: tuple[int, float] | None = None  # (sequence number, when first seen) of the first hole held
 
         def add(self, packet):
             if self._is_video:
@@ -133,8 +162,11 @@ def install_prompt_jitter_buffer() -> None:
             return pli, frame
 
         def _skip_stale(self, newest_ts: int, newest_seq: int) -> bool:
-            """A hole at the head older than HOLD_S of media time: drop everything before the
-            newest frame held. True when something was dropped."""
+            """A hole before the newest frame held, still open HOLD_S after it was first seen (a
+            packet after it arrived: aiortc asked for it then): drop everything before that frame.
+            True when something was dropped. Wall-clock time, not media time: at a few frames a
+            second the next frame's media time is past HOLD_S already when it arrives, and the
+            hole would be skipped at once, before its retransmission could come."""
             if self._origin is None:
                 return False
             head_ts = None
@@ -154,10 +186,17 @@ def install_prompt_jitter_buffer() -> None:
                 if packet.timestamp == newest_ts and newest_start is None:
                     newest_start = count
             if head_ts is None or first_gap is None or first_gap > last_packet or not newest_start:
+                self.hole = None
                 return False  # nothing held, or no hole before the newest packet, or the newest frame is the head
             age = (newest_ts - head_ts) % (1 << 32)
-            if age < hold or age >= 1 << 31:  # not stale yet (or the packet is an old one)
+            if age >= 1 << 31:  # an old packet
                 return False
+            hole, now = (self._origin + first_gap) & 0xFFFF, time.monotonic()
+            if self.hole is None or self.hole[0] != hole:
+                self.hole = (hole, now)
+            if now - self.hole[1] < HOLD_S:
+                return False
+            self.hole = None
             self.frames_lost += max(1, len(seen) - 1)
             self.remove(newest_start)
             return True
@@ -209,6 +248,7 @@ def install_prompt_jitter_buffer() -> None:
         if not isinstance(buffer, PromptJitterBuffer) or queue is None or mapper is None \
                 or not getattr(self, "_RTCRtpReceiver__decoder_thread", None):
             return
+        await recover(self, packet)
         codec = codecs.get(buffer.payload_type)
         while codec is not None:
             frame = buffer.next_ready()
@@ -218,7 +258,25 @@ def install_prompt_jitter_buffer() -> None:
             queue.put((codec, frame))
         if getattr(queue, "want_keyframe", False):
             queue.want_keyframe = False
-            await self._send_rtcp_pli(packet.ssrc)
+            await self._send_rtcp_pli(self._l2d_recovery.ssrc or packet.ssrc)
+
+    async def recover(self, packet):
+        """Asks again for what is still missing, and for a frame's lost tail (Recovery)."""
+        gen = getattr(self, "_RTCRtpReceiver__nack_generator", None)
+        buffer = self._RTCRtpReceiver__jitter_buffer
+        rec = self.__dict__.get("_l2d_recovery")
+        if rec is None:
+            rec = self._l2d_recovery = Recovery()
+        if gen is None:  # NACK not negotiated
+            return
+        original = packet.payload_type == buffer.payload_type  # not a retransmission (RTX)
+        if original:
+            rec.ssrc = packet.ssrc
+        if rec.ssrc is None:
+            return
+        again = rec.again(gen.missing, time.monotonic())
+        if again:
+            await self._send_rtcp_nack(rec.ssrc, again)
 
     rtcrtpreceiver.JitterBuffer = PromptJitterBuffer
     receiver._handle_rtp_packet = handle_and_drain
@@ -281,6 +339,33 @@ def install_shared_rtp_clock() -> None:
 
     rtcrtpsender.random32 = origin_or_random32
     rtcrtpsender.RTCRtpSender._run_rtp = run_rtp_from_zero
+    next_encoded_frame = rtcrtpsender.RTCRtpSender._next_encoded_frame
+
+    async def next_with_tail_probe(self, codec):
+        """The tail probe: a lost packet is noticed by the receiver when a later one arrives, so a
+        frame's lost last packet (or a whole one-packet frame: at a few frames a second most are)
+        would wait a whole frame interval (333 ms at 3 fps) before it is even asked for. When no
+        next frame follows within TAIL_PROBE_S, the last packet goes again (as a retransmission,
+        on the RTX stream): one packet per frame at low rates, none at 20 fps and above. A copy
+        that finds the original there is dropped by the receiver like any duplicate."""
+        probe = None
+        last = self.__dict__.get("_l2d_last_frame")
+        if last is not None and getattr(self, "kind", None) == "video":
+            history = getattr(self, "_RTCRtpSender__rtp_history", {})
+            seq = next((p.sequence_number for p in list(history.values()) if p.marker and p.timestamp == last), None)
+            if seq is not None:
+                loop = asyncio.get_running_loop()
+                probe = loop.call_later(TAIL_PROBE_S, lambda: loop.create_task(self._retransmit(seq)))
+        try:
+            frame = await next_encoded_frame(self, codec)
+        finally:
+            if probe is not None:
+                probe.cancel()
+        if frame is not None:
+            self._l2d_last_frame = frame.timestamp  # on the shared clock: the RTP timestamp itself
+        return frame
+
+    rtcrtpsender.RTCRtpSender._next_encoded_frame = next_with_tail_probe
 
 
 def frames_lost(pc) -> int:

@@ -16,6 +16,8 @@
     DELETE /whep/ID         ends that viewer.
     GET    /studio          a page: the browser's camera to the engine, the stylised video beside it,
                             the dock's controls over the data channel.
+    GET    /metrics         the sessions and this machine in Prometheus' text format (remote/metrics.py):
+                            frames, FPS, latency histograms, GPU memory on CUDA.
 
 Sessions: at most ``max_sessions`` (default 1): another offer gets 503, a Retry-After (the seconds
 until a slot may free: the rest of a cut session's grace, else RETRY_AFTER_S) and one line.
@@ -48,6 +50,7 @@ import json
 import logging
 import math
 import secrets
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -58,6 +61,8 @@ from ..control.schema import reply_message
 from ..io.sinks import Sink
 from .ice import advertise_public_ip, constrain_udp_ports, rtc_configuration
 from .link import LinkStats, prefer_codec
+from .metrics import CONTENT_TYPE as METRICS_TYPE
+from .metrics import Histogram, render
 from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, frames_lost, outgoing_track, recv_newest
 
 log = logging.getLogger("live2diff.webrtc")
@@ -68,6 +73,18 @@ FIRST_FRAME_S = 20.0  # a new session that never sends video is freed after this
 RETRY_AFTER_S = 5
 MAX_SDP_BYTES = 64 * 1024
 MAX_CHANNEL_PENDING = 1024  # data-channel messages waiting for the pacer; beyond: refused at once
+
+
+def gpu_memory_bytes(devices: list[str]) -> int | None:
+    """What this process holds on these CUDA devices (torch's caching allocator, reserved), None without any."""
+    if not devices:
+        return None
+    try:
+        import torch
+
+        return sum(int(torch.cuda.memory_reserved(d)) for d in devices)
+    except Exception:
+        return None
 
 
 class NoFreePort(Exception):
@@ -82,6 +99,9 @@ class Slot:
     manager: object
     label: str
     busy: bool = False
+    # Seconds a prompt/style/seed change takes when its command names none (the config's
+    # [control] transition_s), given to each session's controller.
+    transition_s: float = 0.0
 
 
 @dataclass
@@ -104,6 +124,7 @@ class Session:
     finished_at: float | None = None  # when the engine was done with it
     resumed: int = 0  # new peer connections that took the place of a cut one (PATCH)
     link: LinkStats = field(default_factory=LinkStats)
+    latency: Histogram = field(default_factory=Histogram)  # capture to output of each frame after the warmup
 
 
 class ChannelControl:
@@ -216,12 +237,13 @@ class WebRtcService:
     def __init__(self, slots: list[Slot], *, ice_servers: list[dict] | None = None, make_engine=None,
                  on_change=None, say=None, fps: float = 30.0, session_grace: float = SESSION_GRACE_S,
                  udp_ports: tuple[int, int] | None = None, public_ip: str | None = None, codec: str | None = None,
-                 status_every: float = 1.0):
+                 status_every: float = 1.0, relay_only: bool = False):
         self.slots = slots
         self.status_every = status_every  # the data channel's status, at least this often
         self.session_grace = session_grace
         self.udp_ports, self.public_ip, self.codec = udp_ports, public_ip, codec
         self.ice_servers = list(ice_servers or [])
+        self.relay_only = relay_only  # --ice-relay-only: media through the TURN server only (remote/ice.py)
         self.make_engine = make_engine  # (session, pipeline, sinks) -> Engine
         self.on_change = on_change or (lambda: None)  # sessions started or ended (any thread)
         self.say = say or (lambda text: None)
@@ -233,6 +255,11 @@ class WebRtcService:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._watch: asyncio.Task | None = None
         self.served = 0
+        # /metrics: this machine as the one node; counters over every session, ended ones included
+        self.node = socket.gethostname() or "localhost"
+        self.address = ""  # the API's URL, once it listens (commands/serve.py)
+        self.latency = Histogram()
+        self.ended_frames = [0, 0]  # frames in, out of the sessions that ended
 
     @property
     def max_sessions(self) -> int:
@@ -251,6 +278,7 @@ class WebRtcService:
         app.router.add_post("/whep", self._whep)
         app.router.add_delete("/whep/{id}", self._whep_delete)
         app.router.add_route("OPTIONS", "/whep", self._options)
+        app.router.add_get("/metrics", self._metrics)
         app.on_shutdown.append(self._on_shutdown)
 
     # -- WHIP --------------------------------------------------------------------------------
@@ -262,7 +290,7 @@ class WebRtcService:
 
         if self.udp_ports is not None:
             constrain_udp_ports(asyncio.get_running_loop(), self.udp_ports)
-        pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        pc = RTCPeerConnection(rtc_configuration(self.ice_servers, self.relay_only))
         if self.codec:
             prefer_codec(pc.addTransceiver("video", direction="recvonly"), self.codec)
         return pc
@@ -342,6 +370,7 @@ class WebRtcService:
         book = PtsBook()
         source = TrackSource(book, name=f"remote camera ({sid[:6]})", fps=self.fps)
         controller = Controller(slot.frames, slot.manager, label=slot.label)
+        controller.default_transition_s = slot.transition_s
         session = Session(sid, None, slot, source, None, controller)
         try:
             session.pc, session.track = await self._peer(session, sdp, "Live2Diff: connected", "warming up ...")
@@ -611,6 +640,12 @@ class WebRtcService:
         session.pipeline = PtsPipeline(slot.frames, session.source.book, on_warm=lambda: self.say(
             f"session {session.id[:6]} warmed up"))
         engine = self.make_engine(session, session.pipeline, sinks)
+
+        def on_latency(seconds, own=session.latency, node=self.latency):
+            own.observe(seconds)
+            node.observe(seconds)
+
+        engine.on_latency = on_latency
         session.engine = engine
         session.thread = threading.Thread(target=self._run_engine, args=(session,), name=f"session-{session.id[:6]}",
                                           daemon=True)
@@ -647,9 +682,46 @@ class WebRtcService:
         self.sessions.pop(session.id, None)
         session.slot.busy = False
         st = session.engine.stats if session.engine is not None else None
+        if st is not None:  # its frames stay in the node's counters (no await since the pop: /metrics sees both or neither)
+            self.ended_frames[0] += st.frames_in
+            self.ended_frames[1] += st.frames_out
         counts = f" ({st.frames_in} frames in, {st.frames_out} out, {st.dropped} dropped for newer ones)" if st else ""
         self.say(f"session {session.id[:6]} ended: {why}{counts}")
         self.on_change()
+
+    # -- /metrics ------------------------------------------------------------------------------
+
+    def figures(self) -> tuple[list[dict], list[dict]]:
+        """The sessions and this machine as one node, as metrics.render takes them."""
+        sessions, frames_in, frames_out = [], self.ended_frames[0], self.ended_frames[1]
+        for s in self.sessions.values():
+            st = s.engine.stats if s.engine is not None else None
+            if st is None:
+                continue
+            frames_in += st.frames_in
+            frames_out += st.frames_out
+            sessions.append({"id": s.id[:6], "node": self.node, "state": "ended" if s.ended else st.state,
+                             "frames_in": st.frames_in, "frames_out": st.frames_out, "fps": st.fps_out,
+                             "fps_in": st.fps_in, "latency_ms_p50": st.latency_ms_p50,
+                             "latency_ms_p95": st.latency_ms_p95, "latency": s.latency})
+        devices = {}
+        for slot in self.slots:
+            device = getattr(getattr(slot.frames, "comps", None), "device", None)
+            if device is not None and str(device).startswith("cuda"):
+                devices[str(device)] = devices.get(str(device), False) or slot.busy
+        node = {"id": self.node, "address": self.address, "gpus": len(devices),
+                "gpus_free": sum(not busy for busy in devices.values()),
+                "warm_engines": sum(not slot.busy for slot in self.slots), "max_sessions": self.max_sessions,
+                "gpu_memory_bytes": gpu_memory_bytes(list(devices)), "sessions_started": self.served,
+                "frames_in": frames_in, "frames_out": frames_out, "latency": self.latency}
+        return sessions, [node]
+
+    async def _metrics(self, request):
+        """Prometheus' text format (remote/metrics.py); behind the API's guard (the token) as every route."""
+        from aiohttp import web
+
+        body = render(*self.figures())
+        return web.Response(body=body.encode("utf-8"), headers={"Content-Type": METRICS_TYPE})
 
     async def _watchdog(self) -> None:
         while True:
