@@ -184,6 +184,13 @@ def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_end
         assert len(snap["sessions"]) == 2 and len({s["node_id"] for s in snap["sessions"]}) == 2, snap
         assert snap["gpus"] == 2 and snap["gpus_free"] == 0, snap
         assert all(n["sessions"] == 1 for n in snap["nodes"]), snap
+        # /metrics (Prometheus text) tells the same: one session on each node, both nodes' GPUs taken
+        r = subprocess.run(ns.cmd("curl", "-s", "-m", "30", "-H", f"Authorization: Bearer {TOKEN}", URL + "/metrics"),
+                           capture_output=True, text=True, timeout=60)
+        for s in snap["sessions"]:
+            assert re.search(r'^live2diff_sessions\{[^}]*node="' + re.escape(s["node"]) + r'"[^}]*\} 1(\.0)?$', r.stdout, re.M), r.stdout
+            assert re.search(r'^live2diff_node_gpus_free\{[^}]*node="' + re.escape(s["node"]) + r'"[^}]*\} 0(\.0)?$', r.stdout, re.M), r.stdout
+        assert st_a["node"] in {s["node"] for s in snap["sessions"]}  # the status's node is the label /metrics uses
         r = subprocess.run(ns.cmd(sys.executable, "-m", "live2diff_engine", "ctl", "status", "--api", api_a), cwd=ROOT,
                            capture_output=True, text=True, timeout=WAIT, env=ENV)
         assert f"node: {st_a['node']}" in r.stdout, r.stdout + r.stderr

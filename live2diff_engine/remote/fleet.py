@@ -187,7 +187,8 @@ class SessionEngine:
         if session is not None:
             st = session.engine.stats if session.engine is not None else None
             out["session"] = {
-                "id": session_url_id(self.name, session.id), "node": self.address, "node_id": self.node_id, "state": st.state if st else "starting",
+                "id": session_url_id(self.name, session.id), "node": self.label, "address": self.address,
+                "node_id": self.node_id, "state": st.state if st else "starting",
                 "frames_in": st.frames_in if st else 0, "frames_out": st.frames_out if st else 0,
                 "fps": round(st.fps_out, 2) if st else 0.0, "latency_ms_p50": st.latency_ms_p50 if st else None,
                 "latency_ms_p95": st.latency_ms_p95 if st else None, "resumed": session.resumed,
@@ -332,8 +333,10 @@ class FleetFront:
                 continue
             mine = [e for e in engines if e["node_id"] == nid or (e["node_id"] is None and nid.startswith(e["node_prefix"]))]
             mem = [e["gpu_memory_bytes"] for e in mine if e.get("gpu_memory_bytes") is not None]
+            address = node.get("NodeManagerAddress")
             out.append({
-                "node": node.get("NodeManagerAddress"), "node_id": nid, "gpus": gpus,
+                # the label its sessions' status and /metrics give it (several nodes may share an address)
+                "node": f"{address} (Ray node {nid[:8]})", "address": address, "node_id": nid, "gpus": gpus,
                 "gpus_free": float(free.get(nid, {}).get("GPU", 0.0)),
                 "capacity": int(math.floor(gpus / self.gpus_per_session + 1e-9)),
                 "engines": len(mine), "warm_idle": sum(1 for e in mine if e["warm"] and e["state"] == "idle"),
@@ -355,8 +358,8 @@ class FleetFront:
 
     def sessions_and_nodes(self) -> tuple[list[dict], list[dict]]:
         """For /metrics (remote/metrics.py's ``render(sessions, nodes)``), the dicts /api/fleet shows.
-        A session: id, node (address), node_id, state, frames_in, frames_out, fps, latency_ms_p50,
-        latency_ms_p95, resumed, age_s. A node: node (address), node_id, gpus, gpus_free, capacity,
+        A session: id, node (its node's label: address and Ray node id), address, node_id, state, frames_in, frames_out, fps, latency_ms_p50,
+        latency_ms_p95, resumed, age_s. A node: node (the label), address, node_id, gpus, gpus_free, capacity,
         engines, warm_idle, loading, sessions, gpu_memory_bytes (None without CUDA), refuses."""
         snap = self.snapshot()
         return snap["sessions"], snap["nodes"]
@@ -612,6 +615,14 @@ def add_front_routes(fleet: FleetFront):
 
         return web.json_response(await blocking(fleet.snapshot))
 
+    async def metrics(request):
+        from aiohttp import web
+
+        from .metrics import CONTENT_TYPE, render
+
+        body = render(*await blocking(fleet.sessions_and_nodes))
+        return web.Response(body=body.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})
+
     def add(app) -> None:
         app.router.add_post("/whip", whip)
         app.router.add_patch("/whip/{id}", whip_patch)
@@ -620,5 +631,6 @@ def add_front_routes(fleet: FleetFront):
         app.router.add_get("/studio", studio_page)
         app.router.add_post("/whep", whep)
         app.router.add_get("/api/fleet", fleet_status)
+        app.router.add_get("/metrics", metrics)
 
     return add
