@@ -389,7 +389,7 @@
     figures(s);
     el.style.textContent = s.style || '\u2013';
     el.frames.textContent = typeof s.frames_out === 'number' ? String(s.frames_out) : '\u2013';
-    el.link.textContent = linkText(s.link);
+    el.link.textContent = linkText(s.link) + (s.node ? ' \u00b7 node ' + s.node : '');
     el.link.hidden = !el.link.textContent;
     el.link.dataset.type = (s.link && s.link.type) || '';
     el.lastError.hidden = !s.last_error;

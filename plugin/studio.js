@@ -28,6 +28,7 @@
     link: $('link'),
   };
   let pc = null, channel = null, camera = null, location_ = null, nextId = 1, status = null;
+  let retryTimer = null; // a start again after a 503's Retry-After (every stream slot or GPU in use)
   const editing = new Set();  // controls being edited: status updates leave them alone
 
   function setConn(state, text) {
@@ -133,6 +134,7 @@
   }
 
   async function start() {
+    if (retryTimer !== null) { clearTimeout(retryTimer); retryTimer = null; }
     el.start.disabled = true;
     toast('');
     await accessChecked;
@@ -165,6 +167,15 @@
       const resp = await fetch('/whip', { method: 'POST', headers: headers('application/sdp'), body: pc.localDescription.sdp });
       const text = await resp.text();
       if (resp.status === 401) { authorised = false; showLogin('the engine wants its token again'); }
+      if (resp.status === 503) { // busy: try again when the engine says a slot may free (at most 2 minutes)
+        const wait = Math.min(120, Math.max(1, parseInt(resp.headers.get('Retry-After'), 10) || 5));
+        await stop();
+        setConn('busy', 'busy, retrying in ' + wait + ' s');
+        toast((text.trim().split('\n')[0] || 'busy') + ' (retrying in ' + wait + ' s)');
+        el.stop.disabled = false; // Stop cancels the retry
+        retryTimer = setTimeout(() => { retryTimer = null; start(); }, wait * 1000);
+        return;
+      }
       if (resp.status !== 201) throw new Error(text.trim() || 'HTTP ' + resp.status);
       location_ = resp.headers.get('Location');
       await pc.setRemoteDescription({ type: 'answer', sdp: text });
@@ -176,6 +187,7 @@
   }
 
   async function stop() {
+    if (retryTimer !== null) { clearTimeout(retryTimer); retryTimer = null; }
     el.stop.disabled = true;
     el.controls.disabled = true;
     if (location_) {

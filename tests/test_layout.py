@@ -141,3 +141,25 @@ def test_the_rule_is_read_from_function_local_imports_too(tmp_path):
     path.write_text("def f():\n    from ..cli import main\n    from ...elsewhere import y\n    import torch\n")
     known = {"live2diff_engine.models.x": path, "live2diff_engine.cli": tmp_path}
     assert imports("live2diff_engine.models.x", path, known) == [(2, "live2diff_engine.cli")]
+
+
+def test_ray_is_imported_by_the_fleet_only_and_the_fleet_by_serve_ray_only():
+    """Ray is an optional extra (`[fleet]`): remote/fleet.py is the one module that imports it, and
+    only `serve --ray` imports that module, inside the function that runs it, so no other command
+    (nor `serve` without --ray) ever loads Ray."""
+    wrong = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if any(n == "ray" or n.startswith("ray.") for n in names) and name != "live2diff_engine.remote.fleet":
+                wrong.append(f"{name}:{node.lineno} imports Ray")
+        for line, target in imports(name, path, modules()):
+            if target == "live2diff_engine.remote.fleet" and name != "live2diff_engine.commands.serve":
+                wrong.append(f"{name}:{line} imports remote.fleet")
+        if name == "live2diff_engine.commands.serve":
+            top = {t for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for t in
+                   [f"{n.module}" if isinstance(n, ast.ImportFrom) else ""]}
+            assert not any("fleet" in t for t in top), "commands/serve.py imports the fleet at module level"
+    assert wrong == [], "\n".join(wrong)

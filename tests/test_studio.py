@@ -124,3 +124,33 @@ def test_studio_sends_the_webcam_and_shows_stylised_frames_and_its_controls_chan
         time.sleep(0.2)
     print(f"\ncamera {local}, returned {size}, differences seen {[round(x, 1) for x in diffs[-3:]]}")
     assert size == local
+
+
+def test_studio_says_busy_and_retries_after_the_engines_retry_after_when_every_slot_is_in_use(server, browser):
+    """`serve` (one stream at a time) busy with another client: the page's start gets 503 and
+    shows "busy, retrying in N s" (N: the Retry-After), then gets in by itself once the slot frees."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    d = browser
+    wait_for(lambda: engine_status(server).get("state") == "waiting for a stream", WAIT, "no stream on the engine")
+    other = subprocess.Popen([sys.executable, str(ROOT / "tests" / "whip_client.py"), server.url],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        wait_for(lambda: engine_status(server).get("state") not in (None, "waiting for a stream"), WAIT,
+                 "the other client's stream")
+        d.get(f"{server.url}/studio?w=160&h=120")
+        by_id(d, "start").click()
+        wait_for(lambda: by_id(d, "conn").get_attribute("data-state") == "busy", WAIT, "the page to say busy")
+        assert re.fullmatch(r"busy, retrying in \d+ s", by_id(d, "conn").text.strip()), by_id(d, "conn").text
+        other.terminate()  # its stream ends: the page's next try gets the slot
+        wait_for(lambda: by_id(d, "conn").get_attribute("data-state") == "connected", WAIT,
+                 "the page to get in by itself")
+    finally:
+        if other.poll() is None:
+            other.kill()
+        other.wait()
+    by_id(d, "stop").click()
+    wait_for(lambda: by_id(d, "conn").get_attribute("data-state") == "disconnected", WAIT, "the page to stop")

@@ -176,6 +176,8 @@ def _cmd_ctl(args) -> int:
         obs_source = {"pulling": " (pulls the stream)", "not pulling": " (OBS source not pulling the stream)",
                       "absent": " (no Live2Diff source: `ctl add-to-scene`)"}.get(status.get("obs_source"), "")
         print(f"OBS: {status.get('obs')}{obs_source}  model: {status.get('model')}  {status.get('size')}")
+        if status.get("node"):  # a fleet session (`serve --ray`): the node that serves it
+            print(f"node: {status['node']}")
         if isinstance(status.get("link"), dict):  # a remote stream (connect, or a serve session)
             from ..remote.link import describe
 

@@ -41,6 +41,19 @@ def add_parser(sub) -> None:
                    help="the public address of this machine when it sits behind 1:1 NAT (a cloud VM): the host "
                    "candidates it offers carry ADDR instead of the private address")
     add_link_args(g)
+    f = sv.add_argument_group("fleet (a Ray cluster of GPU machines; needs the [fleet] extra)")
+    f.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help="place each stream on a GPU of this Ray cluster (HOST:PORT of its head; auto: the cluster this "
+                   "machine belongs to; local: start a one-machine cluster). This process is then the front: it "
+                   "answers /whip and /api, the media goes straight to the GPU node")
+    f.add_argument("--gpus-per-session", type=float, default=1.0, metavar="N",
+                   help="GPUs each stream holds (default 1; a fraction such as 0.5 packs streams onto one card)")
+    f.add_argument("--warm-per-gpu", type=int, default=0, metavar="N",
+                   help="engines kept loaded on every GPU ahead of any stream (default 0): a new stream takes one and "
+                   "starts without loading the models")
+    f.add_argument("--queue-s", type=float, default=0.0, metavar="S",
+                   help="with every GPU in use, wait up to S seconds for one to free (or the cluster to grow) before "
+                   "answering 503 (default 0)")
     add_model_args(sv)
     add_control_args(sv)
 
@@ -82,6 +95,12 @@ def cmd_serve(args) -> int:
     public_ip = check_public_ip(args.public_ip) if args.public_ip else None
     ice = ice_servers_from(args.ice_server, os.environ, say)
     check_relay_only(ice, args.ice_relay_only)
+    if args.ray is not None:
+        return _serve_fleet(args, say, ice)
+    for name, value in (("--gpus-per-session", args.gpus_per_session != 1.0), ("--warm-per-gpu", args.warm_per_gpu),
+                        ("--queue-s", args.queue_s)):
+        if value:
+            raise ConfigError(f"{name} places streams on a Ray cluster: give --ray ADDRESS too (or leave {name} out)")
     preflight(args, say)  # option values, model paths, the models to download: before torch loads
     from ..control.api import ApiServer
     from ..remote.server import Slot, WebRtcService
@@ -137,18 +156,9 @@ def cmd_serve(args) -> int:
         + (f" | host candidates advertise {public_ip}" if public_ip else "")
         + (" | media through the TURN relay only" if args.ice_relay_only else ""))
 
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        stop.set()
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while not stop.wait(0.5):
-            pass
+        _wait_for_signal()
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         say("stopping")
         if service.loop is not None:
             import asyncio
@@ -161,6 +171,94 @@ def cmd_serve(args) -> int:
         if not service.sessions:  # every session ended, its engine thread joined: nothing of the user's is open
             global exit_at_once
             exit_at_once = True
+    return 0
+
+
+def _wait_for_signal() -> None:
+    """Until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _serve_fleet(args, say, ice: list[dict]) -> int:
+    """`serve --ray`: this process is the front; each stream runs on a GPU node of the cluster
+    (remote/fleet.py). The front holds no model and no stream: stopping it leaves them running."""
+    import logging
+
+    from ..errors import ConfigError, UserError
+
+    if not 0.0 < args.gpus_per_session <= 8.0:
+        raise ConfigError("--gpus-per-session must be above 0 and at most 8 (a fraction packs streams onto one GPU)")
+    if args.warm_per_gpu < 0 or args.warm_per_gpu * args.gpus_per_session > 1.0 + 1e-9:
+        raise ConfigError(f"--warm-per-gpu {args.warm_per_gpu} does not fit: each engine holds --gpus-per-session "
+                          f"{args.gpus_per_session:g} GPU; give at most {int(1 / args.gpus_per_session + 1e-9)}")
+    if not 0.0 <= args.queue_s <= 3600.0:
+        raise ConfigError("--queue-s must be 0 to 3600 seconds")
+    if args.max_sessions != 1:
+        raise ConfigError("--max-sessions does not apply with --ray: the cluster's GPUs decide how many streams run")
+    if args.public_ip:
+        raise ConfigError("--public-ip names one machine; with --ray each GPU node answers for itself (give its "
+                          "nodes public addresses, or a TURN server with --ice-server)")
+    if args.ray not in ("auto", "local"):  # Ray itself would wait for minutes on an address where nothing answers
+        import socket
+
+        host, _, port = args.ray.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"--ray {args.ray}: give the head's HOST:PORT (e.g. 10.0.0.5:6379), auto or local")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as exc:
+            raise UserError(f"cannot reach the Ray cluster at {args.ray} ({getattr(exc, 'strerror', None) or exc}); "
+                            "is `ray start --head` running there, and its port open?") from None
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # Ray itself is imported by remote/fleet.py only
+        raise ConfigError('--ray needs Ray: pip install "live2diff-engine[fleet]"')
+    from ..control.api import ApiServer
+    from ..remote.fleet import FleetFront, FrontController, add_front_routes
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    warn_secrets_on_command_line(args, say)
+    settings = control_settings(args)
+    if settings["api"] is None:
+        raise ConfigError("serve needs its API (the WHIP endpoint lives there); drop --no-api")
+    a = settings["api"]
+    api = ApiServer(a["host"], a["port"], a["token"])
+    api.ssl_context = _ssl_context(args)
+    say(f"fleet: joining the Ray cluster ({args.ray}) ...")
+    try:
+        fleet = FleetFront(args.ray, args, ice, say)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot join the Ray cluster at {args.ray}: {str(exc).strip().splitlines()[0][:200]} "
+                        "(is `ray start --head` running there?)") from None
+    nodes = fleet.nodes()
+    gpus = sum(n["gpus"] for n in nodes)
+    say(f"fleet: {len(nodes)} GPU node{'s' if len(nodes) != 1 else ''}, {gpus:g} GPU{'s' if gpus != 1 else ''}; "
+        f"{args.gpus_per_session:g} GPU per stream; {args.warm_per_gpu} warm engine(s) per GPU")
+    if not gpus:
+        say("fleet: the cluster has no GPU yet: every stream is refused (503, Retry-After) until a GPU node joins"
+            + (f", or waits up to --queue-s {args.queue_s:g} s for one" if args.queue_s else ""))
+    api.extra_routes.append(add_front_routes(fleet))
+    api.start()
+    api.set_controller(FrontController(fleet))
+    say(f"serving: WHIP {api.url}/whip | fleet {api.url}/api/fleet | dock {api.url}/dock"
+        + (" | token required" if api.token else ""))
+    try:
+        _wait_for_signal()
+    finally:
+        say("stopping the front (the streams go on, on their nodes)")
+        api.stop()
+        fleet.close()
     return 0
 
 

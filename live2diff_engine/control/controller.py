@@ -686,6 +686,8 @@ class Controller:
             "lipsync_ms": getattr(self.obs, "lipsync_ms", None),
             # a remote session's network figures (remote/link.py): candidate type, RTT, loss, jitter, bitrate
             "link": stats.extra.get("link") if stats else None,
+            # the fleet node that serves this session (`serve --ray`: remote/fleet.py); None elsewhere
+            "node": stats.extra.get("node") if stats else None,
             "api_url": self.api_url,
             "model": self.label,
             "size": [self.frames.width, self.frames.height],

@@ -37,6 +37,10 @@ log = logging.getLogger("live2diff.connect")
 # remote.media (numpy, OpenCV, aiortc) is imported where it is used: `--help` stays quick.
 PERIOD = 90_000 // 30  # pts between two sent frames (the 90 kHz RTP clock at 30 fps)
 LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the connection is lost
+# A fleet session (its status names the node serving it: `serve --ray`) sends its status at least
+# every 0.5 s (remote/fleet.py); none for this long: its node or engine is gone, and connect resumes
+# through the front. The node's loss is so noticed within 2 s.
+NODE_SILENT_S = 1.5
 # Until the first stylised frame of a connection (the engine warms up a new session: seconds on a
 # real model, longer when it compiles), the engine's status messages on the data channel (about one
 # a second, SCTP-retransmitted) show the link is alive; after it, only frames do.
@@ -309,8 +313,12 @@ class RemotePipeline:
             return status, text
         self.session_url = None
         if status == 404:
-            self.say("connect: the engine has ended the old session (past its --session-grace, or restarted); "
-                     "starting a new one")
+            line = text.strip().splitlines()[0][:200] if text.strip() else ""
+            if "fleet node" in line:  # the front's word: the session's node or engine is gone
+                self.say(f"connect: {line.rstrip('.')}; starting a new session (a new warmup)")
+            else:
+                self.say("connect: the engine has ended the old session (past its --session-grace, or restarted); "
+                         "starting a new one")
         else:
             line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {status}"
             self.say(f"connect: the engine cannot resume the session ({status}: {line}); ending it and starting a new one")
@@ -423,6 +431,9 @@ class RemotePipeline:
                         log.debug("link stats: %s", exc)
                 if state["closed"]:
                     return "lost"
+                if self._fleet_silent(max(state["last_back"], state["last_status"] or 0.0)):
+                    self.say(f"connect: no word from the fleet node serving the session for {NODE_SILENT_S:g} s")
+                    return "lost"
                 alive = state["last_back"] if state["stylised"] else max(state["last_back"], state["last_status"] or 0)
                 if time.monotonic() - alive > LOST_AFTER_S:
                     lost = True  # the link may come back: this connection stays open until the next is answered
@@ -458,6 +469,10 @@ class RemotePipeline:
             self._up_lost = 0
             self._pc = None
             self._first_done.set()
+
+    def _fleet_silent(self, alive: float) -> bool:
+        """A fleet session's node has said nothing (no status, no frame) for NODE_SILENT_S since ``alive``."""
+        return bool((self.remote_status or {}).get("node")) and time.monotonic() - alive > NODE_SILENT_S
 
     async def _receive(self, track, state) -> None:
         from .media import PTS_SHIFT, frame_pts, recv_newest

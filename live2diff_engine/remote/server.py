@@ -131,8 +131,10 @@ class ChannelControl:
     """The data channel ``control`` as one more control transport: each message goes to the
     session's controller (validated there) at most Pacer's rate; replies and status go back."""
 
-    def __init__(self, channel, controller: Controller, loop: asyncio.AbstractEventLoop, link=lambda: {}):
+    def __init__(self, channel, controller: Controller, loop: asyncio.AbstractEventLoop, link=lambda: {},
+                 every: float = 1.0):
         self.channel, self.controller, self.loop = channel, controller, loop
+        self.every = every  # the status goes out at least this often (a fleet's client reads its silence)
         self.link = link  # figures of the session's link added to each status (frames lost on the way in)
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.pacer = Pacer()
@@ -181,7 +183,7 @@ class ChannelControl:
         while True:
             self.send({**self.controller.status_message(), **self.link()})
             try:
-                await asyncio.wait_for(self.changed.wait(), 1.0)
+                await asyncio.wait_for(self.changed.wait(), self.every)
             except asyncio.TimeoutError:
                 pass
             self.changed.clear()
@@ -235,8 +237,9 @@ class WebRtcService:
     def __init__(self, slots: list[Slot], *, ice_servers: list[dict] | None = None, make_engine=None,
                  on_change=None, say=None, fps: float = 30.0, session_grace: float = SESSION_GRACE_S,
                  udp_ports: tuple[int, int] | None = None, public_ip: str | None = None, codec: str | None = None,
-                 relay_only: bool = False):
+                 status_every: float = 1.0, relay_only: bool = False):
         self.slots = slots
+        self.status_every = status_every  # the data channel's status, at least this often
         self.session_grace = session_grace
         self.udp_ports, self.public_ip, self.codec = udp_ports, public_ip, codec
         self.ice_servers = list(ice_servers or [])
@@ -314,7 +317,8 @@ class WebRtcService:
 
         return web.Response(status=204, headers={"Accept-Post": "application/sdp"})
 
-    async def _read_offer(self, request):
+    @staticmethod
+    async def read_offer(request):
         """The offer's text, or the response that refuses it (before any session or slot exists)."""
         from aiohttp import web
 
@@ -340,14 +344,19 @@ class WebRtcService:
         return max(1, min(RETRY_AFTER_S, math.ceil(min(waits)))) if waits else RETRY_AFTER_S
 
     async def _whip(self, request):
+        sdp = await self.read_offer(request)
+        if not isinstance(sdp, str):
+            return sdp
+        return await self.open(sdp)
+
+    async def open(self, sdp: str):
+        """A new session answering the offer ``sdp`` (POST /whip, or a fleet front's forwarded
+        offer): the response to give (201 with the answer, 503, 400)."""
         from aiohttp import web
 
         self.loop = asyncio.get_running_loop()
         if self._watch is None:
             self._watch = self.loop.create_task(self._watchdog())
-        sdp = await self._read_offer(request)
-        if not isinstance(sdp, str):
-            return sdp
         slot = next((s for s in self.slots if not s.busy), None)
         if slot is None:
             n = self.max_sessions
@@ -409,7 +418,8 @@ class WebRtcService:
                     session.channel.close()
                 session.channel = ChannelControl(
                     channel, session.controller, self.loop,
-                    lambda: {"frames_lost": frames_lost(session.pc), "frames_stale": session.source.stale})
+                    lambda: {"frames_lost": frames_lost(session.pc), "frames_stale": session.source.stale},
+                    every=self.status_every)
 
         @pc.on("connectionstatechange")
         async def on_state():
@@ -458,9 +468,19 @@ class WebRtcService:
         session = self.sessions.get(request.match_info["id"])
         if session is None or session.ended:
             return web.Response(status=404, text="no such session (it ended): make a new one with POST /whip\n")
-        sdp = await self._read_offer(request)
+        sdp = await self.read_offer(request)
         if not isinstance(sdp, str):
             return sdp
+        return await self.resume(session.id, sdp)
+
+    async def resume(self, sid: str, sdp: str):
+        """The new offer ``sdp`` for session ``sid`` (PATCH /whip/ID, or a fleet front's forwarded
+        one): the response to give (200 with the answer, 404, 409, 503, 400)."""
+        from aiohttp import web
+
+        session = self.sessions.get(sid)
+        if session is None or session.ended:
+            return web.Response(status=404, text="no such session (it ended): make a new one with POST /whip\n")
         if session.input_ended:
             return web.Response(status=409, text="this session's video has ended: make a new one with POST /whip\n")
         try:
@@ -487,18 +507,7 @@ class WebRtcService:
                             headers={"Location": f"/whip/{session.id}", "ETag": f'"{session.id}"'})
 
     async def _studio(self, request):
-        """The studio page (plugin/studio.html): the browser's camera to the engine and back."""
-        from aiohttp import web
-
-        from ..control.api import dock_dir
-
-        folder = dock_dir()
-        page = folder / "studio.html" if folder is not None else None
-        if page is None or not page.is_file():
-            return web.Response(status=404, text="the studio page is not installed (plugin/ is missing)\n")
-        # No Referer: the link may hold the token until the page takes it out (plugin/studio.js).
-        return web.Response(body=page.read_bytes(), content_type="text/html", charset="utf-8",
-                            headers={"Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"})
+        return await studio_page(request)
 
     # -- WHEP ---------------------------------------------------------------------------------
 
@@ -508,7 +517,7 @@ class WebRtcService:
         from aiortc import RTCSessionDescription
 
         self.loop = asyncio.get_running_loop()
-        sdp = await self._read_offer(request)
+        sdp = await self.read_offer(request)
         if not isinstance(sdp, str):
             return sdp
         if len(self.viewers) >= self.max_viewers:
@@ -738,3 +747,19 @@ class WebRtcService:
         # All at once: each waits for its engine's frame in flight, so one after another would add up.
         await asyncio.gather(*(self.end(s, "the engine is stopping") for s in list(self.sessions.values())),
                              *(self.end_viewer(v) for v in list(self.viewers.values())), return_exceptions=True)
+
+
+async def studio_page(request):
+    """The studio page (plugin/studio.html): the browser's camera to the engine and back (served by
+    `serve` and by a fleet front alike)."""
+    from aiohttp import web
+
+    from ..control.api import dock_dir
+
+    folder = dock_dir()
+    page = folder / "studio.html" if folder is not None else None
+    if page is None or not page.is_file():
+        return web.Response(status=404, text="the studio page is not installed (plugin/ is missing)\n")
+    # No Referer: the link may hold the token until the page takes it out (plugin/studio.js).
+    return web.Response(body=page.read_bytes(), content_type="text/html", charset="utf-8",
+                        headers={"Cache-Control": "no-cache", "Referrer-Policy": "no-referrer"})

@@ -1,0 +1,474 @@
+"""`serve --ray`: a fleet of GPU nodes on a real Ray cluster, on this machine.
+
+A real multi-node cluster (tests/fleet_cluster.py: `ray.cluster_utils.Cluster`, a head and two
+worker nodes declaring one GPU each; the engines run the tiny model on the CPU) in a network
+namespace of the test's own (tests/netns.py), where Ray puts every node at 127.0.0.1 and the
+media stays on loopback. The front (`serve --ray ADDRESS`) and the clients (`connect`) are real
+processes in that namespace. One cluster for the module; the tests run in order on it.
+
+Needs Ray (the [fleet] extra); skipped with the reason where it is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+from netns import Netns  # noqa: E402
+from test_remote_network import udp_ports_held  # noqa: E402
+
+WAIT = 240  # generous: the 2-core machine is shared
+TOKEN = "t0ken-for-the-fleet-tests"
+FRONT_PORT = 41300
+ENV = {**os.environ, "LIVE2DIFF_API_TOKEN": TOKEN, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def wait_until(cond, what, timeout=WAIT, log=lambda: ""):
+    t = time.monotonic()
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() - t < timeout, f"waited {timeout} s for {what}\n{log()}"
+        time.sleep(0.3)
+
+
+class Proc:
+    """A process inside the namespace; its stderr and stdout collected line by line."""
+
+    def __init__(self, ns: Netns, *args, stdin=subprocess.DEVNULL):
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.proc = subprocess.Popen(ns.cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=stdin, text=True, env=ENV)
+        threading.Thread(target=lambda: self.err.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
+        if stdin == subprocess.DEVNULL:
+            threading.Thread(target=lambda: self.out.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
+
+    def log(self) -> str:
+        return "".join(self.err[-60:])
+
+    def stop(self, sig=None) -> None:
+        if self.proc.poll() is None:
+            if sig is not None:
+                self.proc.send_signal(sig)
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Cluster:
+    """tests/fleet_cluster.py in the namespace, driven line by line."""
+
+    def __init__(self, ns: Netns):
+        self.p = Proc(ns, sys.executable, str(ROOT / "tests" / "fleet_cluster.py"), stdin=subprocess.PIPE)
+        first = self.p.proc.stdout.readline()
+        assert first, "the cluster did not start\n" + self.p.log()
+        hello = json.loads(first)
+        self.address, self.nodes = hello["address"], hello["nodes"]
+        self.lock = threading.Lock()
+
+    def ask(self, **cmd) -> dict:
+        with self.lock:
+            self.p.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.p.proc.stdin.flush()
+            line = self.p.proc.stdout.readline()
+        assert line, "the cluster helper ended\n" + self.p.log()
+        return json.loads(line)
+
+    def remove(self, node_id: str) -> None:
+        """Kills that node's processes (its index stays taken: None in ``nodes``)."""
+        i = self.nodes.index(node_id)
+        self.ask(op="remove", node=i)
+        self.nodes[i] = None
+
+    def close(self) -> None:
+        if self.p.proc.poll() is None:
+            try:
+                self.ask(op="quit")
+            except (AssertionError, OSError, ValueError):
+                pass
+        self.p.stop()
+
+
+def engine(ns, *args) -> Proc:
+    return Proc(ns, sys.executable, "-m", "live2diff_engine", *args)
+
+
+def front(ns, cluster, *args, port=FRONT_PORT, model=("--model", "tiny")) -> Proc:
+    p = engine(ns, "serve", "--ray", cluster.address, *model, "--api-port", str(port), "--session-grace", "3", *args)
+    wait_until(lambda: any(l.startswith("serving: ") for l in p.err) or p.proc.poll() is not None, "the front to start",
+               log=p.log)
+    assert p.proc.poll() is None, p.log()
+    return p
+
+
+URL = f"http://127.0.0.1:{FRONT_PORT}"
+
+
+def get_json(ns, url, token=TOKEN) -> dict:
+    r = subprocess.run(ns.cmd("curl", "-s", "-m", "30", "-H", f"Authorization: Bearer {token}", url),
+                       capture_output=True, text=True, timeout=60)
+    try:
+        return json.loads(r.stdout)
+    except ValueError:
+        return {}
+
+
+def fleet(ns) -> dict:
+    return get_json(ns, URL + "/api/fleet")
+
+
+_ports = iter(range(41400, 41500))
+
+
+def connect(ns, *args, url=URL) -> tuple[Proc, str]:
+    port = next(_ports)
+    p = engine(ns, "connect", url, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
+               "--sink", "null", "--api-port", str(port), *args)
+    return p, f"http://127.0.0.1:{port}"
+
+
+def flowing(ns, api, more_than=0) -> dict | None:
+    """connect's status once stylised frames come back (more than ``more_than``), else None."""
+    st = get_json(ns, api + "/api/status")
+    return st if st.get("connected") and st.get("frames_out", 0) > more_than else None
+
+
+@pytest.fixture(scope="module")
+def net():
+    pytest.importorskip("ray", reason='needs Ray: pip install "live2diff-engine[fleet]"')
+    try:
+        ns = Netns()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    cluster = None
+    try:
+        cluster = Cluster(ns)
+        yield ns, cluster
+    finally:
+        if cluster is not None:
+            cluster.close()
+        ns.close()
+
+
+def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_ends_or_waits_with_queue_s(net):
+    ns, cluster = net
+    fr = front(ns, cluster)
+    fr2 = None
+    clients = []
+    try:
+        a, api_a = connect(ns)
+        clients.append(a)
+        st_a = wait_until(lambda: flowing(ns, api_a), "the first stream", log=lambda: a.log() + fr.log())
+        b, api_b = connect(ns)
+        clients.append(b)
+        st_b = wait_until(lambda: flowing(ns, api_b), "the second stream", log=lambda: b.log() + fr.log())
+        # connect's status (and `ctl status`) say which node serves each: two different nodes
+        assert st_a["node"] and st_b["node"] and st_a["node"] != st_b["node"], (st_a.get("node"), st_b.get("node"))
+        snap = fleet(ns)
+        assert len(snap["sessions"]) == 2 and len({s["node_id"] for s in snap["sessions"]}) == 2, snap
+        assert snap["gpus"] == 2 and snap["gpus_free"] == 0, snap
+        assert all(n["sessions"] == 1 for n in snap["nodes"]), snap
+        # /metrics (Prometheus text) tells the same: one session on each node, both nodes' GPUs taken
+        r = subprocess.run(ns.cmd("curl", "-s", "-m", "30", "-H", f"Authorization: Bearer {TOKEN}", URL + "/metrics"),
+                           capture_output=True, text=True, timeout=60)
+        for s in snap["sessions"]:
+            assert re.search(r'^live2diff_sessions\{[^}]*node="' + re.escape(s["node"]) + r'"[^}]*\} 1(\.0)?$', r.stdout, re.M), r.stdout
+            assert re.search(r'^live2diff_node_gpus_free\{[^}]*node="' + re.escape(s["node"]) + r'"[^}]*\} 0(\.0)?$', r.stdout, re.M), r.stdout
+        assert st_a["node"] in {s["node"] for s in snap["sessions"]}  # the status's node is the label /metrics uses
+        r = subprocess.run(ns.cmd(sys.executable, "-m", "live2diff_engine", "ctl", "status", "--api", api_a), cwd=ROOT,
+                           capture_output=True, text=True, timeout=WAIT, env=ENV)
+        assert f"node: {st_a['node']}" in r.stdout, r.stdout + r.stderr
+
+        # no GPU free: the front answers 503 with Retry-After; connect says busy and retries
+        r = subprocess.run(ns.cmd("curl", "-s", "-i", "-m", "60", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
+                                  "-H", "Content-Type: application/sdp", "--data-binary", "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n",
+                                  URL + "/whip"),
+                           capture_output=True, text=True, timeout=90)
+        assert r.stdout.startswith("HTTP/1.1 503") and re.search(r"^Retry-After: \d+", r.stdout, re.M | re.I), r.stdout
+        assert "busy: every GPU of the fleet is in use" in r.stdout, r.stdout
+        # what is no offer is refused at the front, before any engine is asked or made
+        r = subprocess.run(ns.cmd("curl", "-s", "-i", "-m", "60", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
+                                  "-H", "Content-Type: application/sdp", "--data-binary", "hello", URL + "/whip"),
+                           capture_output=True, text=True, timeout=90)
+        assert r.stdout.startswith("HTTP/1.1 400") and "not an SDP offer" in r.stdout, r.stdout
+        # a session URL that names no engine, or an engine of another kind of name: 404, one line
+        for bad in ("nothing", "l2d-x.y", "..%2F..%2Fetc"):
+            r = subprocess.run(ns.cmd("curl", "-s", "-i", "-m", "60", "-X", "DELETE", "-H", f"Authorization: Bearer {TOKEN}",
+                                      f"{URL}/whip/{bad}"), capture_output=True, text=True, timeout=90)
+            assert r.stdout.startswith("HTTP/1.1 404"), (bad, r.stdout)
+        # /api/fleet needs the token
+        r = subprocess.run(ns.cmd("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "60", URL + "/api/fleet"),
+                           capture_output=True, text=True, timeout=90)
+        assert r.stdout == "401", r.stdout
+        c, api_c = connect(ns)
+        clients.append(c)
+        wait_until(lambda: any("busy: every GPU" in l and "trying again in" in l for l in c.err), "connect to say busy",
+                   log=c.log)
+        # a second front (both find the engines by name) that waits up to --queue-s for a GPU
+        fr2 = front(ns, cluster, "--queue-s", "600", port=FRONT_PORT + 1)
+        d, api_d = connect(ns, url=f"http://127.0.0.1:{FRONT_PORT + 1}")
+        clients.append(d)
+        time.sleep(8)  # d's offer waits in the front meanwhile (c keeps retrying after its Retry-After)
+        assert not d.err or not any("busy" in l for l in d.err), d.log()
+        a.stop()  # its stream ends: its engine ends and frees its GPU; c or d gets it
+        b.stop()  # and then the other one
+        for p, api in ((c, api_c), (d, api_d)):
+            st = wait_until(lambda: flowing(ns, api), "the third and fourth streams after the first two ended",
+                            log=lambda: p.log() + fr.log() + fr2.log())
+            assert st["node"] in (st_a["node"], st_b["node"]), st["node"]
+        assert not any("busy" in l for l in d.err), d.log()  # with --queue-s it waited instead of being refused
+    finally:
+        for p in clients:
+            p.stop()
+        fr.stop()
+        if fr2 is not None:
+            fr2.stop()
+    # nothing stays: every engine ends with its stream, every GPU is free again
+    wait_until(lambda: (lambda s: s["gpus_free"] == 2 and not s["actors"])(cluster.ask(op="state")),
+               "every engine to end and free its GPU", log=lambda: json.dumps(cluster.ask(op="state")))
+
+
+def no_engines_left(cluster) -> None:
+    wait_until(lambda: (lambda s: s["gpus_free"] == s["gpus"] and not s["actors"])(cluster.ask(op="state")),
+               "every engine to end and free its GPU", log=lambda: json.dumps(cluster.ask(op="state")))
+
+
+def test_a_restarted_front_keeps_the_stream_and_a_vanished_client_is_freed_after_the_grace(net):
+    ns, cluster = net
+    fr = front(ns, cluster)
+    a, api_a = connect(ns)
+    try:
+        wait_until(lambda: flowing(ns, api_a), "the stream", log=lambda: a.log() + fr.log())
+        sid = wait_until(lambda: fleet(ns).get("sessions"), "the session in /api/fleet")[0]["id"]
+        fr.stop()  # the front goes: the stream does not pass through it and goes on
+        before = flowing(ns, api_a)["frames_out"]
+        wait_until(lambda: flowing(ns, api_a, before + 20), "frames to keep coming back without a front",
+                   log=a.log)
+        fr = front(ns, cluster)  # a new front finds the session by its actor's name
+        assert [s["id"] for s in fleet(ns)["sessions"]] == [sid], fleet(ns)
+        assert not any("connection lost" in l or "no word from the fleet node" in l for l in a.err), a.log()
+        a.stop(signal_kill())  # the client vanishes without a word: its session is freed after --session-grace 3
+        wait_until(lambda: fleet(ns).get("sessions") == [], "the session to be freed after the grace", log=fr.log)
+    finally:
+        a.stop()
+        fr.stop()
+    no_engines_left(cluster)
+
+
+def signal_kill():
+    import signal
+
+    return signal.SIGKILL
+
+
+def test_a_lost_node_moves_the_stream_to_another_node_through_the_front(net):
+    ns, cluster = net
+    fr = front(ns, cluster)
+    a, api_a = connect(ns)
+    try:
+        st = wait_until(lambda: flowing(ns, api_a), "the stream", log=lambda: a.log() + fr.log())
+        node_id = fleet(ns)["sessions"][0]["node_id"]
+        cluster.remove(node_id)  # its raylet and workers killed
+        # connect notices the node's silence on the data channel and resumes through the front,
+        # which places it on the other node: a new session there, with a new warmup
+        wait_until(lambda: any("no word from the fleet node serving the session for 1.5 s" in l for l in a.err),
+                   "connect to notice the lost node", log=a.log)
+        wait_until(lambda: any("the fleet node that served this session is gone" in l and "a new warmup" in l
+                               for l in a.err), "connect to say it starts anew on another node", log=a.log)
+        st2 = wait_until(lambda: (lambda s: s if s and s.get("node") not in (None, st["node"]) else None)(
+            flowing(ns, api_a)), "the stream on another node", log=lambda: a.log() + fr.log())
+        assert [s["node_id"] for s in fleet(ns)["sessions"]] != [node_id], fleet(ns)
+        assert st2["node"] != st["node"]
+    finally:
+        a.stop()
+        fr.stop()
+    no_engines_left(cluster)
+    added = cluster.ask(op="add")  # back to two GPU nodes for the tests after this one
+    cluster.nodes.append(added["node_id"])
+
+
+def test_warm_engines_wait_on_every_gpu_serve_a_stream_without_loading_and_a_failed_one_is_replaced(net):
+    ns, cluster = net
+    fr = front(ns, cluster, "--warm-per-gpu", "1")
+    a = None
+    try:
+        def warm_on_both():
+            snap = fleet(ns)
+            nodes = snap.get("nodes") or []
+            return snap if len(nodes) == 2 and all(n["warm_idle"] == 1 for n in nodes) else None
+
+        snap = wait_until(warm_on_both, "a warm engine on each GPU", log=fr.log)
+        assert all(e["warm"] and e["state"] == "idle" for e in snap["engines"]), snap
+        a, api_a = connect(ns)
+        wait_until(lambda: flowing(ns, api_a), "the stream", log=lambda: a.log() + fr.log())
+        engines = fleet(ns)["engines"]
+        busy = [e for e in engines if e["session"] is not None]
+        assert len(busy) == 1 and busy[0]["warm"], engines  # a warm engine took it
+        assert not any("a new engine on node" in l for l in fr.err), fr.log()  # none had to load for it
+        a.stop()
+        wait_until(lambda: (lambda s: s if s and not s["sessions"] and len(s["engines"]) == 2 else None)(warm_on_both()),
+                   "the engine back in the pool, reset", log=fr.log)
+        # reset: its stream's peer connection is closed, no UDP port of it is left open
+        wait_until(lambda: udp_ports_held(busy[0]["pid"]) == set(), "the stream's UDP ports to close")
+        # an engine that fails is replaced by the next top-up
+        victim = busy[0]["engine"]
+        assert cluster.ask(op="kill", name=victim)["killed"] == victim
+        wait_until(warm_on_both, "the failed engine replaced", log=fr.log)
+    finally:
+        if a is not None:
+            a.stop()
+        fr.stop()  # this front's idle warm engines go with it
+    no_engines_left(cluster)
+
+
+def test_a_node_without_the_models_refuses_in_one_line_naming_it_and_the_front_tries_the_next(net):
+    """The full-size model, which no node of this machine has (offline: nothing is downloaded):
+    each node's engine refuses with one line naming the node and `models download`; the front
+    asks every node before it answers, and nothing is left on them."""
+    ns, cluster = net
+    fr = front(ns, cluster, model=())
+    try:
+        c, _api = connect(ns)
+        try:
+            wait_until(lambda: any("no node of the fleet can serve a stream" in l for l in c.err),
+                       "connect to say why no node takes it", log=lambda: c.log() + fr.log())
+        finally:
+            c.stop()
+        refusals = [l for l in fr.err if "cannot load the models" in l]
+        named = {re.search(r"node (127\.0\.0\.1 \(Ray node \w+\)) cannot load", l).group(1) for l in refusals}
+        assert all("live2diff-engine models download" in l for l in refusals), fr.log()
+        assert len(named) == 2, fr.log()  # both nodes were asked, each named (all at 127.0.0.1 in the namespace)
+        line = next(l for l in c.err if "no node of the fleet can serve a stream" in l)
+        assert "models download" in line and "Traceback" not in "".join(c.err), c.log()
+        snap = fleet(ns)
+        assert all(n["refuses"] and "models download" in n["refuses"] for n in snap["nodes"]), snap
+    finally:
+        fr.stop()
+    no_engines_left(cluster)
+
+
+def test_one_box_with_two_gpus_serves_two_streams_on_two_cards(net):
+    """Ray's GPU assignment replaces --device: on a node with two GPUs, each engine gets a card of
+    its own (its CUDA_VISIBLE_DEVICES; here the engines run on the CPU and show the card Ray gave)."""
+    ns, cluster = net
+    for node_id in [n for n in cluster.nodes if n is not None]:  # the one-GPU nodes go: one box with two GPUs is left
+        cluster.remove(node_id)
+    box = cluster.ask(op="add", gpus=2)
+    cluster.nodes.append(box["node_id"])
+    fr = front(ns, cluster)
+    clients = []
+    try:
+        for _ in range(2):
+            p, api = connect(ns)
+            clients.append(p)
+            wait_until(lambda: flowing(ns, api), "a stream", log=lambda: p.log() + fr.log())
+        snap = fleet(ns)
+        assert [n["node_id"] for n in snap["nodes"]] == [box["node_id"]] and snap["nodes"][0]["gpus_free"] == 0, snap
+        busy = [e for e in snap["engines"] if e["session"] is not None]
+        assert sorted(g for e in busy for g in e["gpus"]) == ["0", "1"], busy  # one card each
+    finally:
+        for p in clients:
+            p.stop()
+        fr.stop()
+    no_engines_left(cluster)
+
+
+def test_a_fraction_of_a_gpu_per_stream_packs_two_streams_onto_one_card(net):
+    """--gpus-per-session 0.5: two streams share one card of the two-GPU box (the previous test's),
+    and /api/fleet counts what they hold: 1 of its 2 GPUs free, room for 4 streams."""
+    ns, cluster = net
+    fr = front(ns, cluster, "--gpus-per-session", "0.5")
+    clients = []
+    try:
+        for _ in range(2):
+            p, api = connect(ns)
+            clients.append(p)
+            wait_until(lambda: flowing(ns, api), "a stream", log=lambda: p.log() + fr.log())
+        snap = fleet(ns)
+        busy = [e for e in snap["engines"] if e["session"] is not None]
+        assert len(busy) == 2 and busy[0]["gpus"] == busy[1]["gpus"] and len(busy[0]["gpus"]) == 1, busy
+        node = snap["nodes"][0]
+        assert node["gpus_free"] == 1.0 and node["capacity"] == 4 and node["sessions"] == 2, snap
+    finally:
+        for p in clients:
+            p.stop()
+        fr.stop()
+    no_engines_left(cluster)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--warm-per-gpu", "1"], "--warm-per-gpu places streams on a Ray cluster: give --ray ADDRESS too"),
+    (["--queue-s", "30"], "--queue-s places streams on a Ray cluster: give --ray ADDRESS too"),
+    (["--ray", "auto", "--gpus-per-session", "0"], "--gpus-per-session must be above 0"),
+    (["--ray", "auto", "--warm-per-gpu", "2"], "--warm-per-gpu 2 does not fit"),
+    (["--ray", "auto", "--max-sessions", "2"], "--max-sessions does not apply with --ray"),
+    (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),  # nothing listens on port 1
+    (["--ray", "head-without-port"], "--ray head-without-port: give the head's HOST:PORT"),
+])
+def test_fleet_options_that_cannot_work_are_one_line(args, says):
+    from conftest import run_cli
+
+    r = run_cli("serve", "--model", "tiny", "--api-port", "0", *args, timeout=120)
+    assert r.returncode != 0 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_ray_local_starts_a_one_machine_cluster_and_stopping_the_front_stops_it():
+    """`--ray local`: the front starts Ray on this machine (no GPU here: it says so and /api/fleet
+    has no GPU node) and stops it when it stops; no Ray process of it is left. The module's cluster
+    still runs meanwhile (in another namespace): `local` starts a new one, it never joins that one."""
+    pytest.importorskip("ray", reason='needs Ray: pip install "live2diff-engine[fleet]"')
+    try:
+        ns = Netns()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    try:
+        fr = engine(ns, "serve", "--ray", "local", "--model", "tiny", "--api-port", str(FRONT_PORT))
+        wait_until(lambda: any(l.startswith("serving: ") for l in fr.err) or fr.proc.poll() is not None,
+                   "the front to start", log=fr.log)
+        assert any("the cluster has no GPU yet" in l for l in fr.err), fr.log()
+        snap = fleet(ns)
+        assert snap["nodes"] == [] and snap["sessions"] == [] and snap["gpus"] == 0, snap
+        ray_pids = [p for p in ns_pids(ns) if "raylet" in cmdline(p) or "gcs_server" in cmdline(p)]
+        assert ray_pids, "no Ray process in the namespace"
+        fr.stop()
+        wait_until(lambda: not [p for p in ray_pids if os.path.exists(f"/proc/{p}")], "Ray's processes to end", timeout=60)
+    finally:
+        ns.close()
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def ns_pids(ns: Netns) -> list[int]:
+    """The processes in the test's namespace (the same network namespace as its holder process)."""
+    mine = os.readlink(f"/proc/{ns.proc.pid}/ns/net")
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.readlink(f"/proc/{d}/ns/net") == mine:
+                    out.append(int(d))
+            except OSError:
+                continue
+    return out
