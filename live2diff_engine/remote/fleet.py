@@ -539,21 +539,10 @@ class FrontController:
             fn()
 
     def submit(self, raw, reply=None, *, local: bool = False):
-        from ..control.schema import decode, message_id, reply_message
+        from .idle import status_only
 
-        reply = reply or (lambda msg: None)
-        try:
-            obj = decode(raw)
-        except Exception as exc:
-            reply(reply_message(None, False, str(exc)))
-            return None
-        mid = message_id(obj) if isinstance(obj, dict) else None
-        if isinstance(obj, dict) and obj.get("cmd") == "status":
-            reply(reply_message(mid, True, status=self.status()))
-        else:
-            reply(reply_message(mid, False, "this is a fleet front: commands go to a stream's own engine (its data "
-                                            "channel, or `ctl --api` on the `connect` that sends it)"))
-        return None
+        return status_only(raw, reply, self.status, "this is a fleet front: commands go to a stream's own engine (its "
+                                                    "data channel, or `ctl --api` on the `connect` that sends it)")
 
     def status(self) -> dict:
         from .. import __version__

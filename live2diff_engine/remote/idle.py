@@ -27,21 +27,8 @@ class IdleController:
             fn()
 
     def submit(self, raw, reply=None, *, local: bool = False):  # local: as Controller.submit (quit)
-        from ..control.schema import decode, message_id, reply_message
-
-        reply = reply or (lambda msg: None)
-        try:
-            obj = decode(raw)
-        except Exception as exc:
-            reply(reply_message(None, False, str(exc)))
-            return None
-        mid = message_id(obj) if isinstance(obj, dict) else None
-        if isinstance(obj, dict) and obj.get("cmd") == "status":
-            reply(reply_message(mid, True, status=self.status()))
-        else:
-            reply(reply_message(mid, False, "no stream yet: send one to /whip (`live2diff-engine connect`, the /studio "
-                                            "page or OBS's WHIP output); commands apply to a running stream"))
-        return None
+        return status_only(raw, reply, self.status, "no stream yet: send one to /whip (`live2diff-engine connect`, the "
+                                                    "/studio page or OBS's WHIP output); commands apply to a running stream")
 
     def status(self) -> dict:
         import time
@@ -59,3 +46,22 @@ class IdleController:
         from ..control.schema import status_message
 
         return status_message(self.status())
+
+
+def status_only(raw, reply, status, refusal: str):
+    """A controller with no stream of its own (serve before any session, a fleet front): it answers
+    ``status`` with ``status()`` and every other command with ``refusal``."""
+    from ..control.schema import decode, message_id, reply_message
+
+    reply = reply or (lambda msg: None)
+    try:
+        obj = decode(raw)
+    except Exception as exc:
+        reply(reply_message(None, False, str(exc)))
+        return None
+    mid = message_id(obj) if isinstance(obj, dict) else None
+    if isinstance(obj, dict) and obj.get("cmd") == "status":
+        reply(reply_message(mid, True, status=status()))
+    else:
+        reply(reply_message(mid, False, refusal))
+    return None
