@@ -363,7 +363,7 @@ class Relay:
 
         body = await request.read()
         if request.method in self.refuse:
-            return web.Response(status=405, text=f"405: Method Not Allowed (the relay refuses {request.method})\n")
+            return web.Response(status=405, text=f"Method Not Allowed (the relay refuses {request.method})\n")
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "authorization", "accept")}
         # A new session's offer (POST) and a resumed session's re-offer (PATCH on its URL, a new
         # peer connection with new ports): both must be rewritten, or a resumed session's media
