@@ -11,6 +11,8 @@ peer's candidate at it), and media on loopback only.
   for the newest (newest wins); frames that merely came close together all go on.
 - Latency recovers after a loss burst: judged against the same run's loss-free round trip with a
   generous factor, never against a clock figure.
+- The relay's switches for other tests (tests/test_remote_blips.py): a cut switched on and off,
+  HTTP methods refused with 405 as an older engine would, and the log of the requests answered.
 """
 
 from __future__ import annotations
@@ -184,6 +186,39 @@ def test_the_relay_rewrites_every_candidate_to_itself_and_leaves_the_others_out(
     out = rewrite_candidates(sdp, {("127.0.0.1", 5000): 6000})
     assert "a=candidate:1 1 udp 2130706431 127.0.0.1 6000 typ host" in out
     assert "10.0.0.5" not in out and " tcp " not in out and "a=end-of-candidates" in out
+
+
+def test_a_cut_drops_every_datagram_while_it_is_on_and_counts_it_as_cut():
+    import random
+
+    from live2diff_engine.bench.netfault import Direction
+
+    faults = Faults()
+    way = Direction(faults, random.Random(0), lambda: 1.0)
+    assert way.fate(b"x") == 0.0
+    faults.cut = True
+    assert [way.fate(b"x") for _ in range(3)] == [None] * 3
+    faults.cut = False
+    assert way.fate(b"x") == 0.0
+    assert (way.counts.forwarded, way.counts.cut, way.counts.lost) == (2, 3, 0)
+
+
+def test_the_relay_refuses_the_methods_named_and_logs_every_request_it_answers(server):
+    """``refuse=("PATCH",)``: 405 from the relay itself, as an engine without session resume
+    answers; everything else reaches the engine. Each answer is in ``requests``, in order."""
+    import urllib.error
+    import urllib.request
+
+    with Relay(server.url, refuse=("patch",)) as relay:
+        with urllib.request.urlopen(relay.url + "/api/status", timeout=60) as resp:
+            assert resp.status == 200 and "state" in json.loads(resp.read())
+        request = urllib.request.Request(relay.url + "/whip/nothing", data=b"v=0\r\n", method="PATCH",
+                                         headers={"Content-Type": "application/sdp"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        assert refused.value.code == 405
+        assert relay.requests == [("GET", "/api/status", 200), ("PATCH", "/whip/nothing", 405)]
+        assert "refuses PATCH" in relay.describe()
 
 
 def test_media_goes_through_the_relay_on_loopback_and_a_loss_burst_is_counted_and_recovered_from(server):

@@ -3,7 +3,8 @@ delays, jitters, drops (in bursts), reorders and cuts (outage windows) the datag
 both ways. This kernel has no netem, so the faults are made here.
 
     python -m live2diff_engine.bench.netfault http://127.0.0.1:8765 [--delay-ms 50] [--jitter-ms 10]
-        [--loss 0.05] [--burst 3] [--reorder 0.01] [--outage 30:2.5]   (prints the URL to give connect)
+        [--loss 0.05] [--burst 3] [--reorder 0.01] [--outage 30:2.5] [--refuse PATCH]
+        (prints the URL to give connect, then each request it forwards)
 
 How the media gets into the relay: the relay is also the signalling hop. It is an HTTP proxy in
 front of the engine's API: every request goes through unchanged, except the SDP of a WHIP/WHEP
@@ -14,6 +15,12 @@ so every datagram (ICE checks, DTLS, RTP, RTCP, the data channel) crosses the fa
 a media relay behind a session border controller does, with no TURN or peer change needed. It
 handles peers whose candidates are on 127.0.0.1 (see ``live2diff_engine.remote.ice.LOOPBACK_ENV``):
 the relay forwards only to loopback.
+
+Besides the faults of every datagram (``Faults``), a caller can cut the link at will
+(``faults.cut = True``, then False: a Wi-Fi blip of the length it wants), have the relay answer
+chosen HTTP methods with 405 as an older engine would (``Relay(..., refuse=("PATCH",))``: one
+without session resume), and read what the signalling did (``relay.requests``: the method, path
+and status of every request, in order).
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ class Faults:
     # The share of video frames whose last packet's first transmission is dropped, each way (its
     # retransmission, on the RTX stream, goes through): the loss that only the next frame reveals.
     tails_lost: float = 0.0
+    # Switched on and off by the caller while the link runs (a test, a bench): every datagram both
+    # ways is dropped while it is on, counted as ``cut`` like an outage's.
+    cut: bool = False
     seed: int | None = None
 
     def describe(self) -> str:
@@ -56,6 +66,8 @@ class Faults:
         if self.reorder:
             parts.append(f"reorder {self.reorder * 100:g} %")
         parts += [f"outage {s:g}+{d:g} s" for s, d in self.outages]
+        if self.cut:
+            parts.append("cut")
         parts += [f"video frames {a}-{a + n - 1} lost on the way up" for a, n in self.up_frames_lost if n > 0]
         if self.tails_lost:
             parts.append(f"last packet of {self.tails_lost * 100:g} % of frames lost")
@@ -66,7 +78,7 @@ class Faults:
 class Counts:
     forwarded: int = 0
     lost: int = 0  # dropped by ``loss``
-    cut: int = 0  # dropped in an outage
+    cut: int = 0  # dropped in an outage or while ``Faults.cut`` is on
     reordered: int = 0
 
 
@@ -130,7 +142,7 @@ class Direction:
         if self._lost_frame(data) or self._lost_tail(data):
             self.counts.lost += 1
             return None
-        if now is not None and any(start <= now < start + length for start, length in f.outages):
+        if f.cut or (now is not None and any(start <= now < start + length for start, length in f.outages)):
             self.counts.cut += 1
             return None
         if self._in_burst > 0:
@@ -233,11 +245,17 @@ def rewrite_candidates(sdp: str, to: dict[tuple[str, int], int]) -> str:
 
 class Relay:
     """The HTTP proxy and its UDP links (see the module's note). Runs on its own thread and event
-    loop: ``Relay(upstream, faults).start()`` returns once ``url`` is set; ``close()`` ends it."""
+    loop: ``Relay(upstream, faults).start()`` returns once ``url`` is set; ``close()`` ends it.
+    ``refuse``: HTTP methods answered 405 without reaching the engine (``("PATCH",)``: an engine
+    from before session resume). ``requests``: (method, path, status) of every request answered,
+    in order, refused ones included."""
 
-    def __init__(self, upstream: str, faults: Faults | None = None, host: str = LOOPBACK, port: int = 0):
+    def __init__(self, upstream: str, faults: Faults | None = None, host: str = LOOPBACK, port: int = 0,
+                 refuse: tuple[str, ...] | list[str] = ()):
         self.upstream = upstream.rstrip("/")
         self.faults = faults or Faults()
+        self.refuse = frozenset(m.upper() for m in refuse)
+        self.requests: list[tuple[str, str, int]] = []
         self.rng = random.Random(self.faults.seed)
         self.host, self.port = host, port
         self.links: list[Link] = []
@@ -248,6 +266,11 @@ class Relay:
         self._thread: threading.Thread | None = None
         self._runner = None
         self._error: BaseException | None = None
+
+    def describe(self) -> str:
+        """The link's faults, and the methods refused."""
+        refused = f"; refuses {', '.join(sorted(self.refuse))}" if self.refuse else ""
+        return self.faults.describe() + refused
 
     # -- the clock of the outages --------------------------------------------------------------
 
@@ -330,10 +353,17 @@ class Relay:
         self.url = f"http://{self.host}:{port}"
 
     async def _proxy(self, request):
+        response = await self._forward(request)
+        self.requests.append((request.method, request.path, response.status))
+        return response
+
+    async def _forward(self, request):
         import aiohttp
         from aiohttp import web
 
         body = await request.read()
+        if request.method in self.refuse:
+            return web.Response(status=405, text=f"Method Not Allowed (the relay refuses {request.method})\n")
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "authorization", "accept")}
         # A new session's offer (POST) and a resumed session's re-offer (PATCH on its URL, a new
         # peer connection with new ports): both must be rewritten, or a resumed session's media
@@ -411,7 +441,8 @@ def _ms(text: str) -> float:
 
 
 def add_fault_options(p: argparse.ArgumentParser) -> None:
-    """The link's faults as options (bench-remote and this module's command)."""
+    """The link's faults as options (bench-remote and this module's command); ``--refuse`` is the
+    Relay's ``refuse``."""
     p.add_argument("--delay-ms", type=_ms, default=0.0, help="one-way delay added to every datagram (default 0)")
     p.add_argument("--jitter-ms", type=_ms, default=0.0, help="random extra delay, 0 to this, per datagram (default 0)")
     p.add_argument("--loss", type=_share, default=0.0, help="share of datagrams dropped each way: 0.05 or 5%% (default 0)")
@@ -420,6 +451,9 @@ def add_fault_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outage", type=parse_outage, action="append", default=[], metavar="START:LENGTH",
                    help="cut the link for LENGTH s, START s after its first datagram (repeatable), e.g. 30:2.5")
     p.add_argument("--seed", type=int, default=None, help="random seed of the faults (default: a new one each run)")
+    p.add_argument("--refuse", type=str.upper, action="append", default=[], metavar="METHOD",
+                   help="answer this HTTP method with 405 as an older engine would (repeatable), e.g. PATCH: "
+                        "an engine without session resume")
 
 
 def faults_from(a: argparse.Namespace) -> Faults:
@@ -434,12 +468,18 @@ def main(argv=None) -> int:
     add_fault_options(p)
     a = p.parse_args(argv)
     faults = faults_from(a)
-    relay = Relay(a.upstream, faults, port=a.port).start()
-    print(f"relay: {relay.url} -> {relay.upstream} ({faults.describe()}); give connect {relay.url}", flush=True)
+    relay = Relay(a.upstream, faults, port=a.port, refuse=a.refuse).start()
+    print(f"relay: {relay.url} -> {relay.upstream} ({relay.describe()}); give connect {relay.url}", flush=True)
+    shown, counted = 0, time.monotonic()
     try:
         while True:
-            time.sleep(10)
-            print(f"relay: datagrams {relay.counts()}", flush=True)
+            time.sleep(0.5)
+            for method, path, status in relay.requests[shown:]:
+                print(f"relay: {method} {path} {status}", flush=True)
+                shown += 1
+            if time.monotonic() - counted >= 10:
+                counted = time.monotonic()
+                print(f"relay: datagrams {relay.counts()}", flush=True)
     except KeyboardInterrupt:
         relay.close()
     return 0

@@ -2,7 +2,7 @@
 `run`, on the same synthetic frames, in one run; and frames lost on the way back.
 
     python -m live2diff_engine.bench.remote [--size 512x512] [--fps 10] [--seconds 60] [--model-size 64]
-        [--delay-ms 50] [--jitter-ms 10] [--loss 0.05] [--burst 3] [--reorder 0.01] [--outage 20:2.5]
+        [--delay-ms 50] [--jitter-ms 10] [--loss 0.05] [--burst 3] [--reorder 0.01] [--outage 20:2.5] [--refuse PATCH]
 
 Runs `run` (synthetic source, null sink) for the given time, then `serve` and `connect` (the same
 source and sink) for the same time, each a process of its own with the tiny model, and prints one
@@ -12,7 +12,9 @@ slower than the camera: by design, counted), finished by serve, published by con
 (finished but never published). With link faults (the options of bench/netfault.py), connect
 reaches serve through that relay on 127.0.0.1; the result then also says how the latency went
 second by second: the seconds whose p50 was above the engine's own time + 200 ms, and the
-longest such stretch (the recovery time). The session ends as a user ends it (Ctrl-C to connect): connect
+longest such stretch (the recovery time), and the requests through the relay (after an outage: a
+PATCH that resumed the session, or a new session's POST; ``--refuse PATCH`` plays an engine
+without resume). The session ends as a user ends it (Ctrl-C to connect): connect
 waits, within its bound, for the frames on their way back.
 """
 
@@ -110,14 +112,17 @@ def main(argv=None) -> int:
                 raise SystemExit("".join(slines))
             time.sleep(0.2)
         url = re.search(r"WHIP (\S+)/whip", next(l for l in slines if l.startswith("serving: "))).group(1)
-        relay = Relay(url, faults).start()
-        print(f"link: {faults.describe()} (relay {relay.url})", flush=True)
+        relay = Relay(url, faults, refuse=a.refuse).start()
+        print(f"link: {relay.describe()} (relay {relay.url})", flush=True)
         try:
             remote = _run_for(_cli("connect", relay.url, *common, "--stats", tmp / "connect.json"), a.seconds,
                               tmp / "connect.json", env)
         finally:
             relay.close()
         print(f"datagrams through the relay: {relay.counts()}")
+        # What the signalling did: a resume after an outage is a PATCH, a new session a POST.
+        asked = [f"{m} {s}" for m, _, s in relay.requests]
+        print("requests through the relay: " + ", ".join(f"{asked.count(r)}x {r}" for r in dict.fromkeys(asked)))
         deadline = time.monotonic() + 60
         while not any(" ended: " in l for l in slines) and time.monotonic() < deadline:
             time.sleep(0.2)
