@@ -412,6 +412,70 @@ def test_a_fraction_of_a_gpu_per_stream_packs_two_streams_onto_one_card(net):
     no_engines_left(cluster)
 
 
+def hub_cache_with_the_models(root):
+    """A hub cache (HF_HOME=root) holding what `models download sd15 live2diff midas` fetches, as
+    tiny random-weight models in the real layouts: a node with this cache has the models."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import FIXTURE_A
+    from sd_formats import save_tiny_sd
+
+    from live2diff_engine.depth import build_tiny_depth
+
+    def repo(repo_id):
+        base = root / "hub" / ("models--" + repo_id.replace("/", "--"))
+        (base / "refs").mkdir(parents=True)
+        (base / "refs" / "main").write_text("0" * 40)
+        return base / "snapshots" / ("0" * 40)
+
+    made = root / "made"
+    shutil.copytree(save_tiny_sd(made / "sd", seed=0), repo("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    motion = load_file(str(FIXTURE_A / "live2diff_motion.safetensors"))
+    live2diff = repo("Leoxing/Live2Diff")
+    live2diff.mkdir(parents=True)
+    torch.save({"state_dict": {"module." + k: v for k, v in motion.items()}}, live2diff / "live2diff.ckpt")
+    build_tiny_depth("midas", seed=0, size=64).model.save_pretrained(repo("Intel/dpt-hybrid-midas"))
+    return root
+
+
+def test_a_node_without_the_models_refuses_and_the_front_places_the_stream_on_one_that_has_them(net, tmp_path):
+    """The two-GPU box of the tests before has no models (its hub cache is empty); a node added
+    with a hub cache of its own holding them (tiny random weights in the real layouts) serves the
+    stream. The box has more GPUs free, so the front asks it first: it refuses with one line naming
+    it and `models download`, and the front places the stream on the other node."""
+    ns, cluster = net
+    box = [n for n in cluster.nodes if n is not None]
+    assert len(box) == 1
+    hf = hub_cache_with_the_models(tmp_path / "hf")
+    has = cluster.ask(op="add", env={"HF_HOME": str(hf), "HF_HUB_OFFLINE": "1"})
+    cluster.nodes.append(has["node_id"])
+    fr = front(ns, cluster, model=("--no-lcm-lora", "--width", "64", "--height", "64"))
+    a = None
+    try:
+        a, api_a = connect(ns)
+        st = wait_until(lambda: flowing(ns, api_a), "the stream on the node that has the models",
+                        log=lambda: a.log() + fr.log())
+        assert st["node"] == f"127.0.0.1 (Ray node {has['node_id'][:8]})", (st["node"], fr.log())
+        refusals = [l for l in fr.err if "cannot load the models" in l]
+        assert len(refusals) == 1, fr.log()  # the box, asked first, refused in one line
+        assert f"node 127.0.0.1 (Ray node {box[0][:8]}) cannot load the models" in refusals[0], refusals
+        assert "`live2diff-engine models download`" in refusals[0] and "Traceback" not in fr.log(), fr.log()
+        assert not any("busy" in l or "no node of the fleet" in l for l in a.err), a.log()  # the client never saw it
+        snap = fleet(ns)
+        by_id = {n["node_id"]: n for n in snap["nodes"]}
+        assert "models download" in by_id[box[0]]["refuses"] and by_id[has["node_id"]]["refuses"] is None, snap
+        assert [s["node_id"] for s in snap["sessions"]] == [has["node_id"]], snap
+    finally:
+        if a is not None:
+            a.stop()
+        fr.stop()
+    no_engines_left(cluster)
+
+
 @pytest.mark.parametrize("args, says", [
     (["--warm-per-gpu", "1"], "--warm-per-gpu places streams on a Ray cluster: give --ray ADDRESS too"),
     (["--queue-s", "30"], "--queue-s places streams on a Ray cluster: give --ray ADDRESS too"),
