@@ -7,7 +7,9 @@ node at 127.0.0.1 (/work/shared/notes/ray.md: outside one it advertises the mach
 100 MB object store, no dashboard.
 
 Driven over stdin/stdout, one JSON line each way:
-    {"op": "add", "gpus": N}  -> {"node": INDEX, "node_id": ID}   a node more with N GPUs (default 1)
+    {"op": "add", "gpus": N, "env": {...}} -> {"node": INDEX, "node_id": ID}   a node more with N GPUs
+                              (default 1); its raylet and workers get ``env`` on top of ours (e.g.
+                              an HF_HOME of its own: a node whose hub cache holds the models)
     {"op": "remove", "node": INDEX} -> {"removed": ID}          that node's processes killed
     {"op": "kill", "name": NAME} -> {"killed": NAME or null}   that actor ended (as if it failed)
     {"op": "state"}           -> {"gpus": total, "gpus_free": free, "actors": [names alive]}
@@ -49,7 +51,7 @@ def main() -> int:
             cmd = json.loads(line)
             op = cmd.get("op")
             if op == "add":
-                workers.append(cluster.add_node(**SMALL, num_gpus=cmd.get("gpus", 1)))
+                workers.append(cluster.add_node(**SMALL, num_gpus=cmd.get("gpus", 1), env_vars=cmd.get("env") or None))
                 cluster.wait_for_nodes()
                 say({"node": len(workers) - 1, "node_id": workers[-1].node_id})
             elif op == "remove":

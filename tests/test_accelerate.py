@@ -403,6 +403,26 @@ def test_check_accelerate_options_are_checked_in_one_line():
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
 
 
+def test_a_compile_backend_from_the_environment_compiles_for_real_and_a_bad_one_is_one_line(unet, monkeypatch):
+    """LIVE2DIFF_COMPILE_BACKEND (for checks: the fleet's tests): the stream call is traced by dynamo
+    (the compiler's count of graphs goes up) and run by that backend, giving eager's frames."""
+    from live2diff_engine.pipeline.accelerate import StreamAccelerator, compiled_graphs
+
+    monkeypatch.setenv("LIVE2DIFF_COMPILE_BACKEND", "no-such-backend")
+    with pytest.raises(ConfigError, match=r"^LIVE2DIFF_COMPILE_BACKEND=no-such-backend is no torch.compile backend; "
+                                          r"use one of .*eager.*, or unset it \(inductor\)$"):
+        StreamAccelerator(unet, "compile")
+    monkeypatch.setenv("LIVE2DIFF_COMPILE_BACKEND", "eager")
+    unet = build_mini_unet()  # its own accelerator store: none made by the tests before
+    graphs = compiled_graphs()
+    compiled, pipe = run_stream(unet, "compile", calls=6)
+    assert pipe.accelerator.backend == "eager" and pipe.accelerated == "compile"
+    assert compiled_graphs() == graphs + 1 and len(pipe.accelerator.compile_seconds) == 1
+    monkeypatch.delenv("LIVE2DIFF_COMPILE_BACKEND")
+    eager, _ = run_stream(unet, "off", calls=6)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_the_compile_cache_lives_where_the_readme_says(monkeypatch, tmp_path):
     """README: compiled code is cached in ~/.cache/live2diff/compile (or $LIVE2DIFF_HOME/cache/compile);
     TORCHINDUCTOR_CACHE_DIR overrides. (conftest puts TORCHINDUCTOR_CACHE_DIR back after the test.)"""

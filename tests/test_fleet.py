@@ -30,7 +30,11 @@ from test_remote_network import udp_ports_held  # noqa: E402
 WAIT = 240  # generous: the 2-core machine is shared
 TOKEN = "t0ken-for-the-fleet-tests"
 FRONT_PORT = 41300
-ENV = {**os.environ, "LIVE2DIFF_API_TOKEN": TOKEN, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+# LIVE2DIFF_COMPILE_BACKEND=eager: with --accelerate compile an engine's compile is dynamo's real
+# trace of each call (graphs, guards, the compiler's counters) without inductor's code generation,
+# which takes 3 to 10 minutes of CPU time here (BENCHMARKS.md); only the warm-engine test compiles.
+ENV = {**os.environ, "LIVE2DIFF_API_TOKEN": TOKEN, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+       "LIVE2DIFF_COMPILE_BACKEND": "eager"}
 
 
 def wait_until(cond, what, timeout=WAIT, log=lambda: ""):
@@ -408,6 +412,110 @@ def test_a_fraction_of_a_gpu_per_stream_packs_two_streams_onto_one_card(net):
     finally:
         for p in clients:
             p.stop()
+        fr.stop()
+    no_engines_left(cluster)
+
+
+def hub_cache_with_the_models(root):
+    """A hub cache (HF_HOME=root) holding what `models download sd15 live2diff midas` fetches, as
+    tiny random-weight models in the real layouts: a node with this cache has the models."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import FIXTURE_A
+    from sd_formats import save_tiny_sd
+
+    from live2diff_engine.depth import build_tiny_depth
+
+    def repo(repo_id):
+        base = root / "hub" / ("models--" + repo_id.replace("/", "--"))
+        (base / "refs").mkdir(parents=True)
+        (base / "refs" / "main").write_text("0" * 40)
+        return base / "snapshots" / ("0" * 40)
+
+    made = root / "made"
+    shutil.copytree(save_tiny_sd(made / "sd", seed=0), repo("stable-diffusion-v1-5/stable-diffusion-v1-5"))
+    motion = load_file(str(FIXTURE_A / "live2diff_motion.safetensors"))
+    live2diff = repo("Leoxing/Live2Diff")
+    live2diff.mkdir(parents=True)
+    torch.save({"state_dict": {"module." + k: v for k, v in motion.items()}}, live2diff / "live2diff.ckpt")
+    build_tiny_depth("midas", seed=0, size=64).model.save_pretrained(repo("Intel/dpt-hybrid-midas"))
+    return root
+
+
+def test_a_node_without_the_models_refuses_and_the_front_places_the_stream_on_one_that_has_them(net, tmp_path):
+    """The two-GPU box of the tests before has no models (its hub cache is empty); a node added
+    with a hub cache of its own holding them (tiny random weights in the real layouts) serves the
+    stream. The box has more GPUs free, so the front asks it first: it refuses with one line naming
+    it and `models download`, and the front places the stream on the other node."""
+    ns, cluster = net
+    box = [n for n in cluster.nodes if n is not None]
+    assert len(box) == 1
+    hf = hub_cache_with_the_models(tmp_path / "hf")
+    has = cluster.ask(op="add", env={"HF_HOME": str(hf), "HF_HUB_OFFLINE": "1"})
+    cluster.nodes.append(has["node_id"])
+    fr = front(ns, cluster, model=("--no-lcm-lora", "--width", "64", "--height", "64"))
+    a = None
+    try:
+        a, api_a = connect(ns)
+        st = wait_until(lambda: flowing(ns, api_a), "the stream on the node that has the models",
+                        log=lambda: a.log() + fr.log())
+        assert st["node"] == f"127.0.0.1 (Ray node {has['node_id'][:8]})", (st["node"], fr.log())
+        refusals = [l for l in fr.err if "cannot load the models" in l]
+        assert len(refusals) == 1, fr.log()  # the box, asked first, refused in one line
+        assert f"node 127.0.0.1 (Ray node {box[0][:8]}) cannot load the models" in refusals[0], refusals
+        assert "`live2diff-engine models download`" in refusals[0] and "Traceback" not in fr.log(), fr.log()
+        # placed elsewhere within the one offer: the client never saw the refusal, nor had to try again
+        assert not any("trying again in" in l or "refused" in l for l in a.err), a.log()
+        snap = fleet(ns)
+        by_id = {n["node_id"]: n for n in snap["nodes"]}
+        assert "models download" in by_id[box[0]]["refuses"] and by_id[has["node_id"]]["refuses"] is None, snap
+        assert [s["node_id"] for s in snap["sessions"]] == [has["node_id"]], snap
+    finally:
+        if a is not None:
+            a.stop()
+        fr.stop()
+    no_engines_left(cluster)
+
+
+def test_a_warm_engine_is_compiled_before_it_counts_as_warm_and_a_session_on_it_compiles_nothing(net):
+    """--warm-per-gpu 1 --accelerate compile on one node (the last one the tests before added; the
+    others go, to keep the compiles few): its warm engines show in /api/fleet as idle only once they
+    are loaded and compiled (never idle and uncompiled), and a stream that takes one streams without
+    one compile more: the compiler's own count of the graphs it made in that engine stays as it
+    was. The compile is dynamo's with the eager backend (see ENV)."""
+    ns, cluster = net
+    keep = [n for n in cluster.nodes if n is not None][-1]
+    for node_id in [n for n in cluster.nodes if n is not None and n != keep]:
+        cluster.remove(node_id)
+    fr = front(ns, cluster, "--warm-per-gpu", "1", "--accelerate", "compile")
+    a = None
+    seen = []
+    try:
+        def warm():
+            snap = fleet(ns)
+            engines, nodes = snap.get("engines") or [], snap.get("nodes") or []
+            seen.extend((e["state"], e.get("loaded"), e.get("compiled")) for e in engines)
+            full = nodes and len(engines) == sum(int(n["gpus"]) for n in nodes)
+            return engines if full and all(e["warm"] and e["state"] == "idle" for e in engines) else None
+
+        before = {e["engine"]: e for e in wait_until(warm, "a warm engine on every GPU", log=fr.log)}
+        for e in before.values():
+            assert e["loaded"] and e["compiled"] and e["accelerate"] == "compile", e
+            assert e["compiles"] >= 1 and e["compile_s"] > 0, e  # the stream step (and the VAE) compiled
+        assert all(compiled for state, _, compiled in seen if state == "idle"), seen  # warm only once compiled
+        a, api_a = connect(ns)
+        wait_until(lambda: flowing(ns, api_a, 12), "the stream past its warmup", log=lambda: a.log() + fr.log())
+        busy = [e for e in fleet(ns)["engines"] if e["session"] is not None]
+        assert len(busy) == 1 and busy[0]["engine"] in before, (busy, before)  # a warm engine took it
+        took = before[busy[0]["engine"]]
+        assert busy[0]["compiles"] == took["compiles"] and busy[0]["accelerate"] == "compile", (took, busy[0])
+    finally:
+        if a is not None:
+            a.stop()
         fr.stop()
     no_engines_left(cluster)
 

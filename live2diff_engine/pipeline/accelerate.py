@@ -58,6 +58,37 @@ def resolve_mode(mode: str, device: torch.device | str) -> str:
     return mode
 
 
+# A torch.compile backend other than inductor for every compiled call, for checks: "eager" traces
+# each call with dynamo (a real compile: whole graph, guards, the compiler's counters) but runs the
+# traced graph as it is, in seconds where inductor takes minutes of CPU; "aot_eager" adds autograd's
+# tracing (to tell a dynamo problem from an inductor one). Not for a live stream: nothing is faster.
+BACKEND_ENV = "LIVE2DIFF_COMPILE_BACKEND"
+
+
+def backend_from_env() -> str | None:
+    name = os.environ.get(BACKEND_ENV, "").strip()
+    if not name or name == "inductor":
+        return None
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise ConfigError(f"{BACKEND_ENV}={name} is no torch.compile backend; use one of {', '.join(sorted(known))}, "
+                          f"or unset it (inductor)")
+    return name
+
+
+def compiled_graphs() -> int:
+    """How many graphs the compiler (dynamo) has compiled in this process so far, of every call:
+    a count that only a compile (or a recompile) raises."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return 0
+
+
 def parse_modes(text: str) -> list[str]:
     """``off,compile`` -> ["off", "compile"] (for benchmarks comparing several)."""
     modes = [m.strip() for m in text.split(",") if m.strip()]
@@ -303,7 +334,7 @@ class StreamAccelerator:
         self.requested = mode if (emulate_graphs and mode == "cudagraph") else resolve_mode(mode, unet.device)
         self.mode = self.requested  # the mode in use (lower after a fallback)
         self.say = say or _say
-        self.backend = backend
+        self.backend = backend if backend is not None else backend_from_env()
         self.compile_options = dict(compile_options or {})
         self._compiled = None
         self._signatures: set[tuple] = set()  # shapes compiled so far (a new one compiles once more)

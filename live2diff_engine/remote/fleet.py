@@ -14,8 +14,10 @@ Names: every engine actor on a node is called ``l2d-NODE-K`` with K below the no
 never put more engines on a node than it has room for, and a warm pool is never topped up twice.
 
 Warm engines (--warm-per-gpu N): the front keeps N loaded engines per GPU of every node, idle,
-ahead of any session; an offer goes to an idle warm engine first (its first stylised frame comes
-after the warmup frames only), which gives its slot back reset when the session ends and stays. An
+ahead of any session, compiled too when --accelerate compiles (an engine answers only once its
+models are loaded and its stream step compiled; /api/fleet shows loaded, compiled, compiles). An
+offer goes to an idle warm engine first (its first stylised frame comes after the warmup frames
+only, no load, no compile), which gives its slot back reset when the session ends and stays. An
 engine made for one offer (no warm one was free) ends with its session. A warm engine that dies
 is replaced by the next top-up.
 
@@ -109,6 +111,12 @@ class SessionEngine:
             self.state = "refused"
             return
         self.load_s = time.monotonic() - t0
+        # With --accelerate on, building the frame pipeline compiled the stream step and the VAE's
+        # encode and decode for the stream's shapes (FramePipeline: stream.precompile and
+        # _precompile_vae), the very calls the first frames make: only now does this engine count as
+        # loaded (and warm), and a session that takes it compiles nothing. (A CUDA graph is captured
+        # at a session's first frames: it is bound to that stream's buffers; capturing is no compile.)
+        self.frames = frames
         limit_bitrate(getattr(args, "max_bitrate", None))
         fps = args.fps
 
@@ -182,6 +190,19 @@ class SessionEngine:
         out = {"engine": self.name, "pid": os.getpid(), "node": self.address, "node_id": self.node_id, "warm": self.warm,
                "state": self.state, "gpus": self.gpus, "device": self.device, "refusal": self.refusal,
                "load_s": round(getattr(self, "load_s", 0.0), 3), "session": None}
+        frames = getattr(self, "frames", None)
+        if frames is not None:
+            from ..pipeline.accelerate import compiled_graphs
+
+            accel = frames.stream.accelerator
+            # loaded: its models are in memory; compiled: its stream step is compiled for the
+            # stream's shapes (with --accelerate off there is nothing to compile); compiles: the
+            # graphs the compiler made in this engine so far, which a session on it leaves as it was
+            out.update(loaded=True, accelerate=frames.stream.accelerated,
+                       compiled=frames.stream.accelerated != "off" and bool(accel.compile_seconds),
+                       compiles=compiled_graphs(), compile_s=round(sum(accel.compile_seconds.values()), 3))
+        else:
+            out.update(loaded=False, accelerate=None, compiled=False, compiles=0, compile_s=0.0)
         service = getattr(self, "service", None)
         session = next(iter(service.sessions.values()), None) if service is not None else None
         if session is not None:
@@ -314,7 +335,7 @@ class FleetFront:
             if out[-1] is None:  # still loading its models (its first call waits for that)
                 node_prefix = name[len(PREFIX):].rsplit("-", 1)[0]
                 out[-1] = {"engine": name, "node": None, "node_id": None, "node_prefix": node_prefix, "warm": None,
-                           "state": "loading", "session": None, "refusal": None}
+                           "state": "loading", "session": None, "refusal": None, "loaded": False, "compiled": False}
         return out
 
     def nodes(self, engines: list[dict] | None = None) -> list[dict]:
