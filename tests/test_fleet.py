@@ -50,11 +50,11 @@ def wait_until(cond, what, timeout=WAIT, log=lambda: ""):
 class Proc:
     """A process inside the namespace; its stderr and stdout collected line by line."""
 
-    def __init__(self, ns: Netns, *args, stdin=subprocess.DEVNULL):
+    def __init__(self, ns: Netns, *args, stdin=subprocess.DEVNULL, env=None):
         self.out: list[str] = []
         self.err: list[str] = []
         self.proc = subprocess.Popen(ns.cmd(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=stdin, text=True, env=ENV)
+                                     stdin=stdin, text=True, env={**ENV, **(env or {})})
         threading.Thread(target=lambda: self.err.extend(iter(self.proc.stderr.readline, "")), daemon=True).start()
         if stdin == subprocess.DEVNULL:
             threading.Thread(target=lambda: self.out.extend(iter(self.proc.stdout.readline, "")), daemon=True).start()
@@ -109,12 +109,13 @@ class Cluster:
         self.p.stop()
 
 
-def engine(ns, *args) -> Proc:
-    return Proc(ns, sys.executable, "-m", "live2diff_engine", *args)
+def engine(ns, *args, env=None) -> Proc:
+    return Proc(ns, sys.executable, "-m", "live2diff_engine", *args, env=env)
 
 
-def front(ns, cluster, *args, port=FRONT_PORT, model=("--model", "tiny")) -> Proc:
-    p = engine(ns, "serve", "--ray", cluster.address, *model, "--api-port", str(port), "--session-grace", "3", *args)
+def front(ns, cluster, *args, port=FRONT_PORT, model=("--model", "tiny"), env=None) -> Proc:
+    p = engine(ns, "serve", "--ray", cluster.address, *model, "--api-port", str(port), "--session-grace", "3", *args,
+               env=env)
     wait_until(lambda: any(l.startswith("serving: ") for l in p.err) or p.proc.poll() is not None, "the front to start",
                log=p.log)
     assert p.proc.poll() is None, p.log()
@@ -199,6 +200,26 @@ def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_end
                            capture_output=True, text=True, timeout=WAIT, env=ENV)
         assert f"node: {st_a['node']}" in r.stdout, r.stdout + r.stderr
 
+        # a WHEP viewer through the front: with two streams it names one (their IDs are in /api/fleet);
+        # the front forwards its offer to that stream's engine and the media comes from that node
+        viewer = Proc(ns, sys.executable, str(ROOT / "tests" / "whip_client.py"), URL, "--token", TOKEN,
+                      "--endpoint", "/whep")
+        first = json.loads(wait_until(lambda: viewer.out[:1], "the viewer's answer", log=viewer.log)[0])
+        assert first["status"] == 400 and "name one, POST /whep?session=ID" in first["text"], first
+        watched = snap["sessions"][1]
+        viewer = Proc(ns, sys.executable, str(ROOT / "tests" / "whip_client.py"), URL, "--token", TOKEN,
+                      "--endpoint", f"/whep?session={watched['id']}")
+        clients.append(viewer)
+        first = json.loads(wait_until(lambda: viewer.out[:1], "the viewer's answer", log=viewer.log)[0])
+        actor = watched["id"].split(".")[0]
+        assert first["status"] == 201 and first["location"].startswith(f"/whep/{actor}."), first
+        wait_until(lambda: viewer.out[1:] and json.loads(viewer.out[-1])["received"] > 5, "frames at the viewer",
+                   log=lambda: viewer.log() + fr.log())
+        r = subprocess.run(ns.cmd("curl", "-s", "-i", "-m", "60", "-X", "DELETE", "-H", f"Authorization: Bearer {TOKEN}",
+                                  URL + first["location"]), capture_output=True, text=True, timeout=90)
+        assert r.stdout.startswith("HTTP/1.1 200") and "viewer ended" in r.stdout, r.stdout
+        viewer.stop()
+
         # no GPU free: the front answers 503 with Retry-After; connect says busy and retries
         r = subprocess.run(ns.cmd("curl", "-s", "-i", "-m", "60", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
                                   "-H", "Content-Type: application/sdp", "--data-binary", "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n",
@@ -246,6 +267,55 @@ def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_end
     # nothing stays: every engine ends with its stream, every GPU is free again
     wait_until(lambda: (lambda s: s["gpus_free"] == 2 and not s["actors"])(cluster.ask(op="state")),
                "every engine to end and free its GPU", log=lambda: json.dumps(cluster.ask(op="state")))
+
+
+def test_an_engine_slower_to_load_than_the_front_answers_is_taken_by_the_clients_next_offer(net):
+    """The front answers an offer within 20 s (fleet.ANSWER_S; connect's POST waits 30 s). An
+    engine still loading then (a real model's cold load and compile take minutes; the tiny one's
+    took over 30 s beside CPU hogs) goes on loading; the answer is 503 "starting" with a Retry-After
+    of 2 and a cookie naming it, and the client's next offer (the cookie sent back) takes that
+    engine and makes no other. Here the bound is 0.2 s (LIVE2DIFF_FLEET_ANSWER_S), so every engine
+    is slower than it. Before: connect gave up on its POST, the session made for it held the GPU
+    with nobody streaming to it, and each retry found every GPU in use."""
+    ns, cluster = net
+
+    def post(*cookie):
+        return subprocess.run(ns.cmd("curl", "-s", "-i", "-m", "60", "-X", "POST", "-H", f"Authorization: Bearer {TOKEN}",
+                                     *cookie, "-H", "Content-Type: application/sdp", "--data-binary",
+                                     "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n", URL + "/whip"),
+                              capture_output=True, text=True, timeout=90).stdout
+
+    def starting(out):
+        got = re.search(r"^Set-Cookie: l2d_engine=(l2d-[0-9a-f]+-\d+);[^\r\n]*HttpOnly", out, re.M | re.I)
+        assert out.startswith("HTTP/1.1 503") and re.search(r"^Retry-After: 2\r?$", out, re.M | re.I), out
+        assert "starting: an engine is loading its models on node 127.0.0.1 (Ray node" in out and got, out
+        return got.group(1)
+
+    fr = front(ns, cluster, env={"LIVE2DIFF_FLEET_ANSWER_S": "0.2"})
+    a = None
+    try:
+        made = starting(post())
+        # the same client again, its cookie sent back: that engine, still loading (503 "starting" again,
+        # the same name) or loaded (it answers the offer itself: no SDP it can use, 400); never another
+        again = post("-H", f"Cookie: l2d_engine={made}")
+        assert (again.startswith("HTTP/1.1 503") and starting(again) == made) or (
+            again.startswith("HTTP/1.1 400") and "cannot use this offer" in again), again
+        assert [e["engine"] for e in fleet(ns)["engines"]] == [made], fleet(ns)
+        assert cluster.ask(op="kill", name=made)["killed"] == made  # gone: connect's offer needs an engine of its own
+        wait_until(lambda: fleet(ns).get("engines") == [], "the engine to go", log=fr.log)
+        a, api_a = connect(ns)
+        st = wait_until(lambda: flowing(ns, api_a), "the stream", log=lambda: a.log() + fr.log())
+        said = [l for l in a.err if "starting: an engine is loading its models" in l]
+        assert said and all("trying again in 2 s (the engine's Retry-After)" in l for l in said), a.log()
+        assert not any("busy" in l for l in a.err), a.log()
+        snap = fleet(ns)
+        # its retries took the engine made for its first offer: one engine, though the other node was free
+        assert len(snap["engines"]) == 1 and len(snap["sessions"]) == 1 and snap["sessions"][0]["node"] == st["node"], snap
+    finally:
+        if a is not None:
+            a.stop()
+        fr.stop()
+    no_engines_left(cluster)
 
 
 def no_engines_left(cluster) -> None:

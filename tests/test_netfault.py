@@ -358,6 +358,9 @@ def _connect_through(server, faults: Faults, tmp_path, name: str, frames: int = 
     rows, samples = extra["latency_by_s"], extra["latency_samples"]
     # Every frame counted in a second's row is among the samples (the last second may be open still).
     assert len(samples) >= sum(n for _, _, n in rows), (len(samples), rows)
+    # serve's own time as its status reported it, on the same clock: some while frames came back
+    own = extra["engine_samples"]
+    assert own and all(0 <= t <= samples[-1][0] + 5 and ms >= 0 for t, ms in own), (own, samples[-1:])
     if samples_out is not None:
         samples_out.extend(ms for _, ms in samples)
     return [ms for _, ms, _ in rows], r.stderr, counts
@@ -430,6 +433,21 @@ def test_the_bench_takes_the_p50_over_windows_of_several_seconds():
     over = [s for s, p in sorted(windows.items()) if p > 600]
     assert over == [12, 13, 14] and longest_run(over) == 3
     assert longest_run([1, 2, 5, 6, 7, 9]) == 3 and longest_run([]) == 0
+
+
+def test_each_window_is_judged_against_the_engines_own_time_then():
+    """A window whose capture-to-publish rose with serve's own time (a busy machine) is within the
+    bound of that window; one where only the network's part rose is not."""
+    from live2diff_engine.bench.remote import judge_windows
+
+    windows = [(3, 450.0), (4, 900.0), (5, 1200.0), (6, 900.0)]
+    # serve's reports, twice a second: 300 ms, then 800 ms for 2 s (the machine busy), then 300 ms again
+    own = [[t / 2, 300.0] for t in range(4)] + [[2 + t / 2, 800.0] for t in range(4)] + [[4 + t / 2, 300.0] for t in range(4)]
+    judged = judge_windows(windows, own, 3.0)
+    assert judged == [(3, 450.0, 300.0), (4, 900.0, 800.0), (5, 1200.0, 800.0), (6, 900.0, 300.0)]
+    # window 4 rose with the engine's own time: within; 5 rose more than the engine did; 6 rose alone
+    assert [s for s, p, o in judged if p > o + 200] == [5, 6]
+    assert judge_windows([(3, 450.0)], [], 3.0) == []  # no report from serve in a window: not judged
 
 
 def test_a_frame_whose_last_packet_is_lost_comes_again_before_the_next_frame(server, tmp_path):

@@ -4,8 +4,9 @@ the data channel ``control``.
 
 Used in-process (``WhipClient``) and as a process of its own that a test can kill:
 
-    python whip_client.py URL [--token T] [--fps F] [--size WxH] [--print-answer]   (runs until killed; prints
-    one JSON line per second: {"sent": n, "received": m})
+    python whip_client.py URL [--token T] [--fps F] [--size WxH] [--print-answer] [--endpoint /whep?...]
+    (runs until killed; prints one JSON line per second: {"sent": n, "received": m}; first
+    {"status": s, "location": L}; an endpoint under /whep makes it a receive-only viewer)
 """
 
 from __future__ import annotations
@@ -209,11 +210,13 @@ async def _main() -> int:
     p.add_argument("--fps", type=float, default=10.0)
     p.add_argument("--size", default="64x48")
     p.add_argument("--print-answer", action="store_true", help="print the SDP answer as a JSON line too")
+    p.add_argument("--endpoint", default="/whip")
     a = p.parse_args()
     w, h = (int(v) for v in a.size.split("x"))
-    c = WhipClient(a.url, token=a.token, fps=a.fps, size=(w, h))
+    c = WhipClient(a.url, token=a.token, fps=a.fps, size=(w, h), endpoint=a.endpoint,
+                   direction="recvonly" if a.endpoint.startswith("/whep") else "sendrecv")
     code = await c.start()
-    print(json.dumps({"status": code}), flush=True)
+    print(json.dumps({"status": code, "location": c.location, "text": "" if code == 201 else c.answer_text}), flush=True)
     if a.print_answer:
         print(json.dumps({"answer": c.answer_text}), flush=True)
     if code != 201:

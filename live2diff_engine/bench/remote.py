@@ -12,7 +12,9 @@ slower than the camera: by design, counted), finished by serve, published by con
 (finished but never published). With link faults (the options of bench/netfault.py), connect
 reaches serve through that relay on 127.0.0.1; the result then also says how the latency went
 second by second: the seconds whose p50 was above the engine's own time + 200 ms, and the
-longest such stretch (the recovery time), and the requests through the relay (after an outage: a
+longest such stretch (the recovery time), over 3 s windows too, each also judged against
+serve's own time in that window (the p50 its status reported then: a busy machine slows the
+engine itself for a while, which is no fault of the link), and the requests through the relay (after an outage: a
 PATCH that resumed the session, or a new session's POST; ``--refuse PATCH`` plays an engine
 without resume). The session ends as a user ends it (Ctrl-C to connect): connect
 waits, within its bound, for the frames on their way back.
@@ -45,6 +47,18 @@ def longest_run(seconds: list[int]) -> int:
         run = run + 1 if last is not None and s == last + 1 else 1
         longest, last = max(longest, run), s
     return longest
+
+
+def judge_windows(windows: list[tuple[int, float]], engine_samples: list, window_s: float) -> list[tuple[int, float, float]]:
+    """[(second, window p50 ms, the engine's own ms then)] for each window of ``window_p50s`` in
+    which the remote engine reported its own time (``engine_samples``: [s, ms], the same clock): the
+    median of its reports in that window."""
+    out = []
+    for s, p50 in windows:
+        own = sorted(ms for t, ms in engine_samples if s - window_s <= t < s)
+        if own:
+            out.append((s, p50, own[len(own) // 2]))
+    return out
 
 
 def window_p50s(samples: list, window_s: float, least: int = 5) -> list[tuple[int, float]]:
@@ -176,6 +190,13 @@ def main(argv=None) -> int:
             print(f"over {WINDOW_S:g} s windows (the p50 of every frame in the {WINDOW_S:g} s up to each second): "
                   f"{len(over_w)} of {len(windows)} above the bound; recovery time (the longest such stretch) "
                   f"{longest_run(over_w)} s; highest window p50 {max(p for _, p in windows):.0f} ms")
+            judged = judge_windows(windows, extra.get("engine_samples") or [], WINDOW_S)
+            if judged:
+                over_e = [s for s, p50, own_then in judged if p50 > own_then + 200]
+                worst = max(judged, key=lambda row: row[1] - row[2])
+                print(f"against serve's own time then (its status's p50 in each window + 200 ms): {len(over_e)} of "
+                      f"{len(judged)} windows above; recovery time (the longest such stretch) {longest_run(over_e)} s; "
+                      f"worst window p50 {worst[1]:.0f} ms with serve's own {worst[2]:.0f} ms")
     if served_out is not None:
         sent = extra.get("frames_sent")
         unseen = sent - served_in - served_dropped if sent is not None else None

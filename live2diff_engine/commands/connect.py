@@ -125,6 +125,7 @@ def cmd_connect(args) -> int:
         def remote_status(msg):  # the remote engine's own part of the round trip, in --stats too
             if msg.get("latency_ms") is not None:  # a new session's warmup has none yet: the last one stays
                 engine.stats.extra["remote_latency_ms_p50"] = msg["latency_ms"]
+                timeline.engine(msg["latency_ms"])
             engine.stats.extra.update(remote_frames_out=msg.get("frames_out"), frames_sent=remote.sent,
                                       frames_back=remote.received, frames_lost=remote.frames_lost())
             controller.changed()
@@ -157,7 +158,11 @@ class LatencyTimeline:
     bench sees when latency rose and when it came back (the p50 of the whole run hides both); and
     ``extra["latency_samples"]``, [seconds since the first frame back, ms] for every frame (the last
     ``keep_samples``), so that a bench can take the p50 over a window of several seconds (at a few
-    frames a second, one second's p50 is the median of three)."""
+    frames a second, one second's p50 is the median of three); and ``extra["engine_samples"]``,
+    [seconds since the first frame back, ms] of the remote engine's own time (its receive to its
+    send, the p50 its status reports a few times a second), so that a bench judges each window
+    against what the engine itself took then (a loaded machine's engine is slower for a while, and
+    the network is not to blame for that)."""
 
     def __init__(self, extra: dict, keep: int = 3600, keep_samples: int = 20000):
         self.extra, self.keep, self.keep_samples = extra, keep, keep_samples
@@ -166,6 +171,13 @@ class LatencyTimeline:
         self.values: list[float] = []
         extra["latency_by_s"] = []
         extra["latency_samples"] = []
+        extra["engine_samples"] = []
+
+    def engine(self, ms: float) -> None:
+        if self.t0 is not None:  # before the first frame back there is no window to judge
+            samples = self.extra["engine_samples"]
+            samples.append([round(time.monotonic() - self.t0, 2), ms])
+            del samples[:-self.keep_samples]
 
     def add(self, capture_times) -> None:
         now = time.monotonic()

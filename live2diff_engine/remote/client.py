@@ -140,6 +140,7 @@ class RemotePipeline:
         self.resumed = 0  # sessions resumed on a new connection
         self._stale_pc = None  # a lost connection, closed once the next offer is answered
         self._retry_after: float | None = None  # the last 503's Retry-After
+        self._engine_cookie: str | None = None  # a fleet front's 503 "starting": the engine loading for us (fleet.py)
 
     # -- the engine's side ---------------------------------------------------------------------
 
@@ -280,9 +281,14 @@ class RemotePipeline:
         (_first_error set)."""
         import aiohttp
 
-        async with http.post(self.endpoint, data=offer, headers=self._headers(sdp=True),
+        headers = self._headers(sdp=True)
+        if self._engine_cookie is not None:  # sent back by hand: each try has a session (and a cookie jar) of its own
+            headers["Cookie"] = self._engine_cookie
+        async with http.post(self.endpoint, data=offer, headers=headers,
                              timeout=aiohttp.ClientTimeout(total=30)) as resp:
             text = await resp.text()
+            morsel = resp.cookies.get("l2d_engine")
+            self._engine_cookie = f"l2d_engine={morsel.value}" if resp.status == 503 and morsel is not None else None
             if resp.status == 201:
                 return text, urllib.parse.urljoin(self.endpoint, resp.headers.get("Location", ""))
             line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {resp.status}"

@@ -22,7 +22,13 @@ engine made for one offer (no warm one was free) ends with its session. A warm e
 is replaced by the next top-up.
 
 Admission: no warm engine and no GPU free: 503 with Retry-After (after waiting up to --queue-s
-for the cluster to grow). A node whose engine cannot load the models answers with one line naming
+for the cluster to grow). An engine made for an offer that is not loaded within ANSWER_S (a
+loaded machine, a cold cache) is not waited on: the front answers 503 "starting" with a short
+Retry-After and a cookie naming the engine, the engine goes on loading, and the client's retry
+(which sends the cookie back) takes it and makes no other: no client gives up on a POST while
+its engine is being made, leaving a session nobody streams to, and no client's retries fill the
+cluster with engines made for it. (A real model's cold load and compile take minutes: this is
+the usual path of a cold session, not only a loaded machine's.) A node whose engine cannot load the models answers with one line naming
 the node and the `models download` command; the front tries the next node.
 
 Ray is imported here only, and this module only by `serve --ray`.
@@ -33,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import re
 import threading
 import time
 
@@ -51,6 +59,15 @@ CALL_S = 30.0  # a call on an engine actor (an offer takes a peer connection's s
 STATUS_EVERY_S = 0.5  # a session's status on its data channel at least this often: `connect` reads 1.5 s
 # of silence as its node or engine gone (client.py, NODE_SILENT_S), so a lost node is noticed within 2 s
 REFUSED_S = 60.0  # a node that could not load the models is not asked again for this long
+ANSWER_S = 20.0  # an offer is answered within this (connect's POST waits 30 s, a browser's fetch not much longer):
+# an engine still loading its models then answers 503 "starting" with STARTING_RETRY_S, goes on loading, and the
+# client's next offer takes it (an engine made for an offer waits UNCLAIMED_S for one)
+STARTING_RETRY_S = 2
+ENGINE_COOKIE = "l2d_engine"  # the 503 "starting" names the engine made for that offer; the client's next offer
+# (a browser sends the cookie by itself, `connect` sends it back) takes that engine and makes no other
+
+
+ENGINE_NAME = re.compile(r"l2d-[0-9a-f]{1,12}-[0-9]{1,4}")
 
 
 def session_url_id(actor: str, sid: str) -> str:
@@ -67,8 +84,8 @@ def _response(resp, actor: str) -> tuple[int, dict, str]:
     naming the actor."""
     headers = {k: v for k, v in resp.headers.items() if k in ("Retry-After", "Location", "ETag")}
     if "Location" in headers:
-        sid = headers["Location"].rsplit("/", 1)[-1]
-        headers["Location"] = f"/whip/{session_url_id(actor, sid)}"
+        kind, _, sid = headers["Location"].lstrip("/").partition("/")  # whip/SESSION or whep/VIEWER
+        headers["Location"] = f"/{kind}/{session_url_id(actor, sid)}"
         headers["ETag"] = f'"{session_url_id(actor, sid)}"'
     return resp.status, headers, resp.text or ""
 
@@ -166,6 +183,13 @@ class SessionEngine:
 
     def resume(self, sid: str, sdp: str) -> tuple[int, dict, str]:
         return _response(self._call(self.service.resume(sid, sdp)), self.name)
+
+    def view(self, sdp: str) -> tuple[int, dict, str]:
+        """A WHEP viewer of this engine's stream (the media goes from this node to the viewer)."""
+        return _response(self._call(self.service.view(sdp)), self.name)
+
+    def unview(self, vid: str) -> tuple[int, dict, str]:
+        return _response(self._call(self.service.unview(vid)), self.name)
 
     def delete(self, sid: str) -> tuple[int, dict, str]:
         session = self.service.sessions.get(sid)
@@ -272,6 +296,8 @@ class FleetFront:
         self.gpus_per_session = args.gpus_per_session
         self.warm_per_gpu = args.warm_per_gpu
         self.queue_s = args.queue_s
+        # LIVE2DIFF_FLEET_ANSWER_S: for checks (tests/test_fleet.py), an answer bound every engine's load outlasts
+        self.answer_s = float(os.environ.get("LIVE2DIFF_FLEET_ANSWER_S", ANSWER_S))
         kwargs = dict(namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
         if address == "local":  # always a new cluster of its own: never one another process left running here
             ray.init(address="local", include_dashboard=False, **kwargs)
@@ -428,25 +454,44 @@ class FleetFront:
 
     # -- a new stream -----------------------------------------------------------------------------
 
-    def place(self, sdp: str) -> tuple[int, dict, str]:
-        """The response to a new offer: a warm engine's, else a new engine's on a free GPU, else 503."""
+    def place(self, sdp: str, gone=None, mine: str | None = None) -> tuple[int, dict, str]:
+        """The response to a new offer: a warm engine's, else a new engine's on a free GPU, else 503.
+        ``gone()``: whether the client has closed its connection meanwhile (then no session is made
+        for it; an engine made for it stays idle for its retry). ``mine``: the engine an earlier
+        "starting" answer made for this client (its cookie): taken first, and while it still loads
+        the answer is "starting" again, not one more engine."""
         if not sdp.lstrip().startswith("v=") or "\nm=video" not in sdp:  # no engine is made for what is no offer
             return 400, {}, "cannot use this offer: it is not an SDP offer with video (m=video)\n"
-        deadline = time.monotonic() + self.queue_s
+        start = time.monotonic()
+        deadline, answer_by = start + self.queue_s, start + self.answer_s
+        left = lambda: gone is not None and gone()  # noqa: E731
         while True:
+            if left():  # a queued offer whose client went: nothing to place
+                return 499, {}, "the client closed its connection\n"
             engines = self.engines()
+            own = next((e for e in engines if mine is not None and e["engine"] == mine), None)
+            if own is not None and own["state"] == "loading":
+                node = next((n for n in self.nodes(engines) if own["node_id"] == n["node_id"]
+                             or (own["node_id"] is None and n["node_id"].startswith(own["node_prefix"]))), None)
+                return self._starting(mine, node, None)
             for e in sorted((e for e in engines if e["state"] == "idle" and e["refusal"] is None),
-                            key=lambda e: not e["warm"]):
+                            key=lambda e: (e is not own, not e["warm"])):
+                if left():
+                    return 499, {}, "the client closed its connection\n"
                 got = self._offer(e["engine"], sdp)
                 if got is not None:
                     return got
             for node in self._free_nodes():
-                made = self._create(node, warm=False)
+                made = self._start(node, warm=False)
                 if made is None:
                     continue
-                name, handle = made
-                if not self._wait_ready(name, handle, node):
+                name, handle, box = made
+                if not box["done"].wait(max(0.0, answer_by - time.monotonic())):
+                    return self._starting(name, node, time.monotonic() - start)
+                if not box["ok"]:
                     continue
+                if left():
+                    return 499, {}, "the client closed its connection\n"
                 got = self._offer(name, sdp)
                 if got is not None and got[0] != 201:  # the offer itself was refused: the engine made for it goes
                     self._kill(handle)
@@ -464,9 +509,38 @@ class FleetFront:
                 + (f" (and {len(refused) - 1} more node{'s' if len(refused) > 2 else ''} the same)" if len(refused) > 1 else "")
                 + "\n")
         gpus = sum(n["gpus"] for n in nodes)
+        loading = sum(n["loading"] for n in nodes if n["node_id"] not in refused)
         return 503, {"Retry-After": str(RETRY_AFTER_S)}, (
             f"busy: every GPU of the fleet is in use ({gpus:g} GPU{'s' if gpus != 1 else ''}, "
-            f"{self.gpus_per_session:g} per stream); try again when one ends\n")
+            f"{self.gpus_per_session:g} per stream"
+            + (f"; {loading} engine{'s' if loading != 1 else ''} starting for other streams" if loading else "")
+            + "); try again when one ends\n")
+
+    @staticmethod
+    def _starting(name: str, node: dict | None, waited: float | None) -> tuple[int, dict, str]:
+        """503 "starting": the engine ``name`` is loading for this client; its cookie names it."""
+        so_far = f", {waited:.0f} s so far" if waited is not None else ""
+        where = f" on node {node['node']}" if node is not None else ""
+        cookie = f"{ENGINE_COOKIE}={name}; Path=/whip; Max-Age={int(UNCLAIMED_S)}; HttpOnly; SameSite=Strict"
+        return 503, {"Retry-After": str(STARTING_RETRY_S), "Set-Cookie": cookie}, (
+            f"starting: an engine is loading its models{where} for this stream{so_far}; "
+            f"offer again in {STARTING_RETRY_S} s and it takes the stream\n")
+
+    def _start(self, node: dict, warm: bool):
+        """A new engine on ``node`` (see _create) and a thread waiting for it to load:
+        (name, handle, box), box["done"] set once it is ready or failed, box["ok"] which; or None."""
+        made = self._create(node, warm)
+        if made is None:
+            return None
+        name, handle = made
+        box = {"done": threading.Event(), "ok": False}
+
+        def wait() -> None:
+            box["ok"] = self._wait_ready(name, handle, node)
+            box["done"].set()
+
+        threading.Thread(target=wait, name=f"ready-{name}", daemon=True).start()
+        return name, handle, box
 
     def _offer(self, name: str, sdp: str):
         try:
@@ -474,6 +548,27 @@ class FleetFront:
         except Exception:
             return None
         return None if status == 409 else (status, headers, text)
+
+    def view(self, sdp: str, session: str | None) -> tuple[int, dict, str]:
+        """A WHEP viewer's offer, forwarded to the engine of the stream it watches: ``session`` (an
+        ID of /api/fleet), else the fleet's one stream."""
+        if not sdp.lstrip().startswith("v=") or "\nm=video" not in sdp:
+            return 400, {}, "cannot use this offer: it is not an SDP offer with video (m=video)\n"
+        streams = [e for e in self.engines() if e["session"] is not None]
+        if session is not None:
+            got = split_id(session)
+            streams = [e for e in streams if got is not None and e["engine"] == got[0]]
+            if not streams:
+                return 404, {}, f"no stream {session[:80]!r} on the fleet (GET /api/fleet lists them)\n"
+        elif not streams:
+            return 503, {"Retry-After": str(RETRY_AFTER_S)}, "no stream on the fleet to watch yet; try again later\n"
+        elif len(streams) > 1:
+            return 400, {}, (f"the fleet has {len(streams)} streams: name one, POST /whep?session=ID "
+                             "(GET /api/fleet lists their IDs)\n")
+        try:
+            return ray.get(ray.get_actor(streams[0]["engine"]).view.remote(sdp), timeout=CALL_S + 5)
+        except Exception:
+            return 404, {}, "the stream ended meanwhile\n"
 
     def on_session(self, value: str, method: str, *params) -> tuple[int, dict, str]:
         """PATCH or DELETE on /whip/ACTOR.SESSION, forwarded to that session's engine."""
@@ -501,11 +596,9 @@ class FleetFront:
                 missing = want - node["warm_idle"] - node["loading"]
                 free_slots = int(math.floor(node["gpus_free"] / self.gpus_per_session + 1e-9))
                 for _ in range(max(0, min(missing, free_slots))):
-                    got = self._create(node, warm=True)
-                    if got is None:
+                    if self._start(node, warm=True) is None:
                         break
                     made += 1
-                    threading.Thread(target=self._wait_ready, args=(*got, node), daemon=True).start()
         return made
 
     def _keep_warm(self) -> None:
@@ -582,7 +675,8 @@ class FrontController:
 
 
 def add_front_routes(fleet: FleetFront):
-    """The front's HTTP routes on the API app: WHIP forwarded to the engines, /studio, /api/fleet."""
+    """The front's HTTP routes on the API app: WHIP and WHEP forwarded to the engines, /studio,
+    /api/fleet, /metrics."""
 
     async def blocking(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
@@ -598,7 +692,15 @@ def add_front_routes(fleet: FleetFront):
         sdp = await WebRtcService.read_offer(request)
         if not isinstance(sdp, str):
             return sdp
-        return respond(await blocking(fleet.place, sdp))
+
+        def gone() -> bool:  # read from place's thread: a closed connection only ever stays closed
+            transport = request.transport
+            return transport is None or transport.is_closing()
+
+        mine = request.cookies.get(ENGINE_COOKIE)
+        if mine is not None and not ENGINE_NAME.fullmatch(mine):  # only ever a name the front gave; else ignored
+            mine = None
+        return respond(await blocking(fleet.place, sdp, gone, mine))
 
     async def whip_patch(request):
         sdp = await WebRtcService.read_offer(request)
@@ -615,10 +717,13 @@ def add_front_routes(fleet: FleetFront):
         return web.Response(status=204, headers={"Accept-Post": "application/sdp"})
 
     async def whep(request):
-        from aiohttp import web
+        sdp = await WebRtcService.read_offer(request)
+        if not isinstance(sdp, str):
+            return sdp
+        return respond(await blocking(fleet.view, sdp, request.query.get("session")))
 
-        return web.Response(status=501, text="a fleet front serves no WHEP viewers: watch a stream on the `connect` "
-                                             "that sends it\n")
+    async def whep_delete(request):
+        return respond(await blocking(fleet.on_session, request.match_info["id"], "unview"))
 
     async def fleet_status(request):
         from aiohttp import web
@@ -640,6 +745,8 @@ def add_front_routes(fleet: FleetFront):
         app.router.add_route("OPTIONS", "/whip", options)
         app.router.add_get("/studio", studio_page)
         app.router.add_post("/whep", whep)
+        app.router.add_delete("/whep/{id}", whep_delete)
+        app.router.add_route("OPTIONS", "/whep", options)
         app.router.add_get("/api/fleet", fleet_status)
         app.router.add_get("/metrics", metrics)
 

@@ -513,13 +513,17 @@ class WebRtcService:
 
     async def _whep(self, request):
         """A viewer: the current session's stylised stream, read-only (nothing it sends is read)."""
+        sdp = await self.read_offer(request)
+        if not isinstance(sdp, str):
+            return sdp
+        return await self.view(sdp)
+
+    async def view(self, sdp: str):
+        """A viewer's offer read whole (POST /whep here, or a fleet front's forwarded): the response."""
         from aiohttp import web
         from aiortc import RTCSessionDescription
 
         self.loop = asyncio.get_running_loop()
-        sdp = await self.read_offer(request)
-        if not isinstance(sdp, str):
-            return sdp
         if len(self.viewers) >= self.max_viewers:
             return web.Response(status=503, headers={"Retry-After": str(RETRY_AFTER_S)},
                                 text=f"busy: {self.max_viewers} viewers already watch this engine; try again later\n")
@@ -556,9 +560,12 @@ class WebRtcService:
                             headers={"Location": f"/whep/{vid}", "ETag": f'"{vid}"'})
 
     async def _whep_delete(self, request):
+        return await self.unview(request.match_info["id"])
+
+    async def unview(self, vid: str):
         from aiohttp import web
 
-        viewer = self.viewers.get(request.match_info["id"])
+        viewer = self.viewers.get(vid)
         if viewer is None:
             return web.Response(status=404, text="no such viewer\n")
         await self.end_viewer(viewer)
