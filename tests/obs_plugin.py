@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from conftest import ROOT
+from conftest import ROOT, need
 
 PLUGIN_SRC = ROOT / "plugin" / "live2diff-filter"
 MODULE = "live2diff-filter"
@@ -29,12 +26,7 @@ def build_available() -> str | None:
 
 def require_build() -> None:
     """Skip without a C toolchain and libobs-dev; fail instead when CI=true (CI installs them)."""
-    reason = build_available()
-    if reason is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"building the OBS filter is required on CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    need(build_available())
 
 
 def build(build_dir: Path) -> Path:
