@@ -188,6 +188,11 @@ def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_end
         snap = fleet(ns)
         assert len(snap["sessions"]) == 2 and len({s["node_id"] for s in snap["sessions"]}) == 2, snap
         assert snap["gpus"] == 2 and snap["gpus_free"] == 0, snap
+        # Ray started these engines at niceness 15 (its default for workers; the test's nodes are
+        # started as Ray starts them); as root each engine put every thread of its back to 0
+        for e in snap["engines"]:
+            assert e["niceness_given"] == 15 and e["niceness"] == (0 if os.geteuid() == 0 else 15), e
+            assert threads_niceness(e["pid"]) == ({0} if os.geteuid() == 0 else {15}), (e, threads_niceness(e["pid"]))
         assert all(n["sessions"] == 1 for n in snap["nodes"]), snap
         # /metrics (Prometheus text) tells the same: one session on each node, both nodes' GPUs taken
         r = subprocess.run(ns.cmd("curl", "-s", "-m", "30", "-H", f"Authorization: Bearer {TOKEN}", URL + "/metrics"),
@@ -316,6 +321,43 @@ def test_an_engine_slower_to_load_than_the_front_answers_is_taken_by_the_clients
             a.stop()
         fr.stop()
     no_engines_left(cluster)
+
+
+def threads_niceness(pid: int) -> set[int]:
+    """The niceness of every thread of process ``pid`` (Linux counts it per thread)."""
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add(os.getpriority(os.PRIO_PROCESS, int(tid)))
+        except OSError:  # ended meanwhile
+            pass
+    return out
+
+
+def test_an_engine_started_niced_by_ray_takes_every_thread_back_to_0_where_it_may():
+    """fleet.unnice in a process started at niceness 15 with a thread already running (as a Ray
+    worker is): as root every thread goes back to 0, and threads made after inherit 0; where it
+    may not (an unprivileged user: here a user namespace of the test's, whose root has no
+    CAP_SYS_NICE over the machine) it stays 15 and says so."""
+    pytest.importorskip("ray", reason='needs Ray: pip install "live2diff-engine[fleet]"')
+    code = (
+        "import json, os, threading, time\n"
+        "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+        "from live2diff_engine.remote.fleet import unnice\n"
+        "given, now = unnice()\n"
+        "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+        "tids = os.listdir('/proc/self/task')\n"
+        "print(json.dumps({'given': given, 'now': now, 'threads': len(tids),"
+        " 'niceness': sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in tids})}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cases = [(["nice", "-n", "15"], 0)] if os.geteuid() == 0 else []
+    cases.append((["unshare", "-r", "nice", "-n", "15"], 15))
+    for prefix, expect in cases:
+        r = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        assert got["given"] == 15 and got["now"] == expect and got["niceness"] == [expect] and got["threads"] >= 3, (prefix, got)
 
 
 def no_engines_left(cluster) -> None:

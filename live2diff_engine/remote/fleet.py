@@ -70,6 +70,28 @@ ENGINE_COOKIE = "l2d_engine"  # the 503 "starting" names the engine made for tha
 ENGINE_NAME = re.compile(r"l2d-[0-9a-f]{1,12}-[0-9]{1,4}")
 
 
+def unnice() -> tuple[int, int]:
+    """Ray starts its workers at niceness 15 (RAY_worker_niceness, a setting of each node's
+    raylet), for batch work that should yield. An engine is the opposite: a live stream that
+    anything else on the node (the raylet, a front on the same box, someone's job) would otherwise
+    starve. Back to 0 for every thread of this process where the system allows it (root, or
+    CAP_SYS_NICE; Linux counts niceness per thread, and threads made later inherit it); the nodes
+    should be started with RAY_worker_niceness=0 all the same (README, installers/fleet/).
+    Returns (the niceness Ray gave, the niceness now)."""
+    given = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc (macOS): 0 is the whole process there
+        tids = [0]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) > 0:
+                os.setpriority(os.PRIO_PROCESS, tid, 0)
+        except OSError:  # not allowed (an unprivileged user), or the thread ended meanwhile
+            pass
+    return given, os.getpriority(os.PRIO_PROCESS, 0)
+
+
 def session_url_id(actor: str, sid: str) -> str:
     return f"{actor}.{sid}"
 
@@ -104,6 +126,7 @@ class SessionEngine:
         from .link import limit_bitrate
 
         self.name, self.warm = name, warm
+        self.niceness_given, self.niceness = unnice()  # before any thread of the engine is made: they inherit it
         ctx = ray.get_runtime_context()
         self.node_id = ctx.get_node_id()
         self.address = ray.util.get_node_ip_address()
@@ -160,7 +183,7 @@ class SessionEngine:
     # -- what the front calls -------------------------------------------------------------------
 
     def ready(self) -> dict:
-        return {"ok": self.refusal is None, "why": self.refusal, "node": self.address}
+        return {"ok": self.refusal is None, "why": self.refusal, "node": self.address, "niceness": self.niceness}
 
     def offer(self, sdp: str) -> tuple[int, dict, str]:
         """A new session on this engine, or 409 when it has one (the front tries another)."""
@@ -213,7 +236,8 @@ class SessionEngine:
 
         out = {"engine": self.name, "pid": os.getpid(), "node": self.address, "node_id": self.node_id, "warm": self.warm,
                "state": self.state, "gpus": self.gpus, "device": self.device, "refusal": self.refusal,
-               "load_s": round(getattr(self, "load_s", 0.0), 3), "session": None}
+               "load_s": round(getattr(self, "load_s", 0.0), 3), "session": None,
+               "niceness": self.niceness, "niceness_given": self.niceness_given}
         frames = getattr(self, "frames", None)
         if frames is not None:
             from ..pipeline.accelerate import compiled_graphs
@@ -300,11 +324,13 @@ class FleetFront:
         self.answer_s = float(os.environ.get("LIVE2DIFF_FLEET_ANSWER_S", ANSWER_S))
         kwargs = dict(namespace=NAMESPACE, log_to_driver=False, logging_level=logging.WARNING)
         if address == "local":  # always a new cluster of its own: never one another process left running here
+            os.environ.setdefault("RAY_worker_niceness", "0")  # its raylet's workers: the engines (see unnice)
             ray.init(address="local", include_dashboard=False, **kwargs)
         else:
             ray.init(address=address, **kwargs)
         self.actor_class = ray.remote(SessionEngine)
         self._refused: dict[str, tuple[str, float]] = {}  # node id -> (why its engine could not load the models, when)
+        self._niced: set[str] = set()  # the nodes whose engines run niced (said once each)
         self.stopping = threading.Event()
         self._pool_lock = threading.Lock()
         self._thread = None
@@ -438,6 +464,11 @@ class FleetFront:
             self.say(ok["why"])
             self._kill(handle)
             return False
+        if ok.get("niceness", 0) > 0 and node["node_id"] not in self._niced:
+            self._niced.add(node["node_id"])
+            self.say(f"fleet: the engines on node {node['node']} run at niceness {ok['niceness']} (Ray's default for "
+                     f"its workers; they cannot change it there): anything else on that node takes the CPU before "
+                     f"their streams. Start Ray there with RAY_worker_niceness=0 (`RAY_worker_niceness=0 ray start ...`)")
         return True
 
     @staticmethod
