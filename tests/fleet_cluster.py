@@ -33,6 +33,11 @@ def main() -> int:
     # notices, e.g. "Raylet is terminated" when a node is removed) goes to stderr instead.
     answers = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    # Every node as the README starts them: Ray's workers (the engines) at niceness 0, not its
+    # default 15, under which an engine beside two CPU hogs took minutes to load (fleet.unnice:
+    # inside the test's user namespace an engine cannot lower it itself). A node added with
+    # {"env": {"RAY_worker_niceness": "15"}} gets Ray's default.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
     from ray.cluster_utils import Cluster
 
