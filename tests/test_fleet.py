@@ -29,7 +29,10 @@ from test_remote_network import udp_ports_held  # noqa: E402
 
 WAIT = 240  # generous: the 2-core machine is shared
 TOKEN = "t0ken-for-the-fleet-tests"
-FRONT_PORT = 41300
+# Fixed ports below the kernel's ephemeral range (32768-60999 here): inside the namespace Ray's
+# processes hold many connections, and a fixed port in that range was once some connection's own
+# local port ("address already in use" for a connect's API). Ray's worker ports are 10002-19999.
+FRONT_PORT = 30300
 # LIVE2DIFF_COMPILE_BACKEND=eager: with --accelerate compile an engine's compile is dynamo's real
 # trace of each call (graphs, guards, the compiler's counters) without inductor's code generation,
 # which takes 3 to 10 minutes of CPU time here (BENCHMARKS.md); only the warm-engine test compiles.
@@ -138,7 +141,7 @@ def fleet(ns) -> dict:
     return get_json(ns, URL + "/api/fleet")
 
 
-_ports = iter(range(41400, 41500))
+_ports = iter(range(30400, 30500))
 
 
 def connect(ns, *args, url=URL) -> tuple[Proc, str]:
