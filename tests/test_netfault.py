@@ -448,6 +448,8 @@ def test_each_window_is_judged_against_the_engines_own_time_then():
     # window 4 rose with the engine's own time: within; 5 rose more than the engine did; 6 rose alone
     assert [s for s, p, o in judged if p > o + 200] == [5, 6]
     assert judge_windows([(3, 450.0)], [], 3.0) == []  # no report from serve in a window: not judged
+    # the first report at 1 s (before it, the warmup): the window over 0-3 s is not judged, 1-4 s is
+    assert [s for s, _, _ in judge_windows([(3, 450.0), (4, 450.0)], [[1.0, 300.0], [2.0, 300.0]], 3.0)] == [4]
 
 
 def test_a_frame_whose_last_packet_is_lost_comes_again_before_the_next_frame(server, tmp_path):

@@ -51,10 +51,15 @@ def longest_run(seconds: list[int]) -> int:
 
 def judge_windows(windows: list[tuple[int, float]], engine_samples: list, window_s: float) -> list[tuple[int, float, float]]:
     """[(second, window p50 ms, the engine's own ms then)] for each window of ``window_p50s`` in
-    which the remote engine reported its own time (``engine_samples``: [s, ms], the same clock): the
-    median of its reports in that window."""
+    which the remote engine reported its own time (``engine_samples``: [s, ms], the same clock,
+    reported once it streams): the median of its reports in that window. A window that begins
+    before the first report holds the warmup's frames (they go straight out, no loss burst to
+    recover from): not judged."""
     out = []
+    first = engine_samples[0][0] if engine_samples else None
     for s, p50 in windows:
+        if first is None or s - window_s < first:
+            continue
         own = sorted(ms for t, ms in engine_samples if s - window_s <= t < s)
         if own:
             out.append((s, p50, own[len(own) // 2]))

@@ -125,7 +125,8 @@ def cmd_connect(args) -> int:
         def remote_status(msg):  # the remote engine's own part of the round trip, in --stats too
             if msg.get("latency_ms") is not None:  # a new session's warmup has none yet: the last one stays
                 engine.stats.extra["remote_latency_ms_p50"] = msg["latency_ms"]
-                timeline.engine(msg["latency_ms"])
+                if msg.get("state") == "streaming":  # a warmup's frames go straight out: not the engine's time
+                    timeline.engine(msg["latency_ms"])
             engine.stats.extra.update(remote_frames_out=msg.get("frames_out"), frames_sent=remote.sent,
                                       frames_back=remote.received, frames_lost=remote.frames_lost())
             controller.changed()
@@ -160,7 +161,7 @@ class LatencyTimeline:
     ``keep_samples``), so that a bench can take the p50 over a window of several seconds (at a few
     frames a second, one second's p50 is the median of three); and ``extra["engine_samples"]``,
     [seconds since the first frame back, ms] of the remote engine's own time (its receive to its
-    send, the p50 its status reports a few times a second), so that a bench judges each window
+    send, the p50 its status reports a few times a second, once it streams: not in its warmup), so that a bench judges each window
     against what the engine itself took then (a loaded machine's engine is slower for a while, and
     the network is not to blame for that)."""
 
