@@ -28,8 +28,15 @@ Retry-After and a cookie naming the engine, the engine goes on loading, and the 
 (which sends the cookie back) takes it and makes no other: no client gives up on a POST while
 its engine is being made, leaving a session nobody streams to, and no client's retries fill the
 cluster with engines made for it. (A real model's cold load and compile take minutes: this is
-the usual path of a cold session, not only a loaded machine's.) A node whose engine cannot load the models answers with one line naming
-the node and the `models download` command; the front tries the next node.
+the usual path of a cold session, not only a loaded machine's.) A node whose engine cannot load
+the models answers with one line naming the node and the `models download` command; the front
+tries the next node.
+
+WHEP: a viewer's offer (POST /whep?session=ID, or plain /whep when the fleet has one stream) goes
+to that stream's engine; the video goes from its node to the viewer.
+
+Niceness: Ray starts its workers at niceness 15; an engine lowers every thread of its own to 0
+where it may (``unnice``), and the nodes should run RAY_worker_niceness=0 (README).
 
 Ray is imported here only, and this module only by `serve --ray`.
 """
