@@ -14,9 +14,9 @@ reaches serve through that relay on 127.0.0.1; the result then also says how the
 second by second: the seconds whose p50 was above the engine's own time + 200 ms, and the
 longest such stretch (the recovery time), over 3 s windows too, each also judged against
 serve's own time in that window (the p50 its status reported then: a busy machine slows the
-engine itself for a while, which is no fault of the link), and the requests through the relay (after an outage: a
-PATCH that resumed the session, or a new session's POST; ``--refuse PATCH`` plays an engine
-without resume). The session ends as a user ends it (Ctrl-C to connect): connect
+engine itself for a while, which is no fault of the link), and the requests through the relay
+(after an outage: a PATCH that resumed the session, or a new session's POST; ``--refuse
+PATCH`` plays an engine without resume). The session ends as a user ends it (Ctrl-C to connect): connect
 waits, within its bound, for the frames on their way back.
 """
 

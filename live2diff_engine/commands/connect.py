@@ -161,8 +161,8 @@ class LatencyTimeline:
     ``keep_samples``), so that a bench can take the p50 over a window of several seconds (at a few
     frames a second, one second's p50 is the median of three); and ``extra["engine_samples"]``,
     [seconds since the first frame back, ms] of the remote engine's own time (its receive to its
-    send, the p50 its status reports a few times a second, once it streams: not in its warmup), so that a bench judges each window
-    against what the engine itself took then (a loaded machine's engine is slower for a while, and
+    send, the p50 its status reports a few times a second, once it streams: not in its warmup),
+    so that a bench judges each window against what the engine itself took then (a loaded machine's engine is slower for a while, and
     the network is not to blame for that)."""
 
     def __init__(self, extra: dict, keep: int = 3600, keep_samples: int = 20000):
