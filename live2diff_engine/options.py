@@ -317,5 +317,9 @@ def add_link_args(group) -> None:
     group.add_argument("--max-bitrate", type=int, metavar="KBPS", default=None,
                        help="cap the video this side sends at KBPS kilobits per second (default: aiortc's own, up to "
                        "1500 for VP8, 3000 for H.264)")
+    group.add_argument("--redundancy", choices=("auto", "on", "off"), default="auto",
+                       help="send each media packet twice, so a lost one needs no retransmission round trip: "
+                       "auto (default) while the other side reports loss (from 2 %% on, until a minute without "
+                       "any), on always, off never. Doubles the bitrate while on")
     group.add_argument("--codec", choices=("vp8", "h264"), default=None,
                        help="the video codec to use (default: what both ends have, VP8 first)")

@@ -379,7 +379,8 @@
     const n = (v, d) => (typeof v === 'number' && isFinite(v) ? v.toFixed(d) : '\u2013');
     return 'Link: ' + (l.type || '\u2013') + ' \u00b7 RTT ' + n(l.rtt_ms, 0) + ' ms \u00b7 loss ' + n(l.loss_pct, 1) +
       '% in, ' + n(l.loss_out_pct, 1) + '% out \u00b7 jitter ' + n(l.jitter_ms, 0) + ' ms \u00b7 ' + n(l.bitrate_kbps, 0) +
-      ' kbps out, ' + n(l.bitrate_in_kbps, 0) + ' in \u00b7 ' + (l.codec || '\u2013');
+      ' kbps out, ' + n(l.bitrate_in_kbps, 0) + ' in \u00b7 ' + (l.codec || '\u2013') +
+      (l.redundancy === 'on' ? ' \u00b7 packets sent twice' : '');
   }
 
   function render(s) {

@@ -34,9 +34,10 @@ def pattern(i: int, size) -> np.ndarray:
 
 class WhipClient:
     def __init__(self, url: str, *, token: str | None = None, fps: float = 10.0, size=(64, 48), frames: int | None = None,
-                 direction: str = "sendrecv", endpoint: str = "/whip"):
+                 direction: str = "sendrecv", endpoint: str = "/whip", grain: bool = False):
         self.url, self.token, self.fps, self.size, self.limit = url.rstrip("/"), token, fps, size, frames
         self.direction, self.endpoint = direction, endpoint
+        self.grain = grain  # noise on every frame: frames of many packets (the pattern alone is one or two)
         self.sent = 0
         self.sent_at: dict[int, float] = {}  # frame index -> when it went to the encoder
         self.received: list[tuple[int, tuple[int, int], float]] = []  # (pts, (w, h), monotonic time)
@@ -85,7 +86,10 @@ class WhipClient:
                 wait = due - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                frame = av.VideoFrame.from_ndarray(pattern(self.i, client.size), format="rgb24")
+                image = pattern(self.i, client.size)
+                if client.grain:
+                    image = image ^ np.random.default_rng(self.i).integers(0, 64, image.shape, dtype=np.uint8)
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
                 frame.pts = self.i * PERIOD
                 frame.time_base = fractions.Fraction(1, CLOCK)
                 client.sent_at[self.i] = time.monotonic()

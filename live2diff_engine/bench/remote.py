@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=60.0, help="measured time per path (default 60)")
     p.add_argument("--model-size", type=int, default=64, help="the tiny model's width and height (default 64)")
     p.add_argument("--remote-only", action="store_true", help="only connect + serve (e.g. a long session for lost frames)")
+    p.add_argument("--redundancy", choices=("auto", "on", "off"), default="auto",
+                   help="serve's and connect's --redundancy (default auto: each packet twice while loss is reported)")
     add_fault_options(p)
     a = p.parse_args(argv)
     faults = faults_from(a)
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     if not a.remote_only:
         local = _run_for(_cli("run", *model, *common, "--fresh", "--stats", tmp / "run.json"), a.seconds, tmp / "run.json", env)
 
-    serve = subprocess.Popen(_cli("serve", *model, "--api-port", 0, "--fps", a.fps), stderr=subprocess.PIPE,
+    serve = subprocess.Popen(_cli("serve", *model, "--api-port", 0, "--fps", a.fps, "--redundancy", a.redundancy), stderr=subprocess.PIPE,
                              stdout=subprocess.DEVNULL, text=True, env=env)
     slines: list[str] = []
     threading.Thread(target=lambda: slines.extend(iter(serve.stderr.readline, "")), daemon=True).start()
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
         relay = Relay(url, faults, refuse=a.refuse).start()
         print(f"link: {relay.describe()} (relay {relay.url})", flush=True)
         try:
-            remote = _run_for(_cli("connect", relay.url, *common, "--stats", tmp / "connect.json"), a.seconds,
+            remote = _run_for(_cli("connect", relay.url, *common, "--redundancy", a.redundancy, "--stats", tmp / "connect.json"), a.seconds,
                               tmp / "connect.json", env)
         finally:
             relay.close()

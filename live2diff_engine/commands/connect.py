@@ -39,6 +39,7 @@ def cmd_connect(args) -> int:
     from ..remote.client import ForwardingController, RemotePipeline
     from ..remote.ice import check_relay_only, ice_servers_from
     from ..remote.link import limit_bitrate
+    from ..remote.redundancy import set_redundancy
     from ..engine import Engine
     from ..io.sinks import SinkUnavailable, no_signal_card, parse_sink
     from ..io.sources import open_at_start, parse_source
@@ -50,6 +51,7 @@ def cmd_connect(args) -> int:
     ice = ice_servers_from(args.ice_server, os.environ, say)
     check_relay_only(ice, args.ice_relay_only)
     limit_bitrate(args.max_bitrate)
+    set_redundancy(args.redundancy)
     token = args.token or os.environ.get("LIVE2DIFF_API_TOKEN") or None
     if args.token:
         say("warning: --token is visible to every user of this machine in the process list; "

@@ -107,9 +107,11 @@ def cmd_serve(args) -> int:
     from ..engine import Engine
     from ..remote.idle import IdleController
     from ..remote.link import limit_bitrate
+    from ..remote.redundancy import set_redundancy
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     limit_bitrate(args.max_bitrate)
+    set_redundancy(args.redundancy)
     warn_secrets_on_command_line(args, say)
     settings = control_settings(args)
     if settings["api"] is None:

@@ -131,6 +131,7 @@ class SessionEngine:
         from ..engine import Engine
         from ..errors import UserError
         from .link import limit_bitrate
+        from .redundancy import set_redundancy
 
         self.name, self.warm = name, warm
         self.niceness_given, self.niceness = unnice()  # before any thread of the engine is made: they inherit it
@@ -165,6 +166,7 @@ class SessionEngine:
         # at a session's first frames: it is bound to that stream's buffers; capturing is no compile.)
         self.frames = frames
         limit_bitrate(getattr(args, "max_bitrate", None))
+        set_redundancy(getattr(args, "redundancy", None))
         fps = args.fps
 
         def make_engine(session, pipeline, sinks):

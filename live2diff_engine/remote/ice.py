@@ -101,9 +101,11 @@ def rtc_configuration(ice_servers: list[dict], relay_only: bool = False):
     from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy
 
     from .media import install_prompt_jitter_buffer, install_shared_rtp_clock
+    from .redundancy import install_redundant_sending
 
     install_prompt_jitter_buffer()
     install_shared_rtp_clock()
+    install_redundant_sending()
     if os.environ.get(LOOPBACK_ENV, "") not in ("", "0"):
         use_loopback_candidates()
 

@@ -109,6 +109,8 @@ class LinkStats:
     jitter_ms   interarrival jitter of what this side receives
     bitrate_kbps / bitrate_in_kbps   video sent / everything received, since the last sample
     codec       the video codec in use
+    redundancy  "on" while this side sends each packet twice (--redundancy), else "off"
+    nacked      packets this side has asked the peer to send again (lost on the way here)
     """
 
     def __init__(self):
@@ -156,6 +158,10 @@ class LinkStats:
         desc = pc.remoteDescription if pc.remoteDescription is not None and pc.remoteDescription.type == "answer" \
             else pc.localDescription
         figures["codec"] = negotiated_codec(desc.sdp if desc is not None else None)
+        from .redundancy import nacked, state
+
+        figures["redundancy"] = state(pc)
+        figures["nacked"] = nacked(pc)
         self.current = figures
         return figures
 
@@ -172,4 +178,5 @@ def describe(link: dict | None) -> str:
 
     return (f"link {link.get('type') or '-'}, rtt {n('rtt_ms', '{:.0f}')} ms, loss {n('loss_pct', '{:.1f}')}%"
             f" in/{n('loss_out_pct', '{:.1f}')}% out, jitter {n('jitter_ms', '{:.0f}')} ms, "
-            f"{n('bitrate_kbps', '{:.0f}')}/{n('bitrate_in_kbps', '{:.0f}')} kbps up/down, {link.get('codec') or '-'}")
+            f"{n('bitrate_kbps', '{:.0f}')}/{n('bitrate_in_kbps', '{:.0f}')} kbps up/down, {link.get('codec') or '-'}"
+            + (", packets sent twice" if link.get("redundancy") == "on" else ""))
