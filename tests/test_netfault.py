@@ -526,6 +526,7 @@ def test_while_loss_is_reported_each_packet_goes_twice_and_spares_the_retransmis
         phases = asyncio.run(go())
     finally:
         relay.close()
+    print("per phase:", phases)
     off, on = phases["off"], phases["on"]
     assert off["my_copies"] == 0 and on["my_copies"] > 100, phases
     assert off["up_lost"] >= 20 and on["up_lost"] >= 20 and off["down_lost"] >= 20, phases

@@ -6,8 +6,8 @@ link that loses a few % of its packets most frames at a few hundred kbps are sev
 long, so a third or more of them wait that round trip each way, and the stream's latency rises by
 a round trip whenever a run of frames is hit. aiortc has no forward error correction (no ULPFEC,
 FlexFEC or RED for video); the simplest code that repairs a loss without a round trip is
-repetition: each packet goes twice, the copy a few milliseconds after the original so that a short
-burst does not take both. At 5 % loss then a packet is lost only when both copies are (0.25 %),
+repetition: each packet goes twice, its copy right after the next original (the last packet's
+COPY_AFTER_S after it), so that a burst of two datagrams does not take both. At 5 % loss then a packet is lost only when both copies are (0.25 %),
 and a retransmission is needed for about one frame in a hundred instead of one in three.
 
 The receiver needs nothing: a copy is the same SRTP packet (same sequence number and index), and
@@ -36,7 +36,7 @@ ON_AT = 0.02
 HOLD_S = 60.0
 FUTILE_AT = 0.05
 FUTILE_S = 10.0
-COPY_AFTER_S = 0.004  # the copy's delay after its original: past a burst of a few ms
+COPY_AFTER_S = 0.004  # the copy of the last packet sent goes this long after it (others: after the next one)
 NACK_WAIT_S = 0.015  # a receiver's wait before it asks for a missing packet: its copy may be on the way
 
 _mode = "auto"
@@ -110,6 +110,14 @@ def state(pc) -> str | None:
     return None
 
 
+async def _copy(ice, data: bytes, policy: Redundancy) -> None:
+    try:
+        await ice._send(data)
+        policy.copies += 1
+    except Exception:  # the connection went meanwhile: a copy is only a copy
+        pass
+
+
 def nacked(pc) -> int:
     """Packets this peer connection's receivers asked the peer to send again (NACK), so far, each
     counted once however often it was asked: what the copies spare shows here."""
@@ -148,16 +156,19 @@ def install_redundant_sending() -> None:
         await ice._send(data)
         self._RTCDtlsTransport__tx_bytes += len(data)
         self._RTCDtlsTransport__tx_packets += 1
-        policy.copies += 1
-
-        async def copy():
-            try:
-                await ice._send(data)
-            except Exception:  # the connection went meanwhile: the copy is only a copy
-                pass
-
+        # The previous packet's copy goes right after this original (o1 o2 c1 o3 c2 ...): it is
+        # there before the receiver's NACK wait is out however late this loop runs, and a burst
+        # of two datagrams takes one copy of each. The last one's copy goes COPY_AFTER_S later.
+        previous, self._l2d_pending = self.__dict__.get("_l2d_pending"), data
+        if previous is not None:
+            await _copy(ice, previous, policy)
         loop = asyncio.get_running_loop()
-        loop.call_later(COPY_AFTER_S, lambda: loop.create_task(copy()))
+        loop.call_later(COPY_AFTER_S, lambda: loop.create_task(flush(self, data)))
+
+    async def flush(transport, data):
+        if transport.__dict__.get("_l2d_pending") is data:
+            transport._l2d_pending = None
+            await _copy(transport.transport, data, of(transport))
 
     send_nack = rtcrtpreceiver.RTCRtpReceiver._send_rtcp_nack
 
