@@ -281,14 +281,16 @@ class RemotePipeline:
         (_first_error set)."""
         import aiohttp
 
+        from .server import ENGINE_COOKIE
+
         headers = self._headers(sdp=True)
         if self._engine_cookie is not None:  # sent back by hand: each try has a session (and a cookie jar) of its own
             headers["Cookie"] = self._engine_cookie
         async with http.post(self.endpoint, data=offer, headers=headers,
                              timeout=aiohttp.ClientTimeout(total=30)) as resp:
             text = await resp.text()
-            morsel = resp.cookies.get("l2d_engine")
-            self._engine_cookie = f"l2d_engine={morsel.value}" if resp.status == 503 and morsel is not None else None
+            morsel = resp.cookies.get(ENGINE_COOKIE)
+            self._engine_cookie = f"{ENGINE_COOKIE}={morsel.value}" if resp.status == 503 and morsel is not None else None
             if resp.status == 201:
                 return text, urllib.parse.urljoin(self.endpoint, resp.headers.get("Location", ""))
             line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {resp.status}"

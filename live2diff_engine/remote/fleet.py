@@ -53,7 +53,7 @@ import time
 
 import ray
 
-from .server import RETRY_AFTER_S, Slot, WebRtcService, studio_page
+from .server import ENGINE_COOKIE, RETRY_AFTER_S, Slot, WebRtcService, studio_page
 
 log = logging.getLogger("live2diff.fleet")
 
@@ -70,8 +70,6 @@ ANSWER_S = 20.0  # an offer is answered within this (connect's POST waits 30 s, 
 # an engine still loading its models then answers 503 "starting" with STARTING_RETRY_S, goes on loading, and the
 # client's next offer takes it (an engine made for an offer waits UNCLAIMED_S for one)
 STARTING_RETRY_S = 2
-ENGINE_COOKIE = "l2d_engine"  # the 503 "starting" names the engine made for that offer; the client's next offer
-# (a browser sends the cookie by itself, `connect` sends it back) takes that engine and makes no other
 
 
 ENGINE_NAME = re.compile(r"l2d-[0-9a-f]{1,12}-[0-9]{1,4}")

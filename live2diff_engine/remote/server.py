@@ -71,6 +71,8 @@ SESSION_IDLE_S = 3.0  # a session whose video ended cleanly is freed this long a
 SESSION_GRACE_S = 10.0  # no video from the peer this long: it is gone (ICE consent alone takes 30 s)
 FIRST_FRAME_S = 20.0  # a new session that never sends video is freed after this
 RETRY_AFTER_S = 5
+ENGINE_COOKIE = "l2d_engine"  # the 503 "starting" names the engine made for that offer; the client's next offer
+# (a browser sends the cookie by itself, `connect` sends it back) takes that engine and makes no other
 MAX_SDP_BYTES = 64 * 1024
 MAX_CHANNEL_PENDING = 1024  # data-channel messages waiting for the pacer; beyond: refused at once
 
