@@ -8,6 +8,7 @@ when the number of denoising steps changes.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shlex
 import sys
@@ -738,20 +739,40 @@ class PreparedStyle:
     picture: object = field(default=None, repr=False)  # the style picture's image embedding (None: the style has none)
 
 
+_freeing: list[threading.Thread] = []
+_hurry = threading.Event()
+
+
 def _free_beside(tensors: list) -> None:
     """Drop the replaced weights on a thread of their own: giving gigabytes back to the system
     takes a while (about 0.12 s for SD1.5's on the 2-core test machine), and the stream should not
-    wait for it."""
+    wait for it. A process that ends meanwhile (a `translate` right after its style was applied)
+    finishes the job before it exits (:func:`_finish_freeing`)."""
     def free():
         # One at a time, with a pause between: freeing holds the interpreter lock, which the
         # stream's thread needs between two torch ops (all of SD1.5's take about 2 s this way).
         while tensors:
             tensors.pop()
-            time.sleep(0.002)
+            if not _hurry.is_set():
+                time.sleep(0.002)
         _trim_heap()
 
     if tensors:
-        threading.Thread(target=free, name="style-free", daemon=True).start()
+        _freeing[:] = [t for t in _freeing if t.is_alive()]
+        thread = threading.Thread(target=free, name="style-free", daemon=True)
+        _freeing.append(thread)
+        thread.start()
+
+
+@atexit.register
+def _finish_freeing() -> None:
+    """At exit, before the interpreter stops its daemon threads: a thread stopped in the middle of
+    a tensor's destructor aborts the whole process ("terminate called without an active
+    exception", exit -6, seen on a `translate` beside two CPU hogs), after its output was written.
+    The weights still queued go at once, without the pauses."""
+    _hurry.set()
+    for thread in list(_freeing):
+        thread.join(timeout=30)
 
 
 _PARTIAL = "(partly loaded)"  # comps.dreambooth after a copy into the weights failed half-way

@@ -582,8 +582,11 @@ def test_a_node_without_the_models_refuses_and_the_front_places_the_stream_on_on
         assert len(refusals) == 1, fr.log()  # the box, asked first, refused in one line
         assert f"node 127.0.0.1 (Ray node {box[0][:8]}) cannot load the models" in refusals[0], refusals
         assert "`live2diff-engine models download`" in refusals[0] and "Traceback" not in fr.log(), fr.log()
-        # placed elsewhere within the one offer: the client never saw the refusal, nor had to try again
-        assert not any("trying again in" in l or "refused" in l for l in a.err), a.log()
+        # placed elsewhere within the one offer: the client never saw the refusal, nor had to try
+        # again for it. (On a loaded machine the engine made on the other node may still be loading
+        # when the front's 20 s are up: that 503 "starting" and its retry are the bounded answer at
+        # work, not the refusal.)
+        assert not any("refused" in l or ("trying again in" in l and "503: starting:" not in l) for l in a.err), a.log()
         snap = fleet(ns)
         by_id = {n["node_id"]: n for n in snap["nodes"]}
         assert "models download" in by_id[box[0]]["refuses"] and by_id[has["node_id"]]["refuses"] is None, snap

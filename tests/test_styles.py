@@ -547,3 +547,30 @@ def test_a_missing_style_file_says_where_it_looked_in_full_and_how_to_fix_it(tmp
     line = str(err.value)
     assert f"neither at {work / 'weights' / 'mine.safetensors'} (weights/mine.safetensors relative to the current folder {work})" in line
     assert "put mine.safetensors into that folder, or give its full path in the styles file" in line, line
+
+
+FREE_AT_EXIT = r"""
+import sys
+from live2diff_engine import styles
+
+class Weight:
+    def __del__(self):
+        with open(sys.argv[1], "a") as f:
+            f.write("freed\n")
+
+styles._free_beside([Weight() for _ in range(300)])
+# the process ends at once, while the thread is still freeing one at a time
+"""
+
+
+def test_weights_still_being_freed_when_the_process_ends_are_all_freed_before_it_exits(tmp_path):
+    """A style's replaced weights are freed on a thread of their own, one at a time with pauses.
+    A process that ends meanwhile (a `translate` right after its style was applied) must not leave
+    that thread to the interpreter's shutdown, which stops daemon threads wherever they are: inside
+    a tensor's destructor that aborts the process (exit -6 after the output was written). All of
+    them are freed before it exits, and it exits 0."""
+    log = tmp_path / "freed.txt"
+    r = subprocess.run([sys.executable, "-c", FREE_AT_EXIT, str(log)], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().count("freed") == 300, (log.read_text().count("freed"), r.stderr)
