@@ -134,6 +134,9 @@ def cmd_connect(args) -> int:
             controller.changed()
 
         remote.on_status = remote_status
+        # A quit through this API as soon as it says "streaming" (before run() below takes stops):
+        # kept as a stop, and run() then ends at once (was: "cannot be stopped through its API").
+        engine.api_quit = engine._quit_from_api
         remote.start()
         status = threading.Thread(target=_status_lines, args=(engine, remote, controller, say), name="status", daemon=True)
         status.start()
