@@ -25,8 +25,13 @@
     style: $('style'), strength: $('strength'), strengthValue: $('strength-value'), steps: $('steps'),
     pause: $('pause'), reset: $('reset'), login: $('login'), tokenInput: $('token'), loginNote: $('login-note'),
     fState: $('f-state'), fFps: $('f-fps'), fLatency: $('f-latency'), fStyle: $('f-style'), fFrames: $('f-frames'),
-    link: $('link'),
+    link: $('link'), pictureFile: $('picture-file'), pictureScale: $('picture-scale'),
+    pictureScaleValue: $('picture-scale-value'), pictureClear: $('picture-clear'), pictureState: $('picture-state'),
   };
+  const PICTURE_TYPES = ['image/png', 'image/jpeg', 'image/webp'];
+  const PICTURE_MAX_BYTES = 8 * 1024 * 1024; // the engine's cap
+  const PICTURE_CHUNK = 64 * 1024; // a data-channel message every peer takes (remote/picture.py)
+  let sendingPicture = false;
   let pc = null, channel = null, camera = null, location_ = null, nextId = 1, status = null;
   let retryTimer = null; // a start again after a 503's Retry-After (every stream slot or GPU in use)
   const editing = new Set();  // controls being edited: status updates leave them alone
@@ -116,13 +121,60 @@
     if (!editing.has('strength') && typeof s.strength === 'number') { el.strength.value = s.strength; el.strengthValue.textContent = s.strength.toFixed(2); }
     if (!editing.has('steps') && s.steps) el.steps.value = String(s.steps);
     el.pause.textContent = s.paused ? 'Resume' : 'Pause';
+    showPicture(s);
+  }
+
+  // -- the style picture (IP-Adapter): its bytes over the data channel ---------------------------
+  function showPicture(s) {
+    const on = !!s && typeof s.style_image_scale === 'number';
+    el.pictureFile.disabled = el.pictureScale.disabled = !on;
+    el.pictureClear.disabled = !on || !s.style_image;
+    if (on && !editing.has('picture-scale')) {
+      el.pictureScale.value = String(s.style_image_scale);
+      el.pictureScaleValue.textContent = s.style_image_scale.toFixed(2);
+    }
+    let text;
+    if (!on) text = 'This engine has no IP-Adapter loaded: start it with --ip-adapter to take a style picture';
+    else if (sendingPicture || s.style_image_loading) text = 'Reading the picture\u2026 the stream goes on meanwhile';
+    else if (!s.style_image) text = 'No picture';
+    else if (s.style_image === 'upload') text = 'In use: the picture you sent';
+    else text = 'In use: ' + s.style_image;
+    el.pictureState.textContent = text;
+  }
+
+  // The announce, then the bytes in pieces (the channel keeps them in order); the engine's reply
+  // (a toast on refusal) comes once the picture steers the stream.
+  async function sendPicture(file) {
+    if (!file) return;
+    if (!channel || channel.readyState !== 'open') { toast('not connected'); return; }
+    if (!PICTURE_TYPES.includes(file.type)) { toast(`Style picture: ${file.name} is not a PNG, JPEG or WebP picture`); return; }
+    if (file.size > PICTURE_MAX_BYTES) { toast(`Style picture: ${file.name} is larger than 8 MB`); return; }
+    const bytes = await file.arrayBuffer();
+    const ch = channel;
+    sendingPicture = true;
+    showPicture(status);
+    try {
+      ch.send(JSON.stringify({ cmd: 'style_image', id: 'picture-' + String(nextId++), size: bytes.byteLength }));
+      for (let at = 0; at < bytes.byteLength; at += PICTURE_CHUNK) {
+        while (ch.bufferedAmount > 1024 * 1024) await new Promise((r) => setTimeout(r, 20)); // keep the send buffer short
+        if (ch.readyState !== 'open') throw new Error('the connection closed while the picture was sent');
+        ch.send(bytes.slice(at, at + PICTURE_CHUNK));
+      }
+    } catch (e) {
+      sendingPicture = false;
+      toast('Style picture: ' + String(e.message || e));
+    }
+    el.pictureFile.value = '';
   }
 
   function onMessage(ev) {
     let msg;
     try { msg = JSON.parse(ev.data); } catch (e) { return; }
     if (msg.kind === 'status') showStatus(msg);
-    else if (msg.kind === 'reply') toast(msg.ok ? '' : msg.error || 'refused');
+    else if (msg.kind === 'reply') {
+      if (String(msg.id || '').startsWith('picture-')) { sendingPicture = false; if (status) showPicture(status); }
+      toast(msg.ok ? '' : (String(msg.id || '').startsWith('picture-') ? 'Style picture: ' : '') + (msg.error || 'refused'));
+    }
   }
 
   function waitForIce(conn) {
@@ -217,6 +269,10 @@
   el.steps.addEventListener('change', () => send('set_steps', { steps: Number(el.steps.value) }));
   el.pause.addEventListener('click', () => send(status && status.paused ? 'resume' : 'pause'));
   el.reset.addEventListener('click', () => send('reset'));
+  el.pictureFile.addEventListener('change', () => sendPicture(el.pictureFile.files[0]));
+  el.pictureScale.addEventListener('input', () => { editing.add('picture-scale'); el.pictureScaleValue.textContent = Number(el.pictureScale.value).toFixed(2); });
+  el.pictureScale.addEventListener('change', () => { editing.delete('picture-scale'); send('set_style_image_scale', { scale: Number(el.pictureScale.value) }); });
+  el.pictureClear.addEventListener('click', () => send('clear_style_image'));
   window.addEventListener('pagehide', () => {
     if (location_) fetch(location_, { method: 'DELETE', headers: headers(), keepalive: true });
   });

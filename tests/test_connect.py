@@ -15,11 +15,14 @@ import sys
 import threading
 import time
 
+import cv2
 import numpy as np
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, spawn_cli
 from live2diff_engine.io.sources import SyntheticSource
+from live2diff_engine.remote.picture import CHUNK_BYTES
 from test_remote import WAIT, Server
+from test_style_image import picture, upload
 
 
 def free_port() -> int:
@@ -73,6 +76,10 @@ def test_connect_publishes_the_remote_frames_into_a_virtual_camera_ctl_goes_thro
         wait_until(lambda: status(api).get("prompt") == "a blue bird", "the remote engine's new prompt", log=log)
         r = ctl(api, "steps", "9")
         assert r.returncode == 1 and "1 to 4" in r.stdout, r.stdout + r.stderr
+        # A style picture (the dock's drop zone, `ctl style-image`) goes over the data channel too;
+        # this engine has no IP-Adapter, and says so.
+        code, reply = upload(api, picture())
+        assert code == 400 and "no IP-Adapter loaded" in reply["error"], reply
         # The latency figures restart when the warmup ends (its frames go straight out) and come back
         # with the next once-a-second stats: wait for them rather than catch that second.
         wait_until(lambda: status(api).get("latency_ms") is not None, "a latency figure in connect's status", log=log)
@@ -156,3 +163,84 @@ def test_at_the_end_of_its_input_connect_publishes_every_frame_the_server_finish
     assert served_in > 0 and served_in + dropped <= 24, ended
     assert served_out == served_in, f"frames the server took but never finished: {ended}"
     assert published == served_out, f"connect published {published} of the {served_out} the server finished\n{r.stderr}\n{server.log()}"
+
+
+def test_a_style_picture_sent_to_connect_steers_the_remote_engine(tmp_path):
+    """The dock's picture and `ctl style-image` against `connect`: the bytes cross the data channel
+    in pieces (remote/picture.py) to the remote engine, which decodes them and answers; a picture
+    of several pieces arrives whole, a bad one is refused in one line, --clear drops it, and the
+    stream goes on throughout."""
+    server = Server("--ip-adapter")  # --model tiny: a tiny random adapter and image encoder
+    api_port = free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    proc = spawn_cli("connect", server.url, "--source", "synthetic", "--camera-size", "64x48", "--camera-fps", "10",
+                     "--sink", "null", "--api-port", str(api_port))
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+    log = lambda: "".join(lines) + "\n--- server ---\n" + server.log()  # noqa: E731
+    try:
+        assert "style pictures: on" in server.log(), server.log()
+        wait_until(lambda: status(api).get("frames_out", 0) > 3, "frames back through connect", log=log)
+        look = tmp_path / "look.png"
+        look.write_bytes(picture((40, 200, 40)))
+        r = ctl(api, "style-image", str(look))
+        assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True, r.stdout + r.stderr + log()
+        wait_until(lambda: status(api).get("style_image") == "upload", "the remote engine's picture in the status", log=log)
+
+        # A picture larger than one data-channel message: noise, so PNG cannot squeeze it.
+        noise = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+        big = cv2.imencode(".png", noise)[1].tobytes()
+        assert len(big) > 3 * CHUNK_BYTES
+        code, reply = upload(api, big)
+        assert code == 200 and reply["ok"] is True, reply
+        # Bytes that are no picture: the remote engine's decoder refuses them, in one line.
+        code, reply = upload(api, b"\x89PNG\r\n\x1a\n" + b"not really" * 100)
+        assert code == 400 and reply["ok"] is False and "\n" not in reply["error"], reply
+        assert status(api).get("style_image") == "upload"
+
+        r = ctl(api, "style-image", "--clear")
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_until(lambda: status(api).get("style_image") is None, "the picture cleared on the remote engine", log=log)
+        before = status(api)["frames_out"]
+        wait_until(lambda: status(api).get("frames_out", 0) > before + 3, "frames after the pictures", log=log)
+        assert status(api).get("errors", 0) == 0, log()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT) == 0, log()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        server.stop()
+
+
+def test_the_picture_assembler_takes_whole_pictures_and_refuses_the_rest_once():
+    """remote/picture.py's receiving side, message by message, as a misbehaving peer would send them."""
+    from live2diff_engine.remote.picture import PictureAssembler, announce_of, picture_messages
+
+    replies, delivered, refused = [], [], []
+    pa = PictureAssembler(replies.append, lambda data, reply: (delivered.append(data), reply({"kind": "reply", "ok": True})),
+                          lambda: refused.append(1), limit=200_000)
+    data = bytes(range(256)) * 600  # 153,600 bytes: three messages
+    msgs = picture_messages(data, "p1")
+    assert len(msgs) == 4 and announce_of(msgs[0]) == {"cmd": "style_image", "id": "p1", "size": len(data)}
+    assert announce_of('{"cmd": "set_style_image_scale", "scale": 1}') is None  # a command, for the controller
+    pa.announce(announce_of(msgs[0]))
+    for m in msgs[1:]:
+        pa.add(m)
+    assert delivered == [data] and replies == [{"kind": "reply", "ok": True, "id": "p1"}] and not refused
+
+    replies.clear()
+    for _ in range(5):  # bytes with no announce: one answer, not one per message
+        pa.add(b"x" * 10)
+    assert len(replies) == 1 and "without an announce" in replies[0]["error"]
+    pa.announce({"cmd": "style_image", "id": "big", "size": 200_001})
+    assert replies[-1]["id"] == "big" and "larger than 200000 bytes" in replies[-1]["error"]
+    pa.announce({"cmd": "style_image", "id": 7, "size": "ten"})
+    assert replies[-1]["id"] == 7 and "needs 'size'" in replies[-1]["error"]
+    pa.announce({"cmd": "style_image", "id": "a", "size": 10})
+    pa.add(b"12345")
+    pa.announce({"cmd": "style_image", "id": "b", "size": 4})  # a newer picture before "a" finished
+    assert replies[-1]["id"] == "a" and "newer picture" in replies[-1]["error"]
+    pa.add(b"abcdef")  # more than announced
+    assert replies[-1]["id"] == "b" and "more bytes arrived" in replies[-1]["error"]
+    assert len(delivered) == 1 and len(refused) == 5 and all("\n" not in r.get("error", "") for r in replies)

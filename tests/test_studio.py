@@ -1,6 +1,6 @@
 """The /studio page in a real headless Chromium with its fake camera, against a real `serve`
 (tiny model): the webcam goes to the engine over WebRTC, stylised frames come back beside it,
-and the page's controls change the prompt over the data channel.
+and the page's controls change the prompt and send a style picture over the data channel.
 
 Needs Debian's chromium and chromedriver (selenium never downloads a browser or driver here):
 without them the test skips, except under CI=true where it fails.
@@ -36,7 +36,7 @@ return s / (w * h * 3);
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server()
+    s = Server("--ip-adapter")  # style pictures on (a tiny random adapter): none until the page sends one
     yield s
     s.stop()
 
@@ -152,5 +152,30 @@ def test_studio_says_busy_and_retries_after_the_engines_retry_after_when_every_s
         if other.poll() is None:
             other.kill()
         other.wait()
+    by_id(d, "stop").click()
+    wait_for(lambda: by_id(d, "conn").get_attribute("data-state") == "disconnected", WAIT, "the page to stop")
+
+
+def test_studio_sends_a_style_picture_over_the_data_channel_and_clears_it(server, browser, tmp_path):
+    """A picture chosen on the page goes to the engine as bytes over the data channel, in pieces
+    (remote/picture.py): the engine's status says it is in use, and Clear drops it."""
+    import cv2
+    import numpy as np
+
+    d = browser
+    d.get(f"{server.url}/studio?w=160&h=120")
+    by_id(d, "start").click()
+    wait_for(lambda: by_id(d, "f-state").text.strip() == "streaming", WAIT, "the status over the data channel")
+    wait_for(lambda: by_id(d, "picture-state").text.strip() == "No picture", WAIT, "the picture control")
+    look = tmp_path / "look.png"  # noise: a PNG of several data-channel messages
+    look.write_bytes(cv2.imencode(".png", np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8))[1].tobytes())
+    assert look.stat().st_size > 3 * 64 * 1024
+    by_id(d, "picture-file").send_keys(str(look))
+    wait_for(lambda: engine_status(server).get("style_image") == "upload", WAIT, "the engine to take the picture")
+    wait_for(lambda: by_id(d, "picture-state").text.strip() == "In use: the picture you sent", WAIT, "the page to say so")
+    assert by_id(d, "toast").text.strip() == "", by_id(d, "toast").text
+    by_id(d, "picture-clear").click()
+    wait_for(lambda: engine_status(server).get("style_image") is None, WAIT, "the picture cleared")
+    wait_for(lambda: by_id(d, "picture-state").text.strip() == "No picture", WAIT, "the page to say so")
     by_id(d, "stop").click()
     wait_for(lambda: by_id(d, "conn").get_attribute("data-state") == "disconnected", WAIT, "the page to stop")

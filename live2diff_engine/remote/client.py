@@ -31,6 +31,7 @@ import urllib.parse
 from ..control.controller import quit_engine
 from ..control.schema import INSTANCE_ENV, CommandError, decode, message_id, parse_command, reply_message, status_message
 from ..errors import ConfigError, UserError
+from .picture import picture_messages
 
 log = logging.getLogger("live2diff.connect")
 
@@ -589,6 +590,30 @@ class RemotePipeline:
         except RuntimeError:
             reply(reply_message(orig, False, "connect is stopping"))
 
+    def forward_picture(self, data: bytes, reply) -> None:
+        """Sends a style picture's bytes to the remote engine (remote/picture.py: an announce, then
+        the bytes); ``reply`` gets the engine's answer once the picture steers its stream, or why not."""
+        loop = self._loop
+        if loop is None or not self.connected:
+            reply(reply_message(None, False, f"not connected to the engine at {self.base}; reconnecting"))
+            return
+
+        def send():
+            channel = self._channel
+            if channel is None or channel.readyState != "open":
+                reply(reply_message(None, False, f"not connected to the engine at {self.base}; reconnecting"))
+                return
+            self._next_id += 1
+            local = f"c{self._next_id}"
+            self._pending_replies[local] = (None, reply)
+            for message in picture_messages(data, local):
+                channel.send(message)
+
+        try:
+            loop.call_soon_threadsafe(send)
+        except RuntimeError:
+            reply(reply_message(None, False, "connect is stopping"))
+
     def _fail_pending(self, why: str) -> None:
         pending, self._pending_replies = self._pending_replies, {}
         for orig, reply in pending.values():
@@ -649,6 +674,10 @@ class ForwardingController:
             return obj if quit_engine(self.engine, self.instance, cmd, reply, local) else None
         self.remote.forward(obj, reply)
         return obj
+
+    def submit_style_image(self, data: bytes, reply) -> bool:  # as Controller's: the remote engine decodes it
+        self.remote.forward_picture(data, reply)
+        return True
 
     def apply_pending(self) -> int:
         return 0

@@ -63,6 +63,7 @@ from .ice import advertise_public_ip, constrain_udp_ports, rtc_configuration
 from .link import LinkStats, prefer_codec
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import Histogram, render
+from .picture import PictureAssembler, announce_of
 from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, frames_lost, outgoing_track, recv_newest
 
 log = logging.getLogger("live2diff.webrtc")
@@ -142,6 +143,7 @@ class ChannelControl:
         self.pacer = Pacer()
         self.changed = asyncio.Event()
         self.tasks = [loop.create_task(self._reader()), loop.create_task(self._status())]
+        self.picture = PictureAssembler(self._reply, controller.submit_style_image, self._refused)  # remote/picture.py
         controller.add_listener(self._notify)
         channel.on("message", self._on_message)
         channel.on("close", self.close)
@@ -159,7 +161,25 @@ class ChannelControl:
             except Exception:
                 pass
 
+    def _refused(self) -> None:
+        self.controller.refused += 1
+
+    def _reply(self, msg: dict) -> None:  # from any thread
+        try:
+            self.loop.call_soon_threadsafe(self.send, msg)
+        except RuntimeError:
+            pass
+
     def _on_message(self, message) -> None:
+        # A style picture: its announce and its bytes are taken here, in order, never queued behind
+        # the pacer (the bytes follow the announce at once).
+        if isinstance(message, (bytes, bytearray)):
+            self.picture.add(message)
+            return
+        announce = announce_of(message)
+        if announce is not None:
+            self.picture.announce(announce)
+            return
         if self.inbox.qsize() >= MAX_CHANNEL_PENDING:
             self.controller.refused += 1
             self.send(reply_message(None, False, "busy: too many messages waiting; slow down"))
@@ -172,14 +192,7 @@ class ChannelControl:
             wait = self.pacer.delay()
             if wait:
                 await asyncio.sleep(wait)
-
-            def reply(msg, loop=self.loop):
-                try:
-                    loop.call_soon_threadsafe(self.send, msg)
-                except RuntimeError:
-                    pass
-
-            self.controller.submit(raw, reply)
+            self.controller.submit(raw, self._reply)
 
     async def _status(self) -> None:
         while True:
