@@ -93,6 +93,8 @@ SEED_MAX_UI = 2**31 - 1
 PAUSE_CONFIRM_S = 5.0  # the Pause/Resume button shows the state asked for until the engine confirms it
 MAX_PROMPT_CHARS = 1000
 MAX_TRANSITION_S = 10.0  # the engine's limit for transition_s (seconds)
+PICTURE_MAX_BYTES = 8 * 1024 * 1024  # the engine's cap for a style picture (POST /api/style-image)
+PICTURE_UPLOAD_TIMEOUT_S = 120.0  # the engine answers once the picture steers its stream
 
 HOTKEYS = (  # (name used by OBS, e.g. for obs-websocket's TriggerHotkeyByName; description)
     ("live2diff.apply_prompt", "Live2Diff: apply prompt (with the transition set)"),
@@ -138,6 +140,27 @@ def event_to_dict(data) -> dict:
     except Exception:
         return {}
     return {name: getattr(data, name, None) for name in names}
+
+
+def read_picture(path: str) -> tuple[bytes, str]:
+    """A picture file's bytes and content type (PNG, JPEG or WebP, judged from its first bytes);
+    ValueError with what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(PICTURE_MAX_BYTES + 1)
+    except IsADirectoryError:
+        raise ValueError("that is a folder; choose a PNG, JPEG or WebP picture") from None
+    except OSError as e:
+        raise ValueError(f"cannot read it ({e.strerror or e})") from None
+    if len(data) > PICTURE_MAX_BYTES:
+        raise ValueError(f"larger than {PICTURE_MAX_BYTES // (1024 * 1024)} MB; choose a smaller PNG or JPEG")
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return data, "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return data, "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return data, "image/webp"
+    raise ValueError("not a PNG, JPEG or WebP picture")
 
 
 def api_join(api_url: str, path: str) -> str:
@@ -276,6 +299,9 @@ def _format_engine(status: dict, link: str, source: str | None) -> str:
         f"FPS: {fps_text(status) or '-'}   Latency: {latency_text(status)}   "
         f"Frames: {status.get('frames_out', '-')}"
     )
+    picture = picture_text(status)
+    if picture:
+        lines.append(picture)
     obs_link = status.get("obs")
     if isinstance(obs_link, dict):
         obs_link = obs_link.get("state") or obs_link.get("connected")
@@ -297,6 +323,21 @@ def _format_engine(status: dict, link: str, source: str | None) -> str:
     if change:
         lines.append(f"Last style change: {change}")
     return "\n".join(lines)
+
+
+def picture_text(status: dict | None) -> str:
+    """The style picture's line ("" for an engine without an IP-Adapter)."""
+    status = status or {}
+    scale = status.get("style_image_scale")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        return ""
+    if status.get("style_image_loading"):
+        return "Style picture: reading a new one beside the stream"
+    used = status.get("style_image")
+    if not used:
+        return "Style picture: none"
+    what = "the one sent" if used == "upload" else str(used)
+    return f"Style picture: {what}   Scale: {_fmt_num(scale, '.2f')}"
 
 
 def style_change_note(status: dict | None) -> str:
@@ -928,6 +969,27 @@ class HttpTransport:
             raise ValueError(f"unexpected answer from {self.api_url} (HTTP {code})")
         return payload
 
+    def upload_picture(self, data: bytes, content_type: str) -> dict:
+        """POST a style picture's bytes to /api/style-image; the engine's reply (ok false with why)."""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(api_join(self.api_url, "/api/style-image"), data=data, headers=headers, method="POST")
+        try:
+            with self._opener.open(req, timeout=PICTURE_UPLOAD_TIMEOUT_S) as resp:
+                code, raw = resp.status, resp.read(1 << 20)
+        except urllib.error.HTTPError as e:
+            code, raw = e.code, e.read(1 << 20) if e.fp else b""
+        try:
+            payload = json.loads(raw.decode("utf-8")) if raw else {}
+        except (UnicodeDecodeError, ValueError):
+            payload = {}
+        if code in (401, 403):
+            return {"ok": False, "error": "unauthorized: check the script's API token"}
+        if isinstance(payload, dict) and isinstance(payload.get("ok"), bool):
+            return payload
+        return {"ok": code == 200, "error": None if code == 200 else f"HTTP {code}"}
+
     def command(self, msg: dict) -> dict:
         """POST a command; returns the reply message (ok false with the engine's error when refused)."""
         code, payload = self._request("/api/command", msg)
@@ -1073,13 +1135,18 @@ class Controller:
 
     def send(self, cmd: str, **args) -> dict:
         msg = command_message(cmd, id=f"obs-{next(self._ids)}", **args)
-        if cmd in ("set_strength", "set_guidance"):  # a dragged slider: only its latest value goes
+        if cmd in ("set_strength", "set_guidance", "set_style_image_scale"):  # a dragged slider: only its latest value goes
             with self._lock:
                 self._latest[cmd] = msg
             self._q.put(("latest", cmd))
         else:
             self._q.put(("send", msg))
         return msg
+
+    def send_picture(self, path: str) -> None:
+        """A style picture file on this machine: read on the worker thread and its bytes uploaded
+        to the engine (the engine never reads a path)."""
+        self._q.put(("picture", path))
 
     def log(self, text: str, level: str = "info") -> None:
         self._logs.append((level, text))
@@ -1245,6 +1312,27 @@ class Controller:
                 self._deliver(msg)
         elif kind == "send":
             self._deliver(arg)
+        elif kind == "picture":
+            self._upload_picture(arg)
+
+    def _upload_picture(self, path: str) -> None:
+        name = os.path.basename(path) or path
+        try:
+            data, content_type = read_picture(path)
+        except ValueError as e:
+            self.log(f"{LOG_PREFIX} style picture {name}: {e}", "warning")
+            return
+        try:  # over the HTTP API in every case: a picture is too large for an obs-websocket message
+            reply = self._http.upload_picture(data, content_type)
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            self.log(f"{LOG_PREFIX} could not send the style picture {name}: the engine's HTTP API "
+                     f"{self._http.api_url} is not reachable ({_reason(e)})", "warning")
+            return
+        if reply.get("ok"):
+            self.log(f"{LOG_PREFIX} style picture {name} in use")
+        else:
+            self.log(f"{LOG_PREFIX} engine refused the style picture {name}: {reply.get('error') or 'no reason given'}",
+                     "warning")
 
     def _engine_on_ws(self) -> bool:
         with self._lock:
@@ -1585,6 +1673,8 @@ def _read_settings(settings) -> dict:
         "strength": obs.obs_data_get_double(settings, "strength"),
         "guidance": obs.obs_data_get_double(settings, "guidance"),
         "seed": obs.obs_data_get_int(settings, "seed"),
+        "style_picture": g(settings, "style_picture").strip(),
+        "picture_scale": obs.obs_data_get_double(settings, "picture_scale"),
         "api_url": g(settings, "api_url").strip() or DEFAULT_API_URL,
         "api_token": g(settings, "api_token"),
         "ws_password": g(settings, "ws_password"),
@@ -1699,6 +1789,16 @@ def style_label(name: str, missing: dict, loading: str | None = None) -> str:
     if name in missing:
         return f"{name} (not downloaded)"
     return f"{name} (loading ...)" if name == loading else name
+
+
+def _on_clear_picture(props, prop):
+    if _controller is not None:
+        _controller.send("clear_style_image")
+    if _settings is not None:
+        obs.obs_data_set_string(_settings, "style_picture", "")
+        with _ui_lock:
+            _ui["style_picture"] = ""
+    return True
 
 
 def _on_reset(props, prop):
@@ -1928,6 +2028,7 @@ def script_defaults(settings):
     obs.obs_data_set_default_double(settings, "strength", 0.5)
     obs.obs_data_set_default_double(settings, "guidance", 1.0)
     obs.obs_data_set_default_double(settings, "blend", 0.5)
+    obs.obs_data_set_default_double(settings, "picture_scale", 1.0)
     obs.obs_data_set_default_double(settings, "transition_s", 0.0)
     obs.obs_data_set_default_int(settings, "ws_port", 0)
     obs.obs_data_set_default_bool(settings, "stop_engine_on_exit", True)
@@ -1976,6 +2077,10 @@ def _mirror_engine_values(status: dict | None) -> None:
         if isinstance(guidance, (int, float)) and not isinstance(guidance, bool) and abs(guidance - _ui.get("guidance", -1)) > 1e-6:
             obs.obs_data_set_double(_settings, "guidance", float(guidance))
             _ui["guidance"] = float(guidance)
+        scale = status.get("style_image_scale")  # a number where the engine has an IP-Adapter
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool) and abs(scale - _ui.get("picture_scale", -1)) > 1e-6:
+            obs.obs_data_set_double(_settings, "picture_scale", float(scale))
+            _ui["picture_scale"] = float(scale)
 
 
 def script_properties():
@@ -2025,6 +2130,19 @@ def script_properties():
                                                  "runs the negative prompt and steers away from it, doing twice the work.")
     obs.obs_properties_add_int(props, "seed", "Seed", 0, SEED_MAX_UI, 1)
     obs.obs_properties_add_button(props, "apply_seed", "Apply seed", _on_apply_seed)
+    # A style picture (IP-Adapter): chosen here, its bytes go to the engine; only where the engine has one.
+    pictures = isinstance((known or {}).get("style_image_scale"), (int, float))
+    pic = obs.obs_properties_add_path(props, "style_picture", "Style picture", obs.OBS_PATH_FILE,
+                                      "Pictures (*.png *.jpg *.jpeg *.webp)", None)
+    sc = obs.obs_properties_add_float_slider(props, "picture_scale", "Picture scale", 0.0, 2.0, 0.05)
+    clr = obs.obs_properties_add_button(props, "clear_picture", "Clear style picture", _on_clear_picture)
+    if hasattr(obs, "obs_property_set_long_description"):
+        obs.obs_property_set_long_description(pic, "The stream takes the picture's look beside the prompt (PNG, JPEG or "
+                                              "WebP, up to 8 MB); sent to the engine when chosen. Needs an engine "
+                                              "started with --ip-adapter.")
+    if known is not None and not pictures:
+        for prop in (pic, sc, clr):
+            obs.obs_property_set_enabled(prop, False)
     paused = _controller.paused_shown() if _controller is not None else bool((known or {}).get("paused"))
     obs.obs_properties_add_button(props, "pause_resume", pause_label(paused), _on_pause_resume)
     obs.obs_properties_add_button(props, "reset", "Reset", _on_reset)
@@ -2086,6 +2204,10 @@ def script_update(settings):
         _controller.send("set_strength", strength=round(float(new["strength"]), 4))
     if abs(new["guidance"] - old.get("guidance", new["guidance"])) > 1e-6 and new["guidance"] >= 1.0:
         _controller.send("set_guidance", guidance=round(float(new["guidance"]), 3))
+    if new["style_picture"] and new["style_picture"] != old.get("style_picture"):
+        _controller.send_picture(new["style_picture"])
+    if abs(new["picture_scale"] - old.get("picture_scale", new["picture_scale"])) > 1e-6:
+        _controller.send("set_style_image_scale", scale=round(float(new["picture_scale"]), 3))
 
 
 def script_load(settings):

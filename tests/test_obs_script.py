@@ -794,6 +794,58 @@ def test_http_fallback_wrong_token_and_unreachable():
         ctl.stop()
 
 
+def test_a_style_picture_chosen_in_obs_is_uploaded_to_the_real_engine_and_bad_files_are_named(tmp_path):
+    """The script's Style picture: the file is read on its worker thread and its bytes go to the
+    real engine's POST /api/style-image (tiny model with a tiny IP-Adapter, in-process, with a
+    token); the scale slider and Clear are commands; a file that is no picture, a folder, one over
+    8 MB are refused in the script's log before anything is sent."""
+    from live import LiveEngine, PacedSource
+    from live2diff_engine.models.components import build_tiny_components
+    from live2diff_engine.models.ip_adapter import load_style_image_models
+    from test_style_image import picture, write_adapter_files
+
+    adapter, encoder = write_adapter_files(tmp_path / "ip")
+    comps = build_tiny_components(seed=0)
+    load_style_image_models(comps, str(adapter), str(encoder))
+    look = tmp_path / "look.jpg"  # a JPEG named by its bytes, whatever the name says
+    look.write_bytes(cv2_jpeg(picture()))
+    notes, big = tmp_path / "notes.png", tmp_path / "big.png"
+    notes.write_text("not a picture")
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(8 * 1024 * 1024))
+    with LiveEngine(comps, PacedSource(fps=10), api_token="tok-9") as live:
+        ctl = _http_controller(live.api.url, token="tok-9").start()
+        try:
+            status = wait_until(lambda: ctl.snapshot()[0], what="status over HTTP")
+            assert L.picture_text(status) == "Style picture: none"
+            refused = live.controller.refused
+            for path, words in ((notes, "not a PNG, JPEG or WebP picture"), (tmp_path, "that is a folder"),
+                                (big, "larger than 8 MB"), (tmp_path / "gone.png", "cannot read it")):
+                ctl.send_picture(str(path))
+                logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "style picture" in t], what=words)
+                assert logs == [f"[live2diff] style picture {path.name}: " + logs[0].split(": ", 1)[1]] and words in logs[0], logs
+            assert live.controller.refused == refused and live.frames.style_image is None  # nothing was sent
+            ctl.send_picture(str(look))
+            logs = wait_until(lambda: [t for _, t in ctl.drain_logs() if "style picture" in t], what="the upload")
+            assert logs == ["[live2diff] style picture look.jpg in use"], logs
+            assert live.frames.style_image == "upload"
+            ctl.send("set_style_image_scale", scale=0.7)
+            wait_until(lambda: live.frames.style_image_scale == 0.7, what="the scale in the engine")
+            wait_until(lambda: L.picture_text(ctl.snapshot()[0]) == "Style picture: the one sent   Scale: 0.70",
+                       what="the panel's picture line")
+            ctl.send("clear_style_image")
+            wait_until(lambda: live.frames.style_image is None, what="the picture cleared")
+        finally:
+            ctl.stop()
+    assert L.picture_text({"style_image_scale": None}) == ""  # an engine without an IP-Adapter: no line
+
+
+def cv2_jpeg(png: bytes) -> bytes:
+    import cv2
+    import numpy as np
+
+    return cv2.imencode(".jpg", cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR))[1].tobytes()
+
+
 def test_a_command_the_engine_is_slow_to_answer_is_not_called_unreachable():
     """A real socket that takes the connection and never answers (an engine busy with a long frame
     or a style load): the command went out, and the log says so instead of 'not reachable'."""
@@ -1086,7 +1138,7 @@ def script_load(settings):
 '''
 PROPERTY_NAMES = (
     "status_text", "refresh", "prompt", "prompt2", "blend", "negative_prompt", "transition_s", "apply_prompt", "style",
-    "strength", "seed", "apply_seed",
+    "strength", "seed", "apply_seed", "style_picture", "picture_scale", "clear_picture",
     "pause_resume", "reset", "add_to_scene", "open_dock", "dock_note", "engine_group", "engine_command", "engine_venv",
     "stop_engine_on_exit", "engine_virtual_camera", "start_engine", "stop_engine", "connection_group", "api_url", "api_token", "ws_password",
     "ws_port",
