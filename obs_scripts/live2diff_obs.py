@@ -940,17 +940,21 @@ class HttpTransport:
         self.timeout = timeout
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-    def _request(self, path: str, body: dict | None = None) -> tuple[int, dict]:
+    def _request(self, path: str, body: dict | None = None, raw_body: tuple[bytes, str] | None = None,
+                 timeout: float | None = None) -> tuple[int, dict]:
+        """GET ``path``, or POST ``body`` as JSON or ``raw_body`` (bytes, content type)."""
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
             data = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
+        elif raw_body is not None:
+            data, headers["Content-Type"] = raw_body
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         req = urllib.request.Request(api_join(self.api_url, path), data=data, headers=headers, method="POST" if data else "GET")
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=timeout or self.timeout) as resp:
                 code, raw = resp.status, resp.read(1 << 20)
         except urllib.error.HTTPError as e:
             code, raw = e.code, e.read(1 << 20) if e.fp else b""
@@ -971,22 +975,10 @@ class HttpTransport:
 
     def upload_picture(self, data: bytes, content_type: str) -> dict:
         """POST a style picture's bytes to /api/style-image; the engine's reply (ok false with why)."""
-        headers = {"Accept": "application/json", "Content-Type": content_type}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        req = urllib.request.Request(api_join(self.api_url, "/api/style-image"), data=data, headers=headers, method="POST")
-        try:
-            with self._opener.open(req, timeout=PICTURE_UPLOAD_TIMEOUT_S) as resp:
-                code, raw = resp.status, resp.read(1 << 20)
-        except urllib.error.HTTPError as e:
-            code, raw = e.code, e.read(1 << 20) if e.fp else b""
-        try:
-            payload = json.loads(raw.decode("utf-8")) if raw else {}
-        except (UnicodeDecodeError, ValueError):
-            payload = {}
+        code, payload = self._request("/api/style-image", raw_body=(data, content_type), timeout=PICTURE_UPLOAD_TIMEOUT_S)
         if code in (401, 403):
             return {"ok": False, "error": "unauthorized: check the script's API token"}
-        if isinstance(payload, dict) and isinstance(payload.get("ok"), bool):
+        if isinstance(payload.get("ok"), bool):
             return payload
         return {"ok": code == 200, "error": None if code == 200 else f"HTTP {code}"}
 

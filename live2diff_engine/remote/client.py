@@ -566,8 +566,17 @@ class RemotePipeline:
 
     def forward(self, obj: dict, reply) -> None:
         """Sends a decoded command to the remote engine; ``reply`` gets its reply (any thread)."""
+        self._send_for_reply(obj.get("id"), reply, lambda local: [json.dumps({**obj, "id": local})])
+
+    def forward_picture(self, data: bytes, reply) -> None:
+        """Sends a style picture's bytes to the remote engine (remote/picture.py: an announce, then
+        the bytes); ``reply`` gets the engine's answer once the picture steers its stream, or why not."""
+        self._send_for_reply(None, reply, lambda local: picture_messages(data, local))
+
+    def _send_for_reply(self, orig, reply, messages) -> None:
+        """Sends ``messages(local id)`` on the data channel (from the connection's loop); the reply
+        that carries that id goes to ``reply`` with ``orig`` as its id."""
         loop = self._loop
-        orig = obj.get("id")
         if loop is None or not self.connected:
             reply(reply_message(orig, False, f"not connected to the engine at {self.base}; reconnecting"))
             return
@@ -583,36 +592,13 @@ class RemotePipeline:
                 for key in list(self._pending_replies)[:512]:
                     self._pending_replies.pop(key, None)
             self._pending_replies[local] = (orig, reply)
-            channel.send(json.dumps({**obj, "id": local}))
-
-        try:
-            loop.call_soon_threadsafe(send)
-        except RuntimeError:
-            reply(reply_message(orig, False, "connect is stopping"))
-
-    def forward_picture(self, data: bytes, reply) -> None:
-        """Sends a style picture's bytes to the remote engine (remote/picture.py: an announce, then
-        the bytes); ``reply`` gets the engine's answer once the picture steers its stream, or why not."""
-        loop = self._loop
-        if loop is None or not self.connected:
-            reply(reply_message(None, False, f"not connected to the engine at {self.base}; reconnecting"))
-            return
-
-        def send():
-            channel = self._channel
-            if channel is None or channel.readyState != "open":
-                reply(reply_message(None, False, f"not connected to the engine at {self.base}; reconnecting"))
-                return
-            self._next_id += 1
-            local = f"c{self._next_id}"
-            self._pending_replies[local] = (None, reply)
-            for message in picture_messages(data, local):
+            for message in messages(local):
                 channel.send(message)
 
         try:
             loop.call_soon_threadsafe(send)
         except RuntimeError:
-            reply(reply_message(None, False, "connect is stopping"))
+            reply(reply_message(orig, False, "connect is stopping"))
 
     def _fail_pending(self, why: str) -> None:
         pending, self._pending_replies = self._pending_replies, {}
