@@ -643,6 +643,7 @@ def test_a_warm_engine_is_compiled_before_it_counts_as_warm_and_a_session_on_it_
     (["--ray", "auto", "--gpus-per-session", "0"], "--gpus-per-session must be above 0"),
     (["--ray", "auto", "--warm-per-gpu", "2"], "--warm-per-gpu 2 does not fit"),
     (["--ray", "auto", "--max-sessions", "2"], "--max-sessions does not apply with --ray"),
+    (["--ray", "auto", "--public-ip", "203.0.113.7"], "give --ice-server stun:HOST:PORT"),
     (["--ray", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),  # nothing listens on port 1
     (["--ray", "head-without-port"], "--ray head-without-port: give the head's HOST:PORT"),
 ])

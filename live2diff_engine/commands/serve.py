@@ -209,8 +209,8 @@ def _serve_fleet(args, say, ice: list[dict]) -> int:
     if args.max_sessions != 1:
         raise ConfigError("--max-sessions does not apply with --ray: the cluster's GPUs decide how many streams run")
     if args.public_ip:
-        raise ConfigError("--public-ip names one machine; with --ray each GPU node answers for itself (give its "
-                          "nodes public addresses, or a TURN server with --ice-server)")
+        raise ConfigError("--public-ip names one machine; with --ray each GPU node offers its own address: give "
+                          "--ice-server stun:HOST:PORT (each node then offers its public one), or a TURN server")
     if args.ray not in ("auto", "local"):  # Ray itself would wait for minutes on an address where nothing answers
         import socket
 
