@@ -223,8 +223,10 @@
       if (resp.status === 503) { // busy: try again when the engine says a slot may free (at most 2 minutes)
         const wait = Math.min(120, Math.max(1, parseInt(resp.headers.get('Retry-After'), 10) || 5));
         await stop();
-        // a fleet front's "starting": an engine is loading for this stream (its cookie names it for the next offer)
-        setConn('busy', (text.startsWith('starting:') ? 'starting an engine' : 'busy') + ', retrying in ' + wait + ' s');
+        // a fleet front's "starting": an engine is loading for this stream (its cookie names it for the next
+        // offer); "queued": waiting for a GPU (--queue-s; its cookie keeps the wait going across offers)
+        const what = text.startsWith('starting:') ? 'starting an engine' : text.startsWith('queued:') ? 'queued for a GPU' : 'busy';
+        setConn('busy', what + ', retrying in ' + wait + ' s');
         toast((text.trim().split('\n')[0] || 'busy') + ' (retrying in ' + wait + ' s)');
         el.stop.disabled = false; // Stop cancels the retry
         retryTimer = setTimeout(() => { retryTimer = null; start(); }, wait * 1000);

@@ -252,12 +252,19 @@ def test_two_streams_land_on_two_nodes_a_third_gets_503_and_gets_in_when_one_end
         clients.append(c)
         wait_until(lambda: any("busy: every GPU" in l and "trying again in" in l for l in c.err), "connect to say busy",
                    log=c.log)
-        # a second front (both find the engines by name) that waits up to --queue-s for a GPU
-        fr2 = front(ns, cluster, "--queue-s", "600", port=FRONT_PORT + 1)
+        # a second front (both find the engines by name) that waits up to --queue-s for a GPU; it answers
+        # each offer within 3 s here (LIVE2DIFF_FLEET_ANSWER_S; 20 s in use, under connect's 30 s): "queued",
+        # and d's next offer carries the queue cookie, so the wait goes on where it was instead of anew
+        fr2 = front(ns, cluster, "--queue-s", "600", port=FRONT_PORT + 1, env={"LIVE2DIFF_FLEET_ANSWER_S": "3"})
         d, api_d = connect(ns, url=f"http://127.0.0.1:{FRONT_PORT + 1}")
         clients.append(d)
-        time.sleep(8)  # d's offer waits in the front meanwhile (c keeps retrying after its Retry-After)
-        assert not d.err or not any("busy" in l for l in d.err), d.log()
+        queued = lambda: [float(m.group(1)) for l in d.err  # noqa: E731
+                          for m in [re.search(r"queued: every GPU of the fleet is in use; waiting for one \((\d+) s of "
+                                              r"--queue-s 600 left\)", l)] if m]
+        wait_until(lambda: len(queued()) >= 3, "d's offers answered 'queued' while it waits", log=d.log)
+        left = queued()
+        assert left[-1] <= left[0] - 2, left  # one wait going on across the answers, not a new one each time
+        assert not any("busy" in l for l in d.err), d.log()
         a.stop()  # its stream ends: its engine ends and frees its GPU; c or d gets it
         b.stop()  # and then the other one
         for p, api in ((c, api_c), (d, api_d)):

@@ -141,7 +141,7 @@ class RemotePipeline:
         self.resumed = 0  # sessions resumed on a new connection
         self._stale_pc = None  # a lost connection, closed once the next offer is answered
         self._retry_after: float | None = None  # the last 503's Retry-After
-        self._engine_cookie: str | None = None  # a fleet front's 503 "starting": the engine loading for us (fleet.py)
+        self._front_cookies: str | None = None  # a fleet front's 503: its engine and queue cookies (fleet.py)
 
     # -- the engine's side ---------------------------------------------------------------------
 
@@ -282,16 +282,19 @@ class RemotePipeline:
         (_first_error set)."""
         import aiohttp
 
-        from .server import ENGINE_COOKIE
+        from .server import ENGINE_COOKIE, QUEUE_COOKIE
 
         headers = self._headers(sdp=True)
-        if self._engine_cookie is not None:  # sent back by hand: each try has a session (and a cookie jar) of its own
-            headers["Cookie"] = self._engine_cookie
+        if self._front_cookies is not None:  # sent back by hand: each try has a session (and a cookie jar) of its own
+            headers["Cookie"] = self._front_cookies
         async with http.post(self.endpoint, data=offer, headers=headers,
                              timeout=aiohttp.ClientTimeout(total=30)) as resp:
             text = await resp.text()
-            morsel = resp.cookies.get(ENGINE_COOKIE)
-            self._engine_cookie = f"{ENGINE_COOKIE}={morsel.value}" if resp.status == 503 and morsel is not None else None
+            # A fleet front's 503 "starting" names the engine loading for this stream, its "queued" when
+            # the wait for a GPU began: both go back with the next offer (and only after a 503).
+            kept = [f"{name}={resp.cookies[name].value}" for name in (ENGINE_COOKIE, QUEUE_COOKIE)
+                    if name in resp.cookies and resp.cookies[name].value]
+            self._front_cookies = "; ".join(kept) if resp.status == 503 and kept else None
             if resp.status == 201:
                 return text, urllib.parse.urljoin(self.endpoint, resp.headers.get("Location", ""))
             line = text.strip().splitlines()[0][:200] if text.strip() else f"HTTP {resp.status}"

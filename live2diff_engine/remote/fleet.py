@@ -53,7 +53,7 @@ import time
 
 import ray
 
-from .server import ENGINE_COOKIE, RETRY_AFTER_S, Slot, WebRtcService, studio_page
+from .server import ENGINE_COOKIE, QUEUE_COOKIE, RETRY_AFTER_S, Slot, WebRtcService, studio_page
 
 log = logging.getLogger("live2diff.fleet")
 
@@ -70,6 +70,7 @@ ANSWER_S = 20.0  # an offer is answered within this (connect's POST waits 30 s, 
 # an engine still loading its models then answers 503 "starting" with STARTING_RETRY_S, goes on loading, and the
 # client's next offer takes it (an engine made for an offer waits UNCLAIMED_S for one)
 STARTING_RETRY_S = 2
+QUEUED_RETRY_S = 1  # --queue-s longer than one answer: "queued", offer again at once (the wait goes on)
 
 
 ENGINE_NAME = re.compile(r"l2d-[0-9a-f]{1,12}-[0-9]{1,4}")
@@ -492,16 +493,27 @@ class FleetFront:
 
     # -- a new stream -----------------------------------------------------------------------------
 
-    def place(self, sdp: str, gone=None, mine: str | None = None) -> tuple[int, dict, str]:
+    def place(self, sdp: str, gone=None, mine: str | None = None, queued_since: str | None = None) -> tuple[int, dict, str]:
         """The response to a new offer: a warm engine's, else a new engine's on a free GPU, else 503.
         ``gone()``: whether the client has closed its connection meanwhile (then no session is made
         for it; an engine made for it stays idle for its retry). ``mine``: the engine an earlier
         "starting" answer made for this client (its cookie): taken first, and while it still loads
-        the answer is "starting" again, not one more engine."""
+        the answer is "starting" again, not one more engine. ``queued_since``: the queue cookie of an
+        earlier "queued" answer (--queue-s): the wait goes on from then, not from this offer."""
         if not sdp.lstrip().startswith("v=") or "\nm=video" not in sdp:  # no engine is made for what is no offer
             return 400, {}, "cannot use this offer: it is not an SDP offer with video (m=video)\n"
         start = time.monotonic()
-        deadline, answer_by = start + self.queue_s, start + self.answer_s
+        # The wait for a GPU (--queue-s) may outlast what a client waits for one answer: each offer is
+        # answered within answer_s, "queued" while the wait goes on, and the client offers again at once.
+        began = time.time()
+        try:
+            since = float(queued_since) if queued_since is not None else began
+        except ValueError:
+            since = began
+        if not began - self.queue_s <= since <= began:  # no cookie, a wait spent long ago, or no time at all
+            since = began
+        queue_left = since + self.queue_s - began
+        deadline, answer_by = start + min(queue_left, self.answer_s), start + self.answer_s
         left = lambda: gone is not None and gone()  # noqa: E731
         while True:
             if left():  # a queued offer whose client went: nothing to place
@@ -540,6 +552,12 @@ class FleetFront:
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
+        left = since + self.queue_s - time.time()
+        if left >= 1.0:
+            cookie = f"{QUEUE_COOKIE}={since:.3f}; Path=/whip; Max-Age={int(self.queue_s) + 60}; HttpOnly; SameSite=Strict"
+            return 503, {"Retry-After": str(QUEUED_RETRY_S), "Set-Cookie": cookie}, (
+                f"queued: every GPU of the fleet is in use; waiting for one ({left:.0f} s of --queue-s {self.queue_s:g} "
+                f"left); offer again in {QUEUED_RETRY_S} s\n")
         nodes, refused = self.nodes(), self.refused
         if refused and all(n["node_id"] in refused for n in nodes):
             return 503, {"Retry-After": str(RETRY_AFTER_S)}, (
@@ -738,7 +756,11 @@ def add_front_routes(fleet: FleetFront):
         mine = request.cookies.get(ENGINE_COOKIE)
         if mine is not None and not ENGINE_NAME.fullmatch(mine):  # only ever a name the front gave; else ignored
             mine = None
-        return respond(await blocking(fleet.place, sdp, gone, mine))
+        queued = request.cookies.get(QUEUE_COOKIE)  # a time; anything else counts as none (place)
+        status, headers, text = await blocking(fleet.place, sdp, gone, mine, queued[:32] if queued else None)
+        if queued is not None and status != 503:  # the wait is over: the next stream's starts afresh
+            headers = {**headers, "Set-Cookie": f"{QUEUE_COOKIE}=; Path=/whip; Max-Age=0; HttpOnly; SameSite=Strict"}
+        return respond((status, headers, text))
 
     async def whip_patch(request):
         sdp = await WebRtcService.read_offer(request)

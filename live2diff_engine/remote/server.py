@@ -74,6 +74,8 @@ FIRST_FRAME_S = 20.0  # a new session that never sends video is freed after this
 RETRY_AFTER_S = 5
 ENGINE_COOKIE = "l2d_engine"  # the 503 "starting" names the engine made for that offer; the client's next offer
 # (a browser sends the cookie by itself, `connect` sends it back) takes that engine and makes no other
+QUEUE_COOKIE = "l2d_queued"  # a fleet front with --queue-s: when this client's wait for a GPU began (wall
+# clock), so that a wait longer than one request (each answered within fleet.ANSWER_S) goes on where it was
 MAX_SDP_BYTES = 64 * 1024
 MAX_CHANNEL_PENDING = 1024  # data-channel messages waiting for the pacer; beyond: refused at once
 
