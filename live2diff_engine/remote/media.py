@@ -30,6 +30,7 @@ import numpy as np
 
 from ..io.sinks import Sink, no_signal_card
 from ..io.sources import Source, SourceEnded
+from . import redundancy
 
 CLOCK = 90_000  # the RTP video clock
 TIME_BASE = fractions.Fraction(1, CLOCK)
@@ -347,10 +348,13 @@ def install_shared_rtp_clock() -> None:
         would wait a whole frame interval (333 ms at 3 fps) before it is even asked for. When no
         next frame follows within TAIL_PROBE_S, the last packet goes again (as a retransmission,
         on the RTX stream): one packet per frame at low rates, none at 20 fps and above. A copy
-        that finds the original there is dropped by the receiver like any duplicate."""
+        that finds the original there is dropped by the receiver like any duplicate. While the
+        link sends every packet twice (redundancy.py) the last one's copy is already on its way:
+        no probe then."""
         probe = None
         last = self.__dict__.get("_l2d_last_frame")
-        if last is not None and getattr(self, "kind", None) == "video":
+        copies = self.transport is not None and redundancy.of(self.transport).active()
+        if last is not None and getattr(self, "kind", None) == "video" and not copies:
             history = getattr(self, "_RTCRtpSender__rtp_history", {})
             seq = next((p.sequence_number for p in list(history.values()) if p.marker and p.timestamp == last), None)
             if seq is not None:
