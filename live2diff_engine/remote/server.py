@@ -63,8 +63,8 @@ from .ice import advertise_public_ip, constrain_udp_ports, rtc_configuration
 from .link import LinkStats, prefer_codec
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import Histogram, render
-from .picture import PictureAssembler, announce_of
 from .media import PtsBook, PtsPipeline, TrackSink, TrackSource, frames_lost, outgoing_track, recv_newest
+from .picture import PictureAssembler, announce_of
 
 log = logging.getLogger("live2diff.webrtc")
 
