@@ -1,8 +1,11 @@
 """The last applied live settings, kept across engine restarts.
 
-Prompt, negative prompt, guidance, style, strength, steps (as the exact schedule) and seed are
-written to ``last_settings.json`` in the user's folder (``live2diff_engine.config.home()``) when
-`run` starts and after every change that a command applies. The file is written whole to a
+Prompt, negative prompt, guidance, style, strength, steps (as the exact schedule), seed and the
+style picture's scale are written to ``last_settings.json`` in the user's folder
+(``live2diff_engine.config.home()``) when `run` starts and after every change that a command
+applies; a style picture sent in (the dock, `ctl style-image`) is kept beside it as
+``last_style_picture`` (its bytes; the JSON holds their SHA-256, so a picture that does not match
+is never used). The file is written whole to a
 temporary file beside it and moved over the old one (``os.replace``), so a crash or a full disk
 never leaves half a file. `run` starts from it unless ``--fresh`` is given (which leaves the file as it is until a change); options given on the
 command line win over it. A file that cannot be read or holds values out of range is one warning
@@ -12,9 +15,11 @@ line and a clean start, never an error.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -28,6 +33,10 @@ SCHEDULE_OPTIONS = ("steps", "t_index_list", "strength", "num_inference_steps")
 
 def settings_file() -> Path:
     return home() / "last_settings.json"
+
+
+def picture_file(settings: Path) -> Path:
+    return settings.with_name("last_style_picture")
 
 
 class CorruptSettings(ValueError):
@@ -105,6 +114,17 @@ def _check(data) -> dict:
         except ConfigError as exc:
             raise CorruptSettings(str(exc)) from None
         out["schedule"] = {"num_inference_steps": n, "t_index_list": t, "strength": None if strength is None else float(strength)}
+    scale = data.get("style_image_scale")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 <= scale <= 2.0:
+            raise CorruptSettings(f"style_image_scale {scale!r:.20} is not 0 to 2")
+        out["style_image_scale"] = float(scale)
+    picture = data.get("style_picture")
+    if picture is not None:
+        if (not isinstance(picture, dict) or not isinstance(picture.get("sha256"), str)
+                or not re.fullmatch(r"[0-9a-f]{64}", picture["sha256"])):
+            raise CorruptSettings("style_picture is not {\"sha256\": its 64 hex digits}")
+        out["style_picture"] = {"sha256": picture["sha256"]}
     return out
 
 
@@ -126,11 +146,33 @@ def load(path: Path | None = None) -> tuple[dict | None, str | None]:
         return None, f"warning: the saved settings {path} are damaged ({why}); starting clean"
 
 
-def save(settings: dict, path: Path | None = None) -> Path:
-    """Write atomically: a temporary file in the same folder, flushed to disk, then os.replace."""
+_written_pictures: dict[Path, str] = {}  # picture file -> the SHA-256 this process last wrote there
+
+
+def save(settings: dict, path: Path | None = None, picture: bytes | None = None) -> Path:
+    """Write atomically: a temporary file in the same folder, flushed to disk, then os.replace.
+    ``picture``: the bytes of the style picture sent in (settings["style_picture"] names their
+    SHA-256), written first, beside the settings, when they changed; without one that file goes."""
     path = path or settings_file()
     path.parent.mkdir(parents=True, exist_ok=True)
+    pic = picture_file(path)
+    if settings.get("style_picture") and picture is not None:
+        digest = settings["style_picture"]["sha256"]
+        if _written_pictures.get(pic) != digest:
+            _write_atomically(pic, picture)
+            _written_pictures[pic] = digest
+    elif not settings.get("style_picture"):
+        _written_pictures.pop(pic, None)
+        try:
+            pic.unlink()
+        except FileNotFoundError:
+            pass
     data = json.dumps({"version": VERSION, **settings}, indent=1, ensure_ascii=False).encode("utf-8") + b"\n"
+    _write_atomically(path, data)
+    return path
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -144,7 +186,6 @@ def save(settings: dict, path: Path | None = None) -> Path:
         except OSError:
             pass
         raise
-    return path
 
 
 def snapshot(controller) -> dict:
@@ -153,6 +194,8 @@ def snapshot(controller) -> dict:
     current = controller.manager.current
     steps, t_index, strength = frames.schedule_args
     sched = controller.schedule()
+    pictures = getattr(frames, "style_images", False)
+    sent = controller.sent_picture
     return {
         "prompt": [[t, w] for t, w in frames.prompt_blend] if frames.prompt_blend else frames.prompt,
         "negative_prompt": frames.negative_prompt,
@@ -163,7 +206,57 @@ def snapshot(controller) -> dict:
         "seed": int(frames.seed),
         "schedule": {"num_inference_steps": int(steps), "t_index_list": None if t_index is None else [int(i) for i in t_index],
                      "strength": None if strength is None else float(strength)},
+        # an engine without an IP-Adapter keeps what the last one with it saved
+        "style_image_scale": float(frames.style_image_scale) if pictures else controller.kept_style_image_scale,
+        "style_picture": {"sha256": hashlib.sha256(sent).hexdigest()} if sent is not None else None,
     }
+
+
+def _restore_picture(controller, args, say) -> None:
+    """The saved scale, and the saved picture sent in: its bytes encoded again beside the stream
+    (as an upload is). An engine without an IP-Adapter keeps both in the file for the next one."""
+    frames = controller.frames
+    pictures = getattr(frames, "style_images", False)
+    scale = getattr(args, "saved_style_image_scale", None)
+    if scale is not None:
+        if pictures:
+            frames.set_style_image_scale(scale)
+        else:
+            controller.kept_style_image_scale = scale
+    saved = getattr(args, "saved_picture", None)
+    if not saved:
+        return
+    from .models.ip_adapter import MAX_PICTURE_BYTES
+
+    pic = picture_file(controller.settings_file)
+    try:
+        with open(pic, "rb") as f:
+            data = f.read(MAX_PICTURE_BYTES + 1)
+    except OSError as exc:
+        say(f"warning: the style picture of the last session ({pic}) cannot be read ({exc.strerror or exc}); "
+            "starting without it")
+        return
+    if hashlib.sha256(data).hexdigest() != saved["sha256"]:
+        say(f"warning: the style picture of the last session ({pic}) does not match the saved settings; "
+            "starting without it")
+        return
+    controller.sent_picture = data
+    controller._picture_restoring = True  # kept while it is encoded (or while no adapter can take it)
+    _written_pictures[pic] = saved["sha256"]
+    if not pictures:
+        say("note: the style picture of the last session is kept but not used: this engine has no IP-Adapter "
+            "(start it with --ip-adapter)")
+        return
+
+    def done(msg):
+        controller._picture_restoring = False
+        if msg.get("ok"):
+            say("style picture: the one sent in the last session")
+        else:
+            controller.sent_picture = None
+            say(f"warning: the style picture of the last session is not used: {msg.get('error')}")
+
+    controller.submit_style_image(data, done)
 
 
 def given_options(args) -> set[str] | None:
@@ -186,7 +279,8 @@ def given_options(args) -> set[str] | None:
 
 
 _DEFAULTS = {"prompt": "", "negative_prompt": "", "guidance": 1.0, "style": None, "seed": 0,
-             "steps": None, "t_index_list": None, "strength": None, "num_inference_steps": None}
+             "steps": None, "t_index_list": None, "strength": None, "num_inference_steps": None,
+             "style_image": None, "style_image_scale": None}
 
 
 def restore_into_args(args, say) -> int | None:
@@ -207,6 +301,9 @@ def restore_into_args(args, say) -> int | None:
     for key in ("prompt", "negative_prompt", "guidance"):
         if key not in given:
             setattr(args, key, saved[key])
+    # the style picture sent in, and its scale: taken up once the pipeline is built (start_saving)
+    args.saved_picture = saved.get("style_picture") if "style_image" not in given else None
+    args.saved_style_image_scale = saved.get("style_image_scale") if "style_image_scale" not in given else None
     if "prompt" not in given:
         # a saved text is a text, "|" and all: not the command line's blend notation (assemble.prompt_of)
         args.prompt_is_text = isinstance(saved["prompt"], str)
@@ -231,14 +328,17 @@ def restore_into_args(args, say) -> int | None:
     return None if "seed" in given else saved["seed"]
 
 
-def start_saving(controller, seed: int | None, fresh: bool = False) -> None:
-    """After the pipeline is built: apply the saved seed, save now and after every change. With
-    ``fresh`` (``run --fresh``) the stream starts from the defaults and the saved file stays as it
-    is until the user changes something: a look tried once must not destroy the one they keep."""
+def start_saving(controller, seed: int | None, fresh: bool = False, args=None, say=lambda line: None) -> None:
+    """After the pipeline is built: apply the saved seed (and the saved style picture and its
+    scale, from ``args``: restore_into_args), save now and after every change. With ``fresh``
+    (``run --fresh``) the stream starts from the defaults and the saved file stays as it is until
+    the user changes something: a look tried once must not destroy the one they keep."""
     if seed is not None and seed != controller.frames.seed:
         controller.frames.set_seed(seed)
     controller.settings_file = settings_file()
-    controller.settings_io = (snapshot, save)
+    controller.settings_io = (snapshot, lambda data, path: save(data, path, picture=controller.sent_picture))
+    if not fresh and args is not None:
+        _restore_picture(controller, args, say)
     if fresh:
         controller._saved = snapshot(controller)  # what is running now counts as written: no write until a change
         return

@@ -3,6 +3,7 @@ write, what `run` takes from it, what wins over it, and a real engine stopped an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -273,3 +274,64 @@ def test_a_prompt_with_a_bar_stays_a_prompt_and_a_blend_stays_a_blend_across_a_r
         assert third.status()["prompt_blend"] == [{"text": "a fox", "weight": 0.75}, {"text": "a wolf", "weight": 0.25}]
     finally:
         third.stop()
+
+
+def test_a_style_picture_sent_in_comes_back_after_a_restart_and_a_damaged_one_never_does():
+    """The picture sent in (the dock, `ctl style-image`: bytes) and its scale are kept beside the
+    settings (last_style_picture, its SHA-256 in the JSON): a restarted engine with the IP-Adapter
+    encodes it again; one without keeps it in the file for the next; a picture file that does not
+    match is one warning and no picture; clearing the picture removes the file."""
+    from test_style_image import picture, upload
+
+    pic = home() / "last_style_picture"
+    first = EngineProcess("--ip-adapter")  # --model tiny: a tiny random adapter
+    try:
+        code, reply = upload(first.url, picture((200, 200, 200)))
+        assert code == 200 and reply["ok"], reply
+        deadline = time.monotonic() + 60  # written between two frames, after the reply
+        while not pic.exists():
+            assert time.monotonic() < deadline, "".join(first.lines)
+            time.sleep(0.05)
+        first.command("clear_style_image")  # cleared: the file goes with it
+        while pic.exists():
+            assert time.monotonic() < deadline, "".join(first.lines)
+            time.sleep(0.05)
+        code, reply = upload(first.url, picture((30, 200, 90)))
+        assert code == 200 and reply["ok"], reply
+        first.command("set_style_image_scale", scale=0.6)
+        s = first.status()
+        assert (s["style_image"], s["style_image_scale"]) == ("upload", 0.6)
+    finally:
+        first.stop()
+    saved = json.loads((home() / "last_settings.json").read_text())
+    assert pic.read_bytes() == picture((30, 200, 90)) and saved["style_image_scale"] == 0.6
+    assert saved["style_picture"]["sha256"] == hashlib.sha256(pic.read_bytes()).hexdigest()
+
+    without = EngineProcess()  # no adapter: nothing to steer with, and nothing lost
+    try:
+        assert without.status()["style_image_scale"] is None
+    finally:
+        without.stop()
+    assert any("kept but not used" in l and "--ip-adapter" in l for l in without.lines), "".join(without.lines)
+    assert pic.exists() and json.loads((home() / "last_settings.json").read_text())["style_image_scale"] == 0.6
+
+    second = EngineProcess("--ip-adapter")
+    try:
+        deadline = time.monotonic() + 120  # encoded beside the stream, swapped in between frames
+        while second.status()["style_image"] != "upload":
+            assert time.monotonic() < deadline, "".join(second.lines)
+            time.sleep(0.2)
+        assert second.status()["style_image_scale"] == 0.6
+        assert any("style picture: the one sent in the last session" in l for l in second.lines)
+    finally:
+        second.stop()
+
+    pic.write_bytes(picture((200, 30, 30)))  # not the picture the settings name
+    third = EngineProcess("--ip-adapter")
+    try:
+        assert third.status()["style_image"] is None
+    finally:
+        third.stop()
+    warnings = [l for l in third.lines if "style picture of the last session" in l]
+    assert len(warnings) == 1 and "does not match" in warnings[0], "".join(third.lines)
+    assert json.loads((home() / "last_settings.json").read_text())["style_picture"] is None

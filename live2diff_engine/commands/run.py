@@ -90,7 +90,8 @@ def _cmd_run(args) -> int:
             link.attach(controller)
             print(f"OBS filter: listening on 127.0.0.1:{link.port} (add the 'Live2Diff' filter to a source in OBS)",
                   file=sys.stderr, flush=True)
-        start_saving(controller, saved_seed, fresh=bool(getattr(args, 'fresh', False)))
+        start_saving(controller, saved_seed, fresh=bool(getattr(args, 'fresh', False)), args=args,
+                     say=lambda line: print(line, file=sys.stderr, flush=True))
         engine = Engine(frames, source, sinks, output_size=size, max_frames=args.max_frames, stats_path=args.stats, fps=fps,
                         controller=controller, pace=True)
         loading.over()

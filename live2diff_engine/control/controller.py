@@ -138,6 +138,12 @@ class Controller:
         self.settings_file = None  # where the live settings are saved after each change (saved_settings)
         self.settings_io = None  # (snapshot, save): how they are read off and written, from saved_settings.start_saving
         self._saved: dict | None = None
+        # The bytes of the picture sent in (POST /api/style-image) while it steers the stream, kept
+        # with the saved settings so that it survives a restart; None for none, a style's or the
+        # command line's picture (those come back by themselves).
+        self.sent_picture: bytes | None = None
+        self._picture_restoring = False  # a saved picture is being encoded again at start
+        self.kept_style_image_scale: float | None = None  # saved, for an engine with an IP-Adapter
         self._download: dict | None = None  # the style download in progress (or the last one)
         self._download_thread: threading.Thread | None = None
         self.accepted = 0
@@ -148,7 +154,7 @@ class Controller:
         self._style_load: dict | None = None
         self._style_next: dict | None = None
         # The style picture being encoded beside the stream, and the one sent after it (each
-        # {"data", "reply", "done", "embeds", "error"}); set and taken under self._lock.
+        # {"data", "bytes", "reply", "done", "embeds", "error"}); set and taken under self._lock.
         self._picture_load: dict | None = None
         self._picture_next: dict | None = None
         self._schedule_changes = 0  # strength/steps commands applied: a style arriving later keeps theirs
@@ -273,7 +279,8 @@ class Controller:
                                 "it with --ip-adapter (or --style-image FILE)"))
             return False
         self.accepted += 1
-        entry = {"data": bytes(data), "reply": reply, "done": False, "embeds": None, "error": None}
+        data = bytes(data)  # "bytes" stays for the saved settings once the picture is in (sent_picture)
+        entry = {"data": data, "bytes": data, "reply": reply, "done": False, "embeds": None, "error": None}
         superseded = None
         with self._lock:
             if self._picture_load is None:
@@ -331,6 +338,7 @@ class Controller:
             load["reply"](reply_message(None, False, load["error"]))
             self.changed()
             return 0
+        self.sent_picture = load["bytes"]
         self.applied += 1
         load["reply"](reply_message(None, True))
         return 1
@@ -467,6 +475,8 @@ class Controller:
         """Write the live settings to ``settings_file`` when they differ from the last written."""
         if self.settings_file is None or self.settings_io is None:
             return
+        if getattr(self.frames, "style_image", None) != "upload" and not self._picture_restoring:
+            self.sent_picture = None  # cleared, or replaced by a style's picture
         snapshot, save = self.settings_io
         data = snapshot(self)
         if data == self._saved:
