@@ -207,6 +207,13 @@ class EngineProcess:
         assert self.proc.wait(60) == 0, "".join(self.lines)
 
 
+def wait_line(engine: EngineProcess, match, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(match(l) for l in list(engine.lines)):
+        assert time.monotonic() < deadline, "".join(engine.lines)
+        time.sleep(0.1)
+
+
 def test_a_restarted_engine_comes_back_with_the_last_applied_settings():
     first = EngineProcess()
     try:
@@ -310,9 +317,9 @@ def test_a_style_picture_sent_in_comes_back_after_a_restart_and_a_damaged_one_ne
     without = EngineProcess()  # no adapter: nothing to steer with, and nothing lost
     try:
         assert without.status()["style_image_scale"] is None
+        wait_line(without, lambda l: "kept but not used" in l and "--ip-adapter" in l)
     finally:
         without.stop()
-    assert any("kept but not used" in l and "--ip-adapter" in l for l in without.lines), "".join(without.lines)
     assert pic.exists() and json.loads((home() / "last_settings.json").read_text())["style_image_scale"] == 0.6
 
     second = EngineProcess("--ip-adapter")
@@ -322,7 +329,7 @@ def test_a_style_picture_sent_in_comes_back_after_a_restart_and_a_damaged_one_ne
             assert time.monotonic() < deadline, "".join(second.lines)
             time.sleep(0.2)
         assert second.status()["style_image_scale"] == 0.6
-        assert any("style picture: the one sent in the last session" in l for l in second.lines)
+        wait_line(second, lambda l: "style picture: the one sent in the last session" in l)  # said once it is in
     finally:
         second.stop()
 
@@ -330,6 +337,7 @@ def test_a_style_picture_sent_in_comes_back_after_a_restart_and_a_damaged_one_ne
     third = EngineProcess("--ip-adapter")
     try:
         assert third.status()["style_image"] is None
+        wait_line(third, lambda l: "style picture of the last session" in l)
     finally:
         third.stop()
     warnings = [l for l in third.lines if "style picture of the last session" in l]
