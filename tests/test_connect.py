@@ -97,6 +97,9 @@ def test_connect_publishes_the_remote_frames_into_a_virtual_camera_ctl_goes_thro
         wait_until(lambda: status(api).get("frames_out", 0) > before + 5, "frames after the reconnect", log=log)
         # Out of "no signal" once frames flow again: the status (so the dock and the OBS panel) and the status line.
         wait_until(lambda: status(api).get("state") == "streaming", "'streaming' again in connect's status", log=log)
+        # The new server's session got the prompt set through connect again (its own default is "").
+        wait_until(lambda: status(api).get("prompt") == "a blue bird", "the prompt sent again to the new session", log=log)
+        assert any("the settings set through connect (1) are sent to it again" in l for l in lines), log()
         # The status line (every 10 s in a log): the round trip, the engine's part, what the network adds.
         wait_until(lambda: any("capture to publish p50/p95" in l and "network and codecs" in l for l in lines),
                    "a status line while streaming", log=log)
@@ -197,6 +200,15 @@ def test_a_style_picture_sent_to_connect_steers_the_remote_engine(tmp_path):
         code, reply = upload(api, b"\x89PNG\r\n\x1a\n" + b"not really" * 100)
         assert code == 400 and reply["ok"] is False and "\n" not in reply["error"], reply
         assert status(api).get("style_image") == "upload"
+
+        # serve restarted: connect's new session gets the picture again (its bytes kept by connect).
+        port = int(server.url.rsplit(":", 1)[1])
+        server.proc.kill()
+        server.proc.wait()
+        wait_until(lambda: status(api).get("state") == "no signal", "'no signal' in connect's status", log=log)
+        server = Server("--ip-adapter", "--api-port", str(port))
+        wait_until(lambda: status(api).get("state") == "streaming" and status(api).get("style_image") == "upload",
+                   "the picture sent again to the new session", log=log)
 
         r = ctl(api, "style-image", "--clear")
         assert r.returncode == 0, r.stdout + r.stderr

@@ -42,6 +42,13 @@ LOST_AFTER_S = 5.0  # sending, and no stylised frame back for this long: the con
 # every 0.5 s (remote/fleet.py); none for this long: its node or engine is gone, and connect resumes
 # through the front. The node's loss is so noticed within 2 s.
 NODE_SILENT_S = 1.5
+# What connect sends again to a new session (a restarted serve, past the session grace, another fleet
+# node): the settings set through it, the latest of each kind (pause and resume are one kind, as are
+# a picture and clearing it), so the stream comes back as the streamer left it.
+REPLAYED = {"set_prompt": "set_prompt", "set_negative_prompt": "set_negative_prompt", "set_guidance": "set_guidance",
+            "set_style": "set_style", "set_strength": "set_strength", "set_steps": "set_steps", "set_seed": "set_seed",
+            "set_style_image_scale": "set_style_image_scale", "clear_style_image": "picture", "pause": "paused",
+            "resume": "paused"}
 # Until the first stylised frame of a connection (the engine warms up a new session: seconds on a
 # real model, longer when it compiles), the engine's status messages on the data channel (about one
 # a second, SCTP-retransmitted) show the link is alive; after it, only frames do.
@@ -142,6 +149,8 @@ class RemotePipeline:
         self._stale_pc = None  # a lost connection, closed once the next offer is answered
         self._retry_after: float | None = None  # the last 503's Retry-After
         self._front_cookies: str | None = None  # a fleet front's 503: its engine and queue cookies (fleet.py)
+        # kind -> the messages that set it again (a function of the message id), latest kind last: REPLAYED
+        self._settings: dict[str, object] = {}
 
     # -- the engine's side ---------------------------------------------------------------------
 
@@ -392,6 +401,11 @@ class RemotePipeline:
             state["last_status"] = time.monotonic()
             self._on_channel_message(message)
 
+        @channel.on("open")
+        def on_open():
+            if not state.get("resumed"):  # a resumed session kept its settings
+                self._send_settings_again(channel)
+
         @pc.on("track")
         def on_track(track):
             if track.kind == "video":
@@ -409,6 +423,7 @@ class RemotePipeline:
             try:
                 async with aiohttp.ClientSession() as http:
                     resumed = await self._resume(http, pc.localDescription.sdp) if self.session_url else None
+                    state["resumed"] = resumed is not None
                     if resumed is not None:
                         text, location = resumed[1], self.session_url
                         self.resumed += 1
@@ -568,13 +583,47 @@ class RemotePipeline:
                 reply(out)
 
     def forward(self, obj: dict, reply) -> None:
-        """Sends a decoded command to the remote engine; ``reply`` gets its reply (any thread)."""
-        self._send_for_reply(obj.get("id"), reply, lambda local: [json.dumps({**obj, "id": local})])
+        """Sends a decoded command to the remote engine; ``reply`` gets its reply (any thread). A
+        setting the engine took is kept to be sent again to a new session (REPLAYED)."""
+        kind = REPLAYED.get(obj.get("cmd"))
+        again = {k: v for k, v in obj.items() if k not in ("id", "transition_s")}  # a new session takes it at once
+        messages = (lambda local: [json.dumps({**again, "id": local})])
+        self._send_for_reply(obj.get("id"), self._keeping(kind, messages, reply), messages)
 
     def forward_picture(self, data: bytes, reply) -> None:
         """Sends a style picture's bytes to the remote engine (remote/picture.py: an announce, then
         the bytes); ``reply`` gets the engine's answer once the picture steers its stream, or why not."""
-        self._send_for_reply(None, reply, lambda local: picture_messages(data, local))
+        messages = (lambda local: picture_messages(data, local))
+        self._send_for_reply(None, self._keeping("picture", messages, reply), messages)
+
+    def _keeping(self, kind: str | None, messages, reply):
+        if kind is None:
+            return reply
+
+        def done(msg):
+            if msg.get("ok") and not msg.get("superseded"):
+                self._settings.pop(kind, None)
+                self._settings[kind] = messages
+            reply(msg)
+        return done
+
+    def _send_settings_again(self, channel) -> None:
+        """On a new session's channel (the connection's loop): the settings set through connect."""
+        if not self._settings or channel.readyState != "open":
+            return
+        self.say(f"connect: a new session on the engine: the settings set through connect ({len(self._settings)}) "
+                 "are sent to it again")
+
+        def refused(msg):
+            if not msg.get("ok"):
+                self.say(f"connect: the new session refused a setting sent again: {msg.get('error')}")
+
+        for messages in list(self._settings.values()):
+            self._next_id += 1
+            local = f"c{self._next_id}"
+            self._pending_replies[local] = (None, refused)
+            for message in messages(local):
+                channel.send(message)
 
     def _send_for_reply(self, orig, reply, messages) -> None:
         """Sends ``messages(local id)`` on the data channel (from the connection's loop); the reply
