@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import cv2
 import numpy as np
@@ -47,6 +48,14 @@ def status(api: str) -> dict:
     return json.loads(r.stdout)["status"] if r.returncode == 0 else {}
 
 
+def server_status(server) -> dict:
+    try:
+        with urllib.request.urlopen(server.url + "/api/status", timeout=30) as r:
+            return json.load(r)
+    except OSError:
+        return {}
+
+
 def is_card(img: np.ndarray) -> bool:
     return float(np.median(img)) == 24.0  # io.sinks.no_signal_card: dark grey with a line of text
 
@@ -71,9 +80,12 @@ def test_connect_publishes_the_remote_frames_into_a_virtual_camera_ctl_goes_thro
         wait_until(lambda: status(api).get("frames_out", 0) > 5, "frames back through connect", log=log)
 
         # ctl against connect: forwarded to the remote engine, which validates and applies.
-        r = ctl(api, "prompt", "a blue bird")
+        r = ctl(api, "prompt", "a blue bird", "--transition", "10")
         assert r.returncode == 0, r.stdout + r.stderr
-        wait_until(lambda: status(api).get("prompt") == "a blue bird", "the remote engine's new prompt", log=log)
+        # (read on the server itself: quicker than a ctl process, well inside the 10 s)
+        wait_until(lambda: (lambda s: s.get("prompt") == "a blue bird" and s.get("transition") is not None)(
+            server_status(server)), "the remote engine's new prompt, moving in over its transition", log=log)
+        wait_until(lambda: status(api).get("prompt") == "a blue bird", "the new prompt in connect's status", log=log)
         r = ctl(api, "steps", "9")
         assert r.returncode == 1 and "1 to 4" in r.stdout, r.stdout + r.stderr
         # A style picture (the dock's drop zone, `ctl style-image`) goes over the data channel too;
@@ -100,6 +112,7 @@ def test_connect_publishes_the_remote_frames_into_a_virtual_camera_ctl_goes_thro
         # The new server's session got the prompt set through connect again (its own default is "").
         wait_until(lambda: status(api).get("prompt") == "a blue bird", "the prompt sent again to the new session", log=log)
         assert any("the settings set through connect (1) are sent to it again" in l for l in lines), log()
+        assert status(api).get("transition") is None  # sent again without its transition: at once
         # The status line (every 10 s in a log): the round trip, the engine's part, what the network adds.
         wait_until(lambda: any("capture to publish p50/p95" in l and "network and codecs" in l for l in lines),
                    "a status line while streaming", log=log)

@@ -587,8 +587,8 @@ class RemotePipeline:
         setting the engine took is kept to be sent again to a new session (REPLAYED)."""
         kind = REPLAYED.get(obj.get("cmd"))
         again = {k: v for k, v in obj.items() if k not in ("id", "transition_s")}  # a new session takes it at once
-        messages = (lambda local: [json.dumps({**again, "id": local})])
-        self._send_for_reply(obj.get("id"), self._keeping(kind, messages, reply), messages)
+        self._send_for_reply(obj.get("id"), self._keeping(kind, lambda local: [json.dumps({**again, "id": local})], reply),
+                             lambda local: [json.dumps({**obj, "id": local})])
 
     def forward_picture(self, data: bytes, reply) -> None:
         """Sends a style picture's bytes to the remote engine (remote/picture.py: an announce, then
@@ -597,6 +597,7 @@ class RemotePipeline:
         self._send_for_reply(None, self._keeping("picture", messages, reply), messages)
 
     def _keeping(self, kind: str | None, messages, reply):
+        """``reply``, and once the engine took the setting: ``messages`` kept as its kind's (REPLAYED)."""
         if kind is None:
             return reply
 
