@@ -195,10 +195,16 @@ PAIR_TYPES = ("host", "srflx")
 
 
 def sane(link: dict) -> bool:
-    return (link.get("type") in PAIR_TYPES and isinstance(link.get("rtt_ms"), (int, float)) and 0 < link["rtt_ms"] < 5000
-            and 0 <= link.get("loss_pct", -1) <= 100 and 0 <= link.get("loss_out_pct", -1) <= 100
-            and 0 <= link.get("jitter_ms", -1) < 5000 and link.get("bitrate_kbps", 0) > 0
-            and link.get("bitrate_in_kbps", 0) > 0 and link.get("codec") == "H264")
+    """The link figures all there and plausible. A figure may be None (a connection's first sample
+    has no bitrate yet, a side no report yet): not sane yet, never an error."""
+    def num(key, default=-1.0):
+        v = link.get(key)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+
+    return (link.get("type") in PAIR_TYPES and 0 < num("rtt_ms") < 5000
+            and 0 <= num("loss_pct") <= 100 and 0 <= num("loss_out_pct") <= 100
+            and 0 <= num("jitter_ms") < 5000 and num("bitrate_kbps") > 0
+            and num("bitrate_in_kbps") > 0 and link.get("codec") == "H264")
 
 
 def noise_video(path) -> str:
